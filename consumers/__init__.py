@@ -1,0 +1,1 @@
+"""The Kafka daemon: aiokafka consumer/producer, batching loop, checkpoints, HTTP endpoints."""

@@ -1,0 +1,260 @@
+"""``streamlstm bench engine``: the engine beside baselines measured in the same run.
+
+Figures are ratios against baselines timed alternately with the engine in
+one process, because the machines are shared and absolute numbers drift:
+
+* ceiling: a plain ``nn.LSTM`` + head on a ready batch, no state bookkeeping;
+* tutorial: re-running the model over each stream's last 60 ticks, batch 1,
+  for every tick (what most hand-written serving code does).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from streamlstm.bundle import Bundle
+from streamlstm.config import ModelConfig
+from streamlstm.engine import Engine
+
+__all__ = ["run_engine_bench"]
+
+TUTORIAL_WINDOW = 60
+
+
+def _progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def _rate(fn: Callable[[], object], items: int, seconds: float) -> float:
+    """Items per second of ``fn`` over about ``seconds`` (after one warm-up call)."""
+    fn()
+    calls = 0
+    start = time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return calls * items / elapsed
+
+
+def _ceiling(config: ModelConfig, batch: int) -> Callable[[], object]:
+    lstm = nn.LSTM(config.input_size, config.hidden_sizes[0], config.num_layers, batch_first=True)
+    head = nn.Sequential(
+        nn.Dropout(config.dropout),
+        nn.Linear(config.hidden_sizes[0], config.head_sizes[0]),
+        nn.ReLU(),
+        nn.Linear(config.head_sizes[0], config.output_size),
+    ).eval()
+    lstm.eval()
+    x = torch.randn(batch, 1, config.input_size)
+    h = torch.randn(config.num_layers, batch, config.hidden_sizes[0]) * 0.1
+    c = torch.randn(config.num_layers, batch, config.hidden_sizes[0]) * 0.1
+
+    def run() -> object:
+        with torch.inference_mode():
+            out, _ = lstm(x, (h, c))
+            return head(out)
+
+    return run
+
+
+def _tutorial_rate(bundle: Bundle, seconds: float) -> float:
+    """Ticks/s of the recompute-the-window way, batch 1."""
+    window = torch.randn(1, TUTORIAL_WINDOW, bundle.config.input_size)
+
+    def one_tick() -> object:
+        with torch.inference_mode():
+            y, _ = bundle.model(window)
+            return y[:, -1]
+
+    return _rate(one_tick, 1, seconds)
+
+
+def _tick_order(streams: int, count: int, order: str, rng: np.random.Generator) -> list[int]:
+    """Stream indices of ``count`` ticks.
+
+    ``shuffled``: every stream ticks once per pass, each pass in a fresh
+    random order (streams of one rate, randomly interleaved); ``iid``: each
+    tick's stream drawn independently (bursty: a stream often ticks twice in
+    one batch, which costs the engine an extra recurrent round).
+    """
+    if order == "iid":
+        return list(rng.integers(0, streams, count).tolist())
+    out: list[int] = []
+    while len(out) < count:
+        out.extend(rng.permutation(streams).tolist())
+    return out[:count]
+
+
+def _engine_run(
+    bundle: Bundle, streams: int, batch: int, order: str, rng: np.random.Generator
+) -> tuple[Engine, Callable[[], object]]:
+    engine = Engine(bundle, max_streams=streams)
+    ids = [f"stream-{i}" for i in range(streams)]
+    width = bundle.config.input_size
+    for start in range(0, streams, batch):  # every stream active before timing
+        chunk = ids[start : start + batch]
+        engine.step(chunk, rng.standard_normal((len(chunk), width), dtype=np.float32))
+    planned = 64
+    ticks = _tick_order(streams, planned * batch, order, rng)
+    batches = [
+        (
+            [ids[i] for i in ticks[b * batch : (b + 1) * batch]],
+            rng.standard_normal((batch, width), dtype=np.float32),
+        )
+        for b in range(planned)
+    ]
+    position = [0]
+
+    def one_batch() -> object:
+        chosen, x = batches[position[0] % planned]
+        position[0] += 1
+        return engine.step(chosen, x)
+
+    return engine, one_batch
+
+
+def run_engine_bench(
+    *,
+    stream_counts: Sequence[int] = (1_000, 10_000, 100_000),
+    batch: int = 1024,
+    seconds: float = 1.0,
+    repeats: int = 3,
+    rss_streams: int = 1_000_000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    config = ModelConfig(input_size=1)
+    bundle = Bundle.random(config, seed=seed)
+    rng = np.random.default_rng(seed)
+    raw = 2 * 4 * sum(config.hidden_sizes)
+    ceiling = _ceiling(config, batch)
+    _progress("timing the tutorial-style recompute (60-tick window, batch 1)")
+    tutorial = _tutorial_rate(bundle, seconds)
+    rows = []
+    for streams in stream_counts:
+        _progress(f"{streams} streams: filling state, then timing engine and ceiling alternately")
+        engine, one_batch = _engine_run(bundle, streams, batch, "shuffled", rng)
+        _, bursty_batch = _engine_run(bundle, streams, batch, "iid", rng)
+        engine_rates, bursty_rates, ceiling_rates = [], [], []
+        for _ in range(repeats):
+            ceiling_rates.append(_rate(ceiling, batch, seconds))
+            engine_rates.append(_rate(one_batch, batch, seconds))
+            bursty_rates.append(_rate(bursty_batch, batch, seconds))
+        ratios = [e / c for e, c in zip(engine_rates, ceiling_rates, strict=True)]
+        bursty_ratios = [e / c for e, c in zip(bursty_rates, ceiling_rates, strict=True)]
+        per_stream = engine.store.memory_bytes() / max(1, len(engine.store))
+        rows.append(
+            {
+                "streams": streams,
+                "engine_ticks_per_s": round(statistics.median(engine_rates)),
+                "ceiling_ticks_per_s": round(statistics.median(ceiling_rates)),
+                "engine_over_ceiling": round(statistics.median(ratios), 3),
+                "engine_over_tutorial": round(statistics.median(engine_rates) / tutorial, 1),
+                "iid_engine_ticks_per_s": round(statistics.median(bursty_rates)),
+                "iid_engine_over_ceiling": round(statistics.median(bursty_ratios), 3),
+                "state_bytes_per_stream": round(per_stream),
+                "state_over_raw": round(per_stream / raw, 3),
+            }
+        )
+        del engine, one_batch, bursty_batch
+    result: dict[str, Any] = {
+        "model": config.to_dict(),
+        "batch": batch,
+        "torch_threads": torch.get_num_threads(),
+        "tutorial_ticks_per_s": round(tutorial, 1),
+        "raw_state_bytes_per_stream": raw,
+        "results": rows,
+    }
+    if rss_streams:
+        _progress(f"peak RSS with {rss_streams} streams (separate process)")
+        result["rss"] = _measure_rss(rss_streams, batch)
+    return result
+
+
+def _measure_rss(streams: int, batch: int) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamlstm.bench", "rss", str(streams), str(batch)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    data: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return data
+
+
+def _rss_child(streams: int, batch: int) -> None:
+    """Fill ``streams`` streams of the default model; print peak RSS as JSON."""
+    config = ModelConfig(input_size=1)
+    bundle = Bundle.random(config, seed=0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    engine = Engine(bundle, max_streams=streams)
+    rng = np.random.default_rng(0)
+    for start in range(0, streams, batch):
+        count = min(batch, streams - start)
+        engine.step(
+            [f"stream-{i}" for i in range(start, start + count)],
+            rng.standard_normal((count, 1), dtype=np.float32),
+        )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(
+        json.dumps(
+            {
+                "streams": len(engine.store),
+                "peak_rss_gib": round(peak / 2**30, 3),
+                "rss_before_engine_gib": round(before / 2**30, 3),
+                "state_bytes_per_stream": round(engine.store.memory_bytes() / len(engine.store)),
+            }
+        )
+    )
+
+
+def format_engine_bench(result: dict[str, Any]) -> str:
+    lines = [
+        f"model: input {result['model']['input_size']}, hidden {result['model']['hidden_sizes']}, "
+        f"head {result['model']['head_sizes']}; batch {result['batch']}; "
+        f"torch threads {result['torch_threads']}",
+        f"tutorial recompute (60-tick window, batch 1): {result['tutorial_ticks_per_s']:,.0f} "
+        "ticks/s",
+        f"raw h+c bytes per stream: {result['raw_state_bytes_per_stream']}",
+        "ticks in shuffled passes over all streams; 'iid x ceil': each tick's stream drawn "
+        "independently (bursty)",
+        "",
+        f"{'streams':>9} {'engine t/s':>12} {'ceiling t/s':>12} {'x ceiling':>10} "
+        f"{'x tutorial':>11} {'iid x ceil':>11} {'B/stream':>9} {'x raw':>6}",
+    ]
+    for row in result["results"]:
+        lines.append(
+            f"{row['streams']:>9,} {row['engine_ticks_per_s']:>12,} "
+            f"{row['ceiling_ticks_per_s']:>12,} {row['engine_over_ceiling']:>10.3f} "
+            f"{row['engine_over_tutorial']:>11.1f} {row['iid_engine_over_ceiling']:>11.3f} "
+            f"{row['state_bytes_per_stream']:>9,} "
+            f"{row['state_over_raw']:>6.3f}"
+        )
+    if "rss" in result:
+        rss = result["rss"]
+        lines += [
+            "",
+            f"{rss['streams']:,} streams: peak RSS {rss['peak_rss_gib']:.2f} GiB "
+            f"(process before engine {rss['rss_before_engine_gib']:.2f} GiB), "
+            f"{rss['state_bytes_per_stream']} state bytes per stream",
+        ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "rss":
+        _rss_child(int(sys.argv[2]), int(sys.argv[3]))
+    else:
+        sys.exit("usage: python -m streamlstm.bench rss STREAMS BATCH")

@@ -1,0 +1,260 @@
+"""The saved model: a directory with ``model.safetensors`` and ``bundle.json``.
+
+Weights are stored with safetensors and read back without unpickling; every
+other fact needed to serve the model (config, feature and target names,
+scalers, warm-up) is plain JSON beside them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from streamlstm.config import ModelConfig
+from streamlstm.errors import BundleError, ConfigError, InputError
+from streamlstm.model import StreamLSTM
+from streamlstm.scaling import Affine
+
+__all__ = ["SCHEMA_VERSION", "Bundle"]
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "bundle.json"
+
+
+class Bundle:
+    """A trained model plus everything needed to serve it.
+
+    ``input_scaler`` maps raw feature columns to model units and
+    ``target_scaler`` maps model outputs back (``None``: no scaling).
+    ``warmup_steps`` is how many ticks a stream needs before its predictions
+    are marked ready.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: ModelConfig,
+        model: StreamLSTM,
+        feature_names: Sequence[str] | None = None,
+        target_names: Sequence[str] | None = None,
+        input_scaler: Affine | None = None,
+        target_scaler: Affine | None = None,
+        warmup_steps: int = 0,
+        name: str = "model",
+        training: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.model = model.eval()
+        self.feature_names = tuple(feature_names or [f"x{i}" for i in range(config.input_size)])
+        self.target_names = tuple(target_names or [f"y{i}" for i in range(config.output_size)])
+        if len(self.feature_names) != config.input_size:
+            raise ConfigError(
+                f"feature_names: {len(self.feature_names)} names for input_size {config.input_size}"
+            )
+        if len(self.target_names) != config.output_size:
+            raise ConfigError(
+                f"target_names: {len(self.target_names)} names for output_size {config.output_size}"
+            )
+        if input_scaler is not None and input_scaler.width != config.input_size:
+            raise ConfigError(
+                f"input_scaler: {input_scaler.width} columns for input_size {config.input_size}"
+            )
+        if target_scaler is not None and target_scaler.width != config.output_size:
+            raise ConfigError(
+                f"target_scaler: {target_scaler.width} columns for output_size {config.output_size}"
+            )
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ConfigError(f"warmup_steps: must be a non-negative integer, got {warmup_steps!r}")
+        self.input_scaler = input_scaler
+        self.target_scaler = target_scaler
+        self.warmup_steps = warmup_steps
+        self.name = name
+        self.training: dict[str, Any] = dict(training or {})
+        self.metrics: dict[str, Any] = dict(metrics or {})
+
+    # -- construction -------------------------------------------------------
+
+    @classmethod
+    def random(cls, config: ModelConfig, seed: int = 0, **kwargs: Any) -> Bundle:
+        """A bundle with freshly initialised weights, for tests and benchmarks."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = StreamLSTM(config)
+        kwargs.setdefault("name", f"random-{seed}")
+        return cls(config=config, model=model, **kwargs)
+
+    @property
+    def model_id(self) -> str:
+        """``name@<weights digest>``: tells two versions of one model apart in output."""
+        digest = hashlib.sha256()
+        for key, tensor in sorted(self.model.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().contiguous().numpy().tobytes())
+        return f"{self.name}@{digest.hexdigest()[:12]}"
+
+    # -- persistence --------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "name": self.name,
+            "model": self.config.to_dict(),
+            "features": list(self.feature_names),
+            "targets": list(self.target_names),
+            "scaler": {
+                "input": self.input_scaler.to_dict() if self.input_scaler else None,
+                "target": self.target_scaler.to_dict() if self.target_scaler else None,
+            },
+            "warmup_steps": self.warmup_steps,
+            "training": self.training,
+            "metrics": self.metrics,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the bundle directory (created if needed); returns its path."""
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        save_file(tensors, str(out / WEIGHTS_FILE))
+        # Write-then-rename so a crash never leaves a half-written bundle.json.
+        tmp = out / (META_FILE + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2, sort_keys=False) + "\n")
+        tmp.replace(out / META_FILE)
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> Bundle:
+        """Load a bundle directory; never unpickles.
+
+        Raises ``BundleError`` naming the problem for a missing directory or
+        file, unreadable JSON, an unknown schema version, a corrupt weights
+        file, or tensors that do not match the config.
+        """
+        root = Path(path)
+        if not root.is_dir():
+            raise BundleError(f"model directory {str(root)!r} does not exist")
+        meta_path = root / META_FILE
+        weights_path = root / WEIGHTS_FILE
+        for required in (meta_path, weights_path):
+            if not required.is_file():
+                raise BundleError(
+                    f"{str(root)!r} is not a model bundle: {required.name} is missing"
+                )
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{meta_path}: not valid JSON ({exc})") from exc
+        if not isinstance(meta, dict):
+            raise BundleError(f"{meta_path}: expected a JSON object")
+        version = meta.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise BundleError(
+                f"{meta_path}: unknown schema_version {version!r}; this streamlstm "
+                f"reads version {SCHEMA_VERSION}"
+            )
+        try:
+            config = ModelConfig.from_dict(meta["model"])
+            scaler = meta.get("scaler") or {}
+            input_scaler = Affine.from_dict(scaler["input"]) if scaler.get("input") else None
+            target_scaler = Affine.from_dict(scaler["target"]) if scaler.get("target") else None
+        except KeyError as exc:
+            raise BundleError(f"{meta_path}: missing field {exc}") from exc
+        except ConfigError as exc:
+            raise BundleError(f"{meta_path}: {exc}") from exc
+        try:
+            tensors = load_file(str(weights_path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise BundleError(f"{weights_path}: unreadable safetensors file ({exc})") from exc
+        model = StreamLSTM(config)
+        _check_tensors(model, tensors, weights_path)
+        model.load_state_dict(tensors)
+        try:
+            return cls(
+                config=config,
+                model=model,
+                feature_names=meta.get("features"),
+                target_names=meta.get("targets"),
+                input_scaler=input_scaler,
+                target_scaler=target_scaler,
+                warmup_steps=meta.get("warmup_steps", 0),
+                name=meta.get("name") or root.name,
+                training=meta.get("training"),
+                metrics=meta.get("metrics"),
+            )
+        except ConfigError as exc:
+            raise BundleError(f"{meta_path}: {exc}") from exc
+
+    # -- the offline oracle -------------------------------------------------
+
+    def scale_inputs(self, x: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        if self.input_scaler is None:
+            return np.asarray(x, dtype=np.float32)
+        return self.input_scaler.apply(x)
+
+    def unscale_outputs(self, y: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        if self.target_scaler is None:
+            return np.asarray(y, dtype=np.float32)
+        return self.target_scaler.invert(y)
+
+    def predict_sequence(self, x: npt.ArrayLike) -> npt.NDArray[np.float32]:
+        """One stream from zero state: ``x [T, F]`` original units -> ``[T, outputs]``.
+
+        Steps one tick at a time through the same recurrent step the engine
+        uses, so it is the reference the engine is tested against.
+        """
+        arr = np.asarray(x, dtype=np.float32)
+        if arr.ndim != 2 or arr.shape[1] != self.config.input_size:
+            raise InputError(
+                "x", f"expected shape [T, {self.config.input_size}], got {list(arr.shape)}"
+            )
+        if not np.isfinite(arr).all():
+            raise InputError("x", "contains NaN or infinity")
+        scaled = torch.from_numpy(self.scale_inputs(arr))
+        with torch.inference_mode():
+            hs, cs = self.model.zero_group_state(1)
+            tops = []
+            for t in range(scaled.shape[0]):
+                top, hs, cs = self.model.recurrent_step(scaled[t : t + 1], hs, cs)
+                tops.append(top)
+            if not tops:
+                return np.zeros((0, self.config.output_size), dtype=np.float32)
+            y = self.model.head(torch.cat(tops)).numpy()
+        return self.unscale_outputs(y)
+
+
+def _check_tensors(model: StreamLSTM, tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected)}")
+        raise BundleError(f"{path}: tensors do not match the model config ({'; '.join(parts)})")
+    for key, tensor in expected.items():
+        got = tensors[key]
+        if tuple(got.shape) != tuple(tensor.shape):
+            raise BundleError(
+                f"{path}: tensor {key} has shape {list(got.shape)}, "
+                f"the model config needs {list(tensor.shape)}"
+            )
+        if got.dtype != tensor.dtype:
+            raise BundleError(
+                f"{path}: tensor {key} has dtype {got.dtype}, expected {tensor.dtype}"
+            )

@@ -1,0 +1,99 @@
+"""The ``streamlstm`` command: dispatches each subcommand to the package that owns it.
+
+The daemon (``consumers``) and the training pipeline (``training``) are
+imported only when their subcommand runs, so the core never imports Kafka or
+asyncio code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from streamlstm.errors import StreamLSTMError
+
+__all__ = ["main"]
+
+#: subcommand -> (module, one-line help); each module has ``main(argv) -> int``.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("training.cli", "train a model on a CSV/Parquet file into a bundle directory"),
+    "evaluate": ("training.cli", "evaluate a bundle on a data file through the serving engine"),
+    "import": ("training.cli", "import a model trained with PyTorch or Keras"),
+    "serve": ("consumers.cli", "run the Kafka inference daemon"),
+    "produce": ("consumers.cli", "replay a data file as ticks onto a topic"),
+    "tail": ("consumers.cli", "print messages from a topic as they arrive"),
+    "demo": ("consumers.demo", "broker, training, serving and replay, locally, in one command"),
+    "bench": ("streamlstm.cli", "benchmarks: engine | kafka"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: streamlstm COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<9} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "streamlstm COMMAND --help shows a command's options."]
+    return "\n".join(lines)
+
+
+def bench_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="streamlstm bench")
+    sub = parser.add_subparsers(dest="target", required=True)
+    engine = sub.add_parser("engine", help="engine ticks/s against a plain nn.LSTM and recompute")
+    engine.add_argument("--streams", default="1000,10000,100000", help="comma-separated counts")
+    engine.add_argument("--batch", type=int, default=1024)
+    engine.add_argument("--seconds", type=float, default=1.0, help="per timed block")
+    engine.add_argument("--repeats", type=int, default=3, help="alternating blocks per count")
+    engine.add_argument("--rss-streams", type=int, default=1_000_000, help="0 skips the RSS run")
+    engine.add_argument("--json", action="store_true", help="print one JSON object")
+    sub.add_parser("kafka", help="end-to-end through a broker (see streamlstm bench kafka -h)")
+    if argv and argv[0] == "kafka":
+        return _run_module("consumers.bench", list(argv[1:]))
+    args = parser.parse_args(argv)
+    from streamlstm.bench import format_engine_bench, run_engine_bench
+
+    counts = tuple(int(s) for s in args.streams.split(",") if s.strip())
+    result = run_engine_bench(
+        stream_counts=counts,
+        batch=args.batch,
+        seconds=args.seconds,
+        repeats=args.repeats,
+        rss_streams=args.rss_streams,
+    )
+    print(json.dumps(result) if args.json else format_engine_bench(result))
+    return 0
+
+
+def _run_module(module_name: str, argv: list[str], command: str | None = None) -> int:
+    module = importlib.import_module(module_name)
+    entry: Callable[..., int] = module.main
+    return entry(argv) if command is None else entry([command, *argv])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"streamlstm: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    try:
+        if command == "bench":
+            return bench_main(rest)
+        return _run_module(COMMANDS[command][0], rest, command)
+    except StreamLSTMError as exc:
+        print(f"streamlstm {command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

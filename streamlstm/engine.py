@@ -1,0 +1,375 @@
+"""The engine: many streams' ticks in, one batched recurrent step per round out.
+
+A call to ``Engine.step`` takes N ticks of any number of streams. Ticks are
+split into *rounds*: round r holds every stream's (r+1)-th tick of the call, so
+a stream's ticks are applied in order while all streams of a round advance
+together: gather their rows of (h, c) from the store, one recurrent step,
+scatter the rows back. The MLP head then runs once over all N top-layer
+outputs. Rows with bad values are rejected one by one; the rest proceed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from streamlstm.bundle import Bundle
+from streamlstm.errors import InputError
+from streamlstm.model import LayerGroup
+from streamlstm.state import Eviction, StateStore
+
+__all__ = ["Engine", "EngineStats", "Rejection", "StepResult"]
+
+logger = logging.getLogger(__name__)
+
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+Bools = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Tick ``index`` of the call was rejected: ``field`` is wrong for ``reason``."""
+
+    index: int
+    field: str
+    reason: str
+
+
+@dataclass(frozen=True, eq=False)
+class StepResult:
+    """What one ``Engine.step`` call produced; row i answers tick i.
+
+    ``predictions`` float32 ``[N, outputs]`` in target units (NaN on rejected
+    rows); ``steps`` int64 ``[N]`` ticks since the stream's last reset,
+    counting this one; ``ready`` ``[N]`` whether the stream is past warm-up;
+    ``accepted`` ``[N]`` false for rejected rows.
+    """
+
+    predictions: F32
+    steps: I64
+    ready: Bools
+    accepted: Bools
+    rejections: list[Rejection] = field(default_factory=list)
+    evictions: list[Eviction] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    active_streams: int
+    capacity: int
+    max_streams: int
+    ticks: int
+    rejected: int
+    resets: int
+    ends: int
+    evictions: dict[str, int]
+
+
+class Engine:
+    """Stateful, batched inference over many streams for one bundle.
+
+    ``max_streams`` bounds memory (LRU eviction beyond it); ``idle_ttl_s``
+    forgets streams idle for longer, on event time when ticks carry
+    timestamps and on ``clock()`` otherwise.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        max_streams: int = 1_000_000,
+        idle_ttl_s: float | None = None,
+        initial_capacity: int = 1024,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.bundle = bundle
+        self.model = bundle.model.eval()
+        self.store = StateStore(
+            bundle.config.hidden_sizes,
+            max_streams=max_streams,
+            idle_ttl_s=idle_ttl_s,
+            initial_capacity=initial_capacity,
+        )
+        self._clock = clock
+        self._input_size = bundle.config.input_size
+        self._watermark = -math.inf
+        self._next_sweep = -math.inf
+        self._counts: Counter[str] = Counter()
+        self._buffers: dict[int, _Buffers] = {}
+
+    @property
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            active_streams=len(self.store),
+            capacity=self.store.capacity,
+            max_streams=self.store.max_streams,
+            ticks=self._counts["ticks"],
+            rejected=self._counts["rejected"],
+            resets=self._counts["resets"],
+            ends=self._counts["ends"],
+            evictions=dict(self.store.eviction_counts),
+        )
+
+    def step(
+        self,
+        stream_ids: Sequence[str],
+        features: npt.ArrayLike | Sequence[Sequence[Any]],
+        *,
+        resets: Sequence[bool] | npt.NDArray[np.bool_] | None = None,
+        ends: Sequence[bool] | npt.NDArray[np.bool_] | None = None,
+        timestamps: Sequence[float] | npt.NDArray[np.float64] | None = None,
+        offsets: Sequence[int] | npt.NDArray[np.int64] | None = None,
+    ) -> StepResult:
+        """Apply N ticks: ``features [N, F]`` in original units, row i of ``stream_ids[i]``.
+
+        ``resets[i]`` zeroes the stream's state before tick i; ``ends[i]``
+        frees it after. ``timestamps`` are event times in epoch milliseconds
+        (used for the idle TTL); ``offsets`` the input offsets the ticks came
+        from, remembered with the state.
+        """
+        n = len(stream_ids)
+        resets_a = _flags("resets", resets, n)
+        ends_a = _flags("ends", ends, n)
+        ts = _column("timestamps", timestamps, n, np.float64)
+        offs = _column("offsets", offsets, n, np.int64)
+        x, accepted, rejections = self._validate(stream_ids, features, ts)
+        out_size = self.bundle.config.output_size
+        predictions = np.full((n, out_size), np.nan, dtype=np.float32)
+        steps = np.zeros(n, dtype=np.int64)
+        ready = np.zeros(n, dtype=bool)
+        self._counts["rejected"] += len(rejections)
+        rows = np.flatnonzero(accepted)
+        if not rows.size:
+            return StepResult(predictions, steps, ready, accepted, rejections, [])
+        self._counts["ticks"] += int(rows.size)
+
+        ids = [stream_ids[i] for i in rows.tolist()] if rejections else list(stream_ids)
+        times = ts[rows] / 1000.0 if ts is not None else np.full(rows.size, self._clock())
+        order = _Rounds(ids)
+        slots_u, evictions = self.store.acquire(order.unique, times[order.first])
+        slots = slots_u[order.inverse]
+        r_resets = resets_a[rows]
+        r_ends = ends_a[rows]
+        self._counts["resets"] += int(r_resets.sum())
+        self._counts["ends"] += int(r_ends.sum())
+
+        scaled = torch.from_numpy(self.bundle.scale_inputs(x[rows]))
+        tops = torch.empty(rows.size, self.bundle.config.hidden_sizes[-1])
+        step_out = np.empty(rows.size, dtype=np.int64)
+        with torch.inference_mode():
+            for members in order.rounds():
+                member_slots = slots if members is None else slots[members]
+                sel: Any = slice(None) if members is None else torch.from_numpy(members)
+                rsel: Any = slice(None) if members is None else members
+                reset_here = r_resets[rsel]
+                if reset_here.any():
+                    self.store.zero(member_slots[reset_here])
+                tops[sel] = self._advance(member_slots, scaled[sel])
+                self.store.steps[member_slots] += 1
+                step_out[rsel] = self.store.steps[member_slots]
+                end_here = r_ends[rsel]
+                if end_here.any():
+                    self.store.zero(member_slots[end_here])
+            y = self.model.head(tops).numpy()
+        predictions[rows] = self.bundle.unscale_outputs(y)
+        steps[rows] = step_out
+        ready[rows] = step_out > self.bundle.warmup_steps
+
+        last = order.last
+        self.store.last_seen[slots_u] = times[last]
+        if offs is not None:
+            self.store.offsets[slots_u] = offs[rows][last]
+        ended = [order.unique[u] for u in np.flatnonzero(r_ends[last]).tolist()]
+        if ended:
+            self.store.release(ended)
+        evictions += self._sweep(float(times.max()))
+        return StepResult(predictions, steps, ready, accepted, rejections, evictions)
+
+    # -- internals ----------------------------------------------------------
+
+    def _advance(self, slots: I64, x: torch.Tensor) -> torch.Tensor:
+        """One recurrent step for distinct ``slots``: gather, step, scatter.
+
+        The batch is padded to a bucket size with persistent buffers: oneDNN
+        builds a new primitive for every new batch shape (~0.5 ms), and its
+        results do not depend on the other rows, so padding is free of effect.
+        """
+        idx = torch.from_numpy(slots)
+        batch = int(slots.size)
+        bucket = _bucket(batch)
+        buffers = self._buffers.get(bucket)
+        if buffers is None:
+            buffers = self._buffers[bucket] = _Buffers(self.model.groups, bucket, x.shape[1])
+        buffers.x[:batch] = x
+        for group, h, c in zip(self.model.groups, buffers.h, buffers.c, strict=True):
+            for j in range(group.count):
+                torch.index_select(self.store.h[group.first + j], 0, idx, out=h[j, :batch])
+                torch.index_select(self.store.c[group.first + j], 0, idx, out=c[j, :batch])
+        top, new_h, new_c = self.model.recurrent_step(buffers.x, buffers.h, buffers.c)
+        for group, h, c in zip(self.model.groups, new_h, new_c, strict=True):
+            for j in range(group.count):
+                self.store.h[group.first + j].index_copy_(0, idx, h[j, :batch])
+                self.store.c[group.first + j].index_copy_(0, idx, c[j, :batch])
+        return top[:batch]
+
+    def _sweep(self, now: float) -> list[Eviction]:
+        ttl = self.store.idle_ttl_s
+        if ttl is None:
+            return []
+        self._watermark = max(self._watermark, now)
+        if self._watermark < self._next_sweep:
+            return []
+        # Sweeping is O(capacity); a few times per TTL keeps memory bounded.
+        self._next_sweep = self._watermark + ttl / 4
+        return self.store.expire(self._watermark)
+
+    def _validate(
+        self,
+        stream_ids: Sequence[str],
+        features: npt.ArrayLike | Sequence[Sequence[Any]],
+        ts: npt.NDArray[np.float64] | None,
+    ) -> tuple[F32, Bools, list[Rejection]]:
+        n = len(stream_ids)
+        width = self._input_size
+        rejections: list[Rejection] = []
+        accepted = np.ones(n, dtype=bool)
+        x = np.zeros((n, width), dtype=np.float32)
+        arr: npt.NDArray[Any] | None = None
+        if isinstance(features, np.ndarray) and features.dtype.kind in "fiu":
+            arr = features
+        if arr is not None and arr.ndim == 2 and arr.shape[0] == n:
+            if arr.shape[1] == width:
+                with np.errstate(over="ignore"):
+                    x[:] = arr
+            else:
+                for i in range(n):
+                    accepted[i] = False
+                    rejections.append(
+                        Rejection(i, "values", f"expected {width} values, got {arr.shape[1]}")
+                    )
+        else:
+            rows = list(features)  # type: ignore[arg-type]
+            if len(rows) != n:
+                raise InputError("features", f"{len(rows)} rows for {n} stream ids")
+            for i, row in enumerate(rows):
+                reason = _row_problem(row, width)
+                if reason is None:
+                    with np.errstate(over="ignore"):  # too large for float32: inf, rejected below
+                        x[i] = np.asarray(row, dtype=np.float64)
+                else:
+                    accepted[i] = False
+                    rejections.append(Rejection(i, "values", reason))
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(x).all(axis=1) & accepted
+        for i in np.flatnonzero(bad).tolist():
+            accepted[i] = False
+            rejections.append(
+                Rejection(i, "values", "NaN, infinity or out of float32 range is not a value")
+            )
+        if set(map(type, stream_ids)) != {str} or "" in stream_ids:
+            for i, stream_id in enumerate(stream_ids):
+                if (not isinstance(stream_id, str) or not stream_id) and accepted[i]:
+                    accepted[i] = False
+                    rejections.append(Rejection(i, "stream", "must be a non-empty string"))
+        if ts is not None:
+            for i in np.flatnonzero(~np.isfinite(ts) & accepted).tolist():
+                accepted[i] = False
+                rejections.append(Rejection(i, "ts", "must be a finite number"))
+        rejections.sort(key=lambda r: r.index)
+        return x, accepted, rejections
+
+
+class _Rounds:
+    """Splits a call's ticks into rounds of distinct streams, in arrival order."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.unique = list(dict.fromkeys(ids))
+        n = len(ids)
+        if len(self.unique) == n:
+            self.inverse = np.arange(n, dtype=np.int64)
+            self.round_of: I64 | None = None
+            self.first = self.inverse
+            self.last = self.inverse
+            return
+        index = {s: i for i, s in enumerate(self.unique)}
+        inverse = np.array([index[s] for s in ids], dtype=np.int64)
+        # Occurrence number of each tick within its stream, by a stable sort.
+        order = np.argsort(inverse, kind="stable")
+        sorted_inv = inverse[order]
+        starts = np.flatnonzero(np.r_[True, sorted_inv[1:] != sorted_inv[:-1]])
+        group_start = np.repeat(starts, np.diff(np.r_[starts, n]))
+        round_of = np.empty(n, dtype=np.int64)
+        round_of[order] = np.arange(n) - group_start
+        ends = np.r_[starts[1:], n] - 1
+        self.inverse = inverse
+        self.round_of = round_of
+        self.first = order[starts]
+        self.last = order[ends]
+
+    def rounds(self) -> list[I64 | None]:
+        """Row indices of each round; ``[None]`` means one round of every row."""
+        if self.round_of is None:
+            return [None]
+        # Rows sorted by round, stably: each round keeps arrival order.
+        order = np.argsort(self.round_of, kind="stable")
+        bounds = np.searchsorted(self.round_of[order], np.arange(int(self.round_of.max()) + 2))
+        return [order[bounds[r] : bounds[r + 1]] for r in range(bounds.size - 1)]
+
+
+class _Buffers:
+    """Persistent, padded step inputs for one bucket size."""
+
+    def __init__(self, groups: Sequence[LayerGroup], bucket: int, width: int) -> None:
+        self.x = torch.zeros(bucket, width)
+        self.h = [torch.zeros(g.count, bucket, g.hidden_size) for g in groups]
+        self.c = [torch.zeros(g.count, bucket, g.hidden_size) for g in groups]
+
+
+def _bucket(batch: int) -> int:
+    """Batch sizes rounded up: powers of two to 1024, then multiples of 1024."""
+    if batch > 1024:
+        return -(-batch // 1024) * 1024
+    return max(8, 1 << (batch - 1).bit_length())
+
+
+def _row_problem(row: object, width: int) -> str | None:
+    if isinstance(row, str | bytes) or not hasattr(row, "__len__"):
+        return f"expected a list of {width} numbers, got {type(row).__name__}"
+    values = list(row)  # type: ignore[call-overload]
+    if len(values) != width:
+        return f"expected {width} values, got {len(values)}"
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+            return f"expected numbers, got {type(value).__name__} {value!r:.40}"
+    return None
+
+
+def _flags(name: str, values: Any, n: int) -> Bools:
+    if values is None:
+        return np.zeros(n, dtype=bool)
+    arr = np.asarray(values, dtype=bool)
+    if arr.shape != (n,):
+        raise InputError(name, f"expected {n} flags, got shape {list(arr.shape)}")
+    return arr
+
+
+def _column(name: str, values: Any, n: int, dtype: type[np.generic]) -> Any:
+    if values is None:
+        return None
+    try:
+        arr = np.asarray(values, dtype=dtype)
+    except (TypeError, ValueError) as exc:
+        raise InputError(name, f"must be numbers ({exc})") from exc
+    if arr.shape != (n,):
+        raise InputError(name, f"expected {n} values, got shape {list(arr.shape)}")
+    return arr

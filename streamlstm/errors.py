@@ -1,0 +1,47 @@
+"""The exception hierarchy: one root, a few specific subclasses.
+
+Every error the library raises on purpose is a ``StreamLSTMError``; callers that
+want to tell bad configuration from a bad model file or bad input catch the
+subclass. Library errors from torch, safetensors or Kafka are translated at the
+boundary where they happen (``raise BundleError(...) from exc``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BrokerError",
+    "BundleError",
+    "ConfigError",
+    "InputError",
+    "StateError",
+    "StreamLSTMError",
+]
+
+
+class StreamLSTMError(Exception):
+    """Root of every error streamlstm raises on purpose."""
+
+
+class ConfigError(StreamLSTMError, ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+class BundleError(StreamLSTMError):
+    """A saved model (bundle directory) is missing, corrupt or inconsistent."""
+
+
+class InputError(StreamLSTMError, ValueError):
+    """Input data is malformed; the message names the field and the reason."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class StateError(StreamLSTMError):
+    """Recurrent state cannot be stored or restored (wrong shape, corrupt bytes)."""
+
+
+class BrokerError(StreamLSTMError):
+    """The Kafka broker is unreachable or refused an operation."""

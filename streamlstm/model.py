@@ -1,0 +1,132 @@
+"""The model: stacked LSTM layers and an MLP head, a function of (input, state).
+
+Consecutive layers of equal hidden size are held as one multi-layer
+``nn.LSTM`` (a *group*): on CPU, oneDNN then runs the group as one fused
+primitive, which is both the fastest way to take one recurrent step and
+row-deterministic across batch sizes (a stream's result does not depend on
+which other streams share its batch). That is what lets the batched engine
+match the one-stream oracle exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from streamlstm.config import ModelConfig
+
+__all__ = ["LayerGroup", "State", "StreamLSTM", "layer_groups"]
+
+#: Recurrent state, one ``(h [B, H_l], c [B, H_l])`` pair per LSTM layer.
+State = tuple[tuple[Tensor, Tensor], ...]
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """Consecutive LSTM layers ``first .. first + count - 1`` of one hidden size."""
+
+    first: int
+    count: int
+    hidden_size: int
+
+
+def layer_groups(hidden_sizes: Sequence[int]) -> tuple[LayerGroup, ...]:
+    groups: list[LayerGroup] = []
+    for layer, size in enumerate(hidden_sizes):
+        if groups and groups[-1].hidden_size == size:
+            last = groups[-1]
+            groups[-1] = LayerGroup(last.first, last.count + 1, size)
+        else:
+            groups.append(LayerGroup(layer, 1, size))
+    return tuple(groups)
+
+
+def _activation(name: str) -> nn.Module:
+    if name == "relu":
+        return nn.ReLU()
+    if name == "tanh":
+        return nn.Tanh()
+    if name == "sigmoid":
+        return nn.Sigmoid()
+    return nn.Identity()
+
+
+class StreamLSTM(nn.Module):
+    """Stacked unidirectional LSTM + MLP head with an output at every step.
+
+    ``forward(x [B, T, F], state) -> (y [B, T, outputs], state)`` where
+    ``state`` is one ``(h [B, H_l], c [B, H_l])`` pair per layer, ``None``
+    meaning zeros. Dropout acts between LSTM layers and at the head's input,
+    in training mode only.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.groups = layer_groups(config.hidden_sizes)
+        lstms = []
+        input_size = config.input_size
+        for group in self.groups:
+            lstms.append(
+                nn.LSTM(
+                    input_size,
+                    group.hidden_size,
+                    num_layers=group.count,
+                    batch_first=True,
+                    dropout=config.dropout if group.count > 1 else 0.0,
+                )
+            )
+            input_size = group.hidden_size
+        self.lstm = nn.ModuleList(lstms)
+        self.between = nn.Dropout(config.dropout)
+        head: list[nn.Module] = [nn.Dropout(config.dropout)]
+        width = config.hidden_sizes[-1]
+        for size in config.head_sizes:
+            head += [nn.Linear(width, size), _activation(config.head_activation)]
+            width = size
+        head.append(nn.Linear(width, config.output_size))
+        self.head = nn.Sequential(*head)
+
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """Run ``x [B, T, F]`` from ``state``; return ``(y [B, T, O], state after T)``."""
+        inp = x
+        new_state: list[tuple[Tensor, Tensor]] = []
+        for index, (group, lstm) in enumerate(zip(self.groups, self.lstm, strict=True)):
+            if index:
+                inp = self.between(inp)
+            hx = None
+            if state is not None:
+                layers = state[group.first : group.first + group.count]
+                hx = (
+                    torch.stack([h for h, _ in layers]),
+                    torch.stack([c for _, c in layers]),
+                )
+            inp, (h_n, c_n) = lstm(inp, hx)
+            new_state.extend((h_n[j], c_n[j]) for j in range(group.count))
+        return self.head(inp), tuple(new_state)
+
+    def recurrent_step(
+        self, x: Tensor, hs: Sequence[Tensor], cs: Sequence[Tensor]
+    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """One recurrent step, no head, eval only.
+
+        ``x [B, F]``; ``hs[g]``/``cs[g]`` are ``[count_g, B, H_g]`` per layer group.
+        Returns the top layer's ``h [B, H_top]`` and the new per-group ``h``/``c``.
+        Both the engine and the offline oracle step through here.
+        """
+        inp = x.unsqueeze(1)
+        new_h: list[Tensor] = []
+        new_c: list[Tensor] = []
+        for lstm, h, c in zip(self.lstm, hs, cs, strict=True):
+            inp, (h_n, c_n) = lstm(inp, (h, c))
+            new_h.append(h_n)
+            new_c.append(c_n)
+        return inp[:, 0], new_h, new_c
+
+    def zero_group_state(self, batch: int) -> tuple[list[Tensor], list[Tensor]]:
+        hs = [torch.zeros(g.count, batch, g.hidden_size) for g in self.groups]
+        cs = [torch.zeros(g.count, batch, g.hidden_size) for g in self.groups]
+        return hs, cs

@@ -1,0 +1,359 @@
+"""Per-stream recurrent state: pre-allocated tensors, a slot map, LRU and TTL.
+
+Layout: for every LSTM layer ``l`` one ``h`` and one ``c`` tensor of shape
+``[capacity, H_l]``; a stream owns one row (a *slot*) in all of them. Small
+per-slot arrays hold the step count since reset, the input offset of the last
+tick applied, the last time the stream was seen (TTL) and a use counter (LRU).
+
+Capacity doubles on demand up to ``max_streams``; at the bound the least
+recently used stream is evicted. Nothing is dropped silently: every eviction
+is returned to the caller with the evicted state, and counted by reason.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import sys
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from streamlstm.errors import ConfigError, StateError
+
+__all__ = ["Eviction", "EvictionReason", "StateStore", "StreamState"]
+
+EvictionReason = Literal["lru", "ttl"]
+I64 = npt.NDArray[np.int64]
+F64 = npt.NDArray[np.float64]
+
+_NEVER = np.iinfo(np.int64).max
+_MAGIC = b"SLST"
+_FORMAT_VERSION = 1
+_HEADER = struct.Struct("<4sBBqqd")
+
+
+@dataclass(frozen=True, eq=False)
+class StreamState:
+    """One stream's state, detached from the store.
+
+    ``h[l]`` and ``c[l]`` are float32 ``[H_l]``; ``step`` counts ticks since the
+    last reset; ``offset`` is the input offset of the last tick it reflects
+    (-1 when unknown); ``last_seen`` is in seconds.
+    """
+
+    h: tuple[npt.NDArray[np.float32], ...]
+    c: tuple[npt.NDArray[np.float32], ...]
+    step: int
+    offset: int = -1
+    last_seen: float = math.nan
+
+    def to_bytes(self) -> bytes:
+        parts = [
+            _HEADER.pack(
+                _MAGIC, _FORMAT_VERSION, len(self.h), self.step, self.offset, self.last_seen
+            ),
+            struct.pack(f"<{len(self.h)}I", *(h.size for h in self.h)),
+        ]
+        for h, c in zip(self.h, self.c, strict=True):
+            parts.append(np.asarray(h, dtype="<f4").tobytes())
+            parts.append(np.asarray(c, dtype="<f4").tobytes())
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> StreamState:
+        try:
+            magic, version, layers, step, offset, last_seen = _HEADER.unpack_from(data, 0)
+            if magic != _MAGIC or version != _FORMAT_VERSION:
+                raise StateError(f"state bytes: bad magic or version ({magic!r}, {version})")
+            pos = _HEADER.size
+            sizes = struct.unpack_from(f"<{layers}I", data, pos)
+            pos += 4 * layers
+            expected = pos + sum(8 * s for s in sizes)
+            if len(data) != expected:
+                raise StateError(f"state bytes: expected {expected} bytes, got {len(data)}")
+            hs, cs = [], []
+            for size in sizes:
+                hs.append(np.frombuffer(data, dtype="<f4", count=size, offset=pos).copy())
+                pos += 4 * size
+                cs.append(np.frombuffer(data, dtype="<f4", count=size, offset=pos).copy())
+                pos += 4 * size
+        except struct.error as exc:
+            raise StateError(f"state bytes: truncated ({exc})") from exc
+        return cls(h=tuple(hs), c=tuple(cs), step=step, offset=offset, last_seen=last_seen)
+
+
+@dataclass(frozen=True, eq=False)
+class Eviction:
+    """A stream removed from memory, with the state it had."""
+
+    stream_id: str
+    reason: EvictionReason
+    state: StreamState
+
+
+class StateStore:
+    """In-memory store of every active stream's recurrent state.
+
+    Not thread-safe: one engine owns one store, and one thread steps it.
+    """
+
+    def __init__(
+        self,
+        hidden_sizes: Sequence[int],
+        *,
+        max_streams: int,
+        idle_ttl_s: float | None = None,
+        initial_capacity: int = 1024,
+    ) -> None:
+        if isinstance(max_streams, bool) or not isinstance(max_streams, int) or max_streams < 1:
+            raise ConfigError(f"max_streams: must be a positive integer, got {max_streams!r}")
+        if idle_ttl_s is not None and not (
+            isinstance(idle_ttl_s, int | float) and math.isfinite(idle_ttl_s) and idle_ttl_s > 0
+        ):
+            raise ConfigError(f"idle_ttl_s: must be a positive number or None, got {idle_ttl_s!r}")
+        self.hidden_sizes = tuple(hidden_sizes)
+        self.max_streams = max_streams
+        self.idle_ttl_s = None if idle_ttl_s is None else float(idle_ttl_s)
+        cap = max(1, min(initial_capacity, max_streams))
+        self.h = [torch.zeros(cap, size) for size in self.hidden_sizes]
+        self.c = [torch.zeros(cap, size) for size in self.hidden_sizes]
+        self.steps: I64 = np.zeros(cap, dtype=np.int64)
+        self.offsets: I64 = np.full(cap, -1, dtype=np.int64)
+        self.last_seen: F64 = np.zeros(cap, dtype=np.float64)
+        self._last_used: I64 = np.full(cap, _NEVER, dtype=np.int64)
+        self._slot: dict[str, int] = {}
+        self._owner: list[str | None] = [None] * cap
+        self._free: list[int] = list(range(cap - 1, -1, -1))
+        self._clock = 0
+        self.eviction_counts: Counter[str] = Counter()
+
+    # -- inspection ---------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return len(self._owner)
+
+    def __len__(self) -> int:
+        return len(self._slot)
+
+    def __contains__(self, stream_id: object) -> bool:
+        return stream_id in self._slot
+
+    def slot_of(self, stream_id: str) -> int | None:
+        return self._slot.get(stream_id)
+
+    def stream_ids(self) -> list[str]:
+        return list(self._slot)
+
+    def raw_bytes_per_stream(self) -> int:
+        """Bytes of ``h`` and ``c`` one stream needs, float32, all layers."""
+        return 2 * 4 * sum(self.hidden_sizes)
+
+    def memory_bytes(self) -> int:
+        """Everything this store holds: tensors, per-slot arrays, the id map, the ids.
+
+        O(streams) because it sizes every id string; meant for benchmarks.
+        """
+        total = sum(t.numel() * t.element_size() for t in (*self.h, *self.c))
+        total += self.steps.nbytes + self.offsets.nbytes + self.last_seen.nbytes
+        total += self._last_used.nbytes
+        total += sys.getsizeof(self._slot) + sys.getsizeof(self._owner)
+        total += sys.getsizeof(self._free)
+        total += sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in self._slot.items())
+        return total
+
+    # -- the hot path -------------------------------------------------------
+
+    def acquire(self, ids: Sequence[str], times: F64) -> tuple[I64, list[Eviction]]:
+        """Slots for distinct ``ids`` (in order), creating zeroed ones as needed.
+
+        ``times[i]`` (seconds) is when ``ids[i]`` is seen now; a known stream
+        idle for more than ``idle_ttl_s`` is evicted (reason ``ttl``) and
+        starts again from zero. The slots returned are safe from LRU eviction
+        until the next call.
+        """
+        n = len(ids)
+        get = self._slot.get
+        slots = np.array([get(s, -1) for s in ids], dtype=np.int64)
+        evictions: list[Eviction] = []
+        known = np.flatnonzero(slots >= 0)
+        if self.idle_ttl_s is not None and known.size:
+            ks = slots[known]
+            stale = ks[times[known] - self.last_seen[ks] > self.idle_ttl_s]
+            if stale.size:
+                evictions += self._capture(stale, "ttl")
+                self._zero(stale)
+        self._clock += n
+        self._last_used[slots[known]] = self._clock
+        fresh = np.flatnonzero(slots < 0)
+        if fresh.size:
+            new_slots = self._allocate(int(fresh.size), evictions)
+            for i, slot in zip(fresh.tolist(), new_slots.tolist(), strict=True):
+                stream_id = ids[i]
+                self._slot[stream_id] = slot
+                self._owner[slot] = stream_id
+            slots[fresh] = new_slots
+            self._last_used[new_slots] = self._clock
+        self.last_seen[slots] = times
+        return slots, evictions
+
+    def expire(self, now: float) -> list[Eviction]:
+        """Evict every stream idle for more than ``idle_ttl_s`` at ``now`` (seconds)."""
+        if self.idle_ttl_s is None or not self._slot:
+            return []
+        occupied = self._last_used != _NEVER
+        stale = np.flatnonzero(occupied & (now - self.last_seen > self.idle_ttl_s))
+        if not stale.size:
+            return []
+        evictions = self._capture(stale, "ttl")
+        self._remove(stale)
+        return evictions
+
+    def zero(self, slots: I64) -> None:
+        """Reset slots to the zero state with step 0 (``reset`` before a tick)."""
+        self._zero(slots)
+
+    def release(self, ids: Iterable[str]) -> None:
+        """Free the slots of ``ids`` (``end`` after a tick); unknown ids are ignored."""
+        slots = [self._slot[s] for s in ids if s in self._slot]
+        if slots:
+            self._remove(np.array(slots, dtype=np.int64))
+
+    # -- snapshot and restore -----------------------------------------------
+
+    def snapshot(self, ids: Iterable[str]) -> dict[str, StreamState]:
+        """Copies of the states of those ``ids`` that are present."""
+        present = [s for s in ids if s in self._slot]
+        if not present:
+            return {}
+        slots = np.array([self._slot[s] for s in present], dtype=np.int64)
+        return dict(zip(present, self._states(slots), strict=True))
+
+    def restore(self, states: Mapping[str, StreamState]) -> list[Eviction]:
+        """Load states (replacing any in memory); may evict LRU streams for room."""
+        if not states:
+            return []
+        for stream_id, state in states.items():
+            sizes = tuple(h.size for h in state.h)
+            if sizes != self.hidden_sizes or tuple(c.size for c in state.c) != sizes:
+                raise StateError(
+                    f"state of stream {stream_id!r} has layer sizes {list(sizes)}, "
+                    f"this model has {list(self.hidden_sizes)}"
+                )
+        ids = list(states)
+        times = np.array([states[s].last_seen for s in ids], dtype=np.float64)
+        times = np.nan_to_num(times, nan=0.0)
+        saved_ttl, self.idle_ttl_s = self.idle_ttl_s, None  # restoring is not a TTL check
+        try:
+            slots, evictions = self.acquire(ids, times)
+        finally:
+            self.idle_ttl_s = saved_ttl
+        idx = torch.from_numpy(slots)
+        for layer in range(len(self.hidden_sizes)):
+            self.h[layer].index_copy_(
+                0, idx, torch.from_numpy(np.stack([states[s].h[layer] for s in ids]))
+            )
+            self.c[layer].index_copy_(
+                0, idx, torch.from_numpy(np.stack([states[s].c[layer] for s in ids]))
+            )
+        self.steps[slots] = [states[s].step for s in ids]
+        self.offsets[slots] = [states[s].offset for s in ids]
+        return evictions
+
+    # -- internals ----------------------------------------------------------
+
+    def _allocate(self, count: int, evictions: list[Eviction]) -> I64:
+        if len(self._free) < count and self.capacity < self.max_streams:
+            target = self.capacity
+            while target - len(self._slot) < count and target < self.max_streams:
+                target *= 2
+            self._grow(min(target, self.max_streams))
+        shortfall = count - len(self._free)
+        if shortfall > 0:
+            # Slots touched by this call carry the newest counter, so the
+            # partition never picks them while older streams remain.
+            evictable = len(self._slot) - int(np.count_nonzero(self._last_used == self._clock))
+            if shortfall > evictable:
+                raise ConfigError(
+                    f"max_streams: one batch needs {count} new streams but only "
+                    f"{len(self._free) + evictable} slots can be made free; raise "
+                    f"max_streams (now {self.max_streams}) or send smaller batches"
+                )
+            victims = np.argpartition(self._last_used, shortfall - 1)[:shortfall]
+            evictions += self._capture(victims, "lru")
+            self._remove(victims)
+        slots = np.array([self._free.pop() for _ in range(count)], dtype=np.int64)
+        self._zero(slots)
+        self.offsets[slots] = -1
+        return slots
+
+    def _grow(self, new_capacity: int) -> None:
+        old = self.capacity
+        # One tensor at a time, so the transient peak is one tensor's growth,
+        # not a second copy of the whole store.
+        for tensors in (self.h, self.c):
+            for i, tensor in enumerate(tensors):
+                grown = torch.zeros(new_capacity, tensor.shape[1])
+                grown[:old] = tensor
+                tensors[i] = grown
+                del tensor, grown
+        self.steps = _grow_array(self.steps, new_capacity, 0)
+        self.offsets = _grow_array(self.offsets, new_capacity, -1)
+        self.last_seen = _grow_array(self.last_seen, new_capacity, 0.0)
+        self._last_used = _grow_array(self._last_used, new_capacity, _NEVER)
+        self._owner.extend([None] * (new_capacity - old))
+        self._free[:0] = range(new_capacity - 1, old - 1, -1)
+
+    def _zero(self, slots: I64) -> None:
+        idx = torch.from_numpy(slots)
+        for tensor in (*self.h, *self.c):
+            tensor.index_fill_(0, idx, 0.0)
+        self.steps[slots] = 0
+
+    def _remove(self, slots: I64) -> None:
+        for slot in slots.tolist():
+            owner = self._owner[slot]
+            if owner is not None:
+                del self._slot[owner]
+                self._owner[slot] = None
+                self._free.append(slot)
+        self._last_used[slots] = _NEVER
+
+    def _capture(self, slots: I64, reason: EvictionReason) -> list[Eviction]:
+        self.eviction_counts[reason] += int(slots.size)
+        owners = [self._owner[s] for s in slots.tolist()]
+        return [
+            Eviction(owner, reason, state)
+            for owner, state in zip(owners, self._states(slots), strict=True)
+            if owner is not None
+        ]
+
+    def _states(self, slots: I64) -> list[StreamState]:
+        idx = torch.from_numpy(slots)
+        hs = [t.index_select(0, idx).numpy() for t in self.h]
+        cs = [t.index_select(0, idx).numpy() for t in self.c]
+        return [
+            StreamState(
+                h=tuple(h[i] for h in hs),
+                c=tuple(c[i] for c in cs),
+                step=int(self.steps[slot]),
+                offset=int(self.offsets[slot]),
+                last_seen=float(self.last_seen[slot]),
+            )
+            for i, slot in enumerate(slots.tolist())
+        ]
+
+
+_T = TypeVar("_T", bound=np.generic)
+
+
+def _grow_array(arr: npt.NDArray[_T], size: int, fill: float) -> npt.NDArray[_T]:
+    grown = np.full(size, fill, dtype=arr.dtype)
+    grown[: arr.size] = arr
+    return grown

@@ -1,0 +1,38 @@
+"""An independent model of the engine's semantics, built on ``predict_sequence``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from streamlstm import Bundle
+
+
+def expected_outputs(
+    bundle: Bundle,
+    ids: Sequence[str],
+    x: npt.NDArray[np.float32],
+    resets: Sequence[bool] | None = None,
+    ends: Sequence[bool] | None = None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Per tick: the oracle's prediction on the stream's segment since its last reset/end."""
+    n = len(ids)
+    resets = resets if resets is not None else [False] * n
+    ends = ends if ends is not None else [False] * n
+    segments: list[list[int]] = []
+    current: dict[str, list[int]] = {}
+    for i, stream in enumerate(ids):
+        if resets[i] or stream not in current:
+            current[stream] = []
+            segments.append(current[stream])
+        current[stream].append(i)
+        if ends[i]:
+            del current[stream]
+    out = np.full((n, bundle.config.output_size), np.nan, dtype=np.float32)
+    steps = np.zeros(n, dtype=np.int64)
+    for seg in segments:
+        out[seg] = bundle.predict_sequence(x[seg])
+        steps[seg] = np.arange(1, len(seg) + 1)
+    return out, steps

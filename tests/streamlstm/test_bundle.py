@@ -1,0 +1,114 @@
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import save_file
+
+from streamlstm import Bundle, BundleError, InputError, ModelConfig
+from tests.conftest import BundleFactory
+
+
+def test_round_trip_keeps_predictions_and_metadata(
+    make_bundle: BundleFactory, tmp_path: Path
+) -> None:
+    bundle = make_bundle(scaled=True, warmup_steps=5)
+    bundle.metrics["rmse"] = 1.5
+    bundle.save(tmp_path / "m")
+    loaded = Bundle.load(tmp_path / "m")
+    x = np.random.default_rng(0).normal(size=(30, 2)).astype(np.float32) * 20
+    np.testing.assert_array_equal(loaded.predict_sequence(x), bundle.predict_sequence(x))
+    assert loaded.config == bundle.config
+    assert loaded.warmup_steps == 5
+    assert loaded.metrics == {"rmse": 1.5}
+    assert loaded.feature_names == bundle.feature_names
+    assert loaded.model_id == bundle.model_id
+    meta = json.loads((tmp_path / "m" / "bundle.json").read_text())
+    assert meta["schema_version"] == 1
+    assert set(meta) >= {"model", "features", "targets", "scaler", "warmup_steps", "training"}
+
+
+def test_missing_directory_and_files(make_bundle: BundleFactory, tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="does not exist"):
+        Bundle.load(tmp_path / "nope")
+    path = make_bundle().save(tmp_path / "m")
+    (path / "model.safetensors").unlink()
+    with pytest.raises(BundleError, match=r"model\.safetensors is missing"):
+        Bundle.load(path)
+
+
+def test_unknown_schema_version(make_bundle: BundleFactory, tmp_path: Path) -> None:
+    path = make_bundle().save(tmp_path / "m")
+    meta = json.loads((path / "bundle.json").read_text())
+    meta["schema_version"] = 99
+    (path / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="unknown schema_version 99"):
+        Bundle.load(path)
+
+
+def test_corrupt_json(make_bundle: BundleFactory, tmp_path: Path) -> None:
+    path = make_bundle().save(tmp_path / "m")
+    (path / "bundle.json").write_text('{"schema_version": 1, "model": ')
+    with pytest.raises(BundleError, match="not valid JSON"):
+        Bundle.load(path)
+
+
+def test_truncated_weights(make_bundle: BundleFactory, tmp_path: Path) -> None:
+    path = make_bundle().save(tmp_path / "m")
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BundleError, match="unreadable safetensors"):
+        Bundle.load(path)
+
+
+def test_weights_that_do_not_match_the_config(make_bundle: BundleFactory, tmp_path: Path) -> None:
+    path = make_bundle(hidden_sizes=(16, 16, 8)).save(tmp_path / "m")
+    other = make_bundle(hidden_sizes=(16, 16, 4))
+    save_file(dict(other.model.state_dict()), str(path / "model.safetensors"))
+    with pytest.raises(
+        BundleError, match=r"has shape \[16, 16\], the model config needs \[32, 16\]"
+    ):
+        Bundle.load(path)
+    missing = {k: v for k, v in other.model.state_dict().items() if not k.startswith("head")}
+    save_file(missing, str(path / "model.safetensors"))
+    with pytest.raises(BundleError, match="missing head"):
+        Bundle.load(path)
+
+
+class _Boom:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (exec, ("open('PWNED', 'w').write('x')",))
+
+
+def test_a_pickle_is_never_executed(
+    make_bundle: BundleFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = make_bundle().save(tmp_path / "m")
+    (path / "model.safetensors").write_bytes(pickle.dumps({"w": _Boom()}))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BundleError):
+        Bundle.load(path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_predict_sequence_validates_its_input(make_bundle: BundleFactory) -> None:
+    bundle = make_bundle()
+    with pytest.raises(InputError, match=r"x: expected shape \[T, 2\]"):
+        bundle.predict_sequence(np.zeros((4, 3)))
+    with pytest.raises(InputError, match="NaN"):
+        bundle.predict_sequence(np.array([[0.0, np.nan]]))
+    assert bundle.predict_sequence(np.zeros((0, 2))).shape == (0, 2)
+
+
+def test_random_is_reproducible() -> None:
+    cfg = ModelConfig(input_size=3, hidden_sizes=(32, 16), head_sizes=(8,), output_size=2)
+    x = np.ones((4, 3), np.float32)
+    np.testing.assert_array_equal(
+        Bundle.random(cfg, seed=3).predict_sequence(x),
+        Bundle.random(cfg, seed=3).predict_sequence(x),
+    )
+    assert not np.array_equal(
+        Bundle.random(cfg, seed=3).predict_sequence(x),
+        Bundle.random(cfg, seed=4).predict_sequence(x),
+    )

@@ -1,0 +1,1 @@
+"""The offline pipeline: data loading, splitting, scaling, training, evaluation, importers."""
