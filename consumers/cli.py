@@ -1,0 +1,48 @@
+"""``streamlstm serve | produce | tail``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from consumers.settings import parse_serve_args
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+
+def main(argv: Sequence[str]) -> int:
+    command, rest = argv[0], list(argv[1:])
+    if command == "serve":
+        return asyncio.run(_serve(rest))
+    if command == "produce":
+        from consumers.tools import produce_main
+
+        return produce_main(rest)
+    if command == "tail":
+        from consumers.tools import tail_main
+
+        return tail_main(rest)
+    raise SystemExit(f"unknown command {command}")
+
+
+async def _serve(argv: list[str]) -> int:
+    from consumers.server import Server
+
+    config = parse_serve_args(argv)
+    server = Server(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.request_stop)
+    async with server:
+        await server.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(main(sys.argv[1:]))

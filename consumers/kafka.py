@@ -1,0 +1,87 @@
+"""The network boundary: building, starting and checking Kafka clients.
+
+aiokafka errors are translated here into ``BrokerError`` with a message that
+says what to do; nothing else in the daemon catches Kafka exceptions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+from aiokafka.helpers import create_ssl_context
+
+from streamlstm.errors import BrokerError
+
+__all__ = ["client_options", "ensure_topics", "start_client"]
+
+logger = logging.getLogger(__name__)
+
+
+def client_options(
+    bootstrap_servers: str,
+    *,
+    security_protocol: str = "PLAINTEXT",
+    sasl_mechanism: str | None = None,
+    sasl_plain_username: str | None = None,
+    sasl_plain_password: str | None = None,
+    ssl_cafile: str | None = None,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+    client_id: str = "streamlstm",
+) -> dict[str, Any]:
+    """Options shared by every client; SASL/SSL settings pass straight through."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": bootstrap_servers,
+        "security_protocol": security_protocol,
+        "client_id": client_id,
+    }
+    if sasl_mechanism:
+        options["sasl_mechanism"] = sasl_mechanism
+        options["sasl_plain_username"] = sasl_plain_username
+        options["sasl_plain_password"] = sasl_plain_password
+    if ssl_cafile or ssl_certfile or "SSL" in security_protocol:
+        options["ssl_context"] = create_ssl_context(
+            cafile=ssl_cafile, certfile=ssl_certfile, keyfile=ssl_keyfile
+        )
+    return options
+
+
+async def start_client(client: AIOKafkaConsumer | AIOKafkaProducer, bootstrap: str) -> None:
+    try:
+        await client.start()
+    except KafkaError as exc:
+        try:
+            await client.stop()
+        except Exception:  # best effort on an already broken client
+            logger.debug("stopping a client that failed to start", exc_info=True)
+        raise BrokerError(
+            f"cannot reach Kafka at {bootstrap}: {exc}; check --bootstrap-servers and the "
+            "security settings"
+        ) from exc
+
+
+async def ensure_topics(
+    options: dict[str, Any], topics: Iterable[str], *, create: bool, partitions: int
+) -> None:
+    """Fail clearly when a topic is missing, or create it when asked to."""
+    admin = AIOKafkaAdminClient(**options)
+    try:
+        await admin.start()
+        existing = set(await admin.list_topics())
+        missing = [t for t in dict.fromkeys(topics) if t not in existing]
+        if missing and not create:
+            raise BrokerError(
+                f"topic(s) {', '.join(missing)} do not exist; create them or pass --create-topics"
+            )
+        if missing:
+            logger.info("creating topics %s with %d partitions", missing, partitions)
+            await admin.create_topics([NewTopic(t, partitions, 1) for t in missing])
+    except KafkaError as exc:
+        raise BrokerError(f"cannot check topics at {options['bootstrap_servers']}: {exc}") from exc
+    finally:
+        await admin.close()

@@ -1,0 +1,504 @@
+"""The serving daemon: Kafka ticks in, predictions and dead letters out.
+
+One poll, in order:
+
+1. ``getmany`` up to ``max_records`` records; decode and validate each; bad
+   ones are set aside for the dead-letter topic.
+2. Submit the batch to the engine's worker thread. The event loop stays
+   free for heartbeats and fetches, and decodes the next batch meanwhile.
+3. When the step is done: send one prediction per valid tick and one dead
+   letter per bad one, then wait until every send is acknowledged.
+4. Commit the batch's input offsets. Only then is a tick considered done,
+   so a crash anywhere before re-reads it (at-least-once output).
+
+On revoke, in-flight batches are finished and committed first, then the
+revoked partitions' streams are dropped from memory (until durable state
+lands, a moved partition's streams restart from zero state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+from prometheus_client import CollectorRegistry
+
+from consumers.http import HttpEndpoints
+from consumers.kafka import client_options, ensure_topics, start_client
+from consumers.settings import ServeConfig
+from streamlstm import Bundle, Engine, StepResult
+from streamlstm.errors import BrokerError, InputError
+from streamlstm.metrics import EngineCollector, ServeMetrics
+from streamlstm.wire import decode_tick, encode_prediction
+
+__all__ = ["Server"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Batch:
+    """Decoded records of one poll."""
+
+    received: float
+    ids: list[str] = field(default_factory=list)
+    values: list[tuple[float, ...]] = field(default_factory=list)
+    ts: list[float] = field(default_factory=list)
+    resets: list[bool] = field(default_factory=list)
+    ends: list[bool] = field(default_factory=list)
+    partitions: list[int] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
+    messages: list[Any] = field(default_factory=list)
+    records: int = 0
+    bad: list[tuple[Any, str, str]] = field(default_factory=list)
+    next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
+
+
+@dataclass
+class _InFlight:
+    batch: _Batch
+    step: asyncio.Future[tuple[StepResult | None, float]]
+
+
+class Server:
+    """``async with Server(config) as server: await server.wait()``.
+
+    ``start`` loads the model, checks the topics and joins the group;
+    ``stop`` finishes in-flight work, commits and leaves the group (safe to
+    call twice). An error in the background loop is re-raised by ``wait``.
+    """
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        *,
+        bundle: Bundle | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.config = config
+        self.registry = registry or CollectorRegistry()
+        self.metrics = ServeMetrics(self.registry)
+        self._bundle = bundle
+        self.engine: Engine | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._http: HttpEndpoints | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="streamlstm-engine")
+        self._lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self._pending: collections.deque[_InFlight] = collections.deque()
+        self._stream_partition: dict[str, int] = {}
+        self._positions: dict[TopicPartition, int] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._summary_task: asyncio.Task[None] | None = None
+        self._started = False
+        self._stopped = False
+        self._model_id = ""
+        self._recent_latency: collections.deque[np.ndarray] = collections.deque(maxlen=64)
+        self._totals: collections.Counter[str] = collections.Counter()
+
+    # -- lifecycle ----------------------------------------------------------
+
+    @property
+    def metrics_port(self) -> int:
+        return self._http.port if self._http else self.config.metrics_port
+
+    def ready(self) -> bool:
+        return (
+            self.engine is not None
+            and self._consumer is not None
+            and bool(self._consumer.assignment())
+            and not self._stopping.is_set()
+        )
+
+    def healthy(self) -> bool:
+        return self._task is not None and not (self._task.done() and self._task.exception())
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        cfg = self.config
+        bundle = self._bundle or Bundle.load(cfg.model)
+        self.engine = Engine(bundle, max_streams=cfg.max_streams, idle_ttl_s=cfg.idle_ttl_s)
+        self._model_id = bundle.model_id
+        self.metrics.model_info.info(
+            {
+                "model": self._model_id,
+                "inputs": str(bundle.config.input_size),
+                "outputs": str(bundle.config.output_size),
+            }
+        )
+        self.registry.register(EngineCollector(lambda: self._engine().stats, self._lag))
+        options = client_options(
+            cfg.bootstrap_servers,
+            security_protocol=cfg.security_protocol,
+            sasl_mechanism=cfg.sasl_mechanism,
+            sasl_plain_username=cfg.sasl_plain_username,
+            sasl_plain_password=cfg.sasl_plain_password,
+            ssl_cafile=cfg.ssl_cafile,
+            ssl_certfile=cfg.ssl_certfile,
+            ssl_keyfile=cfg.ssl_keyfile,
+            client_id=f"streamlstm-{cfg.instance_id}",
+        )
+        topics = [cfg.input_topic, cfg.output_topic, str(cfg.dlq_topic)]
+        if cfg.metrics_topic:
+            topics.append(cfg.metrics_topic)
+        await ensure_topics(
+            options, topics, create=cfg.create_topics, partitions=cfg.topic_partitions
+        )
+        self._producer = AIOKafkaProducer(
+            **options,
+            acks="all",
+            linger_ms=cfg.linger_ms,
+            max_batch_size=cfg.max_batch_bytes,
+            max_request_size=cfg.max_request_bytes,
+            compression_type=cfg.compression_type,
+        )
+        await start_client(self._producer, cfg.bootstrap_servers)
+        self._consumer = AIOKafkaConsumer(
+            **options,
+            group_id=cfg.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset=cfg.auto_offset_reset,
+            max_partition_fetch_bytes=cfg.max_request_bytes,
+        )
+        self._consumer.subscribe([cfg.input_topic], listener=_Rebalance(self))
+        await start_client(self._consumer, cfg.bootstrap_servers)
+        self._http = HttpEndpoints(
+            self.registry,
+            ready=self.ready,
+            healthy=self.healthy,
+            host=cfg.metrics_host,
+            port=cfg.metrics_port,
+        )
+        await self._http.start()
+        self._task = asyncio.create_task(self._run(), name="streamlstm-serve")
+        self._summary_task = asyncio.create_task(self._summaries(), name="streamlstm-summary")
+        logger.info(
+            "serving %s: %s -> %s (dead letters: %s, group %s)",
+            self._model_id,
+            cfg.input_topic,
+            cfg.output_topic,
+            cfg.dlq_topic,
+            cfg.group_id,
+        )
+
+    def request_stop(self) -> None:
+        """Ask the loop to finish its batch and stop (signal handlers call this)."""
+        self._stopping.set()
+
+    async def wait(self) -> None:
+        """Until the loop ends; re-raises the loop's error, if any."""
+        if self._task is not None:
+            await self._task
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stopping.set()
+        if self._task is not None and not self._task.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), self.config.shutdown_timeout_s)
+            except TimeoutError:
+                logger.error("shutdown timed out after %.0f s", self.config.shutdown_timeout_s)
+                self._task.cancel()
+            except Exception:  # already logged by the loop; stop the rest anyway
+                pass
+        if self._summary_task is not None:
+            self._summary_task.cancel()
+        for client in (self._consumer, self._producer):
+            if client is not None:
+                try:
+                    await client.stop()  # the consumer leaves the group; the producer flushes
+                except KafkaError:
+                    logger.warning("error while closing a Kafka client", exc_info=True)
+        if self._http is not None:
+            await self._http.stop()
+        self._executor.shutdown(wait=True)
+        logger.info("stopped after %d ticks", self._totals["ticks"])
+
+    async def __aenter__(self) -> Server:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- the loop -----------------------------------------------------------
+
+    def _engine(self) -> Engine:
+        assert self.engine is not None
+        return self.engine
+
+    async def _run(self) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        try:
+            while not self._stopping.is_set():
+                records = await consumer.getmany(
+                    timeout_ms=0 if self._pending else 100, max_records=self.config.max_records
+                )
+                async with self._lock:
+                    batch = self._decode(records) if records else None
+                    if batch is not None:
+                        self._pending.append(self._begin(batch))
+                    # Keep one batch stepping while the previous one is produced.
+                    while len(self._pending) > (1 if batch is not None else 0):
+                        await self._finish(self._pending.popleft())
+            async with self._lock:
+                await self._drain()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("serving loop failed")
+            raise
+
+    async def _drain(self) -> None:
+        while self._pending:
+            await self._finish(self._pending.popleft())
+
+    def _decode(self, records: dict[TopicPartition, list[Any]]) -> _Batch | None:
+        consumer = self._consumer
+        assert consumer is not None
+        assigned = consumer.assignment()
+        width = self._engine().bundle.config.input_size
+        limit = self.config.max_value_bytes
+        batch = _Batch(received=time.time())
+        for tp, messages in records.items():
+            if tp not in assigned or not messages:
+                continue  # revoked meanwhile: the new owner reads these
+            for msg in messages:
+                batch.records += 1
+                try:
+                    tick = decode_tick(msg.key, msg.value, input_size=width, max_value_bytes=limit)
+                except InputError as exc:
+                    batch.bad.append((msg, exc.field, exc.reason))
+                    continue
+                batch.ids.append(tick.stream)
+                batch.values.append(tick.values)
+                batch.ts.append(np.nan if tick.ts is None else tick.ts)
+                batch.resets.append(tick.reset)
+                batch.ends.append(tick.end)
+                batch.partitions.append(tp.partition)
+                batch.offsets.append(msg.offset)
+                batch.messages.append(msg)
+            batch.next_offsets[tp] = messages[-1].offset + 1
+        if not batch.next_offsets:
+            return None
+        self.metrics.ticks_consumed.inc(batch.records)
+        return batch
+
+    def _begin(self, batch: _Batch) -> _InFlight:
+        loop = asyncio.get_running_loop()
+        return _InFlight(batch, loop.run_in_executor(self._executor, self._step, batch))
+
+    def _step(self, batch: _Batch) -> tuple[StepResult | None, float]:
+        if not batch.ids:
+            return None, 0.0
+        start = time.perf_counter()
+        ts = np.asarray(batch.ts, dtype=np.float64)
+        result = self._engine().step(
+            batch.ids,
+            np.asarray(batch.values, dtype=np.float64),
+            resets=batch.resets,
+            ends=batch.ends,
+            timestamps=None if np.isnan(ts).any() else ts,
+            offsets=batch.offsets,
+        )
+        return result, time.perf_counter() - start
+
+    async def _finish(self, inflight: _InFlight) -> None:
+        producer, consumer = self._producer, self._consumer
+        assert producer is not None and consumer is not None
+        cfg = self.config
+        batch = inflight.batch
+        result, seconds = await inflight.step
+        sends: list[asyncio.Future[Any]] = []
+        dead: list[tuple[Any, str, str]] = list(batch.bad)
+        produced = 0
+        if result is not None:
+            self.metrics.batch_size.observe(len(batch.ids))
+            self.metrics.step_seconds.observe(seconds)
+            predictions = result.predictions.tolist()
+            steps = result.steps.tolist()
+            ready = result.ready.tolist()
+            rejected = {r.index: r for r in result.rejections}
+            for i, stream in enumerate(batch.ids):
+                if i in rejected:
+                    dead.append((batch.messages[i], rejected[i].field, rejected[i].reason))
+                    continue
+                ts = batch.ts[i]
+                value = encode_prediction(
+                    stream=stream,
+                    ts=None if ts != ts else ts,
+                    prediction=predictions[i],
+                    partition=batch.partitions[i],
+                    offset=batch.offsets[i],
+                    step=steps[i],
+                    ready=ready[i],
+                    model=self._model_id,
+                )
+                key = batch.messages[i].key or stream.encode()
+                sends.append(await producer.send(cfg.output_topic, value=value, key=key))
+                produced += 1
+            self._forget(result, batch)
+        for msg, fieldname, reason in dead:
+            headers = [
+                ("streamlstm-error", reason.encode()),
+                ("streamlstm-field", fieldname.encode()),
+                ("streamlstm-source-topic", msg.topic.encode()),
+                ("streamlstm-source-partition", str(msg.partition).encode()),
+                ("streamlstm-source-offset", str(msg.offset).encode()),
+            ]
+            sends.append(
+                await producer.send(
+                    str(cfg.dlq_topic), value=msg.value, key=msg.key, headers=headers
+                )
+            )
+            self.metrics.dead_letters.labels(fieldname).inc()
+        try:
+            await asyncio.gather(*sends)
+        except KafkaError as exc:
+            raise BrokerError(f"output not acknowledged, offsets not committed: {exc}") from exc
+        acked = time.time()
+        self.metrics.predictions.inc(produced)
+        self.metrics.latency_receive.observe_many(np.full(produced, acked - batch.received))
+        ts_arr = np.asarray(batch.ts, dtype=np.float64)
+        event_latency = acked - ts_arr[np.isfinite(ts_arr)] / 1000.0
+        self.metrics.latency_event.observe_many(event_latency)
+        self._recent_latency.append(np.full(produced, acked - batch.received))
+        self._totals.update(ticks=batch.records, predictions=produced, dead_letters=len(dead))
+        await self._commit(batch.next_offsets)
+
+    def _forget(self, result: StepResult, batch: _Batch) -> None:
+        mapping = self._stream_partition
+        mapping.update(zip(batch.ids, batch.partitions, strict=True))
+        for eviction in result.evictions:
+            mapping.pop(eviction.stream_id, None)
+        for i in np.flatnonzero(np.asarray(batch.ends, dtype=bool)).tolist():
+            if batch.ids[i] not in self._engine().store:
+                mapping.pop(batch.ids[i], None)
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        consumer = self._consumer
+        assert consumer is not None
+        try:
+            await consumer.commit(offsets)
+        except CommitFailedError:
+            # The group moved on; the partitions' new owner re-reads from the
+            # last commit (output is at-least-once).
+            logger.warning("commit failed after a rebalance; %s will be re-read", offsets)
+            return
+        self._positions.update(offsets)
+        self.metrics.commits.inc()
+
+    async def on_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        async with self._lock:
+            await self._drain()
+            parts = {tp.partition for tp in revoked if tp.topic == self.config.input_topic}
+            if not parts:
+                return
+            gone = [s for s, p in self._stream_partition.items() if p in parts]
+            for stream in gone:
+                del self._stream_partition[stream]
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self._executor, self._engine().store.release, gone)
+            for tp in revoked:
+                self._positions.pop(tp, None)
+            self.metrics.rebalances.inc(len(revoked))
+            logger.info(
+                "partitions %s revoked: dropped %d streams' state", sorted(parts), len(gone)
+            )
+
+    # -- reporting ----------------------------------------------------------
+
+    def _lag(self) -> dict[tuple[str, int], int]:
+        consumer = self._consumer
+        if consumer is None:
+            return {}
+        lag = {}
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is not None:
+                lag[(tp.topic, tp.partition)] = max(0, high - self._positions.get(tp, 0))
+        return lag
+
+    def summary(self, interval_s: float, previous: collections.Counter[str]) -> dict[str, Any]:
+        stats = self._engine().stats
+        latencies = np.concatenate(list(self._recent_latency)) if self._recent_latency else None
+        delta = {k: self._totals[k] - previous[k] for k in ("ticks", "predictions", "dead_letters")}
+        return {
+            "instance": self.config.instance_id,
+            "ts": int(time.time() * 1000),
+            "interval_s": interval_s,
+            **{k: int(v) for k, v in self._totals.items()},
+            "ticks_per_s": round(delta["ticks"] / interval_s, 1),
+            "latency_ms_p50": None
+            if latencies is None
+            else round(float(np.percentile(latencies, 50)) * 1e3, 2),
+            "latency_ms_p99": None
+            if latencies is None
+            else round(float(np.percentile(latencies, 99)) * 1e3, 2),
+            "active_streams": stats.active_streams,
+            "evictions": stats.evictions,
+            "lag": {str(p): v for (_, p), v in self._lag().items()},
+        }
+
+    async def _summaries(self) -> None:
+        interval = self.config.metrics_interval_s
+        previous: collections.Counter[str] = collections.Counter()
+        while True:
+            await asyncio.sleep(interval)
+            summary = self.summary(interval, previous)
+            previous = collections.Counter(self._totals)
+            logger.info(
+                "%.0f ticks/s, %d predictions, %d dead letters, %d streams, p50 %s ms, p99 %s ms",
+                summary["ticks_per_s"],
+                summary.get("predictions", 0),
+                summary.get("dead_letters", 0),
+                summary["active_streams"],
+                summary["latency_ms_p50"],
+                summary["latency_ms_p99"],
+            )
+            if self.config.metrics_topic and self._producer is not None:
+                try:
+                    await self._producer.send(
+                        self.config.metrics_topic,
+                        value=json.dumps(summary).encode(),
+                        key=self.config.instance_id.encode(),
+                    )
+                except KafkaError:
+                    logger.warning("could not publish the metrics summary", exc_info=True)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, server: Server) -> None:
+        self._server = server
+
+    async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        await self._server.on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        logger.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))

@@ -1,0 +1,167 @@
+"""``streamlstm serve`` settings: flags, ``STREAMLSTM_*`` variables and a TOML file.
+
+Precedence, highest first: command-line flag, environment variable, TOML
+file (``--config FILE``), default. Every field is validated once, here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from streamlstm.errors import ConfigError
+
+__all__ = ["ServeConfig", "parse_serve_args"]
+
+ENV_PREFIX = "STREAMLSTM_"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    model: str
+    bootstrap_servers: str
+    input_topic: str
+    output_topic: str
+    dlq_topic: str | None = None
+    metrics_topic: str | None = None
+    group_id: str = "streamlstm"
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 9464
+    metrics_interval_s: float = 10.0
+    max_records: int = 1024
+    max_streams: int = 1_000_000
+    idle_ttl_s: float | None = None
+    max_value_bytes: int = 64 * 1024
+    linger_ms: int = 5
+    max_batch_bytes: int = 1024 * 1024
+    max_request_bytes: int = 4 * 1024 * 1024
+    compression_type: str | None = None
+    create_topics: bool = False
+    topic_partitions: int = 4
+    auto_offset_reset: str = "earliest"
+    shutdown_timeout_s: float = 30.0
+    instance_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: str | None = field(default=None, repr=False)
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("model", "bootstrap_servers", "input_topic", "output_topic", "group_id"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name}: required")
+        if self.dlq_topic is None:
+            object.__setattr__(self, "dlq_topic", f"{self.input_topic}-dlq")
+        for name in ("max_records", "max_streams", "max_value_bytes", "topic_partitions"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1")
+        if self.max_records > self.max_streams:
+            raise ConfigError("max_records: must not exceed max_streams")
+        for name in ("metrics_interval_s", "shutdown_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive")
+        if not 0 <= self.metrics_port < 65536:
+            raise ConfigError("metrics_port: must be 0..65535 (0 picks a free port)")
+        if self.auto_offset_reset not in ("earliest", "latest"):
+            raise ConfigError("auto_offset_reset: must be earliest or latest")
+        if self.compression_type not in (None, "gzip", "snappy", "lz4", "zstd"):
+            raise ConfigError("compression_type: must be gzip, snappy, lz4 or zstd")
+        topics = {self.input_topic, self.output_topic, self.dlq_topic}
+        if len(topics) != 3:
+            raise ConfigError("output_topic/dlq_topic: must differ from each other and the input")
+
+
+def _base_type(annotation: Any) -> type:
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _base_type(args[0])
+    return annotation  # type: ignore[no-any-return]
+
+
+def _convert(name: str, kind: type, raw: object) -> object:
+    if raw is None or (isinstance(raw, kind) and not (kind is int and isinstance(raw, bool))):
+        return raw
+    text = str(raw).strip()
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(text)
+        if kind in (int, float):
+            return kind(text)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {raw!r} is not a valid {kind.__name__}") from exc
+    return text or None
+
+
+def parse_serve_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> ServeConfig:
+    environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(ServeConfig)
+    parser = argparse.ArgumentParser(
+        prog="streamlstm serve",
+        description="Serve a model over Kafka. Every flag also reads STREAMLSTM_<FLAG>.",
+    )
+    parser.add_argument("--config", help="TOML file with any of the settings below")
+    for f in fields(ServeConfig):
+        kind = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        env = ENV_PREFIX + f.name.upper()
+        default = None if f.default is MISSING else f.default
+        if kind is bool:
+            parser.add_argument(
+                flag,
+                action="store_const",
+                const=True,
+                default=None,
+                help=f"[env {env}] (default {default})",
+            )
+        else:
+            parser.add_argument(
+                flag,
+                default=None,
+                metavar=f.name.split("_")[-1].upper(),
+                help=f"[env {env}] (default {default})",
+            )
+    args = vars(parser.parse_args(list(argv)))
+    config_file = args.pop("config") or environ.get(ENV_PREFIX + "CONFIG")
+    values: dict[str, object] = {}
+    if config_file:
+        try:
+            data = tomllib.loads(Path(config_file).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config: cannot read {config_file}: {exc}") from exc
+        known = {f.name for f in fields(ServeConfig)}
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"config: unknown setting {key!r} in {config_file}")
+            values[name] = value
+    for f in fields(ServeConfig):
+        env = environ.get(ENV_PREFIX + f.name.upper())
+        if env is not None:
+            values[f.name] = env
+        if args[f.name] is not None:
+            values[f.name] = args[f.name]
+    converted = {name: _convert(name, _base_type(hints[name]), raw) for name, raw in values.items()}
+    missing = [
+        f.name
+        for f in fields(ServeConfig)
+        if f.default is MISSING and f.default_factory is MISSING and f.name not in converted
+    ]
+    if missing:
+        flags = ", ".join("--" + m.replace("_", "-") for m in missing)
+        raise ConfigError(f"missing required setting(s): {flags}")
+    return ServeConfig(**converted)  # type: ignore[arg-type]

@@ -1,0 +1,187 @@
+"""``streamlstm produce`` (replay a file as ticks) and ``streamlstm tail``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from consumers.kafka import client_options, ensure_topics, start_client
+from training.data import numeric_columns, read_table
+
+__all__ = ["produce_main", "replay", "tail_main"]
+
+logger = logging.getLogger(__name__)
+
+
+def _bootstrap(parser: argparse.ArgumentParser) -> None:
+    import os
+
+    parser.add_argument(
+        "--bootstrap-servers",
+        default=os.environ.get("STREAMLSTM_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
+        help="[env STREAMLSTM_BOOTSTRAP_SERVERS] (default 127.0.0.1:9092)",
+    )
+
+
+def produce_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="streamlstm produce", description="Replay a file as ticks."
+    )
+    parser.add_argument("--data", required=True, help="CSV or Parquet file")
+    parser.add_argument("--topic", required=True)
+    _bootstrap(parser)
+    parser.add_argument("--features", help="comma-separated columns (default: every numeric one)")
+    parser.add_argument("--stream-column", help="column naming each row's stream")
+    parser.add_argument("--stream", default="stream-0", help="stream id without --stream-column")
+    parser.add_argument("--time-column", help="event-time column (epoch ms or ISO-8601)")
+    pace = parser.add_mutually_exclusive_group()
+    pace.add_argument("--rate", type=float, help="ticks per second, all streams together")
+    pace.add_argument("--speedup", type=float, help="replay event-time gaps this many times faster")
+    parser.add_argument("--limit", type=int, help="stop after this many ticks")
+    parser.add_argument("--create-topic", action="store_true")
+    args = parser.parse_args(list(argv))
+    frame = read_table(args.data)
+    if args.time_column:
+        frame = frame.sort_values(args.time_column, kind="stable")
+    skip = {args.stream_column, args.time_column}
+    features = (
+        args.features.split(",")
+        if args.features
+        else [
+            c for c in frame.columns if c not in skip and np.issubdtype(frame[c].dtype, np.number)
+        ]
+    )
+    values = numeric_columns(frame, features, "features").to_numpy()
+    streams = (
+        frame[args.stream_column].astype(str).tolist()
+        if args.stream_column
+        else [args.stream] * len(frame)
+    )
+    times = None
+    if args.time_column:
+        import pandas as pd
+
+        col = frame[args.time_column]
+        parsed = (
+            col
+            if np.issubdtype(col.dtype, np.number)
+            else pd.to_datetime(col, utc=True).astype("int64") // 10**6
+        )
+        times = np.asarray(parsed, dtype=np.float64)
+    if args.speedup and times is None:
+        parser.error("--speedup needs --time-column")
+    count = asyncio.run(
+        replay(
+            args.bootstrap_servers,
+            args.topic,
+            streams,
+            values,
+            times,
+            rate=args.rate,
+            speedup=args.speedup,
+            limit=args.limit,
+            create=args.create_topic,
+        )
+    )
+    print(f"produced {count} ticks to {args.topic}", file=sys.stderr)
+    return 0
+
+
+async def replay(
+    bootstrap: str,
+    topic: str,
+    streams: Sequence[str],
+    values: np.ndarray,
+    times: np.ndarray | None,
+    *,
+    rate: float | None = None,
+    speedup: float | None = None,
+    limit: int | None = None,
+    create: bool = False,
+) -> int:
+    """Send rows as ticks, keyed by stream, paced by ``rate`` or event time / ``speedup``."""
+    options = client_options(bootstrap)
+    await ensure_topics(options, [topic], create=create, partitions=4)
+    producer = AIOKafkaProducer(**options, linger_ms=5, acks="all")
+    await start_client(producer, bootstrap)
+    total = min(len(streams), limit or len(streams))
+    start = time.monotonic()
+    last_report = start
+    futures = []
+    try:
+        for i in range(total):
+            if rate:
+                delay = start + i / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            elif speedup and times is not None:
+                delay = start + (times[i] - times[0]) / 1000.0 / speedup - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            ts = int(times[i]) if times is not None else int(time.time() * 1000)
+            row = values[i].tolist()
+            body = {"stream": streams[i], "ts": ts, "values": row}
+            futures.append(
+                await producer.send(topic, json.dumps(body).encode(), key=streams[i].encode())
+            )
+            if len(futures) >= 5000:
+                await asyncio.gather(*futures)
+                futures.clear()
+            now = time.monotonic()
+            if now - last_report >= 5:
+                logger.info(
+                    "produced %d / %d ticks (%.0f/s)", i + 1, total, (i + 1) / (now - start)
+                )
+                last_report = now
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return total
+
+
+def tail_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="streamlstm tail", description="Print messages from a topic."
+    )
+    parser.add_argument("--topic", required=True)
+    _bootstrap(parser)
+    parser.add_argument("--from-beginning", action="store_true")
+    parser.add_argument("--max-messages", type=int)
+    parser.add_argument("--timeout-s", type=float, help="stop after this long without a message")
+    args = parser.parse_args(list(argv))
+    return asyncio.run(_tail(args))
+
+
+async def _tail(args: argparse.Namespace) -> int:
+    consumer = AIOKafkaConsumer(
+        args.topic,
+        **client_options(args.bootstrap_servers),
+        auto_offset_reset="earliest" if args.from_beginning else "latest",
+        enable_auto_commit=False,
+    )
+    await start_client(consumer, args.bootstrap_servers)
+    seen = 0
+    try:
+        while args.max_messages is None or seen < args.max_messages:
+            batch = await consumer.getmany(timeout_ms=int((args.timeout_s or 3600) * 1000))
+            if not batch:
+                break
+            for messages in batch.values():
+                for msg in messages:
+                    key = msg.key.decode(errors="replace") if msg.key else ""
+                    print(
+                        f"{key}\t{msg.value.decode(errors='replace') if msg.value else ''}",
+                        flush=True,
+                    )
+                    seen += 1
+    finally:
+        await consumer.stop()
+    return 0

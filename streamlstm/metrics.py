@@ -1,0 +1,167 @@
+"""Prometheus metric definitions. Every metric is registered on a registry passed in.
+
+Values cheap to read at scrape time (active streams, evictions, lag) come
+from a custom collector instead of being pushed on every tick; latency
+histograms take whole arrays at once. No stream id is ever a label value.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import numpy.typing as npt
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from streamlstm.engine import EngineStats
+
+__all__ = ["BulkHistogram", "EngineCollector", "ServeMetrics"]
+
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+class BulkHistogram(Collector):
+    """A histogram fed a whole array per call: one numpy pass per batch, not per tick."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = np.asarray(sorted(buckets), dtype=np.float64)
+        self._counts = np.zeros(self.bounds.size + 1, dtype=np.int64)
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe_many(self, values: npt.NDArray[np.float64]) -> None:
+        if not values.size:
+            return
+        index = np.searchsorted(self.bounds, values, side="left")
+        counts = np.bincount(index, minlength=self.bounds.size + 1)
+        with self._lock:
+            self._counts += counts
+            self._sum += float(values.sum())
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            cumulative = np.cumsum(self._counts).tolist()
+            total = self._sum
+        buckets = [(repr(float(b)), c) for b, c in zip(self.bounds, cumulative, strict=False)]
+        buckets.append(("+Inf", cumulative[-1]))
+        family = HistogramMetricFamily(self.name, self.documentation)
+        family.add_metric([], buckets, total)
+        yield family
+
+
+class EngineCollector(Collector):
+    """Engine figures and consumer lag, read when Prometheus scrapes."""
+
+    def __init__(
+        self,
+        stats: Callable[[], EngineStats],
+        lag: Callable[[], Mapping[tuple[str, int], int]] = dict,
+    ) -> None:
+        self._stats = stats
+        self._lag = lag
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        yield GaugeMetricFamily(
+            "streamlstm_active_streams", "Streams with state in memory", value=stats.active_streams
+        )
+        yield GaugeMetricFamily(
+            "streamlstm_state_capacity_streams", "Allocated state slots", value=stats.capacity
+        )
+        yield GaugeMetricFamily(
+            "streamlstm_max_streams",
+            "Configured bound on streams in memory",
+            value=stats.max_streams,
+        )
+        evictions = CounterMetricFamily(
+            "streamlstm_evictions", "Streams evicted from memory", labels=["reason"]
+        )
+        for reason in ("lru", "ttl"):
+            evictions.add_metric([reason], stats.evictions.get(reason, 0))
+        yield evictions
+        yield CounterMetricFamily("streamlstm_resets", "Ticks with reset set", value=stats.resets)
+        yield CounterMetricFamily("streamlstm_ends", "Ticks with end set", value=stats.ends)
+        lag = GaugeMetricFamily(
+            "streamlstm_consumer_lag",
+            "Records behind the partition end",
+            labels=["topic", "partition"],
+        )
+        for (topic, partition), value in sorted(self._lag().items()):
+            lag.add_metric([topic, str(partition)], value)
+        yield lag
+
+
+class ServeMetrics:
+    """The daemon's metrics, all on ``registry``."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.ticks_consumed = Counter(
+            "streamlstm_ticks_consumed", "Messages read from the input topic", registry=registry
+        )
+        self.predictions = Counter(
+            "streamlstm_predictions_produced",
+            "Predictions acknowledged on the output topic",
+            registry=registry,
+        )
+        self.dead_letters = Counter(
+            "streamlstm_dead_letters",
+            "Messages sent to the dead-letter topic, by the field that was wrong",
+            ["reason"],
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "streamlstm_batch_size",
+            "Ticks per engine step",
+            buckets=(1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096),
+            registry=registry,
+        )
+        self.step_seconds = Histogram(
+            "streamlstm_step_seconds",
+            "Engine step time per batch",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.commits = Counter(
+            "streamlstm_commits", "Offset commits after acknowledged output", registry=registry
+        )
+        self.rebalances = Counter(
+            "streamlstm_partitions_revoked", "Partitions revoked by rebalances", registry=registry
+        )
+        self.latency_event = BulkHistogram(
+            "streamlstm_latency_from_event_seconds",
+            "Tick event time to prediction acknowledged",
+            LATENCY_BUCKETS,
+        )
+        self.latency_receive = BulkHistogram(
+            "streamlstm_latency_from_receive_seconds",
+            "Tick received from Kafka to prediction acknowledged",
+            LATENCY_BUCKETS,
+        )
+        registry.register(self.latency_event)
+        registry.register(self.latency_receive)
+        self.model_info = Info("streamlstm_model", "The model being served", registry=registry)

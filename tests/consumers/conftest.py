@@ -1,0 +1,85 @@
+"""The test broker: a real Kafka-protocol broker, started once per session.
+
+``STREAMLSTM_TEST_BOOTSTRAP=host:port`` runs the same tests against that
+broker (a real Apache Kafka, say) instead of the bundled Tansu. If the broker
+cannot start, every test that needs it fails (never skips).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from consumers.broker import LocalBroker
+
+
+@pytest.fixture(scope="session")
+def bootstrap() -> Iterator[str]:
+    external = os.environ.get("STREAMLSTM_TEST_BOOTSTRAP")
+    if external:
+        yield external
+        return
+    with LocalBroker() as broker:
+        yield broker.bootstrap
+
+
+@pytest.fixture
+def make_topics(bootstrap: str) -> Callable[..., list[str]]:
+    """``make_topics("in", "out", partitions=4)``: fresh, uniquely named topics."""
+
+    def factory(*names: str, partitions: int = 4) -> list[str]:
+        suffix = uuid.uuid4().hex[:8]
+        topics = [f"{name}-{suffix}" for name in names]
+
+        async def create() -> None:
+            admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+            await admin.start()
+            try:
+                await admin.create_topics([NewTopic(t, partitions, 1) for t in topics])
+            finally:
+                await admin.close()
+
+        asyncio.run(create())
+        return topics
+
+    return factory
+
+
+async def send_raw(
+    bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]], **kwargs: Any
+) -> list[Any]:
+    """Send (key, value) pairs; returns their RecordMetadata, in order."""
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2, max_request_size=4 << 20)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, value=v, key=k, **kwargs) for k, v in messages]
+        return list(await asyncio.gather(*futures))
+    finally:
+        await producer.stop()
+
+
+async def read_all(bootstrap: str, topic: str, count: int, timeout_s: float = 60.0) -> list[Any]:
+    """Read ``count`` messages from the start of ``topic`` (fewer if the timeout passes)."""
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+        enable_auto_commit=False, max_partition_fetch_bytes=4 << 20,
+    )
+    await consumer.start()
+    out: list[Any] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    try:
+        while len(out) < count and loop.time() < deadline:
+            batch = await consumer.getmany(timeout_ms=200)
+            for messages in batch.values():
+                out.extend(messages)
+    finally:
+        await consumer.stop()
+    return out

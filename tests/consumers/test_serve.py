@@ -1,0 +1,262 @@
+"""The daemon against a real broker: nothing lost, answers equal the oracle."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
+
+from consumers.server import Server
+from consumers.settings import ServeConfig
+from streamlstm import Affine, Bundle, BrokerError, BundleError, ModelConfig
+from tests.consumers.conftest import read_all, send_raw
+from tests.streamlstm.oracle import expected_outputs
+
+
+def _bundle(tmp_path: Path) -> Path:
+    cfg = ModelConfig(input_size=2, hidden_sizes=(16, 16), head_sizes=(8,), output_size=1)
+    bundle = Bundle.random(
+        cfg, seed=3,
+        input_scaler=Affine.from_min_max([-10.0, 0.0], [10.0, 100.0]),
+        target_scaler=Affine.from_min_max([0.0], [5.0]),
+    )
+    return bundle.save(tmp_path / "model")
+
+
+def _ticks(rng: np.random.Generator, streams: int, n: int) -> list[tuple[str, list[float], bool]]:
+    out = []
+    for i in range(n):
+        stream = f"sensor-{int(rng.integers(0, streams))}"
+        values = [float(rng.normal() * 5), float(rng.uniform(0, 100))]
+        out.append((stream, values, bool(rng.random() < 0.02)))
+    return out
+
+
+BAD: list[tuple[bytes | None, bytes | None, str]] = [
+    (b"sensor-1", b"{not json", "value"),
+    (None, b'{"values": [1.0, 2.0]}', "stream"),
+    (b"sensor-2", b'{"stream": "sensor-3", "values": [1.0, 2.0]}', "stream"),
+    (b"sensor-4", b'{"values": [1.0]}', "values"),
+    (b"sensor-5", b'{"values": [NaN, 2.0]}', "values"),
+    (b"sensor-6", b'{"values": ["a", 2.0]}', "values"),
+    (b"sensor-7", b'{"values": [1.0, 2.0], "pad": "' + b"x" * 1_000_000 + b'"}', "value"),
+    (b"sensor-8", b'{"values": [1e39, 2.0]}', "values"),
+    (b"sensor-9", b'{"values": [1.0, 2.0], "ts": "yesterday"}', "ts"),
+    (b"sensor-10", b"[1, 2]", "value"),
+]
+
+
+def _messages(ticks: list[tuple[str, list[float], bool]], rng: np.random.Generator) -> list[tuple[bytes | None, bytes | None]]:
+    msgs: list[tuple[bytes | None, bytes | None]] = []
+    bad_at = set(rng.choice(len(ticks), len(BAD), replace=False).tolist())
+    bad = iter(BAD)
+    for i, (stream, values, reset) in enumerate(ticks):
+        if i in bad_at:
+            key, value, _ = next(bad)
+            msgs.append((key, value))
+        body: dict[str, Any] = {"ts": 1_700_000_000_000 + i, "values": values}
+        if reset:
+            body["reset"] = True
+        if i % 3:
+            body["stream"] = stream
+        msgs.append((stream.encode(), json.dumps(body).encode()))
+    return msgs
+
+
+async def _committed(bootstrap: str, group: str, topic: str, partitions: int = 4) -> dict[int, int]:
+    # OffsetFetch through a consumer that never joins: the admin client's
+    # list_consumer_group_offsets does not decode Tansu's answer.
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        out = {}
+        for p in range(partitions):
+            offset = await consumer.committed(TopicPartition(topic, p))
+            if offset is not None:
+                out[p] = offset
+        return out
+    finally:
+        await consumer.stop()
+
+
+async def _http_get(port: int, path: str) -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+    await writer.drain()
+    data = (await reader.read()).decode()
+    writer.close()
+    head, _, body = data.partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def _expected(bundle_dir: Path, ticks: list[tuple[str, list[float], bool]], metas: list[Any],
+              msgs: list[tuple[bytes | None, bytes | None]]) -> dict[tuple[int, int], float]:
+    """(partition, offset) of every valid tick -> the oracle's prediction."""
+    bundle = Bundle.load(bundle_dir)
+    valid = [(m, meta) for m, meta in zip(msgs, metas, strict=True) if m[1] is not None and b'"ts": 1700' in m[1]]
+    assert len(valid) == len(ticks)
+    ids = [t[0] for t in ticks]
+    x = np.array([t[1] for t in ticks], np.float32)
+    want, _ = expected_outputs(bundle, ids, x, [t[2] for t in ticks])
+    return {(meta.partition, meta.offset): float(want[i, 0]) for i, (_, meta) in enumerate(valid)}
+
+
+def test_every_tick_answered_once_and_equal_to_the_oracle(
+    bootstrap: str, make_topics: Any, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(11)
+    model_dir = _bundle(tmp_path)
+    src, out, dlq, metrics_topic = make_topics("ticks", "preds", "dlq", "metrics", partitions=4)
+    ticks = _ticks(rng, streams=300, n=2500)
+    msgs = _messages(ticks, rng)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    config = ServeConfig(
+        model=str(model_dir), bootstrap_servers=bootstrap, input_topic=src, output_topic=out,
+        dlq_topic=dlq, metrics_topic=metrics_topic, group_id=group, metrics_port=0,
+        max_records=300, metrics_interval_s=0.5,
+    )
+
+    async def scenario() -> tuple[list[Any], list[Any], list[Any], dict[int, int], str, list[Any]]:
+        async with Server(config) as server:
+            metas = await send_raw(bootstrap, src, msgs)
+            outputs = await read_all(bootstrap, out, len(ticks), timeout_s=90)
+            dead = await read_all(bootstrap, dlq, len(BAD), timeout_s=30)
+            await asyncio.sleep(1.0)  # commits of the last batch, one summary
+            status, _ = await _http_get(server.metrics_port, "/readyz")
+            assert status == 200
+            assert (await _http_get(server.metrics_port, "/healthz"))[0] == 200
+            _, text = await _http_get(server.metrics_port, "/metrics")
+            server.request_stop()
+            await server.wait()
+        summaries = await read_all(bootstrap, metrics_topic, 1, timeout_s=10)
+        return metas, outputs, dead, await _committed(bootstrap, group, src), text, summaries
+
+    metas, outputs, dead, committed, text, summaries = asyncio.run(scenario())
+
+    expected = _expected(model_dir, ticks, metas, msgs)
+    got: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+    for msg in outputs:
+        body = json.loads(msg.value)
+        assert msg.key.decode() == body["stream"]
+        got[(body["partition"], body["offset"])].append(body)
+    assert set(got) == set(expected)
+    assert all(len(v) == 1 for v in got.values())
+    worst = max(abs(got[k][0]["prediction"][0] - v) for k, v in expected.items())
+    assert worst <= 1e-5
+
+    reasons = {}
+    for msg in dead:
+        headers = dict(msg.headers)
+        reasons[msg.value[:60]] = headers["streamlstm-field"].decode()
+        src_offset = int(headers["streamlstm-source-offset"])
+        assert headers["streamlstm-source-topic"].decode() == src
+        assert src_offset >= 0
+    assert sorted(reasons.values()) == sorted(field for _, _, field in BAD)
+    assert {m.value for m in dead} == {v for _, v, _ in BAD}
+
+    ends: dict[int, int] = {}
+    for meta in metas:
+        ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
+    assert committed == ends
+
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    value = lambda name: sum(s.value for s in families[name].samples if s.name.endswith("_total"))  # noqa: E731
+    assert value("streamlstm_ticks_consumed") == len(msgs)
+    assert value("streamlstm_predictions_produced") == len(ticks)
+    assert value("streamlstm_dead_letters") == len(BAD)
+    assert families["streamlstm_active_streams"].samples[0].value > 0
+    assert "streamlstm_latency_from_event_seconds" in families
+    assert "streamlstm_consumer_lag" in families
+    assert json.loads(summaries[0].value)["instance"] == config.instance_id
+
+
+def _serve_cmd(model_dir: Path, bootstrap: str, src: str, out: str, dlq: str, group: str) -> list[str]:
+    return [
+        sys.executable, "-m", "streamlstm.cli", "serve", "--model", str(model_dir),
+        "--bootstrap-servers", bootstrap, "--input-topic", src, "--output-topic", out,
+        "--dlq-topic", dlq, "--group-id", group, "--metrics-port", "0", "--max-records", "64",
+    ]
+
+
+def test_sigterm_commits_what_was_answered_and_restart_skips_nothing(
+    bootstrap: str, make_topics: Any, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(5)
+    model_dir = _bundle(tmp_path)
+    src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=4)
+    ticks = _ticks(rng, streams=200, n=4000)
+    msgs = [(s.encode(), json.dumps({"values": v, "ts": 1_700_000_000_000 + i}).encode())
+            for i, (s, v, _) in enumerate(ticks)]
+    metas = asyncio.run(send_raw(bootstrap, src, msgs))
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    cmd = _serve_cmd(model_dir, bootstrap, src, out, dlq, group)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    first = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    seen: list[Any] = []
+    while time.monotonic() < deadline and len(seen) < 300:
+        seen = asyncio.run(read_all(bootstrap, out, 300, timeout_s=2))
+    assert len(seen) >= 300, "no output from streamlstm serve"
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err[-3000:]
+
+    committed = asyncio.run(_committed(bootstrap, group, src))
+    answered = {(json.loads(m.value)["partition"], json.loads(m.value)["offset"])
+                for m in asyncio.run(read_all(bootstrap, out, len(ticks), timeout_s=5))}
+    for meta in metas:
+        if meta.offset < committed.get(meta.partition, 0):
+            assert (meta.partition, meta.offset) in answered  # nothing committed unanswered
+
+    second = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    outputs = asyncio.run(read_all(bootstrap, out, 10**9, timeout_s=5))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        outputs = asyncio.run(read_all(bootstrap, out, 10**9, timeout_s=3))
+        if {(json.loads(m.value)["partition"], json.loads(m.value)["offset"]) for m in outputs} >= {
+            (m.partition, m.offset) for m in metas}:
+            break
+    second.send_signal(signal.SIGTERM)
+    _, err = second.communicate(timeout=60)
+    assert second.returncode == 0, err[-3000:]
+    answered = {(json.loads(m.value)["partition"], json.loads(m.value)["offset"]) for m in outputs}
+    assert answered >= {(m.partition, m.offset) for m in metas}
+    ends: dict[int, int] = {}
+    for meta in metas:
+        ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
+    assert asyncio.run(_committed(bootstrap, group, src)) == ends
+    assert math.isfinite(len(outputs))
+
+
+def test_startup_errors_are_clear(bootstrap: str, make_topics: Any, tmp_path: Path) -> None:
+    model_dir = _bundle(tmp_path)
+    (src,) = make_topics("ticks")
+    base = dict(model=str(model_dir), bootstrap_servers=bootstrap, input_topic=src,
+                output_topic=f"missing-{uuid.uuid4().hex[:6]}", metrics_port=0)
+
+    async def start(**overrides: Any) -> None:
+        async with Server(ServeConfig(**{**base, **overrides})):
+            pass
+
+    with pytest.raises(BrokerError, match="--create-topics"):
+        asyncio.run(start())
+    with pytest.raises(BundleError, match="does not exist"):
+        asyncio.run(start(model=str(tmp_path / "nope")))
+    with pytest.raises(BrokerError, match="cannot reach Kafka"):
+        asyncio.run(start(bootstrap_servers="127.0.0.1:1"))
+    asyncio.run(start(create_topics=True))  # creates the missing output topic
