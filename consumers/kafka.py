@@ -82,6 +82,9 @@ async def ensure_topics(
             logger.info("creating topics %s with %d partitions", missing, partitions)
             await admin.create_topics([NewTopic(t, partitions, 1) for t in missing])
     except KafkaError as exc:
-        raise BrokerError(f"cannot check topics at {options['bootstrap_servers']}: {exc}") from exc
+        raise BrokerError(
+            f"cannot reach Kafka at {options['bootstrap_servers']} to check topics: {exc}; "
+            "check --bootstrap-servers and the security settings"
+        ) from exc
     finally:
         await admin.close()

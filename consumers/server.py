@@ -107,6 +107,7 @@ class Server:
         self._model_id = ""
         self._recent_latency: collections.deque[np.ndarray] = collections.deque(maxlen=64)
         self._totals: collections.Counter[str] = collections.Counter()
+        self.recent_event_latency: collections.deque[np.ndarray] = collections.deque(maxlen=4096)
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -314,6 +315,10 @@ class Server:
         loop = asyncio.get_running_loop()
         return _InFlight(batch, loop.run_in_executor(self._executor, self._step, batch))
 
+    @property
+    def totals(self) -> dict[str, int]:
+        return dict(self._totals)
+
     def _step(self, batch: _Batch) -> tuple[StepResult | None, float]:
         if not batch.ids:
             return None, 0.0
@@ -389,6 +394,8 @@ class Server:
         event_latency = acked - ts_arr[np.isfinite(ts_arr)] / 1000.0
         self.metrics.latency_event.observe_many(event_latency)
         self._recent_latency.append(np.full(produced, acked - batch.received))
+        if event_latency.size:
+            self.recent_event_latency.append(event_latency)
         self._totals.update(ticks=batch.records, predictions=produced, dead_letters=len(dead))
         await self._commit(batch.next_offsets)
 

@@ -68,8 +68,11 @@ async def send_raw(
 async def read_all(bootstrap: str, topic: str, count: int, timeout_s: float = 60.0) -> list[Any]:
     """Read ``count`` messages from the start of ``topic`` (fewer if the timeout passes)."""
     consumer = AIOKafkaConsumer(
-        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-        enable_auto_commit=False, max_partition_fetch_bytes=4 << 20,
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=4 << 20,
     )
     await consumer.start()
     out: list[Any] = []

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from consumers.server import Server
 from consumers.settings import ServeConfig
-from streamlstm import Affine, Bundle, BrokerError, BundleError, ModelConfig
+from streamlstm import Affine, BrokerError, Bundle, BundleError, ModelConfig
 from tests.consumers.conftest import read_all, send_raw
 from tests.streamlstm.oracle import expected_outputs
 
@@ -30,7 +30,8 @@ from tests.streamlstm.oracle import expected_outputs
 def _bundle(tmp_path: Path) -> Path:
     cfg = ModelConfig(input_size=2, hidden_sizes=(16, 16), head_sizes=(8,), output_size=1)
     bundle = Bundle.random(
-        cfg, seed=3,
+        cfg,
+        seed=3,
         input_scaler=Affine.from_min_max([-10.0, 0.0], [10.0, 100.0]),
         target_scaler=Affine.from_min_max([0.0], [5.0]),
     )
@@ -39,7 +40,7 @@ def _bundle(tmp_path: Path) -> Path:
 
 def _ticks(rng: np.random.Generator, streams: int, n: int) -> list[tuple[str, list[float], bool]]:
     out = []
-    for i in range(n):
+    for _ in range(n):
         stream = f"sensor-{int(rng.integers(0, streams))}"
         values = [float(rng.normal() * 5), float(rng.uniform(0, 100))]
         out.append((stream, values, bool(rng.random() < 0.02)))
@@ -60,7 +61,9 @@ BAD: list[tuple[bytes | None, bytes | None, str]] = [
 ]
 
 
-def _messages(ticks: list[tuple[str, list[float], bool]], rng: np.random.Generator) -> list[tuple[bytes | None, bytes | None]]:
+def _messages(
+    ticks: list[tuple[str, list[float], bool]], rng: np.random.Generator
+) -> list[tuple[bytes | None, bytes | None]]:
     msgs: list[tuple[bytes | None, bytes | None]] = []
     bad_at = set(rng.choice(len(ticks), len(BAD), replace=False).tolist())
     bad = iter(BAD)
@@ -80,7 +83,9 @@ def _messages(ticks: list[tuple[str, list[float], bool]], rng: np.random.Generat
 async def _committed(bootstrap: str, group: str, topic: str, partitions: int = 4) -> dict[int, int]:
     # OffsetFetch through a consumer that never joins: the admin client's
     # list_consumer_group_offsets does not decode Tansu's answer.
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
+    )
     await consumer.start()
     try:
         out = {}
@@ -103,11 +108,19 @@ async def _http_get(port: int, path: str) -> tuple[int, str]:
     return int(head.split()[1]), body
 
 
-def _expected(bundle_dir: Path, ticks: list[tuple[str, list[float], bool]], metas: list[Any],
-              msgs: list[tuple[bytes | None, bytes | None]]) -> dict[tuple[int, int], float]:
+def _expected(
+    bundle_dir: Path,
+    ticks: list[tuple[str, list[float], bool]],
+    metas: list[Any],
+    msgs: list[tuple[bytes | None, bytes | None]],
+) -> dict[tuple[int, int], float]:
     """(partition, offset) of every valid tick -> the oracle's prediction."""
     bundle = Bundle.load(bundle_dir)
-    valid = [(m, meta) for m, meta in zip(msgs, metas, strict=True) if m[1] is not None and b'"ts": 1700' in m[1]]
+    valid = [
+        (m, meta)
+        for m, meta in zip(msgs, metas, strict=True)
+        if m[1] is not None and b'"ts": 1700' in m[1]
+    ]
     assert len(valid) == len(ticks)
     ids = [t[0] for t in ticks]
     x = np.array([t[1] for t in ticks], np.float32)
@@ -125,9 +138,16 @@ def test_every_tick_answered_once_and_equal_to_the_oracle(
     msgs = _messages(ticks, rng)
     group = f"g-{uuid.uuid4().hex[:8]}"
     config = ServeConfig(
-        model=str(model_dir), bootstrap_servers=bootstrap, input_topic=src, output_topic=out,
-        dlq_topic=dlq, metrics_topic=metrics_topic, group_id=group, metrics_port=0,
-        max_records=300, metrics_interval_s=0.5,
+        model=str(model_dir),
+        bootstrap_servers=bootstrap,
+        input_topic=src,
+        output_topic=out,
+        dlq_topic=dlq,
+        metrics_topic=metrics_topic,
+        group_id=group,
+        metrics_port=0,
+        max_records=300,
+        metrics_interval_s=0.5,
     )
 
     async def scenario() -> tuple[list[Any], list[Any], list[Any], dict[int, int], str, list[Any]]:
@@ -184,11 +204,30 @@ def test_every_tick_answered_once_and_equal_to_the_oracle(
     assert json.loads(summaries[0].value)["instance"] == config.instance_id
 
 
-def _serve_cmd(model_dir: Path, bootstrap: str, src: str, out: str, dlq: str, group: str) -> list[str]:
+def _serve_cmd(
+    model_dir: Path, bootstrap: str, src: str, out: str, dlq: str, group: str
+) -> list[str]:
     return [
-        sys.executable, "-m", "streamlstm.cli", "serve", "--model", str(model_dir),
-        "--bootstrap-servers", bootstrap, "--input-topic", src, "--output-topic", out,
-        "--dlq-topic", dlq, "--group-id", group, "--metrics-port", "0", "--max-records", "64",
+        sys.executable,
+        "-m",
+        "streamlstm.cli",
+        "serve",
+        "--model",
+        str(model_dir),
+        "--bootstrap-servers",
+        bootstrap,
+        "--input-topic",
+        src,
+        "--output-topic",
+        out,
+        "--dlq-topic",
+        dlq,
+        "--group-id",
+        group,
+        "--metrics-port",
+        "0",
+        "--max-records",
+        "64",
     ]
 
 
@@ -199,8 +238,10 @@ def test_sigterm_commits_what_was_answered_and_restart_skips_nothing(
     model_dir = _bundle(tmp_path)
     src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=4)
     ticks = _ticks(rng, streams=200, n=4000)
-    msgs = [(s.encode(), json.dumps({"values": v, "ts": 1_700_000_000_000 + i}).encode())
-            for i, (s, v, _) in enumerate(ticks)]
+    msgs = [
+        (s.encode(), json.dumps({"values": v, "ts": 1_700_000_000_000 + i}).encode())
+        for i, (s, v, _) in enumerate(ticks)
+    ]
     metas = asyncio.run(send_raw(bootstrap, src, msgs))
     group = f"g-{uuid.uuid4().hex[:8]}"
     cmd = _serve_cmd(model_dir, bootstrap, src, out, dlq, group)
@@ -217,8 +258,10 @@ def test_sigterm_commits_what_was_answered_and_restart_skips_nothing(
     assert first.returncode == 0, err[-3000:]
 
     committed = asyncio.run(_committed(bootstrap, group, src))
-    answered = {(json.loads(m.value)["partition"], json.loads(m.value)["offset"])
-                for m in asyncio.run(read_all(bootstrap, out, len(ticks), timeout_s=5))}
+    answered = {
+        (json.loads(m.value)["partition"], json.loads(m.value)["offset"])
+        for m in asyncio.run(read_all(bootstrap, out, len(ticks), timeout_s=5))
+    }
     for meta in metas:
         if meta.offset < committed.get(meta.partition, 0):
             assert (meta.partition, meta.offset) in answered  # nothing committed unanswered
@@ -229,7 +272,8 @@ def test_sigterm_commits_what_was_answered_and_restart_skips_nothing(
     while time.monotonic() < deadline:
         outputs = asyncio.run(read_all(bootstrap, out, 10**9, timeout_s=3))
         if {(json.loads(m.value)["partition"], json.loads(m.value)["offset"]) for m in outputs} >= {
-            (m.partition, m.offset) for m in metas}:
+            (m.partition, m.offset) for m in metas
+        }:
             break
     second.send_signal(signal.SIGTERM)
     _, err = second.communicate(timeout=60)
@@ -246,8 +290,13 @@ def test_sigterm_commits_what_was_answered_and_restart_skips_nothing(
 def test_startup_errors_are_clear(bootstrap: str, make_topics: Any, tmp_path: Path) -> None:
     model_dir = _bundle(tmp_path)
     (src,) = make_topics("ticks")
-    base = dict(model=str(model_dir), bootstrap_servers=bootstrap, input_topic=src,
-                output_topic=f"missing-{uuid.uuid4().hex[:6]}", metrics_port=0)
+    base = dict(
+        model=str(model_dir),
+        bootstrap_servers=bootstrap,
+        input_topic=src,
+        output_topic=f"missing-{uuid.uuid4().hex[:6]}",
+        metrics_port=0,
+    )
 
     async def start(**overrides: Any) -> None:
         async with Server(ServeConfig(**{**base, **overrides})):

@@ -1,0 +1,195 @@
+"""``streamlstm bench kafka``: end to end through a broker, beside a passthrough.
+
+Both runs use the same daemon loop, batching, encoding and producing; the
+passthrough only skips the engine step. Throughput is measured on a
+pre-filled input topic; latency (event time to acknowledged prediction) with
+a producer in a separate process pacing ticks at half the measured maximum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from consumers.broker import LocalBroker
+from consumers.server import Server, _Batch
+from consumers.settings import ServeConfig
+from consumers.tools import replay
+from streamlstm import Bundle, ModelConfig, StepResult
+
+__all__ = ["main"]
+
+
+def _progress(message: str) -> None:
+    print(f"[bench kafka] {message}", file=sys.stderr, flush=True)
+
+
+class _Passthrough(Server):
+    """Same loop, batching and producing; no inference."""
+
+    def _step(self, batch: _Batch) -> tuple[StepResult | None, float]:
+        n = len(batch.ids)
+        outputs = self._engine().bundle.config.output_size
+        values = np.asarray(batch.values, dtype=np.float32)[:, :outputs]
+        ones = np.ones(n, dtype=bool)
+        return StepResult(values, np.ones(n, np.int64), ones, ones), 0.0
+
+
+def _config(bootstrap: str, src: str, out: str, max_records: int) -> ServeConfig:
+    return ServeConfig(
+        model="(in memory)",
+        bootstrap_servers=bootstrap,
+        input_topic=src,
+        output_topic=out,
+        dlq_topic=f"{src}-dlq",
+        group_id=f"bench-{uuid.uuid4().hex[:8]}",
+        metrics_port=0,
+        max_records=max_records,
+        create_topics=True,
+        metrics_interval_s=3600,
+    )
+
+
+async def _drain(kind: type[Server], config: ServeConfig, bundle: Bundle, total: int) -> float:
+    """Ticks/s to answer a pre-filled topic of ``total`` ticks."""
+    async with kind(config, bundle=bundle) as server:
+        start = None
+        while server.totals.get("predictions", 0) < total:
+            if start is None and server.totals.get("ticks", 0):
+                start = time.perf_counter()
+            await asyncio.sleep(0.01)
+        elapsed = time.perf_counter() - (start or time.perf_counter())
+        server.request_stop()
+        await server.wait()
+    return total / max(elapsed, 1e-9)
+
+
+def _prefill(bootstrap: str, topic: str, streams: int, total: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    ids = [f"stream-{i}" for i in rng.permutation(np.resize(np.arange(streams), total)).tolist()]
+    values = rng.standard_normal((total, 1))
+    asyncio.run(replay(bootstrap, topic, ids, values, None, create=True))
+
+
+async def _latency(
+    config: ServeConfig, bundle: Bundle, streams: int, rate: float, seconds: float
+) -> dict[str, float]:
+    async with Server(config, bundle=bundle) as server:
+        while not server.ready():
+            await asyncio.sleep(0.05)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "consumers.bench",
+            "_paced",
+            config.bootstrap_servers,
+            config.input_topic,
+            str(streams),
+            str(rate),
+            str(seconds),
+        )
+        await proc.wait()
+        await asyncio.sleep(1.0)
+        latencies = np.concatenate(list(server.recent_event_latency)) * 1e3
+        server.request_stop()
+        await server.wait()
+    return {
+        "rate_ticks_per_s": rate,
+        "ticks": int(latencies.size),
+        "p50_ms": round(float(np.percentile(latencies, 50)), 2),
+        "p99_ms": round(float(np.percentile(latencies, 99)), 2),
+    }
+
+
+def _paced(bootstrap: str, topic: str, streams: int, rate: float, seconds: float) -> None:
+    count = int(rate * seconds)
+    rng = np.random.default_rng(1)
+    ids = [f"stream-{i}" for i in rng.integers(0, streams, count).tolist()]
+    asyncio.run(replay(bootstrap, topic, ids, rng.standard_normal((count, 1)), None, rate=rate))
+
+
+def run_kafka_bench(
+    bootstrap: str, *, streams: int, ticks: int, max_records: int, latency_seconds: float
+) -> dict[str, Any]:
+    bundle = Bundle.random(ModelConfig(input_size=1), seed=0)
+    result: dict[str, Any] = {"streams": streams, "ticks": ticks, "max_records": max_records}
+    rates = {}
+    for name, kind in (("passthrough", _Passthrough), ("engine", Server)):
+        src, out = f"bench-in-{uuid.uuid4().hex[:6]}", f"bench-out-{uuid.uuid4().hex[:6]}"
+        _progress(f"{name}: filling {src} with {ticks} ticks of {streams} streams")
+        _prefill(bootstrap, src, streams, ticks, seed=0)
+        _progress(f"{name}: draining through the daemon")
+        rates[name] = asyncio.run(
+            _drain(kind, _config(bootstrap, src, out, max_records), bundle, ticks)
+        )
+    result["passthrough_ticks_per_s"] = round(rates["passthrough"])
+    result["engine_ticks_per_s"] = round(rates["engine"])
+    result["engine_over_passthrough"] = round(rates["engine"] / rates["passthrough"], 3)
+    rate = rates["engine"] / 2
+    src, out = f"bench-lat-{uuid.uuid4().hex[:6]}", f"bench-lat-out-{uuid.uuid4().hex[:6]}"
+    _progress(f"latency: {rate:.0f} ticks/s for {latency_seconds:.0f} s")
+    asyncio.run(_ensure(bootstrap, src))
+    result["latency_at_half_max"] = asyncio.run(
+        _latency(_config(bootstrap, src, out, max_records), bundle, streams, rate, latency_seconds)
+    )
+    return result
+
+
+async def _ensure(bootstrap: str, topic: str) -> None:
+    from consumers.kafka import client_options, ensure_topics
+
+    await ensure_topics(client_options(bootstrap), [topic], create=True, partitions=4)
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="streamlstm bench kafka")
+    parser.add_argument(
+        "--bootstrap-servers", help="an existing broker (default: start a local one)"
+    )
+    parser.add_argument("--streams", type=int, default=10_000)
+    parser.add_argument("--ticks", type=int, default=100_000)
+    parser.add_argument("--max-records", type=int, default=1024)
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(list(argv))
+    broker = None if args.bootstrap_servers else LocalBroker().start()
+    try:
+        bootstrap = args.bootstrap_servers or broker.bootstrap  # type: ignore[union-attr]
+        result = run_kafka_bench(
+            bootstrap,
+            streams=args.streams,
+            ticks=args.ticks,
+            max_records=args.max_records,
+            latency_seconds=args.latency_seconds,
+        )
+    finally:
+        if broker is not None:
+            broker.stop()
+    if args.json:
+        print(json.dumps(result))
+    else:
+        lat = result["latency_at_half_max"]
+        print(
+            f"{result['streams']:,} streams, {result['ticks']:,} ticks, batches of {result['max_records']}\n"
+            f"passthrough (no inference): {result['passthrough_ticks_per_s']:>9,} ticks/s\n"
+            f"engine end to end:          {result['engine_ticks_per_s']:>9,} ticks/s "
+            f"({result['engine_over_passthrough']:.3f} x passthrough)\n"
+            f"latency at {lat['rate_ticks_per_s']:,.0f} ticks/s (half max), event time to ack: "
+            f"p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms over {lat['ticks']:,} ticks"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 7 and sys.argv[1] == "_paced":
+        _paced(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6]))
+    else:
+        sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,59 @@
+from pathlib import Path
+
+import pytest
+
+from consumers.settings import parse_serve_args
+from streamlstm import ConfigError
+
+REQUIRED = [
+    "--model",
+    "m",
+    "--bootstrap-servers",
+    "b:9092",
+    "--input-topic",
+    "in",
+    "--output-topic",
+    "out",
+]
+
+
+def test_flag_beats_env_beats_toml(tmp_path: Path) -> None:
+    toml = tmp_path / "serve.toml"
+    toml.write_text(
+        'max_records = 10\nlinger_ms = 7\ngroup-id = "from-toml"\ncreate_topics = true\n'
+    )
+    env = {"STREAMLSTM_MAX_RECORDS": "20", "STREAMLSTM_GROUP_ID": "from-env"}
+    cfg = parse_serve_args([*REQUIRED, "--config", str(toml), "--max-records", "30"], env)
+    assert cfg.max_records == 30
+    assert cfg.group_id == "from-env"
+    assert cfg.linger_ms == 7
+    assert cfg.create_topics is True
+    assert cfg.dlq_topic == "in-dlq"
+
+
+def test_everything_from_the_environment() -> None:
+    env = {
+        "STREAMLSTM_MODEL": "m",
+        "STREAMLSTM_BOOTSTRAP_SERVERS": "b:1",
+        "STREAMLSTM_INPUT_TOPIC": "i",
+        "STREAMLSTM_OUTPUT_TOPIC": "o",
+        "STREAMLSTM_IDLE_TTL_S": "60",
+        "STREAMLSTM_CREATE_TOPICS": "true",
+    }
+    cfg = parse_serve_args([], env)
+    assert cfg.idle_ttl_s == 60.0 and cfg.create_topics is True
+
+
+def test_errors_name_the_setting() -> None:
+    with pytest.raises(ConfigError, match="--output-topic"):
+        parse_serve_args(REQUIRED[:6], {})
+    with pytest.raises(ConfigError, match="max_records: 'many' is not a valid int"):
+        parse_serve_args([*REQUIRED, "--max-records", "many"], {})
+    with pytest.raises(ConfigError, match="must differ"):
+        parse_serve_args([*REQUIRED, "--dlq-topic", "out"], {})
+
+
+def test_password_never_in_repr() -> None:
+    cfg = parse_serve_args([*REQUIRED, "--sasl-plain-password", "hunter2"], {})
+    assert cfg.sasl_plain_password == "hunter2"
+    assert "hunter2" not in repr(cfg)
