@@ -178,7 +178,8 @@ def main(argv: Sequence[str]) -> int:
     else:
         lat = result["latency_at_half_max"]
         print(
-            f"{result['streams']:,} streams, {result['ticks']:,} ticks, batches of {result['max_records']}\n"
+            f"{result['streams']:,} streams, {result['ticks']:,} ticks, "
+            f"batches of {result['max_records']}\n"
             f"passthrough (no inference): {result['passthrough_ticks_per_s']:>9,} ticks/s\n"
             f"engine end to end:          {result['engine_ticks_per_s']:>9,} ticks/s "
             f"({result['engine_over_passthrough']:.3f} x passthrough)\n"

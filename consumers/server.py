@@ -174,6 +174,7 @@ class Server:
             enable_auto_commit=False,
             auto_offset_reset=cfg.auto_offset_reset,
             max_partition_fetch_bytes=cfg.max_request_bytes,
+            fetch_max_wait_ms=cfg.fetch_max_wait_ms,
         )
         self._consumer.subscribe([cfg.input_topic], listener=_Rebalance(self))
         await start_client(self._consumer, cfg.bootstrap_servers)

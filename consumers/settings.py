@@ -41,6 +41,7 @@ class ServeConfig:
     idle_ttl_s: float | None = None
     max_value_bytes: int = 64 * 1024
     linger_ms: int = 5
+    fetch_max_wait_ms: int = 10
     max_batch_bytes: int = 1024 * 1024
     max_request_bytes: int = 4 * 1024 * 1024
     compression_type: str | None = None
