@@ -128,9 +128,8 @@ async def _serve_and_replay(
     lat = np.array(stats["latency"]) if stats["latency"] else np.zeros(1)
     errors = np.abs(np.array(stats["errors"])) if stats["errors"] else np.zeros(1)
     _say("summary")
-    print(
-        f"  ticks served        {totals.get('ticks', 0)} ({totals.get('ticks', 0) / elapsed:.1f} ticks/s)"
-    )
+    ticks = totals.get("ticks", 0)
+    print(f"  ticks served        {ticks} ({ticks / elapsed:.1f} ticks/s)")
     print(
         f"  delivery p50 / p99  {np.percentile(lat, 50):.1f} / {np.percentile(lat, 99):.1f} ms "
         "(prediction written to read here)"
