@@ -121,32 +121,27 @@ def run_kafka_bench(
 ) -> dict[str, Any]:
     bundle = Bundle.random(ModelConfig(input_size=1), seed=0)
     result: dict[str, Any] = {"streams": streams, "ticks": ticks, "max_records": max_records}
+    # One input topic, read by both runs through separate consumer groups.
+    src = f"bench-in-{uuid.uuid4().hex[:6]}"
+    _progress(f"filling {src} with {ticks} ticks of {streams} streams")
+    _prefill(bootstrap, src, streams, ticks, seed=0)
     rates = {}
     for name, kind in (("passthrough", _Passthrough), ("engine", Server)):
-        src, out = f"bench-in-{uuid.uuid4().hex[:6]}", f"bench-out-{uuid.uuid4().hex[:6]}"
-        _progress(f"{name}: filling {src} with {ticks} ticks of {streams} streams")
-        _prefill(bootstrap, src, streams, ticks, seed=0)
-        _progress(f"{name}: draining through the daemon")
-        rates[name] = asyncio.run(
-            _drain(kind, _config(bootstrap, src, out, max_records), bundle, ticks)
-        )
+        out = f"bench-out-{name}-{uuid.uuid4().hex[:6]}"
+        _progress(f"{name}: draining {src} through the daemon")
+        config = _config(bootstrap, src, out, max_records)
+        rates[name] = asyncio.run(_drain(kind, config, bundle, ticks))
     result["passthrough_ticks_per_s"] = round(rates["passthrough"])
     result["engine_ticks_per_s"] = round(rates["engine"])
     result["engine_over_passthrough"] = round(rates["engine"] / rates["passthrough"], 3)
     rate = rates["engine"] / 2
     src, out = f"bench-lat-{uuid.uuid4().hex[:6]}", f"bench-lat-out-{uuid.uuid4().hex[:6]}"
     _progress(f"latency: {rate:.0f} ticks/s for {latency_seconds:.0f} s")
-    asyncio.run(_ensure(bootstrap, src))
+    # The server creates its topics (create_topics=True) before the paced producer starts.
     result["latency_at_half_max"] = asyncio.run(
         _latency(_config(bootstrap, src, out, max_records), bundle, streams, rate, latency_seconds)
     )
     return result
-
-
-async def _ensure(bootstrap: str, topic: str) -> None:
-    from consumers.kafka import client_options, ensure_topics
-
-    await ensure_topics(client_options(bootstrap), [topic], create=True, partitions=4)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -24,6 +24,7 @@ from consumers.broker import LocalBroker, free_port
 from consumers.kafka import client_options, ensure_topics
 from consumers.server import Server
 from consumers.settings import ServeConfig
+from training.train import TrainOptions
 
 __all__ = ["main"]
 
@@ -52,22 +53,9 @@ def synthetic(streams: int = STREAMS, length: int = 800, seed: int = 0) -> pd.Da
     return pd.concat(frames, ignore_index=True)
 
 
-def main(argv: Sequence[str]) -> int:
-    del argv
-    logging.getLogger().setLevel(logging.WARNING)
-    duration = float(os.environ.get("DEMO_DURATION_S", "0") or 0)
-    return asyncio.run(_demo(duration))
-
-
-async def _demo(duration: float) -> int:
-    from training.train import TrainOptions, train
-
-    workdir = Path("demo-out")
-    workdir.mkdir(exist_ok=True)
-    frame = synthetic()
-    frame.to_csv(workdir / "machines.csv", index=False)
-    _say(f"training a small stateful model on {workdir / 'machines.csv'} ({STREAMS} streams)")
-    opts = TrainOptions(
+def train_options() -> TrainOptions:
+    """The demo's small stateful model for :func:`synthetic` data."""
+    return TrainOptions(
         features=("load",),
         stream_column="machine",
         time_column="t",
@@ -77,6 +65,24 @@ async def _demo(duration: float) -> int:
         lr=3e-3,
         progress=False,
     )
+
+
+def main(argv: Sequence[str]) -> int:
+    del argv
+    logging.getLogger().setLevel(logging.WARNING)
+    duration = float(os.environ.get("DEMO_DURATION_S", "0") or 0)
+    return asyncio.run(_demo(duration))
+
+
+async def _demo(duration: float) -> int:
+    from training.train import train
+
+    workdir = Path("demo-out")
+    workdir.mkdir(exist_ok=True)
+    frame = synthetic()
+    frame.to_csv(workdir / "machines.csv", index=False)
+    _say(f"training a small stateful model on {workdir / 'machines.csv'} ({STREAMS} streams)")
+    opts = train_options()
     bundle = await asyncio.to_thread(train, frame, opts)
     bundle.save(workdir / "model")
     m = bundle.metrics

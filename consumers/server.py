@@ -57,9 +57,7 @@ class _Batch:
     ts: list[float] = field(default_factory=list)
     resets: list[bool] = field(default_factory=list)
     ends: list[bool] = field(default_factory=list)
-    partitions: list[int] = field(default_factory=list)
-    offsets: list[int] = field(default_factory=list)
-    messages: list[Any] = field(default_factory=list)
+    messages: list[Any] = field(default_factory=list)  # the record of each valid tick
     records: int = 0
     bad: list[tuple[Any, str, str]] = field(default_factory=list)
     next_offsets: dict[TopicPartition, int] = field(default_factory=dict)
@@ -303,8 +301,6 @@ class Server:
                 batch.ts.append(np.nan if tick.ts is None else tick.ts)
                 batch.resets.append(tick.reset)
                 batch.ends.append(tick.end)
-                batch.partitions.append(tp.partition)
-                batch.offsets.append(msg.offset)
                 batch.messages.append(msg)
             batch.next_offsets[tp] = messages[-1].offset + 1
         if not batch.next_offsets:
@@ -331,7 +327,7 @@ class Server:
             resets=batch.resets,
             ends=batch.ends,
             timestamps=None if np.isnan(ts).any() else ts,
-            offsets=batch.offsets,
+            offsets=[msg.offset for msg in batch.messages],
         )
         return result, time.perf_counter() - start
 
@@ -351,22 +347,22 @@ class Server:
             steps = result.steps.tolist()
             ready = result.ready.tolist()
             rejected = {r.index: r for r in result.rejections}
-            for i, stream in enumerate(batch.ids):
+            for i, (stream, msg) in enumerate(zip(batch.ids, batch.messages, strict=True)):
                 if i in rejected:
-                    dead.append((batch.messages[i], rejected[i].field, rejected[i].reason))
+                    dead.append((msg, rejected[i].field, rejected[i].reason))
                     continue
                 ts = batch.ts[i]
                 value = encode_prediction(
                     stream=stream,
                     ts=None if ts != ts else ts,
                     prediction=predictions[i],
-                    partition=batch.partitions[i],
-                    offset=batch.offsets[i],
+                    partition=msg.partition,
+                    offset=msg.offset,
                     step=steps[i],
                     ready=ready[i],
                     model=self._model_id,
                 )
-                key = batch.messages[i].key or stream.encode()
+                key = msg.key or stream.encode()
                 sends.append(await producer.send(cfg.output_topic, value=value, key=key))
                 produced += 1
             self._forget(result, batch)
@@ -402,7 +398,7 @@ class Server:
 
     def _forget(self, result: StepResult, batch: _Batch) -> None:
         mapping = self._stream_partition
-        mapping.update(zip(batch.ids, batch.partitions, strict=True))
+        mapping.update(zip(batch.ids, (msg.partition for msg in batch.messages), strict=True))
         for eviction in result.evictions:
             mapping.pop(eviction.stream_id, None)
         for i in np.flatnonzero(np.asarray(batch.ends, dtype=bool)).tolist():

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -22,8 +23,6 @@ logger = logging.getLogger(__name__)
 
 
 def _bootstrap(parser: argparse.ArgumentParser) -> None:
-    import os
-
     parser.add_argument(
         "--bootstrap-servers",
         default=os.environ.get("STREAMLSTM_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from consumers.demo import synthetic
+from consumers.demo import synthetic, train_options
 from streamlstm import Bundle, Engine, InputError
 from training.train import TrainOptions, prepare, train
 
@@ -18,16 +18,7 @@ from training.train import TrainOptions, prepare, train
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Bundle, pd.DataFrame, TrainOptions]:
     frame = synthetic(streams=8, length=800, seed=0)
-    opts = TrainOptions(
-        features=("load",),
-        stream_column="machine",
-        time_column="t",
-        hidden_size=32,
-        seq_len=30,
-        epochs=25,
-        lr=3e-3,
-        progress=False,
-    )
+    opts = train_options()
     return train(frame, opts), frame, opts
 
 
