@@ -17,6 +17,7 @@ from streamlstm.errors import (
     StreamLSTMError,
 )
 from streamlstm.model import StreamLSTM
+from streamlstm.outputs import OutputSpec
 from streamlstm.scaling import Affine
 from streamlstm.state import Eviction, StateStore, StreamState
 
@@ -33,6 +34,7 @@ __all__ = [
     "Eviction",
     "InputError",
     "ModelConfig",
+    "OutputSpec",
     "Rejection",
     "StateError",
     "StateStore",

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from streamlstm.config import ModelConfig
 from streamlstm.errors import BundleError, ConfigError, InputError
 from streamlstm.model import StreamLSTM
+from streamlstm.outputs import OutputSpec
 from streamlstm.scaling import Affine
 
 __all__ = ["SCHEMA_VERSION", "Bundle"]
@@ -40,7 +41,8 @@ class Bundle:
     ``input_scaler`` maps raw feature columns to model units and
     ``target_scaler`` maps model outputs back (``None``: no scaling).
     ``warmup_steps`` is how many ticks a stream needs before its predictions
-    are marked ready.
+    are marked ready. ``outputs`` says what the outputs mean (activation,
+    diff transform, classes, anomaly score); the default is plain levels.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class Bundle:
         name: str = "model",
         training: Mapping[str, Any] | None = None,
         metrics: Mapping[str, Any] | None = None,
+        outputs: OutputSpec | None = None,
     ) -> None:
         self.config = config
         self.model = model.eval()
@@ -79,6 +82,8 @@ class Bundle:
             )
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ConfigError(f"warmup_steps: must be a non-negative integer, got {warmup_steps!r}")
+        self.outputs = outputs or OutputSpec()
+        self.outputs.check(config.input_size, config.output_size)
         self.input_scaler = input_scaler
         self.target_scaler = target_scaler
         self.warmup_steps = warmup_steps
@@ -120,6 +125,7 @@ class Bundle:
                 "target": self.target_scaler.to_dict() if self.target_scaler else None,
             },
             "warmup_steps": self.warmup_steps,
+            "outputs": self.outputs.to_dict(),
             "training": self.training,
             "metrics": self.metrics,
         }
@@ -171,6 +177,7 @@ class Bundle:
             scaler = meta.get("scaler") or {}
             input_scaler = Affine.from_dict(scaler["input"]) if scaler.get("input") else None
             target_scaler = Affine.from_dict(scaler["target"]) if scaler.get("target") else None
+            outputs = OutputSpec.from_dict(meta.get("outputs"))
         except KeyError as exc:
             raise BundleError(f"{meta_path}: missing field {exc}") from exc
         except ConfigError as exc:
@@ -194,6 +201,7 @@ class Bundle:
                 name=meta.get("name") or root.name,
                 training=meta.get("training"),
                 metrics=meta.get("metrics"),
+                outputs=outputs,
             )
         except ConfigError as exc:
             raise BundleError(f"{meta_path}: {exc}") from exc
@@ -209,6 +217,10 @@ class Bundle:
         if self.target_scaler is None:
             return np.asarray(y, dtype=np.float32)
         return self.target_scaler.invert(y)
+
+    def finish(self, y: npt.NDArray[Any], x: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        """Head outputs ``y [N, O]`` for raw inputs ``x [N, F]`` -> predictions in target units."""
+        return self.outputs.finish(y, x, self.unscale_outputs)
 
     def predict_sequence(self, x: npt.ArrayLike) -> npt.NDArray[np.float32]:
         """One stream from zero state: ``x [T, F]`` original units -> ``[T, outputs]``.
@@ -233,7 +245,7 @@ class Bundle:
             if not tops:
                 return np.zeros((0, self.config.output_size), dtype=np.float32)
             y = self.model.head(torch.cat(tops)).numpy()
-        return self.unscale_outputs(y)
+        return self.finish(y, arr)
 
 
 def _check_tensors(model: StreamLSTM, tensors: Mapping[str, torch.Tensor], path: Path) -> None:

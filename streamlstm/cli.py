@@ -22,7 +22,7 @@ __all__ = ["main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.cli", "train a model on a CSV/Parquet file into a bundle directory"),
     "evaluate": ("training.cli", "evaluate a bundle on a data file through the serving engine"),
-    "import": ("training.cli", "import a PyTorch or Keras model (not available yet)"),
+    "import": ("training.cli", "import a PyTorch state dict or a Keras 3 .keras model"),
     "serve": ("consumers.cli", "run the Kafka inference daemon"),
     "produce": ("consumers.cli", "replay a data file as ticks onto a topic"),
     "tail": ("consumers.cli", "print messages from a topic as they arrive"),

@@ -25,6 +25,7 @@ import torch
 from streamlstm.bundle import Bundle
 from streamlstm.errors import InputError
 from streamlstm.model import LayerGroup
+from streamlstm.outputs import ResidualScore
 from streamlstm.state import Eviction, StateStore
 
 __all__ = ["Engine", "EngineStats", "Rejection", "StepResult"]
@@ -52,7 +53,9 @@ class StepResult:
     ``predictions`` float32 ``[N, outputs]`` in target units (NaN on rejected
     rows); ``steps`` int64 ``[N]`` ticks since the stream's last reset,
     counting this one; ``ready`` ``[N]`` whether the stream is past warm-up;
-    ``accepted`` ``[N]`` false for rejected rows.
+    ``accepted`` ``[N]`` false for rejected rows; ``scores`` float64 ``[N]``
+    the anomaly score (``|z|`` of the forecast residual; NaN while a stream
+    has too few residuals, on rejected rows, or when the model has no score).
     """
 
     predictions: F32
@@ -61,6 +64,7 @@ class StepResult:
     accepted: Bools
     rejections: list[Rejection] = field(default_factory=list)
     evictions: list[Eviction] = field(default_factory=list)
+    scores: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
 
 
 @dataclass(frozen=True)
@@ -94,11 +98,16 @@ class Engine:
     ) -> None:
         self.bundle = bundle
         self.model = bundle.model.eval()
+        spec = bundle.outputs
+        self._score = (
+            ResidualScore(spec.horizon, spec.score_span) if spec.score_span is not None else None
+        )
         self.store = StateStore(
             bundle.config.hidden_sizes,
             max_streams=max_streams,
             idle_ttl_s=idle_ttl_s,
             initial_capacity=initial_capacity,
+            extra_width=self._score.width if self._score else 0,
         )
         self._clock = clock
         self._input_size = bundle.config.input_size
@@ -147,10 +156,11 @@ class Engine:
         predictions = np.full((n, out_size), np.nan, dtype=np.float32)
         steps = np.zeros(n, dtype=np.int64)
         ready = np.zeros(n, dtype=bool)
+        scores = np.full(n, np.nan)
         self._counts["rejected"] += len(rejections)
         rows = np.flatnonzero(accepted)
         if not rows.size:
-            return StepResult(predictions, steps, ready, accepted, rejections, [])
+            return StepResult(predictions, steps, ready, accepted, rejections, [], scores)
         self._counts["ticks"] += int(rows.size)
 
         ids = [stream_ids[i] for i in rows.tolist()] if rejections else list(stream_ids)
@@ -163,25 +173,30 @@ class Engine:
         self._counts["resets"] += int(r_resets.sum())
         self._counts["ends"] += int(r_ends.sum())
 
-        scaled = torch.from_numpy(self.bundle.scale_inputs(x[rows]))
+        raw = x[rows]
+        scaled = torch.from_numpy(self.bundle.scale_inputs(raw))
         tops = torch.empty(rows.size, self.bundle.config.hidden_sizes[-1])
         step_out = np.empty(rows.size, dtype=np.int64)
+        rounds = order.rounds()
         with torch.inference_mode():
-            for members in order.rounds():
+            for members in rounds:
                 member_slots = slots if members is None else slots[members]
                 sel: Any = slice(None) if members is None else torch.from_numpy(members)
                 rsel: Any = slice(None) if members is None else members
                 reset_here = r_resets[rsel]
                 if reset_here.any():
-                    self.store.zero(member_slots[reset_here])
+                    self.store.zero(member_slots[reset_here], extra=False)
                 tops[sel] = self._advance(member_slots, scaled[sel])
                 self.store.steps[member_slots] += 1
                 step_out[rsel] = self.store.steps[member_slots]
                 end_here = r_ends[rsel]
                 if end_here.any():
-                    self.store.zero(member_slots[end_here])
+                    self.store.zero(member_slots[end_here], extra=False)
             y = self.model.head(tops).numpy()
-        predictions[rows] = self.bundle.unscale_outputs(y)
+        finished = self.bundle.finish(y, raw)
+        predictions[rows] = finished
+        if self._score is not None:
+            scores[rows] = self._scores(rounds, slots, step_out, raw, finished, r_resets, r_ends)
         steps[rows] = step_out
         ready[rows] = step_out > self.bundle.warmup_steps
 
@@ -193,7 +208,7 @@ class Engine:
         if ended:
             self.store.release(ended)
         evictions += self._sweep(float(times.max()))
-        return StepResult(predictions, steps, ready, accepted, rejections, evictions)
+        return StepResult(predictions, steps, ready, accepted, rejections, evictions, scores)
 
     # -- internals ----------------------------------------------------------
 
@@ -221,6 +236,31 @@ class Engine:
                 self.store.h[group.first + j].index_copy_(0, idx, h[j, :batch])
                 self.store.c[group.first + j].index_copy_(0, idx, c[j, :batch])
         return top[:batch]
+
+    def _scores(
+        self,
+        rounds: list[I64 | None],
+        slots: I64,
+        steps: I64,
+        raw: F32,
+        forecasts: F32,
+        resets: Bools,
+        ends: Bools,
+    ) -> npt.NDArray[np.float64]:
+        """Anomaly scores of accepted ticks, round by round (a stream's ticks in order)."""
+        assert self._score is not None and self.bundle.outputs.target_feature is not None
+        values = raw[:, self.bundle.outputs.target_feature]
+        extra = self.store.extra
+        out = np.empty(slots.size)
+        for members in rounds:
+            sel: Any = slice(None) if members is None else members
+            member_slots = slots[sel]
+            extra[member_slots[resets[sel]]] = 0.0
+            out[sel] = self._score.update(
+                extra, member_slots, steps[sel], values[sel], forecasts[sel, 0]
+            )
+            extra[member_slots[ends[sel]]] = 0.0
+        return out
 
     def _sweep(self, now: float) -> list[Eviction]:
         ttl = self.store.idle_ttl_s

@@ -17,11 +17,16 @@ import torch
 from torch import Tensor, nn
 
 from streamlstm.config import ModelConfig
+from streamlstm.errors import ConfigError
 
-__all__ = ["LayerGroup", "State", "StreamLSTM", "layer_groups"]
+__all__ = ["LSTMWeights", "LayerGroup", "State", "StreamLSTM", "layer_groups"]
 
 #: Recurrent state, one ``(h [B, H_l], c [B, H_l])`` pair per LSTM layer.
 State = tuple[tuple[Tensor, Tensor], ...]
+
+#: One LSTM layer's weights in PyTorch's layout and gate order (i, f, g, o):
+#: ``(w_ih [4H, F], w_hh [4H, H], b_ih [4H], b_hh [4H])``.
+LSTMWeights = tuple[Tensor, Tensor, Tensor, Tensor]
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,40 @@ class StreamLSTM(nn.Module):
             new_h.append(h_n)
             new_c.append(c_n)
         return inp[:, 0], new_h, new_c
+
+    def assign_weights(
+        self, layers: Sequence[LSTMWeights], linears: Sequence[tuple[Tensor, Tensor]]
+    ) -> None:
+        """Copy weights made elsewhere: one ``LSTMWeights`` per LSTM layer, bottom up,
+        and ``(weight [out, in], bias [out])`` per head ``Linear``, input side first.
+
+        Raises ``ConfigError`` naming the first layer whose shapes do not fit.
+        """
+        if len(layers) != self.config.num_layers:
+            raise ConfigError(f"weights: {len(layers)} LSTM layers for {self.config.num_layers}")
+        heads = [m for m in self.head if isinstance(m, nn.Linear)]
+        if len(linears) != len(heads):
+            raise ConfigError(f"weights: {len(linears)} dense layers for {len(heads)}")
+        targets: list[tuple[str, Tensor, Tensor]] = []
+        for index, weights in enumerate(layers):
+            group = next(g for g in self.groups if g.first <= index < g.first + g.count)
+            lstm = self.lstm[self.groups.index(group)]
+            j = index - group.first
+            for name, value in zip(
+                ("weight_ih", "weight_hh", "bias_ih", "bias_hh"), weights, strict=True
+            ):
+                targets.append((f"LSTM layer {index} {name}", getattr(lstm, f"{name}_l{j}"), value))
+        for index, (module, (weight, bias)) in enumerate(zip(heads, linears, strict=True)):
+            targets.append((f"dense layer {index} weight", module.weight, weight))
+            targets.append((f"dense layer {index} bias", module.bias, bias))
+        for what, param, value in targets:
+            if tuple(value.shape) != tuple(param.shape):
+                raise ConfigError(
+                    f"weights: {what} has shape {list(value.shape)}, expected {list(param.shape)}"
+                )
+        with torch.no_grad():
+            for _, param, value in targets:
+                param.copy_(value.to(param.dtype))
 
     def zero_group_state(self, batch: int) -> tuple[list[Tensor], list[Tensor]]:
         hs = [torch.zeros(g.count, batch, g.hidden_size) for g in self.groups]

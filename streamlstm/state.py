@@ -34,7 +34,7 @@ F64 = npt.NDArray[np.float64]
 
 _NEVER = np.iinfo(np.int64).max
 _MAGIC = b"SLST"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2 appends the extra columns; 1 is still read
 _HEADER = struct.Struct("<4sBBqqd")
 
 
@@ -44,7 +44,8 @@ class StreamState:
 
     ``h[l]`` and ``c[l]`` are float32 ``[H_l]``; ``step`` counts ticks since the
     last reset; ``offset`` is the input offset of the last tick it reflects
-    (-1 when unknown); ``last_seen`` is in seconds.
+    (-1 when unknown); ``last_seen`` is in seconds; ``extra`` holds the
+    engine's other per-stream numbers (the anomaly score's running state).
     """
 
     h: tuple[npt.NDArray[np.float32], ...]
@@ -52,6 +53,7 @@ class StreamState:
     step: int
     offset: int = -1
     last_seen: float = math.nan
+    extra: tuple[float, ...] = ()
 
     def to_bytes(self) -> bytes:
         parts = [
@@ -63,18 +65,23 @@ class StreamState:
         for h, c in zip(self.h, self.c, strict=True):
             parts.append(np.asarray(h, dtype="<f4").tobytes())
             parts.append(np.asarray(c, dtype="<f4").tobytes())
+        parts.append(struct.pack("<I", len(self.extra)))
+        parts.append(np.asarray(self.extra, dtype="<f8").tobytes())
         return b"".join(parts)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> StreamState:
         try:
             magic, version, layers, step, offset, last_seen = _HEADER.unpack_from(data, 0)
-            if magic != _MAGIC or version != _FORMAT_VERSION:
+            if magic != _MAGIC or version not in (1, _FORMAT_VERSION):
                 raise StateError(f"state bytes: bad magic or version ({magic!r}, {version})")
             pos = _HEADER.size
             sizes = struct.unpack_from(f"<{layers}I", data, pos)
             pos += 4 * layers
             expected = pos + sum(8 * s for s in sizes)
+            if version >= 2:
+                (count,) = struct.unpack_from("<I", data, expected)
+                expected += 4 + 8 * count
             if len(data) != expected:
                 raise StateError(f"state bytes: expected {expected} bytes, got {len(data)}")
             hs, cs = [], []
@@ -83,9 +90,14 @@ class StreamState:
                 pos += 4 * size
                 cs.append(np.frombuffer(data, dtype="<f4", count=size, offset=pos).copy())
                 pos += 4 * size
+            extra: tuple[float, ...] = ()
+            if version >= 2:
+                extra = tuple(np.frombuffer(data, dtype="<f8", offset=pos + 4).tolist())
         except struct.error as exc:
             raise StateError(f"state bytes: truncated ({exc})") from exc
-        return cls(h=tuple(hs), c=tuple(cs), step=step, offset=offset, last_seen=last_seen)
+        return cls(
+            h=tuple(hs), c=tuple(cs), step=step, offset=offset, last_seen=last_seen, extra=extra
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,6 +122,7 @@ class StateStore:
         max_streams: int,
         idle_ttl_s: float | None = None,
         initial_capacity: int = 1024,
+        extra_width: int = 0,
     ) -> None:
         if isinstance(max_streams, bool) or not isinstance(max_streams, int) or max_streams < 1:
             raise ConfigError(f"max_streams: must be a positive integer, got {max_streams!r}")
@@ -126,6 +139,8 @@ class StateStore:
         self.steps: I64 = np.zeros(cap, dtype=np.int64)
         self.offsets: I64 = np.full(cap, -1, dtype=np.int64)
         self.last_seen: F64 = np.zeros(cap, dtype=np.float64)
+        #: Other per-stream numbers the engine keeps (zeroed with the state).
+        self.extra = np.zeros((cap, extra_width), dtype=np.float64)
         self._last_used: I64 = np.full(cap, _NEVER, dtype=np.int64)
         self._slot: dict[str, int] = {}
         self._owner: list[str | None] = [None] * cap
@@ -162,6 +177,7 @@ class StateStore:
         """
         total = sum(t.numel() * t.element_size() for t in (*self.h, *self.c))
         total += self.steps.nbytes + self.offsets.nbytes + self.last_seen.nbytes
+        total += self.extra.nbytes
         total += self._last_used.nbytes
         total += sys.getsizeof(self._slot) + sys.getsizeof(self._owner)
         total += sys.getsizeof(self._free)
@@ -215,9 +231,13 @@ class StateStore:
         self._remove(stale)
         return evictions
 
-    def zero(self, slots: I64) -> None:
-        """Reset slots to the zero state with step 0 (``reset`` before a tick)."""
-        self._zero(slots)
+    def zero(self, slots: I64, *, extra: bool = True) -> None:
+        """Reset slots to the zero state with step 0 (``reset`` before a tick).
+
+        ``extra=False`` leaves the extra columns for the caller to reset in
+        its own order (the engine scores a call's rounds after stepping them).
+        """
+        self._zero(slots, extra=extra)
 
     def release(self, ids: Iterable[str]) -> None:
         """Free the slots of ``ids`` (``end`` after a tick); unknown ids are ignored."""
@@ -264,6 +284,11 @@ class StateStore:
             )
         self.steps[slots] = [states[s].step for s in ids]
         self.offsets[slots] = [states[s].offset for s in ids]
+        width = self.extra.shape[1]
+        for slot, stream_id in zip(slots.tolist(), ids, strict=True):
+            extra = states[stream_id].extra
+            # State saved by a model without these columns starts them from zero.
+            self.extra[slot] = extra if len(extra) == width else np.zeros(width)
         return evictions
 
     # -- internals ----------------------------------------------------------
@@ -306,15 +331,20 @@ class StateStore:
         self.steps = _grow_array(self.steps, new_capacity, 0)
         self.offsets = _grow_array(self.offsets, new_capacity, -1)
         self.last_seen = _grow_array(self.last_seen, new_capacity, 0.0)
+        extra = np.zeros((new_capacity, self.extra.shape[1]), dtype=np.float64)
+        extra[:old] = self.extra
+        self.extra = extra
         self._last_used = _grow_array(self._last_used, new_capacity, _NEVER)
         self._owner.extend([None] * (new_capacity - old))
         self._free[:0] = range(new_capacity - 1, old - 1, -1)
 
-    def _zero(self, slots: I64) -> None:
+    def _zero(self, slots: I64, *, extra: bool = True) -> None:
         idx = torch.from_numpy(slots)
         for tensor in (*self.h, *self.c):
             tensor.index_fill_(0, idx, 0.0)
         self.steps[slots] = 0
+        if extra:
+            self.extra[slots] = 0.0
 
     def _remove(self, slots: I64) -> None:
         for slot in slots.tolist():
@@ -345,6 +375,7 @@ class StateStore:
                 step=int(self.steps[slot]),
                 offset=int(self.offsets[slot]),
                 last_seen=float(self.last_seen[slot]),
+                extra=tuple(self.extra[slot].tolist()),
             )
             for i, slot in enumerate(slots.tolist())
         ]

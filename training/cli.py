@@ -32,10 +32,88 @@ def main(argv: Sequence[str]) -> int:
         return _train(rest)
     if command == "evaluate":
         return _evaluate(rest)
-    raise ConfigError(
-        "import: not available in this version; train with `streamlstm train` "
-        "(see the issue tracker for the torch and Keras importers)"
+    return _import(rest)
+
+
+def _floats(text: str | None) -> tuple[float, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise ConfigError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _import(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="streamlstm import",
+        description="Turn a model trained with PyTorch or Keras into a bundle the engine serves.",
     )
+    sub = parser.add_subparsers(dest="framework", required=True)
+    torch_p = sub.add_parser("torch", help="a state_dict of an nn.LSTM `lstm` + Linear head `fc`")
+    torch_p.add_argument("--state-dict", required=True, help=".pth file (read weights_only)")
+    torch_p.add_argument("--lstm-prefix", default="lstm", help="name of the nn.LSTM (lstm)")
+    torch_p.add_argument("--head-prefix", default="fc", help="name of the head (fc)")
+    torch_p.add_argument(
+        "--head-activation",
+        default="relu",
+        choices=("relu", "tanh", "sigmoid", "linear"),
+        help="activation between the head's Linear layers (relu)",
+    )
+    keras_p = sub.add_parser("keras", help="a Keras 3 .keras file of LSTM then Dense layers")
+    keras_p.add_argument("file", help=".keras file")
+    for p in (torch_p, keras_p):
+        p.add_argument("--out", required=True, help="bundle directory to write")
+        p.add_argument("--name", help="model name (default: the file name)")
+        group = p.add_argument_group(
+            "scaling", "MinMax scaling the model was trained with (default: none)"
+        )
+        group.add_argument("--features", help="comma-separated input column names")
+        group.add_argument("--target", help="target column (default: the first feature)")
+        group.add_argument("--scaler-data", help="CSV/Parquet to fit the scaler on")
+        group.add_argument(
+            "--scaler-fit-fraction",
+            type=float,
+            default=1.0,
+            help="fit on this leading fraction of --scaler-data's rows (1.0)",
+        )
+        group.add_argument("--feature-min", help="comma-separated minimum per feature")
+        group.add_argument("--feature-max", help="comma-separated maximum per feature")
+        group.add_argument("--target-min", type=float)
+        group.add_argument("--target-max", type=float)
+    args = parser.parse_args(argv)
+    from training.importers import ScalerSource, import_keras, import_torch
+
+    scaler = ScalerSource(
+        features=tuple(args.features.split(",")) if args.features else (),
+        target=args.target,
+        data=args.scaler_data,
+        fit_fraction=args.scaler_fit_fraction,
+        feature_min=_floats(args.feature_min),
+        feature_max=_floats(args.feature_max),
+        target_min=args.target_min,
+        target_max=args.target_max,
+    )
+    if args.framework == "torch":
+        bundle = import_torch(
+            args.state_dict,
+            scaler=scaler,
+            lstm_prefix=args.lstm_prefix,
+            head_prefix=args.head_prefix,
+            head_activation=args.head_activation,
+            name=args.name,
+        )
+    else:
+        bundle = import_keras(args.file, scaler=scaler, name=args.name)
+    bundle.save(args.out)
+    config = bundle.config
+    print(
+        f"imported {args.framework} model: input {config.input_size}, LSTM "
+        f"{list(config.hidden_sizes)}, head {list(config.head_sizes)} -> {config.output_size} "
+        f"({bundle.outputs.activation}); scaling: "
+        f"{'min/max' if bundle.input_scaler else 'none'}; saved {args.out}"
+    )
+    return 0
 
 
 def _train(argv: list[str]) -> int:

@@ -1,0 +1,185 @@
+"""What a model's raw outputs mean: how they become predictions, and the anomaly score.
+
+A forecasting model may learn the *change* of its target (``transform="diff"``)
+so that a series trending past its training range still works; the engine
+then adds the target's current level, read from the tick's own input column
+``target_feature``, so predictions are always levels. A classifier ends in a
+sigmoid or softmax and predicts class probabilities.
+
+The anomaly score of a forecasting model compares each tick's target value
+with the forecast made ``horizon`` ticks earlier: the residual, normalised
+per stream by an exponentially weighted mean and variance (a z-score). Its
+per-stream state lives in the state store's ``extra`` columns, so it is reset,
+evicted, snapshotted and restored together with ``(h, c)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from streamlstm.errors import ConfigError
+
+__all__ = ["OutputSpec", "ResidualScore"]
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+
+_ACTIVATIONS = ("linear", "sigmoid", "softmax")
+_TRANSFORMS = ("level", "diff")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputSpec:
+    """How ``[N, outputs]`` model outputs become predictions in target units.
+
+    ``activation`` is applied first (``softmax`` across outputs), then the
+    bundle's target scaler is inverted, then for ``transform="diff"`` the
+    current level ``x[:, target_feature]`` is added. ``classes`` names the
+    outputs of a classifier. ``score_span`` (ticks) turns on the anomaly score
+    of a single-output forecaster whose target is one of its inputs.
+    """
+
+    activation: str = "linear"
+    transform: str = "level"
+    target_feature: int | None = None
+    horizon: int = 1
+    classes: tuple[str, ...] = field(default_factory=tuple)
+    score_span: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+        if self.activation not in _ACTIVATIONS:
+            raise ConfigError(
+                f"outputs.activation: must be one of {', '.join(_ACTIVATIONS)}, "
+                f"got {self.activation!r}"
+            )
+        if self.transform not in _TRANSFORMS:
+            raise ConfigError(
+                f"outputs.transform: must be one of {', '.join(_TRANSFORMS)}, "
+                f"got {self.transform!r}"
+            )
+        for name in ("horizon", "score_span"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"outputs.{name}: must be an integer, got {value!r}")
+            if value is not None and value < 1:
+                raise ConfigError(f"outputs.{name}: must be at least 1, got {value}")
+        if self.target_feature is not None and (
+            isinstance(self.target_feature, bool)
+            or not isinstance(self.target_feature, int)
+            or self.target_feature < 0
+        ):
+            raise ConfigError(
+                f"outputs.target_feature: must be a column index, got {self.target_feature!r}"
+            )
+        if self.transform == "diff" and self.target_feature is None:
+            raise ConfigError(
+                "outputs.transform: 'diff' needs target_feature, the input column that "
+                "holds the target's current level"
+            )
+        if self.classes and (self.transform != "level" or self.score_span is not None):
+            raise ConfigError("outputs: a classifier has no diff transform and no anomaly score")
+        if self.score_span is not None and self.target_feature is None:
+            raise ConfigError(
+                "outputs.score_span: the anomaly score needs target_feature, the input "
+                "column that holds the target's value"
+            )
+
+    @property
+    def is_classifier(self) -> bool:
+        return bool(self.classes)
+
+    def check(self, input_size: int, output_size: int) -> None:
+        """Raise ``ConfigError`` if this spec does not fit a model of these sizes."""
+        if self.target_feature is not None and self.target_feature >= input_size:
+            raise ConfigError(
+                f"outputs.target_feature: column {self.target_feature} of {input_size} inputs"
+            )
+        if self.classes and len(self.classes) != output_size:
+            raise ConfigError(
+                f"outputs.classes: {len(self.classes)} classes for {output_size} outputs"
+            )
+        if (self.transform == "diff" or self.score_span is not None) and output_size != 1:
+            raise ConfigError("outputs: diff and the anomaly score need a single output")
+
+    def finish(self, y: F32, x: F32, unscale: Callable[[F32], F32]) -> F32:
+        """Model outputs ``y [N, O]`` and raw inputs ``x [N, F]`` -> predictions ``[N, O]``."""
+        out = np.asarray(y, dtype=np.float32)
+        if self.activation == "sigmoid":
+            out = (1.0 / (1.0 + np.exp(-out.astype(np.float64)))).astype(np.float32)
+        elif self.activation == "softmax":
+            z = out.astype(np.float64)
+            z = np.exp(z - z.max(axis=1, keepdims=True))
+            out = (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+        out = unscale(out)
+        if self.transform == "diff":
+            assert self.target_feature is not None
+            out = out + x[:, self.target_feature : self.target_feature + 1]
+        return np.asarray(out, dtype=np.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["classes"] = list(self.classes)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> OutputSpec:
+        if not data:
+            return cls()
+        unknown = sorted(set(data) - {f for f in cls.__dataclass_fields__})
+        if unknown:
+            raise ConfigError(f"outputs: unknown field(s) {', '.join(unknown)}")
+        try:
+            return cls(**{**data, "classes": tuple(data.get("classes") or ())})
+        except TypeError as exc:
+            raise ConfigError(f"outputs: {exc}") from exc
+
+
+class ResidualScore:
+    """The per-stream anomaly score over state columns ``[ring of horizon forecasts,
+    mean, variance, count]`` (float64, one row per stream slot).
+
+    ``update`` takes one round of distinct streams: their step counts (after
+    this tick), target values and fresh forecasts; it returns ``|z|`` of each
+    tick's residual against the forecast made ``horizon`` ticks earlier (NaN
+    while fewer than ``min_count`` residuals have been seen), then records the
+    residual and the new forecast.
+    """
+
+    min_count = 2
+
+    def __init__(self, horizon: int, span: int) -> None:
+        self.horizon = horizon
+        self.alpha = 2.0 / (span + 1.0)
+        self.width = horizon + 3
+
+    def update(self, extra: F64, slots: I64, steps: I64, values: F32, forecasts: F32) -> F64:
+        h = self.horizon
+        ring = steps % h
+        rows = extra[slots]
+        previous = rows[np.arange(slots.size), ring]
+        mean, var, count = rows[:, h], rows[:, h + 1], rows[:, h + 2]
+        has_residual = steps > h
+        residual = values.astype(np.float64) - previous
+        with np.errstate(invalid="ignore", divide="ignore"):
+            # The epsilon keeps a jump after perfectly steady residuals finite but large.
+            z = np.abs(residual - mean) / np.sqrt(var + 1e-12)
+        z[~np.isfinite(z)] = 0.0
+        scores = np.where(has_residual & (count >= self.min_count), z, math.nan)
+        delta = np.where(has_residual, residual - mean, 0.0)
+        a = np.where(has_residual, self.alpha, 0.0)
+        # First residual: the mean starts at it rather than creeping up from zero.
+        first = has_residual & (count == 0)
+        rows[:, h] = np.where(first, residual, mean + a * delta)
+        rows[:, h + 1] = np.where(first, 0.0, (1.0 - a) * (var + a * delta * delta))
+        rows[:, h + 2] = count + has_residual
+        rows[np.arange(slots.size), ring] = forecasts.astype(np.float64)
+        extra[slots] = rows
+        return scores

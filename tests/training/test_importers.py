@@ -1,0 +1,196 @@
+"""Importers: the bundle reproduces the original framework's outputs on the same windows."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from streamlstm import Bundle, BundleError, ConfigError, Engine
+from streamlstm.cli import main as cli_main
+
+WINDOW = 60
+
+
+class TutorialLSTM(nn.Module):
+    """The common PyTorch tutorial model, as users write it."""
+
+    def __init__(self, input_size: int = 1, hidden: int = 48, layers: int = 2) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(input_size, hidden, layers, batch_first=True, dropout=0.2)
+        self.fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(hidden, 24), nn.ReLU(), nn.Linear(24, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(x)
+        return self.fc(out[:, -1])  # type: ignore[no-any-return]
+
+
+def _windows(
+    rng: np.random.Generator, count: int, features: int, lo: float, hi: float
+) -> np.ndarray:
+    walk = np.cumsum(rng.normal(0, 1, (count, WINDOW, features)), axis=1)
+    return (lo + (hi - lo) * (walk - walk.min()) / np.ptp(walk)).astype(np.float32)
+
+
+def test_torch_state_dict_imports_and_matches(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    model = TutorialLSTM(input_size=2).eval()
+    path = tmp_path / "tutorial.pth"
+    torch.save(model.state_dict(), path)
+    lo, hi = np.array([100.0, -3.0]), np.array([200.0, 5.0])
+    code = cli_main(
+        [
+            "import", "torch", "--state-dict", str(path), "--out", str(tmp_path / "b"),
+            "--features", "price,volume", "--feature-min", "100,-3", "--feature-max", "200,5",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    bundle = Bundle.load(tmp_path / "b")
+    assert bundle.config.hidden_sizes == (48, 48)
+    assert bundle.config.head_sizes == (24,)
+    raw = _windows(np.random.default_rng(0), 6, 2, 100, 200)
+    raw[:, :, 1] = raw[:, :, 1] / 25 - 3
+    with torch.no_grad():
+        expected_scaled = model(torch.from_numpy(((raw - lo) / (hi - lo)).astype(np.float32)))
+    # The tutorial inverse-transforms with the price column's scaler.
+    expected = expected_scaled.numpy()[:, 0] * (hi[0] - lo[0]) + lo[0]
+    got = np.array([bundle.predict_sequence(w)[-1, 0] for w in raw])
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    # And served through the engine, each window as its own stream, interleaved.
+    engine = Engine(bundle)
+    ids = [f"w{i}" for i in range(len(raw))]
+    for t in range(WINDOW):
+        out = engine.step(ids, raw[:, t]).predictions[:, 0]
+    np.testing.assert_allclose(out, expected, atol=1e-4)
+
+
+def test_torch_scaler_fit_from_a_data_file(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    model = TutorialLSTM().eval()
+    torch.save({"model_state_dict": model.state_dict(), "epoch": 3}, tmp_path / "ckpt.pth")
+    prices = 50 + np.cumsum(np.random.default_rng(3).normal(0, 1, 400))
+    pd.DataFrame({"Close": prices}).to_csv(tmp_path / "prices.csv", index=False)
+    assert cli_main(
+        [
+            "import", "torch", "--state-dict", str(tmp_path / "ckpt.pth"),
+            "--out", str(tmp_path / "b"), "--scaler-data", str(tmp_path / "prices.csv"),
+            "--features", "Close",
+        ]
+    ) == 0  # fmt: skip
+    bundle = Bundle.load(tmp_path / "b")
+    lo, hi = prices.min(), prices.max()
+    window = prices[-WINDOW:].astype(np.float32)
+    with torch.no_grad():
+        scaled = torch.from_numpy(((window - lo) / (hi - lo)).astype(np.float32))[None, :, None]
+        expected = float(model(scaled)[0, 0]) * (hi - lo) + lo
+    assert bundle.predict_sequence(window[:, None])[-1, 0] == pytest.approx(expected, abs=1e-3)
+
+
+def test_torch_pickled_model_object_is_refused_without_running_it(tmp_path: Path) -> None:
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (Path.touch, (str(marker),))  # type: ignore[return-value]
+
+    with (tmp_path / "evil.pth").open("wb") as fh:
+        pickle.dump({"lstm.weight_ih_l0": Payload()}, fh)
+    with pytest.raises(BundleError, match="state_dict"):
+        from training.importers import import_torch
+
+        import_torch(tmp_path / "evil.pth")
+    assert not marker.exists()
+
+
+def test_torch_bidirectional_and_foreign_tensors_are_refused(tmp_path: Path) -> None:
+    from training.importers import import_torch
+
+    bi = nn.LSTM(1, 8, batch_first=True, bidirectional=True)
+    state = {f"lstm.{k}": v for k, v in bi.state_dict().items()}
+    state |= {"fc.weight": torch.zeros(1, 16), "fc.bias": torch.zeros(1)}
+    torch.save(state, tmp_path / "bi.pth")
+    with pytest.raises(ConfigError, match="cannot stream"):
+        import_torch(tmp_path / "bi.pth")
+    model = TutorialLSTM()
+    extra = dict(model.state_dict()) | {"norm.weight": torch.ones(48)}
+    torch.save(extra, tmp_path / "extra.pth")
+    with pytest.raises(BundleError, match=r"norm\.weight"):
+        import_torch(tmp_path / "extra.pth")
+
+
+def _randomise(model: keras.Model, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    # Keras starts biases at zero; random ones make the bias mapping matter.
+    model.set_weights([rng.normal(0, 0.3, w.shape).astype(np.float32) for w in model.get_weights()])
+
+
+def test_keras_tutorial_model_matches_keras(tmp_path: Path) -> None:
+    model = keras.Sequential(
+        [
+            keras.Input((WINDOW, 1)),
+            keras.layers.LSTM(128, return_sequences=True),
+            keras.layers.Dropout(0.2),
+            keras.layers.LSTM(64),
+            keras.layers.Dropout(0.2),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(1),
+        ]
+    )
+    _randomise(model, 0)
+    model.save(tmp_path / "tutorial.keras")
+    x = np.random.default_rng(1).uniform(0, 1, (8, WINDOW, 1)).astype(np.float32)
+    expected = np.asarray(model.predict(x, verbose=0))[:, 0]
+    assert (
+        cli_main(
+            ["import", "keras", str(tmp_path / "tutorial.keras"), "--out", str(tmp_path / "b")]
+        )
+        == 0
+    )
+    bundle = Bundle.load(tmp_path / "b")
+    assert bundle.config.hidden_sizes == (128, 64)
+    assert bundle.config.head_sizes == (32,)
+    assert bundle.input_scaler is None and bundle.target_scaler is None
+    assert bundle.warmup_steps == WINDOW
+    got = np.array([bundle.predict_sequence(w)[-1, 0] for w in x])
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_keras_functional_sequence_model_with_softmax(tmp_path: Path) -> None:
+    inputs = keras.Input((20, 3))
+    h = keras.layers.LSTM(16, return_sequences=True)(inputs)
+    h = keras.layers.LSTM(16, return_sequences=True)(h)
+    h = keras.layers.Dense(8, activation="tanh")(h)
+    outputs = keras.layers.Dense(4, activation="softmax")(h)
+    model = keras.Model(inputs, outputs)
+    _randomise(model, 5)
+    model.save(tmp_path / "seq.keras")
+    x = np.random.default_rng(2).normal(0, 1, (3, 20, 3)).astype(np.float32)
+    expected = np.asarray(model.predict(x, verbose=0))  # [3, 20, 4], an output every step
+    from training.importers import import_keras
+
+    bundle = import_keras(tmp_path / "seq.keras")
+    assert bundle.outputs.activation == "softmax"
+    for window, want in zip(x, expected, strict=True):
+        np.testing.assert_allclose(bundle.predict_sequence(window), want, atol=1e-4)
+
+
+def test_keras_unsupported_layers_and_bad_files_are_named(tmp_path: Path) -> None:
+    from training.importers import import_keras
+
+    model = keras.Sequential([keras.Input((10, 1)), keras.layers.GRU(4), keras.layers.Dense(1)])
+    model.save(tmp_path / "gru.keras")
+    with pytest.raises(ConfigError, match="GRU"):
+        import_keras(tmp_path / "gru.keras")
+    with zipfile.ZipFile(tmp_path / "empty.keras", "w") as archive:
+        archive.writestr("metadata.json", "{}")
+    with pytest.raises(BundleError, match=r"config\.json"):
+        import_keras(tmp_path / "empty.keras")
+    with pytest.raises(BundleError, match="does not exist"):
+        import_keras(tmp_path / "missing.keras")

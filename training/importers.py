@@ -1,0 +1,403 @@
+"""Importing LSTMs trained elsewhere: a PyTorch state dict, a Keras 3 ``.keras`` file.
+
+Neither path unpickles anything: the state dict is read with
+``torch.load(weights_only=True)``; the Keras file is a zip whose
+``config.json`` gives the layer stack and whose ``model.weights.h5`` is read
+with h5py (TensorFlow is never needed).
+
+Both frameworks use the gate order (input, forget, cell, output), so an LSTM
+layer moves over as ``w_ih = kernel.T``, ``w_hh = recurrent_kernel.T``,
+``b_ih = bias``, ``b_hh = 0`` (Keras has one bias; PyTorch adds two).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from streamlstm import Affine, Bundle, ModelConfig, OutputSpec, StreamLSTM
+from streamlstm.errors import BundleError, ConfigError, InputError
+from streamlstm.model import LSTMWeights
+from training.data import numeric_columns, read_table
+
+__all__ = ["ScalerSource", "import_keras", "import_torch"]
+
+_SKIPPED_KERAS_LAYERS = {"InputLayer", "Dropout", "SpatialDropout1D", "GaussianDropout"}
+_HEAD_ACTIVATIONS = {"relu", "tanh", "sigmoid", "linear"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScalerSource:
+    """Where an imported model's MinMax scaling comes from (nothing: no scaling).
+
+    Either ``data`` (a CSV/Parquet file; the scaler is fit on its first
+    ``fit_fraction`` of rows, like the tutorial that trained the model) or
+    explicit per-column ``feature_min``/``feature_max`` (and target min/max,
+    defaulting to the target column's feature bounds).
+    """
+
+    features: tuple[str, ...] = ()
+    target: str | None = None
+    data: str | None = None
+    fit_fraction: float = 1.0
+    feature_min: tuple[float, ...] = ()
+    feature_max: tuple[float, ...] = ()
+    target_min: float | None = None
+    target_max: float | None = None
+
+    def scalers(self, input_size: int) -> tuple[Affine | None, Affine | None]:
+        if self.data is None and not self.feature_min and not self.feature_max:
+            return None, None
+        target = self.target or (self.features[0] if self.features else None)
+        if self.data is not None:
+            if len(self.features) != input_size:
+                raise ConfigError(
+                    f"features: the model takes {input_size} inputs; name that many columns "
+                    f"with --features to fit its scaler (got {len(self.features)})"
+                )
+            if not 0.0 < self.fit_fraction <= 1.0:
+                raise ConfigError(
+                    f"scaler_fit_fraction: must be in (0, 1], got {self.fit_fraction}"
+                )
+            frame = read_table(self.data)
+            cols = list(dict.fromkeys([*self.features, target or self.features[0]]))
+            values = numeric_columns(frame, cols, "features")
+            values = values.iloc[: max(1, int(len(values) * self.fit_fraction))]
+            lo = values[list(self.features)].min().to_numpy()
+            hi = values[list(self.features)].max().to_numpy()
+            t_lo = float(values[target].min()) if target else lo[0]
+            t_hi = float(values[target].max()) if target else hi[0]
+        else:
+            if len(self.feature_min) != input_size or len(self.feature_max) != input_size:
+                raise ConfigError(
+                    f"feature_min/feature_max: the model takes {input_size} inputs; give "
+                    f"{input_size} values each (got {len(self.feature_min)} and "
+                    f"{len(self.feature_max)})"
+                )
+            lo, hi = np.asarray(self.feature_min), np.asarray(self.feature_max)
+            index = self.features.index(target) if target in self.features else 0
+            t_lo = self.target_min if self.target_min is not None else float(lo[index])
+            t_hi = self.target_max if self.target_max is not None else float(hi[index])
+        if (np.asarray(hi) < np.asarray(lo)).any() or t_hi < t_lo:
+            raise ConfigError("scaler: a maximum is below its minimum")
+        return Affine.from_min_max(lo, hi), Affine.from_min_max([t_lo], [t_hi])
+
+
+# -- PyTorch ------------------------------------------------------------------
+
+
+def import_torch(
+    path: str | Path,
+    *,
+    scaler: ScalerSource | None = None,
+    lstm_prefix: str = "lstm",
+    head_prefix: str = "fc",
+    head_activation: str = "relu",
+    name: str | None = None,
+) -> Bundle:
+    """A bundle from a tutorial model's ``state_dict`` (``lstm`` + ``fc`` head).
+
+    The LSTM's layer count and sizes and the head's widths are read from the
+    tensor shapes; the head's hidden activation cannot be (a state dict holds
+    no activations) and defaults to the tutorial's ReLU.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise BundleError(f"state dict {str(file)!r} does not exist")
+    try:
+        loaded = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError) as exc:
+        raise BundleError(
+            f"{file.name}: not a plain state dict ({str(exc).splitlines()[0]}). streamlstm "
+            "never unpickles model objects; save it with torch.save(model.state_dict(), path)"
+        ) from exc
+    tensors = _state_dict(loaded, file.name)
+    if head_activation not in _HEAD_ACTIVATIONS:
+        raise ConfigError(
+            f"head_activation: must be one of {', '.join(sorted(_HEAD_ACTIVATIONS))}, "
+            f"got {head_activation!r}"
+        )
+    lstm_keys = {k for k in tensors if k.startswith(f"{lstm_prefix}.")}
+    if not lstm_keys:
+        raise BundleError(
+            f"{file.name}: no tensors named {lstm_prefix}.* (it has {', '.join(sorted(tensors))}); "
+            "pass --lstm-prefix with the name of the model's nn.LSTM"
+        )
+    if any(k.endswith("_reverse") for k in lstm_keys):
+        ModelConfig(bidirectional=True)  # raises the error that says why it cannot stream
+    if any("weight_hr" in k for k in lstm_keys):
+        raise ConfigError("lstm: LSTMs with proj_size are not supported")
+    layers: list[LSTMWeights] = []
+    while f"{lstm_prefix}.weight_ih_l{len(layers)}" in tensors:
+        k = len(layers)
+        w_ih = tensors[f"{lstm_prefix}.weight_ih_l{k}"]
+        w_hh = tensors[f"{lstm_prefix}.weight_hh_l{k}"]
+        zeros = torch.zeros(w_ih.shape[0])
+        b_ih = tensors.get(f"{lstm_prefix}.bias_ih_l{k}", zeros)
+        b_hh = tensors.get(f"{lstm_prefix}.bias_hh_l{k}", zeros)
+        layers.append((w_ih, w_hh, b_ih, b_hh))
+    linears = _torch_head(tensors, head_prefix, file.name)
+    used = lstm_keys | {k for k in tensors if k.startswith(f"{head_prefix}.")}
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise BundleError(
+            f"{file.name}: tensors outside {lstm_prefix} and {head_prefix}: {', '.join(extra)}; "
+            "only an LSTM followed by a Linear head can be imported"
+        )
+    config = ModelConfig(
+        input_size=int(layers[0][0].shape[1]),
+        hidden_sizes=tuple(int(w_hh.shape[1]) for _, w_hh, _, _ in layers),
+        head_sizes=tuple(int(w.shape[0]) for w, _ in linears[:-1]),
+        output_size=int(linears[-1][0].shape[0]),
+        head_activation=head_activation,
+    )
+    return _bundle(config, layers, linears, scaler, name or file.stem, {"source": "torch"})
+
+
+def _state_dict(loaded: object, filename: str) -> dict[str, torch.Tensor]:
+    if isinstance(loaded, Mapping):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(loaded.get(key), Mapping):
+                loaded = loaded[key]
+                break
+    if not isinstance(loaded, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in loaded.values()
+    ):
+        raise BundleError(f"{filename}: expected a state dict of tensors")
+    return {str(k).removeprefix("module."): v.float() for k, v in loaded.items()}
+
+
+def _torch_head(
+    tensors: Mapping[str, torch.Tensor], prefix: str, filename: str
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    pattern = re.compile(rf"^{re.escape(prefix)}((?:\.\d+)*)\.weight$")
+    found = []
+    for key, tensor in tensors.items():
+        match = pattern.match(key)
+        if match and tensor.ndim == 2:
+            position = tuple(int(p) for p in match.group(1).split(".") if p)
+            bias = tensors.get(key[: -len("weight")] + "bias", torch.zeros(tensor.shape[0]))
+            found.append((position, tensor, bias))
+    if not found:
+        raise BundleError(
+            f"{filename}: no Linear weights named {prefix}.*; pass --head-prefix with the "
+            "name of the model's head"
+        )
+    found.sort(key=lambda item: item[0])
+    linears = [(w, b) for _, w, b in found]
+    for (w0, _), (w1, _) in itertools.pairwise(linears):
+        if w1.shape[1] != w0.shape[0]:
+            raise BundleError(
+                f"{filename}: head layers do not chain ({list(w0.shape)} then {list(w1.shape)})"
+            )
+    return linears
+
+
+# -- Keras --------------------------------------------------------------------
+
+
+def import_keras(
+    path: str | Path, *, scaler: ScalerSource | None = None, name: str | None = None
+) -> Bundle:
+    """A bundle from a Keras 3 ``.keras`` file of LSTM layers then Dense layers."""
+    file = Path(path)
+    if not file.is_file():
+        raise BundleError(f"Keras file {str(file)!r} does not exist")
+    try:
+        with zipfile.ZipFile(file) as archive:
+            config = json.loads(archive.read("config.json"))
+            weights_bytes = archive.read("model.weights.h5")
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as exc:
+        raise BundleError(
+            f"{file.name}: not a Keras 3 .keras file (a zip holding config.json and "
+            f"model.weights.h5): {exc}"
+        ) from exc
+    import h5py  # only the Keras path needs it
+
+    specs = _keras_layers(config, file.name)
+    lstm_specs = [s for s in specs if s["class_name"] == "LSTM"]
+    dense_specs = [s for s in specs if s["class_name"] == "Dense"]
+    with h5py.File(io.BytesIO(weights_bytes), "r") as h5:
+        layers: list[LSTMWeights] = []
+        for spec in lstm_specs:
+            kernel, recurrent, *rest = _keras_vars(h5, spec, cell=True, filename=file.name)
+            units = int(spec["config"]["units"])
+            bias = torch.from_numpy(rest[0]) if rest else torch.zeros(4 * units)
+            layers.append(
+                (
+                    torch.from_numpy(kernel).T.contiguous(),
+                    torch.from_numpy(recurrent).T.contiguous(),
+                    bias,
+                    torch.zeros(4 * units),
+                )
+            )
+        linears = []
+        for spec in dense_specs:
+            kernel, *rest = _keras_vars(h5, spec, cell=False, filename=file.name)
+            bias = torch.from_numpy(rest[0]) if rest else torch.zeros(kernel.shape[1])
+            linears.append((torch.from_numpy(kernel).T.contiguous(), bias))
+    hidden_acts = {s["config"].get("activation", "linear") for s in dense_specs[:-1]}
+    if len(hidden_acts) > 1:
+        raise ConfigError(
+            f"{file.name}: hidden Dense layers mix activations {sorted(hidden_acts)}; "
+            "a streamlstm head uses one"
+        )
+    last_act = dense_specs[-1]["config"].get("activation", "linear")
+    window = _keras_window(specs)
+    model_config = ModelConfig(
+        input_size=int(layers[0][0].shape[1]),
+        hidden_sizes=tuple(int(s["config"]["units"]) for s in lstm_specs),
+        head_sizes=tuple(int(s["config"]["units"]) for s in dense_specs[:-1]),
+        output_size=int(dense_specs[-1]["config"]["units"]),
+        head_activation=hidden_acts.pop() if hidden_acts else "relu",
+        dropout=0.0,
+    )
+    meta = {"source": "keras", "window": window}
+    return _bundle(
+        model_config,
+        layers,
+        linears,
+        scaler,
+        name or file.stem,
+        meta,
+        activation=last_act,
+    )
+
+
+def _keras_layers(config: Mapping[str, Any], filename: str) -> list[dict[str, Any]]:
+    kind = config.get("class_name")
+    if kind not in ("Sequential", "Functional", "Model"):
+        raise BundleError(f"{filename}: a {kind} cannot be imported; expected a Sequential model")
+    specs: list[dict[str, Any]] = []
+    counts: dict[str, int] = {}
+    for layer in config.get("config", {}).get("layers", []):
+        cls = layer.get("class_name")
+        cfg = layer.get("config", {})
+        # Keras 3 stores weights under the snake-cased class name, numbered
+        # per class in layer order ("lstm", "lstm_1"), not under the layer name.
+        key = re.sub(r"([a-z])([A-Z])", r"\1_\2", re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", cls))
+        seen = counts.get(key.lower(), 0)
+        counts[key.lower()] = seen + 1
+        layer = {**layer, "h5_name": key.lower() if seen == 0 else f"{key.lower()}_{seen}"}
+        label = f"layer {cfg.get('name', '?')!r} ({cls})"
+        for node in layer.get("inbound_nodes") or []:
+            args = node.get("args", []) if isinstance(node, dict) else node
+            if isinstance(args, list) and len(args) > 1:
+                raise BundleError(f"{filename}: {label} has several inputs; only a stack imports")
+        if cls in _SKIPPED_KERAS_LAYERS:
+            specs.append(layer)
+            continue
+        if cls == "LSTM":
+            if cfg.get("go_backwards"):
+                raise ConfigError(f"{filename}: {label} runs backwards in time and cannot stream")
+            if cfg.get("activation", "tanh") != "tanh" or (
+                cfg.get("recurrent_activation", "sigmoid") != "sigmoid"
+            ):
+                raise ConfigError(
+                    f"{filename}: {label} uses activation {cfg.get('activation')!r} / "
+                    f"recurrent_activation {cfg.get('recurrent_activation')!r}; only "
+                    "tanh / sigmoid (the Keras defaults) are supported"
+                )
+        elif cls == "Dense":
+            activation = cfg.get("activation", "linear")
+            if activation not in _HEAD_ACTIVATIONS | {"softmax"}:
+                raise ConfigError(f"{filename}: {label} has unsupported activation {activation!r}")
+        elif cls == "Bidirectional":
+            ModelConfig(bidirectional=True)
+        else:
+            raise ConfigError(
+                f"{filename}: {label} is not supported; streamlstm imports LSTM layers "
+                "followed by Dense layers (Dropout and InputLayer are skipped)"
+            )
+        specs.append(layer)
+    kinds = [s["class_name"] for s in specs if s["class_name"] not in _SKIPPED_KERAS_LAYERS]
+    n_lstm = kinds.count("LSTM")
+    if not n_lstm or kinds[:n_lstm] != ["LSTM"] * n_lstm or "Dense" not in kinds:
+        raise ConfigError(
+            f"{filename}: expected LSTM layers then Dense layers, got {' -> '.join(kinds)}"
+        )
+    lstms = [s for s in specs if s["class_name"] == "LSTM"]
+    for spec in lstms[:-1]:
+        if not spec["config"].get("return_sequences"):
+            raise ConfigError(
+                f"{filename}: LSTM {spec['config'].get('name')!r} feeds another LSTM, so it "
+                "must have return_sequences=True"
+            )
+    denses = [s for s in specs if s["class_name"] == "Dense"]
+    if any(s["config"].get("activation") == "softmax" for s in denses[:-1]):
+        raise ConfigError(f"{filename}: softmax is only supported on the last Dense layer")
+    return [s for s in specs if s["class_name"] in ("LSTM", "Dense", "InputLayer")]
+
+
+def _keras_window(specs: Sequence[Mapping[str, Any]]) -> int | None:
+    for spec in specs:
+        cfg = spec["config"]
+        shape = cfg.get("batch_shape") or cfg.get("batch_input_shape")
+        if shape is None and "build_config" in spec:
+            shape = spec["build_config"].get("input_shape")
+        if shape and len(shape) == 3 and isinstance(shape[1], int):
+            return int(shape[1])
+    return None
+
+
+def _keras_vars(h5: Any, spec: Mapping[str, Any], *, cell: bool, filename: str) -> list[Any]:
+    layer_name = spec["config"]["name"]
+    suffix = "/cell/vars" if cell else "/vars"
+    group_path = f"layers/{spec['h5_name']}{suffix}"
+    if group_path not in h5:
+        group_path = f"layers/{layer_name}{suffix}"
+    if group_path not in h5:
+        raise BundleError(
+            f"{filename}: weights for layer {layer_name!r} not found at {group_path} in "
+            "model.weights.h5"
+        )
+    group = h5[group_path]
+    return [np.asarray(group[key], dtype=np.float32) for key in sorted(group, key=int)]
+
+
+# -- shared -------------------------------------------------------------------
+
+
+def _bundle(
+    config: ModelConfig,
+    layers: Sequence[LSTMWeights],
+    linears: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    scaler: ScalerSource | None,
+    name: str,
+    meta: dict[str, Any],
+    *,
+    activation: str = "linear",
+) -> Bundle:
+    model = StreamLSTM(config)
+    model.assign_weights(layers, linears)
+    source = scaler or ScalerSource()
+    input_scaler, target_scaler = source.scalers(config.input_size)
+    if input_scaler is not None and activation != "linear":
+        raise InputError("scaler", f"a model ending in {activation} does not take a target scaler")
+    features = source.features if len(source.features) == config.input_size else None
+    target = source.target or (source.features[0] if features else None)
+    window = meta.get("window")
+    return Bundle(
+        config=config,
+        model=model,
+        feature_names=features,
+        target_names=(target,) if target and config.output_size == 1 else None,
+        input_scaler=input_scaler,
+        target_scaler=target_scaler,
+        # A window-trained model has seen at most `window` ticks of history.
+        warmup_steps=int(window) if isinstance(window, int) else 0,
+        name=name,
+        training={"imported": meta, "scaler_data": source.data},
+        outputs=OutputSpec(activation=activation),
+    )
