@@ -103,6 +103,7 @@ class Server:
         self._started = False
         self._stopped = False
         self._model_id = ""
+        self._has_score = False
         self._recent_latency: collections.deque[np.ndarray] = collections.deque(maxlen=64)
         self._totals: collections.Counter[str] = collections.Counter()
         self.recent_event_latency: collections.deque[np.ndarray] = collections.deque(maxlen=4096)
@@ -132,6 +133,7 @@ class Server:
         bundle = self._bundle or Bundle.load(cfg.model)
         self.engine = Engine(bundle, max_streams=cfg.max_streams, idle_ttl_s=cfg.idle_ttl_s)
         self._model_id = bundle.model_id
+        self._has_score = bundle.outputs.score_span is not None
         self.metrics.model_info.info(
             {
                 "model": self._model_id,
@@ -346,6 +348,8 @@ class Server:
             predictions = result.predictions.tolist()
             steps = result.steps.tolist()
             ready = result.ready.tolist()
+            # A model with an anomaly score puts "score" (null while warming up) in every output.
+            scores = result.scores.tolist() if self._has_score else None
             rejected = {r.index: r for r in result.rejections}
             for i, (stream, msg) in enumerate(zip(batch.ids, batch.messages, strict=True)):
                 if i in rejected:
@@ -361,6 +365,7 @@ class Server:
                     step=steps[i],
                     ready=ready[i],
                     model=self._model_id,
+                    score=None if scores is None else scores[i],
                 )
                 key = msg.key or stream.encode()
                 sends.append(await producer.send(cfg.output_topic, value=value, key=key))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from streamlstm import Bundle
 from streamlstm.errors import ConfigError
@@ -16,14 +17,28 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="CSV or Parquet file")
     parser.add_argument("--features", help="comma-separated input columns")
     parser.add_argument("--target", help="column to forecast (default: the first feature)")
-    parser.add_argument("--time-column")
-    parser.add_argument("--stream-column")
+    parser.add_argument("--time-column", help="sort by this column; gaps and duplicates are errors")
+    parser.add_argument("--stream-column", help="one series per value of this column")
+    parser.add_argument(
+        "--label-column",
+        help="classify: the class of each tick; forecast: 0/1 anomaly labels for the score's "
+        "ROC AUC",
+    )
+    parser.add_argument("--season", type=int, help="also compare with seasonal persistence")
+    parser.add_argument(
+        "--max-gap-factor",
+        type=float,
+        default=5.0,
+        help="a time step longer than this many median steps is an error (5)",
+    )
+    parser.add_argument("--allow-gaps", action="store_true", help="do not check for time gaps")
+    parser.add_argument("--predictions-out", help="CSV of test-period predictions")
 
 
 def _print_metrics(metrics: dict[str, object]) -> None:
-    print(f"{'metric':<24} value")
+    print(f"{'metric':<28} value")
     for key, value in metrics.items():
-        print(f"{key:<24} {value:.6g}" if isinstance(value, float) else f"{key:<24} {value}")
+        print(f"{key:<28} {value:.6g}" if isinstance(value, float) else f"{key:<28} {value}")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -121,6 +136,13 @@ def _train(argv: list[str]) -> int:
     _data_arguments(parser)
     parser.add_argument("--out", required=True, help="bundle directory to write")
     parser.add_argument("--mode", choices=("stateful", "window"), default="stateful")
+    parser.add_argument("--task", choices=("forecast", "classify"), default="forecast")
+    parser.add_argument(
+        "--target-transform",
+        choices=("level", "diff"),
+        default="level",
+        help="diff: learn the change (for series that trend past their training range)",
+    )
     for name, kind, default in (
         ("seq-len", int, 60),
         ("hidden-size", int, 128),
@@ -132,15 +154,16 @@ def _train(argv: list[str]) -> int:
         ("clip-norm", float, 1.0),
         ("patience", int, 10),
         ("horizon", int, 1),
+        ("score-span", int, 100),
         ("seed", int, 0),
     ):
         parser.add_argument(f"--{name}", type=kind, default=default, help=f"(default {default})")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--predictions-out", help="CSV of test-period predictions")
     args = parser.parse_args(argv)
     if not args.features:
         parser.error("--features is required")
     from training.data import read_table
+    from training.plots import write_plots
     from training.train import TrainOptions, evaluate, prepare, train
 
     frame = read_table(args.data)
@@ -162,14 +185,23 @@ def _train(argv: list[str]) -> int:
         horizon=args.horizon,
         seed=args.seed,
         device=args.device,
+        task=args.task,
+        label_column=args.label_column,
+        target_transform=args.target_transform,
+        season=args.season,
+        score_span=args.score_span,
+        max_gap_factor=None if args.allow_gaps else args.max_gap_factor,
     )
     bundle = train(frame, opts)
     bundle.name = args.out.rstrip("/").split("/")[-1]
     bundle.save(args.out)
     _print_metrics(bundle.metrics)
+    classes = bundle.outputs.classes or None
+    _, predictions = evaluate(bundle, prepare(frame, opts, classes), season=opts.season)
+    plots = write_plots(Path(args.out) / "plots", bundle.training["history"], predictions)
     if args.predictions_out:
-        evaluate(bundle, prepare(frame, opts))[1].to_csv(args.predictions_out, index=False)
-    print(f"saved {args.out}", file=sys.stderr)
+        predictions.to_csv(args.predictions_out, index=False)
+    print(f"saved {args.out} (plots: {', '.join(p.name for p in plots)})", file=sys.stderr)
     return 0
 
 
@@ -177,23 +209,29 @@ def _evaluate(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="streamlstm evaluate")
     parser.add_argument("--model", required=True)
     _data_arguments(parser)
-    parser.add_argument("--predictions-out")
     args = parser.parse_args(argv)
     from training.data import read_table
     from training.train import TrainOptions, evaluate, prepare
 
     bundle = Bundle.load(args.model)
     features = args.features.split(",") if args.features else list(bundle.feature_names)
-    train_meta = bundle.training
+    meta = bundle.training
+    spec = bundle.outputs
     opts = TrainOptions(
         features=tuple(features),
-        target=args.target or bundle.target_names[0],
+        target=args.target or (None if spec.is_classifier else bundle.target_names[0]),
         time_column=args.time_column,
         stream_column=args.stream_column,
-        seq_len=int(train_meta.get("seq_len", 60)),
-        horizon=int(train_meta.get("horizon", 1)),
+        seq_len=int(meta.get("seq_len", 60)),
+        horizon=spec.horizon,
+        task="classify" if spec.is_classifier else "forecast",
+        label_column=args.label_column,
+        target_transform=spec.transform,
+        season=args.season if args.season is not None else meta.get("season"),
+        max_gap_factor=None if args.allow_gaps else args.max_gap_factor,
     )
-    metrics, frame = evaluate(bundle, prepare(read_table(args.data), opts))
+    series = prepare(read_table(args.data), opts, spec.classes or None)
+    metrics, frame = evaluate(bundle, series, season=opts.season)
     _print_metrics(metrics)
     if args.predictions_out:
         frame.to_csv(args.predictions_out, index=False)
