@@ -32,6 +32,12 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
         help="a time step longer than this many median steps is an error (5)",
     )
     parser.add_argument("--allow-gaps", action="store_true", help="do not check for time gaps")
+    parser.add_argument(
+        "--missing",
+        choices=("error", "interpolate", "ffill", "drop"),
+        default="error",
+        help="what to do with empty cells (error)",
+    )
     parser.add_argument("--predictions-out", help="CSV of test-period predictions")
 
 
@@ -139,9 +145,10 @@ def _train(argv: list[str]) -> int:
     parser.add_argument("--task", choices=("forecast", "classify"), default="forecast")
     parser.add_argument(
         "--target-transform",
-        choices=("level", "diff"),
-        default="level",
-        help="diff: learn the change (for series that trend past their training range)",
+        choices=("auto", "level", "diff"),
+        default="auto",
+        help="diff: learn the change (for series that trend past their training range); "
+        "auto (default): diff when the target is a feature and trends in the training part",
     )
     for name, kind, default in (
         ("seq-len", int, 60),
@@ -191,6 +198,7 @@ def _train(argv: list[str]) -> int:
         season=args.season,
         score_span=args.score_span,
         max_gap_factor=None if args.allow_gaps else args.max_gap_factor,
+        missing=args.missing,
     )
     bundle = train(frame, opts)
     bundle.name = args.out.rstrip("/").split("/")[-1]
@@ -229,6 +237,7 @@ def _evaluate(argv: list[str]) -> int:
         target_transform=spec.transform,
         season=args.season if args.season is not None else meta.get("season"),
         max_gap_factor=None if args.allow_gaps else args.max_gap_factor,
+        missing=args.missing,
     )
     series = prepare(read_table(args.data), opts, spec.classes or None)
     metrics, frame = evaluate(bundle, series, season=opts.season)

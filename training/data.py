@@ -36,8 +36,13 @@ def require_columns(frame: pd.DataFrame, columns: Sequence[str], what: str) -> N
         )
 
 
-def numeric_columns(frame: pd.DataFrame, columns: Sequence[str], what: str) -> pd.DataFrame:
-    """The columns as float64; a non-numeric cell is an error naming column and row."""
+def numeric_columns(
+    frame: pd.DataFrame, columns: Sequence[str], what: str, *, allow_missing: bool = False
+) -> pd.DataFrame:
+    """The columns as float64; a non-numeric cell is an error naming column and row.
+
+    An empty cell is an error too unless ``allow_missing`` (it is then NaN).
+    """
     require_columns(frame, columns, what)
     out = {}
     for col in columns:
@@ -49,8 +54,12 @@ def numeric_columns(frame: pd.DataFrame, columns: Sequence[str], what: str) -> p
                 what,
                 f"column {col!r} has a non-numeric value {frame[col].iloc[row]!r} at row {row + 2}",
             )
-        if converted.isna().any():
+        if converted.isna().any() and not allow_missing:
             row = int(converted.isna().to_numpy().nonzero()[0][0])
-            raise InputError(what, f"column {col!r} is empty at row {row + 2}")
+            raise InputError(
+                what,
+                f"column {col!r} is empty at row {row + 2}; pass --missing "
+                "interpolate|ffill|drop to fill or drop empty cells",
+            )
         out[col] = converted.astype("float64")
     return pd.DataFrame(out, index=frame.index)

@@ -10,7 +10,7 @@ import logging
 import math
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,9 @@ __all__ = ["Series", "TrainOptions", "evaluate", "prepare", "train"]
 logger = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
+
+#: Fewest optimizer steps in one epoch (short series repeat passes to reach it).
+MIN_UPDATES_PER_EPOCH = 50
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,21 +60,26 @@ class TrainOptions:
     progress: bool = True
     task: str = "forecast"
     label_column: str | None = None
-    target_transform: str = "level"
+    target_transform: str = "auto"
     season: int | None = None
     score_span: int = 100
     max_gap_factor: float | None = 5.0
+    missing: str = "error"
 
     def __post_init__(self) -> None:
+        if self.missing not in ("error", "interpolate", "ffill", "drop"):
+            raise ConfigError(
+                f"missing: must be error, interpolate, ffill or drop, got {self.missing!r}"
+            )
         if self.task not in ("forecast", "classify"):
             raise ConfigError(f"task: must be forecast or classify, got {self.task!r}")
         if self.task == "classify" and not self.label_column:
             raise ConfigError("label_column: --task classify needs --label-column")
         if self.mode not in ("stateful", "window"):
             raise ConfigError(f"mode: must be stateful or window, got {self.mode!r}")
-        if self.target_transform not in ("level", "diff"):
+        if self.target_transform not in ("auto", "level", "diff"):
             raise ConfigError(
-                f"target_transform: must be level or diff, got {self.target_transform!r}"
+                f"target_transform: must be auto, level or diff, got {self.target_transform!r}"
             )
         if self.target_transform == "diff" and self.target_column not in self.features:
             raise ConfigError(
@@ -125,7 +133,7 @@ def prepare(
         require_columns(frame, [opts.stream_column], "stream_column")
     if opts.time_column:
         require_columns(frame, [opts.time_column], "time_column")
-    values = numeric_columns(frame, cols, "features")
+    values = numeric_columns(frame, cols, "features", allow_missing=opts.missing != "error")
     labels = _labels(frame, opts, classes)
     groups = (
         frame.groupby(opts.stream_column, sort=True) if opts.stream_column else [("series", frame)]
@@ -134,7 +142,9 @@ def prepare(
     for stream, part in groups:
         if opts.time_column:
             part = _in_time_order(part, opts, stream)
-        v = values.loc[part.index]
+        v = _fill(values.loc[part.index], opts.missing)
+        if opts.missing == "drop":
+            part = part.loc[v.index]
         x = v[list(opts.features)].to_numpy(np.float32)
         level = v[target].to_numpy(np.float32)
         n = len(part) - opts.shift
@@ -155,6 +165,17 @@ def prepare(
             anomalies = None if lab is None else lab[:n]
             out.append(Series(str(stream), x[:n], y, split, level, anomalies))
     return out
+
+
+def _fill(values: pd.DataFrame, how: str) -> pd.DataFrame:
+    """Empty cells of one stream's columns (already in time order) filled or dropped."""
+    if how == "drop":
+        return values.dropna()
+    if how == "interpolate":
+        return values.interpolate(limit_direction="both")
+    if how == "ffill":
+        return values.ffill().bfill()
+    return values
 
 
 def _labels(
@@ -199,6 +220,8 @@ def _in_time_order(part: pd.DataFrame, opts: TrainOptions, stream: object) -> pd
             raise InputError(
                 "time_column", f"stream {stream!r}: {row!r} is neither a number nor a date"
             )
+        # Nanoseconds since the epoch: a plain number line for sorting and gaps.
+        times = (times - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(1, "ns")
     if times.duplicated().any():
         dup = raw[times.duplicated()].iloc[0]
         raise InputError("time_column", f"stream {stream!r} has duplicate timestamp {dup!r}")
@@ -227,6 +250,8 @@ def _seed(seed: int) -> None:
 
 def train(frame: pd.DataFrame, opts: TrainOptions) -> Bundle:
     _seed(opts.seed)
+    if opts.target_transform == "auto":
+        opts = replace(opts, target_transform=_choose_transform(frame, opts))
     classes = None
     if opts.task == "classify":
         assert opts.label_column is not None
@@ -329,6 +354,28 @@ def train(frame: pd.DataFrame, opts: TrainOptions) -> Bundle:
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _choose_transform(frame: pd.DataFrame, opts: TrainOptions) -> str:
+    """``diff`` for a trending target that is also an input, else ``level``.
+
+    A level model cannot forecast beyond the range it was trained on, which is
+    where a trending series' test period lies; learning the change can. The
+    test: a straight line explains more than half of some stream's training
+    variance.
+    """
+    if opts.task != "forecast" or opts.target_column not in opts.features:
+        return "level"
+    for s in prepare(frame, replace(opts, target_transform="level")):
+        level = s.level[: s.split].astype(np.float64)
+        t = np.arange(level.size)
+        slope, intercept = np.polyfit(t, level, 1)
+        residual = level - (slope * t + intercept)
+        total = float(np.var(level))
+        if total > 0 and 1.0 - float(np.var(residual)) / total > 0.5:
+            logger.info("stream %r: the target trends; learning its change (diff)", s.stream)
+            return "diff"
+    return "level"
+
+
 def _model_target(series: Series, opts: TrainOptions) -> F32:
     """What the model learns for a forecaster: the level ahead, or its change from now."""
     if opts.target_transform == "diff":
@@ -349,7 +396,29 @@ def _epoch(
     epoch: int,
 ) -> float:
     rng = np.random.default_rng(opts.seed + epoch)
-    losses = []
+    losses: list[float] = []
+    # A short series gives a pass of a handful of updates; an epoch repeats
+    # passes (fresh offsets each time) so that early stopping and the LR
+    # schedule judge a model after a meaningful amount of training.
+    while True:
+        before = len(losses)
+        _pass(model, xs, ys, series, opts, optimizer, loss_fn, device, rng, losses)
+        if len(losses) >= MIN_UPDATES_PER_EPOCH or len(losses) == before:
+            return float(np.mean(losses)) if losses else math.nan
+
+
+def _pass(
+    model: StreamLSTM,
+    xs: list[torch.Tensor],
+    ys: list[torch.Tensor],
+    series: list[Series],
+    opts: TrainOptions,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Loss,
+    device: torch.device,
+    rng: np.random.Generator,
+    losses: list[float],
+) -> None:
     if opts.mode == "window":
         windows = [(i, t) for i, s in enumerate(series) for t in range(opts.seq_len, s.split + 1)]
         rng.shuffle(windows)
@@ -359,13 +428,14 @@ def _epoch(
             y = torch.stack([ys[i][t - 1] for i, t in chunk]).to(device)
             out, _ = model(x)
             losses.append(_update(model, optimizer, loss_fn(out[:, -1], y), opts.clip_norm))
-        return float(np.mean(losses))
+        return
     # Stateful: lanes are (stream, random start offset); consecutive chunks carry state.
     lanes = []
     lanes_per_stream = max(1, opts.batch_size // len(series))
     for i in range(len(series)):
         for _ in range(lanes_per_stream):
             lanes.append((i, int(rng.integers(0, opts.seq_len))))
+    rng.shuffle(lanes)
     length = min(s.split for s in series)
     for b in range(0, len(lanes), opts.batch_size):
         group = lanes[b : b + opts.batch_size]
@@ -383,7 +453,6 @@ def _epoch(
             losses.append(
                 _update(model, optimizer, loss_fn(out[:, skip:], y[:, skip:]), opts.clip_norm)
             )
-    return float(np.mean(losses)) if losses else math.nan
 
 
 def _update(

@@ -24,11 +24,18 @@ def _trend(length: int = 700, seed: int = 0) -> pd.DataFrame:
 
 def test_diff_target_follows_a_trend_past_the_training_range() -> None:
     frame = _trend()
-    level = train(frame, TrainOptions(features=("value",), epochs=12, **SMALL))
+    level = train(
+        frame, TrainOptions(features=("value",), epochs=12, target_transform="level", **SMALL)
+    )
     diff = train(
         frame, TrainOptions(features=("value",), epochs=12, target_transform="diff", **SMALL)
     )
     assert diff.outputs.transform == "diff"
+    assert level.outputs.transform == "level"
+    # The default notices the trend and learns the change.
+    assert train(frame, TrainOptions(features=("value",), epochs=1, **SMALL)).outputs.transform == (
+        "diff"
+    )
     # The test period lies above anything seen in training: a level model
     # saturates there, a diff model does not.
     assert diff.metrics["rmse"] < 0.5 * level.metrics["rmse"]
