@@ -396,15 +396,35 @@ def _epoch(
     epoch: int,
 ) -> float:
     rng = np.random.default_rng(opts.seed + epoch)
-    losses: list[float] = []
+    losses = _RunningLoss(f"epoch {epoch + 1}", opts.progress)
     # A short series gives a pass of a handful of updates; an epoch repeats
     # passes (fresh offsets each time) so that early stopping and the LR
     # schedule judge a model after a meaningful amount of training.
-    while True:
-        before = len(losses)
-        _pass(model, xs, ys, series, opts, optimizer, loss_fn, device, rng, losses)
-        if len(losses) >= MIN_UPDATES_PER_EPOCH or len(losses) == before:
-            return float(np.mean(losses)) if losses else math.nan
+    try:
+        while True:
+            before = len(losses)
+            _pass(model, xs, ys, series, opts, optimizer, loss_fn, device, rng, losses)
+            if len(losses) >= MIN_UPDATES_PER_EPOCH or len(losses) == before:
+                return float(np.mean(losses)) if len(losses) else math.nan
+    finally:
+        losses.close()
+
+
+class _RunningLoss(list[float]):
+    """Batch losses of one epoch, shown on a transient progress bar as they come."""
+
+    def __init__(self, label: str, show: bool) -> None:
+        super().__init__()
+        self._bar = tqdm(desc=label, unit="batch", leave=False, disable=not show)
+
+    def append(self, loss: float) -> None:
+        super().append(loss)
+        self._bar.update(1)
+        if len(self) % 10 == 1:
+            self._bar.set_postfix(loss=f"{float(np.mean(self[-50:])):.5f}")
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 def _pass(
