@@ -171,7 +171,7 @@ def _train(argv: list[str]) -> int:
         parser.error("--features is required")
     from training.data import read_table
     from training.plots import write_plots
-    from training.train import TrainOptions, evaluate, prepare, train
+    from training.train import TrainOptions, fit
 
     frame = read_table(args.data)
     opts = TrainOptions(
@@ -200,12 +200,10 @@ def _train(argv: list[str]) -> int:
         max_gap_factor=None if args.allow_gaps else args.max_gap_factor,
         missing=args.missing,
     )
-    bundle = train(frame, opts)
+    bundle, predictions = fit(frame, opts)
     bundle.name = args.out.rstrip("/").split("/")[-1]
     bundle.save(args.out)
     _print_metrics(bundle.metrics)
-    classes = bundle.outputs.classes or None
-    _, predictions = evaluate(bundle, prepare(frame, opts, classes), season=opts.season)
     plots = write_plots(Path(args.out) / "plots", bundle.training["history"], predictions)
     if args.predictions_out:
         predictions.to_csv(args.predictions_out, index=False)

@@ -26,11 +26,13 @@ from streamlstm import Affine, Bundle, Engine, ModelConfig, OutputSpec, StreamLS
 from streamlstm.errors import ConfigError, InputError
 from training.data import numeric_columns, require_columns
 
-__all__ = ["Series", "TrainOptions", "evaluate", "prepare", "train"]
+__all__ = ["Series", "TrainOptions", "class_names", "evaluate", "fit", "prepare", "train"]
 
 logger = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: Fewest optimizer steps in one epoch (short series repeat passes to reach it).
 MIN_UPDATES_PER_EPOCH = 50
@@ -178,6 +180,13 @@ def _fill(values: pd.DataFrame, how: str) -> pd.DataFrame:
     return values
 
 
+def class_names(frame: pd.DataFrame, opts: TrainOptions) -> tuple[str, ...]:
+    """A classifier's classes: the label column's distinct values as text, sorted."""
+    assert opts.label_column is not None
+    require_columns(frame, [opts.label_column], "label_column")
+    return tuple(sorted(frame[opts.label_column].dropna().astype(str).unique()))
+
+
 def _labels(
     frame: pd.DataFrame, opts: TrainOptions, classes: Sequence[str] | None
 ) -> pd.Series | None:
@@ -199,7 +208,7 @@ def _labels(
                 f"(found {sorted(text.unique())[:5]})",
             )
         return numeric.astype(np.int64)
-    names = list(classes) if classes is not None else sorted(text.unique())
+    names = list(classes) if classes is not None else list(class_names(frame, opts))
     if len(names) < 2:
         raise InputError("label_column", f"{opts.label_column!r} has a single class {names}")
     unknown = sorted(set(text.unique()) - set(names))
@@ -249,15 +258,17 @@ def _seed(seed: int) -> None:
 
 
 def train(frame: pd.DataFrame, opts: TrainOptions) -> Bundle:
+    """Train a bundle; its ``metrics`` come from an ``Engine`` replay of the test period."""
+    return fit(frame, opts)[0]
+
+
+def fit(frame: pd.DataFrame, opts: TrainOptions) -> tuple[Bundle, pd.DataFrame]:
+    """``train``, also returning the test-period predictions frame of ``evaluate``."""
     _seed(opts.seed)
-    if opts.target_transform == "auto":
-        opts = replace(opts, target_transform=_choose_transform(frame, opts))
-    classes = None
-    if opts.task == "classify":
-        assert opts.label_column is not None
-        require_columns(frame, [opts.label_column], "label_column")
-        classes = tuple(sorted(frame[opts.label_column].dropna().astype(str).unique()))
+    classes = class_names(frame, opts) if opts.task == "classify" else None
     series = prepare(frame, opts, classes)
+    if opts.target_transform == "auto":
+        opts = replace(opts, target_transform=_choose_transform(series, opts))
     x_scaler = MinMaxScaler().fit(np.concatenate([s.x[: s.split] for s in series]))
     input_affine = Affine(scale=x_scaler.scale_, offset=x_scaler.min_)
     target_affine = None
@@ -303,14 +314,15 @@ def train(frame: pd.DataFrame, opts: TrainOptions) -> Bundle:
             return cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))  # type: ignore[no-any-return]
 
     optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr)
+    run = _Run(model, xs, ys, series, opts, optimizer, loss_fn, device)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=5, factor=0.5)
     best, best_state, waited, history = math.inf, None, 0, []
     bar = tqdm(range(opts.epochs), desc="epochs", disable=not opts.progress)
     for epoch in bar:
         model.train()
-        train_loss = _epoch(model, xs, ys, series, opts, optimizer, loss_fn, device, epoch)
+        train_loss = run.epoch(epoch)
         model.eval()
-        val_loss = _validation_loss(model, xs, ys, series, loss_fn, device)
+        val_loss = run.validation_loss()
         scheduler.step(val_loss)
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss})
         bar.set_postfix(train=f"{train_loss:.5f}", val=f"{val_loss:.5f}")
@@ -347,14 +359,11 @@ def train(frame: pd.DataFrame, opts: TrainOptions) -> Bundle:
             "streams": len(series),
         },
     )
-    bundle.metrics, _ = evaluate(bundle, series, season=opts.season)
-    return bundle
+    bundle.metrics, predictions = evaluate(bundle, series, season=opts.season)
+    return bundle, predictions
 
 
-Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _choose_transform(frame: pd.DataFrame, opts: TrainOptions) -> str:
+def _choose_transform(series: list[Series], opts: TrainOptions) -> str:
     """``diff`` for a trending target that is also an input, else ``level``.
 
     A level model cannot forecast beyond the range it was trained on, which is
@@ -364,7 +373,7 @@ def _choose_transform(frame: pd.DataFrame, opts: TrainOptions) -> str:
     """
     if opts.task != "forecast" or opts.target_column not in opts.features:
         return "level"
-    for s in prepare(frame, replace(opts, target_transform="level")):
+    for s in series:
         level = s.level[: s.split].astype(np.float64)
         t = np.arange(level.size)
         slope, intercept = np.polyfit(t, level, 1)
@@ -384,30 +393,93 @@ def _model_target(series: Series, opts: TrainOptions) -> F32:
     return series.y
 
 
-def _epoch(
-    model: StreamLSTM,
-    xs: list[torch.Tensor],
-    ys: list[torch.Tensor],
-    series: list[Series],
-    opts: TrainOptions,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: Loss,
-    device: torch.device,
-    epoch: int,
-) -> float:
-    rng = np.random.default_rng(opts.seed + epoch)
-    losses = _RunningLoss(f"epoch {epoch + 1}", opts.progress)
-    # A short series gives a pass of a handful of updates; an epoch repeats
-    # passes (fresh offsets each time) so that early stopping and the LR
-    # schedule judge a model after a meaningful amount of training.
-    try:
-        while True:
-            before = len(losses)
-            _pass(model, xs, ys, series, opts, optimizer, loss_fn, device, rng, losses)
-            if len(losses) >= MIN_UPDATES_PER_EPOCH or len(losses) == before:
-                return float(np.mean(losses)) if len(losses) else math.nan
-    finally:
-        losses.close()
+@dataclass
+class _Run:
+    """What one training run's epochs share: the model, the data in model units,
+    the optimizer and the loss."""
+
+    model: StreamLSTM
+    xs: list[torch.Tensor]
+    ys: list[torch.Tensor]
+    series: list[Series]
+    opts: TrainOptions
+    optimizer: torch.optim.Optimizer
+    loss_fn: Loss
+    device: torch.device
+
+    def epoch(self, epoch: int) -> float:
+        """Mean batch loss of one epoch of at least ``MIN_UPDATES_PER_EPOCH`` updates."""
+        rng = np.random.default_rng(self.opts.seed + epoch)
+        losses = _RunningLoss(f"epoch {epoch + 1}", self.opts.progress)
+        # A short series gives a pass of a handful of updates; an epoch repeats
+        # passes (fresh offsets each time) so that early stopping and the LR
+        # schedule judge a model after a meaningful amount of training.
+        try:
+            while True:
+                before = len(losses)
+                if self.opts.mode == "window":
+                    self._window_pass(rng, losses)
+                else:
+                    self._stateful_pass(rng, losses)
+                if len(losses) >= MIN_UPDATES_PER_EPOCH or len(losses) == before:
+                    return float(np.mean(losses)) if len(losses) else math.nan
+        finally:
+            losses.close()
+
+    def _window_pass(self, rng: np.random.Generator, losses: list[float]) -> None:
+        opts, xs, ys = self.opts, self.xs, self.ys
+        windows = [
+            (i, t) for i, s in enumerate(self.series) for t in range(opts.seq_len, s.split + 1)
+        ]
+        rng.shuffle(windows)
+        for b in range(0, len(windows), opts.batch_size):
+            chunk = windows[b : b + opts.batch_size]
+            x = torch.stack([xs[i][t - opts.seq_len : t] for i, t in chunk]).to(self.device)
+            y = torch.stack([ys[i][t - 1] for i, t in chunk]).to(self.device)
+            out, _ = self.model(x)
+            losses.append(self._update(out[:, -1], y))
+
+    def _stateful_pass(self, rng: np.random.Generator, losses: list[float]) -> None:
+        # Lanes are (stream, random start offset); consecutive chunks carry state.
+        opts, xs, ys = self.opts, self.xs, self.ys
+        lanes_per_stream = max(1, opts.batch_size // len(self.series))
+        lanes = [
+            (i, int(rng.integers(0, opts.seq_len)))
+            for i in range(len(self.series))
+            for _ in range(lanes_per_stream)
+        ]
+        rng.shuffle(lanes)
+        length = min(s.split for s in self.series)
+        for b in range(0, len(lanes), opts.batch_size):
+            group = lanes[b : b + opts.batch_size]
+            state = None
+            span = length - max(o for _, o in group)
+            for t in range(0, span - 1, opts.seq_len):
+                end = min(t + opts.seq_len, span)
+                x = torch.stack([xs[i][o + t : o + end] for i, o in group]).to(self.device)
+                y = torch.stack([ys[i][o + t : o + end] for i, o in group]).to(self.device)
+                out, state = self.model(x, state)
+                state = tuple((h.detach(), c.detach()) for h, c in state)
+                skip = opts.burn_in if t == 0 else 0
+                if out.shape[1] > skip:
+                    losses.append(self._update(out[:, skip:], y[:, skip:]))
+
+    def _update(self, out: torch.Tensor, y: torch.Tensor) -> float:
+        loss = self.loss_fn(out, y)
+        self.optimizer.zero_grad()
+        loss.backward()  # type: ignore[no-untyped-call]
+        nn.utils.clip_grad_norm_(self.model.parameters(), self.opts.clip_norm)
+        self.optimizer.step()
+        return float(loss.item())
+
+    def validation_loss(self) -> float:
+        """Mean loss over each stream's test period, run from zero state over the whole stream."""
+        losses = []
+        with torch.no_grad():
+            for x, y, s in zip(self.xs, self.ys, self.series, strict=True):
+                out, _ = self.model(x[None].to(self.device))
+                losses.append(float(self.loss_fn(out[0, s.split :], y[s.split :].to(self.device))))
+        return float(np.mean(losses))
 
 
 class _RunningLoss(list[float]):
@@ -425,80 +497,6 @@ class _RunningLoss(list[float]):
 
     def close(self) -> None:
         self._bar.close()
-
-
-def _pass(
-    model: StreamLSTM,
-    xs: list[torch.Tensor],
-    ys: list[torch.Tensor],
-    series: list[Series],
-    opts: TrainOptions,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: Loss,
-    device: torch.device,
-    rng: np.random.Generator,
-    losses: list[float],
-) -> None:
-    if opts.mode == "window":
-        windows = [(i, t) for i, s in enumerate(series) for t in range(opts.seq_len, s.split + 1)]
-        rng.shuffle(windows)
-        for b in range(0, len(windows), opts.batch_size):
-            chunk = windows[b : b + opts.batch_size]
-            x = torch.stack([xs[i][t - opts.seq_len : t] for i, t in chunk]).to(device)
-            y = torch.stack([ys[i][t - 1] for i, t in chunk]).to(device)
-            out, _ = model(x)
-            losses.append(_update(model, optimizer, loss_fn(out[:, -1], y), opts.clip_norm))
-        return
-    # Stateful: lanes are (stream, random start offset); consecutive chunks carry state.
-    lanes = []
-    lanes_per_stream = max(1, opts.batch_size // len(series))
-    for i in range(len(series)):
-        for _ in range(lanes_per_stream):
-            lanes.append((i, int(rng.integers(0, opts.seq_len))))
-    rng.shuffle(lanes)
-    length = min(s.split for s in series)
-    for b in range(0, len(lanes), opts.batch_size):
-        group = lanes[b : b + opts.batch_size]
-        state = None
-        span = length - max(o for _, o in group)
-        for t in range(0, span - 1, opts.seq_len):
-            end = min(t + opts.seq_len, span)
-            x = torch.stack([xs[i][o + t : o + end] for i, o in group]).to(device)
-            y = torch.stack([ys[i][o + t : o + end] for i, o in group]).to(device)
-            out, state = model(x, state)
-            state = tuple((h.detach(), c.detach()) for h, c in state)
-            skip = opts.burn_in if t == 0 else 0
-            if out.shape[1] <= skip:
-                continue
-            losses.append(
-                _update(model, optimizer, loss_fn(out[:, skip:], y[:, skip:]), opts.clip_norm)
-            )
-
-
-def _update(
-    model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float
-) -> float:
-    optimizer.zero_grad()
-    loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), clip)
-    optimizer.step()
-    return float(loss.item())
-
-
-def _validation_loss(
-    model: StreamLSTM,
-    xs: list[torch.Tensor],
-    ys: list[torch.Tensor],
-    series: list[Series],
-    loss_fn: Loss,
-    device: torch.device,
-) -> float:
-    losses = []
-    with torch.no_grad():
-        for x, y, s in zip(xs, ys, series, strict=True):
-            out, _ = model(x[None].to(device))
-            losses.append(float(loss_fn(out[0, s.split :], y[s.split :].to(device))))
-    return float(np.mean(losses))
 
 
 def evaluate(
