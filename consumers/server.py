@@ -7,9 +7,12 @@ One poll, in order:
 2. Submit the batch to the engine's worker thread. The event loop stays
    free for heartbeats and fetches, and decodes the next batch meanwhile.
 3. When the step is done: send one prediction per valid tick and one dead
-   letter per bad one, then wait until every send is acknowledged.
-4. Commit the batch's input offsets. Only then is a tick considered done,
-   so a crash anywhere before re-reads it (at-least-once output).
+   letter per bad one, and queue the batch for the committer; the loop goes
+   on to the next poll (at most ``max_unacked_batches`` wait at once).
+4. The committer, in batch order: wait until every send of the batch is
+   acknowledged, then commit its input offsets (batches acknowledged
+   meanwhile share one commit). Only then is a tick considered done, so a
+   crash anywhere before re-reads it (at-least-once output).
 
 On revoke, in-flight batches are finished and committed first, then the
 revoked partitions' streams are dropped from memory (until durable state
@@ -20,8 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import json
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,12 +35,14 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
+import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from prometheus_client import CollectorRegistry
 
 from consumers.http import HttpEndpoints
 from consumers.kafka import client_options, ensure_topics, start_client
+from consumers.outbox import Outbox
 from consumers.settings import ServeConfig
 from streamlstm import Bundle, Engine, StepResult
 from streamlstm.errors import BrokerError, InputError
@@ -69,6 +76,16 @@ class _InFlight:
     step: asyncio.Future[tuple[StepResult | None, float]]
 
 
+@dataclass
+class _Sent:
+    """A batch whose output is sent; acknowledged and committed later, in order."""
+
+    batch: _Batch
+    sends: list[asyncio.Future[Any]]
+    produced: int
+    dead: int
+
+
 class Server:
     """``async with Server(config) as server: await server.wait()``.
 
@@ -92,10 +109,18 @@ class Server:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._http: HttpEndpoints | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="streamlstm-engine")
+        self._executor = ThreadPoolExecutor(
+            1,
+            thread_name_prefix="streamlstm-engine",
+            initializer=_set_torch_threads,
+            initargs=(config.engine_threads,),
+        )
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._pending: collections.deque[_InFlight] = collections.deque()
+        self._unacked: asyncio.Queue[_Sent] = asyncio.Queue(config.max_unacked_batches)
+        self._committer: asyncio.Task[None] | None = None
+        self._partitions: dict[str, list[int]] = {}
         self._stream_partition: dict[str, int] = {}
         self._positions: dict[TopicPartition, int] = {}
         self._task: asyncio.Task[None] | None = None
@@ -106,6 +131,7 @@ class Server:
         self._has_score = False
         self._recent_latency: collections.deque[np.ndarray] = collections.deque(maxlen=64)
         self._totals: collections.Counter[str] = collections.Counter()
+        #: Per acknowledged batch, ``[n, 2]``: each tick's event time and its latency (seconds).
         self.recent_event_latency: collections.deque[np.ndarray] = collections.deque(maxlen=4096)
 
     # -- lifecycle ----------------------------------------------------------
@@ -153,6 +179,8 @@ class Server:
             ssl_keyfile=cfg.ssl_keyfile,
             client_id=f"streamlstm-{cfg.instance_id}",
         )
+        # Before the consumer joins: a rebalance waits on the committer.
+        self._committer = asyncio.create_task(self._commit_loop(), name="streamlstm-commit")
         topics = [cfg.input_topic, cfg.output_topic, str(cfg.dlq_topic)]
         if cfg.metrics_topic:
             topics.append(cfg.metrics_topic)
@@ -168,6 +196,10 @@ class Server:
             compression_type=cfg.compression_type,
         )
         await start_client(self._producer, cfg.bootstrap_servers)
+        self._partitions = {
+            topic: sorted(await self._producer.partitions_for(topic))
+            for topic in (cfg.output_topic, str(cfg.dlq_topic))
+        }
         self._consumer = AIOKafkaConsumer(
             **options,
             group_id=cfg.group_id,
@@ -186,6 +218,10 @@ class Server:
             port=cfg.metrics_port,
         )
         await self._http.start()
+        # Everything loaded so far (torch, the model, the clients) lives as
+        # long as the process; leaving it out of the collector's full passes
+        # keeps them from pausing the loop for ~100 ms every few seconds.
+        gc.freeze()
         self._task = asyncio.create_task(self._run(), name="streamlstm-serve")
         self._summary_task = asyncio.create_task(self._summaries(), name="streamlstm-summary")
         logger.info(
@@ -227,6 +263,8 @@ class Server:
                     await client.stop()  # the consumer leaves the group; the producer flushes
                 except KafkaError:
                     logger.warning("error while closing a Kafka client", exc_info=True)
+        if self._committer is not None:  # after the consumer left: its revoke drains through it
+            self._committer.cancel()
         if self._http is not None:
             await self._http.stop()
         self._executor.shutdown(wait=True)
@@ -259,6 +297,8 @@ class Server:
         assert consumer is not None
         try:
             while not self._stopping.is_set():
+                if self._committer is not None and self._committer.done():
+                    self._committer.result()  # re-raises the committer's error
                 records = await consumer.getmany(
                     timeout_ms=0 if self._pending else 100, max_records=self.config.max_records
                 )
@@ -268,7 +308,7 @@ class Server:
                         self._pending.append(self._begin(batch))
                     # Keep one batch stepping while the previous one is produced.
                     while len(self._pending) > (1 if batch is not None else 0):
-                        await self._finish(self._pending.popleft())
+                        await self._send(self._pending.popleft())
             async with self._lock:
                 await self._drain()
         except asyncio.CancelledError:
@@ -278,8 +318,10 @@ class Server:
             raise
 
     async def _drain(self) -> None:
+        """Send every stepped batch, then wait until all are acknowledged and committed."""
         while self._pending:
-            await self._finish(self._pending.popleft())
+            await self._send(self._pending.popleft())
+        await self._with_committer(self._unacked.join())
 
     def _decode(self, records: dict[TopicPartition, list[Any]]) -> _Batch | None:
         consumer = self._consumer
@@ -333,13 +375,27 @@ class Server:
         )
         return result, time.perf_counter() - start
 
-    async def _finish(self, inflight: _InFlight) -> None:
-        producer, consumer = self._producer, self._consumer
-        assert producer is not None and consumer is not None
+    async def _with_committer(self, awaitable: Any) -> None:
+        """Await ``awaitable`` unless the committer fails first; then raise its error."""
+        committer = self._committer
+        assert committer is not None
+        waiter = asyncio.ensure_future(awaitable)
+        try:
+            await asyncio.wait({waiter, committer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if committer.done():
+            committer.result()
+            raise BrokerError("the committer stopped")
+        waiter.result()
+
+    async def _send(self, inflight: _InFlight) -> None:
+        producer = self._producer
+        assert producer is not None
         cfg = self.config
         batch = inflight.batch
         result, seconds = await inflight.step
-        sends: list[asyncio.Future[Any]] = []
+        outbox = Outbox(producer, self._partitions)
         dead: list[tuple[Any, str, str]] = list(batch.bad)
         produced = 0
         if result is not None:
@@ -367,8 +423,7 @@ class Server:
                     model=self._model_id,
                     score=None if scores is None else scores[i],
                 )
-                key = msg.key or stream.encode()
-                sends.append(await producer.send(cfg.output_topic, value=value, key=key))
+                outbox.add(cfg.output_topic, msg.key or stream.encode(), value)
                 produced += 1
             self._forget(result, batch)
         for msg, fieldname, reason in dead:
@@ -379,14 +434,34 @@ class Server:
                 ("streamlstm-source-partition", str(msg.partition).encode()),
                 ("streamlstm-source-offset", str(msg.offset).encode()),
             ]
-            sends.append(
-                await producer.send(
-                    str(cfg.dlq_topic), value=msg.value, key=msg.key, headers=headers
-                )
-            )
+            outbox.add(str(cfg.dlq_topic), msg.key, msg.value, headers)
             self.metrics.dead_letters.labels(fieldname).inc()
+        sent = _Sent(batch, await outbox.send(), produced, len(dead))
+        if self._unacked.full():
+            await self._with_committer(self._unacked.put(sent))
+        else:
+            self._unacked.put_nowait(sent)
+
+    async def _commit_loop(self) -> None:
+        """Acknowledge, then commit, the sent batches in order; see the module docstring."""
+        while True:
+            group = [await self._unacked.get()]
+            while not self._unacked.empty():
+                group.append(self._unacked.get_nowait())
+            try:
+                offsets: dict[TopicPartition, int] = {}
+                for sent in group:
+                    await self._acknowledged(sent)
+                    offsets.update(sent.batch.next_offsets)
+                await self._commit(offsets)
+            finally:
+                for _ in group:
+                    self._unacked.task_done()
+
+    async def _acknowledged(self, sent: _Sent) -> None:
+        batch, produced = sent.batch, sent.produced
         try:
-            await asyncio.gather(*sends)
+            await asyncio.gather(*sent.sends)
         except KafkaError as exc:
             raise BrokerError(f"output not acknowledged, offsets not committed: {exc}") from exc
         acked = time.time()
@@ -397,9 +472,10 @@ class Server:
         self.metrics.latency_event.observe_many(event_latency)
         self._recent_latency.append(np.full(produced, acked - batch.received))
         if event_latency.size:
-            self.recent_event_latency.append(event_latency)
-        self._totals.update(ticks=batch.records, predictions=produced, dead_letters=len(dead))
-        await self._commit(batch.next_offsets)
+            self.recent_event_latency.append(
+                np.column_stack([ts_arr[np.isfinite(ts_arr)] / 1000.0, event_latency])
+            )
+        self._totals.update(ticks=batch.records, predictions=produced, dead_letters=sent.dead)
 
     def _forget(self, result: StepResult, batch: _Batch) -> None:
         mapping = self._stream_partition
@@ -511,3 +587,19 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         logger.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
+
+
+def _set_torch_threads(count: int) -> None:
+    """Executor initializer: this thread steps with ``count`` torch threads.
+
+    The engine runs beside the event loop; with one torch thread each holds
+    a core, where two would make the step's thread barriers wait on the
+    loop. ``torch.set_num_threads`` also sets what threads started later
+    inherit, so a throwaway thread puts that back.
+    """
+    inherited = torch.get_num_threads()
+    torch.set_num_threads(count)
+    torch.get_num_threads()  # settles this thread's count before the inherited one changes
+    restore = threading.Thread(target=torch.set_num_threads, args=(inherited,))
+    restore.start()
+    restore.join()

@@ -37,10 +37,12 @@ class ServeConfig:
     metrics_port: int = 9464
     metrics_interval_s: float = 10.0
     max_records: int = 1024
+    max_unacked_batches: int = 8
+    engine_threads: int = 1
     max_streams: int = 1_000_000
     idle_ttl_s: float | None = None
     max_value_bytes: int = 64 * 1024
-    linger_ms: int = 5
+    linger_ms: int = 0
     fetch_max_wait_ms: int = 10
     max_batch_bytes: int = 1024 * 1024
     max_request_bytes: int = 4 * 1024 * 1024
@@ -64,7 +66,14 @@ class ServeConfig:
                 raise ConfigError(f"{name}: required")
         if self.dlq_topic is None:
             object.__setattr__(self, "dlq_topic", f"{self.input_topic}-dlq")
-        for name in ("max_records", "max_streams", "max_value_bytes", "topic_partitions"):
+        for name in (
+            "max_records",
+            "max_unacked_batches",
+            "engine_threads",
+            "max_streams",
+            "max_value_bytes",
+            "topic_partitions",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
         if self.max_records > self.max_streams:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumers.server import Server
@@ -168,9 +169,12 @@ def test_every_tick_answered_once_and_equal_to_the_oracle(
 
     expected = _expected(model_dir, ticks, metas, valid_mask)
     got: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+    kafka_default = DefaultPartitioner()
     for msg in outputs:
         body = json.loads(msg.value)
         assert msg.key.decode() == body["stream"]
+        # Keyed as any Kafka client would key it: a stream's outputs share a partition.
+        assert msg.partition == kafka_default(msg.key, [0, 1, 2, 3], [0, 1, 2, 3])
         got[(body["partition"], body["offset"])].append(body)
     assert set(got) == set(expected)
     assert all(len(v) == 1 for v in got.values())
