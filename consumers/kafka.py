@@ -1,7 +1,8 @@
 """The network boundary: building, starting and checking Kafka clients.
 
-aiokafka errors are translated here into ``BrokerError`` with a message that
-says what to do; nothing else in the daemon catches Kafka exceptions.
+aiokafka errors met while connecting are translated here into ``BrokerError``
+with a message that says what to do; the server translates the few it meets
+at run time (acknowledgements, commits) where they happen.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from aiokafka.helpers import create_ssl_context
 
 from streamlstm.errors import BrokerError
 
-__all__ = ["client_options", "ensure_topics", "start_client"]
+__all__ = ["client_options", "ensure_topics", "partitions_of", "start_client"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,14 @@ async def start_client(client: AIOKafkaConsumer | AIOKafkaProducer, bootstrap: s
             f"cannot reach Kafka at {bootstrap}: {exc}; check --bootstrap-servers and the "
             "security settings"
         ) from exc
+
+
+async def partitions_of(producer: AIOKafkaProducer, topics: Iterable[str]) -> dict[str, list[int]]:
+    """Each topic's partition ids, from the producer's metadata."""
+    try:
+        return {topic: sorted(await producer.partitions_for(topic)) for topic in topics}
+    except KafkaError as exc:
+        raise BrokerError(f"cannot read the partitions of {list(topics)}: {exc}") from exc
 
 
 async def ensure_topics(

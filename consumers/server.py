@@ -41,7 +41,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from prometheus_client import CollectorRegistry
 
 from consumers.http import HttpEndpoints
-from consumers.kafka import client_options, ensure_topics, start_client
+from consumers.kafka import client_options, ensure_topics, partitions_of, start_client
 from consumers.outbox import Outbox
 from consumers.settings import ServeConfig
 from streamlstm import Bundle, Engine, StepResult
@@ -84,6 +84,7 @@ class _Sent:
     sends: list[asyncio.Future[Any]]
     produced: int
     dead: int
+    event_times: np.ndarray  # seconds, of the answered ticks that carried one
 
 
 class Server:
@@ -196,10 +197,9 @@ class Server:
             compression_type=cfg.compression_type,
         )
         await start_client(self._producer, cfg.bootstrap_servers)
-        self._partitions = {
-            topic: sorted(await self._producer.partitions_for(topic))
-            for topic in (cfg.output_topic, str(cfg.dlq_topic))
-        }
+        self._partitions = await partitions_of(
+            self._producer, [cfg.output_topic, str(cfg.dlq_topic)]
+        )
         self._consumer = AIOKafkaConsumer(
             **options,
             group_id=cfg.group_id,
@@ -365,12 +365,15 @@ class Server:
             return None, 0.0
         start = time.perf_counter()
         ts = np.asarray(batch.ts, dtype=np.float64)
+        # A tick without event time is seen now, as the engine sees a call without any;
+        # the others keep their own time (the idle TTL runs on event time).
+        ts[np.isnan(ts)] = time.time() * 1000.0
         result = self._engine().step(
             batch.ids,
             np.asarray(batch.values, dtype=np.float64),
             resets=batch.resets,
             ends=batch.ends,
-            timestamps=None if np.isnan(ts).any() else ts,
+            timestamps=ts,
             offsets=[msg.offset for msg in batch.messages],
         )
         return result, time.perf_counter() - start
@@ -398,7 +401,9 @@ class Server:
         outbox = Outbox(producer, self._partitions)
         dead: list[tuple[Any, str, str]] = list(batch.bad)
         produced = 0
+        event_ts = np.asarray(batch.ts, dtype=np.float64)
         if result is not None:
+            event_ts = event_ts[result.accepted]
             self.metrics.batch_size.observe(len(batch.ids))
             self.metrics.step_seconds.observe(seconds)
             predictions = result.predictions.tolist()
@@ -436,7 +441,8 @@ class Server:
             ]
             outbox.add(str(cfg.dlq_topic), msg.key, msg.value, headers)
             self.metrics.dead_letters.labels(fieldname).inc()
-        sent = _Sent(batch, await outbox.send(), produced, len(dead))
+        event_times = event_ts[np.isfinite(event_ts)] / 1000.0
+        sent = _Sent(batch, await outbox.send(), produced, len(dead), event_times)
         if self._unacked.full():
             await self._with_committer(self._unacked.put(sent))
         else:
@@ -466,15 +472,13 @@ class Server:
             raise BrokerError(f"output not acknowledged, offsets not committed: {exc}") from exc
         acked = time.time()
         self.metrics.predictions.inc(produced)
-        self.metrics.latency_receive.observe_many(np.full(produced, acked - batch.received))
-        ts_arr = np.asarray(batch.ts, dtype=np.float64)
-        event_latency = acked - ts_arr[np.isfinite(ts_arr)] / 1000.0
+        received_latency = np.full(produced, acked - batch.received)
+        self.metrics.latency_receive.observe_many(received_latency)
+        self._recent_latency.append(received_latency)
+        event_latency = acked - sent.event_times
         self.metrics.latency_event.observe_many(event_latency)
-        self._recent_latency.append(np.full(produced, acked - batch.received))
         if event_latency.size:
-            self.recent_event_latency.append(
-                np.column_stack([ts_arr[np.isfinite(ts_arr)] / 1000.0, event_latency])
-            )
+            self.recent_event_latency.append(np.column_stack([sent.event_times, event_latency]))
         self._totals.update(ticks=batch.records, predictions=produced, dead_letters=sent.dead)
 
     def _forget(self, result: StepResult, batch: _Batch) -> None:
@@ -496,6 +500,8 @@ class Server:
             # last commit (output is at-least-once).
             logger.warning("commit failed after a rebalance; %s will be re-read", offsets)
             return
+        except KafkaError as exc:
+            raise BrokerError(f"offsets not committed (they will be re-read): {exc}") from exc
         self._positions.update(offsets)
         self.metrics.commits.inc()
 

@@ -15,7 +15,7 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from consumers.kafka import client_options, ensure_topics, start_client
-from training.data import numeric_columns, read_table
+from training.data import numeric_columns, read_table, require_columns, time_values
 
 __all__ = ["produce_main", "replay", "tail_main"]
 
@@ -48,8 +48,12 @@ def produce_main(argv: Sequence[str]) -> int:
     parser.add_argument("--create-topic", action="store_true")
     args = parser.parse_args(list(argv))
     frame = read_table(args.data)
+    times = None
     if args.time_column:
-        frame = frame.sort_values(args.time_column, kind="stable")
+        require_columns(frame, [args.time_column], "time_column")
+        parsed = time_values(frame[args.time_column])
+        order = np.argsort(parsed.to_numpy(), kind="stable")
+        frame, times = frame.iloc[order], parsed.to_numpy(dtype=np.float64)[order]
     skip = {args.stream_column, args.time_column}
     features = (
         args.features.split(",")
@@ -64,17 +68,6 @@ def produce_main(argv: Sequence[str]) -> int:
         if args.stream_column
         else [args.stream] * len(frame)
     )
-    times = None
-    if args.time_column:
-        import pandas as pd
-
-        col = frame[args.time_column]
-        parsed = (
-            col
-            if np.issubdtype(col.dtype, np.number)
-            else pd.to_datetime(col, utc=True).astype("int64") // 10**6
-        )
-        times = np.asarray(parsed, dtype=np.float64)
     if args.speedup and times is None:
         parser.error("--speedup needs --time-column")
     count = asyncio.run(

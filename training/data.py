@@ -9,7 +9,7 @@ import pandas as pd
 
 from streamlstm.errors import InputError
 
-__all__ = ["numeric_columns", "read_table", "require_columns"]
+__all__ = ["numeric_columns", "read_table", "require_columns", "time_values"]
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -34,6 +34,21 @@ def require_columns(frame: pd.DataFrame, columns: Sequence[str], what: str) -> N
             f"column(s) {', '.join(missing)} not in the file "
             f"(it has {', '.join(map(str, frame.columns))})",
         )
+
+
+def time_values(raw: pd.Series, what: str = "time_column", where: str = "") -> pd.Series:
+    """A time column as numbers: numbers as they are, dates as epoch milliseconds (UTC).
+
+    A cell that is neither is an error naming it (``where`` says whose it is).
+    """
+    times = pd.to_numeric(raw, errors="coerce")
+    if times.isna().any():
+        dates = pd.to_datetime(raw, errors="coerce", utc=True)
+        if dates.isna().any():
+            row = raw[dates.isna()].iloc[0]
+            raise InputError(what, f"{where}{row!r} is neither a number nor a date")
+        times = (dates - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(1, "ms")
+    return times
 
 
 def numeric_columns(

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from streamlstm import Affine, Bundle, Engine, ModelConfig, OutputSpec, StreamLSTM
 from streamlstm.errors import ConfigError, InputError
-from training.data import numeric_columns, require_columns
+from training.data import numeric_columns, require_columns, time_values
 
 __all__ = ["Series", "TrainOptions", "class_names", "evaluate", "fit", "prepare", "train"]
 
@@ -221,16 +221,7 @@ def _in_time_order(part: pd.DataFrame, opts: TrainOptions, stream: object) -> pd
     """Rows sorted by time; duplicate timestamps and (optionally) gaps are errors."""
     assert opts.time_column is not None
     raw = part[opts.time_column]
-    times = pd.to_numeric(raw, errors="coerce")
-    if times.isna().any():
-        times = pd.to_datetime(raw, errors="coerce", utc=True)
-        if times.isna().any():
-            row = raw[times.isna()].iloc[0]
-            raise InputError(
-                "time_column", f"stream {stream!r}: {row!r} is neither a number nor a date"
-            )
-        # Nanoseconds since the epoch: a plain number line for sorting and gaps.
-        times = (times - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(1, "ns")
+    times = time_values(raw, where=f"stream {stream!r}: ")
     if times.duplicated().any():
         dup = raw[times.duplicated()].iloc[0]
         raise InputError("time_column", f"stream {stream!r} has duplicate timestamp {dup!r}")
