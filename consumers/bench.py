@@ -41,7 +41,7 @@ class _Passthrough(Server):
 
     def _step(self, batch: _Batch) -> tuple[StepResult | None, float]:
         n = len(batch.ids)
-        outputs = self._engine().bundle.config.output_size
+        outputs = self.bundle.config.output_size
         values = np.asarray(batch.values, dtype=np.float32)[:, :outputs]
         ones = np.ones(n, dtype=bool)
         return StepResult(values, np.ones(n, np.int64), ones, ones), 0.0

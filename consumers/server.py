@@ -4,8 +4,10 @@ One poll, in order:
 
 1. ``getmany`` up to ``max_records`` records; decode and validate each; bad
    ones are set aside for the dead-letter topic.
-2. Submit the batch to the engine's worker thread. The event loop stays
-   free for heartbeats and fetches, and decodes the next batch meanwhile.
+2. Submit the batch to the engine, which steps in a child process (see
+   ``consumers.engine_process`` for why not a thread); a worker thread
+   waits on it. The event loop stays free for heartbeats and fetches, and
+   decodes the next batch meanwhile.
 3. When the step is done: send one prediction per valid tick and one dead
    letter per bad one, and queue the batch for the committer; the loop goes
    on to the next poll (at most ``max_unacked_batches`` wait at once).
@@ -26,7 +28,6 @@ import collections
 import gc
 import json
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,16 +36,16 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
-import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from prometheus_client import CollectorRegistry
 
+from consumers.engine_process import EngineProcess
 from consumers.http import HttpEndpoints
 from consumers.kafka import client_options, ensure_topics, partitions_of, start_client
 from consumers.outbox import Outbox
 from consumers.settings import ServeConfig
-from streamlstm import Bundle, Engine, StepResult
+from streamlstm import Bundle, EngineStats, StepResult
 from streamlstm.errors import BrokerError, InputError
 from streamlstm.metrics import EngineCollector, ServeMetrics
 from streamlstm.wire import decode_tick, encode_prediction
@@ -85,6 +86,16 @@ class _Sent:
     produced: int
     dead: int
     event_times: np.ndarray  # seconds, of the answered ticks that carried one
+    acked_at: float = 0.0  # when the broker acknowledged the last send (seconds)
+
+    def __post_init__(self) -> None:
+        # Stamped as each ack arrives, not when the committer gets to the batch
+        # (it may be waiting on an earlier commit): latency ends at the ack.
+        for future in self.sends:
+            future.add_done_callback(self._stamp)
+
+    def _stamp(self, _: asyncio.Future[Any]) -> None:
+        self.acked_at = time.time()
 
 
 class Server:
@@ -106,23 +117,17 @@ class Server:
         self.registry = registry or CollectorRegistry()
         self.metrics = ServeMetrics(self.registry)
         self._bundle = bundle
-        self.engine: Engine | None = None
+        self._engine: EngineProcess | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._http: HttpEndpoints | None = None
-        self._executor = ThreadPoolExecutor(
-            1,
-            thread_name_prefix="streamlstm-engine",
-            initializer=_set_torch_threads,
-            initargs=(config.engine_threads,),
-        )
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="streamlstm-engine")
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._pending: collections.deque[_InFlight] = collections.deque()
         self._unacked: asyncio.Queue[_Sent] = asyncio.Queue(config.max_unacked_batches)
         self._committer: asyncio.Task[None] | None = None
         self._partitions: dict[str, list[int]] = {}
-        self._stream_partition: dict[str, int] = {}
         self._positions: dict[TopicPartition, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._summary_task: asyncio.Task[None] | None = None
@@ -143,7 +148,8 @@ class Server:
 
     def ready(self) -> bool:
         return (
-            self.engine is not None
+            self._engine is not None
+            and self._engine.stats is not None
             and self._consumer is not None
             and bool(self._consumer.assignment())
             and not self._stopping.is_set()
@@ -157,8 +163,14 @@ class Server:
             return
         self._started = True
         cfg = self.config
-        bundle = self._bundle or Bundle.load(cfg.model)
-        self.engine = Engine(bundle, max_streams=cfg.max_streams, idle_ttl_s=cfg.idle_ttl_s)
+        bundle = self._bundle = self._bundle or Bundle.load(cfg.model)
+        self._engine = EngineProcess(
+            bundle,
+            max_streams=cfg.max_streams,
+            idle_ttl_s=cfg.idle_ttl_s,
+            threads=cfg.engine_threads,
+        )
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._engine.start)
         self._model_id = bundle.model_id
         self._has_score = bundle.outputs.score_span is not None
         self.metrics.model_info.info(
@@ -168,7 +180,7 @@ class Server:
                 "outputs": str(bundle.config.output_size),
             }
         )
-        self.registry.register(EngineCollector(lambda: self._engine().stats, self._lag))
+        self.registry.register(EngineCollector(self.engine_stats, self._lag))
         options = client_options(
             cfg.bootstrap_servers,
             security_protocol=cfg.security_protocol,
@@ -268,6 +280,8 @@ class Server:
         if self._http is not None:
             await self._http.stop()
         self._executor.shutdown(wait=True)
+        if self._engine is not None:
+            await asyncio.to_thread(self._engine.close)
         logger.info("stopped after %d ticks", self._totals["ticks"])
 
     async def __aenter__(self) -> Server:
@@ -288,9 +302,15 @@ class Server:
 
     # -- the loop -----------------------------------------------------------
 
-    def _engine(self) -> Engine:
-        assert self.engine is not None
-        return self.engine
+    @property
+    def bundle(self) -> Bundle:
+        assert self._bundle is not None, "the bundle is loaded by start()"
+        return self._bundle
+
+    def engine_stats(self) -> EngineStats:
+        """The engine's figures as of its last reply (the collector reads them at scrape time)."""
+        assert self._engine is not None and self._engine.stats is not None
+        return self._engine.stats
 
     async def _run(self) -> None:
         consumer = self._consumer
@@ -327,7 +347,7 @@ class Server:
         consumer = self._consumer
         assert consumer is not None
         assigned = consumer.assignment()
-        width = self._engine().bundle.config.input_size
+        width = self.bundle.config.input_size
         limit = self.config.max_value_bytes
         batch = _Batch(received=time.time())
         for tp, messages in records.items():
@@ -368,15 +388,17 @@ class Server:
         # A tick without event time is seen now, as the engine sees a call without any;
         # the others keep their own time (the idle TTL runs on event time).
         ts[np.isnan(ts)] = time.time() * 1000.0
-        result = self._engine().step(
+        assert self._engine is not None
+        reply = self._engine.step(
             batch.ids,
             np.asarray(batch.values, dtype=np.float64),
             resets=batch.resets,
             ends=batch.ends,
             timestamps=ts,
             offsets=[msg.offset for msg in batch.messages],
+            partitions=[msg.partition for msg in batch.messages],
         )
-        return result, time.perf_counter() - start
+        return reply.result, time.perf_counter() - start
 
     async def _with_committer(self, awaitable: Any) -> None:
         """Await ``awaitable`` unless the committer fails first; then raise its error."""
@@ -430,7 +452,6 @@ class Server:
                 )
                 outbox.add(cfg.output_topic, msg.key or stream.encode(), value)
                 produced += 1
-            self._forget(result, batch)
         for msg, fieldname, reason in dead:
             headers = [
                 ("streamlstm-error", reason.encode()),
@@ -470,7 +491,7 @@ class Server:
             await asyncio.gather(*sent.sends)
         except KafkaError as exc:
             raise BrokerError(f"output not acknowledged, offsets not committed: {exc}") from exc
-        acked = time.time()
+        acked = sent.acked_at or time.time()
         self.metrics.predictions.inc(produced)
         received_latency = np.full(produced, acked - batch.received)
         self.metrics.latency_receive.observe_many(received_latency)
@@ -480,15 +501,6 @@ class Server:
         if event_latency.size:
             self.recent_event_latency.append(np.column_stack([sent.event_times, event_latency]))
         self._totals.update(ticks=batch.records, predictions=produced, dead_letters=sent.dead)
-
-    def _forget(self, result: StepResult, batch: _Batch) -> None:
-        mapping = self._stream_partition
-        mapping.update(zip(batch.ids, (msg.partition for msg in batch.messages), strict=True))
-        for eviction in result.evictions:
-            mapping.pop(eviction.stream_id, None)
-        for i in np.flatnonzero(np.asarray(batch.ends, dtype=bool)).tolist():
-            if batch.ids[i] not in self._engine().store:
-                mapping.pop(batch.ids[i], None)
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         consumer = self._consumer
@@ -511,17 +523,15 @@ class Server:
             parts = {tp.partition for tp in revoked if tp.topic == self.config.input_topic}
             if not parts:
                 return
-            gone = [s for s, p in self._stream_partition.items() if p in parts]
-            for stream in gone:
-                del self._stream_partition[stream]
+            assert self._engine is not None
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._executor, self._engine().store.release, gone)
+            gone = await loop.run_in_executor(
+                self._executor, self._engine.drop_partitions, sorted(parts)
+            )
             for tp in revoked:
                 self._positions.pop(tp, None)
             self.metrics.rebalances.inc(len(revoked))
-            logger.info(
-                "partitions %s revoked: dropped %d streams' state", sorted(parts), len(gone)
-            )
+            logger.info("partitions %s revoked: dropped %d streams' state", sorted(parts), gone)
 
     # -- reporting ----------------------------------------------------------
 
@@ -537,7 +547,7 @@ class Server:
         return lag
 
     def summary(self, interval_s: float, previous: collections.Counter[str]) -> dict[str, Any]:
-        stats = self._engine().stats
+        stats = self.engine_stats()
         latencies = np.concatenate(list(self._recent_latency)) if self._recent_latency else None
         delta = {k: self._totals[k] - previous[k] for k in ("ticks", "predictions", "dead_letters")}
         return {
@@ -593,19 +603,3 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         logger.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
-
-
-def _set_torch_threads(count: int) -> None:
-    """Executor initializer: this thread steps with ``count`` torch threads.
-
-    The engine runs beside the event loop; with one torch thread each holds
-    a core, where two would make the step's thread barriers wait on the
-    loop. ``torch.set_num_threads`` also sets what threads started later
-    inherit, so a throwaway thread puts that back.
-    """
-    inherited = torch.get_num_threads()
-    torch.set_num_threads(count)
-    torch.get_num_threads()  # settles this thread's count before the inherited one changes
-    restore = threading.Thread(target=torch.set_num_threads, args=(inherited,))
-    restore.start()
-    restore.join()

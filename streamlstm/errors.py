@@ -38,6 +38,10 @@ class InputError(StreamLSTMError, ValueError):
         self.field = field
         self.reason = reason
 
+    def __reduce__(self) -> tuple[type[InputError], tuple[str, str]]:
+        # Pickles (the daemon's engine process sends errors back) rebuild from both fields.
+        return (type(self), (self.field, self.reason))
+
 
 class StateError(StreamLSTMError):
     """Recurrent state cannot be stored or restored (wrong shape, corrupt bytes)."""

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import NamedTuple
+
+import orjson
 
 from streamlstm.errors import InputError
 
@@ -20,9 +22,12 @@ __all__ = ["Tick", "decode_tick", "encode_prediction"]
 DEFAULT_MAX_VALUE_BYTES = 64 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class Tick:
-    """One decoded input message. ``ts`` is event time in epoch ms, or None."""
+class Tick(NamedTuple):
+    """One decoded input message. ``ts`` is event time in epoch ms, or None.
+
+    A named tuple, not a frozen dataclass: it is built once per message, and
+    builds in a quarter of the time.
+    """
 
     stream: str
     values: tuple[float, ...]
@@ -44,9 +49,15 @@ def decode_tick(
     if len(value) > max_value_bytes:
         raise InputError("value", f"{len(value)} bytes is over the {max_value_bytes}-byte limit")
     try:
-        obj = json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError("value", f"not valid JSON ({exc})") from exc
+        obj = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        # orjson is strict where json is lenient (NaN literals, integers past
+        # 64 bits, lone surrogates): json decides, so such input gets the same
+        # verdict and reason as before, and only bad messages pay for it.
+        try:
+            obj = json.loads(value)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError("value", f"not valid JSON ({exc})") from exc
     if not isinstance(obj, dict):
         raise InputError("value", f"expected a JSON object, got {type(obj).__name__}")
     try:
@@ -146,4 +157,5 @@ def encode_prediction(
     }
     if score is not None:
         out["score"] = None if not math.isfinite(score) else float(score)
-    return json.dumps(out, separators=(",", ":")).encode()
+    # orjson writes non-finite floats as null, where json would write invalid JSON.
+    return orjson.dumps(out)
