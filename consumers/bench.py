@@ -39,7 +39,7 @@ def _progress(message: str) -> None:
 class _Passthrough(Server):
     """Same loop, batching and producing; no inference."""
 
-    def _step(self, batch: _Batch) -> tuple[StepResult | None, float]:
+    async def _step(self, batch: _Batch) -> tuple[StepResult | None, float]:
         n = len(batch.ids)
         outputs = self.bundle.config.output_size
         values = np.asarray(batch.values, dtype=np.float32)[:, :outputs]

@@ -1,34 +1,39 @@
-"""The daemon's engine, in a child process of its own.
+"""The daemon's engine, in a child process of its own, driven from the event loop.
 
 Why not a thread: every torch and NumPy call releases the GIL and takes it
 back. Beside an event loop that is busy in Python (decoding, encoding), each
 take-back waits for the loop's switch interval, so a step that takes 8 ms
 alone took 140 ms beside a busy thread (and 9 ms beside a busy *process*).
-A process is scheduled by the OS instead, and the loop's thread only pickles
-a batch and waits on a pipe.
+For the same reason the parent has no thread at all: the event loop writes
+requests to a socket and a reader task resolves the replies, in order.
 
 The child loads the model from a bundle directory (never unpickles a model
 file), owns the ``Engine`` and the map of which input partition each stream
-last ticked on, and answers one request at a time. It ignores SIGINT and
-SIGTERM (a Ctrl-C reaches the whole process group; the parent decides when
-the engine stops) and exits when the parent closes the pipe or dies.
+last ticked on, and answers requests one at a time, in order. It ignores
+SIGINT and SIGTERM (a Ctrl-C reaches the whole process group; the parent
+decides when the engine stops) and exits when the parent closes the socket
+or dies. Frames are an 8-byte length and a pickle, between this process and
+the child it started.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import json
 import logging
 import pickle
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -42,22 +47,25 @@ __all__ = ["EngineProcess", "StepReply"]
 
 logger = logging.getLogger(__name__)
 
+_LENGTH = struct.Struct("!Q")
+
 
 @dataclass(frozen=True, eq=False)
 class StepReply:
-    """One step's result and the engine's figures after it."""
+    """One step's result, the engine's figures after it, and its compute time (seconds)."""
 
     result: StepResult
     stats: EngineStats
+    seconds: float
 
 
 class EngineProcess:
-    """``Engine(bundle, max_streams=..., idle_ttl_s=...)`` behind a pipe.
+    """``Engine(bundle, max_streams=..., idle_ttl_s=...)`` in a child process.
 
-    Blocking calls, one at a time (the daemon makes them from its single
-    engine thread). ``start`` waits until the child has loaded the model;
-    ``close`` is safe to call twice. A child that dies makes the next call
-    raise ``StreamLSTMError``.
+    ``await start()`` returns once the child has loaded the model. Requests
+    may overlap (the next batch is sent while one steps); the child answers
+    them in order. ``close`` is safe to call twice. If the child dies, every
+    waiting and later request raises ``StreamLSTMError``.
     """
 
     def __init__(
@@ -72,39 +80,45 @@ class EngineProcess:
         self._bundle = bundle
         self._options = {"max_streams": max_streams, "idle_ttl_s": idle_ttl_s, "threads": threads}
         self._start_timeout_s = start_timeout_s
-        self._conn: Connection | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._error: StreamLSTMError | None = None
+        #: The engine's figures as of its last reply (None until started).
         self.stats: EngineStats | None = None
 
-    def start(self) -> EngineStats:
-        # A fresh interpreter, not fork (the parent has threads) and not
-        # multiprocessing's spawn (it re-runs the caller's main script).
+    async def start(self) -> EngineStats:
         parent, child = socket.socketpair()
         with tempfile.TemporaryDirectory(prefix="streamlstm-engine-") as tmp:
             # The child reads weights from safetensors, as from any bundle directory.
             model_dir = self._bundle.save(Path(tmp) / "model")
             options = json.dumps({**self._options, "model": str(model_dir)})
             with child:
-                proc = subprocess.Popen(
+                # A fresh interpreter: not fork (the parent has threads) and not
+                # multiprocessing's spawn (it re-runs the caller's main script).
+                self._proc = subprocess.Popen(
                     [sys.executable, "-m", __name__, str(child.fileno()), options],
                     pass_fds=[child.fileno()],
                 )
-            conn = self._conn = Connection(parent.detach())
-            self._proc = proc
+            reader, self._writer = await asyncio.open_unix_connection(sock=parent)
+            ready = self._expect()  # the child's first frame, sent unasked once loaded
+            self._reader_task = asyncio.create_task(self._read(reader), name="streamlstm-engine")
             try:
-                if not conn.poll(self._start_timeout_s):
-                    raise StreamLSTMError(
-                        f"engine process did not start within {self._start_timeout_s:.0f} s"
-                    )
-                stats = self._reply()
+                stats = await asyncio.wait_for(ready, self._start_timeout_s)
+            except TimeoutError:
+                await self.close()
+                raise StreamLSTMError(
+                    f"engine process did not start within {self._start_timeout_s:.0f} s"
+                ) from None
             except BaseException:
-                self.close()
+                await self.close()
                 raise
         assert isinstance(stats, EngineStats)
         self.stats = stats
         return stats
 
-    def step(
+    async def step(
         self,
         stream_ids: Sequence[str],
         features: npt.NDArray[np.float64],
@@ -115,64 +129,92 @@ class EngineProcess:
         offsets: Sequence[int],
         partitions: Sequence[int],
     ) -> StepReply:
-        """``Engine.step`` in the child; also remembers each stream's partition."""
-        self._send(
+        """``Engine.step`` in the child; it also remembers each stream's partition."""
+        reply = await self._request(
             ("step", list(stream_ids), features, resets, ends, timestamps, offsets, partitions)
         )
-        reply = self._reply()
         assert isinstance(reply, StepReply)
         self.stats = reply.stats
         return reply
 
-    def drop_partitions(self, partitions: Sequence[int]) -> int:
+    async def drop_partitions(self, partitions: Sequence[int]) -> int:
         """Forget every stream whose last tick came from ``partitions``; returns how many."""
-        self._send(("drop", list(partitions)))
-        count, stats = self._reply()
-        self.stats = stats
+        count, self.stats = await self._request(("drop", list(partitions)))
         return int(count)
 
-    def close(self, timeout_s: float = 10.0) -> None:
-        conn, proc = self._conn, self._proc
-        self._conn = self._proc = None
-        if conn is not None:
+    async def close(self, timeout_s: float = 10.0) -> None:
+        writer, proc = self._writer, self._proc
+        self._writer = self._proc = None
+        if writer is not None:
             with contextlib.suppress(OSError):  # already gone
-                conn.send(("close",))
-            conn.close()
+                writer.write(_frame(("close",)))
+            writer.close()
         if proc is not None:
             try:
-                proc.wait(timeout_s)
+                await asyncio.to_thread(proc.wait, timeout_s)
             except subprocess.TimeoutExpired:
                 logger.warning("engine process did not exit in %.0f s; killing it", timeout_s)
                 proc.kill()
-                proc.wait()
+                await asyncio.to_thread(proc.wait)
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+        self._fail(StreamLSTMError("engine process is closed"))
 
-    def _send(self, message: tuple[Any, ...]) -> None:
-        if self._conn is None:
+    # -- internals ----------------------------------------------------------
+
+    def _expect(self) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting.append(future)
+        return future
+
+    async def _request(self, message: tuple[Any, ...]) -> Any:
+        if self._error is not None:
+            raise self._error
+        if self._writer is None:
             raise StreamLSTMError("engine process is not running")
-        try:
-            self._conn.send(message)
-        except OSError as exc:
-            raise self._died() from exc
+        future = self._expect()
+        self._writer.write(_frame(message))  # in call order, so replies match the queue
+        await self._writer.drain()
+        return await future
 
-    def _reply(self) -> Any:
-        assert self._conn is not None
+    async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
-            status, payload = self._conn.recv()
-        except (EOFError, OSError) as exc:
-            raise self._died() from exc
-        if status == "error":
-            raise payload
-        return payload
+            while True:
+                (size,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+                status, payload = pickle.loads(await reader.readexactly(size))
+                if not self._waiting:
+                    logger.error("engine process sent a reply nobody asked for")
+                    continue
+                future = self._waiting.popleft()
+                if future.done():
+                    continue  # its caller was cancelled
+                if status == "error":
+                    future.set_exception(payload)
+                else:
+                    future.set_result(payload)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            code = self._proc.poll() if self._proc is not None else None
+            died = StreamLSTMError(f"engine process exited unexpectedly (exit code {code})")
+            died.__cause__ = exc
+            self._fail(died)
 
-    def _died(self) -> StreamLSTMError:
-        code = self._proc.poll() if self._proc is not None else None
-        return StreamLSTMError(f"engine process exited unexpectedly (exit code {code})")
+    def _fail(self, error: StreamLSTMError) -> None:
+        self._error = self._error or error
+        while self._waiting:
+            future = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(self._error)
+
+
+def _frame(obj: object) -> bytes:
+    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return _LENGTH.pack(len(payload)) + payload
 
 
 # -- the child -------------------------------------------------------------
 
 
-def _serve(conn: Connection, options: dict[str, Any]) -> None:
+def _serve(sock: socket.socket, options: dict[str, Any]) -> None:
     """The child's main: load, then answer requests until told to close."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -188,30 +230,46 @@ def _serve(conn: Connection, options: dict[str, Any]) -> None:
             idle_ttl_s=options["idle_ttl_s"],
         )
     except Exception as exc:
-        _send_error(conn, exc)
+        _send_error(sock, exc)
         return
     partition_of: dict[str, int] = {}
     gc.freeze()  # the model and torch live as long as the process: no full-collection pauses
-    conn.send(("ok", engine.stats))
+    sock.sendall(_frame(("ok", engine.stats)))
     while True:
+        message = _read_frame(sock)
+        if message is None or message[0] == "close":
+            return  # closed, or the parent is gone
         try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            return  # the parent is gone
-        kind = message[0]
-        if kind == "close":
-            return
-        try:
-            if kind == "step":
+            if message[0] == "step":
                 reply: Any = _step(engine, partition_of, *message[1:])
-            elif kind == "drop":
+            elif message[0] == "drop":
                 reply = (_drop(engine, partition_of, set(message[1])), engine.stats)
             else:
-                raise StreamLSTMError(f"engine process: unknown request {kind!r}")
+                raise StreamLSTMError(f"engine process: unknown request {message[0]!r}")
         except Exception as exc:
-            _send_error(conn, exc)
+            _send_error(sock, exc)
             continue
-        conn.send(("ok", reply))
+        sock.sendall(_frame(("ok", reply)))
+
+
+def _read_frame(sock: socket.socket) -> Any:
+    header = _read_exactly(sock, _LENGTH.size)
+    if header is None:
+        return None
+    body = _read_exactly(sock, _LENGTH.unpack(header)[0])
+    return None if body is None else pickle.loads(body)
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            return None
+        got += n
+    return bytes(buf)
 
 
 def _step(
@@ -225,9 +283,11 @@ def _step(
     offsets: Sequence[int],
     partitions: Sequence[int],
 ) -> StepReply:
+    start = time.perf_counter()
     result = engine.step(
         ids, features, resets=resets, ends=ends, timestamps=timestamps, offsets=offsets
     )
+    seconds = time.perf_counter() - start
     partition_of.update(zip(ids, partitions, strict=True))
     for eviction in result.evictions:
         partition_of.pop(eviction.stream_id, None)
@@ -235,7 +295,7 @@ def _step(
     for i in np.flatnonzero(np.asarray(ends, dtype=bool)).tolist():
         if ids[i] not in store:
             partition_of.pop(ids[i], None)
-    return StepReply(result, engine.stats)
+    return StepReply(result, engine.stats, seconds)
 
 
 def _drop(engine: Engine, partition_of: dict[str, int], partitions: set[int]) -> int:
@@ -246,16 +306,16 @@ def _drop(engine: Engine, partition_of: dict[str, int], partitions: set[int]) ->
     return len(gone)
 
 
-def _send_error(conn: Connection, exc: Exception) -> None:
+def _send_error(sock: socket.socket, exc: Exception) -> None:
     try:
         pickle.loads(pickle.dumps(exc))
-    except Exception:  # one that does not survive the pipe goes as text, traceback included
+    except Exception:  # one that does not survive the trip goes as text, traceback included
         exc = StreamLSTMError(f"engine process: {''.join(traceback.format_exception(exc))}")
-    conn.send(("error", exc))
+    sock.sendall(_frame(("error", exc)))
 
 
 if __name__ == "__main__":
     # Through the module's own name, so replies pickle as consumers.engine_process.*.
     from consumers import engine_process
 
-    engine_process._serve(Connection(int(sys.argv[1])), json.loads(sys.argv[2]))
+    engine_process._serve(socket.socket(fileno=int(sys.argv[1])), json.loads(sys.argv[2]))

@@ -5,9 +5,8 @@ One poll, in order:
 1. ``getmany`` up to ``max_records`` records; decode and validate each; bad
    ones are set aside for the dead-letter topic.
 2. Submit the batch to the engine, which steps in a child process (see
-   ``consumers.engine_process`` for why not a thread); a worker thread
-   waits on it. The event loop stays free for heartbeats and fetches, and
-   decodes the next batch meanwhile.
+   ``consumers.engine_process`` for why not a thread). The event loop stays
+   free for heartbeats and fetches, and decodes the next batch meanwhile.
 3. When the step is done: send one prediction per valid tick and one dead
    letter per bad one, and queue the batch for the committer; the loop goes
    on to the next poll (at most ``max_unacked_batches`` wait at once).
@@ -30,7 +29,6 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -121,7 +119,6 @@ class Server:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._http: HttpEndpoints | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="streamlstm-engine")
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._pending: collections.deque[_InFlight] = collections.deque()
@@ -170,7 +167,7 @@ class Server:
             idle_ttl_s=cfg.idle_ttl_s,
             threads=cfg.engine_threads,
         )
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._engine.start)
+        await self._engine.start()
         self._model_id = bundle.model_id
         self._has_score = bundle.outputs.score_span is not None
         self.metrics.model_info.info(
@@ -279,9 +276,8 @@ class Server:
             self._committer.cancel()
         if self._http is not None:
             await self._http.stop()
-        self._executor.shutdown(wait=True)
         if self._engine is not None:
-            await asyncio.to_thread(self._engine.close)
+            await self._engine.close()
         logger.info("stopped after %d ticks", self._totals["ticks"])
 
     async def __aenter__(self) -> Server:
@@ -373,23 +369,21 @@ class Server:
         return batch
 
     def _begin(self, batch: _Batch) -> _InFlight:
-        loop = asyncio.get_running_loop()
-        return _InFlight(batch, loop.run_in_executor(self._executor, self._step, batch))
+        return _InFlight(batch, asyncio.ensure_future(self._step(batch)))
 
     @property
     def totals(self) -> dict[str, int]:
         return dict(self._totals)
 
-    def _step(self, batch: _Batch) -> tuple[StepResult | None, float]:
+    async def _step(self, batch: _Batch) -> tuple[StepResult | None, float]:
         if not batch.ids:
             return None, 0.0
-        start = time.perf_counter()
         ts = np.asarray(batch.ts, dtype=np.float64)
         # A tick without event time is seen now, as the engine sees a call without any;
         # the others keep their own time (the idle TTL runs on event time).
         ts[np.isnan(ts)] = time.time() * 1000.0
         assert self._engine is not None
-        reply = self._engine.step(
+        reply = await self._engine.step(
             batch.ids,
             np.asarray(batch.values, dtype=np.float64),
             resets=batch.resets,
@@ -398,7 +392,7 @@ class Server:
             offsets=[msg.offset for msg in batch.messages],
             partitions=[msg.partition for msg in batch.messages],
         )
-        return reply.result, time.perf_counter() - start
+        return reply.result, reply.seconds
 
     async def _with_committer(self, awaitable: Any) -> None:
         """Await ``awaitable`` unless the committer fails first; then raise its error."""
@@ -524,10 +518,7 @@ class Server:
             if not parts:
                 return
             assert self._engine is not None
-            loop = asyncio.get_running_loop()
-            gone = await loop.run_in_executor(
-                self._executor, self._engine.drop_partitions, sorted(parts)
-            )
+            gone = await self._engine.drop_partitions(sorted(parts))
             for tp in revoked:
                 self._positions.pop(tp, None)
             self.metrics.rebalances.inc(len(revoked))
