@@ -1,0 +1,158 @@
+"""The engine child process: same answers as an in-process Engine, errors that cross back."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import numpy as np
+import pytest
+
+from consumers.engine_process import EngineProcess
+from streamlstm import Bundle, Engine, InputError, ModelConfig, StreamLSTMError
+
+
+def _bundle() -> Bundle:
+    return Bundle.random(ModelConfig(input_size=2, hidden_sizes=(16, 8)), seed=3)
+
+
+def run(factory: Callable[[EngineProcess], Coroutine[Any, Any, None]]) -> None:
+    """Start a child for ``_bundle()``, run ``factory(proc)``, always close it."""
+
+    async def main() -> None:
+        proc = EngineProcess(_bundle(), max_streams=64, idle_ttl_s=None)
+        await proc.start()
+        try:
+            await factory(proc)
+        finally:
+            await proc.close()
+            await proc.close()  # safe twice
+
+    asyncio.run(main())
+
+
+def _batch(rng: np.random.Generator, n: int) -> dict[str, Any]:
+    ids = [f"s{i}" for i in rng.integers(0, 20, n).tolist()]
+    return {
+        "stream_ids": ids,
+        "features": rng.standard_normal((n, 2)),
+        "resets": rng.random(n) < 0.1,
+        "ends": rng.random(n) < 0.05,
+        "timestamps": np.arange(n, dtype=np.float64) * 1000.0,
+        "offsets": list(range(n)),
+    }
+
+
+def test_overlapping_steps_match_an_in_process_engine() -> None:
+    rng = np.random.default_rng(7)
+    batches = [_batch(rng, int(n)) for n in rng.integers(1, 60, 12)]
+    local = Engine(_bundle(), max_streams=64)
+    expected = [local.step(**b) for b in batches]
+
+    async def check(proc: EngineProcess) -> None:
+        # All requests in flight at once: replies must come back in order.
+        replies = await asyncio.gather(
+            *(proc.step(**b, partitions=[0] * len(b["stream_ids"])) for b in batches)
+        )
+        for reply, want in zip(replies, expected, strict=True):
+            np.testing.assert_array_equal(reply.result.predictions, want.predictions)
+            np.testing.assert_array_equal(reply.result.steps, want.steps)
+            assert reply.seconds > 0
+        assert proc.stats is not None
+        assert proc.stats.active_streams == local.stats.active_streams
+        assert proc.stats.ticks == sum(len(b["stream_ids"]) for b in batches)
+
+    run(check)
+
+
+def test_drop_partitions_forgets_only_their_streams() -> None:
+    async def check(proc: EngineProcess) -> None:
+        features = np.zeros((4, 2))
+        flags = [False] * 4
+        ts = np.zeros(4)
+        await proc.step(
+            ["a", "b", "c", "d"],
+            features,
+            resets=flags,
+            ends=flags,
+            timestamps=ts,
+            offsets=[0, 1, 2, 3],
+            partitions=[0, 1, 1, 2],
+        )
+        assert await proc.drop_partitions([1]) == 2
+        assert proc.stats is not None and proc.stats.active_streams == 2
+        reply = await proc.step(
+            ["b", "a"],
+            features[:2],
+            resets=flags[:2],
+            ends=flags[:2],
+            timestamps=ts[:2],
+            offsets=[4, 5],
+            partitions=[1, 0],
+        )
+        assert reply.result.steps.tolist() == [1, 2]  # b starts again; a goes on
+
+    run(check)
+
+
+def test_an_engine_error_crosses_back_with_its_type_and_the_child_goes_on() -> None:
+    async def check(proc: EngineProcess) -> None:
+        with pytest.raises(InputError) as info:
+            await proc.step(
+                ["a"],
+                np.zeros((1, 2)),
+                resets=[False, True],  # two flags for one tick
+                ends=[False],
+                timestamps=np.zeros(1),
+                offsets=[0],
+                partitions=[0],
+            )
+        assert info.value.field == "resets"
+        reply = await proc.step(
+            ["a"],
+            np.zeros((1, 2)),
+            resets=[False],
+            ends=[False],
+            timestamps=np.zeros(1),
+            offsets=[0],
+            partitions=[0],
+        )
+        assert reply.result.accepted.tolist() == [True]
+
+    run(check)
+
+
+def test_the_child_outlives_sigint_and_sigterm() -> None:
+    # Ctrl-C and some supervisors signal the whole process group; the parent decides.
+    async def check(proc: EngineProcess) -> None:
+        assert proc._proc is not None
+        proc._proc.send_signal(signal.SIGINT)
+        proc._proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        assert await proc.drop_partitions([0]) == 0
+        assert proc._proc.poll() is None
+
+    run(check)
+
+
+def test_a_dead_child_fails_waiting_and_later_calls() -> None:
+    async def check(proc: EngineProcess) -> None:
+        assert proc._proc is not None
+        proc._proc.send_signal(signal.SIGKILL)
+        for _ in range(2):
+            with pytest.raises(StreamLSTMError, match="exited unexpectedly"):
+                await proc.drop_partitions([0])
+
+    run(check)
+
+
+def test_a_bad_engine_setting_fails_start_with_the_engines_error() -> None:
+    async def main() -> None:
+        proc = EngineProcess(_bundle(), max_streams=0, idle_ttl_s=None)
+        with pytest.raises(StreamLSTMError, match="max_streams"):
+            await proc.start()
+        await proc.close()
+
+    asyncio.run(main())
