@@ -168,6 +168,7 @@ async def _tail(args: argparse.Namespace) -> int:
         **client_options(args.bootstrap_servers),
         auto_offset_reset="earliest" if args.from_beginning else "latest",
         enable_auto_commit=False,
+        fetch_max_wait_ms=50,  # print as they arrive, not up to aiokafka's 500 ms later
     )
     await start_client(consumer, args.bootstrap_servers)
     seen = 0
