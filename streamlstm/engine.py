@@ -374,20 +374,26 @@ class _Buffers:
         self._x = torch.zeros(0)
         self._h: list[torch.Tensor] = []
         self._c: list[torch.Tensor] = []
+        self._views: dict[int, tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = {}
 
     def view(self, bucket: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """``x [bucket, F]`` and per layer group ``h``, ``c`` ``[count, bucket, H]``, contiguous."""
+        views = self._views.get(bucket)
+        if views is not None:
+            return views
         if bucket > self._rows:
             self._rows = bucket
             self._x = torch.zeros(bucket * self._width)
             self._h = [torch.zeros(g.count * bucket * g.hidden_size) for g in self._groups]
             self._c = [torch.zeros(g.count * bucket * g.hidden_size) for g in self._groups]
+            self._views.clear()
         shapes = [(g.count, bucket, g.hidden_size) for g in self._groups]
-        return (
+        views = self._views[bucket] = (
             self._x[: bucket * self._width].view(bucket, self._width),
             [t[: math.prod(s)].view(s) for t, s in zip(self._h, shapes, strict=True)],
             [t[: math.prod(s)].view(s) for t, s in zip(self._c, shapes, strict=True)],
         )
+        return views
 
 
 def _bucket(batch: int) -> int:
