@@ -43,11 +43,24 @@ import numpy.typing as npt
 from streamlstm import Bundle, Engine, EngineStats, StepResult
 from streamlstm.errors import StreamLSTMError
 
-__all__ = ["EngineProcess", "StepReply"]
+__all__ = ["EngineProcess", "StepReply", "StepRequest"]
 
 logger = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct("!Q")
+
+
+@dataclass(frozen=True, eq=False)
+class StepRequest:
+    """One ``Engine.step`` call (see its arguments) and each tick's input partition."""
+
+    stream_ids: list[str]
+    features: npt.NDArray[np.float64]
+    resets: Sequence[bool]
+    ends: Sequence[bool]
+    timestamps: npt.NDArray[np.float64]
+    offsets: Sequence[int]
+    partitions: Sequence[int]
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,21 +131,9 @@ class EngineProcess:
         self.stats = stats
         return stats
 
-    async def step(
-        self,
-        stream_ids: Sequence[str],
-        features: npt.NDArray[np.float64],
-        *,
-        resets: Sequence[bool],
-        ends: Sequence[bool],
-        timestamps: npt.NDArray[np.float64],
-        offsets: Sequence[int],
-        partitions: Sequence[int],
-    ) -> StepReply:
+    async def step(self, request: StepRequest) -> StepReply:
         """``Engine.step`` in the child; it also remembers each stream's partition."""
-        reply = await self._request(
-            ("step", list(stream_ids), features, resets, ends, timestamps, offsets, partitions)
-        )
+        reply = await self._request(("step", request))
         assert isinstance(reply, StepReply)
         self.stats = reply.stats
         return reply
@@ -241,7 +242,7 @@ def _serve(sock: socket.socket, options: dict[str, Any]) -> None:
             return  # closed, or the parent is gone
         try:
             if message[0] == "step":
-                reply: Any = _step(engine, partition_of, *message[1:])
+                reply: Any = _step(engine, partition_of, message[1])
             elif message[0] == "drop":
                 reply = (_drop(engine, partition_of, set(message[1])), engine.stats)
             else:
@@ -272,27 +273,23 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
     return bytes(buf)
 
 
-def _step(
-    engine: Engine,
-    partition_of: dict[str, int],
-    ids: list[str],
-    features: npt.NDArray[np.float64],
-    resets: Sequence[bool],
-    ends: Sequence[bool],
-    timestamps: npt.NDArray[np.float64],
-    offsets: Sequence[int],
-    partitions: Sequence[int],
-) -> StepReply:
+def _step(engine: Engine, partition_of: dict[str, int], request: StepRequest) -> StepReply:
+    ids = request.stream_ids
     start = time.perf_counter()
     result = engine.step(
-        ids, features, resets=resets, ends=ends, timestamps=timestamps, offsets=offsets
+        ids,
+        request.features,
+        resets=request.resets,
+        ends=request.ends,
+        timestamps=request.timestamps,
+        offsets=request.offsets,
     )
     seconds = time.perf_counter() - start
-    partition_of.update(zip(ids, partitions, strict=True))
+    partition_of.update(zip(ids, request.partitions, strict=True))
     for eviction in result.evictions:
         partition_of.pop(eviction.stream_id, None)
     store = engine.store
-    for i in np.flatnonzero(np.asarray(ends, dtype=bool)).tolist():
+    for i in np.flatnonzero(np.asarray(request.ends, dtype=bool)).tolist():
         if ids[i] not in store:
             partition_of.pop(ids[i], None)
     return StepReply(result, engine.stats, seconds)

@@ -38,7 +38,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, KafkaError
 from prometheus_client import CollectorRegistry
 
-from consumers.engine_process import EngineProcess
+from consumers.engine_process import EngineProcess, StepRequest
 from consumers.http import HttpEndpoints
 from consumers.kafka import client_options, ensure_topics, partitions_of, start_client
 from consumers.outbox import Outbox
@@ -384,13 +384,15 @@ class Server:
         ts[np.isnan(ts)] = time.time() * 1000.0
         assert self._engine is not None
         reply = await self._engine.step(
-            batch.ids,
-            np.asarray(batch.values, dtype=np.float64),
-            resets=batch.resets,
-            ends=batch.ends,
-            timestamps=ts,
-            offsets=[msg.offset for msg in batch.messages],
-            partitions=[msg.partition for msg in batch.messages],
+            StepRequest(
+                stream_ids=batch.ids,
+                features=np.asarray(batch.values, dtype=np.float64),
+                resets=batch.resets,
+                ends=batch.ends,
+                timestamps=ts,
+                offsets=[msg.offset for msg in batch.messages],
+                partitions=[msg.partition for msg in batch.messages],
+            )
         )
         return reply.result, reply.seconds
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from consumers.engine_process import EngineProcess
+from consumers.engine_process import EngineProcess, StepRequest
 from streamlstm import Bundle, Engine, InputError, ModelConfig, StreamLSTMError
 
 
@@ -54,7 +54,7 @@ def test_overlapping_steps_match_an_in_process_engine() -> None:
     async def check(proc: EngineProcess) -> None:
         # All requests in flight at once: replies must come back in order.
         replies = await asyncio.gather(
-            *(proc.step(**b, partitions=[0] * len(b["stream_ids"])) for b in batches)
+            *(proc.step(StepRequest(**b, partitions=[0] * len(b["stream_ids"]))) for b in batches)
         )
         for reply, want in zip(replies, expected, strict=True):
             np.testing.assert_array_equal(reply.result.predictions, want.predictions)
@@ -72,25 +72,12 @@ def test_drop_partitions_forgets_only_their_streams() -> None:
         features = np.zeros((4, 2))
         flags = [False] * 4
         ts = np.zeros(4)
-        await proc.step(
-            ["a", "b", "c", "d"],
-            features,
-            resets=flags,
-            ends=flags,
-            timestamps=ts,
-            offsets=[0, 1, 2, 3],
-            partitions=[0, 1, 1, 2],
-        )
+        ids = ["a", "b", "c", "d"]
+        await proc.step(StepRequest(ids, features, flags, flags, ts, [0, 1, 2, 3], [0, 1, 1, 2]))
         assert await proc.drop_partitions([1]) == 2
         assert proc.stats is not None and proc.stats.active_streams == 2
         reply = await proc.step(
-            ["b", "a"],
-            features[:2],
-            resets=flags[:2],
-            ends=flags[:2],
-            timestamps=ts[:2],
-            offsets=[4, 5],
-            partitions=[1, 0],
+            StepRequest(["b", "a"], features[:2], flags[:2], flags[:2], ts[:2], [4, 5], [1, 0])
         )
         assert reply.result.steps.tolist() == [1, 2]  # b starts again; a goes on
 
@@ -101,23 +88,19 @@ def test_an_engine_error_crosses_back_with_its_type_and_the_child_goes_on() -> N
     async def check(proc: EngineProcess) -> None:
         with pytest.raises(InputError) as info:
             await proc.step(
-                ["a"],
-                np.zeros((1, 2)),
-                resets=[False, True],  # two flags for one tick
-                ends=[False],
-                timestamps=np.zeros(1),
-                offsets=[0],
-                partitions=[0],
+                StepRequest(
+                    ["a"],
+                    np.zeros((1, 2)),
+                    resets=[False, True],  # two flags for one tick
+                    ends=[False],
+                    timestamps=np.zeros(1),
+                    offsets=[0],
+                    partitions=[0],
+                )
             )
         assert info.value.field == "resets"
         reply = await proc.step(
-            ["a"],
-            np.zeros((1, 2)),
-            resets=[False],
-            ends=[False],
-            timestamps=np.zeros(1),
-            offsets=[0],
-            partitions=[0],
+            StepRequest(["a"], np.zeros((1, 2)), [False], [False], np.zeros(1), [0], [0])
         )
         assert reply.result.accepted.tolist() == [True]
 
