@@ -23,6 +23,7 @@ import collections
 import contextlib
 import json
 import logging
+import os
 import pickle
 import signal
 import socket
@@ -113,6 +114,8 @@ class EngineProcess:
                 self._proc = subprocess.Popen(
                     [sys.executable, "-m", __name__, str(child.fileno()), options],
                     pass_fds=[child.fileno()],
+                    # The parent's import path, as multiprocessing's spawn passes it on.
+                    env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
                 )
             reader, self._writer = await asyncio.open_unix_connection(sock=parent)
             ready = self._expect()  # the child's first frame, sent unasked once loaded
