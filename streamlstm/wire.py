@@ -26,7 +26,7 @@ class Tick(NamedTuple):
     """One decoded input message. ``ts`` is event time in epoch ms, or None.
 
     A named tuple, not a frozen dataclass: it is built once per message, and
-    builds in a quarter of the time.
+    builds in two thirds of the time (0.57 against 0.85 us).
     """
 
     stream: str
