@@ -15,9 +15,10 @@ One poll, in order:
    meanwhile share one commit). Only then is a tick considered done, so a
    crash anywhere before re-reads it (at-least-once output).
 
-On revoke, in-flight batches are finished and committed first, then the
-revoked partitions' streams are dropped from memory (until durable state
-lands, a moved partition's streams restart from zero state).
+On revoke, in-flight batches are finished and committed first. On the
+assignment that follows, the streams of partitions that did not come back
+are dropped from memory (until durable state lands, a moved partition's
+streams restart from zero state); partitions that stay keep their state.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ class Server:
         self._committer: asyncio.Task[None] | None = None
         self._partitions: dict[str, list[int]] = {}
         self._positions: dict[TopicPartition, int] = {}
+        self._revoked: set[int] = set()  # input partitions revoked since the last assignment
         self._task: asyncio.Task[None] | None = None
         self._summary_task: asyncio.Task[None] | None = None
         self._started = False
@@ -151,6 +153,14 @@ class Server:
             and bool(self._consumer.assignment())
             and not self._stopping.is_set()
         )
+
+    def assignment(self) -> list[int]:
+        """The input topic's partitions this instance holds now."""
+        consumer = self._consumer
+        if consumer is None:
+            return []
+        topic = self.config.input_topic
+        return sorted(tp.partition for tp in consumer.assignment() if tp.topic == topic)
 
     def healthy(self) -> bool:
         return self._task is not None and not (self._task.done() and self._task.exception())
@@ -514,17 +524,30 @@ class Server:
         self.metrics.commits.inc()
 
     async def on_revoked(self, revoked: Sequence[TopicPartition]) -> None:
+        """Finish and commit in-flight batches before the partitions go.
+
+        State is kept until the new assignment is known: Kafka's eager
+        rebalance revokes every partition from every member, and most come
+        straight back to the same instance, with nobody reading them between.
+        """
         async with self._lock:
             await self._drain()
             parts = {tp.partition for tp in revoked if tp.topic == self.config.input_topic}
-            if not parts:
-                return
-            assert self._engine is not None
-            gone = await self._engine.drop_partitions(sorted(parts))
+            self._revoked |= parts
             for tp in revoked:
                 self._positions.pop(tp, None)
             self.metrics.rebalances.inc(len(revoked))
-            logger.info("partitions %s revoked: dropped %d streams' state", sorted(parts), gone)
+            logger.info("partitions %s revoked", sorted(parts))
+
+    async def on_assigned(self, assigned: Sequence[TopicPartition]) -> None:
+        """Drop the streams of partitions that were revoked and did not come back."""
+        parts = {tp.partition for tp in assigned if tp.topic == self.config.input_topic}
+        logger.info("partitions assigned: %s", sorted(parts))
+        async with self._lock:
+            gone, self._revoked = sorted(self._revoked - parts), set()
+            if gone and self._engine is not None:
+                count = await self._engine.drop_partitions(gone)
+                logger.info("partitions %s moved away: dropped %d streams' state", gone, count)
 
     # -- reporting ----------------------------------------------------------
 
@@ -595,4 +618,4 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self._server.on_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
-        logger.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
+        await self._server.on_assigned(assigned)

@@ -210,6 +210,78 @@ def test_every_tick_answered_once_and_equal_to_the_oracle(
     assert json.loads(summaries[0].value)["instance"] == config.instance_id
 
 
+def test_a_rebalance_hands_over_partitions_and_their_streams_restart(
+    bootstrap: str, make_topics: Any, tmp_path: Path
+) -> None:
+    model_dir = _bundle(tmp_path)
+    src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=4)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    config = ServeConfig(
+        model=str(model_dir),
+        bootstrap_servers=bootstrap,
+        input_topic=src,
+        output_topic=out,
+        dlq_topic=dlq,
+        group_id=group,
+        metrics_port=0,
+        max_records=50,
+    )
+    streams = [f"sensor-{i}" for i in range(40)]
+    rng = np.random.default_rng(5)
+
+    def wave(rounds: int, start: int) -> list[tuple[bytes | None, bytes | None]]:
+        return [
+            (
+                s.encode(),
+                json.dumps(
+                    {"stream": s, "ts": start + k, "values": rng.normal(size=2).tolist()}
+                ).encode(),
+            )
+            for k in range(rounds)
+            for s in streams
+        ]
+
+    first, second = wave(3, 0), wave(2, 1000)
+
+    async def scenario() -> tuple[list[Any], list[Any], set[int], float]:
+        async with Server(config) as a:
+            metas = await send_raw(bootstrap, src, first)
+            assert len(await read_all(bootstrap, out, len(first), timeout_s=60)) == len(first)
+            async with Server(config) as b:
+                deadline = time.monotonic() + 90
+                while not (a.assignment() and b.assignment()):
+                    assert time.monotonic() < deadline, "the second instance got no partitions"
+                    await asyncio.sleep(0.2)
+                assert sorted(a.assignment() + b.assignment()) == [0, 1, 2, 3]
+                moved = set(b.assignment())
+                metas += await send_raw(bootstrap, src, second)
+                total = len(first) + len(second)
+                assert len(await read_all(bootstrap, out, total, timeout_s=60)) >= total
+                # Once more, asking for one more than expected: any duplicate is in.
+                outputs = await read_all(bootstrap, out, total + 1, timeout_s=3)
+                revoked = a.metrics.rebalances._value.get()
+                for server in (a, b):
+                    server.request_stop()
+                    await server.wait()
+        return metas, outputs, moved, revoked
+
+    metas, outputs, moved, revoked = asyncio.run(scenario())
+    assert revoked >= len(moved) > 0
+    by_tick: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+    for msg in outputs:
+        body = json.loads(msg.value)
+        by_tick[(body["partition"], body["offset"])].append(body)
+    # Every tick answered exactly once: the instance that gave a partition up
+    # committed it first, and the new owner started from that commit.
+    assert sorted(by_tick) == sorted((m.partition, m.offset) for m in metas)
+    assert all(len(v) == 1 for v in by_tick.values())
+    # A moved partition's streams start again from zero state; the others go on.
+    for meta, (key, _) in zip(metas[len(first) :], second, strict=True):
+        body = by_tick[(meta.partition, meta.offset)][0]
+        round_ = 1 if body["ts"] == 1000 else 2
+        assert body["step"] == (round_ if meta.partition in moved else 3 + round_), key
+
+
 def _serve_cmd(
     model_dir: Path, bootstrap: str, src: str, out: str, dlq: str, group: str
 ) -> list[str]:
