@@ -102,6 +102,11 @@ class EngineProcess:
         #: The engine's figures as of its last reply (None until started).
         self.stats: EngineStats | None = None
 
+    @property
+    def alive(self) -> bool:
+        """Started, not closed, and the child has not exited."""
+        return self._proc is not None and self._proc.poll() is None and self._error is None
+
     async def start(self) -> EngineStats:
         parent, child = socket.socketpair()
         with tempfile.TemporaryDirectory(prefix="streamlstm-engine-") as tmp:
@@ -177,8 +182,11 @@ class EngineProcess:
         if self._writer is None:
             raise StreamLSTMError("engine process is not running")
         future = self._expect()
-        self._writer.write(_frame(message))  # in call order, so replies match the queue
-        await self._writer.drain()
+        try:
+            self._writer.write(_frame(message))  # in call order, so replies match the queue
+            await self._writer.drain()
+        except ConnectionError as exc:
+            self._fail(self._died(exc))
         return await future
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
@@ -197,10 +205,13 @@ class EngineProcess:
                 else:
                     future.set_result(payload)
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            code = self._proc.poll() if self._proc is not None else None
-            died = StreamLSTMError(f"engine process exited unexpectedly (exit code {code})")
-            died.__cause__ = exc
-            self._fail(died)
+            self._fail(self._died(exc))
+
+    def _died(self, cause: Exception) -> StreamLSTMError:
+        code = self._proc.poll() if self._proc is not None else None
+        died = StreamLSTMError(f"engine process exited unexpectedly (exit code {code})")
+        died.__cause__ = cause
+        return died
 
     def _fail(self, error: StreamLSTMError) -> None:
         self._error = self._error or error

@@ -163,7 +163,9 @@ class Server:
         return sorted(tp.partition for tp in consumer.assignment() if tp.topic == topic)
 
     def healthy(self) -> bool:
-        return self._task is not None and not (self._task.done() and self._task.exception())
+        """The loop has not failed and the engine process is alive (``/healthz``)."""
+        loop_ok = self._task is not None and not (self._task.done() and self._task.exception())
+        return loop_ok and self._engine is not None and self._engine.alive
 
     async def start(self) -> None:
         if self._started:

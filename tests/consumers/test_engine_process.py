@@ -122,8 +122,10 @@ def test_the_child_outlives_sigint_and_sigterm() -> None:
 
 def test_a_dead_child_fails_waiting_and_later_calls() -> None:
     async def check(proc: EngineProcess) -> None:
-        assert proc._proc is not None
+        assert proc._proc is not None and proc.alive
         proc._proc.send_signal(signal.SIGKILL)
+        proc._proc.wait()
+        assert not proc.alive  # /healthz says so before any request fails
         for _ in range(2):
             with pytest.raises(StreamLSTMError, match="exited unexpectedly"):
                 await proc.drop_partitions([0])
