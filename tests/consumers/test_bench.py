@@ -1,0 +1,49 @@
+"""``streamlstm bench kafka`` end to end on the test broker, small: every figure is there."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_kafka_json_has_every_figure(bootstrap: str) -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "streamlstm.cli",
+            "bench",
+            "kafka",
+            "--bootstrap-servers",
+            bootstrap,
+            "--streams",
+            "50",
+            "--ticks",
+            "600",
+            "--max-records",
+            "64",
+            "--latency-seconds",
+            "1",
+            "--latency-rate",
+            "300",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["streams"] == 50 and result["ticks"] == 600
+    assert result["passthrough_ticks_per_s"] > 0 and result["engine_ticks_per_s"] > 0
+    ratio = result["engine_ticks_per_s"] / result["passthrough_ticks_per_s"]
+    assert abs(result["engine_over_passthrough"] - ratio) < 0.01
+    assert result["latency_rate_is_half_max"] is False
+    for name in ("engine_latency", "passthrough_latency"):
+        lat = result[name]
+        assert lat["rate_ticks_per_s"] == 300
+        # About 300 ticks in the measured second; the warm-up's are left out.
+        assert 150 <= lat["ticks"] <= 450, lat
+        assert 0 < lat["p50_ms"] <= lat["p99_ms"]
+    assert "[bench kafka]" in proc.stderr  # progress goes to stderr
