@@ -536,8 +536,6 @@ class Server:
             await self._drain()
             parts = {tp.partition for tp in revoked if tp.topic == self.config.input_topic}
             self._revoked |= parts
-            for tp in revoked:
-                self._positions.pop(tp, None)
             self.metrics.rebalances.inc(len(revoked))
             logger.info("partitions %s revoked", sorted(parts))
 
@@ -546,6 +544,9 @@ class Server:
         parts = {tp.partition for tp in assigned if tp.topic == self.config.input_topic}
         logger.info("partitions assigned: %s", sorted(parts))
         async with self._lock:
+            # Committed positions (for lag) of partitions that stay are still right.
+            kept = set(assigned)
+            self._positions = {tp: o for tp, o in self._positions.items() if tp in kept}
             gone, self._revoked = sorted(self._revoked - parts), set()
             if gone and self._engine is not None:
                 count = await self._engine.drop_partitions(gone)

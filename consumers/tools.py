@@ -14,7 +14,7 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from consumers.kafka import client_options, ensure_topics, start_client
+from consumers.kafka import client_options, ensure_topics, partitions_of, start_client
 from consumers.outbox import partition_of
 from training.data import numeric_columns, read_table, require_columns, time_values
 
@@ -108,7 +108,7 @@ async def replay(
     total = min(len(streams), limit or len(streams))
     # The default partitioner's murmur2 is pure Python (~4 us a message); the
     # same partition from a cached lookup keeps the producer cheap.
-    parts = sorted(await producer.partitions_for(topic))
+    parts = (await partitions_of(producer, [topic]))[topic]
     start = time.monotonic()
     last_report = start
     futures = []

@@ -128,6 +128,22 @@ def _expected(
     return {(meta.partition, meta.offset): float(want[i, 0]) for i, meta in enumerate(valid)}
 
 
+def _serve_config(
+    model_dir: Path, bootstrap: str, src: str, out: str, dlq: str, **overrides: Any
+) -> ServeConfig:
+    """A config for ``src -> out`` in a fresh group, metrics on a free port."""
+    return ServeConfig(
+        model=str(model_dir),
+        bootstrap_servers=bootstrap,
+        input_topic=src,
+        output_topic=out,
+        dlq_topic=dlq,
+        group_id=f"g-{uuid.uuid4().hex[:8]}",
+        metrics_port=0,
+        **overrides,
+    )
+
+
 def test_every_tick_answered_once_and_equal_to_the_oracle(
     bootstrap: str, make_topics: Any, tmp_path: Path
 ) -> None:
@@ -136,16 +152,13 @@ def test_every_tick_answered_once_and_equal_to_the_oracle(
     src, out, dlq, metrics_topic = make_topics("ticks", "preds", "dlq", "metrics", partitions=4)
     ticks = _ticks(rng, streams=300, n=2500)
     msgs, valid_mask = _messages(ticks, rng)
-    group = f"g-{uuid.uuid4().hex[:8]}"
-    config = ServeConfig(
-        model=str(model_dir),
-        bootstrap_servers=bootstrap,
-        input_topic=src,
-        output_topic=out,
-        dlq_topic=dlq,
+    config = _serve_config(
+        model_dir,
+        bootstrap,
+        src,
+        out,
+        dlq,
         metrics_topic=metrics_topic,
-        group_id=group,
-        metrics_port=0,
         max_records=300,
         metrics_interval_s=0.5,
     )
@@ -163,7 +176,8 @@ def test_every_tick_answered_once_and_equal_to_the_oracle(
             server.request_stop()
             await server.wait()
         summaries = await read_all(bootstrap, metrics_topic, 1, timeout_s=10)
-        return metas, outputs, dead, await _committed(bootstrap, group, src), text, summaries
+        committed = await _committed(bootstrap, config.group_id, src)
+        return metas, outputs, dead, committed, text, summaries
 
     metas, outputs, dead, committed, text, summaries = asyncio.run(scenario())
 
@@ -215,17 +229,7 @@ def test_a_rebalance_hands_over_partitions_and_their_streams_restart(
 ) -> None:
     model_dir = _bundle(tmp_path)
     src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=4)
-    group = f"g-{uuid.uuid4().hex[:8]}"
-    config = ServeConfig(
-        model=str(model_dir),
-        bootstrap_servers=bootstrap,
-        input_topic=src,
-        output_topic=out,
-        dlq_topic=dlq,
-        group_id=group,
-        metrics_port=0,
-        max_records=50,
-    )
+    config = _serve_config(model_dir, bootstrap, src, out, dlq, max_records=50)
     streams = [f"sensor-{i}" for i in range(40)]
     rng = np.random.default_rng(5)
 
