@@ -26,6 +26,7 @@ from torch import nn
 from streamlstm.bundle import Bundle
 from streamlstm.config import ModelConfig
 from streamlstm.engine import Engine
+from streamlstm.kernels import native_available
 
 __all__ = ["run_engine_bench"]
 
@@ -173,6 +174,7 @@ def run_engine_bench(
         "model": config.to_dict(),
         "batch": batch,
         "torch_threads": torch.get_num_threads(),
+        "recurrent_step": "C kernels" if native_available() else "nn.LSTM",
         "tutorial_ticks_per_s": round(tutorial, 1),
         "raw_state_bytes_per_stream": raw,
         "results": rows,
@@ -224,7 +226,7 @@ def format_engine_bench(result: dict[str, Any]) -> str:
     lines = [
         f"model: input {result['model']['input_size']}, hidden {result['model']['hidden_sizes']}, "
         f"head {result['model']['head_sizes']}; batch {result['batch']}; "
-        f"torch threads {result['torch_threads']}",
+        f"torch threads {result['torch_threads']}; recurrent step: {result['recurrent_step']}",
         f"tutorial recompute (60-tick window, batch 1): {result['tutorial_ticks_per_s']:,.0f} "
         "ticks/s",
         f"raw h+c bytes per stream: {result['raw_state_bytes_per_stream']}",

@@ -23,7 +23,8 @@ import numpy.typing as npt
 import torch
 
 from streamlstm.bundle import Bundle
-from streamlstm.errors import InputError
+from streamlstm.errors import ConfigError, InputError
+from streamlstm.kernels import NativeStep, native_available
 from streamlstm.model import LayerGroup
 from streamlstm.outputs import ResidualScore
 from streamlstm.state import Eviction, StateStore
@@ -84,7 +85,9 @@ class Engine:
 
     ``max_streams`` bounds memory (LRU eviction beyond it); ``idle_ttl_s``
     forgets streams idle for longer, on event time when ticks carry
-    timestamps and on ``clock()`` otherwise.
+    timestamps and on ``clock()`` otherwise. ``native`` picks the recurrent
+    step: the C kernels (``True``), ``nn.LSTM`` (``False``), or the kernels
+    where they are built (``None``).
     """
 
     def __init__(
@@ -95,7 +98,13 @@ class Engine:
         idle_ttl_s: float | None = None,
         initial_capacity: int = 1024,
         clock: Callable[[], float] = time.time,
+        native: bool | None = None,
     ) -> None:
+        if native and not native_available():
+            raise ConfigError(
+                "native: the C kernels are not built (or STREAMLSTM_NATIVE=0); "
+                "reinstall with a C compiler, or leave native unset"
+            )
         self.bundle = bundle
         self.model = bundle.model.eval()
         spec = bundle.outputs
@@ -115,6 +124,13 @@ class Engine:
         self._next_sweep = -math.inf
         self._counts: Counter[str] = Counter()
         self._buffers = _Buffers(self.model.groups, self._input_size)
+        use_native = native_available() if native is None else native
+        self._native = NativeStep(self.model) if use_native else None
+
+    @property
+    def native(self) -> bool:
+        """Whether steps go through the C kernels (else through ``nn.LSTM``)."""
+        return self._native is not None
 
     @property
     def stats(self) -> EngineStats:
@@ -215,11 +231,14 @@ class Engine:
     def _advance(self, slots: I64, x: torch.Tensor) -> torch.Tensor:
         """One recurrent step for distinct ``slots``: gather, step, scatter.
 
-        The batch is padded to a bucket size in persistent buffers: oneDNN
+        The C kernels update the store in place (see ``kernels``). Through
+        ``nn.LSTM``, the batch is padded to a bucket size in persistent buffers: oneDNN
         builds a primitive for every new batch shape (~1 ms) and caches it, so
         the shapes are kept few; a row's result does not depend on the other
         rows, so padding is free of effect.
         """
+        if self._native is not None:
+            return self._native(self.store.h, self.store.c, slots, x)
         idx = torch.from_numpy(slots)
         batch = int(slots.size)
         bx, bh, bc = self._buffers.view(_bucket(batch))

@@ -131,6 +131,21 @@ class StreamLSTM(nn.Module):
             new_c.append(c_n)
         return inp[:, 0], new_h, new_c
 
+    def lstm_weights(self) -> list[LSTMWeights]:
+        """The parameters of each LSTM layer, bottom up (the tensors themselves, not copies)."""
+        out: list[LSTMWeights] = []
+        for group, lstm in zip(self.groups, self.lstm, strict=True):
+            for j in range(group.count):
+                out.append(
+                    (
+                        getattr(lstm, f"weight_ih_l{j}"),
+                        getattr(lstm, f"weight_hh_l{j}"),
+                        getattr(lstm, f"bias_ih_l{j}"),
+                        getattr(lstm, f"bias_hh_l{j}"),
+                    )
+                )
+        return out
+
     def assign_weights(
         self, layers: Sequence[LSTMWeights], linears: Sequence[tuple[Tensor, Tensor]]
     ) -> None:
@@ -145,14 +160,11 @@ class StreamLSTM(nn.Module):
         if len(linears) != len(heads):
             raise ConfigError(f"weights: {len(linears)} dense layers for {len(heads)}")
         targets: list[tuple[str, Tensor, Tensor]] = []
-        for index, weights in enumerate(layers):
-            group = next(g for g in self.groups if g.first <= index < g.first + g.count)
-            lstm = self.lstm[self.groups.index(group)]
-            j = index - group.first
-            for name, value in zip(
-                ("weight_ih", "weight_hh", "bias_ih", "bias_hh"), weights, strict=True
+        for index, (weights, params) in enumerate(zip(layers, self.lstm_weights(), strict=True)):
+            for name, value, param in zip(
+                ("weight_ih", "weight_hh", "bias_ih", "bias_hh"), weights, params, strict=True
             ):
-                targets.append((f"LSTM layer {index} {name}", getattr(lstm, f"{name}_l{j}"), value))
+                targets.append((f"LSTM layer {index} {name}", param, value))
         for index, (module, (weight, bias)) in enumerate(zip(heads, linears, strict=True)):
             targets.append((f"dense layer {index} weight", module.weight, weight))
             targets.append((f"dense layer {index} bias", module.bias, bias))

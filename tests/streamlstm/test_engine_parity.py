@@ -6,6 +6,7 @@ import itertools
 from functools import cache
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -52,6 +53,7 @@ def scenarios(draw: st.DrawFn) -> dict[str, object]:
         "cuts": [c for c in cuts if 0 < c < n],
         "seed": draw(st.integers(0, 2**31)),
         "max_streams": draw(st.sampled_from([streams, streams + 3, 1000])),
+        "native": draw(st.booleans()),
     }
 
 
@@ -64,7 +66,12 @@ def test_engine_equals_oracle_for_any_interleaving(case: dict[str, object]) -> N
     ends: list[bool] = case["ends"]  # type: ignore[assignment]
     rng = np.random.default_rng(case["seed"])  # type: ignore[arg-type]
     x = (rng.normal(size=(len(ids), bundle.config.input_size)) * 30).astype(np.float32)
-    engine = Engine(bundle, max_streams=case["max_streams"], initial_capacity=2)  # type: ignore[arg-type]
+    engine = Engine(
+        bundle,
+        max_streams=case["max_streams"],  # type: ignore[arg-type]
+        initial_capacity=2,
+        native=case["native"],  # type: ignore[arg-type]
+    )
     bounds = [0, *case["cuts"], len(ids)]  # type: ignore[misc]
     preds, steps, ready = [], [], []
     for lo, hi in itertools.pairwise(bounds):
@@ -80,14 +87,15 @@ def test_engine_equals_oracle_for_any_interleaving(case: dict[str, object]) -> N
     assert len(engine.store) <= engine.store.max_streams
 
 
-def test_many_streams_large_batches_default_model() -> None:
+@pytest.mark.parametrize("native", [True, False], ids=["c-kernels", "nn-lstm"])
+def test_many_streams_large_batches_default_model(native: bool) -> None:
     bundle = Bundle.random(ModelConfig(input_size=1), seed=7)
     rng = np.random.default_rng(7)
     n = 6000
     ids = [f"stream-{i}" for i in rng.integers(0, 300, n)]
     x = rng.normal(size=(n, 1)).astype(np.float32)
     resets = rng.random(n) < 0.01
-    engine = Engine(bundle, max_streams=300)
+    engine = Engine(bundle, max_streams=300, native=native)
     got = []
     pos = 0
     while pos < n:
