@@ -167,34 +167,41 @@ class Engine:
         ends_a = _flags("ends", ends, n)
         ts = _column("timestamps", timestamps, n, np.float64)
         offs = _column("offsets", offsets, n, np.int64)
-        x, accepted, rejections = self._validate(stream_ids, features, ts)
-        out_size = self.bundle.config.output_size
-        predictions = np.full((n, out_size), np.nan, dtype=np.float32)
-        steps = np.zeros(n, dtype=np.int64)
-        ready = np.zeros(n, dtype=bool)
-        scores = np.full(n, np.nan)
+        held = self.store.lookup(stream_ids)
+        x, accepted, rejections = self._validate(stream_ids, features, ts, held)
         self._counts["rejected"] += len(rejections)
-        rows = np.flatnonzero(accepted)
+        if rejections:
+            rows = np.flatnonzero(accepted)
+            ids: Sequence[str] = [stream_ids[i] for i in rows.tolist()]
+            held = held[rows]
+        else:
+            rows = np.arange(n)
+            ids = stream_ids
         if not rows.size:
-            return StepResult(predictions, steps, ready, accepted, rejections, [], scores)
+            return self._answer(n, rows, None, rejections, [])
         self._counts["ticks"] += int(rows.size)
 
-        ids = [stream_ids[i] for i in rows.tolist()] if rejections else list(stream_ids)
         times = ts[rows] / 1000.0 if ts is not None else np.full(rows.size, self._clock())
-        order = _Rounds(ids)
-        slots_u, evictions = self.store.acquire(order.unique, times[order.first])
+        order = _Rounds(ids, held)
+        slots_u, evictions = self.store.acquire(
+            order.unique, times[order.first], None if order.grouped else held
+        )
         slots = slots_u[order.inverse]
         r_resets = resets_a[rows]
         r_ends = ends_a[rows]
         self._counts["resets"] += int(r_resets.sum())
         self._counts["ends"] += int(r_ends.sum())
 
-        raw = x[rows]
+        raw = x[rows] if rejections else x
         scaled = torch.from_numpy(self.bundle.scale_inputs(raw))
-        tops = torch.empty(rows.size, self.bundle.config.hidden_sizes[-1])
         step_out = np.empty(rows.size, dtype=np.int64)
         rounds = order.rounds()
         with torch.inference_mode():
+            tops = (
+                torch.empty(rows.size, self.bundle.config.hidden_sizes[-1])
+                if len(rounds) > 1
+                else None
+            )
             for members in rounds:
                 member_slots = slots if members is None else slots[members]
                 sel: Any = slice(None) if members is None else torch.from_numpy(members)
@@ -202,19 +209,22 @@ class Engine:
                 reset_here = r_resets[rsel]
                 if reset_here.any():
                     self.store.zero(member_slots[reset_here], extra=False)
-                tops[sel] = self._advance(member_slots, scaled[sel])
+                top = self._advance(member_slots, scaled[sel])
+                if tops is None:
+                    tops = top
+                else:
+                    tops[sel] = top
                 self.store.steps[member_slots] += 1
                 step_out[rsel] = self.store.steps[member_slots]
                 end_here = r_ends[rsel]
                 if end_here.any():
                     self.store.zero(member_slots[end_here], extra=False)
+            assert tops is not None
             y = self.model.head(tops).numpy()
         finished = self.bundle.finish(y, raw)
-        predictions[rows] = finished
+        scores = None
         if self._score is not None:
-            scores[rows] = self._scores(rounds, slots, step_out, raw, finished, r_resets, r_ends)
-        steps[rows] = step_out
-        ready[rows] = step_out > self.bundle.warmup_steps
+            scores = self._scores(rounds, slots, step_out, raw, finished, r_resets, r_ends)
 
         last = order.last
         self.store.last_seen[slots_u] = times[last]
@@ -224,7 +234,38 @@ class Engine:
         if ended:
             self.store.release(ended)
         evictions += self._sweep(float(times.max()))
-        return StepResult(predictions, steps, ready, accepted, rejections, evictions, scores)
+        return self._answer(n, rows, (finished, step_out, scores), rejections, evictions)
+
+    def _answer(
+        self,
+        n: int,
+        rows: I64,
+        values: tuple[F32, I64, npt.NDArray[np.float64] | None] | None,
+        rejections: list[Rejection],
+        evictions: list[Eviction],
+    ) -> StepResult:
+        """The result of a call of ``n`` ticks whose accepted ``rows`` gave ``values``."""
+        out_size = self.bundle.config.output_size
+        if values is not None and rows.size == n:  # nothing rejected: no scatter
+            finished, steps, scores = values
+            if scores is None:
+                scores = np.full(n, np.nan)
+            ready = steps > self.bundle.warmup_steps
+            return StepResult(
+                finished, steps, ready, np.ones(n, dtype=bool), rejections, evictions, scores
+            )
+        predictions = np.full((n, out_size), np.nan, dtype=np.float32)
+        steps = np.zeros(n, dtype=np.int64)
+        all_scores = np.full(n, np.nan)
+        accepted = np.zeros(n, dtype=bool)
+        accepted[rows] = True
+        if values is not None:
+            predictions[rows] = values[0]
+            steps[rows] = values[1]
+            if values[2] is not None:
+                all_scores[rows] = values[2]
+        ready = steps > self.bundle.warmup_steps
+        return StepResult(predictions, steps, ready, accepted, rejections, evictions, all_scores)
 
     # -- internals ----------------------------------------------------------
 
@@ -295,6 +336,7 @@ class Engine:
         stream_ids: Sequence[str],
         features: npt.ArrayLike | Sequence[Sequence[Any]],
         ts: npt.NDArray[np.float64] | None,
+        held: I64,
     ) -> tuple[F32, Bools, list[Rejection]]:
         n = len(stream_ids)
         width = self._input_size
@@ -333,11 +375,12 @@ class Engine:
             rejections.append(
                 Rejection(i, "values", "NaN, infinity or out of float32 range is not a value")
             )
-        if set(map(type, stream_ids)) != {str} or "" in stream_ids:
-            for i, stream_id in enumerate(stream_ids):
-                if (not isinstance(stream_id, str) or not stream_id) and accepted[i]:
-                    accepted[i] = False
-                    rejections.append(Rejection(i, "stream", "must be a non-empty string"))
+        # A held id passed this check when its stream was created.
+        for i in np.flatnonzero(held < 0).tolist():
+            stream_id = stream_ids[i]
+            if (not isinstance(stream_id, str) or not stream_id) and accepted[i]:
+                accepted[i] = False
+                rejections.append(Rejection(i, "stream", "must be a non-empty string"))
         if ts is not None:
             for i in np.flatnonzero(~np.isfinite(ts) & accepted).tolist():
                 accepted[i] = False
@@ -347,11 +390,17 @@ class Engine:
 
 
 class _Rounds:
-    """Splits a call's ticks into rounds of distinct streams, in arrival order."""
+    """Splits a call's ticks into rounds of distinct streams, in arrival order.
 
-    def __init__(self, ids: list[str]) -> None:
-        self.unique = list(dict.fromkeys(ids))
+    ``held`` are the ids' slots in the store (-1 if new). When every id is
+    held and the slots are distinct, that settles it without hashing the ids
+    again (the common case); otherwise the ids are grouped (``grouped``).
+    """
+
+    def __init__(self, ids: Sequence[str], held: I64) -> None:
         n = len(ids)
+        self.grouped = not _distinct_held(held)
+        self.unique: Sequence[str] = list(dict.fromkeys(ids)) if self.grouped else ids
         if len(self.unique) == n:
             self.inverse = np.arange(n, dtype=np.int64)
             self.round_of: I64 | None = None
@@ -413,6 +462,14 @@ class _Buffers:
             [t[: math.prod(s)].view(s) for t, s in zip(self._c, shapes, strict=True)],
         )
         return views
+
+
+def _distinct_held(held: I64) -> bool:
+    """Whether every slot is a held one (not -1) and none repeats."""
+    if not held.size or held.min() < 0:
+        return False
+    ordered = np.sort(held)
+    return bool((ordered[1:] != ordered[:-1]).all())
 
 
 def _bucket(batch: int) -> int:

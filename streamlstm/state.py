@@ -16,8 +16,9 @@ import math
 import struct
 import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Literal, TypeVar
 
 import numpy as np
@@ -186,28 +187,38 @@ class StateStore:
 
     # -- the hot path -------------------------------------------------------
 
-    def acquire(self, ids: Sequence[str], times: F64) -> tuple[I64, list[Eviction]]:
+    def lookup(self, ids: Sequence[object]) -> I64:
+        """The slot of each id, -1 where it is not held (anything not a held string)."""
+        get: Callable[[object, int], int] = self._slot.get  # type: ignore[assignment]
+        try:
+            return np.fromiter(map(get, ids, repeat(-1)), dtype=np.int64, count=len(ids))
+        except TypeError:  # an unhashable id is not held; the caller rejects it
+            return np.array([_held_slot(get, s) for s in ids], dtype=np.int64)
+
+    def acquire(
+        self, ids: Sequence[str], times: F64, held: I64 | None = None
+    ) -> tuple[I64, list[Eviction]]:
         """Slots for distinct ``ids`` (in order), creating zeroed ones as needed.
 
         ``times[i]`` (seconds) is when ``ids[i]`` is seen now; a known stream
         idle for more than ``idle_ttl_s`` is evicted (reason ``ttl``) and
         starts again from zero. The slots returned are safe from LRU eviction
-        until the next call.
+        until the next call. ``held`` is ``lookup(ids)`` where the caller has
+        it already; it is filled in and returned.
         """
         n = len(ids)
-        get = self._slot.get
-        slots = np.array([get(s, -1) for s in ids], dtype=np.int64)
+        slots = self.lookup(ids) if held is None else held
         evictions: list[Eviction] = []
-        known = np.flatnonzero(slots >= 0)
+        fresh = np.flatnonzero(slots < 0)
+        known = slots if not fresh.size else slots[slots >= 0]
         if self.idle_ttl_s is not None and known.size:
-            ks = slots[known]
-            stale = ks[times[known] - self.last_seen[ks] > self.idle_ttl_s]
+            known_times = times if not fresh.size else times[slots >= 0]
+            stale = known[known_times - self.last_seen[known] > self.idle_ttl_s]
             if stale.size:
                 evictions += self._capture(stale, "ttl")
                 self._zero(stale)
         self._clock += n
-        self._last_used[slots[known]] = self._clock
-        fresh = np.flatnonzero(slots < 0)
+        self._last_used[known] = self._clock
         if fresh.size:
             new_slots = self._allocate(int(fresh.size), evictions)
             for i, slot in zip(fresh.tolist(), new_slots.tolist(), strict=True):
@@ -379,6 +390,13 @@ class StateStore:
             )
             for i, slot in enumerate(slots.tolist())
         ]
+
+
+def _held_slot(get: Callable[[object, int], int], stream_id: object) -> int:
+    try:
+        return get(stream_id, -1)
+    except TypeError:
+        return -1
 
 
 _T = TypeVar("_T", bound=np.generic)

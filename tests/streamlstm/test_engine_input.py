@@ -58,3 +58,17 @@ def test_non_finite_timestamps_are_rejected(make_bundle: BundleFactory) -> None:
     out = Engine(make_bundle()).step(["a", "b"], np.zeros((2, 2)), timestamps=[0.0, float("nan")])
     assert out.accepted.tolist() == [True, False]
     assert out.rejections[0].field == "ts"
+
+
+def test_ids_that_are_not_strings_are_rejected_beside_held_streams(
+    make_bundle: BundleFactory,
+) -> None:
+    engine = Engine(make_bundle())
+    engine.step(["a", "b"], np.zeros((2, 2), np.float32))  # both held from now on
+    ids: list[object] = ["b", ["a"], 7, None, "", "a", ("a",), b"a"]
+    out = engine.step(ids, np.ones((len(ids), 2), np.float32))  # type: ignore[arg-type]
+    assert out.accepted.tolist() == [True, False, False, False, False, True, False, False]
+    assert {r.index for r in out.rejections} == {1, 2, 3, 4, 6, 7}
+    assert all(r.field == "stream" for r in out.rejections)
+    assert out.steps.tolist() == [2, 0, 0, 0, 0, 2, 0, 0]
+    assert set(engine.store.stream_ids()) == {"a", "b"}
