@@ -2,10 +2,10 @@
 
 Consecutive layers of equal hidden size are held as one multi-layer
 ``nn.LSTM`` (a *group*): on CPU, oneDNN then runs the group as one fused
-primitive, which is both the fastest way to take one recurrent step and
-row-deterministic across batch sizes (a stream's result does not depend on
-which other streams share its batch). That is what lets the batched engine
-match the one-stream oracle exactly.
+primitive, row-deterministic across batch sizes (a stream's result does not
+depend on which other streams share its batch). The offline oracle steps
+through it; the engine steps through the C kernels of ``kernels`` where they
+are built, and through here otherwise.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class StreamLSTM(nn.Module):
 
         ``x [B, F]``; ``hs[g]``/``cs[g]`` are ``[count_g, B, H_g]`` per layer group.
         Returns the top layer's ``h [B, H_top]`` and the new per-group ``h``/``c``.
-        Both the engine and the offline oracle step through here.
+        The offline oracle steps through here, and the engine without C kernels.
         """
         inp = x.unsqueeze(1)
         new_h: list[Tensor] = []
