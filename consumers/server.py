@@ -179,7 +179,7 @@ class Server:
             idle_ttl_s=cfg.idle_ttl_s,
             threads=cfg.engine_threads,
         )
-        await self._engine.start()
+        started = await self._engine.start()
         self._model_id = bundle.model_id
         self._has_score = bundle.outputs.score_span is not None
         self.metrics.model_info.info(
@@ -187,6 +187,7 @@ class Server:
                 "model": self._model_id,
                 "inputs": str(bundle.config.input_size),
                 "outputs": str(bundle.config.output_size),
+                "recurrent_step": "C kernels" if started.native else "nn.LSTM",
             }
         )
         self.registry.register(EngineCollector(self.engine_stats, self._lag))

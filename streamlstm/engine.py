@@ -78,6 +78,8 @@ class EngineStats:
     resets: int
     ends: int
     evictions: dict[str, int]
+    #: Whether the recurrent step runs through the C kernels (else nn.LSTM).
+    native: bool = False
 
 
 class Engine:
@@ -143,6 +145,7 @@ class Engine:
             resets=self._counts["resets"],
             ends=self._counts["ends"],
             evictions=dict(self.store.eviction_counts),
+            native=self.native,
         )
 
     def step(

@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from consumers.server import Server
 from consumers.settings import ServeConfig
 from streamlstm import Affine, BrokerError, Bundle, BundleError, ModelConfig
+from streamlstm.kernels import native_available
 from tests.consumers.conftest import read_all, send_raw
 from tests.streamlstm.oracle import expected_outputs
 
@@ -221,6 +222,8 @@ def test_every_tick_answered_once_and_equal_to_the_oracle(
     assert families["streamlstm_active_streams"].samples[0].value > 0
     assert "streamlstm_latency_from_event_seconds" in families
     assert "streamlstm_consumer_lag" in families
+    info = families["streamlstm_model_info"].samples[0].labels
+    assert info["recurrent_step"] == ("C kernels" if native_available() else "nn.LSTM")
     assert json.loads(summaries[0].value)["instance"] == config.instance_id
 
 
