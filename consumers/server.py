@@ -46,6 +46,7 @@ from consumers.outbox import Outbox
 from consumers.settings import ServeConfig
 from streamlstm import Bundle, EngineStats, StepResult
 from streamlstm.errors import BrokerError, InputError
+from streamlstm.kernels import step_name
 from streamlstm.metrics import EngineCollector, ServeMetrics
 from streamlstm.wire import decode_tick, encode_prediction
 
@@ -187,7 +188,7 @@ class Server:
                 "model": self._model_id,
                 "inputs": str(bundle.config.input_size),
                 "outputs": str(bundle.config.output_size),
-                "recurrent_step": "C kernels" if started.native else "nn.LSTM",
+                "recurrent_step": step_name(started.native),
             }
         )
         self.registry.register(EngineCollector(self.engine_stats, self._lag))

@@ -26,7 +26,7 @@ from torch import nn
 from streamlstm.bundle import Bundle
 from streamlstm.config import ModelConfig
 from streamlstm.engine import Engine
-from streamlstm.kernels import native_available
+from streamlstm.kernels import native_available, step_name
 
 __all__ = ["run_engine_bench"]
 
@@ -174,7 +174,7 @@ def run_engine_bench(
         "model": config.to_dict(),
         "batch": batch,
         "torch_threads": torch.get_num_threads(),
-        "recurrent_step": "C kernels" if native_available() else "nn.LSTM",
+        "recurrent_step": step_name(native_available()),
         "tutorial_ticks_per_s": round(tutorial, 1),
         "raw_state_bytes_per_stream": raw,
         "results": rows,

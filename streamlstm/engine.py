@@ -186,9 +186,7 @@ class Engine:
 
         times = ts[rows] / 1000.0 if ts is not None else np.full(rows.size, self._clock())
         order = _Rounds(ids, held)
-        slots_u, evictions = self.store.acquire(
-            order.unique, times[order.first], None if order.grouped else held
-        )
+        slots_u, evictions = self.store.acquire(order.unique, times[order.first], held[order.first])
         slots = slots_u[order.inverse]
         r_resets = resets_a[rows]
         r_ends = ends_a[rows]
@@ -397,13 +395,12 @@ class _Rounds:
 
     ``held`` are the ids' slots in the store (-1 if new). When every id is
     held and the slots are distinct, that settles it without hashing the ids
-    again (the common case); otherwise the ids are grouped (``grouped``).
+    again (the common case); otherwise the ids themselves are grouped.
     """
 
     def __init__(self, ids: Sequence[str], held: I64) -> None:
         n = len(ids)
-        self.grouped = not _distinct_held(held)
-        self.unique: Sequence[str] = list(dict.fromkeys(ids)) if self.grouped else ids
+        self.unique: Sequence[str] = ids if _distinct_held(held) else list(dict.fromkeys(ids))
         if len(self.unique) == n:
             self.inverse = np.arange(n, dtype=np.int64)
             self.round_of: I64 | None = None

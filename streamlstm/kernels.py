@@ -23,9 +23,10 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from streamlstm.errors import ConfigError
 from streamlstm.model import StreamLSTM
 
-__all__ = ["NativeStep", "native_available"]
+__all__ = ["NativeStep", "native_available", "step_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,11 @@ def native_available() -> bool:
     return os.environ.get(DISABLE_ENV, "1") != "0" and _load() is not None
 
 
+def step_name(native: bool) -> str:
+    """How reports name the recurrent step: ``"C kernels"`` or ``"nn.LSTM"``."""
+    return "C kernels" if native else "nn.LSTM"
+
+
 class NativeStep:
     """One recurrent step of ``model`` for distinct slots, state updated in place.
 
@@ -81,7 +87,7 @@ class NativeStep:
     def __init__(self, model: StreamLSTM) -> None:
         lib = _load()
         if lib is None:
-            raise RuntimeError("C kernels not built")
+            raise ConfigError("native: the C kernels are not built")
         self._lib = lib
         with torch.no_grad():
             params = model.lstm_weights()
