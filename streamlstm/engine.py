@@ -25,7 +25,7 @@ import torch
 from streamlstm.bundle import Bundle
 from streamlstm.errors import ConfigError, InputError
 from streamlstm.kernels import NativeStep, native_available
-from streamlstm.model import LayerGroup
+from streamlstm.model import HeadRunner, LayerGroup
 from streamlstm.outputs import ResidualScore
 from streamlstm.state import Eviction, StateStore
 
@@ -113,12 +113,14 @@ class Engine:
         self._score = (
             ResidualScore(spec.horizon, spec.score_span) if spec.score_span is not None else None
         )
+        use_native = native_available() if native is None else native
         self.store = StateStore(
             bundle.config.hidden_sizes,
             max_streams=max_streams,
             idle_ttl_s=idle_ttl_s,
             initial_capacity=initial_capacity,
             extra_width=self._score.width if self._score else 0,
+            native=use_native,
         )
         self._clock = clock
         self._input_size = bundle.config.input_size
@@ -126,7 +128,7 @@ class Engine:
         self._next_sweep = -math.inf
         self._counts: Counter[str] = Counter()
         self._buffers = _Buffers(self.model.groups, self._input_size)
-        use_native = native_available() if native is None else native
+        self._head = HeadRunner(self.model)
         self._native = NativeStep(self.model) if use_native else None
 
     @property
@@ -221,7 +223,7 @@ class Engine:
                 if end_here.any():
                     self.store.zero(member_slots[end_here], extra=False)
             assert tops is not None
-            y = self.model.head(tops).numpy()
+            y = self._head(tops).numpy()
         finished = self.bundle.finish(y, raw)
         scores = None
         if self._score is not None:

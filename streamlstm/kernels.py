@@ -17,7 +17,10 @@ import ctypes
 import importlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from itertools import repeat
+from types import ModuleType
+from typing import Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -26,7 +29,7 @@ import torch
 from streamlstm.errors import ConfigError
 from streamlstm.model import StreamLSTM
 
-__all__ = ["NativeStep", "native_available", "step_name"]
+__all__ = ["DictSlotMap", "NativeStep", "SlotMapping", "native_available", "slot_map", "step_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +48,12 @@ DISABLE_ENV = "STREAMLSTM_NATIVE"
 _P = ctypes.c_void_p
 _N = ctypes.c_int64
 _lib: ctypes.CDLL | None = None
+_module: ModuleType | None = None
 _tried = False
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _tried
+    global _lib, _module, _tried
     if _tried:
         return _lib
     _tried = True
@@ -61,9 +65,9 @@ def _load() -> ctypes.CDLL | None:
         return None
     lib.sl_gather.argtypes = [_P, _P, _N, _N, _P, _N, _N]
     lib.sl_gather.restype = None
-    lib.sl_lstm_cell.argtypes = [_P, _P, _N, _N, _P, _P, _P, _N]
+    lib.sl_lstm_cell.argtypes = [_P, _P, _P, _N, _N, _P, _P, _P, _N]
     lib.sl_lstm_cell.restype = None
-    _lib = lib
+    _lib, _module = lib, module
     return lib
 
 
@@ -75,6 +79,51 @@ def native_available() -> bool:
 def step_name(native: bool) -> str:
     """How reports name the recurrent step: ``"C kernels"`` or ``"nn.LSTM"``."""
     return "C kernels" if native else "nn.LSTM"
+
+
+class SlotMapping(Protocol):
+    """The store's stream id -> slot map (``str`` keys, slots ``>= 0``)."""
+
+    def __len__(self) -> int: ...
+    def __contains__(self, key: object, /) -> bool: ...
+    def __getitem__(self, key: str, /) -> int: ...
+    def __setitem__(self, key: str, slot: int, /) -> None: ...
+    def __delitem__(self, key: str, /) -> None: ...
+    def get(self, key: str, default: None = None, /) -> int | None: ...
+
+    def lookup(self, ids: Sequence[object], out: I64, /) -> None:
+        """``out[i]`` = the slot of ``ids[i]``, or -1 for anything not held."""
+
+
+class DictSlotMap(dict[str, int]):
+    """The slot map in pure Python: a dict with the batched lookup."""
+
+    def lookup(self, ids: Sequence[object], out: I64, /) -> None:
+        get: Callable[[object, int], int] = self.get  # type: ignore[assignment]
+        try:
+            out[:] = np.fromiter(map(get, ids, repeat(-1)), dtype=np.int64, count=len(ids))
+        except TypeError:  # an unhashable id is not held; the caller rejects it
+            out[:] = [_held_slot(get, s) for s in ids]
+
+
+def _held_slot(get: Callable[[object, int], int], stream_id: object) -> int:
+    try:
+        return get(stream_id, -1)
+    except TypeError:
+        return -1
+
+
+def slot_map(native: bool) -> SlotMapping:
+    """A new, empty slot map: the C one (``_kernels.SlotMap``) or ``DictSlotMap``.
+
+    The C map looks a batch of ids up in stages with prefetching, so that the
+    cache misses of many ids overlap (a dict takes them one after another).
+    """
+    if native:
+        if _load() is None or _module is None:
+            raise ConfigError("native: the C kernels are not built")
+        return cast(SlotMapping, _module.SlotMap())
+    return DictSlotMap()
 
 
 class NativeStep:
@@ -135,13 +184,14 @@ class NativeStep:
             width = self._widths[layer]
             lib.sl_gather(h[layer].data_ptr(), ptr, n, hidden, xh.data_ptr(), width, width - hidden)
             gates = self._gates[: rows * 4 * hidden].view(rows, 4 * hidden)
-            torch.addmm(self._bias[layer], xh[:rows], self._weights[layer], out=gates)
+            torch.mm(xh[:rows], self._weights[layer], out=gates)
             if layer + 1 < layers:
                 out, ld = self._xh[layer + 1], self._widths[layer + 1]
             else:
                 out, ld = self._top, hidden
             lib.sl_lstm_cell(
                 gates.data_ptr(),
+                self._bias[layer].data_ptr(),
                 ptr,
                 n,
                 hidden,

@@ -16,9 +16,8 @@ import math
 import struct
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import repeat
 from typing import Literal, TypeVar
 
 import numpy as np
@@ -26,6 +25,7 @@ import numpy.typing as npt
 import torch
 
 from streamlstm.errors import ConfigError, StateError
+from streamlstm.kernels import native_available, slot_map
 
 __all__ = ["Eviction", "EvictionReason", "StateStore", "StreamState"]
 
@@ -124,6 +124,7 @@ class StateStore:
         idle_ttl_s: float | None = None,
         initial_capacity: int = 1024,
         extra_width: int = 0,
+        native: bool | None = None,
     ) -> None:
         if isinstance(max_streams, bool) or not isinstance(max_streams, int) or max_streams < 1:
             raise ConfigError(f"max_streams: must be a positive integer, got {max_streams!r}")
@@ -143,7 +144,7 @@ class StateStore:
         #: Other per-stream numbers the engine keeps (zeroed with the state).
         self.extra = np.zeros((cap, extra_width), dtype=np.float64)
         self._last_used: I64 = np.full(cap, _NEVER, dtype=np.int64)
-        self._slot: dict[str, int] = {}
+        self._slot = slot_map(native_available() if native is None else native)
         self._owner: list[str | None] = [None] * cap
         self._free: list[int] = list(range(cap - 1, -1, -1))
         self._clock = 0
@@ -165,7 +166,7 @@ class StateStore:
         return self._slot.get(stream_id)
 
     def stream_ids(self) -> list[str]:
-        return list(self._slot)
+        return [s for s in self._owner if s is not None]
 
     def raw_bytes_per_stream(self) -> int:
         """Bytes of ``h`` and ``c`` one stream needs, float32, all layers."""
@@ -182,18 +183,16 @@ class StateStore:
         total += self._last_used.nbytes
         total += sys.getsizeof(self._slot) + sys.getsizeof(self._owner)
         total += sys.getsizeof(self._free)
-        total += sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in self._slot.items())
+        total += sum(sys.getsizeof(s) for s in self._owner if s is not None)
         return total
 
     # -- the hot path -------------------------------------------------------
 
     def lookup(self, ids: Sequence[object]) -> I64:
         """The slot of each id, -1 where it is not held (anything not a held string)."""
-        get: Callable[[object, int], int] = self._slot.get  # type: ignore[assignment]
-        try:
-            return np.fromiter(map(get, ids, repeat(-1)), dtype=np.int64, count=len(ids))
-        except TypeError:  # an unhashable id is not held; the caller rejects it
-            return np.array([_held_slot(get, s) for s in ids], dtype=np.int64)
+        out = np.empty(len(ids), dtype=np.int64)
+        self._slot.lookup(ids, out)
+        return out
 
     def acquire(
         self, ids: Sequence[str], times: F64, held: I64 | None = None
@@ -390,13 +389,6 @@ class StateStore:
             )
             for i, slot in enumerate(slots.tolist())
         ]
-
-
-def _held_slot(get: Callable[[object, int], int], stream_id: object) -> int:
-    try:
-        return get(stream_id, -1)
-    except TypeError:
-        return -1
 
 
 _T = TypeVar("_T", bound=np.generic)
