@@ -63,7 +63,7 @@ def _load() -> ctypes.CDLL | None:
     except (ImportError, OSError) as exc:
         logger.info("C kernels not available (%s); the engine steps through torch", exc)
         return None
-    lib.sl_gather.argtypes = [_P, _P, _N, _N, _P, _N, _N]
+    lib.sl_gather.argtypes = [_P, _P, _N, _N, _P, _N, _N, _P, _N]
     lib.sl_gather.restype = None
     lib.sl_lstm_cell.argtypes = [_P, _P, _P, _N, _N, _P, _P, _P, _N]
     lib.sl_lstm_cell.restype = None
@@ -177,12 +177,16 @@ class NativeStep:
         ptr = slots.ctypes.data
         lib = self._lib
         layers = len(self._hidden)
-        self._xh[0][:n, : self._inputs] = x
+        x = x.float().contiguous()
         for layer in range(layers):
             hidden = self._hidden[layer]
             xh = self._xh[layer]
             width = self._widths[layer]
-            lib.sl_gather(h[layer].data_ptr(), ptr, n, hidden, xh.data_ptr(), width, width - hidden)
+            # The first layer's input comes from x; a deeper one's, the cell below wrote.
+            inputs = (x.data_ptr(), self._inputs) if layer == 0 else (None, 0)
+            lib.sl_gather(
+                h[layer].data_ptr(), ptr, n, hidden, xh.data_ptr(), width, width - hidden, *inputs
+            )
             gates = self._gates[: rows * 4 * hidden].view(rows, 4 * hidden)
             torch.mm(xh[:rows], self._weights[layer], out=gates)
             if layer + 1 < layers:
