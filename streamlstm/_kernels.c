@@ -20,9 +20,10 @@
 
 /*
  * -ffast-math is a compile flag only (never linked, so it does not change the
- * process's floating-point mode); it lets GCC call glibc's vector expf. The
- * cell is cloned for AVX-512, AVX2 and baseline x86-64 and the loader picks
- * the best one the CPU has, so a built wheel runs on any x86-64.
+ * process's floating-point mode); it lets GCC vectorize the cell's loop
+ * (floorf, the clamps) without IEEE corner cases. The cell is cloned for
+ * AVX-512, AVX2 and baseline x86-64 and the loader picks the best one the
+ * CPU has, so a built wheel runs on any x86-64.
  */
 #if defined(SL_TARGET_CLONES) && defined(__GNUC__) && !defined(__clang__)
 #define SL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
