@@ -1,7 +1,9 @@
 import numpy as np
+import pytest
 import torch
 
 from streamlstm import ModelConfig, StreamLSTM
+from streamlstm.model import HeadRunner
 from tests.conftest import BundleFactory
 
 
@@ -47,3 +49,29 @@ def test_oracle_agrees_with_whole_sequence_forward(make_bundle: BundleFactory) -
     with torch.no_grad():
         y, _ = bundle.model(torch.from_numpy(x)[None])
     np.testing.assert_allclose(bundle.predict_sequence(x), y[0].numpy(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "linear"])
+@pytest.mark.parametrize("head_sizes", [(), (16,), (16, 8)])
+def test_head_runner_computes_what_the_head_does(
+    activation: str, head_sizes: tuple[int, ...]
+) -> None:
+    config = ModelConfig(
+        input_size=1,
+        hidden_sizes=(12,),
+        head_sizes=head_sizes,
+        head_activation=activation,
+        output_size=3,
+    )
+    model = StreamLSTM(config).eval()
+    runner = HeadRunner(model)
+    gen = torch.Generator().manual_seed(0)
+    kept = []
+    with torch.inference_mode():
+        for rows in (5, 40, 3):  # grows its buffers, then reuses them
+            x = torch.randn(rows, 12, generator=gen) * 3
+            got = runner(x)
+            torch.testing.assert_close(got, model.head(x), atol=1e-6, rtol=0)
+            kept.append((got, model.head(x)))
+    for got, want in kept:  # what it returned is not overwritten by later calls
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
