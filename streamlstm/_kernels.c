@@ -164,9 +164,8 @@ static int sl_keys_equal(PyObject *a, PyObject *b) {
  * by their text, so a str subclass (numpy.str_) finds the same slot as str.
  */
 static Py_hash_t sl_hash(PyObject *key) {
-    if (!PyUnicode_Check(key)) return -1;
-    Py_hash_t hash = ((PyASCIIObject *)key)->hash;
-    return hash != -1 ? hash : PyUnicode_Type.tp_hash(key); /* never fails for a str */
+    /* str's own hash (cached in the object), never fails; not a subclass's __hash__. */
+    return PyUnicode_Check(key) ? PyUnicode_Type.tp_hash(key) : -1;
 }
 
 /* The bucket holding key, or the empty bucket where it would go, probing from i. */
