@@ -4,6 +4,8 @@ Both runs use the same daemon loop, batching, encoding and producing; the
 passthrough only skips the engine step. Throughput is measured on a
 pre-filled input topic; latency (event time to acknowledged prediction) with
 a producer in a separate process pacing ticks at half the measured maximum.
+A third latency, the transport's (event time to a plain consumer receiving
+the tick, no daemon), shows what the generator and the broker alone cost.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import orjson
+from aiokafka import AIOKafkaConsumer
 
 from consumers.broker import LocalBroker
+from consumers.kafka import client_options, ensure_topics, start_client
 from consumers.server import Server, _Batch
 from consumers.settings import ServeConfig
 from consumers.tools import replay
@@ -116,12 +121,66 @@ async def _latency(
         latencies = pairs[pairs[:, 0] >= pairs[:, 0].min() + WARMUP_S, 1] * 1e3
         server.request_stop()
         await server.wait()
+    return _figures(rate, latencies)
+
+
+async def _transport_latency(
+    bootstrap: str, streams: int, rate: float, seconds: float
+) -> dict[str, float]:
+    """Latency from event time to a plain consumer's receipt, paced as ``_latency``."""
+    topic = f"bench-transport-{uuid.uuid4().hex[:6]}"
+    options = client_options(bootstrap)
+    await ensure_topics(options, [topic], create=True, partitions=4)
+    consumer = AIOKafkaConsumer(
+        topic,
+        **options,
+        group_id=f"bench-{uuid.uuid4().hex[:8]}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        fetch_max_wait_ms=ServeConfig.fetch_max_wait_ms,  # as the daemon's consumer
+    )
+    await start_client(consumer, bootstrap)
+    try:
+        while not consumer.assignment():
+            await asyncio.sleep(0.05)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "consumers.bench",
+            "_paced",
+            bootstrap,
+            topic,
+            str(streams),
+            str(rate),
+            str(WARMUP_S + seconds),
+        )
+        pairs: list[tuple[float, float]] = []
+        waiting = asyncio.ensure_future(proc.wait())
+        idle_since = None
+        while idle_since is None or time.monotonic() - idle_since < 1.0:
+            records = await consumer.getmany(timeout_ms=100, max_records=1024)
+            now_ms = time.time() * 1000.0
+            for messages in records.values():
+                pairs.extend((now_ms, now_ms - orjson.loads(m.value)["ts"]) for m in messages)
+            if waiting.done() and not records and idle_since is None:
+                idle_since = time.monotonic()
+            elif records:
+                idle_since = None
+        await waiting
+    finally:
+        await consumer.stop()
+    got = np.array(pairs)
+    latencies = got[got[:, 0] >= got[:, 0].min() + WARMUP_S * 1000.0, 1]
+    return _figures(rate, latencies)
+
+
+def _figures(rate: float, latencies_ms: np.ndarray) -> dict[str, float]:
     return {
         "rate_ticks_per_s": rate,
         "warmup_s": WARMUP_S,
-        "ticks": int(latencies.size),
-        "p50_ms": round(float(np.percentile(latencies, 50)), 2),
-        "p99_ms": round(float(np.percentile(latencies, 99)), 2),
+        "ticks": int(latencies_ms.size),
+        "p50_ms": round(float(np.percentile(latencies_ms, 50)), 2),
+        "p99_ms": round(float(np.percentile(latencies_ms, 99)), 2),
     }
 
 
@@ -168,6 +227,10 @@ def run_kafka_bench(
         result[f"{name}_latency"] = asyncio.run(
             _latency(kind, config, bundle, streams, rate, latency_seconds)
         )
+    _progress(f"transport latency (no daemon): {rate:.0f} ticks/s for {latency_seconds:.0f} s")
+    result["transport_latency"] = asyncio.run(
+        _transport_latency(bootstrap, streams, rate, latency_seconds)
+    )
     result["latency_rate_is_half_max"] = latency_rate is None
     return result
 
@@ -206,6 +269,7 @@ def main(argv: Sequence[str]) -> int:
         print(json.dumps(result))
     else:
         lat, base = result["engine_latency"], result["passthrough_latency"]
+        wire = result["transport_latency"]
         print(
             f"{result['streams']:,} streams, {result['ticks']:,} ticks, "
             f"batches of {result['max_records']}\n"
@@ -218,7 +282,9 @@ def main(argv: Sequence[str]) -> int:
             f"  engine:      p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms "
             f"over {lat['ticks']:,} ticks\n"
             f"  passthrough: p50 {base['p50_ms']} ms, p99 {base['p99_ms']} ms "
-            f"over {base['ticks']:,} ticks"
+            f"over {base['ticks']:,} ticks\n"
+            f"  transport (generator -> broker -> consumer, no daemon): "
+            f"p50 {wire['p50_ms']} ms, p99 {wire['p99_ms']} ms over {wire['ticks']:,} ticks"
         )
     return 0
 

@@ -40,7 +40,7 @@ def test_bench_kafka_json_has_every_figure(bootstrap: str) -> None:
     ratio = result["engine_ticks_per_s"] / result["passthrough_ticks_per_s"]
     assert abs(result["engine_over_passthrough"] - ratio) < 0.01
     assert result["latency_rate_is_half_max"] is False
-    for name in ("engine_latency", "passthrough_latency"):
+    for name in ("engine_latency", "passthrough_latency", "transport_latency"):
         lat = result[name]
         assert lat["rate_ticks_per_s"] == 300
         # About 300 ticks in the measured second; the warm-up's are left out.
