@@ -104,24 +104,15 @@ async def _latency(
     async with kind(config, bundle=bundle) as server:
         while not server.ready():
             await asyncio.sleep(0.05)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "consumers.bench",
-            "_paced",
-            config.bootstrap_servers,
-            config.input_topic,
-            str(streams),
-            str(rate),
-            str(WARMUP_S + seconds),
+        proc = await _start_generator(
+            config.bootstrap_servers, config.input_topic, streams, rate, seconds
         )
         await proc.wait()
         await asyncio.sleep(1.0)
         pairs = np.concatenate(list(server.recent_event_latency))
-        latencies = pairs[pairs[:, 0] >= pairs[:, 0].min() + WARMUP_S, 1] * 1e3
         server.request_stop()
         await server.wait()
-    return _figures(rate, latencies)
+    return _figures(rate, pairs)
 
 
 async def _transport_latency(
@@ -143,25 +134,15 @@ async def _transport_latency(
     try:
         while not consumer.assignment():
             await asyncio.sleep(0.05)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "consumers.bench",
-            "_paced",
-            bootstrap,
-            topic,
-            str(streams),
-            str(rate),
-            str(WARMUP_S + seconds),
-        )
+        proc = await _start_generator(bootstrap, topic, streams, rate, seconds)
         pairs: list[tuple[float, float]] = []
         waiting = asyncio.ensure_future(proc.wait())
         idle_since = None
         while idle_since is None or time.monotonic() - idle_since < 1.0:
             records = await consumer.getmany(timeout_ms=100, max_records=1024)
-            now_ms = time.time() * 1000.0
+            now = time.time()
             for messages in records.values():
-                pairs.extend((now_ms, now_ms - orjson.loads(m.value)["ts"]) for m in messages)
+                pairs.extend((now, now - orjson.loads(m.value)["ts"] / 1000.0) for m in messages)
             if waiting.done() and not records and idle_since is None:
                 idle_since = time.monotonic()
             elif records:
@@ -169,12 +150,29 @@ async def _transport_latency(
         await waiting
     finally:
         await consumer.stop()
-    got = np.array(pairs)
-    latencies = got[got[:, 0] >= got[:, 0].min() + WARMUP_S * 1000.0, 1]
-    return _figures(rate, latencies)
+    return _figures(rate, np.array(pairs))
 
 
-def _figures(rate: float, latencies_ms: np.ndarray) -> dict[str, float]:
+async def _start_generator(
+    bootstrap: str, topic: str, streams: int, rate: float, seconds: float
+) -> asyncio.subprocess.Process:
+    """The paced load generator (``_paced``) in a separate process, warm-up included."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "consumers.bench",
+        "_paced",
+        bootstrap,
+        topic,
+        str(streams),
+        str(rate),
+        str(WARMUP_S + seconds),
+    )
+
+
+def _figures(rate: float, pairs: np.ndarray) -> dict[str, float]:
+    """Percentiles of ``pairs [N, 2]`` (receive time, latency; seconds), the warm-up left out."""
+    latencies_ms = pairs[pairs[:, 0] >= pairs[:, 0].min() + WARMUP_S, 1] * 1e3
     return {
         "rate_ticks_per_s": rate,
         "warmup_s": WARMUP_S,

@@ -144,9 +144,10 @@ async def replay(
                     continue
                 upto = min(upto, sent + _CHUNK)
             now_ms = int(time.time() * 1000)
-            for i in range(sent, upto):
+            rows = values[sent:upto].tolist()
+            for i, row in enumerate(rows, start=sent):
                 ts = int(times[i]) if times is not None else now_ms
-                body = {"stream": streams[i], "ts": ts, "values": values[i].tolist()}
+                body = {"stream": streams[i], "ts": ts, "values": row}
                 outbox.add(topic, streams[i].encode(), orjson.dumps(body))
             futures += await outbox.send()
             sent = upto

@@ -354,10 +354,11 @@ static PyObject *SlotMap_lookup(SlotMapObject *self, PyObject *const *args, Py_s
         for (Py_ssize_t k = 0; k < m; k++) {
             hashes[k] = sl_hash(ids[k]);
             at[k] = sl_home(self, hashes[k]);
-            __builtin_prefetch(&self->table[at[k]]);
+            if (hashes[k] != -1) __builtin_prefetch(&self->table[at[k]]);
         }
         /* Skip buckets of other hashes; prefetch a stored key that must be compared. */
         for (Py_ssize_t k = 0; k < m; k++) {
+            if (hashes[k] == -1) continue; /* not a str: not held */
             Py_ssize_t i = at[k];
             while (self->table[i].key != NULL && self->table[i].hash != hashes[k])
                 i = (i + 1) & self->mask;

@@ -87,9 +87,9 @@ class Engine:
 
     ``max_streams`` bounds memory (LRU eviction beyond it); ``idle_ttl_s``
     forgets streams idle for longer, on event time when ticks carry
-    timestamps and on ``clock()`` otherwise. ``native`` picks the recurrent
-    step: the C kernels (``True``), ``nn.LSTM`` (``False``), or the kernels
-    where they are built (``None``).
+    timestamps and on ``clock()`` otherwise. ``native`` picks the C code
+    (recurrent step and id -> slot map, ``True``), torch and a dict
+    (``False``), or the C code where it is built (``None``).
     """
 
     def __init__(

@@ -42,7 +42,8 @@ I64 = npt.NDArray[np.int64]
 #: stream bit-identical to one never interrupted.
 MIN_ROWS = 16
 
-#: Set to 0 to step through torch alone even where the kernels are built.
+#: Set to 0 to use no C code even where it is built: the engine steps
+#: through torch and the store maps ids to slots with a dict.
 DISABLE_ENV = "STREAMLSTM_NATIVE"
 
 _P = ctypes.c_void_p

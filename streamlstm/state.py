@@ -113,7 +113,9 @@ class Eviction:
 class StateStore:
     """In-memory store of every active stream's recurrent state.
 
-    Not thread-safe: one engine owns one store, and one thread steps it.
+    ``native`` picks the id -> slot map (``kernels.slot_map``): the C one,
+    a dict, or the C one where it is built (``None``). Not thread-safe: one
+    engine owns one store, and one thread steps it.
     """
 
     def __init__(
