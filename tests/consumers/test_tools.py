@@ -6,11 +6,14 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from aiokafka.partitioner import DefaultPartitioner
 
+from consumers.tools import _PACE_S, replay
 from tests.consumers.conftest import read_all
 
 
@@ -86,3 +89,26 @@ def test_produce_replays_a_file_in_time_order_keyed_as_kafka_keys(
     lines = shown.stdout.splitlines()
     assert len(lines) == 5
     assert sorted(line.split("\t")[0] for line in lines) == ["pump-a"] * 3 + ["pump-b"] * 2
+
+
+def test_paced_replay_keeps_the_rate_and_sends_at_most_every_pace_interval(
+    bootstrap: str, make_topics: Any
+) -> None:
+    (topic,) = make_topics("paced", partitions=4)
+    count, rate = 1000, 2000.0
+    streams = [f"s{i % 7}" for i in range(count)]
+    values = np.arange(count, dtype=np.float64).reshape(count, 1)
+    start = time.monotonic()
+    sent = asyncio.run(replay(bootstrap, topic, streams, values, None, rate=rate))
+    elapsed = time.monotonic() - start
+    assert sent == count
+    assert elapsed >= (count - 1) / rate  # never ahead of the rate
+
+    bodies = [json.loads(m.value) for m in asyncio.run(read_all(bootstrap, topic, count))]
+    assert sorted(b["values"][0] for b in bodies) == list(range(count))
+    # Ticks without a time column carry their send time; one send stamps all
+    # it carries alike. At 2000 ticks/s a tick is due every 0.5 ms, so sends
+    # as soon as anything is due would stamp several hundred distinct times.
+    sends = len({b["ts"] for b in bodies})
+    span_s = (max(b["ts"] for b in bodies) - min(b["ts"] for b in bodies)) / 1000.0
+    assert sends <= span_s / _PACE_S + 2
