@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import sys
 import time
 import uuid
@@ -200,7 +201,13 @@ def run_kafka_bench(
     latency_rate: float | None = None,
 ) -> dict[str, Any]:
     bundle = Bundle.random(ModelConfig(input_size=1), seed=0)
-    result: dict[str, Any] = {"streams": streams, "ticks": ticks, "max_records": max_records}
+    result: dict[str, Any] = {
+        "streams": streams,
+        "ticks": ticks,
+        "max_records": max_records,
+        # The daemon, the broker and the load generator share these (see the module docstring).
+        "cpu_cores": os.cpu_count(),
+    }
     # One input topic, read by both runs through separate consumer groups.
     src = f"bench-in-{uuid.uuid4().hex[:6]}"
     _progress(f"filling {src} with {ticks} ticks of {streams} streams")
@@ -270,7 +277,8 @@ def main(argv: Sequence[str]) -> int:
         wire = result["transport_latency"]
         print(
             f"{result['streams']:,} streams, {result['ticks']:,} ticks, "
-            f"batches of {result['max_records']}\n"
+            f"batches of {result['max_records']}, {result['cpu_cores']} CPU cores shared by "
+            "the daemon, the broker and the load generator\n"
             f"passthrough (no inference): {result['passthrough_ticks_per_s']:>9,} ticks/s\n"
             f"engine end to end:          {result['engine_ticks_per_s']:>9,} ticks/s "
             f"({result['engine_over_passthrough']:.3f} x passthrough)\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -36,6 +37,7 @@ def test_bench_kafka_json_has_every_figure(bootstrap: str) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert result["streams"] == 50 and result["ticks"] == 600
+    assert result["cpu_cores"] == os.cpu_count()
     assert result["passthrough_ticks_per_s"] > 0 and result["engine_ticks_per_s"] > 0
     ratio = result["engine_ticks_per_s"] / result["passthrough_ticks_per_s"]
     assert abs(result["engine_over_passthrough"] - ratio) < 0.01
