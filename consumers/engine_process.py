@@ -299,7 +299,11 @@ def _step(engine: Engine, partition_of: dict[str, int], request: StepRequest) ->
         offsets=request.offsets,
     )
     seconds = time.perf_counter() - start
-    partition_of.update(zip(ids, request.partitions, strict=True))
+    if result.accepted.all():
+        partition_of.update(zip(ids, request.partitions, strict=True))
+    else:  # a rejected tick made no state, so it must not leave a partition behind
+        parts = request.partitions
+        partition_of.update((ids[i], parts[i]) for i in np.flatnonzero(result.accepted).tolist())
     for eviction in result.evictions:
         partition_of.pop(eviction.stream_id, None)
     store = engine.store

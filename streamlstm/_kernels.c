@@ -9,7 +9,9 @@
  * The matrix products stay with torch (MKL / oneDNN).
  *
  * Built by setup.py as an extension module so that pip compiles it; Python
- * calls the plain C functions through ctypes. It holds no Python objects.
+ * calls the plain C functions (gather, cell) through ctypes, and they touch
+ * no Python objects. The module also defines the store's SlotMap type
+ * (below), which holds references to its str keys.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -206,6 +206,8 @@ class HeadRunner:
                     self._layers.append((module.weight.t().contiguous(), module.bias, []))
                 elif type(module) in _IN_PLACE:
                     self._layers[-1][2].append(_IN_PLACE[type(module)])
+                elif not isinstance(module, nn.Dropout | nn.Identity):  # both no-ops in eval
+                    raise ConfigError(f"head: no inference path for {type(module).__name__}")
         self._rows = 0
         self._buffers: list[Tensor] = []
 

@@ -84,6 +84,23 @@ def test_drop_partitions_forgets_only_their_streams() -> None:
     run(check)
 
 
+def test_rejected_ticks_leave_no_partition_behind() -> None:
+    async def check(proc: EngineProcess) -> None:
+        features = np.array([[0.0, 0.0], [np.nan, 0.0], [0.0, 0.0]])
+        flags = [False] * 3
+        reply = await proc.step(
+            StepRequest(
+                ["a", "bad", "c"], features, flags, flags, np.zeros(3), [0, 1, 2], [0, 1, 1]
+            )
+        )
+        assert reply.result.accepted.tolist() == [True, False, True]
+        # Only "c" holds state on partition 1; the rejected "bad" never did.
+        assert await proc.drop_partitions([1]) == 1
+        assert proc.stats is not None and proc.stats.active_streams == 1
+
+    run(check)
+
+
 def test_an_engine_error_crosses_back_with_its_type_and_the_child_goes_on() -> None:
     async def check(proc: EngineProcess) -> None:
         with pytest.raises(InputError) as info:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamlstm import ModelConfig, StreamLSTM
+from streamlstm import ConfigError, ModelConfig, StreamLSTM
 from streamlstm.model import HeadRunner
 from tests.conftest import BundleFactory
 
@@ -75,3 +75,10 @@ def test_head_runner_computes_what_the_head_does(
             kept.append((got, model.head(x)))
     for got, want in kept:  # what it returned is not overwritten by later calls
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_head_runner_refuses_a_head_module_it_cannot_run() -> None:
+    model = StreamLSTM(ModelConfig(input_size=1, hidden_sizes=(8,), head_sizes=(4,))).eval()
+    model.head[2] = torch.nn.GELU()  # in place of the ReLU after the first Linear
+    with pytest.raises(ConfigError, match="head: no inference path for GELU"):
+        HeadRunner(model)
