@@ -2,7 +2,8 @@
 
 Both runs use the same daemon loop, batching, encoding and producing; the
 passthrough only skips the engine step. Throughput is measured on a
-pre-filled input topic; latency (event time to acknowledged prediction) with
+pre-filled input topic (the best of ``--drains`` drains per kind, taking
+turns); latency (event time to acknowledged prediction) with
 a producer in a separate process pacing ticks at half the measured maximum.
 A third latency, the transport's (event time to a plain consumer receiving
 the tick, no daemon), shows what the generator and the broker alone cost.
@@ -199,6 +200,7 @@ def run_kafka_bench(
     max_records: int,
     latency_seconds: float,
     latency_rate: float | None = None,
+    drains: int = 2,
 ) -> dict[str, Any]:
     bundle = Bundle.random(ModelConfig(input_size=1), seed=0)
     result: dict[str, Any] = {
@@ -212,12 +214,18 @@ def run_kafka_bench(
     src = f"bench-in-{uuid.uuid4().hex[:6]}"
     _progress(f"filling {src} with {ticks} ticks of {streams} streams")
     _prefill(bootstrap, src, streams, ticks, seed=0)
-    rates = {}
-    for name, kind in (("passthrough", _Passthrough), ("engine", Server)):
-        out = f"bench-out-{name}-{uuid.uuid4().hex[:6]}"
-        _progress(f"{name}: draining {src} through the daemon")
-        config = _config(bootstrap, src, out, max_records)
-        rates[name] = asyncio.run(_drain(kind, config, bundle, ticks))
+    # The best of ``drains`` rounds, the two kinds taking turns: a drain of
+    # 100k ticks lasts about a second, and one disturbed by the machine's other
+    # tenants once measured the engine at 0.60x where undisturbed rounds gave 0.79-0.85x.
+    runs: dict[str, list[float]] = {"passthrough": [], "engine": []}
+    for round_ in range(1, drains + 1):
+        for name, kind in (("passthrough", _Passthrough), ("engine", Server)):
+            out = f"bench-out-{name}-{uuid.uuid4().hex[:6]}"
+            _progress(f"{name}: draining {src} through the daemon ({round_}/{drains})")
+            config = _config(bootstrap, src, out, max_records)
+            runs[name].append(asyncio.run(_drain(kind, config, bundle, ticks)))
+    rates = {name: max(each) for name, each in runs.items()}
+    result["drains"] = {name: [round(r) for r in each] for name, each in runs.items()}
     result["passthrough_ticks_per_s"] = round(rates["passthrough"])
     result["engine_ticks_per_s"] = round(rates["engine"])
     result["engine_over_passthrough"] = round(rates["engine"] / rates["passthrough"], 3)
@@ -248,6 +256,12 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--streams", type=int, default=10_000)
     parser.add_argument("--ticks", type=int, default=100_000)
     parser.add_argument("--max-records", type=int, default=1024)
+    parser.add_argument(
+        "--drains",
+        type=int,
+        default=2,
+        help="drains of the filled topic per kind; the best counts (default: 2)",
+    )
     parser.add_argument("--latency-seconds", type=float, default=10.0)
     parser.add_argument(
         "--latency-rate",
@@ -256,6 +270,8 @@ def main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(list(argv))
+    if args.drains < 1:
+        parser.error("--drains: must be at least 1")
     broker = None if args.bootstrap_servers else LocalBroker().start()
     try:
         bootstrap = args.bootstrap_servers or broker.bootstrap  # type: ignore[union-attr]
@@ -266,6 +282,7 @@ def main(argv: Sequence[str]) -> int:
             max_records=args.max_records,
             latency_seconds=args.latency_seconds,
             latency_rate=args.latency_rate,
+            drains=args.drains,
         )
     finally:
         if broker is not None:
@@ -279,6 +296,7 @@ def main(argv: Sequence[str]) -> int:
             f"{result['streams']:,} streams, {result['ticks']:,} ticks, "
             f"batches of {result['max_records']}, {result['cpu_cores']} CPU cores shared by "
             "the daemon, the broker and the load generator\n"
+            f"best of {args.drains} drains of the filled topic each:\n"
             f"passthrough (no inference): {result['passthrough_ticks_per_s']:>9,} ticks/s\n"
             f"engine end to end:          {result['engine_ticks_per_s']:>9,} ticks/s "
             f"({result['engine_over_passthrough']:.3f} x passthrough)\n"

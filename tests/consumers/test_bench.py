@@ -28,6 +28,8 @@ def test_bench_kafka_json_has_every_figure(bootstrap: str) -> None:
             "1",
             "--latency-rate",
             "300",
+            "--drains",
+            "2",
             "--json",
         ],
         capture_output=True,
@@ -41,6 +43,10 @@ def test_bench_kafka_json_has_every_figure(bootstrap: str) -> None:
     assert result["passthrough_ticks_per_s"] > 0 and result["engine_ticks_per_s"] > 0
     ratio = result["engine_ticks_per_s"] / result["passthrough_ticks_per_s"]
     assert abs(result["engine_over_passthrough"] - ratio) < 0.01
+    # Two drains per kind, and the best of each is the figure.
+    for name in ("passthrough", "engine"):
+        assert len(result["drains"][name]) == 2
+        assert result[f"{name}_ticks_per_s"] == max(result["drains"][name])
     assert result["latency_rate_is_half_max"] is False
     for name in ("engine_latency", "passthrough_latency", "transport_latency"):
         lat = result[name]
