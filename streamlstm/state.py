@@ -211,9 +211,12 @@ class StateStore:
         slots = self.lookup(ids) if held is None else held
         evictions: list[Eviction] = []
         fresh = np.flatnonzero(slots < 0)
-        known = slots if not fresh.size else slots[slots >= 0]
+        if fresh.size:
+            is_known = slots >= 0
+            known, known_times = slots[is_known], times[is_known]
+        else:  # every id held (the common case): no masks
+            known, known_times = slots, times
         if self.idle_ttl_s is not None and known.size:
-            known_times = times if not fresh.size else times[slots >= 0]
             stale = known[known_times - self.last_seen[known] > self.idle_ttl_s]
             if stale.size:
                 evictions += self._capture(stale, "ttl")
