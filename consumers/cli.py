@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from consumers.settings import parse_serve_args
+from streamlstm.consumers.settings import parse_serve_args
 
 __all__ = ["main"]
 
@@ -20,18 +20,18 @@ def main(argv: Sequence[str]) -> int:
     if command == "serve":
         return asyncio.run(_serve(rest))
     if command == "produce":
-        from consumers.tools import produce_main
+        from streamlstm.consumers.devtools.replay import produce_main
 
         return produce_main(rest)
     if command == "tail":
-        from consumers.tools import tail_main
+        from streamlstm.consumers.devtools.replay import tail_main
 
         return tail_main(rest)
     raise SystemExit(f"unknown command {command}")
 
 
 async def _serve(argv: list[str]) -> int:
-    from consumers.server import Server
+    from streamlstm.consumers.server import Server
 
     config = parse_serve_args(argv)
     server = Server(config)

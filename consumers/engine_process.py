@@ -330,7 +330,7 @@ def _send_error(sock: socket.socket, exc: Exception) -> None:
 
 
 if __name__ == "__main__":
-    # Through the module's own name, so replies pickle as consumers.engine_process.*.
-    from consumers import engine_process
+    # Through the module's own name, so replies pickle as streamlstm.consumers.engine_process.*.
+    from streamlstm.consumers import engine_process
 
     engine_process._serve(socket.socket(fileno=int(sys.argv[1])), json.loads(sys.argv[2]))

@@ -5,7 +5,7 @@ One poll, in order:
 1. ``getmany`` up to ``max_records`` records; decode and validate each; bad
    ones are set aside for the dead-letter topic.
 2. Submit the batch to the engine, which steps in a child process (see
-   ``consumers.engine_process`` for why not a thread). The event loop stays
+   ``streamlstm.consumers.engine_process`` for why not a thread). The event loop stays
    free for heartbeats and fetches, and decodes the next batch meanwhile.
 3. When the step is done: send one prediction per valid tick and one dead
    letter per bad one, and queue the batch for the committer; the loop goes
@@ -39,11 +39,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import CommitFailedError, KafkaError
 from prometheus_client import CollectorRegistry
 
-from consumers.engine_process import EngineProcess, StepRequest
-from consumers.http import HttpEndpoints
-from consumers.kafka import client_options, ensure_topics, partitions_of, start_client
-from consumers.outbox import Outbox
-from consumers.settings import ServeConfig
+from streamlstm.consumers.engine_process import EngineProcess, StepRequest
+from streamlstm.consumers.http import HttpEndpoints
+from streamlstm.consumers.kafka import client_options, ensure_topics, partitions_of, start_client
+from streamlstm.consumers.outbox import Outbox
+from streamlstm.consumers.settings import ServeConfig
 from streamlstm import Bundle, EngineStats, StepResult
 from streamlstm.errors import BrokerError, InputError
 from streamlstm.kernels import step_name

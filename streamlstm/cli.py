@@ -20,13 +20,13 @@ __all__ = ["main"]
 
 #: subcommand -> (module, one-line help); each module has ``main(argv) -> int``.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("training.cli", "train a model on a CSV/Parquet file into a bundle directory"),
-    "evaluate": ("training.cli", "evaluate a bundle on a data file through the serving engine"),
-    "import": ("training.cli", "import a PyTorch state dict or a Keras 3 .keras model"),
-    "serve": ("consumers.cli", "run the Kafka inference daemon"),
-    "produce": ("consumers.cli", "replay a data file as ticks onto a topic"),
-    "tail": ("consumers.cli", "print messages from a topic as they arrive"),
-    "demo": ("consumers.demo", "broker, training, serving and replay, locally, in one command"),
+    "train": ("streamlstm.training.cli", "train a model on a CSV/Parquet file into a bundle directory"),
+    "evaluate": ("streamlstm.training.cli", "evaluate a bundle on a data file through the serving engine"),
+    "import": ("streamlstm.training.cli", "import a PyTorch state dict or a Keras 3 .keras model"),
+    "serve": ("streamlstm.consumers.cli", "run the Kafka inference daemon"),
+    "produce": ("streamlstm.consumers.cli", "replay a data file as ticks onto a topic"),
+    "tail": ("streamlstm.consumers.cli", "print messages from a topic as they arrive"),
+    "demo": ("streamlstm.consumers.devtools.demo", "broker, training, serving and replay, locally, in one command"),
     "bench": ("streamlstm.cli", "benchmarks: engine | kafka"),
 }
 
@@ -50,7 +50,7 @@ def bench_main(argv: Sequence[str]) -> int:
     engine.add_argument("--json", action="store_true", help="print one JSON object")
     sub.add_parser("kafka", help="end-to-end through a broker (see streamlstm bench kafka -h)")
     if argv and argv[0] == "kafka":
-        return _run_module("consumers.bench", list(argv[1:]))
+        return _run_module("streamlstm.consumers.devtools.bench", list(argv[1:]))
     args = parser.parse_args(argv)
     from streamlstm.bench import format_engine_bench, run_engine_bench
 

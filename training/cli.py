@@ -103,7 +103,7 @@ def _import(argv: list[str]) -> int:
         group.add_argument("--target-min", type=float)
         group.add_argument("--target-max", type=float)
     args = parser.parse_args(argv)
-    from training.importers import ScalerSource, import_keras, import_torch
+    from streamlstm.training.importers import ScalerSource, import_keras, import_torch
 
     scaler = ScalerSource(
         features=tuple(args.features.split(",")) if args.features else (),
@@ -169,9 +169,9 @@ def _train(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not args.features:
         parser.error("--features is required")
-    from training.data import read_table
-    from training.plots import write_plots
-    from training.train import TrainOptions, fit
+    from streamlstm.training.data import read_table
+    from streamlstm.training.plots import write_plots
+    from streamlstm.training.train import TrainOptions, fit
 
     frame = read_table(args.data)
     opts = TrainOptions(
@@ -216,8 +216,8 @@ def _evaluate(argv: list[str]) -> int:
     parser.add_argument("--model", required=True)
     _data_arguments(parser)
     args = parser.parse_args(argv)
-    from training.data import read_table
-    from training.train import TrainOptions, evaluate, prepare
+    from streamlstm.training.data import read_table
+    from streamlstm.training.train import TrainOptions, evaluate, prepare
 
     bundle = Bundle.load(args.model)
     features = args.features.split(",") if args.features else list(bundle.feature_names)

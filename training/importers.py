@@ -29,7 +29,7 @@ import torch
 from streamlstm import Affine, Bundle, ModelConfig, OutputSpec, StreamLSTM
 from streamlstm.errors import BundleError, ConfigError, InputError
 from streamlstm.model import LSTMWeights
-from training.data import numeric_columns, read_table
+from streamlstm.training.data import numeric_columns, read_table
 
 __all__ = ["ScalerSource", "import_keras", "import_torch"]
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from streamlstm import Affine, Bundle, Engine, ModelConfig, OutputSpec, StreamLSTM
 from streamlstm.errors import ConfigError, InputError
-from training.data import numeric_columns, require_columns, time_values
+from streamlstm.training.data import numeric_columns, require_columns, time_values
 
 __all__ = ["Series", "TrainOptions", "class_names", "evaluate", "fit", "prepare", "train"]
 

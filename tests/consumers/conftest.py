@@ -17,7 +17,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from consumers.broker import LocalBroker
+from streamlstm.consumers.devtools.tansu import TansuBroker
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,7 @@ def bootstrap() -> Iterator[str]:
     if external:
         yield external
         return
-    with LocalBroker() as broker:
+    with TansuBroker() as broker:
         yield broker.bootstrap
 
 

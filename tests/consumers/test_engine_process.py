@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from consumers.engine_process import EngineProcess, StepRequest
+from streamlstm.consumers.engine_process import EngineProcess, StepRequest
 from streamlstm import Bundle, Engine, InputError, ModelConfig, StreamLSTMError
 
 

@@ -6,7 +6,7 @@ import random
 
 from aiokafka.partitioner import DefaultPartitioner
 
-from consumers.outbox import partition_of
+from streamlstm.consumers.outbox import partition_of
 
 
 def test_partition_of_matches_the_default_partitioner() -> None:

@@ -20,8 +20,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client.parser import text_string_to_metric_families
 
-from consumers.server import Server
-from consumers.settings import ServeConfig
+from streamlstm.consumers.server import Server
+from streamlstm.consumers.settings import ServeConfig
 from streamlstm import Affine, BrokerError, Bundle, BundleError, ModelConfig
 from streamlstm.kernels import native_available
 from tests.consumers.conftest import read_all, send_raw

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from consumers.settings import parse_serve_args
+from streamlstm.consumers.settings import parse_serve_args
 from streamlstm import ConfigError
 
 REQUIRED = [

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from aiokafka.partitioner import DefaultPartitioner
 
-from consumers.tools import _PACE_S, replay
+from streamlstm.consumers.devtools.replay import _PACE_S, replay
 from tests.consumers.conftest import read_all
 
 

@@ -103,14 +103,14 @@ def test_torch_pickled_model_object_is_refused_without_running_it(tmp_path: Path
     with (tmp_path / "evil.pth").open("wb") as fh:
         pickle.dump({"lstm.weight_ih_l0": Payload()}, fh)
     with pytest.raises(BundleError, match="state_dict"):
-        from training.importers import import_torch
+        from streamlstm.training.importers import import_torch
 
         import_torch(tmp_path / "evil.pth")
     assert not marker.exists()
 
 
 def test_torch_bidirectional_and_foreign_tensors_are_refused(tmp_path: Path) -> None:
-    from training.importers import import_torch
+    from streamlstm.training.importers import import_torch
 
     bi = nn.LSTM(1, 8, batch_first=True, bidirectional=True)
     state = {f"lstm.{k}": v for k, v in bi.state_dict().items()}
@@ -173,7 +173,7 @@ def test_keras_functional_sequence_model_with_softmax(tmp_path: Path) -> None:
     model.save(tmp_path / "seq.keras")
     x = np.random.default_rng(2).normal(0, 1, (3, 20, 3)).astype(np.float32)
     expected = np.asarray(model.predict(x, verbose=0))  # [3, 20, 4], an output every step
-    from training.importers import import_keras
+    from streamlstm.training.importers import import_keras
 
     bundle = import_keras(tmp_path / "seq.keras")
     assert bundle.outputs.activation == "softmax"
@@ -182,7 +182,7 @@ def test_keras_functional_sequence_model_with_softmax(tmp_path: Path) -> None:
 
 
 def test_keras_unsupported_layers_and_bad_files_are_named(tmp_path: Path) -> None:
-    from training.importers import import_keras
+    from streamlstm.training.importers import import_keras
 
     model = keras.Sequential([keras.Input((10, 1)), keras.layers.GRU(4), keras.layers.Dense(1)])
     model.save(tmp_path / "gru.keras")

@@ -10,7 +10,7 @@ import pytest
 
 from streamlstm import Bundle, ConfigError, Engine, InputError
 from streamlstm.cli import main as cli_main
-from training.train import TrainOptions, evaluate, prepare, train
+from streamlstm.training.train import TrainOptions, evaluate, prepare, train
 
 SMALL = {"hidden_size": 24, "seq_len": 30, "lr": 3e-3, "progress": False}
 

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from consumers.demo import synthetic, train_options
+from streamlstm.consumers.devtools.demo import synthetic, train_options
 from streamlstm import Bundle, Engine, InputError
-from training.train import TrainOptions, prepare, train
+from streamlstm.training.train import TrainOptions, prepare, train
 
 
 @pytest.fixture(scope="module")

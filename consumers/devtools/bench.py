@@ -26,11 +26,11 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer
 
-from consumers.broker import LocalBroker
-from consumers.kafka import client_options, ensure_topics, start_client
-from consumers.server import Server, _Batch
-from consumers.settings import ServeConfig
-from consumers.tools import replay
+from streamlstm.consumers.devtools.tansu import TansuBroker
+from streamlstm.consumers.kafka import client_options, ensure_topics, start_client
+from streamlstm.consumers.server import Server, _Batch
+from streamlstm.consumers.settings import ServeConfig
+from streamlstm.consumers.devtools.replay import replay
 from streamlstm import Bundle, ModelConfig, StepResult
 
 __all__ = ["main"]
@@ -162,7 +162,7 @@ async def _start_generator(
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "consumers.bench",
+        "streamlstm.consumers.devtools.bench",
         "_paced",
         bootstrap,
         topic,
@@ -272,7 +272,7 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
     if args.drains < 1:
         parser.error("--drains: must be at least 1")
-    broker = None if args.bootstrap_servers else LocalBroker().start()
+    broker = None if args.bootstrap_servers else TansuBroker().start()
     try:
         bootstrap = args.bootstrap_servers or broker.bootstrap  # type: ignore[union-attr]
         result = run_kafka_bench(
