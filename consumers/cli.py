@@ -1,4 +1,4 @@
-"""``streamlstm serve | produce | tail``."""
+"""``streamlstm serve``: the daemon until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -19,14 +19,6 @@ def main(argv: Sequence[str]) -> int:
     command, rest = argv[0], list(argv[1:])
     if command == "serve":
         return asyncio.run(_serve(rest))
-    if command == "produce":
-        from streamlstm.consumers.devtools.replay import produce_main
-
-        return produce_main(rest)
-    if command == "tail":
-        from streamlstm.consumers.devtools.replay import tail_main
-
-        return tail_main(rest)
     raise SystemExit(f"unknown command {command}")
 
 

@@ -36,7 +36,7 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -44,7 +44,7 @@ import numpy.typing as npt
 from streamlstm import Bundle, Engine, EngineStats, StepResult
 from streamlstm.errors import StreamLSTMError
 
-__all__ = ["EngineProcess", "StepReply", "StepRequest"]
+__all__ = ["EngineClient", "EngineProcess", "StepReply", "StepRequest"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,23 @@ class StepReply:
     result: StepResult
     stats: EngineStats
     seconds: float
+
+
+class EngineClient(Protocol):
+    """What the daemon needs of its engine; ``EngineProcess`` is the real one.
+
+    Requests are answered in the order they are made, so a reply always
+    reflects every earlier request.
+    """
+
+    stats: EngineStats | None
+
+    @property
+    def alive(self) -> bool: ...
+    async def start(self) -> EngineStats: ...
+    async def step(self, request: StepRequest) -> StepReply: ...
+    async def drop_partitions(self, partitions: Sequence[int]) -> int: ...
+    async def close(self, timeout_s: float = 10.0) -> None: ...
 
 
 class EngineProcess:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -37,7 +38,8 @@ class HttpEndpoints:
     def port(self) -> int:
         if self._server is None:
             return self._port
-        port: int = self._server.sockets[0].getsockname()[1]
+        server: Any = self._server  # an asyncio.Server; typeshed types it as AbstractServer
+        port: int = server.sockets[0].getsockname()[1]
         return port
 
     async def start(self) -> None:

@@ -18,7 +18,7 @@ from aiokafka.helpers import create_ssl_context
 
 from streamlstm.errors import BrokerError
 
-__all__ = ["client_options", "ensure_topics", "partitions_of", "start_client"]
+__all__ = ["KafkaClients", "client_options", "ensure_topics", "partitions_of", "start_client"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,3 +97,31 @@ async def ensure_topics(
         ) from exc
     finally:
         await admin.close()
+
+
+class KafkaClients:
+    """Builds the daemon's Kafka clients from one set of connection options.
+
+    The server takes one of these so tests and benches can pass their own;
+    every client shares the connection and security options.
+    """
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = options
+
+    @property
+    def bootstrap(self) -> str:
+        return str(self.options["bootstrap_servers"])
+
+    async def ensure_topics(self, topics: Iterable[str], *, create: bool, partitions: int) -> None:
+        await ensure_topics(self.options, topics, create=create, partitions=partitions)
+
+    async def producer(self, **settings: Any) -> AIOKafkaProducer:
+        """A started producer."""
+        producer = AIOKafkaProducer(**self.options, **settings)
+        await start_client(producer, self.bootstrap)
+        return producer
+
+    def consumer(self, **settings: Any) -> AIOKafkaConsumer:
+        """A consumer, not yet started (subscribe it first, then ``start_client``)."""
+        return AIOKafkaConsumer(**self.options, **settings)

@@ -28,7 +28,8 @@ Headers = Sequence[tuple[str, bytes]]
 @lru_cache(maxsize=1 << 17)
 def partition_of(key: bytes, partitions: int) -> int:
     """Kafka's default partition for ``key`` among ``partitions`` (Java client, aiokafka)."""
-    return (murmur2(key) & 0x7FFFFFFF) % partitions
+    hashed: int = murmur2(key)
+    return (hashed & 0x7FFFFFFF) % partitions
 
 
 class Outbox:

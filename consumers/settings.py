@@ -160,9 +160,9 @@ def parse_serve_args(argv: Sequence[str], environ: Mapping[str, str] | None = No
                 raise ConfigError(f"config: unknown setting {key!r} in {config_file}")
             values[name] = value
     for f in fields(ServeConfig):
-        env = environ.get(ENV_PREFIX + f.name.upper())
-        if env is not None:
-            values[f.name] = env
+        env_value = environ.get(ENV_PREFIX + f.name.upper())
+        if env_value is not None:
+            values[f.name] = env_value
         if args[f.name] is not None:
             values[f.name] = args[f.name]
     converted = {name: _convert(name, _base_type(hints[name]), raw) for name, raw in values.items()}

@@ -1,8 +1,9 @@
 """The ``streamlstm`` command: dispatches each subcommand to the package that owns it.
 
-The daemon (``consumers``) and the training pipeline (``training``) are
-imported only when their subcommand runs, so the core never imports Kafka or
-asyncio code.
+The daemon (``streamlstm.consumers``) and the training pipeline
+(``streamlstm.training``) are imported only when their subcommand runs, so the
+core never imports Kafka or asyncio code, and a base install (no training
+extras) serves; a training command without its extra names the extra.
 """
 
 from __future__ import annotations
@@ -18,16 +19,32 @@ from streamlstm.errors import StreamLSTMError
 
 __all__ = ["main"]
 
+_TRAINING = "streamlstm.training.cli"
+_DAEMON = "streamlstm.consumers.cli"
+_DEVTOOLS = "streamlstm.consumers.devtools"
+
 #: subcommand -> (module, one-line help); each module has ``main(argv) -> int``.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("streamlstm.training.cli", "train a model on a CSV/Parquet file into a bundle directory"),
-    "evaluate": ("streamlstm.training.cli", "evaluate a bundle on a data file through the serving engine"),
-    "import": ("streamlstm.training.cli", "import a PyTorch state dict or a Keras 3 .keras model"),
-    "serve": ("streamlstm.consumers.cli", "run the Kafka inference daemon"),
-    "produce": ("streamlstm.consumers.cli", "replay a data file as ticks onto a topic"),
-    "tail": ("streamlstm.consumers.cli", "print messages from a topic as they arrive"),
-    "demo": ("streamlstm.consumers.devtools.demo", "broker, training, serving and replay, locally, in one command"),
+    "train": (_TRAINING, "train a model on a CSV/Parquet file into a bundle directory"),
+    "evaluate": (_TRAINING, "evaluate a bundle on a data file through the serving engine"),
+    "import": (_TRAINING, "import a PyTorch state dict or a Keras 3 .keras model"),
+    "serve": (_DAEMON, "run the Kafka inference daemon"),
+    "produce": (f"{_DEVTOOLS}.replay", "replay a data file as ticks onto a topic"),
+    "tail": (f"{_DEVTOOLS}.replay", "print messages from a topic as they arrive"),
+    "broker": (f"{_DEVTOOLS}.brokers", "a local broker (Apache Kafka or Tansu) until Ctrl-C"),
+    "demo": (f"{_DEVTOOLS}.demo", "broker, training, serving and replay, locally, in one command"),
     "bench": ("streamlstm.cli", "benchmarks: engine | kafka"),
+}
+
+
+#: Packages that only an extra installs (a base install serves; it does not train).
+EXTRAS = {
+    "pandas": "train",
+    "sklearn": "train",
+    "matplotlib": "train",
+    "tqdm": "train",
+    "pyarrow": "train",
+    "h5py": "keras",
 }
 
 
@@ -90,6 +107,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_module(COMMANDS[command][0], rest, command)
     except StreamLSTMError as exc:
         print(f"streamlstm {command}: error: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(
+            f"streamlstm {command}: error: {exc.name} is not installed; this command needs "
+            f"the {extra} extra: pip install 'streamlstm[{extra}]'",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         return 130

@@ -42,7 +42,9 @@ class Affine:
         object.__setattr__(self, "offset", offset)
 
     @classmethod
-    def from_min_max(cls, minimum: Sequence[float], maximum: Sequence[float]) -> Affine:
+    def from_min_max(
+        cls, minimum: Sequence[float] | npt.ArrayLike, maximum: Sequence[float] | npt.ArrayLike
+    ) -> Affine:
         """Map ``[minimum, maximum]`` onto ``[0, 1]``; a constant column maps to 0."""
         lo = np.asarray(minimum, dtype=np.float64)
         hi = np.asarray(maximum, dtype=np.float64)

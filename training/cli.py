@@ -103,7 +103,8 @@ def _import(argv: list[str]) -> int:
         group.add_argument("--target-min", type=float)
         group.add_argument("--target-max", type=float)
     args = parser.parse_args(argv)
-    from streamlstm.training.importers import ScalerSource, import_keras, import_torch
+    from streamlstm.training.importers import ScalerSource, import_torch
+    from streamlstm.training.keras_import import import_keras
 
     scaler = ScalerSource(
         features=tuple(args.features.split(",")) if args.features else (),

@@ -26,12 +26,13 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer
 
-from streamlstm.consumers.devtools.tansu import TansuBroker
-from streamlstm.consumers.kafka import client_options, ensure_topics, start_client
-from streamlstm.consumers.server import Server, _Batch
-from streamlstm.consumers.settings import ServeConfig
+from streamlstm import Bundle, EngineStats, ModelConfig, StepResult
 from streamlstm.consumers.devtools.replay import replay
-from streamlstm import Bundle, ModelConfig, StepResult
+from streamlstm.consumers.devtools.tansu import TansuBroker
+from streamlstm.consumers.engine_process import StepReply, StepRequest
+from streamlstm.consumers.kafka import client_options, ensure_topics, start_client
+from streamlstm.consumers.server import EngineFactory, Server, default_engine
+from streamlstm.consumers.settings import ServeConfig
 
 __all__ = ["main"]
 
@@ -43,15 +44,36 @@ def _progress(message: str) -> None:
     print(f"[bench kafka] {message}", file=sys.stderr, flush=True)
 
 
-class _Passthrough(Server):
-    """Same loop, batching and producing; no inference."""
+class _Passthrough:
+    """An engine client that answers each tick with its own values: no inference, no child.
 
-    async def _step(self, batch: _Batch) -> tuple[StepResult | None, float]:
-        n = len(batch.ids)
-        outputs = self.bundle.config.output_size
-        values = np.asarray(batch.values, dtype=np.float32)[:, :outputs]
+    The daemon's loop, batching, encoding and producing stay the same.
+    """
+
+    def __init__(self, bundle: Bundle, config: ServeConfig) -> None:
+        self._outputs = bundle.config.output_size
+        self.stats: EngineStats | None = None
+
+    @property
+    def alive(self) -> bool:
+        return True
+
+    async def start(self) -> EngineStats:
+        self.stats = EngineStats(0, 0, 0, 0, 0, 0, 0, {})
+        return self.stats
+
+    async def step(self, request: StepRequest) -> StepReply:
+        n = len(request.stream_ids)
+        values = np.asarray(request.features, dtype=np.float32)[:, : self._outputs]
         ones = np.ones(n, dtype=bool)
-        return StepResult(values, np.ones(n, np.int64), ones, ones), 0.0
+        assert self.stats is not None
+        return StepReply(StepResult(values, np.ones(n, np.int64), ones, ones), self.stats, 0.0)
+
+    async def drop_partitions(self, partitions: Sequence[int]) -> int:
+        return 0
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        return None
 
 
 def _config(bootstrap: str, src: str, out: str, max_records: int) -> ServeConfig:
@@ -69,9 +91,9 @@ def _config(bootstrap: str, src: str, out: str, max_records: int) -> ServeConfig
     )
 
 
-async def _drain(kind: type[Server], config: ServeConfig, bundle: Bundle, total: int) -> float:
+async def _drain(kind: EngineFactory, config: ServeConfig, bundle: Bundle, total: int) -> float:
     """Ticks/s to answer a pre-filled topic of ``total`` ticks."""
-    async with kind(config, bundle=bundle) as server:
+    async with Server(config, bundle=bundle, engine=kind) as server:
         start = None
         while server.totals.get("predictions", 0) < total:
             if start is None and server.totals.get("ticks", 0):
@@ -91,7 +113,7 @@ def _prefill(bootstrap: str, topic: str, streams: int, total: int, seed: int) ->
 
 
 async def _latency(
-    kind: type[Server],
+    kind: EngineFactory,
     config: ServeConfig,
     bundle: Bundle,
     streams: int,
@@ -103,7 +125,7 @@ async def _latency(
     In the warm-up most of the streams tick for the first time (the state
     store grows, new batch shapes get their kernels).
     """
-    async with kind(config, bundle=bundle) as server:
+    async with Server(config, bundle=bundle, engine=kind) as server:
         while not server.ready():
             await asyncio.sleep(0.05)
         proc = await _start_generator(
@@ -219,7 +241,7 @@ def run_kafka_bench(
     # tenants once measured the engine at 0.60x where undisturbed rounds gave 0.79-0.85x.
     runs: dict[str, list[float]] = {"passthrough": [], "engine": []}
     for round_ in range(1, drains + 1):
-        for name, kind in (("passthrough", _Passthrough), ("engine", Server)):
+        for name, kind in (("passthrough", _Passthrough), ("engine", default_engine)):
             out = f"bench-out-{name}-{uuid.uuid4().hex[:6]}"
             _progress(f"{name}: draining {src} through the daemon ({round_}/{drains})")
             config = _config(bootstrap, src, out, max_records)
@@ -232,7 +254,7 @@ def run_kafka_bench(
     rate = latency_rate or rates["engine"] / 2
     # The passthrough at the same rate shows what the generator, the broker and
     # the loop cost on this machine; the difference is the engine's.
-    for name, kind in (("engine", Server), ("passthrough", _Passthrough)):
+    for name, kind in (("engine", default_engine), ("passthrough", _Passthrough)):
         src, out = f"bench-lat-{uuid.uuid4().hex[:6]}", f"bench-lat-out-{uuid.uuid4().hex[:6]}"
         _progress(f"{name} latency: {rate:.0f} ticks/s for {latency_seconds:.0f} s")
         # The server creates its topics (create_topics=True) before the paced producer starts.

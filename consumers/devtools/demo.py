@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -116,8 +117,8 @@ async def _serve_and_replay(
         loop.add_signal_handler(sig, stop.set)
     if duration:
         loop.call_later(duration, stop.set)
-    values = {s: g.sort_values("t")["load"].to_numpy() for s, g in frame.groupby("machine")}
-    stats = {"errors": [], "latency": [], "shown": 0, "predictions": 0}
+    values = {str(s): g.sort_values("t")["load"].to_numpy() for s, g in frame.groupby("machine")}
+    stats: dict[str, Any] = {"errors": [], "latency": [], "shown": 0, "predictions": 0}
     async with Server(config) as server:
         _say(f"serving; metrics at http://127.0.0.1:{port}/metrics (Ctrl-C to stop)")
         started = time.monotonic()
@@ -167,7 +168,7 @@ async def _replay(bootstrap: str, values: dict[str, np.ndarray], stop: asyncio.E
 
 
 async def _watch(
-    bootstrap: str, values: dict[str, np.ndarray], stats: dict, stop: asyncio.Event
+    bootstrap: str, values: dict[str, np.ndarray], stats: dict[str, Any], stop: asyncio.Event
 ) -> None:
     await ensure_topics(client_options(bootstrap), ["predictions"], create=True, partitions=4)
     consumer = AIOKafkaConsumer(

@@ -13,13 +13,14 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pandas as pd
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from streamlstm.consumers.kafka import client_options, ensure_topics, partitions_of, start_client
 from streamlstm.consumers.outbox import Outbox
 from streamlstm.training.data import numeric_columns, read_table, require_columns, time_values
 
-__all__ = ["produce_main", "replay", "tail_main"]
+__all__ = ["main", "produce_main", "replay", "tail_main"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +61,7 @@ def produce_main(argv: Sequence[str]) -> int:
     features = (
         args.features.split(",")
         if args.features
-        else [
-            c for c in frame.columns if c not in skip and np.issubdtype(frame[c].dtype, np.number)
-        ]
+        else [c for c in frame.columns if c not in skip and pd.api.types.is_numeric_dtype(frame[c])]
     )
     values = numeric_columns(frame, features, "features").to_numpy()
     streams = (
@@ -171,6 +170,16 @@ async def replay(
     finally:
         await producer.stop()
     return total
+
+
+def main(argv: Sequence[str]) -> int:
+    """``streamlstm produce ...`` or ``streamlstm tail ...`` (``argv[0]`` names which)."""
+    command, rest = argv[0], list(argv[1:])
+    if command == "produce":
+        return produce_main(rest)
+    if command == "tail":
+        return tail_main(rest)
+    raise SystemExit(f"unknown command {command}")
 
 
 def tail_main(argv: Sequence[str]) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -53,7 +53,7 @@ def make_topics(bootstrap: str) -> Callable[..., list[str]]:
 
 
 async def send_raw(
-    bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]], **kwargs: Any
+    bootstrap: str, topic: str, messages: Sequence[tuple[bytes | None, bytes | None]], **kwargs: Any
 ) -> list[Any]:
     """Send (key, value) pairs; returns their RecordMetadata, in order."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2, max_request_size=4 << 20)

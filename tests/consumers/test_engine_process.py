@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from streamlstm.consumers.engine_process import EngineProcess, StepRequest
 from streamlstm import Bundle, Engine, InputError, ModelConfig, StreamLSTMError
+from streamlstm.consumers.engine_process import EngineProcess, StepRequest
 
 
 def _bundle() -> Bundle:

@@ -20,9 +20,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client.parser import text_string_to_metric_families
 
+from streamlstm import Affine, BrokerError, Bundle, BundleError, ModelConfig
 from streamlstm.consumers.server import Server
 from streamlstm.consumers.settings import ServeConfig
-from streamlstm import Affine, BrokerError, Bundle, BundleError, ModelConfig
 from streamlstm.kernels import native_available
 from tests.consumers.conftest import read_all, send_raw
 from tests.streamlstm.oracle import expected_outputs
@@ -198,8 +198,8 @@ def test_every_tick_answered_once_and_equal_to_the_oracle(
 
     # Each dead letter: the original bytes, the field at fault, and where it came from.
     sent_at = {m[1]: meta for m, meta, ok in zip(msgs, metas, valid_mask, strict=True) if not ok}
-    field_of = {value: field for _, value, field in BAD}
-    assert sorted(m.value for m in dead) == sorted(field_of)
+    field_of: dict[bytes | None, str] = {value: field for _, value, field in BAD}
+    assert sorted(m.value or b"" for m in dead) == sorted(v or b"" for v in field_of)
     for msg in dead:
         headers = dict(msg.headers)
         assert headers["streamlstm-field"].decode() == field_of[msg.value]
@@ -215,7 +215,10 @@ def test_every_tick_answered_once_and_equal_to_the_oracle(
     assert committed == ends
 
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    value = lambda name: sum(s.value for s in families[name].samples if s.name.endswith("_total"))  # noqa: E731
+
+    def value(name: str) -> float:
+        return sum(s.value for s in families[name].samples if s.name.endswith("_total"))
+
     assert value("streamlstm_ticks_consumed") == len(msgs)
     assert value("streamlstm_predictions_produced") == len(ticks)
     assert value("streamlstm_dead_letters") == len(BAD)

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from streamlstm.consumers.settings import parse_serve_args
 from streamlstm import ConfigError
+from streamlstm.consumers.settings import parse_serve_args
 
 REQUIRED = [
     "--model",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -12,7 +14,7 @@ from tests.conftest import BundleFactory
 def test_bad_rows_are_rejected_alone(make_bundle: BundleFactory) -> None:
     bundle = make_bundle()
     engine = Engine(bundle)
-    rows = [
+    rows: list[Any] = [
         [1.0, 2.0],
         [float("nan"), 1.0],
         [1.0],

@@ -60,7 +60,7 @@ def scenarios(draw: st.DrawFn) -> dict[str, object]:
 @settings(max_examples=150, deadline=None)
 @given(scenarios())
 def test_engine_equals_oracle_for_any_interleaving(case: dict[str, object]) -> None:
-    bundle = bundle_for(case["shape"], case["scaled"])  # type: ignore[arg-type]
+    bundle = bundle_for(case["shape"], case["scaled"])
     ids: list[str] = case["ids"]  # type: ignore[assignment]
     resets: list[bool] = case["resets"]  # type: ignore[assignment]
     ends: list[bool] = case["ends"]  # type: ignore[assignment]

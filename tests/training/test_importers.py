@@ -36,7 +36,8 @@ def _windows(
     rng: np.random.Generator, count: int, features: int, lo: float, hi: float
 ) -> np.ndarray:
     walk = np.cumsum(rng.normal(0, 1, (count, WINDOW, features)), axis=1)
-    return (lo + (hi - lo) * (walk - walk.min()) / np.ptp(walk)).astype(np.float32)
+    windows: np.ndarray = (lo + (hi - lo) * (walk - walk.min()) / np.ptp(walk)).astype(np.float32)
+    return windows
 
 
 def test_torch_state_dict_imports_and_matches(tmp_path: Path) -> None:
@@ -98,7 +99,7 @@ def test_torch_pickled_model_object_is_refused_without_running_it(tmp_path: Path
 
     class Payload:
         def __reduce__(self) -> tuple[object, tuple[str]]:
-            return (Path.touch, (str(marker),))  # type: ignore[return-value]
+            return (Path.touch, (str(marker),))
 
     with (tmp_path / "evil.pth").open("wb") as fh:
         pickle.dump({"lstm.weight_ih_l0": Payload()}, fh)
@@ -173,7 +174,7 @@ def test_keras_functional_sequence_model_with_softmax(tmp_path: Path) -> None:
     model.save(tmp_path / "seq.keras")
     x = np.random.default_rng(2).normal(0, 1, (3, 20, 3)).astype(np.float32)
     expected = np.asarray(model.predict(x, verbose=0))  # [3, 20, 4], an output every step
-    from streamlstm.training.importers import import_keras
+    from streamlstm.training.keras_import import import_keras
 
     bundle = import_keras(tmp_path / "seq.keras")
     assert bundle.outputs.activation == "softmax"
@@ -182,7 +183,7 @@ def test_keras_functional_sequence_model_with_softmax(tmp_path: Path) -> None:
 
 
 def test_keras_unsupported_layers_and_bad_files_are_named(tmp_path: Path) -> None:
-    from streamlstm.training.importers import import_keras
+    from streamlstm.training.keras_import import import_keras
 
     model = keras.Sequential([keras.Input((10, 1)), keras.layers.GRU(4), keras.layers.Dense(1)])
     model.save(tmp_path / "gru.keras")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -12,7 +13,7 @@ from streamlstm import Bundle, ConfigError, Engine, InputError
 from streamlstm.cli import main as cli_main
 from streamlstm.training.train import TrainOptions, evaluate, prepare, train
 
-SMALL = {"hidden_size": 24, "seq_len": 30, "lr": 3e-3, "progress": False}
+SMALL: dict[str, Any] = {"hidden_size": 24, "seq_len": 30, "lr": 3e-3, "progress": False}
 
 
 def _trend(length: int = 700, seed: int = 0) -> pd.DataFrame:

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from streamlstm.consumers.devtools.demo import synthetic, train_options
 from streamlstm import Bundle, Engine, InputError
+from streamlstm.consumers.devtools.demo import synthetic, train_options
 from streamlstm.training.train import TrainOptions, prepare, train
 
 

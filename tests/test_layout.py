@@ -1,0 +1,143 @@
+"""The house: one installed namespace, small modules, the daemon apart from its tools."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import os
+import pkgutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import streamlstm
+
+ROOT = Path(__file__).resolve().parent.parent
+TREES = ("streamlstm", "consumers", "training")
+#: What only the training extras bring; a serving install has none of them.
+PIP_WHEEL = (sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q")
+TRAINING_STACK = ("pandas", "sklearn", "matplotlib", "h5py", "pyarrow", "tqdm")
+
+
+def _modules() -> list[str]:
+    names = ["streamlstm"]
+    for info in pkgutil.walk_packages(streamlstm.__path__, "streamlstm."):
+        names.append(info.name)
+    return names
+
+
+def _imports(path: Path) -> list[str]:
+    package = ".".join(["streamlstm", *path.relative_to(ROOT).parent.parts])
+    if package.startswith("streamlstm.streamlstm"):
+        package = package.removeprefix("streamlstm.")
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                names.append(f"{base}.{node.module}" if node.module else base)
+            else:
+                names.append(node.module or "")
+    return names
+
+
+def test_every_module_has_one_name_and_none_is_top_level_but_streamlstm() -> None:
+    for name in _modules():
+        importlib.import_module(name)
+    files: dict[str, str] = {}
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if not path or not str(Path(path).resolve()).startswith(str(ROOT)):
+            continue
+        if (ROOT / ".venv") in Path(path).resolve().parents:
+            continue  # the editable install's own finder
+        if name.split(".")[0] in ("tests", "__main__") or name.startswith("_pytest"):
+            continue
+        assert name.startswith("streamlstm"), f"{path} imported as top-level {name}"
+        real = str(Path(path).resolve())
+        assert real not in files, f"{real} imported twice: as {files[real]} and {name}"
+        files[real] = name
+    # The daemon and the training pipeline are reached under the one namespace.
+    assert "streamlstm.consumers.server" in sys.modules
+    assert "streamlstm.training.train" in sys.modules
+    # Away from the checkout, the folders' own names import nothing.
+    code = "import importlib.util as u; print([u.find_spec(m) for m in ('consumers', 'training')])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.stdout.strip() == "[None, None]", out.stdout + out.stderr
+
+
+def test_no_module_over_400_lines() -> None:
+    paths = {p.resolve() for tree in TREES for p in (ROOT / tree).rglob("*.py")}
+    assert len(paths) > 30
+    for path in paths:
+        lines = len(path.read_text().splitlines())
+        assert lines <= 400, f"{path.relative_to(ROOT)} has {lines} lines"
+
+
+def test_the_daemon_imports_no_dev_tool_and_no_training_code() -> None:
+    daemon = [p for p in (ROOT / "consumers").glob("*.py")]
+    assert len(daemon) > 5
+    for path in daemon:
+        for name in _imports(path):
+            assert not name.startswith("streamlstm.consumers.devtools"), f"{path.name}: {name}"
+            assert not name.startswith("streamlstm.training"), f"{path.name}: {name}"
+            assert name.split(".")[0] not in TRAINING_STACK, f"{path.name}: {name}"
+
+
+def test_serving_runs_without_the_training_stack() -> None:
+    # Any import of the training extras fails in this interpreter, as in a
+    # base install: `serve --help` and the whole daemon must not need them.
+    code = f"""
+import sys
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {TRAINING_STACK!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+sys.meta_path.insert(0, Refuse())
+import streamlstm.consumers.server, streamlstm.consumers.cli
+from streamlstm.cli import main
+try:
+    main(["serve", "--help"])
+except SystemExit as exit:
+    assert exit.code == 0, exit.code
+loaded = [m for m in {TRAINING_STACK!r} if m in sys.modules]
+assert not loaded, loaded
+code = main(["train", "--data", "x.csv", "--features", "a", "--out", "m"])
+sys.exit(code)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert "--bootstrap-servers" in out.stdout
+    # A training command says which extra to install instead of a traceback.
+    assert out.returncode == 1, out.stderr
+    assert "pip install 'streamlstm[train]'" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_built_wheel_holds_only_the_streamlstm_namespace(tmp_path: Path) -> None:
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    subprocess.run(
+        [*PIP_WHEEL, "-w", str(tmp_path), str(ROOT)],
+        check=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    (wheel,) = tmp_path.glob("streamlstm-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names}
+    assert {t for t in top if not t.endswith(".dist-info")} == {"streamlstm"}
+    assert "streamlstm/consumers/server.py" in names
+    assert "streamlstm/consumers/devtools/bench.py" in names
+    assert "streamlstm/training/train.py" in names
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    requires = [
+        line.split(":", 1)[1].strip()
+        for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
+        if line.startswith("Requires-Dist:")
+    ]
+    base = [r for r in requires if "extra ==" not in r]
+    for package in ("pandas", "scikit-learn", "matplotlib", "h5py", "pyarrow"):
+        assert not any(r.startswith(package) for r in base), base
