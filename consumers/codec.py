@@ -27,6 +27,7 @@ __all__ = [
     "Encoded",
     "Record",
     "Sink",
+    "add_dead_letter",
     "dead_letter_headers",
     "decode_poll",
     "encode_outputs",
@@ -52,8 +53,11 @@ class Record(Protocol):
     def value(self) -> bytes | None: ...
 
 
-#: ``sink(topic, key, value, headers)``: where encoded records go (``Outbox.add``).
-Sink = Callable[[str, bytes | None, bytes | None, Headers], None]
+#: ``sink(topic, key, value, headers, timestamp_ms)``: where records go (``Outbox.add``).
+Sink = Callable[[str, bytes | None, bytes | None, Headers, int | None], None]
+
+#: Dead-letter headers this daemon writes; an input's own headers of these names are dropped.
+HEADER_PREFIX = "streamlstm-"
 
 
 @dataclass(frozen=True)
@@ -138,8 +142,14 @@ def decode_poll(
 
 
 def dead_letter_headers(record: Record, field_name: str, reason: str) -> list[tuple[str, bytes]]:
-    """The headers that say why ``record`` was refused and where it came from."""
+    """The record's own headers, then those that say why it was refused and where it came from."""
+    own = [
+        (str(k), bytes(v or b""))
+        for k, v in (getattr(record, "headers", None) or ())
+        if not str(k).startswith(HEADER_PREFIX)
+    ]
     return [
+        *own,
         ("streamlstm-error", reason.encode("utf-8", "backslashreplace")),
         ("streamlstm-field", field_name.encode("utf-8", "backslashreplace")),
         ("streamlstm-source-topic", record.topic.encode()),
@@ -157,6 +167,7 @@ def encode_outputs(
     dlq_topic: str,
     model_id: str,
     has_score: bool,
+    dlq_max_value_bytes: int = 512 * 1024,
 ) -> Encoded:
     """Send one prediction per answered tick and one dead letter per refused record to ``sink``.
 
@@ -196,10 +207,31 @@ def encode_outputs(
                 logger.warning("cannot encode the prediction of %s", msg, exc_info=True)
                 dead.append(DeadLetter(msg, "prediction", f"cannot be encoded: {exc}"))
                 continue
-            sink(output_topic, key, value, ())
+            sink(output_topic, key, value, (), None if ts != ts else int(ts))
             produced += 1
     for letter in dead:
-        msg = letter.record
-        sink(dlq_topic, msg.key, msg.value, dead_letter_headers(msg, letter.field, letter.reason))
+        add_dead_letter(sink, dlq_topic, letter, dlq_max_value_bytes)
     event_times = event_ts[np.isfinite(event_ts)] / 1000.0
     return Encoded(produced, dead, event_times)
+
+
+def add_dead_letter(sink: Sink, dlq_topic: str, letter: DeadLetter, max_value_bytes: int) -> None:
+    """The original key, value, headers and timestamp, with why and where from.
+
+    A value over ``max_value_bytes`` is cut to fit the dead-letter topic, with
+    ``streamlstm-truncated`` giving its original size: a dead letter that
+    cannot be sent would stop the daemon, which is what it is there to avoid.
+    The key is cut the same way.
+    """
+    msg = letter.record
+    headers = dead_letter_headers(msg, letter.field, letter.reason)
+    key, value = msg.key, msg.value
+    if (value is not None and len(value) > max_value_bytes) or (
+        key is not None and len(key) > max_value_bytes
+    ):
+        original = len(value or b"") + len(key or b"")
+        headers.append(("streamlstm-truncated", str(original).encode()))
+        key = None if key is None else bytes(key[:max_value_bytes])
+        value = None if value is None else bytes(value[:max_value_bytes])
+    timestamp = getattr(msg, "timestamp", None)
+    sink(dlq_topic, key, value, headers, timestamp if isinstance(timestamp, int) else None)

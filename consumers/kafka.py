@@ -75,7 +75,12 @@ async def partitions_of(producer: AIOKafkaProducer, topics: Iterable[str]) -> di
 
 
 async def ensure_topics(
-    options: dict[str, Any], topics: Iterable[str], *, create: bool, partitions: int
+    options: dict[str, Any],
+    topics: Iterable[str],
+    *,
+    create: bool,
+    partitions: int,
+    replication_factor: int = 1,
 ) -> None:
     """Fail clearly when a topic is missing, or create it when asked to."""
     admin = AIOKafkaAdminClient(**options)
@@ -88,8 +93,15 @@ async def ensure_topics(
                 f"topic(s) {', '.join(missing)} do not exist; create them or pass --create-topics"
             )
         if missing:
-            logger.info("creating topics %s with %d partitions", missing, partitions)
-            await admin.create_topics([NewTopic(t, partitions, 1) for t in missing])
+            logger.info(
+                "creating topics %s with %d partitions, replication factor %d",
+                missing,
+                partitions,
+                replication_factor,
+            )
+            await admin.create_topics(
+                [NewTopic(t, partitions, replication_factor) for t in missing]
+            )
     except KafkaError as exc:
         raise BrokerError(
             f"cannot reach Kafka at {options['bootstrap_servers']} to check topics: {exc}; "
@@ -113,8 +125,16 @@ class KafkaClients:
     def bootstrap(self) -> str:
         return str(self.options["bootstrap_servers"])
 
-    async def ensure_topics(self, topics: Iterable[str], *, create: bool, partitions: int) -> None:
-        await ensure_topics(self.options, topics, create=create, partitions=partitions)
+    async def ensure_topics(
+        self, topics: Iterable[str], *, create: bool, partitions: int, replication_factor: int = 1
+    ) -> None:
+        await ensure_topics(
+            self.options,
+            topics,
+            create=create,
+            partitions=partitions,
+            replication_factor=replication_factor,
+        )
 
     async def producer(self, **settings: Any) -> AIOKafkaProducer:
         """A started producer."""

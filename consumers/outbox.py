@@ -46,7 +46,12 @@ class Outbox:
         self._ready: list[tuple[str, int, Any]] = []
 
     def add(
-        self, topic: str, key: bytes | None, value: bytes | None, headers: Headers = ()
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers = (),
+        timestamp_ms: int | None = None,
     ) -> None:
         parts = self._partitions[topic]
         # As the default partitioner: keyless messages go to any partition.
@@ -54,11 +59,14 @@ class Outbox:
         builder = self._open.get((topic, partition))
         if builder is None:
             builder = self._open[(topic, partition)] = self._producer.create_batch()
-        if builder.append(key=key, value=value, timestamp=None, headers=list(headers)) is None:
+        if (
+            builder.append(key=key, value=value, timestamp=timestamp_ms, headers=list(headers))
+            is None
+        ):
             # Full: queue it as it is; an empty batch always takes one message.
             self._ready.append((topic, partition, builder))
             builder = self._open[(topic, partition)] = self._producer.create_batch()
-            builder.append(key=key, value=value, timestamp=None, headers=list(headers))
+            builder.append(key=key, value=value, timestamp=timestamp_ms, headers=list(headers))
 
     async def send(self) -> list[asyncio.Future[Any]]:
         """Queue every batch, in order per partition; waits only for room in the queue."""

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from typing import Any
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
@@ -41,6 +42,8 @@ class RebalanceHandler(ConsumerRebalanceListener):  # type: ignore[misc]
         drop_partitions: Callable[[list[int]], Awaitable[int]],
         reporter: Reporter,
         on_error: Callable[[BaseException], None],
+        applied: MutableMapping[Any, int],
+        committed: Callable[[TopicPartition], Awaitable[int | None]],
     ) -> None:
         self._topic = input_topic
         self._lock = lock
@@ -48,7 +51,11 @@ class RebalanceHandler(ConsumerRebalanceListener):  # type: ignore[misc]
         self._drop = drop_partitions
         self._reporter = reporter
         self._on_error = on_error
+        self._applied = applied
+        self._committed = committed
         self._revoked: set[int] = set()  # input partitions revoked since the last assignment
+        #: The group has given this instance an assignment (perhaps an empty one).
+        self.joined = False
 
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
         try:
@@ -62,17 +69,53 @@ class RebalanceHandler(ConsumerRebalanceListener):  # type: ignore[misc]
             logger.exception("finishing the revoked partitions' work failed")
             self._on_error(exc)
 
+    async def _stale(self, assigned: Sequence[TopicPartition]) -> set[int]:
+        """Partitions held again whose state does not match the group's committed offset.
+
+        After a session expiry, or a revoke whose commit failed, the group
+        may have moved on without this instance (another member read and
+        committed), or the state may reflect ticks that will be read again:
+        either way the state in memory is not what the committed offset
+        says, and keeping it would apply ticks twice or skip some.
+        """
+        stale = set()
+        for tp in assigned:
+            mine = self._applied.get(tp) if tp.topic == self._topic else None
+            if mine is None:
+                continue  # no state from this partition in memory
+            group = await self._committed(tp)
+            if group != mine:
+                logger.warning(
+                    "partition %d: the group committed %s, this instance applied up to %d; "
+                    "its streams' state is dropped",
+                    tp.partition,
+                    group,
+                    mine,
+                )
+                stale.add(tp.partition)
+        return stale
+
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         parts = {tp.partition for tp in assigned if tp.topic == self._topic}
         logger.info("partitions assigned: %s", sorted(parts))
+        self.joined = True
         try:
             async with self._lock:
                 # Committed positions (for lag) of partitions that stay are still right.
                 self._reporter.keep_positions(set(assigned))
-                gone, self._revoked = sorted(self._revoked - parts), set()
+                moved, self._revoked = self._revoked - parts, set()
+                stale = await self._stale(assigned)
+                gone = sorted(moved | stale)
+                for tp in [tp for tp in self._applied if tp.partition in gone]:
+                    del self._applied[tp]
                 if gone:
                     count = await self._drop(gone)
-                    logger.info("partitions %s moved away: dropped %d streams' state", gone, count)
+                    logger.info(
+                        "partitions %s moved away, %s came back stale: dropped %d streams' state",
+                        sorted(moved),
+                        sorted(stale),
+                        count,
+                    )
         except Exception as exc:
             logger.exception("dropping the state of partitions that moved away failed")
             self._on_error(exc)

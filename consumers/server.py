@@ -1,23 +1,11 @@
-"""The serving daemon: wiring and the poll loop.
+"""The serving daemon: wiring and lifecycle.
 
-One poll, in order:
-
-1. ``getmany`` up to ``max_records`` records; the codec decodes and
-   validates the whole poll (``consumers/codec.py``); bad records are set
-   aside for the dead-letter topic.
-2. Submit the batch to the engine, which steps in a child process (see
-   ``streamlstm.consumers.engine_process`` for why not a thread). The event
-   loop stays free for heartbeats and fetches, and decodes the next poll
-   meanwhile.
-3. When the step is done: the codec encodes one prediction per answered
-   tick and one dead letter per refused record into an ``Outbox``, which
-   sends them; the poll goes to the committer (``consumers/committer.py``),
-   and the loop goes on (at most ``max_unacked_batches`` polls wait at once).
-4. The committer, in poll order, waits for the acknowledgements, then
-   commits the input offsets.
-
-Rebalances are handled in ``consumers/rebalance.py``; totals, latency, lag
-and summaries in ``consumers/reporting.py``. ``Server`` takes its
+``Server`` starts the engine, checks the topics, starts the producer and
+joins the consumer group, then runs the poll loop (``loop.py``) until asked
+to stop. Its parts: the per-poll codec (``codec.py``), the committer that
+commits input offsets only after the output is acknowledged
+(``committer.py``), rebalance handling (``rebalance.py``), and totals,
+latency, lag and summaries (``reporting.py``). ``Server`` takes its
 collaborators (engine client, Kafka client factory, clock, registry), so
 tests and benches pass their own.
 """
@@ -30,21 +18,20 @@ import gc
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 from aiokafka.errors import CommitFailedError, KafkaError
 from prometheus_client import CollectorRegistry
 
-from streamlstm import Bundle, EngineStats, StepResult
-from streamlstm.consumers.codec import Batch, decode_poll, encode_outputs
-from streamlstm.consumers.committer import Committer, Sent
-from streamlstm.consumers.engine_process import EngineClient, EngineProcess, StepRequest
+from streamlstm import Bundle, EngineStats
+from streamlstm.consumers.committer import Committer
+from streamlstm.consumers.engine_process import EngineClient, EngineProcess
 from streamlstm.consumers.http import HttpEndpoints
 from streamlstm.consumers.kafka import KafkaClients, client_options, partitions_of, start_client
-from streamlstm.consumers.outbox import Outbox
+from streamlstm.consumers.loop import Model, PollLoop
 from streamlstm.consumers.rebalance import RebalanceHandler
 from streamlstm.consumers.reporting import Reporter
 from streamlstm.consumers.settings import ServeConfig
@@ -87,12 +74,6 @@ def kafka_clients(config: ServeConfig) -> KafkaClients:
     )
 
 
-@dataclass
-class _InFlight:
-    batch: Batch
-    step: asyncio.Future[tuple[StepResult | None, float]]
-
-
 class Server:
     """``async with Server(config) as server: await server.wait()``.
 
@@ -125,7 +106,8 @@ class Server:
         self._http: HttpEndpoints | None = None
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
-        self._pending: collections.deque[_InFlight] = collections.deque()
+        self._loop: PollLoop | None = None
+        self._rebalance: RebalanceHandler | None = None
         self._committer = Committer(
             self._commit,
             max_unacked=config.max_unacked_batches,
@@ -137,8 +119,6 @@ class Server:
         self._summary_task: asyncio.Task[None] | None = None
         self._started = False
         self._stopped = False
-        self._model_id = ""
-        self._has_score = False
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -161,11 +141,16 @@ class Server:
         return self._bundle
 
     def ready(self) -> bool:
+        """Engine up and the group joined (``/readyz``).
+
+        An instance given no partitions is ready too: with more replicas
+        than partitions, a rollout must not wait on the idle ones.
+        """
         return (
             self._engine is not None
             and self._engine.stats is not None
-            and self._consumer is not None
-            and bool(self._consumer.assignment())
+            and self._rebalance is not None
+            and self._rebalance.joined
             and not self._stopping.is_set()
         )
 
@@ -195,11 +180,9 @@ class Server:
         bundle = self._bundle = self._bundle or Bundle.load(cfg.model)
         self._engine = self._engine_factory(bundle, cfg)
         started = await self._engine.start()
-        self._model_id = bundle.model_id
-        self._has_score = bundle.outputs.score_span is not None
         self.metrics.model_info.info(
             {
-                "model": self._model_id,
+                "model": bundle.model_id,
                 "inputs": str(bundle.config.input_size),
                 "outputs": str(bundle.config.output_size),
                 "recurrent_step": step_name(started.native),
@@ -212,7 +195,10 @@ class Server:
         if cfg.metrics_topic:
             topics.append(cfg.metrics_topic)
         await self._kafka.ensure_topics(
-            topics, create=cfg.create_topics, partitions=cfg.topic_partitions
+            topics,
+            create=cfg.create_topics,
+            partitions=cfg.topic_partitions,
+            replication_factor=cfg.topic_replication_factor,
         )
         self._producer = await self._kafka.producer(
             acks="all",
@@ -230,9 +216,30 @@ class Server:
             auto_offset_reset=cfg.auto_offset_reset,
             max_partition_fetch_bytes=cfg.max_request_bytes,
             fetch_max_wait_ms=cfg.fetch_max_wait_ms,
+            group_instance_id=cfg.group_instance_id,
+            isolation_level=cfg.isolation_level,
+            # Membership changes move few partitions (and so few streams' state).
+            partition_assignment_strategy=(StickyPartitionAssignor,),
         )
         self.reporter.watch(self._consumer)
-        self._consumer.subscribe([cfg.input_topic], listener=self._rebalance_handler())
+        self._loop = PollLoop(
+            cfg,
+            model=Model(
+                model_id=bundle.model_id,
+                input_size=bundle.config.input_size,
+                has_score=bundle.outputs.score_span is not None,
+            ),
+            consumer=self._consumer,
+            producer=self._producer,
+            partitions=self._partitions,
+            engine=self._engine,
+            committer=self._committer,
+            metrics=self.metrics,
+            lock=self._lock,
+            clock=self._clock,
+        )
+        self._rebalance = self._rebalance_handler(self._loop)
+        self._consumer.subscribe([cfg.input_topic], listener=self._rebalance)
         await start_client(self._consumer, cfg.bootstrap_servers)
         self._http = HttpEndpoints(
             self.registry,
@@ -246,7 +253,7 @@ class Server:
         # long as the process; leaving it out of the collector's full passes
         # keeps them from pausing the loop for ~100 ms every few seconds.
         gc.freeze()
-        self._task = asyncio.create_task(self._run(), name="streamlstm-serve")
+        self._task = asyncio.create_task(self._loop.run(self._stopping), name="streamlstm-serve")
         self._summary_task = asyncio.create_task(
             self.reporter.run_summaries(
                 cfg.metrics_interval_s,
@@ -257,25 +264,35 @@ class Server:
         )
         logger.info(
             "serving %s: %s -> %s (dead letters: %s, group %s)",
-            self._model_id,
+            bundle.model_id,
             cfg.input_topic,
             cfg.output_topic,
             cfg.dlq_topic,
             cfg.group_id,
         )
 
-    def _rebalance_handler(self) -> RebalanceHandler:
+    def _rebalance_handler(self, loop: PollLoop) -> RebalanceHandler:
         async def drop(partitions: list[int]) -> int:
             return 0 if self._engine is None else await self._engine.drop_partitions(partitions)
 
         return RebalanceHandler(
             input_topic=self.config.input_topic,
             lock=self._lock,
-            drain=self._drain,
+            drain=loop.drain,
             drop_partitions=drop,
             reporter=self.reporter,
             on_error=self._fail,
+            applied=loop.applied,
+            committed=self._committed,
         )
+
+    async def _committed(self, tp: Any) -> int | None:
+        assert self._consumer is not None
+        try:
+            offset = await self._consumer.committed(tp)
+        except KafkaError as exc:
+            raise BrokerError(f"cannot read the committed offset of {tp}: {exc}") from exc
+        return None if offset is None else int(offset)
 
     def _fail(self, exc: BaseException) -> None:
         """Mark the daemon failed (from a callback that cannot raise into the loop)."""
@@ -298,6 +315,8 @@ class Server:
             return
         self._stopped = True
         self._stopping.set()
+        if self._task is not None and self._task.done() and self._loop is not None:
+            self._loop.abandon()  # it failed: nothing more is sent or committed but the acked
         if self._task is not None and not self._task.done():
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), self.config.shutdown_timeout_s)
@@ -344,98 +363,7 @@ class Server:
     ) -> None:
         await self.stop()
 
-    # -- the loop -----------------------------------------------------------
-
-    async def _run(self) -> None:
-        consumer = self._consumer
-        assert consumer is not None
-        try:
-            while not self._stopping.is_set():
-                self._committer.check()
-                records = await consumer.getmany(
-                    timeout_ms=0 if self._pending else 100, max_records=self.config.max_records
-                )
-                async with self._lock:
-                    batch = self._decode(records) if records else None
-                    if batch is not None:
-                        self._pending.append(self._begin(batch))
-                    # Keep one batch stepping while the previous one is produced.
-                    while len(self._pending) > (1 if batch is not None else 0):
-                        await self._send(self._pending.popleft())
-            if self._failure is None:
-                async with self._lock:
-                    await self._drain()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.exception("serving loop failed")
-            raise
-
-    async def _drain(self) -> None:
-        """Send every stepped batch, then wait until all are acknowledged and committed."""
-        while self._pending:
-            await self._send(self._pending.popleft())
-        await self._committer.drain()
-
-    def _decode(self, records: dict[Any, list[Any]]) -> Batch | None:
-        consumer = self._consumer
-        assert consumer is not None
-        batch = decode_poll(
-            records,
-            assigned=consumer.assignment(),
-            input_size=self.bundle.config.input_size,
-            max_value_bytes=self.config.max_value_bytes,
-            received=self._clock(),
-        )
-        if batch is not None:
-            self.metrics.ticks_consumed.inc(batch.count)
-        return batch
-
-    def _begin(self, batch: Batch) -> _InFlight:
-        return _InFlight(batch, asyncio.ensure_future(self._step(batch)))
-
-    async def _step(self, batch: Batch) -> tuple[StepResult | None, float]:
-        if not batch.ids:
-            return None, 0.0
-        assert self._engine is not None
-        reply = await self._engine.step(
-            StepRequest(
-                stream_ids=batch.ids,
-                features=batch.features(),
-                resets=batch.resets,
-                ends=batch.ends,
-                # A tick without event time is seen now, as the engine sees a call without
-                # any; the others keep their own time (the idle TTL runs on event time).
-                timestamps=batch.timestamps(self._clock() * 1000.0),
-                offsets=[msg.offset for msg in batch.records],
-                partitions=[msg.partition for msg in batch.records],
-            )
-        )
-        return reply.result, reply.seconds
-
-    async def _send(self, inflight: _InFlight) -> None:
-        producer = self._producer
-        assert producer is not None
-        cfg = self.config
-        batch = inflight.batch
-        result, seconds = await inflight.step
-        if result is not None:
-            self.metrics.batch_size.observe(len(batch.ids))
-            self.metrics.step_seconds.observe(seconds)
-        outbox = Outbox(producer, self._partitions)
-        encoded = encode_outputs(
-            batch,
-            result,
-            outbox.add,
-            output_topic=cfg.output_topic,
-            dlq_topic=str(cfg.dlq_topic),
-            model_id=self._model_id,
-            has_score=self._has_score,
-        )
-        for letter in encoded.dead:
-            self.metrics.dead_letters.labels(letter.field).inc()
-        sends = await outbox.send()
-        await self._committer.submit(Sent(sends, batch, encoded, clock=self._clock))
+    # -- callbacks ---------------------------------------------------------
 
     async def _commit(self, offsets: dict[Any, int]) -> None:
         consumer = self._consumer

@@ -33,6 +33,8 @@ class ServeConfig:
     dlq_topic: str | None = None
     metrics_topic: str | None = None
     group_id: str = "streamlstm"
+    #: Static membership (KIP-345): a restart within the session timeout does not rebalance.
+    group_instance_id: str | None = None
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9464
     metrics_interval_s: float = 10.0
@@ -47,10 +49,17 @@ class ServeConfig:
     max_batch_bytes: int = 1024 * 1024
     max_request_bytes: int = 4 * 1024 * 1024
     compression_type: str | None = None
+    #: Dead letters' values are cut to this many bytes (the original size goes in a header).
+    dlq_max_value_bytes: int = 512 * 1024
     create_topics: bool = False
     topic_partitions: int = 4
+    topic_replication_factor: int = 1
     auto_offset_reset: str = "earliest"
-    shutdown_timeout_s: float = 30.0
+    isolation_level: str = "read_uncommitted"
+    #: Past this, a step is taken as a wedged engine: the daemon fails (and /healthz with it).
+    step_timeout_s: float = 30.0
+    #: Below Kubernetes' default grace period (30 s), so a drain finishes before SIGKILL.
+    shutdown_timeout_s: float = 20.0
     instance_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     security_protocol: str = "PLAINTEXT"
     sasl_mechanism: str | None = None
@@ -73,18 +82,24 @@ class ServeConfig:
             "max_streams",
             "max_value_bytes",
             "topic_partitions",
+            "topic_replication_factor",
+            "dlq_max_value_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
         if self.max_records > self.max_streams:
             raise ConfigError("max_records: must not exceed max_streams")
-        for name in ("metrics_interval_s", "shutdown_timeout_s"):
+        for name in ("metrics_interval_s", "shutdown_timeout_s", "step_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive")
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError("metrics_port: must be 0..65535 (0 picks a free port)")
         if self.auto_offset_reset not in ("earliest", "latest"):
             raise ConfigError("auto_offset_reset: must be earliest or latest")
+        if self.isolation_level not in ("read_committed", "read_uncommitted"):
+            raise ConfigError("isolation_level: must be read_committed or read_uncommitted")
+        if self.dlq_max_value_bytes > self.max_request_bytes // 2:
+            raise ConfigError("dlq_max_value_bytes: must be at most half of max_request_bytes")
         if self.compression_type not in (None, "gzip", "snappy", "lz4", "zstd"):
             raise ConfigError("compression_type: must be gzip, snappy, lz4 or zstd")
         topics = {self.input_topic, self.output_topic, self.dlq_topic}

@@ -50,7 +50,11 @@ def test_every_module_has_one_name_and_none_is_top_level_but_streamlstm() -> Non
     files: dict[str, str] = {}
     for name, module in list(sys.modules.items()):
         path = getattr(module, "__file__", None)
-        if not path or not str(Path(path).resolve()).startswith(str(ROOT)):
+        if (
+            not path
+            or not Path(path).is_absolute()
+            or not str(Path(path).resolve()).startswith(str(ROOT))
+        ):
             continue
         if (ROOT / ".venv") in Path(path).resolve().parents:
             continue  # the editable install's own finder

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -16,21 +15,16 @@ import orjson
 import pandas as pd
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from streamlstm import Bundle
+from streamlstm.consumers.devtools.connection import add_connection_arguments, connection_options
 from streamlstm.consumers.kafka import client_options, ensure_topics, partitions_of, start_client
 from streamlstm.consumers.outbox import Outbox
+from streamlstm.errors import ConfigError
 from streamlstm.training.data import numeric_columns, read_table, require_columns, time_values
 
 __all__ = ["main", "produce_main", "replay", "tail_main"]
 
 logger = logging.getLogger(__name__)
-
-
-def _bootstrap(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--bootstrap-servers",
-        default=os.environ.get("STREAMLSTM_BOOTSTRAP_SERVERS", "127.0.0.1:9092"),
-        help="[env STREAMLSTM_BOOTSTRAP_SERVERS] (default 127.0.0.1:9092)",
-    )
 
 
 def produce_main(argv: Sequence[str]) -> int:
@@ -39,8 +33,12 @@ def produce_main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("--data", required=True, help="CSV or Parquet file")
     parser.add_argument("--topic", required=True)
-    _bootstrap(parser)
-    parser.add_argument("--features", help="comma-separated columns (default: every numeric one)")
+    add_connection_arguments(parser)
+    chosen = parser.add_mutually_exclusive_group()
+    chosen.add_argument("--features", help="comma-separated columns (default: every numeric one)")
+    chosen.add_argument(
+        "--model", help="a bundle directory: send exactly the features it was trained on"
+    )
     parser.add_argument("--stream-column", help="column naming each row's stream")
     parser.add_argument("--stream", default="stream-0", help="stream id without --stream-column")
     parser.add_argument("--time-column", help="event-time column (epoch ms or ISO-8601)")
@@ -58,11 +56,14 @@ def produce_main(argv: Sequence[str]) -> int:
         order = np.argsort(parsed.to_numpy(), kind="stable")
         frame, times = frame.iloc[order], parsed.to_numpy(dtype=np.float64)[order]
     skip = {args.stream_column, args.time_column}
-    features = (
-        args.features.split(",")
-        if args.features
-        else [c for c in frame.columns if c not in skip and pd.api.types.is_numeric_dtype(frame[c])]
-    )
+    if args.model:
+        features = _model_features(args.model)
+    elif args.features:
+        features = args.features.split(",")
+    else:
+        features = [
+            c for c in frame.columns if c not in skip and pd.api.types.is_numeric_dtype(frame[c])
+        ]
     values = numeric_columns(frame, features, "features").to_numpy()
     streams = (
         frame[args.stream_column].astype(str).tolist()
@@ -82,6 +83,7 @@ def produce_main(argv: Sequence[str]) -> int:
             speedup=args.speedup,
             limit=args.limit,
             create=args.create_topic,
+            options=connection_options(args, "streamlstm-produce"),
         )
     )
     print(f"produced {count} ticks to {args.topic}", file=sys.stderr)
@@ -105,6 +107,7 @@ async def replay(
     speedup: float | None = None,
     limit: int | None = None,
     create: bool = False,
+    options: dict[str, Any] | None = None,
 ) -> int:
     """Send rows as ticks, keyed by stream, paced by ``rate`` or event time / ``speedup``.
 
@@ -119,7 +122,7 @@ async def replay(
     produce requests swamped the broker. Ticks without a time column carry
     the wall-clock time at which they are sent.
     """
-    options = client_options(bootstrap)
+    options = options or client_options(bootstrap)
     await ensure_topics(options, [topic], create=create, partitions=4)
     producer = AIOKafkaProducer(**options, linger_ms=0, acks="all")
     await start_client(producer, bootstrap)
@@ -172,6 +175,14 @@ async def replay(
     return total
 
 
+def _model_features(model_dir: str) -> list[str]:
+    """The input columns a bundle was trained on, in its order."""
+    bundle = Bundle.load(model_dir)
+    if not bundle.feature_names:
+        raise ConfigError(f"model: {model_dir} names no features; pass --features instead")
+    return list(bundle.feature_names)
+
+
 def main(argv: Sequence[str]) -> int:
     """``streamlstm produce ...`` or ``streamlstm tail ...`` (``argv[0]`` names which)."""
     command, rest = argv[0], list(argv[1:])
@@ -187,7 +198,7 @@ def tail_main(argv: Sequence[str]) -> int:
         prog="streamlstm tail", description="Print messages from a topic."
     )
     parser.add_argument("--topic", required=True)
-    _bootstrap(parser)
+    add_connection_arguments(parser)
     parser.add_argument("--from-beginning", action="store_true")
     parser.add_argument("--max-messages", type=int)
     parser.add_argument("--timeout-s", type=float, help="stop after this long without a message")
@@ -198,7 +209,7 @@ def tail_main(argv: Sequence[str]) -> int:
 async def _tail(args: argparse.Namespace) -> int:
     consumer = AIOKafkaConsumer(
         args.topic,
-        **client_options(args.bootstrap_servers),
+        **connection_options(args, "streamlstm-tail"),
         auto_offset_reset="earliest" if args.from_beginning else "latest",
         enable_auto_commit=False,
         fetch_max_wait_ms=50,  # print as they arrive, not up to aiokafka's 500 ms later

@@ -48,6 +48,9 @@ def _ticks(rng: np.random.Generator, streams: int, n: int) -> list[tuple[str, li
     return out
 
 
+#: A plausible event time (epoch ms, Nov 2023): times in seconds are refused.
+EPOCH_MS = 1_700_000_000_000
+
 BAD: list[tuple[bytes | None, bytes | None, str]] = [
     (b"sensor-1", b"{not json", "value"),
     (None, b'{"values": [1.0, 2.0]}', "stream"),
@@ -244,7 +247,7 @@ def test_a_rebalance_hands_over_partitions_and_their_streams_restart(
             (
                 s.encode(),
                 json.dumps(
-                    {"stream": s, "ts": start + k, "values": rng.normal(size=2).tolist()}
+                    {"stream": s, "ts": EPOCH_MS + start + k, "values": rng.normal(size=2).tolist()}
                 ).encode(),
             )
             for k in range(rounds)

@@ -1,0 +1,195 @@
+"""The poll loop: poll, decode, step in the engine, encode and send, hand to the committer.
+
+One poll, in order:
+
+1. ``getmany`` up to ``max_records`` records; the codec decodes and
+   validates the whole poll; bad records are set aside for the dead-letter
+   topic.
+2. Submit the batch to the engine, which steps in a child process (see
+   ``engine_process`` for why not a thread). The event loop stays free for
+   heartbeats and fetches, and decodes the next poll meanwhile.
+3. When the step is done: the codec encodes one prediction per answered
+   tick and one dead letter per refused record into an ``Outbox``, which
+   sends them; the poll goes to the committer, and the loop goes on (at most
+   ``max_unacked_batches`` polls wait at once).
+
+The loop and the rebalance listener share one lock: a rebalance drains
+(sends and commits) between two polls, never in the middle of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from streamlstm import StepResult
+from streamlstm.consumers.codec import Batch, decode_poll, encode_outputs
+from streamlstm.consumers.committer import Committer, Sent
+from streamlstm.consumers.engine_process import EngineClient, StepRequest
+from streamlstm.consumers.outbox import Outbox
+from streamlstm.consumers.settings import ServeConfig
+from streamlstm.errors import StreamLSTMError
+from streamlstm.metrics import ServeMetrics
+
+__all__ = ["Model", "PollLoop"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Model:
+    """What the loop needs to know of the served model."""
+
+    model_id: str
+    input_size: int
+    has_score: bool
+
+
+@dataclass
+class _InFlight:
+    batch: Batch
+    step: asyncio.Future[tuple[StepResult | None, float]]
+
+
+class PollLoop:
+    """``await run(stopping)`` until ``stopping`` is set; ``drain`` from the rebalance listener."""
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        *,
+        model: Model,
+        consumer: AIOKafkaConsumer,
+        producer: AIOKafkaProducer,
+        partitions: dict[str, list[int]],
+        engine: EngineClient,
+        committer: Committer,
+        metrics: ServeMetrics,
+        lock: asyncio.Lock,
+        clock: Callable[[], float],
+    ) -> None:
+        self.config = config
+        self._model = model
+        self._consumer = consumer
+        self._producer = producer
+        self._partitions = partitions
+        self._engine = engine
+        self._committer = committer
+        self._metrics = metrics
+        self._lock = lock
+        self._clock = clock
+        self._pending: collections.deque[_InFlight] = collections.deque()
+        self._failed = False
+        #: Per TopicPartition: the offset after the last tick sent to the engine (its state
+        #: reflects everything before). The rebalance handler compares it with the group's.
+        self.applied: dict[Any, int] = {}
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Poll until ``stopping`` is set, then send and commit what is in flight."""
+        consumer = self._consumer
+        try:
+            while not stopping.is_set():
+                self._committer.check()
+                records = await consumer.getmany(
+                    timeout_ms=0 if self._pending else 100, max_records=self.config.max_records
+                )
+                async with self._lock:
+                    batch = self._decode(records) if records else None
+                    if batch is not None:
+                        self._pending.append(self._begin(batch))
+                    # Keep one batch stepping while the previous one is produced.
+                    while len(self._pending) > (1 if batch is not None else 0):
+                        await self._send(self._pending.popleft())
+            async with self._lock:
+                await self.drain()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("serving loop failed")
+            self.abandon()
+            raise
+
+    def abandon(self) -> None:
+        """After a failure: drop the batches in flight (never sent, so never committed)."""
+        self._failed = True
+        while self._pending:
+            self._pending.popleft().step.cancel()
+
+    async def drain(self) -> None:
+        """Send every stepped batch, then wait until all are acknowledged and committed."""
+        if self._failed:
+            return  # what is not acknowledged stays uncommitted; it is read again
+        while self._pending:
+            await self._send(self._pending.popleft())
+        await self._committer.drain()
+
+    def _decode(self, records: dict[Any, list[Any]]) -> Batch | None:
+        batch = decode_poll(
+            records,
+            assigned=self._consumer.assignment(),
+            input_size=self._model.input_size,
+            max_value_bytes=self.config.max_value_bytes,
+            received=self._clock(),
+        )
+        if batch is not None:
+            self._metrics.ticks_consumed.inc(batch.count)
+        return batch
+
+    def _begin(self, batch: Batch) -> _InFlight:
+        self.applied.update(batch.next_offsets)
+        return _InFlight(batch, asyncio.ensure_future(self._step(batch)))
+
+    async def _step(self, batch: Batch) -> tuple[StepResult | None, float]:
+        if not batch.ids:
+            return None, 0.0
+        request = self._engine.step(
+            StepRequest(
+                stream_ids=batch.ids,
+                features=batch.features(),
+                resets=batch.resets,
+                ends=batch.ends,
+                # A tick without event time is seen now, as the engine sees a call without
+                # any; the others keep their own time (the idle TTL runs on event time).
+                timestamps=batch.timestamps(self._clock() * 1000.0),
+                offsets=[msg.offset for msg in batch.records],
+                partitions=[msg.partition for msg in batch.records],
+            )
+        )
+        timeout = self.config.step_timeout_s
+        try:
+            reply = await asyncio.wait_for(request, timeout)
+        except TimeoutError:
+            raise StreamLSTMError(
+                f"the engine did not answer a step within --step-timeout-s {timeout:g} s; "
+                "it is taken as wedged and the daemon stops (uncommitted ticks are read again)"
+            ) from None
+        return reply.result, reply.seconds
+
+    async def _send(self, inflight: _InFlight) -> None:
+        cfg = self.config
+        batch = inflight.batch
+        result, seconds = await inflight.step
+        if result is not None:
+            self._metrics.batch_size.observe(len(batch.ids))
+            self._metrics.step_seconds.observe(seconds)
+        outbox = Outbox(self._producer, self._partitions)
+        encoded = encode_outputs(
+            batch,
+            result,
+            outbox.add,
+            output_topic=cfg.output_topic,
+            dlq_topic=str(cfg.dlq_topic),
+            model_id=self._model.model_id,
+            has_score=self._model.has_score,
+            dlq_max_value_bytes=cfg.dlq_max_value_bytes,
+        )
+        for letter in encoded.dead:
+            self._metrics.dead_letters.labels(letter.field).inc()
+        sends = await outbox.send()
+        await self._committer.submit(Sent(sends, batch, encoded, clock=self._clock))

@@ -1,0 +1,143 @@
+"""The per-poll codec, without a broker: every record ends as one prediction or one dead letter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from streamlstm import StepResult
+from streamlstm.consumers.codec import Batch, decode_poll, encode_outputs
+
+
+@dataclass(frozen=True)
+class Rec:
+    """A consumed record as aiokafka gives it (the fields the codec reads)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: int = 1_700_000_000_000
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+@dataclass
+class Sink:
+    records: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]], int | None]] = (
+        field(default_factory=list)
+    )
+
+    def __call__(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Any,
+        timestamp_ms: int | None,
+    ) -> None:
+        self.records.append((topic, key, value, list(headers), timestamp_ms))
+
+    def on(self, topic: str) -> list[Any]:
+        return [r for r in self.records if r[0] == topic]
+
+
+def _result(n: int, outputs: int = 1) -> StepResult:
+    ones = np.ones(n, dtype=bool)
+    return StepResult(
+        np.arange(n * outputs, dtype=np.float32).reshape(n, outputs),
+        np.arange(1, n + 1, dtype=np.int64),
+        ones,
+        ones,
+    )
+
+
+def _encode(batch: Batch, result: StepResult | None, **kwargs: Any) -> tuple[Sink, Any]:
+    sink = Sink()
+    encoded = encode_outputs(
+        batch,
+        result,
+        sink,
+        output_topic="out",
+        dlq_topic="dlq",
+        model_id="m",
+        has_score=False,
+        **kwargs,
+    )
+    return sink, encoded
+
+
+def test_a_poll_decodes_to_arrays_and_bad_records_are_set_aside() -> None:
+    tp = ("in", 0)
+    records = {
+        tp: [
+            Rec("in", 0, 5, b"a", b'{"values": [1.5], "ts": 1700000000000}'),
+            Rec("in", 0, 6, b"b", b"not json"),
+            Rec("in", 0, 7, None, b'{"stream": "c", "value": 2.0}'),
+        ],
+        ("in", 1): [Rec("in", 1, 0, b"x", b'{"values": [0.0]}')],  # revoked meanwhile
+    }
+    batch = decode_poll(records, assigned={tp}, input_size=1, max_value_bytes=1024, received=1.0)
+    assert batch is not None
+    assert batch.ids == ["a", "c"]
+    np.testing.assert_array_equal(batch.features(), [[1.5], [2.0]])
+    np.testing.assert_array_equal(batch.timestamps(now_ms=42.0), [1_700_000_000_000, 42.0])
+    assert [letter.record.offset for letter in batch.bad] == [6]
+    assert batch.count == 3 and batch.next_offsets == {tp: 8}
+    assert decode_poll(records, assigned=set(), input_size=1, max_value_bytes=9, received=0) is None
+
+
+def test_every_record_ends_as_one_prediction_or_one_dead_letter() -> None:
+    tp = ("in", 3)
+    msgs = [Rec("in", 3, i, f"s{i}".encode(), b'{"values": [1.0]}') for i in range(4)]
+    msgs.append(Rec("in", 3, 4, b"s4", b'{"values": [1.0, 2.0]}'))
+    batch = decode_poll({tp: msgs}, assigned={tp}, input_size=1, max_value_bytes=99, received=0)
+    assert batch is not None
+    sink, encoded = _encode(batch, _result(4))
+    outputs = sink.on("out")
+    assert [orjson.loads(v)["offset"] for _, _, v, _, _ in outputs] == [0, 1, 2, 3]
+    assert [r[2] for r in sink.on("dlq")] == [msgs[4].value]
+    assert encoded.produced == 4 and len(encoded.dead) == 1
+
+
+def test_a_prediction_that_cannot_be_encoded_becomes_a_dead_letter_not_a_crash() -> None:
+    # A stream id that is not valid UTF-8 text (a lone surrogate) got past decoding once
+    # and stopped the daemon in the encoder; whatever slips through, one tick never stops
+    # the others.
+    tp = ("in", 0)
+    good = Rec("in", 0, 0, b"ok", b"{}")
+    bad = Rec("in", 0, 1, None, b'{"stream": "\\ud800", "values": [1.0]}')
+    batch = Batch(received=0.0, ids=["ok", "\ud800"], records=[good, bad], count=2)
+    batch.values = [(1.0,), (1.0,)]
+    batch.ts, batch.resets, batch.ends = [np.nan, np.nan], [False] * 2, [False] * 2
+    batch.next_offsets = {tp: 2}
+    sink, encoded = _encode(batch, _result(2))
+    assert [r[1] for r in sink.on("out")] == [b"ok"]
+    (letter,) = sink.on("dlq")
+    headers = dict(letter[3])
+    assert headers["streamlstm-field"] == b"prediction"
+    assert b"encoded" in headers["streamlstm-error"]
+    assert letter[2] == bad.value and encoded.produced == 1
+
+
+def test_dead_letters_keep_headers_and_timestamp_and_always_fit() -> None:
+    tp = ("in", 2)
+    huge = b'{"values": [' + b"1.0," * 200_000 + b"1.0]}"
+    own = (("trace-id", b"abc"), ("streamlstm-error", b"forged"))
+    msg = Rec("in", 2, 9, b"k", huge, timestamp=1_600_000_000_123, headers=own)
+    batch = decode_poll({tp: [msg]}, assigned={tp}, input_size=1, max_value_bytes=64, received=0)
+    assert batch is not None
+    sink, _ = _encode(batch, None, dlq_max_value_bytes=1000)
+    ((topic, key, value, headers, ts),) = sink.records
+    assert topic == "dlq" and key == b"k" and ts == 1_600_000_000_123
+    assert value == huge[:1000]
+    names = [name for name, _ in headers]
+    assert names[0] == "trace-id"  # the record's own headers first, ours not forgeable
+    assert names.count("streamlstm-error") == 1
+    values = dict(headers)
+    assert values["streamlstm-error"] != b"forged"
+    assert int(values["streamlstm-truncated"]) == len(huge) + 1
+    assert values["streamlstm-source-offset"] == b"9"
