@@ -1,7 +1,8 @@
-"""Shared factory fixtures."""
+"""Shared factory fixtures, and which broker the suite runs on (in pytest's header)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -39,3 +40,15 @@ def make_bundle() -> BundleFactory:
         return Bundle.random(cfg, seed=seed, **kwargs)
 
     return factory
+
+
+def pytest_report_header() -> str:
+    external = os.environ.get("STREAMLSTM_TEST_BOOTSTRAP")
+    if external:
+        return f"broker: the one at {external} (STREAMLSTM_TEST_BOOTSTRAP)"
+    kind = os.environ.get("STREAMLSTM_TEST_BROKER", "kafka")
+    if kind == "tansu":
+        return "broker: Tansu, one node, memory only (STREAMLSTM_TEST_BROKER=tansu)"
+    from streamlstm.consumers.devtools.apache_kafka import KAFKA_VERSION
+
+    return f"broker: Apache Kafka {KAFKA_VERSION}, KRaft, one node (STREAMLSTM_TEST_BROKER={kind})"

@@ -1,8 +1,9 @@
-"""The test broker: a real Kafka-protocol broker, started once per session.
+"""The test broker: Apache Kafka (KRaft, one node), started once per session.
 
-``STREAMLSTM_TEST_BOOTSTRAP=host:port`` runs the same tests against that
-broker (a real Apache Kafka, say) instead of the bundled Tansu. If the broker
-cannot start, every test that needs it fails (never skips).
+The jars come from Maven Central on first use (``streamlstm broker`` does the
+same). ``STREAMLSTM_TEST_BROKER=tansu`` runs the suite on Tansu instead;
+``STREAMLSTM_TEST_BOOTSTRAP=host:port`` on a broker already running. If the
+broker cannot start, every test that needs it fails (never skips).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from streamlstm.consumers.devtools.tansu import TansuBroker
+from streamlstm.consumers.devtools.brokers import local_broker
 
 
 @pytest.fixture(scope="session")
@@ -26,8 +27,14 @@ def bootstrap() -> Iterator[str]:
     if external:
         yield external
         return
-    with TansuBroker() as broker:
+    # "kafka", not "auto": a machine without Java fails loudly instead of quietly using Tansu.
+    with local_broker(broker_kind()) as broker:
         yield broker.bootstrap
+
+
+def broker_kind() -> str:
+    """The broker the suite starts: ``STREAMLSTM_TEST_BROKER`` (kafka by default)."""
+    return os.environ.get("STREAMLSTM_TEST_BROKER", "kafka")
 
 
 @pytest.fixture

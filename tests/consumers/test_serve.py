@@ -291,7 +291,7 @@ def test_a_rebalance_hands_over_partitions_and_their_streams_restart(
     # A moved partition's streams start again from zero state; the others go on.
     for meta, (key, _) in zip(metas[len(first) :], second, strict=True):
         body = by_tick[(meta.partition, meta.offset)][0]
-        round_ = 1 if body["ts"] == 1000 else 2
+        round_ = 1 if body["ts"] == EPOCH_MS + 1000 else 2
         assert body["step"] == (round_ if meta.partition in moved else 3 + round_), key
 
 

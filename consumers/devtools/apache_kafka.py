@@ -1,0 +1,553 @@
+"""Apache Kafka as a local broker for the tests, the bench and the demo (KRaft, on loopback).
+
+``KafkaCluster(nodes=3)`` runs one JVM per node, each a combined
+broker+controller (``process.roles=broker,controller``) with its own listener
+and controller port and a static controller quorum. The broker's jars come
+from Maven Central on first use: a tiny pom resolved with
+``mvn dependency:copy-dependencies`` into ``$STREAMLSTM_KAFKA_CACHE/<version>/libs``
+(default ``~/.cache/streamlstm/kafka/<version>/libs``), so Java 17 and Maven are
+all it needs. Fault injection for tests: ``kill(node)`` (SIGKILL, data kept),
+``restart(node)``, ``pause(node)`` (SIGSTOP), ``resume(node)`` (SIGCONT).
+
+Kafka 4.4.0 is the version shipped: aiokafka 0.14's transactional producer
+(InitProducerId, AddPartitionsToTxn, AddOffsetsToTxn, TxnOffsetCommit,
+EndTxn) works against it, with the broker's default ``transaction.version=2``
+(tests/consumers/test_apache_kafka.py proves the round trip).
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from streamlstm.consumers.devtools.tansu import free_port
+from streamlstm.errors import BrokerError
+
+__all__ = ["JVM_OPTIONS", "KAFKA_VERSION", "KafkaCluster", "kafka_libs"]
+
+#: The Apache Kafka release the local broker runs (``org.apache.kafka:kafka_2.13``).
+KAFKA_VERSION = "4.4.0"
+
+#: slf4j 1.x -> log4j2 binding: the server's jars bring slf4j-api and log4j-core but no binding.
+_LOG4J_VERSION = "2.25.5"
+_DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
+
+_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>local</groupId>
+  <artifactId>streamlstm-kafka-broker</artifactId>
+  <version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency>
+      <groupId>org.apache.kafka</groupId>
+      <artifactId>kafka_2.13</artifactId>
+      <version>{version}</version>
+    </dependency>
+    <dependency>
+      <groupId>org.apache.logging.log4j</groupId>
+      <artifactId>log4j-slf4j-impl</artifactId>
+      <version>{log4j}</version>
+    </dependency>
+  </dependencies>
+</project>
+"""
+
+# Warnings and errors only, plus the one line that says the server started.
+_LOG4J2 = """status = error
+appender.out.type = Console
+appender.out.name = OUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = WARN
+rootLogger.appenderRef.out.ref = OUT
+logger.started.name = kafka.server.KafkaRaftServer
+logger.started.level = INFO
+"""
+
+#: C1 only (TieredStopAtLevel=1) starts a node in about a third of the time (measured on
+#: 2 cores: one node 2.5 s instead of 6.6 s, three 9.7 s instead of 16.3 s); pass
+#: ``jvm_options`` without it for long throughput runs.
+JVM_OPTIONS: tuple[str, ...] = (
+    "-Xms64m",
+    "-XX:+UseSerialGC",
+    "-XX:TieredStopAtLevel=1",
+    "-Djava.awt.headless=true",
+)
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("STREAMLSTM_KAFKA_CACHE")
+    if root:
+        return Path(root).expanduser()
+    return Path.home() / ".cache" / "streamlstm" / "kafka"
+
+
+def _need(tool: str, what: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise BrokerError(
+            f"Apache Kafka needs {what} ({tool!r} is not on PATH): install it, "
+            "or use the Tansu broker (--kind tansu)"
+        )
+    return path
+
+
+def kafka_libs(version: str = KAFKA_VERSION) -> Path:
+    """The directory of the broker's jars, downloaded from Maven Central the first time.
+
+    The download goes into a temporary directory beside the cache and is
+    renamed into place when complete, so a killed download leaves no half cache.
+    """
+    if not version.split(".")[0].isdigit() or int(version.split(".")[0]) < 4:
+        raise BrokerError(f"KafkaCluster runs Apache Kafka 4.x (KRaft, log4j2), not {version!r}")
+    libs = _cache_root() / version / "libs"
+    if libs.is_dir():
+        return libs
+    mvn = _need("mvn", "Maven")
+    libs.parent.mkdir(parents=True, exist_ok=True)
+    for stale in libs.parent.glob(".download-*"):  # left by a killed download
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
+    print(
+        f"downloading Apache Kafka {version} from Maven Central into {libs} (once)...",
+        file=sys.stderr,
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory(dir=libs.parent, prefix=".download-") as tmp:
+        (Path(tmp) / "pom.xml").write_text(_POM.format(version=version, log4j=_LOG4J_VERSION))
+        proc = subprocess.run(
+            [
+                mvn,
+                "-q",
+                "-B",
+                f"{_DEPENDENCY_PLUGIN}:copy-dependencies",
+                f"-DoutputDirectory={tmp}/libs",
+                "-DincludeScope=runtime",
+            ],
+            cwd=tmp,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+        )
+        jar = Path(tmp) / "libs" / f"kafka_2.13-{version}.jar"
+        if proc.returncode != 0 or not jar.is_file():
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
+            raise BrokerError(
+                f"Maven could not resolve org.apache.kafka:kafka_2.13:{version} "
+                f"(exit {proc.returncode}):\n{tail}"
+            )
+        with contextlib.suppress(OSError):  # another process finished first: keep theirs
+            os.rename(Path(tmp) / "libs", libs)
+    return libs
+
+
+def _cluster_id() -> str:
+    while True:  # Kafka's own rule: no id starting with '-' (it reads as an option)
+        text = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not text.startswith("-"):
+            return text
+
+
+_PR_SET_PDEATHSIG = 1
+_prctl: Callable[..., int] | None
+try:  # looked up here: the child between fork and exec only calls it
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: SIGKILL when the starting thread ends,
+    # so a test run killed hard leaves no JVM behind.
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        data += chunk
+    return data
+
+
+def _brokers_seen(address: str, timeout_s: float = 2.0) -> set[int] | None:
+    """The broker ids in ``address``'s own Metadata answer; None while it does not answer.
+
+    One blocking Metadata v4 request (no topics) on a plain socket: no event
+    loop, no client library logging each refused connection. A starting node
+    accepts connections before it processes requests, so this also waits out
+    a node that is up but not yet serving.
+    """
+    host, port = address.rsplit(":", 1)
+    client_id = b"streamlstm-probe"
+    # Header: api_key 3 (Metadata), api_version 4, correlation id, client id;
+    # body: topics = [] (brokers only), allow_auto_topic_creation = false.
+    request = struct.pack(">hhih", 3, 4, 1, len(client_id)) + client_id + struct.pack(">ib", 0, 0)
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+            sock.settimeout(timeout_s)
+            sock.sendall(struct.pack(">i", len(request)) + request)
+            (size,) = struct.unpack(">i", _recv_exactly(sock, 4))
+            answer = _recv_exactly(sock, size)
+        # correlation id, throttle_time_ms, then brokers: [node_id, host, port, rack].
+        (count,) = struct.unpack_from(">i", answer, 8)
+        pos, seen = 12, set()
+        for _ in range(count):
+            node_id, host_len = struct.unpack_from(">ih", answer, pos)
+            pos += 4 + 2 + host_len + 4
+            (rack_len,) = struct.unpack_from(">h", answer, pos)
+            pos += 2 + max(rack_len, 0)
+            seen.add(node_id)
+        return seen
+    except (OSError, struct.error):
+        return None
+
+
+@dataclass
+class _Node:
+    node_id: int
+    port: int
+    controller_port: int
+    directory: Path
+    proc: subprocess.Popen[bytes] | None = None
+    paused: bool = False
+    log: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log = self.directory / "kafka.log"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.strip().splitlines()[-lines:]) or "(empty log)"
+
+
+#: Clusters with JVMs running: stopped at interpreter exit if their owner did not.
+_LIVE: set[KafkaCluster] = set()
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    for cluster in list(_LIVE):
+        with contextlib.suppress(Exception):
+            cluster.stop(timeout_s=5.0)
+
+
+class KafkaCluster:
+    """``with KafkaCluster(nodes=3) as cluster: cluster.bootstrap``.
+
+    Node ids run from 1 to ``nodes``. ``port`` is node 1's listener port (node
+    k listens on ``port + k - 1``); by default every port is a free one.
+    Replication defaults follow the size: ``default.replication.factor``,
+    ``offsets.topic.replication.factor`` and
+    ``transaction.state.log.replication.factor`` are ``min(3, nodes)``,
+    ``min.insync.replicas`` is 2 from three nodes on. Topics are never created
+    automatically. ``data_dir`` keeps the data (and is reused when it already
+    holds a formatted cluster); without it a temporary directory is removed
+    by ``stop()``.
+    """
+
+    def __init__(
+        self,
+        *,
+        nodes: int = 1,
+        port: int | None = None,
+        data_dir: str | Path | None = None,
+        version: str = KAFKA_VERSION,
+        heap: str | None = None,
+        start_timeout_s: float = 120.0,
+        jvm_options: Sequence[str] = JVM_OPTIONS,
+    ) -> None:
+        if nodes < 1:
+            raise ValueError("nodes must be at least 1")
+        self.nodes = nodes
+        self.version = version
+        self.heap = heap or ("-Xmx512m" if nodes == 1 else "-Xmx384m")
+        self.start_timeout_s = start_timeout_s
+        self.jvm_options = tuple(jvm_options)
+        self._own_dir = data_dir is None
+        self.data_dir = (
+            Path(tempfile.mkdtemp(prefix="streamlstm-kafka-"))
+            if data_dir is None
+            else Path(data_dir).absolute()
+        )
+        self._nodes = [
+            _Node(
+                node_id=k,
+                port=(port + k - 1) if port else free_port(),
+                controller_port=free_port(),
+                directory=self.data_dir / f"node-{k}",
+            )
+            for k in range(1, nodes + 1)
+        ]
+        self.bootstrap = ",".join(node.address for node in self._nodes)
+        self._libs: Path | None = None
+        self._java: str | None = None
+
+    # -- configuration ------------------------------------------------------
+
+    def _properties(self, node: _Node) -> str:
+        replicas = min(3, self.nodes)
+        min_isr = 2 if self.nodes >= 3 else 1
+        voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in self._nodes)
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": node.node_id,
+            "listeners": f"PLAINTEXT://127.0.0.1:{node.port},"
+            f"CONTROLLER://127.0.0.1:{node.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{node.port}",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "controller.quorum.voters": voters,
+            "log.dirs": node.directory / "data",
+            "num.partitions": 1,
+            "default.replication.factor": replicas,
+            "offsets.topic.replication.factor": replicas,
+            "offsets.topic.num.partitions": 10,
+            "transaction.state.log.replication.factor": replicas,
+            "transaction.state.log.num.partitions": 10,
+            "transaction.state.log.min.isr": min_isr,
+            "share.coordinator.state.topic.replication.factor": replicas,
+            "share.coordinator.state.topic.min.isr": min_isr,
+            "min.insync.replicas": min_isr,
+            "group.initial.rebalance.delay.ms": 0,
+            "auto.create.topics.enable": "false",
+            "log.cleaner.enable": "true",
+            # The cleaner's buffer is heap: 128 MiB by default, too much beside -Xmx384m.
+            "log.cleaner.dedupe.buffer.size": 16 << 20,
+            "num.network.threads": 2,
+            "num.io.threads": 4,
+        }
+        return "".join(f"{key}={value}\n" for key, value in props.items())
+
+    def _prepare(self) -> None:
+        self._java = _need("java", "Java 17 or newer")
+        self._libs = kafka_libs(self.version)
+        metas = [n.directory / "data" / "meta.properties" for n in self._nodes]
+        cluster_id = _cluster_id()
+        for meta in metas:  # reuse an existing cluster's id (data_dir given twice)
+            if meta.is_file():
+                for line in meta.read_text().splitlines():
+                    if line.startswith("cluster.id="):
+                        cluster_id = line.split("=", 1)[1].strip()
+        formats: list[tuple[_Node, subprocess.Popen[bytes]]] = []
+        for node, meta in zip(self._nodes, metas, strict=True):
+            node.directory.mkdir(parents=True, exist_ok=True)
+            (node.directory / "server.properties").write_text(self._properties(node))
+            (node.directory / "log4j2.properties").write_text(_LOG4J2)
+            if meta.is_file():
+                continue
+            with node.log.open("ab") as log:
+                formats.append(
+                    (
+                        node,
+                        subprocess.Popen(
+                            [
+                                *self._command("kafka.tools.StorageTool", node),
+                                "format",
+                                "-t",
+                                cluster_id,
+                                "-c",
+                                str(node.directory / "server.properties"),
+                            ],
+                            stdin=subprocess.DEVNULL,
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                        ),
+                    )
+                )
+        for node, proc in formats:
+            if proc.wait(timeout=self.start_timeout_s) != 0:
+                raise BrokerError(
+                    f"formatting Kafka node {node.node_id}'s storage failed "
+                    f"(exit {proc.returncode}):\n{node.tail()}"
+                )
+
+    def _command(self, main_class: str, node: _Node) -> list[str]:
+        assert self._java is not None and self._libs is not None
+        return [
+            self._java,
+            *self.jvm_options,
+            self.heap,
+            f"-Dlog4j2.configurationFile={node.directory / 'log4j2.properties'}",
+            "-cp",
+            str(self._libs / "*"),
+            main_class,
+        ]
+
+    # -- processes ----------------------------------------------------------
+
+    def _spawn(self, node: _Node) -> None:
+        with node.log.open("ab") as log:
+            node.proc = subprocess.Popen(
+                [*self._command("kafka.Kafka", node), str(node.directory / "server.properties")],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=node.directory,
+                preexec_fn=(
+                    # Only from the main thread: a worker thread's end would kill the JVM.
+                    _die_with_parent
+                    if _prctl is not None and threading.current_thread() is threading.main_thread()
+                    else None
+                ),
+            )
+        node.paused = False
+        _LIVE.add(self)
+
+    def _wait_serving(self, nodes: list[_Node], what: str) -> None:
+        """Until each of ``nodes`` answers metadata listing every running, unpaused node."""
+        deadline = time.monotonic() + self.start_timeout_s
+        pending = list(nodes)
+        while pending:
+            for node in list(pending):
+                if not node.running():
+                    code = node.proc.returncode if node.proc is not None else None
+                    raise BrokerError(
+                        f"Kafka node {node.node_id} exited (code {code}) during {what}:\n"
+                        f"{node.tail()}"
+                    )
+                expected = {n.node_id for n in self._nodes if n.running() and not n.paused}
+                seen = _brokers_seen(node.address)
+                if seen is not None and expected <= seen:
+                    pending.remove(node)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                node = pending[0]
+                raise BrokerError(
+                    f"Kafka node {node.node_id} did not serve on {node.address} within "
+                    f"{self.start_timeout_s:.0f} s ({what}):\n{node.tail()}"
+                )
+            time.sleep(0.25)
+
+    def start(self) -> KafkaCluster:
+        """Start every node; returns once each answers metadata listing all of them."""
+        try:
+            self._prepare()
+            for node in self._nodes:
+                self._spawn(node)
+            self._wait_serving(self._nodes, "start-up")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Stop every JVM (SIGTERM, SIGKILL after ``timeout_s``); remove a temporary data dir."""
+        running = [n for n in self._nodes if n.running()]
+        for node in running:
+            assert node.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                if node.paused:
+                    node.proc.send_signal(signal.SIGCONT)
+                node.proc.terminate()
+        deadline = time.monotonic() + timeout_s
+        for node in running:
+            assert node.proc is not None
+            try:
+                node.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                node.proc.kill()
+                node.proc.wait()
+        for node in self._nodes:
+            node.proc = None
+            node.paused = False
+        _LIVE.discard(self)
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    # -- fault injection ----------------------------------------------------
+
+    def _node(self, node: int) -> _Node:
+        if not 1 <= node <= self.nodes:
+            raise ValueError(f"node must be in 1..{self.nodes}, not {node}")
+        return self._nodes[node - 1]
+
+    def kill(self, node: int) -> None:
+        """SIGKILL one node (its data stays for ``restart``)."""
+        target = self._node(node)
+        if target.proc is not None and target.proc.poll() is None:
+            target.proc.kill()
+            target.proc.wait()
+        target.paused = False
+
+    def restart(self, node: int) -> None:
+        """Start a killed (or still running: it is killed first) node again, same ports and data.
+
+        Returns once it answers metadata listing every running, unpaused node.
+        """
+        target = self._node(node)
+        self.kill(node)
+        self._spawn(target)
+        self._wait_serving([target], f"restart of node {node}")
+
+    def pause(self, node: int) -> None:
+        """SIGSTOP one node: its connections stay open but nothing answers."""
+        target = self._node(node)
+        if target.proc is None or target.proc.poll() is not None:
+            raise BrokerError(f"Kafka node {node} is not running")
+        target.proc.send_signal(signal.SIGSTOP)
+        target.paused = True
+
+    def resume(self, node: int) -> None:
+        """SIGCONT a paused node."""
+        target = self._node(node)
+        if target.proc is not None and target.proc.poll() is None:
+            target.proc.send_signal(signal.SIGCONT)
+        target.paused = False
+
+    @property
+    def node_pids(self) -> dict[int, int | None]:
+        """Node id -> the pid of its JVM (None when not running)."""
+        return {n.node_id: n.proc.pid if n.running() and n.proc else None for n in self._nodes}
+
+    def node_bootstrap(self, node: int) -> str:
+        """One node's own ``127.0.0.1:PORT``."""
+        return self._node(node).address
+
+    def log_tail(self, node: int, lines: int = 40) -> str:
+        """The last lines of one node's log (stdout and stderr of its JVM)."""
+        return self._node(node).tail(lines)
+
+    def __enter__(self) -> KafkaCluster:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

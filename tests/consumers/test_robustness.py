@@ -1,0 +1,269 @@
+"""Nothing stops the daemon but what should: hostile input, a wedged engine, a second signal."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from streamlstm.consumers.server import Server
+from tests.consumers.conftest import read_all, send_raw
+from tests.consumers.test_serve import (
+    EPOCH_MS,
+    _bundle,
+    _committed,
+    _expected,
+    _http_get,
+    _serve_cmd,
+    _serve_config,
+    _ticks,
+)
+
+NOW_MS = int(time.time() * 1000)
+
+#: Hostile messages (key, value, the field the dead letter must name).
+HOSTILE: list[tuple[bytes | None, bytes | None, str]] = [
+    # A lone surrogate: valid JSON, not valid UTF-8 text once decoded (it stopped the
+    # whole consumer group once: the encoder failed after the engine had stepped it).
+    (None, b'{"stream": "\\ud800", "values": [1.0, 2.0]}', "stream"),
+    (b"\xff\xfe", b'{"values": [1.0, 2.0]}', "key"),
+    (b"h-" + b"x" * 5000, b'{"values": [1.0, 2.0]}', "key"),
+    (b"h-nested", b'{"values": [[1.0], 2.0]}', "values"),
+    (b"h-bool", b'{"values": [true, 2.0]}', "values"),
+    (b"h-null", b'{"values": [null, 2.0]}', "values"),
+    (b"h-f32", b'{"values": [3.5e38, 2.0]}', "values"),
+    (b"h-seconds", b'{"values": [1.0, 2.0], "ts": 1700000000}', "ts"),
+    (b"h-nanos", b'{"values": [1.0, 2.0], "ts": 1700000000000000000}', "ts"),
+    (b"h-future", b'{"values": [1.0, 2.0], "ts": %d}' % (NOW_MS + 400 * 86_400_000), "ts"),
+    (b"h-flag", b'{"values": [1.0, 2.0], "reset": "yes"}', "reset"),
+    (b"h-deep", b"[" * 100_000 + b"]" * 100_000, "value"),
+    (b"h-utf16", '{"values": [1.0, 2.0]}'.encode("utf-16"), "value"),
+    (b"h-null-value", None, "value"),
+]
+
+
+def test_hostile_messages_become_dead_letters_and_every_tick_equals_the_oracle(
+    bootstrap: str, make_topics: Any, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(23)
+    model_dir = _bundle(tmp_path)
+    src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=4)
+    ticks = _ticks(rng, streams=60, n=600)
+    msgs: list[tuple[bytes | None, bytes | None]] = []
+    valid: list[bool] = []
+    hostile_at = dict(
+        zip(rng.choice(len(ticks), len(HOSTILE), replace=False).tolist(), HOSTILE, strict=True)
+    )
+    for i, (stream, values, reset) in enumerate(ticks):
+        if i in hostile_at:
+            key, value, _ = hostile_at[i]
+            msgs.append((key, value))
+            valid.append(False)
+        body = {"stream": stream, "ts": EPOCH_MS + i, "values": values, "reset": reset}
+        msgs.append((stream.encode(), json.dumps(body).encode()))
+        valid.append(True)
+    config = _serve_config(model_dir, bootstrap, src, out, dlq, max_records=100)
+
+    async def scenario() -> tuple[list[Any], list[Any], list[Any], dict[int, int]]:
+        async with Server(config) as server:
+            metas = await send_raw(bootstrap, src, msgs)
+            outputs = await read_all(bootstrap, out, len(ticks), timeout_s=90)
+            dead = await read_all(bootstrap, dlq, len(HOSTILE), timeout_s=30)
+            await asyncio.sleep(1.0)
+            assert server.healthy()
+            server.request_stop()
+            await server.wait()
+        return metas, outputs, dead, await _committed(bootstrap, config.group_id, src)
+
+    metas, outputs, dead, committed = asyncio.run(scenario())
+    expected = _expected(model_dir, ticks, metas, valid)
+    got: dict[tuple[int, int], list[float]] = defaultdict(list)
+    for msg in outputs:
+        body = json.loads(msg.value)
+        got[(body["partition"], body["offset"])].append(body["prediction"][0])
+    assert set(got) == set(expected)
+    assert all(len(v) == 1 for v in got.values())
+    assert max(abs(got[k][0] - v) for k, v in expected.items()) <= 1e-5
+    position = {(m.partition, m.offset): i for i, m in enumerate(metas) if not valid[i]}
+    fields = {}
+    for msg in dead:
+        headers = dict(msg.headers)
+        source = (
+            int(headers["streamlstm-source-partition"]),
+            int(headers["streamlstm-source-offset"]),
+        )
+        fields[position[source]] = headers["streamlstm-field"].decode()
+        assert headers["streamlstm-error"]
+    want = {
+        i: f
+        for i, (ok, f) in enumerate(zip(valid, _fields(valid, hostile_at), strict=True))
+        if not ok
+    }
+    assert fields == want
+    ends: dict[int, int] = {}
+    for meta in metas:
+        ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
+    assert committed == ends
+
+
+def _fields(valid: list[bool], hostile_at: dict[int, tuple[Any, Any, str]]) -> list[str]:
+    """The expected field of each message (empty for valid ones), in send order."""
+    order = iter(field for _, (_, _, field) in sorted(hostile_at.items()))
+    return ["" if ok else next(order) for ok in valid]
+
+
+def _source(msg: Any) -> tuple[int, int]:
+    body = json.loads(msg.value)
+    return body["partition"], body["offset"]
+
+
+def _engine_child(pid: int) -> int:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    children = [int(p) for p in out.stdout.split()]
+    assert len(children) == 1, children
+    return children[0]
+
+
+def _wait_for(predicate: Any, timeout_s: float, what: str) -> float:
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout_s, f"timed out waiting for {what}"
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def _health(port: int) -> int:
+    try:
+        return asyncio.run(_http_get(port, "/healthz"))[0]
+    except OSError:
+        return 0
+
+
+def _metrics_port(proc: subprocess.Popen[str], log: list[str]) -> int:
+    assert proc.stderr is not None
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        log.append(line)
+        found = re.search(r"metrics on http://[^ ]*:(\d+)/metrics", line)
+        if found:
+            return int(found.group(1))
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError("serve did not report its metrics port:\n" + "".join(log[-40:]))
+
+
+@pytest.mark.parametrize("step_timeout_s", [3.0])
+def test_a_wedged_engine_fails_health_and_exits_and_a_restart_answers_every_tick(
+    bootstrap: str, make_topics: Any, tmp_path: Path, step_timeout_s: float
+) -> None:
+    rng = np.random.default_rng(8)
+    model_dir = _bundle(tmp_path)
+    src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=2)
+    ticks = _ticks(rng, streams=20, n=400)
+    msgs = [
+        (s.encode(), json.dumps({"values": v, "ts": EPOCH_MS + i}).encode())
+        for i, (s, v, _) in enumerate(ticks)
+    ]
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    cmd = _serve_cmd(model_dir, bootstrap, src, out, dlq, group)
+    cmd += ["--step-timeout-s", str(step_timeout_s)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
+    try:
+        port = _metrics_port(first, log)
+        metas = asyncio.run(send_raw(bootstrap, src, msgs[:200]))
+        assert len(asyncio.run(read_all(bootstrap, out, 200, timeout_s=60))) == 200
+        child = _engine_child(first.pid)
+        os.kill(child, signal.SIGSTOP)
+        metas += asyncio.run(send_raw(bootstrap, src, msgs[200:]))
+        waited = _wait_for(lambda: _health(port) != 200, 60, "/healthz to fail")
+        assert waited <= step_timeout_s + 10
+        first.wait(timeout=60)
+        assert first.returncode != 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.wait()
+    second = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        keys = {(m.partition, m.offset) for m in metas}
+        answered: set[tuple[int, int]] = set()
+        deadline = time.monotonic() + 120
+        while not answered >= keys and time.monotonic() < deadline:
+            outputs = asyncio.run(read_all(bootstrap, out, 10**9, timeout_s=3))
+            answered = {_source(m) for m in outputs}
+        assert answered >= keys
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=60)
+    assert second.returncode == 0
+
+
+def test_a_second_signal_exits_at_once_without_committing(
+    bootstrap: str, make_topics: Any, tmp_path: Path
+) -> None:
+    model_dir = _bundle(tmp_path)
+    src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=1)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    cmd = _serve_cmd(model_dir, bootstrap, src, out, dlq, group)
+    cmd += ["--step-timeout-s", "300", "--shutdown-timeout-s", "120"]
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _metrics_port(proc, [])
+        body = json.dumps({"values": [1.0, 2.0], "ts": EPOCH_MS}).encode()
+        asyncio.run(send_raw(bootstrap, src, [(b"s", body)]))
+        assert len(asyncio.run(read_all(bootstrap, out, 1, timeout_s=60))) == 1
+        os.kill(_engine_child(proc.pid), signal.SIGSTOP)  # the next step never ends
+        asyncio.run(send_raw(bootstrap, src, [(b"s", body)] * 5))
+        time.sleep(2.0)
+        proc.send_signal(signal.SIGTERM)  # waits for the wedged step (up to 120 s)
+        time.sleep(1.0)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        proc.wait(timeout=10)
+        assert time.monotonic() - started < 5
+        assert proc.returncode == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    # The first tick was committed; the five after it were not answered, so not committed.
+    assert asyncio.run(_committed(bootstrap, group, src, partitions=1)) == {0: 1}
+
+
+def test_an_instance_without_partitions_is_ready(
+    bootstrap: str, make_topics: Any, tmp_path: Path
+) -> None:
+    model_dir = _bundle(tmp_path)
+    src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=1)
+    config = _serve_config(model_dir, bootstrap, src, out, dlq)
+
+    async def scenario() -> None:
+        async with Server(config) as a, Server(config) as b:
+            deadline = time.monotonic() + 60
+            while not (a.ready() and b.ready()):
+                assert time.monotonic() < deadline, "an instance never became ready"
+                await asyncio.sleep(0.2)
+            assert sorted(a.assignment() + b.assignment()) == [0]
+            for server in (a, b):
+                assert (await _http_get(server.metrics_port, "/readyz"))[0] == 200
+                server.request_stop()
+                await server.wait()
+
+    asyncio.run(scenario())
