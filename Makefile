@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint typecheck pytest demo bench clean
+.PHONY: venv test lint typecheck pytest demo bench clean deploy-tools deploy-check
 
 venv: $(STAMP)
 
@@ -25,7 +25,9 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test: lint typecheck pytest
+# deploy-tools installs what tests/deploy needs (and runs deploy/'s static checks)
+# before pytest collects every test, tests/deploy and the `cluster` ones included.
+test: lint typecheck deploy-tools pytest
 
 demo: $(STAMP)
 	$(BIN)/streamlstm demo
@@ -35,3 +37,11 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+
+# deploy/: installs its tools (deploy/.tools, Debian's prometheus), runs the
+# static checks, then the tests against a live Prometheus. See deploy/README.md.
+deploy-tools: $(STAMP)
+	bash deploy/check.sh
+
+deploy-check: deploy-tools
+	$(BIN)/pytest tests/deploy -v

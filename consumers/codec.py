@@ -56,6 +56,8 @@ class Record(Protocol):
 #: ``sink(topic, key, value, headers, timestamp_ms)``: where records go (``Outbox.add``).
 Sink = Callable[[str, bytes | None, bytes | None, Headers, int | None], None]
 
+#: A dead letter's key is cut to this when the record must be cut to fit.
+_MAX_DEAD_KEY_BYTES = 1024
 #: Dead-letter headers this daemon writes; an input's own headers of these names are dropped.
 HEADER_PREFIX = "streamlstm-"
 
@@ -167,7 +169,7 @@ def encode_outputs(
     dlq_topic: str,
     model_id: str,
     has_score: bool,
-    dlq_max_value_bytes: int = 512 * 1024,
+    dlq_max_record_bytes: int = 1_040_000,
 ) -> Encoded:
     """Send one prediction per answered tick and one dead letter per refused record to ``sink``.
 
@@ -210,28 +212,30 @@ def encode_outputs(
             sink(output_topic, key, value, (), None if ts != ts else int(ts))
             produced += 1
     for letter in dead:
-        add_dead_letter(sink, dlq_topic, letter, dlq_max_value_bytes)
+        add_dead_letter(sink, dlq_topic, letter, dlq_max_record_bytes)
     event_times = event_ts[np.isfinite(event_ts)] / 1000.0
     return Encoded(produced, dead, event_times)
 
 
-def add_dead_letter(sink: Sink, dlq_topic: str, letter: DeadLetter, max_value_bytes: int) -> None:
+def add_dead_letter(sink: Sink, dlq_topic: str, letter: DeadLetter, max_bytes: int) -> None:
     """The original key, value, headers and timestamp, with why and where from.
 
-    A value over ``max_value_bytes`` is cut to fit the dead-letter topic, with
-    ``streamlstm-truncated`` giving its original size: a dead letter that
-    cannot be sent would stop the daemon, which is what it is there to avoid.
-    The key is cut the same way.
+    A record whose key, value and headers together are over ``max_bytes`` is
+    cut to fit the dead-letter topic (a key over 1 KiB to 1 KiB, then the
+    value), with ``streamlstm-truncated`` giving the original key and value
+    size: a dead letter that cannot be sent would stop the daemon, which is
+    what it is there to avoid.
     """
     msg = letter.record
     headers = dead_letter_headers(msg, letter.field, letter.reason)
     key, value = msg.key, msg.value
-    if (value is not None and len(value) > max_value_bytes) or (
-        key is not None and len(key) > max_value_bytes
-    ):
-        original = len(value or b"") + len(key or b"")
+    headers_size = sum(len(k) + len(v) for k, v in headers) + 64
+    original = len(value or b"") + len(key or b"")
+    if original + headers_size > max_bytes:
         headers.append(("streamlstm-truncated", str(original).encode()))
-        key = None if key is None else bytes(key[:max_value_bytes])
-        value = None if value is None else bytes(value[:max_value_bytes])
+        if key is not None and len(key) > _MAX_DEAD_KEY_BYTES:
+            key = bytes(key[:_MAX_DEAD_KEY_BYTES])
+        room = max(0, max_bytes - headers_size - len(key or b""))
+        value = None if value is None else bytes(value[:room])
     timestamp = getattr(msg, "timestamp", None)
     sink(dlq_topic, key, value, headers, timestamp if isinstance(timestamp, int) else None)

@@ -120,6 +120,11 @@ class EngineProcess:
         self.stats: EngineStats | None = None
 
     @property
+    def pid(self) -> int:
+        """The child's process id (0 before start)."""
+        return self._proc.pid if self._proc is not None else 0
+
+    @property
     def alive(self) -> bool:
         """Started, not closed, and the child has not exited."""
         return self._proc is not None and self._proc.poll() is None and self._error is None

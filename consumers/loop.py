@@ -187,7 +187,7 @@ class PollLoop:
             dlq_topic=str(cfg.dlq_topic),
             model_id=self._model.model_id,
             has_score=self._model.has_score,
-            dlq_max_value_bytes=cfg.dlq_max_value_bytes,
+            dlq_max_record_bytes=cfg.dlq_max_record_bytes,
         )
         for letter in encoded.dead:
             self._metrics.dead_letters.labels(letter.field).inc()

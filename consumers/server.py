@@ -167,6 +167,11 @@ class Server:
         loop_ok = self._task is not None and not (self._task.done() and self._task.exception())
         return loop_ok and self._failure is None and self._engine is not None and self._engine.alive
 
+    @property
+    def _engine_pid(self) -> int:
+        engine = self._engine
+        return engine.pid if isinstance(engine, EngineProcess) else 0
+
     def engine_stats(self) -> EngineStats:
         """The engine's figures as of its last reply (the collector reads them at scrape time)."""
         assert self._engine is not None and self._engine.stats is not None
@@ -189,6 +194,8 @@ class Server:
             }
         )
         self.registry.register(EngineCollector(self.engine_stats, self.reporter.lag))
+        if isinstance(self._engine, EngineProcess):
+            self.metrics.watch_engine_process(self.registry, lambda: self._engine_pid)
         # Before the consumer joins: a rebalance waits on the committer.
         self._committer.start()
         topics = [cfg.input_topic, cfg.output_topic, str(cfg.dlq_topic)]

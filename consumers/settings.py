@@ -49,8 +49,9 @@ class ServeConfig:
     max_batch_bytes: int = 1024 * 1024
     max_request_bytes: int = 4 * 1024 * 1024
     compression_type: str | None = None
-    #: Dead letters' values are cut to this many bytes (the original size goes in a header).
-    dlq_max_value_bytes: int = 512 * 1024
+    #: A dead letter's key, value and headers are cut to fit this many bytes (the original
+    #: size goes in a header); below the topic's max.message.bytes (Kafka: 1048588).
+    dlq_max_record_bytes: int = 1_040_000
     create_topics: bool = False
     topic_partitions: int = 4
     topic_replication_factor: int = 1
@@ -83,7 +84,7 @@ class ServeConfig:
             "max_value_bytes",
             "topic_partitions",
             "topic_replication_factor",
-            "dlq_max_value_bytes",
+            "dlq_max_record_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
@@ -98,8 +99,8 @@ class ServeConfig:
             raise ConfigError("auto_offset_reset: must be earliest or latest")
         if self.isolation_level not in ("read_committed", "read_uncommitted"):
             raise ConfigError("isolation_level: must be read_committed or read_uncommitted")
-        if self.dlq_max_value_bytes > self.max_request_bytes // 2:
-            raise ConfigError("dlq_max_value_bytes: must be at most half of max_request_bytes")
+        if self.dlq_max_record_bytes > self.max_request_bytes // 2:
+            raise ConfigError("dlq_max_record_bytes: must be at most half of max_request_bytes")
         if self.compression_type not in (None, "gzip", "snappy", "lz4", "zstd"):
             raise ConfigError("compression_type: must be gzip, snappy, lz4 or zstd")
         topics = {self.input_topic, self.output_topic, self.dlq_topic}

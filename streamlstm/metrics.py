@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -120,6 +120,8 @@ class ServeMetrics:
     """The daemon's metrics, all on ``registry``."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        # CPU, memory, open files and start time of this process (process_*).
+        ProcessCollector(registry=registry)
         self.ticks_consumed = Counter(
             "streamlstm_ticks_consumed", "Messages read from the input topic", registry=registry
         )
@@ -165,3 +167,8 @@ class ServeMetrics:
         registry.register(self.latency_event)
         registry.register(self.latency_receive)
         self.model_info = Info("streamlstm_model", "The model being served", registry=registry)
+
+    @staticmethod
+    def watch_engine_process(registry: CollectorRegistry, pid: Callable[[], int]) -> None:
+        """The engine child's CPU and memory, as ``streamlstm_engine_process_*``."""
+        ProcessCollector(namespace="streamlstm_engine", pid=pid, registry=registry)

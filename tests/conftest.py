@@ -1,15 +1,27 @@
-"""Shared factory fixtures, and which broker the suite runs on (in pytest's header)."""
+"""Shared fixtures: random bundles, and the test broker.
+
+The broker is Apache Kafka (KRaft, one node), started once per session for
+every test that asks for ``bootstrap``; the jars come from Maven Central on
+first use (``streamlstm broker`` does the same). ``STREAMLSTM_TEST_BROKER=tansu``
+runs the suite on Tansu instead; ``STREAMLSTM_TEST_BOOTSTRAP=host:port`` on a
+broker already running. If the broker cannot start, every test that needs it
+fails (never skips). The broker is named in pytest's header.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from streamlstm import Affine, Bundle, ModelConfig
+from streamlstm.consumers.devtools.brokers import local_broker
 
 BundleFactory = Callable[..., Bundle]
 
@@ -52,3 +64,41 @@ def pytest_report_header() -> str:
     from streamlstm.consumers.devtools.apache_kafka import KAFKA_VERSION
 
     return f"broker: Apache Kafka {KAFKA_VERSION}, KRaft, one node (STREAMLSTM_TEST_BROKER={kind})"
+
+
+@pytest.fixture(scope="session")
+def bootstrap() -> Iterator[str]:
+    external = os.environ.get("STREAMLSTM_TEST_BOOTSTRAP")
+    if external:
+        yield external
+        return
+    # "kafka", not "auto": a machine without Java fails loudly instead of quietly using Tansu.
+    with local_broker(broker_kind()) as broker:
+        yield broker.bootstrap
+
+
+def broker_kind() -> str:
+    """The broker the suite starts: ``STREAMLSTM_TEST_BROKER`` (kafka by default)."""
+    return os.environ.get("STREAMLSTM_TEST_BROKER", "kafka")
+
+
+@pytest.fixture
+def make_topics(bootstrap: str) -> Callable[..., list[str]]:
+    """``make_topics("in", "out", partitions=4)``: fresh, uniquely named topics."""
+
+    def factory(*names: str, partitions: int = 4) -> list[str]:
+        suffix = uuid.uuid4().hex[:8]
+        topics = [f"{name}-{suffix}" for name in names]
+
+        async def create() -> None:
+            admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+            await admin.start()
+            try:
+                await admin.create_topics([NewTopic(t, partitions, 1) for t in topics])
+            finally:
+                await admin.close()
+
+        asyncio.run(create())
+        return topics
+
+    return factory

@@ -20,55 +20,28 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
-import ctypes
-import os
 import shutil
 import signal
-import socket
-import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from streamlstm.consumers.devtools.kafka_jars import KAFKA_VERSION, kafka_libs, need
+from streamlstm.consumers.devtools.kafka_probe import (
+    CAN_DIE_WITH_PARENT,
+    brokers_seen,
+    die_with_parent,
+)
 from streamlstm.consumers.devtools.tansu import free_port
 from streamlstm.errors import BrokerError
 
 __all__ = ["JVM_OPTIONS", "KAFKA_VERSION", "KafkaCluster", "kafka_libs"]
-
-#: The Apache Kafka release the local broker runs (``org.apache.kafka:kafka_2.13``).
-KAFKA_VERSION = "4.4.0"
-
-#: slf4j 1.x -> log4j2 binding: the server's jars bring slf4j-api and log4j-core but no binding.
-_LOG4J_VERSION = "2.25.5"
-_DEPENDENCY_PLUGIN = "org.apache.maven.plugins:maven-dependency-plugin:3.8.1"
-
-_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>local</groupId>
-  <artifactId>streamlstm-kafka-broker</artifactId>
-  <version>1</version>
-  <packaging>pom</packaging>
-  <dependencies>
-    <dependency>
-      <groupId>org.apache.kafka</groupId>
-      <artifactId>kafka_2.13</artifactId>
-      <version>{version}</version>
-    </dependency>
-    <dependency>
-      <groupId>org.apache.logging.log4j</groupId>
-      <artifactId>log4j-slf4j-impl</artifactId>
-      <version>{log4j}</version>
-    </dependency>
-  </dependencies>
-</project>
-"""
 
 # Warnings and errors only, plus the one line that says the server started.
 _LOG4J2 = """status = error
@@ -93,135 +66,11 @@ JVM_OPTIONS: tuple[str, ...] = (
 )
 
 
-def _cache_root() -> Path:
-    root = os.environ.get("STREAMLSTM_KAFKA_CACHE")
-    if root:
-        return Path(root).expanduser()
-    return Path.home() / ".cache" / "streamlstm" / "kafka"
-
-
-def _need(tool: str, what: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        raise BrokerError(
-            f"Apache Kafka needs {what} ({tool!r} is not on PATH): install it, "
-            "or use the Tansu broker (--kind tansu)"
-        )
-    return path
-
-
-def kafka_libs(version: str = KAFKA_VERSION) -> Path:
-    """The directory of the broker's jars, downloaded from Maven Central the first time.
-
-    The download goes into a temporary directory beside the cache and is
-    renamed into place when complete, so a killed download leaves no half cache.
-    """
-    if not version.split(".")[0].isdigit() or int(version.split(".")[0]) < 4:
-        raise BrokerError(f"KafkaCluster runs Apache Kafka 4.x (KRaft, log4j2), not {version!r}")
-    libs = _cache_root() / version / "libs"
-    if libs.is_dir():
-        return libs
-    mvn = _need("mvn", "Maven")
-    libs.parent.mkdir(parents=True, exist_ok=True)
-    for stale in libs.parent.glob(".download-*"):  # left by a killed download
-        if time.time() - stale.stat().st_mtime > 3600:
-            shutil.rmtree(stale, ignore_errors=True)
-    print(
-        f"downloading Apache Kafka {version} from Maven Central into {libs} (once)...",
-        file=sys.stderr,
-        flush=True,
-    )
-    with tempfile.TemporaryDirectory(dir=libs.parent, prefix=".download-") as tmp:
-        (Path(tmp) / "pom.xml").write_text(_POM.format(version=version, log4j=_LOG4J_VERSION))
-        proc = subprocess.run(
-            [
-                mvn,
-                "-q",
-                "-B",
-                f"{_DEPENDENCY_PLUGIN}:copy-dependencies",
-                f"-DoutputDirectory={tmp}/libs",
-                "-DincludeScope=runtime",
-            ],
-            cwd=tmp,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-        )
-        jar = Path(tmp) / "libs" / f"kafka_2.13-{version}.jar"
-        if proc.returncode != 0 or not jar.is_file():
-            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
-            raise BrokerError(
-                f"Maven could not resolve org.apache.kafka:kafka_2.13:{version} "
-                f"(exit {proc.returncode}):\n{tail}"
-            )
-        with contextlib.suppress(OSError):  # another process finished first: keep theirs
-            os.rename(Path(tmp) / "libs", libs)
-    return libs
-
-
 def _cluster_id() -> str:
     while True:  # Kafka's own rule: no id starting with '-' (it reads as an option)
         text = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
         if not text.startswith("-"):
             return text
-
-
-_PR_SET_PDEATHSIG = 1
-_prctl: Callable[..., int] | None
-try:  # looked up here: the child between fork and exec only calls it
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux
-    _prctl = None
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: SIGKILL when the starting thread ends,
-    # so a test run killed hard leaves no JVM behind.
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError("connection closed")
-        data += chunk
-    return data
-
-
-def _brokers_seen(address: str, timeout_s: float = 2.0) -> set[int] | None:
-    """The broker ids in ``address``'s own Metadata answer; None while it does not answer.
-
-    One blocking Metadata v4 request (no topics) on a plain socket: no event
-    loop, no client library logging each refused connection. A starting node
-    accepts connections before it processes requests, so this also waits out
-    a node that is up but not yet serving.
-    """
-    host, port = address.rsplit(":", 1)
-    client_id = b"streamlstm-probe"
-    # Header: api_key 3 (Metadata), api_version 4, correlation id, client id;
-    # body: topics = [] (brokers only), allow_auto_topic_creation = false.
-    request = struct.pack(">hhih", 3, 4, 1, len(client_id)) + client_id + struct.pack(">ib", 0, 0)
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
-            sock.settimeout(timeout_s)
-            sock.sendall(struct.pack(">i", len(request)) + request)
-            (size,) = struct.unpack(">i", _recv_exactly(sock, 4))
-            answer = _recv_exactly(sock, size)
-        # correlation id, throttle_time_ms, then brokers: [node_id, host, port, rack].
-        (count,) = struct.unpack_from(">i", answer, 8)
-        pos, seen = 12, set()
-        for _ in range(count):
-            node_id, host_len = struct.unpack_from(">ih", answer, pos)
-            pos += 4 + 2 + host_len + 4
-            (rack_len,) = struct.unpack_from(">h", answer, pos)
-            pos += 2 + max(rack_len, 0)
-            seen.add(node_id)
-        return seen
-    except (OSError, struct.error):
-        return None
 
 
 @dataclass
@@ -352,7 +201,7 @@ class KafkaCluster:
         return "".join(f"{key}={value}\n" for key, value in props.items())
 
     def _prepare(self) -> None:
-        self._java = _need("java", "Java 17 or newer")
+        self._java = need("java", "Java 17 or newer")
         self._libs = kafka_libs(self.version)
         metas = [n.directory / "data" / "meta.properties" for n in self._nodes]
         cluster_id = _cluster_id()
@@ -418,8 +267,8 @@ class KafkaCluster:
                 cwd=node.directory,
                 preexec_fn=(
                     # Only from the main thread: a worker thread's end would kill the JVM.
-                    _die_with_parent
-                    if _prctl is not None and threading.current_thread() is threading.main_thread()
+                    die_with_parent
+                    if CAN_DIE_WITH_PARENT and threading.current_thread() is threading.main_thread()
                     else None
                 ),
             )
@@ -439,7 +288,7 @@ class KafkaCluster:
                         f"{node.tail()}"
                     )
                 expected = {n.node_id for n in self._nodes if n.running() and not n.paused}
-                seen = _brokers_seen(node.address)
+                seen = brokers_seen(node.address)
                 if seen is not None and expected <= seen:
                     pending.remove(node)
             if not pending:

@@ -27,8 +27,8 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 
 from streamlstm import Bundle, EngineStats, ModelConfig, StepResult
+from streamlstm.consumers.devtools.brokers import describe, local_broker
 from streamlstm.consumers.devtools.replay import replay
-from streamlstm.consumers.devtools.tansu import TansuBroker
 from streamlstm.consumers.engine_process import StepReply, StepRequest
 from streamlstm.consumers.kafka import client_options, ensure_topics, start_client
 from streamlstm.consumers.server import EngineFactory, Server, default_engine
@@ -275,6 +275,12 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--bootstrap-servers", help="an existing broker (default: start a local one)"
     )
+    parser.add_argument(
+        "--broker",
+        choices=("kafka", "tansu"),
+        default="kafka",
+        help="the local broker to start without --bootstrap-servers (default: %(default)s)",
+    )
     parser.add_argument("--streams", type=int, default=10_000)
     parser.add_argument("--ticks", type=int, default=100_000)
     parser.add_argument("--max-records", type=int, default=1024)
@@ -294,8 +300,10 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
     if args.drains < 1:
         parser.error("--drains: must be at least 1")
-    broker = None if args.bootstrap_servers else TansuBroker().start()
+    broker = None if args.bootstrap_servers else local_broker(args.broker).start()
     try:
+        if broker is not None:
+            _progress(f"local broker: {describe(broker)}")
         bootstrap = args.bootstrap_servers or broker.bootstrap  # type: ignore[union-attr]
         result = run_kafka_bench(
             bootstrap,
@@ -306,6 +314,7 @@ def main(argv: Sequence[str]) -> int:
             latency_rate=args.latency_rate,
             drains=args.drains,
         )
+        result["broker"] = describe(broker) if broker is not None else args.bootstrap_servers
     finally:
         if broker is not None:
             broker.stop()
@@ -317,7 +326,7 @@ def main(argv: Sequence[str]) -> int:
         print(
             f"{result['streams']:,} streams, {result['ticks']:,} ticks, "
             f"batches of {result['max_records']}, {result['cpu_cores']} CPU cores shared by "
-            "the daemon, the broker and the load generator\n"
+            f"the daemon, the broker ({result['broker']}) and the load generator\n"
             f"best of {args.drains} drains of the filled topic each:\n"
             f"passthrough (no inference): {result['passthrough_ticks_per_s']:>9,} ticks/s\n"
             f"engine end to end:          {result['engine_ticks_per_s']:>9,} ticks/s "

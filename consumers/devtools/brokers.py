@@ -23,7 +23,7 @@ from streamlstm.consumers.devtools.apache_kafka import KafkaCluster
 from streamlstm.consumers.devtools.tansu import TansuBroker
 from streamlstm.errors import BrokerError
 
-__all__ = ["KINDS", "local_broker", "main"]
+__all__ = ["KINDS", "describe", "local_broker", "main"]
 
 KINDS = ("auto", "kafka", "tansu")
 

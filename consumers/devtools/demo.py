@@ -6,6 +6,7 @@ then prints a summary (ticks/s, latency p50/p99, MAE against the truth).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
@@ -21,7 +22,8 @@ import numpy as np
 import pandas as pd
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from streamlstm.consumers.devtools.tansu import TansuBroker, free_port
+from streamlstm.consumers.devtools.brokers import describe, local_broker
+from streamlstm.consumers.devtools.tansu import free_port
 from streamlstm.consumers.kafka import client_options, ensure_topics
 from streamlstm.consumers.server import Server
 from streamlstm.consumers.settings import ServeConfig
@@ -69,13 +71,21 @@ def train_options() -> TrainOptions:
 
 
 def main(argv: Sequence[str]) -> int:
-    del argv
+    parser = argparse.ArgumentParser(prog="streamlstm demo")
+    parser.add_argument(
+        "--broker",
+        choices=("tansu", "kafka"),
+        default=os.environ.get("STREAMLSTM_DEMO_BROKER", "tansu"),
+        help="tansu starts at once; kafka is Apache Kafka (Java; jars downloaded once) "
+        "[env STREAMLSTM_DEMO_BROKER] (default: %(default)s)",
+    )
+    args = parser.parse_args(list(argv)[1:] if argv[:1] == ["demo"] else list(argv))
     logging.getLogger().setLevel(logging.WARNING)
     duration = float(os.environ.get("DEMO_DURATION_S", "0") or 0)
-    return asyncio.run(_demo(duration))
+    return asyncio.run(_demo(duration, args.broker))
 
 
-async def _demo(duration: float) -> int:
+async def _demo(duration: float, broker_kind: str) -> int:
     from streamlstm.training.train import train
 
     workdir = Path("demo-out")
@@ -88,8 +98,8 @@ async def _demo(duration: float) -> int:
     bundle.save(workdir / "model")
     m = bundle.metrics
     _say(f"test RMSE {m['rmse']:.3f} vs persistence {m['persistence_rmse']:.3f}")
-    broker = TansuBroker().start()
-    _say(f"broker on {broker.bootstrap}")
+    broker = local_broker(broker_kind).start()
+    _say(f"{describe(broker)} on {broker.bootstrap}")
     try:
         return await _serve_and_replay(broker.bootstrap, workdir, frame, duration)
     finally:

@@ -1,62 +1,12 @@
-"""The test broker: Apache Kafka (KRaft, one node), started once per session.
-
-The jars come from Maven Central on first use (``streamlstm broker`` does the
-same). ``STREAMLSTM_TEST_BROKER=tansu`` runs the suite on Tansu instead;
-``STREAMLSTM_TEST_BOOTSTRAP=host:port`` on a broker already running. If the
-broker cannot start, every test that needs it fails (never skips).
-"""
+"""Helpers for tests against the broker (the ``bootstrap`` fixture is in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-
-from streamlstm.consumers.devtools.brokers import local_broker
-
-
-@pytest.fixture(scope="session")
-def bootstrap() -> Iterator[str]:
-    external = os.environ.get("STREAMLSTM_TEST_BOOTSTRAP")
-    if external:
-        yield external
-        return
-    # "kafka", not "auto": a machine without Java fails loudly instead of quietly using Tansu.
-    with local_broker(broker_kind()) as broker:
-        yield broker.bootstrap
-
-
-def broker_kind() -> str:
-    """The broker the suite starts: ``STREAMLSTM_TEST_BROKER`` (kafka by default)."""
-    return os.environ.get("STREAMLSTM_TEST_BROKER", "kafka")
-
-
-@pytest.fixture
-def make_topics(bootstrap: str) -> Callable[..., list[str]]:
-    """``make_topics("in", "out", partitions=4)``: fresh, uniquely named topics."""
-
-    def factory(*names: str, partitions: int = 4) -> list[str]:
-        suffix = uuid.uuid4().hex[:8]
-        topics = [f"{name}-{suffix}" for name in names]
-
-        async def create() -> None:
-            admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-            await admin.start()
-            try:
-                await admin.create_topics([NewTopic(t, partitions, 1) for t in topics])
-            finally:
-                await admin.close()
-
-        asyncio.run(create())
-        return topics
-
-    return factory
 
 
 async def send_raw(

@@ -130,10 +130,10 @@ def test_dead_letters_keep_headers_and_timestamp_and_always_fit() -> None:
     msg = Rec("in", 2, 9, b"k", huge, timestamp=1_600_000_000_123, headers=own)
     batch = decode_poll({tp: [msg]}, assigned={tp}, input_size=1, max_value_bytes=64, received=0)
     assert batch is not None
-    sink, _ = _encode(batch, None, dlq_max_value_bytes=1000)
+    sink, _ = _encode(batch, None, dlq_max_record_bytes=1000)
     ((topic, key, value, headers, ts),) = sink.records
     assert topic == "dlq" and key == b"k" and ts == 1_600_000_000_123
-    assert value == huge[:1000]
+    assert value is not None and 500 < len(value) < 1000 and huge.startswith(value)
     names = [name for name, _ in headers]
     assert names[0] == "trace-id"  # the record's own headers first, ours not forgeable
     assert names.count("streamlstm-error") == 1

@@ -1,0 +1,356 @@
+"""Builds the streamlstm Grafana dashboard with grafana-foundation-sdk.
+
+    python deploy/grafana/dashboard.py            # (re)write the dashboard JSON
+    python deploy/grafana/dashboard.py --check    # exit 1 if the committed JSON is stale
+
+The JSON is written to the Helm chart's ``files/dashboards/`` (the chart ships
+it as a ConfigMap for Grafana's sidecar; compose mounts the same folder), so
+there is one copy. ``deploy/grafana/dashboards`` is a link to that folder.
+Run it with the tools environment that ``deploy/check.sh`` installs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from grafana_foundation_sdk.builders import common as common_b
+from grafana_foundation_sdk.builders import dashboard as dash_b
+from grafana_foundation_sdk.builders import prometheus as prom_b
+from grafana_foundation_sdk.builders import stat as stat_b
+from grafana_foundation_sdk.builders import table as table_b
+from grafana_foundation_sdk.builders import timeseries as ts_b
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common as common_m
+from grafana_foundation_sdk.models import dashboard as dash_m
+from grafana_foundation_sdk.models import prometheus as prom_m
+
+OUT = Path(__file__).resolve().parents[1] / "helm/streamlstm/files/dashboards/streamlstm.json"
+UID = "streamlstm"
+DATASOURCE = dash_m.DataSourceRef(type_val="prometheus", uid="${datasource}")
+#: The label selector every query carries.
+SEL = 'job=~"$job", instance=~"$instance"'
+RATE = "$__rate_interval"
+
+
+def query(expr: str, legend: str = "", ref: str = "A") -> prom_b.Dataquery:
+    return prom_b.Dataquery().expr(expr).legend_format(legend or "__auto").ref_id(ref)
+
+
+def timeseries(title: str, unit: str, description: str, *queries: prom_b.Dataquery) -> ts_b.Panel:
+    panel = (
+        ts_b.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .unit(unit)
+        .min(0)
+        .height(8)
+        .span(12)
+        .fill_opacity(10)
+        .legend(
+            common_b.VizLegendOptions()
+            .display_mode(common_m.LegendDisplayMode.TABLE)
+            .placement(common_m.LegendPlacement.BOTTOM)
+            .show_legend(True)
+            .calcs(["lastNotNull", "max"])
+        )
+    )
+    for i, q in enumerate(queries):
+        panel = panel.with_target(q.ref_id(chr(ord("A") + i)))
+    return panel
+
+
+def stat(title: str, unit: str, description: str, expr: str) -> stat_b.Panel:
+    return (
+        stat_b.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DATASOURCE)
+        .unit(unit)
+        .height(4)
+        .span(4)
+        .graph_mode(common_m.BigValueGraphMode.AREA)
+        .reduce_options(common_b.ReduceDataOptions().calcs(["lastNotNull"]))
+        .with_target(query(expr))
+    )
+
+
+def quantiles(metric: str, by: str = "") -> list[prom_b.Dataquery]:
+    group = f"{by}, le" if by else "le"
+    prefix = "{{" + by + "}} " if by else ""
+    return [
+        query(
+            f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket{{{SEL}}}[{RATE}])))",
+            f"{prefix}p{round(q * 100)}",
+        )
+        for q in (0.5, 0.9, 0.99)
+    ]
+
+
+def build() -> dash_m.Dashboard:
+    rate = f"{{{SEL}}}[{RATE}]"
+    builder = (
+        dash_b.Dashboard("streamlstm")
+        .uid(UID)
+        .description("Streaming LSTM inference over Kafka: `streamlstm serve` instances.")
+        .tags(["streamlstm", "kafka"])
+        .refresh("30s")
+        .time("now-1h", "now")
+        .timezone("browser")
+        .tooltip(dash_m.DashboardCursorSync.CROSSHAIR)
+        .with_variable(
+            dash_b.DatasourceVariable("datasource").label("Data source").type("prometheus")
+        )
+        .with_variable(
+            dash_b.QueryVariable("job")
+            .label("Job")
+            .datasource(DATASOURCE)
+            .query("label_values(streamlstm_model_info, job)")
+            .refresh(dash_m.VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .sort(dash_m.VariableSort.ALPHABETICAL_ASC)
+            .multi(True)
+            .include_all(True)
+            .all_value(".*")
+        )
+        .with_variable(
+            dash_b.QueryVariable("instance")
+            .label("Instance")
+            .datasource(DATASOURCE)
+            .query('label_values(streamlstm_model_info{job=~"$job"}, instance)')
+            .refresh(dash_m.VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .sort(dash_m.VariableSort.ALPHABETICAL_ASC)
+            .multi(True)
+            .include_all(True)
+            .all_value(".*")
+        )
+        .with_row(dash_b.Row("Overview"))
+        .with_panel(stat("Instances up", "none", "Scrape targets answering.", f"sum(up{{{SEL}}})"))
+        .with_panel(
+            stat(
+                "Ticks in",
+                "reqps",
+                "Messages read from the input topic per second.",
+                f"sum(rate(streamlstm_ticks_consumed_total{rate}))",
+            )
+        )
+        .with_panel(
+            stat(
+                "Predictions out",
+                "reqps",
+                "Predictions acknowledged on the output topic per second.",
+                f"sum(rate(streamlstm_predictions_produced_total{rate}))",
+            )
+        )
+        .with_panel(
+            stat(
+                "Dead letters",
+                "reqps",
+                "Messages sent to the dead-letter topic per second.",
+                f"sum(rate(streamlstm_dead_letters_total{rate})) or vector(0)",
+            )
+        )
+        .with_panel(
+            stat(
+                "Active streams",
+                "short",
+                "Streams with state in memory, all instances.",
+                f"sum(streamlstm_active_streams{{{SEL}}})",
+            )
+        )
+        .with_panel(
+            stat(
+                "Consumer lag",
+                "short",
+                "Records behind the partition ends, all partitions.",
+                f"sum(max by (topic, partition) (streamlstm_consumer_lag{{{SEL}}}))",
+            )
+        )
+        .with_row(dash_b.Row("Throughput"))
+        .with_panel(
+            timeseries(
+                "Ticks in / predictions out",
+                "reqps",
+                "Input messages read, predictions acknowledged, dead letters sent.",
+                query(
+                    f"sum by (instance) (rate(streamlstm_ticks_consumed_total{rate}))",
+                    "{{instance}} in",
+                ),
+                query(
+                    f"sum by (instance) (rate(streamlstm_predictions_produced_total{rate}))",
+                    "{{instance}} out",
+                ),
+                query(
+                    f"sum by (instance) (rate(streamlstm_dead_letters_total{rate}))",
+                    "{{instance}} dead letters",
+                ),
+            )
+        )
+        .with_panel(
+            timeseries(
+                "Dead letters by reason",
+                "reqps",
+                "Messages sent to the dead-letter topic, by the field that was wrong.",
+                query(f"sum by (reason) (rate(streamlstm_dead_letters_total{rate}))", "{{reason}}"),
+            )
+        )
+        .with_row(dash_b.Row("Latency"))
+        .with_panel(
+            timeseries(
+                "Latency from receive",
+                "s",
+                "Tick received from Kafka to prediction acknowledged.",
+                *quantiles("streamlstm_latency_from_receive_seconds"),
+            )
+        )
+        .with_panel(
+            timeseries(
+                "Latency from event time",
+                "s",
+                "Tick event time (`ts`) to prediction acknowledged; ticks without `ts` "
+                "are not counted.",
+                *quantiles("streamlstm_latency_from_event_seconds"),
+            )
+        )
+        .with_row(dash_b.Row("Kafka"))
+        .with_panel(
+            timeseries(
+                "Consumer lag per partition",
+                "short",
+                "Records behind each partition's end (max over instances during a rebalance).",
+                query(
+                    f"max by (topic, partition) (streamlstm_consumer_lag{{{SEL}}})",
+                    "{{topic}}/{{partition}}",
+                ),
+            )
+        )
+        .with_panel(
+            timeseries(
+                "Commits and rebalances",
+                "ops",
+                "Offset commits after acknowledged output; partitions revoked by rebalances.",
+                query(
+                    f"sum by (instance) (rate(streamlstm_commits_total{rate}))",
+                    "{{instance}} commits",
+                ),
+                query(
+                    f"sum by (instance) (rate(streamlstm_partitions_revoked_total{rate}))",
+                    "{{instance}} revoked",
+                ),
+            )
+        )
+        .with_row(dash_b.Row("State"))
+        .with_panel(
+            timeseries(
+                "Active streams",
+                "short",
+                "Streams with state in memory, against --max-streams.",
+                query(f"sum by (instance) (streamlstm_active_streams{{{SEL}}})", "{{instance}}"),
+                query(f"sum by (instance) (streamlstm_max_streams{{{SEL}}})", "{{instance}} max"),
+            )
+        )
+        .with_panel(
+            timeseries(
+                "Evictions by reason, resets and ends",
+                "ops",
+                "Streams evicted from memory (lru: capacity, ttl: idle); ticks with reset/end.",
+                query(
+                    f"sum by (reason) (rate(streamlstm_evictions_total{rate}))",
+                    "evicted {{reason}}",
+                ),
+                query(f"sum(rate(streamlstm_resets_total{rate}))", "resets"),
+                query(f"sum(rate(streamlstm_ends_total{rate}))", "ends"),
+            )
+        )
+        .with_row(dash_b.Row("Engine"))
+        .with_panel(
+            timeseries(
+                "Engine step time",
+                "s",
+                "Time of one engine step (one batch) in the engine process.",
+                *quantiles("streamlstm_step_seconds"),
+            )
+        )
+        .with_panel(
+            timeseries(
+                "Batch size",
+                "short",
+                "Ticks per engine step: mean and 99th percentile.",
+                query(
+                    f"sum by (instance) (rate(streamlstm_batch_size_sum{rate}))"
+                    f" / sum by (instance) (rate(streamlstm_batch_size_count{rate}))",
+                    "{{instance}} mean",
+                ),
+                query(
+                    "histogram_quantile(0.99, sum by (instance, le) "
+                    f"(rate(streamlstm_batch_size_bucket{rate})))",
+                    "{{instance}} p99",
+                ),
+            )
+        )
+        .with_row(dash_b.Row("Process"))
+        .with_panel(
+            timeseries(
+                "CPU",
+                "percentunit",
+                "CPU of the serving process and of its engine child process.",
+                query(f"rate(process_cpu_seconds_total{rate})", "{{instance}} daemon"),
+                query(
+                    f"rate(streamlstm_engine_process_cpu_seconds_total{rate})",
+                    "{{instance}} engine",
+                ),
+            )
+        )
+        .with_panel(
+            timeseries(
+                "Memory",
+                "bytes",
+                "Resident memory of the serving process and of its engine child process.",
+                query(f"process_resident_memory_bytes{{{SEL}}}", "{{instance}} daemon"),
+                query(
+                    f"streamlstm_engine_process_resident_memory_bytes{{{SEL}}}",
+                    "{{instance}} engine",
+                ),
+            )
+        )
+        .with_panel(
+            table_b.Panel()
+            .title("Model")
+            .description("The model each instance serves, and its recurrent step.")
+            .datasource(DATASOURCE)
+            .height(6)
+            .span(24)
+            .with_target(
+                query(f"streamlstm_model_info{{{SEL}}}")
+                .instant()
+                .format(prom_m.PromQueryFormat.TABLE)
+            )
+        )
+    )
+    return builder.build()
+
+
+def render() -> str:
+    return json.dumps(build(), cls=JSONEncoder, indent=2, sort_keys=True) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="fail if the JSON is stale")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        if not args.out.exists() or args.out.read_text() != text:
+            print(f"{args.out} is stale: run python deploy/grafana/dashboard.py", file=sys.stderr)
+            return 1
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
