@@ -42,6 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from streamlstm import Bundle, Engine, EngineStats, StepResult
+from streamlstm.consumers.isolation import step_isolated
 from streamlstm.errors import StreamLSTMError
 
 __all__ = ["EngineClient", "EngineProcess", "StepReply", "StepRequest"]
@@ -312,13 +313,17 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
 def _step(engine: Engine, partition_of: dict[str, int], request: StepRequest) -> StepReply:
     ids = request.stream_ids
     start = time.perf_counter()
-    result = engine.step(
-        ids,
-        request.features,
-        resets=request.resets,
-        ends=request.ends,
-        timestamps=request.timestamps,
-        offsets=request.offsets,
+    result = step_isolated(
+        lambda r: engine.step(
+            r.stream_ids,
+            r.features,
+            resets=r.resets,
+            ends=r.ends,
+            timestamps=r.timestamps,
+            offsets=r.offsets,
+        ),
+        request,
+        engine.bundle.config.output_size,
     )
     seconds = time.perf_counter() - start
     if result.accepted.all():

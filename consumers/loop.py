@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +31,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from streamlstm import StepResult
 from streamlstm.consumers.codec import Batch, decode_poll, encode_outputs
 from streamlstm.consumers.committer import Committer, Sent
-from streamlstm.consumers.engine_process import EngineClient, StepRequest
+from streamlstm.consumers.engine_process import EngineClient, StepReply, StepRequest
 from streamlstm.consumers.outbox import Outbox
 from streamlstm.consumers.settings import ServeConfig
 from streamlstm.errors import StreamLSTMError
@@ -148,28 +148,29 @@ class PollLoop:
     async def _step(self, batch: Batch) -> tuple[StepResult | None, float]:
         if not batch.ids:
             return None, 0.0
-        request = self._engine.step(
-            StepRequest(
-                stream_ids=batch.ids,
-                features=batch.features(),
-                resets=batch.resets,
-                ends=batch.ends,
-                # A tick without event time is seen now, as the engine sees a call without
-                # any; the others keep their own time (the idle TTL runs on event time).
-                timestamps=batch.timestamps(self._clock() * 1000.0),
-                offsets=[msg.offset for msg in batch.records],
-                partitions=[msg.partition for msg in batch.records],
-            )
+        request = StepRequest(
+            stream_ids=batch.ids,
+            features=batch.features(),
+            resets=batch.resets,
+            ends=batch.ends,
+            # A tick without event time is seen now, as the engine sees a call without
+            # any; the others keep their own time (the idle TTL runs on event time).
+            timestamps=batch.timestamps(self._clock() * 1000.0),
+            offsets=[msg.offset for msg in batch.records],
+            partitions=[msg.partition for msg in batch.records],
         )
+        reply = await self._deadline(self._engine.step(request))
+        return reply.result, reply.seconds
+
+    async def _deadline(self, step: Awaitable[StepReply]) -> StepReply:
         timeout = self.config.step_timeout_s
         try:
-            reply = await asyncio.wait_for(request, timeout)
+            return await asyncio.wait_for(step, timeout)
         except TimeoutError:
             raise StreamLSTMError(
                 f"the engine did not answer a step within --step-timeout-s {timeout:g} s; "
                 "it is taken as wedged and the daemon stops (uncommitted ticks are read again)"
             ) from None
-        return reply.result, reply.seconds
 
     async def _send(self, inflight: _InFlight) -> None:
         cfg = self.config

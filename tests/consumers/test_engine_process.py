@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from streamlstm import Bundle, Engine, InputError, ModelConfig, StreamLSTMError
+from streamlstm import Bundle, Engine, InputError, ModelConfig, StepResult, StreamLSTMError
+from streamlstm.consumers import engine_process
 from streamlstm.consumers.engine_process import EngineProcess, StepRequest
+from tests.conftest import BundleFactory
 
 
 def _bundle() -> Bundle:
@@ -158,3 +160,39 @@ def test_a_bad_engine_setting_fails_start_with_the_engines_error() -> None:
         await proc.close()
 
     asyncio.run(main())
+
+
+def test_the_child_takes_a_failed_step_again_tick_by_tick_in_order(
+    make_bundle: BundleFactory,
+) -> None:
+    class Fragile(Engine):
+        def step(self, stream_ids: Any, *args: Any, **kwargs: Any) -> StepResult:
+            if "boom" in stream_ids:
+                raise RuntimeError("kaboom")
+            return super().step(stream_ids, *args, **kwargs)
+
+    bundle = make_bundle(input_size=2, output_size=1)
+    ids = ["a", "b", "boom", "a", "b", "a"]
+    x = np.arange(12, dtype=np.float64).reshape(6, 2) / 10
+    request = StepRequest(
+        stream_ids=ids,
+        features=x,
+        resets=[False] * 6,
+        ends=[False] * 6,
+        timestamps=np.full(6, 1.7e12),
+        offsets=list(range(6)),
+        partitions=[0] * 6,
+    )
+    partition_of: dict[str, int] = {}
+    reply = engine_process._step(Fragile(bundle), partition_of, request)
+    result = reply.result
+    assert result.accepted.tolist() == [True, True, False, True, True, True]
+    (rejection,) = result.rejections
+    assert (rejection.index, rejection.field) == (2, "engine")
+    assert "kaboom" in rejection.reason
+    assert result.steps.tolist() == [1, 1, 0, 2, 2, 3]
+    # The others are what one batch without the failing tick gives.
+    keep = [0, 1, 3, 4, 5]
+    alone = Engine(bundle).step([ids[i] for i in keep], x[keep])
+    np.testing.assert_allclose(result.predictions[keep], alone.predictions, atol=1e-6)
+    assert "boom" not in partition_of and partition_of["a"] == 0

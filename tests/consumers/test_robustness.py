@@ -11,13 +11,18 @@ import subprocess
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from streamlstm import Bundle, Engine, EngineStats, StepResult
+from streamlstm.consumers.engine_process import StepReply, StepRequest
+from streamlstm.consumers.isolation import step_isolated
 from streamlstm.consumers.server import Server
+from streamlstm.consumers.settings import ServeConfig
 from tests.consumers.conftest import read_all, send_raw
 from tests.consumers.test_serve import (
     EPOCH_MS,
@@ -267,3 +272,87 @@ def test_an_instance_without_partitions_is_ready(
                 await server.wait()
 
     asyncio.run(scenario())
+
+
+class _Fragile:
+    """An engine client, in process, whose step fails whenever it holds the stream "boom".
+
+    Like the engine's child process, it takes a failed step again tick by tick
+    (``step_isolated``) before it answers.
+    """
+
+    def __init__(self, bundle: Bundle, config: ServeConfig) -> None:
+        self.engine = Engine(bundle, max_streams=config.max_streams)
+        self.stats: EngineStats | None = None
+
+    @property
+    def alive(self) -> bool:
+        return True
+
+    async def start(self) -> EngineStats:
+        self.stats = self.engine.stats
+        return self.stats
+
+    async def step(self, request: StepRequest) -> StepReply:
+        outputs = self.engine.bundle.config.output_size
+        return StepReply(step_isolated(self._step, request, outputs), self.engine.stats, 0.0)
+
+    def _step(self, request: StepRequest) -> StepResult:
+        if "boom" in request.stream_ids:
+            raise ValueError("kaboom")
+        return self.engine.step(
+            request.stream_ids,
+            request.features,
+            resets=request.resets,
+            ends=request.ends,
+            timestamps=request.timestamps,
+            offsets=request.offsets,
+        )
+
+    async def drop_partitions(self, partitions: Sequence[int]) -> int:
+        return 0
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        return None
+
+
+def test_a_tick_whose_step_fails_is_a_dead_letter_and_the_rest_of_its_batch_goes_on(
+    bootstrap: str, make_topics: Any, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(4)
+    model_dir = _bundle(tmp_path)
+    src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=2)
+    ticks = _ticks(rng, streams=30, n=300)
+    msgs: list[tuple[bytes | None, bytes | None]] = []
+    valid: list[bool] = []
+    boom = json.dumps({"values": [1.0, 2.0], "ts": EPOCH_MS}).encode()
+    for i, (stream, values, reset) in enumerate(ticks):
+        if i % 50 == 7:
+            msgs.append((b"boom", boom))
+            valid.append(False)
+        body = {"ts": EPOCH_MS + i, "values": values, "reset": reset}
+        msgs.append((stream.encode(), json.dumps(body).encode()))
+        valid.append(True)
+    booms = len(valid) - sum(valid)
+    config = _serve_config(model_dir, bootstrap, src, out, dlq, max_records=64)
+
+    async def scenario() -> tuple[list[Any], list[Any], list[Any]]:
+        async with Server(config, engine=_Fragile) as server:
+            metas = await send_raw(bootstrap, src, msgs)
+            outputs = await read_all(bootstrap, out, len(ticks), timeout_s=60)
+            dead = await read_all(bootstrap, dlq, booms, timeout_s=30)
+            assert server.healthy()
+            server.request_stop()
+            await server.wait()
+        return metas, outputs, dead
+
+    metas, outputs, dead = asyncio.run(scenario())
+    expected = _expected(model_dir, ticks, metas, valid)
+    got = {_source(m): json.loads(m.value)["prediction"][0] for m in outputs}
+    assert len(outputs) == len(ticks) and set(got) == set(expected)
+    assert max(abs(got[k] - v) for k, v in expected.items()) <= 1e-5
+    assert len(dead) == booms
+    for msg in dead:
+        headers = dict(msg.headers)
+        assert headers["streamlstm-field"] == b"engine"
+        assert b"kaboom" in headers["streamlstm-error"]
