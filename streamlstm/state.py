@@ -13,7 +13,6 @@ is returned to the caller with the evicted state, and counted by reason.
 from __future__ import annotations
 
 import math
-import struct
 import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,6 +25,7 @@ import torch
 
 from streamlstm.errors import ConfigError, StateError
 from streamlstm.kernels import native_available, slot_map
+from streamlstm.stream_state import StreamState
 
 __all__ = ["Eviction", "EvictionReason", "StateStore", "StreamState"]
 
@@ -34,71 +34,6 @@ I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
 
 _NEVER = np.iinfo(np.int64).max
-_MAGIC = b"SLST"
-_FORMAT_VERSION = 2  # 2 appends the extra columns; 1 is still read
-_HEADER = struct.Struct("<4sBBqqd")
-
-
-@dataclass(frozen=True, eq=False)
-class StreamState:
-    """One stream's state, detached from the store.
-
-    ``h[l]`` and ``c[l]`` are float32 ``[H_l]``; ``step`` counts ticks since the
-    last reset; ``offset`` is the input offset of the last tick it reflects
-    (-1 when unknown); ``last_seen`` is in seconds; ``extra`` holds the
-    engine's other per-stream numbers (the anomaly score's running state).
-    """
-
-    h: tuple[npt.NDArray[np.float32], ...]
-    c: tuple[npt.NDArray[np.float32], ...]
-    step: int
-    offset: int = -1
-    last_seen: float = math.nan
-    extra: tuple[float, ...] = ()
-
-    def to_bytes(self) -> bytes:
-        parts = [
-            _HEADER.pack(
-                _MAGIC, _FORMAT_VERSION, len(self.h), self.step, self.offset, self.last_seen
-            ),
-            struct.pack(f"<{len(self.h)}I", *(h.size for h in self.h)),
-        ]
-        for h, c in zip(self.h, self.c, strict=True):
-            parts.append(np.asarray(h, dtype="<f4").tobytes())
-            parts.append(np.asarray(c, dtype="<f4").tobytes())
-        parts.append(struct.pack("<I", len(self.extra)))
-        parts.append(np.asarray(self.extra, dtype="<f8").tobytes())
-        return b"".join(parts)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> StreamState:
-        try:
-            magic, version, layers, step, offset, last_seen = _HEADER.unpack_from(data, 0)
-            if magic != _MAGIC or version not in (1, _FORMAT_VERSION):
-                raise StateError(f"state bytes: bad magic or version ({magic!r}, {version})")
-            pos = _HEADER.size
-            sizes = struct.unpack_from(f"<{layers}I", data, pos)
-            pos += 4 * layers
-            expected = pos + sum(8 * s for s in sizes)
-            if version >= 2:
-                (count,) = struct.unpack_from("<I", data, expected)
-                expected += 4 + 8 * count
-            if len(data) != expected:
-                raise StateError(f"state bytes: expected {expected} bytes, got {len(data)}")
-            hs, cs = [], []
-            for size in sizes:
-                hs.append(np.frombuffer(data, dtype="<f4", count=size, offset=pos).copy())
-                pos += 4 * size
-                cs.append(np.frombuffer(data, dtype="<f4", count=size, offset=pos).copy())
-                pos += 4 * size
-            extra: tuple[float, ...] = ()
-            if version >= 2:
-                extra = tuple(np.frombuffer(data, dtype="<f8", offset=pos + 4).tolist())
-        except struct.error as exc:
-            raise StateError(f"state bytes: truncated ({exc})") from exc
-        return cls(
-            h=tuple(hs), c=tuple(cs), step=step, offset=offset, last_seen=last_seen, extra=extra
-        )
 
 
 @dataclass(frozen=True, eq=False)

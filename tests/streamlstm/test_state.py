@@ -127,6 +127,30 @@ def test_state_bytes_round_trip_and_corruption() -> None:
         store.restore({"a": back})
 
 
+def test_state_bytes_carry_partition_model_and_extra_and_older_versions_still_read() -> None:
+    state = StreamState(
+        h=(np.arange(3, dtype=np.float32),),
+        c=(np.full(3, -1.5, np.float32),),
+        step=5,
+        offset=77,
+        last_seen=1.0,
+        extra=(0.25, 4.0, -2.0),
+        partition=3,
+        model="m-1a2bé",
+    )
+    data = state.to_bytes()
+    assert data[4] == 3  # the format version, right after the magic
+    back = StreamState.from_bytes(data)
+    assert (back.partition, back.model, back.extra) == (3, "m-1a2bé", (0.25, 4.0, -2.0))
+    # Version 2 (no partition, no model), as an older daemon wrote it: still read.
+    tail = 6 + len("m-1a2bé".encode())
+    v2 = data[:4] + bytes([2]) + data[5:-tail]
+    old = StreamState.from_bytes(v2)
+    assert (old.partition, old.model, old.extra, old.offset) == (-1, "", (0.25, 4.0, -2.0), 77)
+    with pytest.raises(StateError):
+        StreamState.from_bytes(data[:-1])
+
+
 def test_memory_is_near_the_raw_state_size() -> None:
     store = StateStore((128, 128), max_streams=4096, initial_capacity=4096)
     store.acquire([f"stream-{i}" for i in range(4096)], np.zeros(4096))
