@@ -12,8 +12,20 @@ crash anywhere before re-reads it: output is at-least-once, nothing is lost.
   acknowledged before the failure are still committed.
 - ``stop`` commits the polls already acknowledged and leaves the rest.
 
-This is where the checkpoint of durable state will go, between the
-acknowledgement and the commit (see ../shared/design.md, "Durable state").
+With durable state (``durable=True``) offsets are committed only at
+checkpoints, in the order of ../shared/design.md ("Durable state"): the loop
+asks the engine for the states changed since the last checkpoint, as of the
+last batch k it sent (requests are answered in order), and queues them here
+behind the polls up to k. The committer then, in order:
+
+1. waits until every output of the polls up to k is acknowledged;
+2. produces the states (and tombstones) to the changelog, waits for acks;
+3. commits the input offsets through poll k.
+
+A crash before 2 completes replays the ticks after the last commit onto the
+previous checkpoint (outputs again, with equal values); a crash between 2 and
+3 restores states that already reflect some replayed ticks, which the engine
+skips by offset (their outputs were acknowledged in 1).
 """
 
 from __future__ import annotations
@@ -28,13 +40,26 @@ from typing import Any
 from streamlstm.consumers.codec import Batch, Encoded
 from streamlstm.errors import BrokerError
 
-__all__ = ["Committer", "Sent"]
+__all__ = ["Checkpoint", "Committer", "Sent"]
 
 logger = logging.getLogger(__name__)
 
 #: ``commit(offsets)``: commit ``{TopicPartition: next offset}``; raises ``BrokerError``
 #: when the daemon must stop.
 CommitFn = Callable[[dict[Any, int]], Awaitable[None]]
+#: ``(stream, input partition, state bytes or None)``: one changelog record.
+ChangelogRecord = tuple[str, int, bytes | None]
+#: ``write(records)``: queue changelog records, return their acknowledgement futures.
+WriteFn = Callable[[list[ChangelogRecord]], Awaitable[list[asyncio.Future[Any]]]]
+
+
+@dataclass(eq=False)
+class Checkpoint:
+    """The states changed up to a poll, to write before that poll's offsets are committed."""
+
+    records: list[ChangelogRecord]
+    started: float  # perf_counter when the engine was asked
+    reported: bool = field(default=False, init=False)
 
 
 @dataclass(eq=False)
@@ -75,12 +100,23 @@ class Committer:
         *,
         max_unacked: int,
         on_acked: Callable[[Sent], None] = lambda sent: None,
+        write_changelog: WriteFn | None = None,
+        on_checkpoint: Callable[[Checkpoint, float], None] = lambda checkpoint, seconds: None,
     ) -> None:
         self._commit = commit
         self._on_acked_hook = on_acked
-        self._queue: asyncio.Queue[Sent] = asyncio.Queue(max_unacked)
-        self._group: list[Sent] = []  # taken from the queue, not yet committed
+        self._write = write_changelog
+        self._on_checkpoint = on_checkpoint
+        self._queue: asyncio.Queue[Sent | Checkpoint] = asyncio.Queue(max_unacked)
+        self._group: list[Sent | Checkpoint] = []  # taken from the queue, not yet committed
         self._task: asyncio.Task[None] | None = None
+        #: Acknowledged, not yet committed (durable: until the next checkpoint).
+        self._offsets: dict[Any, int] = {}
+
+    @property
+    def durable(self) -> bool:
+        """Offsets are committed at checkpoints only."""
+        return self._write is not None
 
     def start(self) -> None:
         if self._task is None:
@@ -100,8 +136,9 @@ class Committer:
             raise task.exception()  # type: ignore[misc]
         raise BrokerError("the committer stopped")
 
-    async def submit(self, sent: Sent) -> None:
-        """Queue a poll; waits while ``max_unacked`` polls wait. Raises if the committer failed."""
+    async def submit(self, sent: Sent | Checkpoint) -> None:
+        """Queue a poll (or a checkpoint after the polls it covers); waits while
+        ``max_unacked`` items wait. Raises if the committer failed."""
         self.check()
         if self._queue.full():
             await self._race(self._queue.put(sent))
@@ -124,11 +161,14 @@ class Committer:
         self._group = []
         failed = task.done() and not task.cancelled() and task.exception() is not None
         task.cancel()
-        if failed:
-            return  # the failed poll and everything after it stay uncommitted
-        offsets: dict[Any, int] = {}
+        if failed or self.durable:
+            # The failed poll and everything after it stay uncommitted; with durable
+            # state only a checkpoint commits (offsets past the changelog's states
+            # would skip ticks from state after a restore).
+            return
+        offsets = dict(self._offsets)
         for sent in pending:
-            if not sent.acknowledged():
+            if not isinstance(sent, Sent) or not sent.acknowledged():
                 break
             self._on_acked(sent)
             offsets.update(sent.offsets)
@@ -169,17 +209,38 @@ class Committer:
                     self._queue.task_done()
                 self._group = []
 
-    async def _commit_group(self, group: Iterable[Sent]) -> None:
-        offsets: dict[Any, int] = {}
-        for sent in group:
+    async def _commit_group(self, group: Iterable[Sent | Checkpoint]) -> None:
+        for item in group:
+            if isinstance(item, Checkpoint):
+                await self._checkpoint(item)
+                continue
             try:
-                await asyncio.gather(*sent.sends)
+                await asyncio.gather(*item.sends)
             except Exception as exc:
-                if offsets:  # what was acknowledged before the failure is done
-                    await self._commit(offsets)
+                if self._offsets and not self.durable:  # acknowledged before the failure
+                    await self._commit_offsets()
                 raise BrokerError(
                     f"output not acknowledged, offsets not committed: {exc!r}"
                 ) from exc
-            self._on_acked(sent)
-            offsets.update(sent.offsets)
-        await self._commit(offsets)
+            self._on_acked(item)
+            self._offsets.update(item.offsets)
+        if not self.durable:
+            await self._commit_offsets()
+
+    async def _checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Steps 2 and 3 above (step 1 is the order of the queue)."""
+        assert self._write is not None
+        if checkpoint.records:
+            try:
+                await asyncio.gather(*await self._write(checkpoint.records))
+            except Exception as exc:
+                raise BrokerError(
+                    f"changelog not acknowledged, offsets not committed: {exc!r}"
+                ) from exc
+        await self._commit_offsets()
+        self._on_checkpoint(checkpoint, time.perf_counter() - checkpoint.started)
+
+    async def _commit_offsets(self) -> None:
+        if self._offsets:
+            offsets, self._offsets = self._offsets, {}
+            await self._commit(offsets)

@@ -25,14 +25,11 @@ import json
 import logging
 import os
 import pickle
-import signal
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
-import time
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,15 +38,17 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from streamlstm import Bundle, Engine, EngineStats, StepResult
-from streamlstm.consumers.isolation import step_isolated
+from streamlstm import Bundle, EngineStats, StepResult
 from streamlstm.errors import StreamLSTMError
 
 __all__ = ["EngineClient", "EngineProcess", "StepReply", "StepRequest"]
 
 logger = logging.getLogger(__name__)
 
-_LENGTH = struct.Struct("!Q")
+#: A frame: this length, then a pickle (between this process and the child it started).
+FRAME_LENGTH = struct.Struct("!Q")
+#: What the child runs (``python -m``): the engine's side of the socket.
+_CHILD_MODULE = "streamlstm.consumers.engine_child"
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,6 +87,8 @@ class EngineClient(Protocol):
     async def start(self) -> EngineStats: ...
     async def step(self, request: StepRequest) -> StepReply: ...
     async def drop_partitions(self, partitions: Sequence[int]) -> int: ...
+    async def checkpoint(self) -> list[tuple[str, int, bytes | None]]: ...
+    async def restore(self, partition: int, states: dict[str, bytes], policy: str) -> Any: ...
     async def close(self, timeout_s: float = 10.0) -> None: ...
 
 
@@ -140,7 +141,7 @@ class EngineProcess:
                 # A fresh interpreter: not fork (the parent has threads) and not
                 # multiprocessing's spawn (it re-runs the caller's main script).
                 self._proc = subprocess.Popen(
-                    [sys.executable, "-m", __name__, str(child.fileno()), options],
+                    [sys.executable, "-m", _CHILD_MODULE, str(child.fileno()), options],
                     pass_fds=[child.fileno()],
                     # The parent's import path, as multiprocessing's spawn passes it on.
                     env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
@@ -174,12 +175,26 @@ class EngineProcess:
         count, self.stats = await self._request(("drop", list(partitions)))
         return int(count)
 
+    async def checkpoint(self) -> list[tuple[str, int, bytes | None]]:
+        """States changed since the last checkpoint, as of every step asked for before it.
+
+        ``(stream, input partition, StreamState bytes, or None for a tombstone)``.
+        """
+        records = await self._request(("checkpoint",))
+        assert isinstance(records, list)
+        return records
+
+    async def restore(self, partition: int, states: dict[str, bytes], policy: str) -> Any:
+        """Load one changelog partition's states (``engine_child.RestoreReport``)."""
+        report, self.stats = await self._request(("restore", partition, states, policy))
+        return report
+
     async def close(self, timeout_s: float = 10.0) -> None:
         writer, proc = self._writer, self._proc
         self._writer = self._proc = None
         if writer is not None:
             with contextlib.suppress(OSError):  # already gone
-                writer.write(_frame(("close",)))
+                writer.write(frame(("close",)))
             writer.close()
         if proc is not None:
             try:
@@ -206,7 +221,7 @@ class EngineProcess:
             raise StreamLSTMError("engine process is not running")
         future = self._expect()
         try:
-            self._writer.write(_frame(message))  # in call order, so replies match the queue
+            self._writer.write(frame(message))  # in call order, so replies match the queue
             await self._writer.drain()
         except ConnectionError as exc:
             self._fail(self._died(exc))
@@ -215,7 +230,7 @@ class EngineProcess:
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                (size,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+                (size,) = FRAME_LENGTH.unpack(await reader.readexactly(FRAME_LENGTH.size))
                 status, payload = pickle.loads(await reader.readexactly(size))
                 if not self._waiting:
                     logger.error("engine process sent a reply nobody asked for")
@@ -244,120 +259,6 @@ class EngineProcess:
                 future.set_exception(self._error)
 
 
-def _frame(obj: object) -> bytes:
+def frame(obj: object) -> bytes:
     payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    return _LENGTH.pack(len(payload)) + payload
-
-
-# -- the child -------------------------------------------------------------
-
-
-def _serve(sock: socket.socket, options: dict[str, Any]) -> None:
-    """The child's main: load, then answer requests until told to close."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    import gc
-
-    import torch
-
-    torch.set_num_threads(int(options["threads"]))
-    try:
-        engine = Engine(
-            Bundle.load(options["model"]),
-            max_streams=options["max_streams"],
-            idle_ttl_s=options["idle_ttl_s"],
-        )
-    except Exception as exc:
-        _send_error(sock, exc)
-        return
-    partition_of: dict[str, int] = {}
-    gc.freeze()  # the model and torch live as long as the process: no full-collection pauses
-    sock.sendall(_frame(("ok", engine.stats)))
-    while True:
-        message = _read_frame(sock)
-        if message is None or message[0] == "close":
-            return  # closed, or the parent is gone
-        try:
-            if message[0] == "step":
-                reply: Any = _step(engine, partition_of, message[1])
-            elif message[0] == "drop":
-                reply = (_drop(engine, partition_of, set(message[1])), engine.stats)
-            else:
-                raise StreamLSTMError(f"engine process: unknown request {message[0]!r}")
-        except Exception as exc:
-            _send_error(sock, exc)
-            continue
-        sock.sendall(_frame(("ok", reply)))
-
-
-def _read_frame(sock: socket.socket) -> Any:
-    header = _read_exactly(sock, _LENGTH.size)
-    if header is None:
-        return None
-    body = _read_exactly(sock, _LENGTH.unpack(header)[0])
-    return None if body is None else pickle.loads(body)
-
-
-def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
-    buf = bytearray(size)
-    view = memoryview(buf)
-    got = 0
-    while got < size:
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            return None
-        got += n
-    return bytes(buf)
-
-
-def _step(engine: Engine, partition_of: dict[str, int], request: StepRequest) -> StepReply:
-    ids = request.stream_ids
-    start = time.perf_counter()
-    result = step_isolated(
-        lambda r: engine.step(
-            r.stream_ids,
-            r.features,
-            resets=r.resets,
-            ends=r.ends,
-            timestamps=r.timestamps,
-            offsets=r.offsets,
-        ),
-        request,
-        engine.bundle.config.output_size,
-    )
-    seconds = time.perf_counter() - start
-    if result.accepted.all():
-        partition_of.update(zip(ids, request.partitions, strict=True))
-    else:  # a rejected tick made no state, so it must not leave a partition behind
-        parts = request.partitions
-        partition_of.update((ids[i], parts[i]) for i in np.flatnonzero(result.accepted).tolist())
-    for eviction in result.evictions:
-        partition_of.pop(eviction.stream_id, None)
-    store = engine.store
-    for i in np.flatnonzero(np.asarray(request.ends, dtype=bool)).tolist():
-        if ids[i] not in store:
-            partition_of.pop(ids[i], None)
-    return StepReply(result, engine.stats, seconds)
-
-
-def _drop(engine: Engine, partition_of: dict[str, int], partitions: set[int]) -> int:
-    gone = [s for s, p in partition_of.items() if p in partitions]
-    for stream in gone:
-        del partition_of[stream]
-    engine.store.release(gone)
-    return len(gone)
-
-
-def _send_error(sock: socket.socket, exc: Exception) -> None:
-    try:
-        pickle.loads(pickle.dumps(exc))
-    except Exception:  # one that does not survive the trip goes as text, traceback included
-        exc = StreamLSTMError(f"engine process: {''.join(traceback.format_exception(exc))}")
-    sock.sendall(_frame(("error", exc)))
-
-
-if __name__ == "__main__":
-    # Through the module's own name, so replies pickle as streamlstm.consumers.engine_process.*.
-    from streamlstm.consumers import engine_process
-
-    engine_process._serve(socket.socket(fileno=int(sys.argv[1])), json.loads(sys.argv[2]))
+    return FRAME_LENGTH.pack(len(payload)) + payload

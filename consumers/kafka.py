@@ -16,9 +16,19 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from aiokafka.helpers import create_ssl_context
 
+from streamlstm.consumers.settings import ServeConfig
 from streamlstm.errors import BrokerError
 
-__all__ = ["KafkaClients", "client_options", "ensure_topics", "partitions_of", "start_client"]
+__all__ = [
+    "KafkaClients",
+    "client_options",
+    "committed_offset",
+    "ensure_topics",
+    "partitions_of",
+    "publish",
+    "start_client",
+    "stop_client",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +76,37 @@ async def start_client(client: AIOKafkaConsumer | AIOKafkaProducer, bootstrap: s
         ) from exc
 
 
+async def stop_client(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
+    """Stop a client (a consumer leaves its group, a producer flushes); errors are logged."""
+    try:
+        await client.stop()
+    except KafkaError:
+        logger.warning("error while closing a Kafka client", exc_info=True)
+
+
 async def partitions_of(producer: AIOKafkaProducer, topics: Iterable[str]) -> dict[str, list[int]]:
     """Each topic's partition ids, from the producer's metadata."""
     try:
         return {topic: sorted(await producer.partitions_for(topic)) for topic in topics}
     except KafkaError as exc:
         raise BrokerError(f"cannot read the partitions of {list(topics)}: {exc}") from exc
+
+
+async def committed_offset(consumer: AIOKafkaConsumer, tp: Any) -> int | None:
+    """The group's committed offset of ``tp`` (None when there is none)."""
+    try:
+        offset = await consumer.committed(tp)
+    except KafkaError as exc:
+        raise BrokerError(f"cannot read the committed offset of {tp}: {exc}") from exc
+    return None if offset is None else int(offset)
+
+
+async def publish(producer: AIOKafkaProducer, topic: str, key: bytes, value: bytes) -> None:
+    """Send one record and wait for its acknowledgement."""
+    try:
+        await (await producer.send(topic, value=value, key=key))
+    except KafkaError as exc:
+        raise BrokerError(f"cannot publish to {topic}: {exc}") from exc
 
 
 async def ensure_topics(
@@ -120,6 +155,23 @@ class KafkaClients:
 
     def __init__(self, options: dict[str, Any]) -> None:
         self.options = options
+
+    @classmethod
+    def for_config(cls, config: ServeConfig) -> KafkaClients:
+        """Clients with ``config``'s connection and security options."""
+        return cls(
+            client_options(
+                config.bootstrap_servers,
+                security_protocol=config.security_protocol,
+                sasl_mechanism=config.sasl_mechanism,
+                sasl_plain_username=config.sasl_plain_username,
+                sasl_plain_password=config.sasl_plain_password,
+                ssl_cafile=config.ssl_cafile,
+                ssl_certfile=config.ssl_certfile,
+                ssl_keyfile=config.ssl_keyfile,
+                client_id=f"streamlstm-{config.instance_id}",
+            )
+        )
 
     @property
     def bootstrap(self) -> str:

@@ -22,16 +22,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from streamlstm import StepResult
 from streamlstm.consumers.codec import Batch, decode_poll, encode_outputs
-from streamlstm.consumers.committer import Committer, Sent
-from streamlstm.consumers.engine_process import EngineClient, StepReply, StepRequest
+from streamlstm.consumers.committer import Checkpoint, Committer, Sent
+from streamlstm.consumers.engine_process import EngineClient, StepRequest
 from streamlstm.consumers.outbox import Outbox
 from streamlstm.consumers.settings import ServeConfig
 from streamlstm.errors import StreamLSTMError
@@ -40,6 +41,8 @@ from streamlstm.metrics import ServeMetrics
 __all__ = ["Model", "PollLoop"]
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,8 @@ class PollLoop:
         self._clock = clock
         self._pending: collections.deque[_InFlight] = collections.deque()
         self._failed = False
+        #: Durable state: when the next checkpoint is due (clock seconds).
+        self._checkpoint_due = clock() + config.commit_interval_ms / 1000.0
         #: Per TopicPartition: the offset after the last tick sent to the engine (its state
         #: reflects everything before). The rebalance handler compares it with the group's.
         self.applied: dict[Any, int] = {}
@@ -106,6 +111,8 @@ class PollLoop:
                     # Keep one batch stepping while the previous one is produced.
                     while len(self._pending) > (1 if batch is not None else 0):
                         await self._send(self._pending.popleft())
+                    if self._committer.durable and self._clock() >= self._checkpoint_due:
+                        await self._checkpoint()
             async with self._lock:
                 await self.drain()
         except asyncio.CancelledError:
@@ -127,7 +134,22 @@ class PollLoop:
             return  # what is not acknowledged stays uncommitted; it is read again
         while self._pending:
             await self._send(self._pending.popleft())
+        if self._committer.durable:
+            await self._checkpoint()
         await self._committer.drain()
+
+    async def _checkpoint(self) -> None:
+        """Queue the states changed since the last checkpoint behind the polls they reflect.
+
+        Every stepped batch is sent first, so the checkpoint covers exactly the
+        polls queued before it (the engine answers in request order).
+        """
+        while self._pending:
+            await self._send(self._pending.popleft())
+        started = time.perf_counter()
+        records = await self._deadline(self._engine.checkpoint())
+        await self._committer.submit(Checkpoint(records, started))
+        self._checkpoint_due = self._clock() + self.config.commit_interval_ms / 1000.0
 
     def _decode(self, records: dict[Any, list[Any]]) -> Batch | None:
         batch = decode_poll(
@@ -162,7 +184,7 @@ class PollLoop:
         reply = await self._deadline(self._engine.step(request))
         return reply.result, reply.seconds
 
-    async def _deadline(self, step: Awaitable[StepReply]) -> StepReply:
+    async def _deadline(self, step: Awaitable[_T]) -> _T:
         timeout = self.config.step_timeout_s
         try:
             return await asyncio.wait_for(step, timeout)

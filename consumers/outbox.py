@@ -52,10 +52,15 @@ class Outbox:
         value: bytes | None,
         headers: Headers = (),
         timestamp_ms: int | None = None,
+        partition: int | None = None,
     ) -> None:
-        parts = self._partitions[topic]
-        # As the default partitioner: keyless messages go to any partition.
-        partition = random.choice(parts) if key is None else parts[partition_of(key, len(parts))]
+        """Queue one record; ``partition`` None picks it as Kafka's default partitioner does."""
+        if partition is None:
+            parts = self._partitions[topic]
+            # As the default partitioner: keyless messages go to any partition.
+            partition = (
+                random.choice(parts) if key is None else parts[partition_of(key, len(parts))]
+            )
         builder = self._open.get((topic, partition))
         if builder is None:
             builder = self._open[(topic, partition)] = self._producer.create_batch()

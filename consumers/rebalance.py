@@ -44,6 +44,7 @@ class RebalanceHandler(ConsumerRebalanceListener):  # type: ignore[misc]
         on_error: Callable[[BaseException], None],
         applied: MutableMapping[Any, int],
         committed: Callable[[TopicPartition], Awaitable[int | None]],
+        restore: Callable[[list[int]], Awaitable[None]] | None = None,
     ) -> None:
         self._topic = input_topic
         self._lock = lock
@@ -53,6 +54,9 @@ class RebalanceHandler(ConsumerRebalanceListener):  # type: ignore[misc]
         self._on_error = on_error
         self._applied = applied
         self._committed = committed
+        self._restore = restore
+        #: Input partitions whose streams' state is in the engine (durable state).
+        self._held: set[int] = set()
         self._revoked: set[int] = set()  # input partitions revoked since the last assignment
         #: The group has given this instance an assignment (perhaps an empty one).
         self.joined = False
@@ -116,6 +120,14 @@ class RebalanceHandler(ConsumerRebalanceListener):  # type: ignore[misc]
                         sorted(stale),
                         count,
                     )
+                self._held -= set(gone)
+                if self._restore is not None:
+                    # Durable state: what this instance does not hold comes from the changelog
+                    # (while the lock holds the loop off, so no tick of it is stepped first).
+                    new = sorted(parts - self._held)
+                    if new:
+                        await self._restore(new)
+                    self._held = set(parts)
         except Exception as exc:
             logger.exception("dropping the state of partitions that moved away failed")
             self._on_error(exc)

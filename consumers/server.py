@@ -27,10 +27,18 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from prometheus_client import CollectorRegistry
 
 from streamlstm import Bundle, EngineStats
+from streamlstm.consumers.changelog import Changelog, ensure_changelog
 from streamlstm.consumers.committer import Committer
 from streamlstm.consumers.engine_process import EngineClient, EngineProcess
 from streamlstm.consumers.http import HttpEndpoints
-from streamlstm.consumers.kafka import KafkaClients, client_options, partitions_of, start_client
+from streamlstm.consumers.kafka import (
+    KafkaClients,
+    committed_offset,
+    partitions_of,
+    publish,
+    start_client,
+    stop_client,
+)
 from streamlstm.consumers.loop import Model, PollLoop
 from streamlstm.consumers.rebalance import RebalanceHandler
 from streamlstm.consumers.reporting import Reporter
@@ -39,7 +47,7 @@ from streamlstm.errors import BrokerError
 from streamlstm.kernels import step_name
 from streamlstm.metrics import EngineCollector, ServeMetrics
 
-__all__ = ["EngineFactory", "Server", "default_engine", "kafka_clients"]
+__all__ = ["EngineFactory", "Server", "default_engine"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,23 +62,6 @@ def default_engine(bundle: Bundle, config: ServeConfig) -> EngineClient:
         max_streams=config.max_streams,
         idle_ttl_s=config.idle_ttl_s,
         threads=config.engine_threads,
-    )
-
-
-def kafka_clients(config: ServeConfig) -> KafkaClients:
-    """Clients with ``config``'s connection and security options."""
-    return KafkaClients(
-        client_options(
-            config.bootstrap_servers,
-            security_protocol=config.security_protocol,
-            sasl_mechanism=config.sasl_mechanism,
-            sasl_plain_username=config.sasl_plain_username,
-            sasl_plain_password=config.sasl_plain_password,
-            ssl_cafile=config.ssl_cafile,
-            ssl_certfile=config.ssl_certfile,
-            ssl_keyfile=config.ssl_keyfile,
-            client_id=f"streamlstm-{config.instance_id}",
-        )
     )
 
 
@@ -97,7 +88,7 @@ class Server:
         self.metrics = ServeMetrics(self.registry)
         self._bundle = bundle
         self._engine_factory = engine
-        self._kafka = kafka or kafka_clients(config)
+        self._kafka = kafka or KafkaClients.for_config(config)
         self._clock = clock
         self.reporter = Reporter(self.metrics, instance_id=config.instance_id, clock=clock)
         self._engine: EngineClient | None = None
@@ -108,11 +99,10 @@ class Server:
         self._stopping = asyncio.Event()
         self._loop: PollLoop | None = None
         self._rebalance: RebalanceHandler | None = None
+        self._changelog: Changelog | None = None
         self._committer = Committer(
-            self._commit,
-            max_unacked=config.max_unacked_batches,
-            on_acked=self.reporter.acknowledged,
-        )
+            self._commit, max_unacked=1, on_acked=self.reporter.acknowledged
+        )  # replaced at start, once the engine is known
         self._failure: BaseException | None = None
         self._partitions: dict[str, list[int]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -196,6 +186,22 @@ class Server:
         self.registry.register(EngineCollector(self.engine_stats, self.reporter.lag))
         if isinstance(self._engine, EngineProcess):
             self.metrics.watch_engine_process(self.registry, lambda: self._engine_pid)
+        if cfg.state == "durable":
+            self._changelog = Changelog(
+                self._kafka.options,
+                str(cfg.changelog_topic),
+                engine=self._engine,
+                metrics=self.metrics,
+                on_model_change=cfg.on_model_change,
+                isolation_level="read_committed",
+            )
+        self._committer = Committer(
+            self._commit,
+            max_unacked=cfg.max_unacked_batches,
+            on_acked=self.reporter.acknowledged,
+            write_changelog=self._changelog.write if self._changelog else None,
+            on_checkpoint=self._changelog.checkpointed if self._changelog else lambda c, s: None,
+        )
         # Before the consumer joins: a rebalance waits on the committer.
         self._committer.start()
         topics = [cfg.input_topic, cfg.output_topic, str(cfg.dlq_topic)]
@@ -215,8 +221,16 @@ class Server:
             compression_type=cfg.compression_type,
         )
         self._partitions = await partitions_of(
-            self._producer, [cfg.output_topic, str(cfg.dlq_topic)]
+            self._producer, [cfg.input_topic, cfg.output_topic, str(cfg.dlq_topic)]
         )
+        if self._changelog is not None:
+            self._changelog.attach(self._producer)
+            await ensure_changelog(
+                self._kafka.options,
+                self._changelog.topic,
+                partitions=len(self._partitions[cfg.input_topic]),
+                replication_factor=cfg.changelog_replication_factor,
+            )
         self._consumer = self._kafka.consumer(
             group_id=cfg.group_id,
             enable_auto_commit=False,
@@ -291,15 +305,16 @@ class Server:
             on_error=self._fail,
             applied=loop.applied,
             committed=self._committed,
+            restore=self._changelog.restore if self._changelog else None,
         )
 
     async def _committed(self, tp: Any) -> int | None:
         assert self._consumer is not None
-        try:
-            offset = await self._consumer.committed(tp)
-        except KafkaError as exc:
-            raise BrokerError(f"cannot read the committed offset of {tp}: {exc}") from exc
-        return None if offset is None else int(offset)
+        return await committed_offset(self._consumer, tp)
+
+    async def _publish_summary(self, key: bytes, value: bytes) -> None:
+        assert self._producer is not None and self.config.metrics_topic
+        await publish(self._producer, self.config.metrics_topic, key, value)
 
     def _fail(self, exc: BaseException) -> None:
         """Mark the daemon failed (from a callback that cannot raise into the loop)."""
@@ -337,22 +352,15 @@ class Server:
         # The consumer leaves the group (its revoke drains through the committer), then
         # the committer commits what is acknowledged; the producer flushes last.
         if self._consumer is not None:
-            await self._close(self._consumer)
+            await stop_client(self._consumer)
         await self._committer.stop()
         if self._producer is not None:
-            await self._close(self._producer)
+            await stop_client(self._producer)
         if self._http is not None:
             await self._http.stop()
         if self._engine is not None:
             await self._engine.close()
         logger.info("stopped after %d ticks", self.reporter.totals["ticks"])
-
-    @staticmethod
-    async def _close(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:
-        try:
-            await client.stop()
-        except KafkaError:
-            logger.warning("error while closing a Kafka client", exc_info=True)
 
     async def __aenter__(self) -> Server:
         try:
@@ -385,12 +393,3 @@ class Server:
         except KafkaError as exc:
             raise BrokerError(f"offsets not committed (they will be re-read): {exc}") from exc
         self.reporter.committed(offsets)
-
-    async def _publish_summary(self, key: bytes, value: bytes) -> None:
-        topic = self.config.metrics_topic
-        if self._producer is None or not topic:
-            return
-        try:
-            await self._producer.send(topic, value=value, key=key)
-        except KafkaError as exc:
-            raise BrokerError(f"cannot publish to {topic}: {exc}") from exc

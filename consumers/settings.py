@@ -49,6 +49,16 @@ class ServeConfig:
     max_batch_bytes: int = 1024 * 1024
     max_request_bytes: int = 4 * 1024 * 1024
     compression_type: str | None = None
+    #: "durable": each stream's state is checkpointed to a compacted changelog topic and
+    #: restored where its partition goes; "memory": state lives in this process only.
+    state: str = "memory"
+    changelog_topic: str | None = None  # default: <group>-<input topic>-changelog
+    changelog_replication_factor: int = 1
+    #: Durable state: checkpoint (changelog, then offsets) this often.
+    commit_interval_ms: int = 1000
+    #: A changelog state made by another model: "reset" the stream, or
+    #: "keep-if-compatible" (same layer sizes).
+    on_model_change: str = "reset"
     #: A dead letter's key, value and headers are cut to fit this many bytes (the original
     #: size goes in a header); below the topic's max.message.bytes (Kafka: 1048588).
     dlq_max_record_bytes: int = 1_040_000
@@ -76,6 +86,13 @@ class ServeConfig:
                 raise ConfigError(f"{name}: required")
         if self.dlq_topic is None:
             object.__setattr__(self, "dlq_topic", f"{self.input_topic}-dlq")
+        if self.changelog_topic is None:
+            name = f"{self.group_id}-{self.input_topic}-changelog"
+            object.__setattr__(self, "changelog_topic", name)
+        if self.state not in ("durable", "memory"):
+            raise ConfigError("state: must be durable or memory")
+        if self.on_model_change not in ("reset", "keep-if-compatible"):
+            raise ConfigError("on_model_change: must be reset or keep-if-compatible")
         for name in (
             "max_records",
             "max_unacked_batches",
@@ -85,6 +102,8 @@ class ServeConfig:
             "topic_partitions",
             "topic_replication_factor",
             "dlq_max_record_bytes",
+            "changelog_replication_factor",
+            "commit_interval_ms",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
@@ -104,8 +123,12 @@ class ServeConfig:
         if self.compression_type not in (None, "gzip", "snappy", "lz4", "zstd"):
             raise ConfigError("compression_type: must be gzip, snappy, lz4 or zstd")
         topics = {self.input_topic, self.output_topic, self.dlq_topic}
-        if len(topics) != 3:
-            raise ConfigError("output_topic/dlq_topic: must differ from each other and the input")
+        if self.state == "durable":
+            topics.add(self.changelog_topic)
+        if len(topics) != (4 if self.state == "durable" else 3):
+            raise ConfigError(
+                "output_topic/dlq_topic/changelog_topic: must differ from each other and the input"
+            )
 
 
 def _base_type(annotation: Any) -> type:

@@ -167,6 +167,56 @@ class ServeMetrics:
         registry.register(self.latency_event)
         registry.register(self.latency_receive)
         self.model_info = Info("streamlstm_model", "The model being served", registry=registry)
+        self.skipped = Counter(
+            "streamlstm_ticks_skipped",
+            "Ticks not applied because the stream's state already reflected their offset",
+            registry=registry,
+        )
+        self.checkpoints = Counter(
+            "streamlstm_checkpoints",
+            "Checkpoints completed (changelog, then offsets)",
+            registry=registry,
+        )
+        self.checkpoint_seconds = Histogram(
+            "streamlstm_checkpoint_seconds",
+            "From asking the engine for changed states to committing the offsets",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.checkpoint_records = Counter(
+            "streamlstm_checkpoint_records",
+            "Changelog records written by checkpoints, by kind (state or tombstone)",
+            ["kind"],
+            registry=registry,
+        )
+        self.checkpoint_bytes = Counter(
+            "streamlstm_checkpoint_bytes",
+            "Bytes of state written to the changelog",
+            registry=registry,
+        )
+        self.restored_streams = Counter(
+            "streamlstm_restored_streams", "Streams loaded from the changelog", registry=registry
+        )
+        self.restore_left_out = Counter(
+            "streamlstm_restore_left_out_streams",
+            "Changelog states not loaded, by reason (model_changed, over_capacity, corrupt)",
+            ["reason"],
+            registry=registry,
+        )
+        self.restore_kept_model_changed = Counter(
+            "streamlstm_restore_kept_model_changed_streams",
+            "States from another, compatible model kept (--on-model-change keep-if-compatible)",
+            registry=registry,
+        )
+        self.restore_seconds = Histogram(
+            "streamlstm_restore_seconds",
+            "Time to restore one changelog partition",
+            buckets=(0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+            registry=registry,
+        )
+        self.restore_bytes = Counter(
+            "streamlstm_restore_bytes", "Bytes of state read from the changelog", registry=registry
+        )
 
     @staticmethod
     def watch_engine_process(registry: CollectorRegistry, pid: Callable[[], int]) -> None:

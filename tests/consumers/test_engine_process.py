@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from streamlstm import Bundle, Engine, InputError, ModelConfig, StepResult, StreamLSTMError
-from streamlstm.consumers import engine_process
+from streamlstm.consumers.engine_child import ChildEngine
 from streamlstm.consumers.engine_process import EngineProcess, StepRequest
 from tests.conftest import BundleFactory
 
@@ -183,8 +183,8 @@ def test_the_child_takes_a_failed_step_again_tick_by_tick_in_order(
         offsets=list(range(6)),
         partitions=[0] * 6,
     )
-    partition_of: dict[str, int] = {}
-    reply = engine_process._step(Fragile(bundle), partition_of, request)
+    child = ChildEngine(Fragile(bundle))
+    reply = child.step(request)
     result = reply.result
     assert result.accepted.tolist() == [True, True, False, True, True, True]
     (rejection,) = result.rejections
@@ -195,4 +195,4 @@ def test_the_child_takes_a_failed_step_again_tick_by_tick_in_order(
     keep = [0, 1, 3, 4, 5]
     alone = Engine(bundle).step([ids[i] for i in keep], x[keep])
     np.testing.assert_allclose(result.predictions[keep], alone.predictions, atol=1e-6)
-    assert "boom" not in partition_of and partition_of["a"] == 0
+    assert "boom" not in child.partition_of and child.partition_of["a"] == 0

@@ -312,6 +312,12 @@ class _Fragile:
     async def drop_partitions(self, partitions: Sequence[int]) -> int:
         return 0
 
+    async def checkpoint(self) -> list[tuple[str, int, bytes | None]]:
+        return []
+
+    async def restore(self, partition: int, states: dict[str, bytes], policy: str) -> Any:
+        return None
+
     async def close(self, timeout_s: float = 10.0) -> None:
         return None
 

@@ -1,0 +1,237 @@
+"""The engine's side of the socket: the child process that holds every stream's state.
+
+``python -m streamlstm.consumers.engine_child FD OPTIONS`` (started by
+``EngineProcess``) loads the model, then answers requests one at a time, in
+the order they came:
+
+- ``step``: ``Engine.step`` (a failing step is taken again tick by tick, see
+  ``isolation``); remembers each stream's input partition and which streams
+  changed since the last checkpoint.
+- ``checkpoint``: the states of the streams changed since the last one, as
+  of every step asked for before it (the order of requests makes "as of
+  batch k" exact), and a tombstone for each stream that ended or was
+  evicted; then forgets the changes.
+- ``restore``: bulk-loads states read from the changelog (never marked as
+  changed), following the model-change policy and ``max_streams``.
+- ``drop``: forgets the streams of partitions that moved away (no
+  tombstones: their state lives on in the changelog for the new owner).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import pickle
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from streamlstm import Bundle, Engine
+from streamlstm.consumers.engine_process import FRAME_LENGTH, StepReply, StepRequest, frame
+from streamlstm.consumers.isolation import step_isolated
+from streamlstm.errors import StateError, StreamLSTMError
+from streamlstm.stream_state import StreamState
+
+__all__ = ["ChildEngine", "RestoreReport"]
+
+
+@dataclass(frozen=True)
+class RestoreReport:
+    """What a ``restore`` loaded, and what it left out (each counted)."""
+
+    loaded: int
+    reset_model_changed: int  # made by another model: the stream starts again
+    kept_model_changed: int  # made by another, compatible model, kept (keep-if-compatible)
+    over_capacity: int  # past max_streams: the least recently seen were left out
+    corrupt: int
+
+
+class ChildEngine:
+    """An ``Engine`` with the bookkeeping the daemon needs around it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.model_id = engine.bundle.model_id
+        self.partition_of: dict[str, int] = {}
+        self._changed: set[str] = set()
+        self._removed: dict[str, int] = {}  # ended or evicted since the last checkpoint
+
+    def step(self, request: StepRequest) -> StepReply:
+        engine = self.engine
+        ids = request.stream_ids
+        start = time.perf_counter()
+        result = step_isolated(
+            lambda r: engine.step(
+                r.stream_ids,
+                r.features,
+                resets=r.resets,
+                ends=r.ends,
+                timestamps=r.timestamps,
+                offsets=r.offsets,
+            ),
+            request,
+            engine.bundle.config.output_size,
+        )
+        seconds = time.perf_counter() - start
+        partition_of = self.partition_of
+        if result.accepted.all():
+            partition_of.update(zip(ids, request.partitions, strict=True))
+            self._changed.update(ids)
+        else:  # a rejected tick made no state, so it must not leave a partition behind
+            parts = request.partitions
+            accepted = np.flatnonzero(result.accepted).tolist()
+            partition_of.update((ids[i], parts[i]) for i in accepted)
+            self._changed.update(ids[i] for i in accepted)
+        for eviction in result.evictions:
+            self._forget(eviction.stream_id)
+        store = engine.store
+        for i in np.flatnonzero(np.asarray(request.ends, dtype=bool)).tolist():
+            if ids[i] not in store:
+                self._forget(ids[i])
+        return StepReply(result, engine.stats, seconds)
+
+    def _forget(self, stream: str) -> None:
+        partition = self.partition_of.pop(stream, None)
+        if partition is not None:
+            self._removed[stream] = partition
+        self._changed.discard(stream)
+
+    def drop(self, partitions: set[int]) -> int:
+        gone = [s for s, p in self.partition_of.items() if p in partitions]
+        for stream in gone:
+            del self.partition_of[stream]
+            self._changed.discard(stream)
+        for stream in [s for s, p in self._removed.items() if p in partitions]:
+            del self._removed[stream]
+        self.engine.store.release(gone)
+        return len(gone)
+
+    def checkpoint(self) -> list[tuple[str, int, bytes | None]]:
+        """``(stream, partition, state bytes or None for a tombstone)`` of every change."""
+        changed, self._changed = self._changed, set()
+        removed, self._removed = self._removed, {}
+        store = self.engine.store
+        live = [s for s in changed if s in store]
+        records: list[tuple[str, int, bytes | None]] = []
+        for stream, state in store.snapshot(live).items():
+            partition = self.partition_of[stream]
+            state = replace(state, partition=partition, model=self.model_id)
+            records.append((stream, partition, state.to_bytes()))
+        for stream, partition in removed.items():
+            if stream not in store:
+                records.append((stream, partition, None))
+        return records
+
+    def restore(self, partition: int, blobs: dict[str, bytes], policy: str) -> RestoreReport:
+        """Load one changelog partition's states; see ``RestoreReport`` for what is counted."""
+        store = self.engine.store
+        sizes = tuple(h.shape[1] for h in store.h)
+        states: dict[str, StreamState] = {}
+        reset = kept = corrupt = 0
+        for stream, blob in blobs.items():
+            try:
+                state = StreamState.from_bytes(blob)
+            except StateError:
+                corrupt += 1
+                continue
+            if state.model and state.model != self.model_id:
+                compatible = tuple(h.size for h in state.h) == sizes
+                if policy != "keep-if-compatible" or not compatible:
+                    reset += 1
+                    continue
+                kept += 1
+            states[stream] = replace(state, partition=partition)
+        room = store.max_streams - len(store)
+        over = max(0, len(states) - room)
+        if over:  # keep the most recently seen
+            order = sorted(states, key=lambda s: states[s].last_seen, reverse=True)
+            states = {s: states[s] for s in order[:room]}
+        store.restore(states)
+        self.partition_of.update(dict.fromkeys(states, partition))
+        return RestoreReport(len(states), reset, kept, over, corrupt)
+
+
+# -- the process -------------------------------------------------------------
+
+
+def serve(sock: socket.socket, options: dict[str, Any]) -> None:
+    """The child's main: load, then answer requests until told to close."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import torch
+
+    torch.set_num_threads(int(options["threads"]))
+    try:
+        child = ChildEngine(
+            Engine(
+                Bundle.load(options["model"]),
+                max_streams=options["max_streams"],
+                idle_ttl_s=options["idle_ttl_s"],
+            )
+        )
+    except Exception as exc:
+        _send_error(sock, exc)
+        return
+    gc.freeze()  # the model and torch live as long as the process: no full-collection pauses
+    sock.sendall(frame(("ok", child.engine.stats)))
+    while True:
+        message = _read_frame(sock)
+        if message is None or message[0] == "close":
+            return  # closed, or the parent is gone
+        try:
+            kind = message[0]
+            if kind == "step":
+                reply: Any = child.step(message[1])
+            elif kind == "checkpoint":
+                reply = child.checkpoint()
+            elif kind == "restore":
+                reply = (child.restore(*message[1:]), child.engine.stats)
+            elif kind == "drop":
+                reply = (child.drop(set(message[1])), child.engine.stats)
+            else:
+                raise StreamLSTMError(f"engine process: unknown request {kind!r}")
+        except Exception as exc:
+            _send_error(sock, exc)
+            continue
+        sock.sendall(frame(("ok", reply)))
+
+
+def _read_frame(sock: socket.socket) -> Any:
+    header = _read_exactly(sock, FRAME_LENGTH.size)
+    if header is None:
+        return None
+    body = _read_exactly(sock, FRAME_LENGTH.unpack(header)[0])
+    return None if body is None else pickle.loads(body)
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            return None
+        got += n
+    return bytes(buf)
+
+
+def _send_error(sock: socket.socket, exc: Exception) -> None:
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # one that does not survive the trip goes as text, traceback included
+        exc = StreamLSTMError(f"engine process: {''.join(traceback.format_exception(exc))}")
+    sock.sendall(frame(("error", exc)))
+
+
+if __name__ == "__main__":
+    # Through the module's own name, so that what it pickles names importable classes.
+    from streamlstm.consumers import engine_child
+
+    engine_child.serve(socket.socket(fileno=int(sys.argv[1])), json.loads(sys.argv[2]))
