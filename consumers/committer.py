@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 #: ``commit(offsets)``: commit ``{TopicPartition: next offset}``; raises ``BrokerError``
 #: when the daemon must stop.
 CommitFn = Callable[[dict[Any, int]], Awaitable[None]]
+#: ``rescue(records, error)``: deliver a refused batch's records another way, or raise.
+RescueFn = Callable[[list[Any], BaseException], Awaitable[None]]
 #: ``(stream, input partition, state bytes or None)``: one changelog record.
 ChangelogRecord = tuple[str, int, bytes | None]
 #: ``write(records)``: queue changelog records, return their acknowledgement futures.
@@ -70,6 +72,8 @@ class Sent:
     batch: Batch
     encoded: Encoded
     clock: Callable[[], float] = time.time
+    #: Each send's records, for a batch the broker refuses for one record's sake.
+    batches: list[tuple[asyncio.Future[Any], list[Any]]] = field(default_factory=list)
     acked_at: float = field(default=0.0, init=False)  # when the last send was acknowledged
     reported: bool = field(default=False, init=False)  # on_acked has seen it
 
@@ -102,11 +106,15 @@ class Committer:
         on_acked: Callable[[Sent], None] = lambda sent: None,
         write_changelog: WriteFn | None = None,
         on_checkpoint: Callable[[Checkpoint, float], None] = lambda checkpoint, seconds: None,
+        rescue: RescueFn | None = None,
+        per_record: tuple[type[BaseException], ...] = (),
     ) -> None:
         self._commit = commit
         self._on_acked_hook = on_acked
         self._write = write_changelog
         self._on_checkpoint = on_checkpoint
+        self._rescue = rescue
+        self._per_record = per_record
         self._queue: asyncio.Queue[Sent | Checkpoint] = asyncio.Queue(max_unacked)
         self._group: list[Sent | Checkpoint] = []  # taken from the queue, not yet committed
         self._task: asyncio.Task[None] | None = None
@@ -215,10 +223,12 @@ class Committer:
                 await self._checkpoint(item)
                 continue
             try:
-                await asyncio.gather(*item.sends)
+                await self._acknowledged(item)
             except Exception as exc:
                 if self._offsets and not self.durable:  # acknowledged before the failure
                     await self._commit_offsets()
+                if isinstance(exc, BrokerError):
+                    raise
                 raise BrokerError(
                     f"output not acknowledged, offsets not committed: {exc!r}"
                 ) from exc
@@ -226,6 +236,21 @@ class Committer:
             self._offsets.update(item.offsets)
         if not self.durable:
             await self._commit_offsets()
+
+    async def _acknowledged(self, sent: Sent) -> None:
+        """Until every send of ``sent`` is acknowledged; a batch refused for one record's
+        sake is delivered record by record (``rescue``); any other failure raises."""
+        try:
+            await asyncio.gather(*sent.sends)
+            return
+        except Exception as exc:
+            if self._rescue is None or not isinstance(exc, self._per_record):
+                raise
+        for future, records in sent.batches:
+            try:
+                await future
+            except self._per_record as exc:
+                await self._rescue(records, exc)
 
     async def _checkpoint(self, checkpoint: Checkpoint) -> None:
         """Steps 2 and 3 above (step 1 is the order of the queue)."""

@@ -30,7 +30,7 @@ import struct
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,9 +39,17 @@ import numpy as np
 import numpy.typing as npt
 
 from streamlstm import Bundle, EngineStats, StepResult
+from streamlstm.consumers.settings import ServeConfig
 from streamlstm.errors import StreamLSTMError
 
-__all__ = ["EngineClient", "EngineProcess", "StepReply", "StepRequest"]
+__all__ = [
+    "EngineClient",
+    "EngineFactory",
+    "EngineProcess",
+    "StepReply",
+    "StepRequest",
+    "default_engine",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -262,3 +270,17 @@ class EngineProcess:
 def frame(obj: object) -> bytes:
     payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     return FRAME_LENGTH.pack(len(payload)) + payload
+
+
+#: ``factory(bundle, config)``: the engine client the server starts and closes.
+EngineFactory = Callable[[Bundle, ServeConfig], EngineClient]
+
+
+def default_engine(bundle: Bundle, config: ServeConfig) -> EngineClient:
+    """The engine in a child process of its own."""
+    return EngineProcess(
+        bundle,
+        max_streams=config.max_streams,
+        idle_ttl_s=config.idle_ttl_s,
+        threads=config.engine_threads,
+    )

@@ -215,4 +215,5 @@ class PollLoop:
         for letter in encoded.dead:
             self._metrics.dead_letters.labels(letter.field).inc()
         sends = await outbox.send()
-        await self._committer.submit(Sent(sends, batch, encoded, clock=self._clock))
+        sent = Sent(sends, batch, encoded, clock=self._clock, batches=outbox.batches)
+        await self._committer.submit(sent)

@@ -20,9 +20,11 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
-__all__ = ["Outbox", "partition_of"]
+__all__ = ["OutRecord", "Outbox", "partition_of"]
 
 Headers = Sequence[tuple[str, bytes]]
+#: One queued record: (topic, partition, key, value, headers, timestamp_ms).
+OutRecord = tuple[str, int, bytes | None, bytes | None, Headers, int | None]
 
 
 @lru_cache(maxsize=1 << 17)
@@ -42,8 +44,11 @@ class Outbox:
     def __init__(self, producer: AIOKafkaProducer, partitions: Mapping[str, Sequence[int]]) -> None:
         self._producer = producer
         self._partitions = partitions
-        self._open: dict[tuple[str, int], Any] = {}
-        self._ready: list[tuple[str, int, Any]] = []
+        self._open: dict[tuple[str, int], tuple[Any, list[OutRecord]]] = {}
+        self._ready: list[tuple[str, int, Any, list[OutRecord]]] = []
+        #: After ``send``: each batch's acknowledgement and the records it holds (so that a
+        #: batch the broker refuses can be sent again record by record).
+        self.batches: list[tuple[asyncio.Future[Any], list[OutRecord]]] = []
 
     def add(
         self,
@@ -61,23 +66,26 @@ class Outbox:
             partition = (
                 random.choice(parts) if key is None else parts[partition_of(key, len(parts))]
             )
-        builder = self._open.get((topic, partition))
-        if builder is None:
-            builder = self._open[(topic, partition)] = self._producer.create_batch()
+        record: OutRecord = (topic, partition, key, value, headers, timestamp_ms)
+        entry = self._open.get((topic, partition))
+        if entry is None:
+            entry = self._open[(topic, partition)] = (self._producer.create_batch(), [])
+        builder, records = entry
         if (
             builder.append(key=key, value=value, timestamp=timestamp_ms, headers=list(headers))
             is None
         ):
             # Full: queue it as it is; an empty batch always takes one message.
-            self._ready.append((topic, partition, builder))
-            builder = self._open[(topic, partition)] = self._producer.create_batch()
+            self._ready.append((topic, partition, builder, records))
+            builder, records = self._open[(topic, partition)] = (self._producer.create_batch(), [])
             builder.append(key=key, value=value, timestamp=timestamp_ms, headers=list(headers))
+        records.append(record)
 
     async def send(self) -> list[asyncio.Future[Any]]:
         """Queue every batch, in order per partition; waits only for room in the queue."""
-        batches = self._ready + [(t, p, b) for (t, p), b in self._open.items()]
+        batches = self._ready + [(t, p, b, r) for (t, p), (b, r) in self._open.items()]
         self._ready, self._open = [], {}
-        return [
-            await self._producer.send_batch(builder, topic, partition=partition)
-            for topic, partition, builder in batches
-        ]
+        for topic, partition, builder, records in batches:
+            future = await self._producer.send_batch(builder, topic, partition=partition)
+            self.batches.append((future, records))
+        return [future for future, _ in self.batches]

@@ -29,7 +29,12 @@ from prometheus_client import CollectorRegistry
 from streamlstm import Bundle, EngineStats
 from streamlstm.consumers.changelog import Changelog, ensure_changelog
 from streamlstm.consumers.committer import Committer
-from streamlstm.consumers.engine_process import EngineClient, EngineProcess
+from streamlstm.consumers.engine_process import (
+    EngineClient,
+    EngineFactory,
+    EngineProcess,
+    default_engine,
+)
 from streamlstm.consumers.http import HttpEndpoints
 from streamlstm.consumers.kafka import (
     KafkaClients,
@@ -42,27 +47,15 @@ from streamlstm.consumers.kafka import (
 from streamlstm.consumers.loop import Model, PollLoop
 from streamlstm.consumers.rebalance import RebalanceHandler
 from streamlstm.consumers.reporting import Reporter
+from streamlstm.consumers.rescue import PER_RECORD_ERRORS, Rescuer
 from streamlstm.consumers.settings import ServeConfig
 from streamlstm.errors import BrokerError
 from streamlstm.kernels import step_name
 from streamlstm.metrics import EngineCollector, ServeMetrics
 
-__all__ = ["EngineFactory", "Server", "default_engine"]
+__all__ = ["Server"]
 
 logger = logging.getLogger(__name__)
-
-#: ``factory(bundle, config)``: the engine client the server starts and closes.
-EngineFactory = Callable[[Bundle, ServeConfig], EngineClient]
-
-
-def default_engine(bundle: Bundle, config: ServeConfig) -> EngineClient:
-    """The engine in a child process of its own."""
-    return EngineProcess(
-        bundle,
-        max_streams=config.max_streams,
-        idle_ttl_s=config.idle_ttl_s,
-        threads=config.engine_threads,
-    )
 
 
 class Server:
@@ -201,6 +194,8 @@ class Server:
             on_acked=self.reporter.acknowledged,
             write_changelog=self._changelog.write if self._changelog else None,
             on_checkpoint=self._changelog.checkpointed if self._changelog else lambda c, s: None,
+            rescue=self._rescue_records,
+            per_record=PER_RECORD_ERRORS,
         )
         # Before the consumer joins: a rebalance waits on the committer.
         self._committer.start()
@@ -307,6 +302,11 @@ class Server:
             committed=self._committed,
             restore=self._changelog.restore if self._changelog else None,
         )
+
+    async def _rescue_records(self, records: list[Any], error: BaseException) -> None:
+        assert self._producer is not None
+        dlq = str(self.config.dlq_topic)
+        await Rescuer(self._producer, dlq_topic=dlq, metrics=self.metrics)(records, error)
 
     async def _committed(self, tp: Any) -> int | None:
         assert self._consumer is not None

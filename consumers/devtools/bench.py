@@ -29,9 +29,14 @@ from aiokafka import AIOKafkaConsumer
 from streamlstm import Bundle, EngineStats, ModelConfig, StepResult
 from streamlstm.consumers.devtools.brokers import describe, local_broker
 from streamlstm.consumers.devtools.replay import replay
-from streamlstm.consumers.engine_process import StepReply, StepRequest
+from streamlstm.consumers.engine_process import (
+    EngineFactory,
+    StepReply,
+    StepRequest,
+    default_engine,
+)
 from streamlstm.consumers.kafka import client_options, ensure_topics, start_client
-from streamlstm.consumers.server import EngineFactory, Server, default_engine
+from streamlstm.consumers.server import Server
 from streamlstm.consumers.settings import ServeConfig
 
 __all__ = ["main"]

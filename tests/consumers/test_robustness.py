@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from streamlstm import Bundle, Engine, EngineStats, StepResult
 from streamlstm.consumers.engine_process import StepReply, StepRequest
@@ -362,3 +363,66 @@ def test_a_tick_whose_step_fails_is_a_dead_letter_and_the_rest_of_its_batch_goes
         headers = dict(msg.headers)
         assert headers["streamlstm-field"] == b"engine"
         assert b"kaboom" in headers["streamlstm-error"]
+
+
+def test_records_the_broker_refuses_are_delivered_another_way_and_nothing_stops(
+    bootstrap: str, make_topics: Any, tmp_path: Path
+) -> None:
+    # The output topic refuses time stamps over a minute ahead (Kafka 4 refuses those over
+    # an hour ahead by default); the dead-letter topic refuses records over 4 KiB.
+    model_dir = _bundle(tmp_path)
+    (src,) = make_topics("ticks", partitions=2)
+    suffix = uuid.uuid4().hex[:6]
+    out, dlq = f"preds-{suffix}", f"dlq-{suffix}"
+
+    async def create() -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        await admin.start()
+        try:
+            await admin.create_topics(
+                [
+                    NewTopic(out, 2, 1, topic_configs={"message.timestamp.after.max.ms": "60000"}),
+                    NewTopic(dlq, 2, 1, topic_configs={"max.message.bytes": "4096"}),
+                ]
+            )
+        finally:
+            await admin.close()
+
+    asyncio.run(create())
+    ahead = int(time.time() * 1000) + 2 * 3_600_000  # plausible, so a valid tick
+    huge = b'{"values": [1.0, 2.0], "pad": "' + b"x" * 20_000 + b'"'  # not JSON: a dead letter
+    msgs: list[tuple[bytes | None, bytes | None]] = []
+    for i in range(200):
+        ts = ahead + i if i % 40 == 5 else EPOCH_MS + i
+        msgs.append((f"s{i % 7}".encode(), json.dumps({"values": [0.1, i], "ts": ts}).encode()))
+        if i % 50 == 9:
+            msgs.append((b"big", huge))
+    config = _serve_config(model_dir, bootstrap, src, out, dlq, max_records=64)
+
+    async def scenario() -> tuple[list[Any], list[Any], list[Any], dict[int, int]]:
+        async with Server(config) as server:
+            metas = await send_raw(bootstrap, src, msgs)
+            outputs = await read_all(bootstrap, out, 200, timeout_s=60)
+            dead = await read_all(bootstrap, dlq, 4, timeout_s=30)
+            await asyncio.sleep(1.0)
+            assert server.healthy()
+            server.request_stop()
+            await server.wait()
+        committed = await _committed(bootstrap, config.group_id, src, partitions=2)
+        return metas, outputs, dead, committed
+
+    metas, outputs, dead, committed = asyncio.run(scenario())
+    valid = {(m.partition, m.offset) for m, (k, _) in zip(metas, msgs, strict=True) if k != b"big"}
+    answered = [_source(m) for m in outputs]
+    assert sorted(answered) == sorted(valid)  # each valid tick once, the far-ahead ones too
+    assert len(dead) == 4
+    for msg in dead:
+        headers = dict(msg.headers)
+        assert msg.value == huge[:1024]
+        assert int(headers["streamlstm-truncated"]) == len(huge) + 3
+        assert b"MessageSizeTooLarge" in headers["streamlstm-error"]
+        assert headers["streamlstm-source-topic"].decode() == src
+    ends: dict[int, int] = {}
+    for meta in metas:
+        ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
+    assert committed == ends
