@@ -187,7 +187,10 @@ def encode_outputs(
         # A model with an anomaly score puts "score" (null while warming up) in every output.
         scores = result.scores.tolist() if has_score else None
         rejected = {r.index: r for r in result.rejections}
+        skipped = result.skipped.tolist() if result.skipped.size else None
         for i, (stream, msg) in enumerate(zip(batch.ids, batch.records, strict=True)):
+            if skipped is not None and skipped[i]:
+                continue  # its state already reflected it: answered before a restart
             if i in rejected:
                 dead.append(DeadLetter(msg, rejected[i].field, rejected[i].reason))
                 continue

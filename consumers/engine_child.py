@@ -74,6 +74,7 @@ class ChildEngine:
                 ends=r.ends,
                 timestamps=r.timestamps,
                 offsets=r.offsets,
+                partitions=r.partitions,
             ),
             request,
             engine.bundle.config.output_size,

@@ -199,6 +199,8 @@ class PollLoop:
         batch = inflight.batch
         result, seconds = await inflight.step
         if result is not None:
+            if result.skipped.size:
+                self._metrics.skipped.inc(int(result.skipped.sum()))
             self._metrics.batch_size.observe(len(batch.ids))
             self._metrics.step_seconds.observe(seconds)
         outbox = Outbox(self._producer, self._partitions)

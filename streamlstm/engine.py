@@ -56,7 +56,10 @@ class StepResult:
     counting this one; ``ready`` ``[N]`` whether the stream is past warm-up;
     ``accepted`` ``[N]`` false for rejected rows; ``scores`` float64 ``[N]``
     the anomaly score (``|z|`` of the forecast residual; NaN while a stream
-    has too few residuals, on rejected rows, or when the model has no score).
+    has too few residuals, on rejected rows, or when the model has no score);
+    ``skipped`` ``[N]`` true for ticks not applied because the stream's state
+    already reflects their offset (no state change, no answer; empty when the
+    call skipped nothing).
     """
 
     predictions: F32
@@ -66,6 +69,7 @@ class StepResult:
     rejections: list[Rejection] = field(default_factory=list)
     evictions: list[Eviction] = field(default_factory=list)
     scores: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    skipped: Bools = field(default_factory=lambda: np.zeros(0, dtype=bool))
 
 
 @dataclass(frozen=True)
@@ -80,16 +84,40 @@ class EngineStats:
     evictions: dict[str, int]
     #: Whether the recurrent step runs through the C kernels (else nn.LSTM).
     native: bool = False
+    #: Ticks not applied: their stream's state already reflected their offset.
+    skipped: int = 0
 
 
 class Engine:
     """Stateful, batched inference over many streams for one bundle.
 
     ``max_streams`` bounds memory (LRU eviction beyond it); ``idle_ttl_s``
-    forgets streams idle for longer, on event time when ticks carry
-    timestamps and on ``clock()`` otherwise. ``native`` picks the C code
-    (recurrent step and id -> slot map, ``True``), torch and a dict
-    (``False``), or the C code where it is built (``None``).
+    forgets streams idle for longer. ``native`` picks the C code (recurrent
+    step and id -> slot map, ``True``), torch and a dict (``False``), or the
+    C code where it is built (``None``).
+
+    **Clocks.** Idle expiry runs on the engine's clock (``clock_s``), which is
+    event time as the streams agree on it, so that one bad timestamp cannot
+    age or evict other streams:
+
+    - a tick's time is its timestamp, capped at the wall clock (``clock()``,
+      epoch seconds) plus ``max_clock_skew_s``; a tick without one (NaN, or
+      ``timestamps=None``) is stamped with the engine's clock;
+    - the clock never goes back. It moves at once to the second-latest time
+      among distinct streams (of this call, and the lone claim below); to the
+      latest when that is no more than ``idle_ttl_s`` ahead of the clock and
+      not ahead of the wall clock. A later time that only one stream claims
+      waits (the latest such claim is kept) until a second stream confirms it;
+    - until the streams first agree on a time, nothing expires and ticks
+      without a timestamp are stamped with the wall clock; an engine whose
+      ticks have never carried a timestamp runs (and expires) on the wall clock;
+    - a stream's own last-seen time never goes back either, and a stream
+      whose own tick comes more than ``idle_ttl_s`` after its last one starts
+      again from zero (reason ``ttl``), whatever the clock says.
+
+    So a nanosecond or far-future timestamp moves only its own stream's time
+    (capped), a replay of old data keeps its own event time, and the daemon
+    passes NaN, not the wall clock, for ticks without one.
     """
 
     def __init__(
@@ -101,7 +129,16 @@ class Engine:
         initial_capacity: int = 1024,
         clock: Callable[[], float] = time.time,
         native: bool | None = None,
+        max_clock_skew_s: float = 60.0,
     ) -> None:
+        if not (
+            isinstance(max_clock_skew_s, int | float)
+            and not isinstance(max_clock_skew_s, bool)
+            and 0 <= max_clock_skew_s < math.inf
+        ):
+            raise ConfigError(
+                f"max_clock_skew_s: must be a non-negative number, got {max_clock_skew_s!r}"
+            )
         if native and not native_available():
             raise ConfigError(
                 "native: the C kernels are not built (or STREAMLSTM_NATIVE=0); "
@@ -123,8 +160,14 @@ class Engine:
             native=use_native,
         )
         self._clock = clock
+        self.max_clock_skew_s = float(max_clock_skew_s)
         self._input_size = bundle.config.input_size
-        self._watermark = -math.inf
+        #: Event time the streams agree on (seconds); -inf until they first do.
+        self._event_clock = -math.inf
+        #: The latest time only one stream has claimed, waiting for a second one.
+        self._claim: tuple[str, float] | None = None
+        self._event_seen = False
+        self._swept_at = -math.inf
         self._next_sweep = -math.inf
         self._counts: Counter[str] = Counter()
         self._buffers = _Buffers(self.model.groups, self._input_size)
@@ -135,6 +178,17 @@ class Engine:
     def native(self) -> bool:
         """Whether steps go through the C kernels (else through ``nn.LSTM``)."""
         return self._native is not None
+
+    @property
+    def clock_s(self) -> float:
+        """The time idle expiry runs on, epoch seconds (see the class docstring).
+
+        The event clock once streams agree on one; the wall clock while no tick
+        has carried a timestamp; NaN between the two.
+        """
+        if self._event_clock > -math.inf:
+            return self._event_clock
+        return math.nan if self._event_seen else float(self._clock())
 
     @property
     def stats(self) -> EngineStats:
@@ -148,6 +202,7 @@ class Engine:
             ends=self._counts["ends"],
             evictions=dict(self.store.eviction_counts),
             native=self.native,
+            skipped=self._counts["skipped"],
         )
 
     def step(
@@ -159,23 +214,37 @@ class Engine:
         ends: Sequence[bool] | npt.NDArray[np.bool_] | None = None,
         timestamps: Sequence[float] | npt.NDArray[np.float64] | None = None,
         offsets: Sequence[int] | npt.NDArray[np.int64] | None = None,
+        partitions: Sequence[int] | npt.NDArray[np.int64] | None = None,
     ) -> StepResult:
         """Apply N ticks: ``features [N, F]`` in original units, row i of ``stream_ids[i]``.
 
         ``resets[i]`` zeroes the stream's state before tick i; ``ends[i]``
         frees it after. ``timestamps`` are event times in epoch milliseconds
-        (used for the idle TTL); ``offsets`` the input offsets the ticks came
-        from, remembered with the state.
+        (used for the idle TTL, see the class docstring); NaN marks a tick
+        without one, an infinite one is rejected. ``offsets`` the input
+        offsets the ticks came from, remembered with the state, and
+        ``partitions`` their input partitions (all one partition when None).
+
+        Skip rule (invariant 3): a tick whose offset is not above the offset
+        its stream's state already reflects, from the same partition, is
+        skipped: no state change, no answer, ``skipped[i]`` set and counted.
+        After a restore from a checkpoint that already reflects some of the
+        ticks read again, exactly those are skipped.
         """
         n = len(stream_ids)
         resets_a = _flags("resets", resets, n)
         ends_a = _flags("ends", ends, n)
         ts = _column("timestamps", timestamps, n, np.float64)
         offs = _column("offsets", offsets, n, np.int64)
+        parts = _column("partitions", partitions, n, np.int64)
         held = self.store.lookup(stream_ids)
         x, accepted, rejections = self._validate(stream_ids, features, ts, held)
         self._counts["rejected"] += len(rejections)
-        if rejections:
+        skipped = self._already_applied(held, offs, parts)
+        if skipped is not None:
+            accepted &= ~skipped
+            self._counts["skipped"] += int(skipped.sum())
+        if rejections or skipped is not None:
             rows = np.flatnonzero(accepted)
             ids: Sequence[str] = [stream_ids[i] for i in rows.tolist()]
             held = held[rows]
@@ -183,19 +252,22 @@ class Engine:
             rows = np.arange(n)
             ids = stream_ids
         if not rows.size:
-            return self._answer(n, rows, None, rejections, [])
+            return self._answer(n, rows, None, rejections, [], skipped)
         self._counts["ticks"] += int(rows.size)
 
-        times = ts[rows] / 1000.0 if ts is not None else np.full(rows.size, self._clock())
         order = _Rounds(ids, held)
-        slots_u, evictions = self.store.acquire(order.unique, times[order.first], held[order.first])
+        times, now = self._times(ts, rows, order)
+        held_u = held[order.first]
+        was_held = held_u >= 0  # before acquire fills in the new streams' slots
+        prior = self.store.last_seen[held_u]  # meaningful only where was_held
+        slots_u, evictions = self.store.acquire(order.unique, times[order.first], held_u)
         slots = slots_u[order.inverse]
         r_resets = resets_a[rows]
         r_ends = ends_a[rows]
         self._counts["resets"] += int(r_resets.sum())
         self._counts["ends"] += int(r_ends.sum())
 
-        raw = x[rows] if rejections else x
+        raw = x[rows] if rows.size != n else x
         scaled = torch.from_numpy(self.bundle.scale_inputs(raw))
         step_out = np.empty(rows.size, dtype=np.int64)
         rounds = order.rounds()
@@ -230,14 +302,33 @@ class Engine:
             scores = self._scores(rounds, slots, step_out, raw, finished, r_resets, r_ends)
 
         last = order.last
-        self.store.last_seen[slots_u] = times[last]
+        # A stream's own time never goes back: a late tick does not make it look idle.
+        latest = order.per_stream_max(times)
+        self.store.last_seen[slots_u] = np.where(was_held, np.fmax(prior, latest), latest)
         if offs is not None:
             self.store.offsets[slots_u] = offs[rows][last]
+            self.store.partitions[slots_u] = -1 if parts is None else parts[rows][last]
         ended = [order.unique[u] for u in np.flatnonzero(r_ends[last]).tolist()]
         if ended:
             self.store.release(ended)
-        evictions += self._sweep(float(times.max()))
-        return self._answer(n, rows, (finished, step_out, scores), rejections, evictions)
+        evictions += self._sweep(now)
+        return self._answer(n, rows, (finished, step_out, scores), rejections, evictions, skipped)
+
+    def _already_applied(self, held: I64, offs: I64 | None, parts: I64 | None) -> Bools | None:
+        """Ticks whose stream's state already reflects their offset (None: no such tick)."""
+        if offs is None:
+            return None
+        known = held >= 0
+        if not known.any():
+            return None
+        slots = held[known]
+        state_offsets = self.store.offsets[slots]
+        same = state_offsets >= 0
+        if parts is not None:
+            same &= self.store.partitions[slots] == parts[known]
+        skipped = np.zeros(held.size, dtype=bool)
+        skipped[known] = same & (offs[known] <= state_offsets)
+        return skipped if skipped.any() else None
 
     def _answer(
         self,
@@ -246,6 +337,7 @@ class Engine:
         values: tuple[F32, I64, npt.NDArray[np.float64] | None] | None,
         rejections: list[Rejection],
         evictions: list[Eviction],
+        skipped: Bools | None = None,
     ) -> StepResult:
         """The result of a call of ``n`` ticks whose accepted ``rows`` gave ``values``."""
         out_size = self.bundle.config.output_size
@@ -268,7 +360,16 @@ class Engine:
             if values[2] is not None:
                 all_scores[rows] = values[2]
         ready = steps > self.bundle.warmup_steps
-        return StepResult(predictions, steps, ready, accepted, rejections, evictions, all_scores)
+        return StepResult(
+            predictions,
+            steps,
+            ready,
+            accepted,
+            rejections,
+            evictions,
+            all_scores,
+            np.zeros(0, dtype=bool) if skipped is None else skipped,
+        )
 
     # -- internals ----------------------------------------------------------
 
@@ -323,16 +424,71 @@ class Engine:
             extra[member_slots[ends[sel]]] = 0.0
         return out
 
+    def _times(
+        self, ts: npt.NDArray[np.float64] | None, rows: I64, order: _Rounds
+    ) -> tuple[npt.NDArray[np.float64], float]:
+        """Each accepted tick's time (seconds), after moving the clock; and the clock.
+
+        ``rows`` are the accepted ticks (their timestamps are finite, or NaN for none).
+        """
+        wall = float(self._clock())
+        times = np.full(rows.size, np.nan) if ts is None else ts[rows] / 1000.0
+        has = ~np.isnan(times)
+        if has.any():
+            self._event_seen = True
+            np.minimum(times, wall + self.max_clock_skew_s, out=times)
+            self._advance_clock(order, np.where(has, times, -np.inf), wall)
+        if self._event_clock > -math.inf:
+            now = self._event_clock
+        else:  # no agreed event time (yet): stamp with the wall clock, sweep only on it
+            now = math.nan if self._event_seen else wall
+        times[~has] = wall if now != now else now
+        return times, now
+
+    def _advance_clock(self, order: _Rounds, times: npt.NDArray[np.float64], wall: float) -> None:
+        """Move the event clock by the rule in the class docstring (``times``: -inf = none)."""
+        per_stream = order.per_stream_max(times)
+        in_call: dict[str, float] = {}
+        for _ in range(2):  # the two latest streams of this call
+            i = int(np.argmax(per_stream))
+            if per_stream[i] == -math.inf:
+                break
+            in_call[order.unique[i]] = float(per_stream[i])
+            per_stream[i] = -math.inf
+        best = dict(in_call)
+        if self._claim is not None:
+            stream, t = self._claim
+            best[stream] = max(t, best.get(stream, -math.inf))
+        ranked = sorted(best.items(), key=lambda item: item[1], reverse=True)
+        clock = self._event_clock
+        if len(ranked) > 1:
+            clock = max(clock, ranked[1][1])
+        first, t1 = ranked[0]
+        ttl = self.store.idle_ttl_s
+        span = math.inf if ttl is None else ttl
+        # A lone stream moves the clock only with a tick of this call (a waiting
+        # claim does not become true because the wall clock has caught up).
+        alone_ok = in_call.get(first) == t1 and t1 <= wall
+        if alone_ok and clock > -math.inf and t1 - clock <= span:
+            clock = max(clock, t1)
+            self._claim = None
+        elif t1 > clock:
+            self._claim = (first, t1)
+        else:
+            self._claim = None
+        self._event_clock = clock
+
     def _sweep(self, now: float) -> list[Eviction]:
         ttl = self.store.idle_ttl_s
-        if ttl is None:
+        if ttl is None or now != now:
             return []
-        self._watermark = max(self._watermark, now)
-        if self._watermark < self._next_sweep:
+        # The clock can drop once, when the first timestamps replace the wall clock.
+        if self._swept_at <= now < self._next_sweep:
             return []
         # Sweeping is O(capacity); a few times per TTL keeps memory bounded.
-        self._next_sweep = self._watermark + ttl / 4
-        return self.store.expire(self._watermark)
+        self._swept_at = now
+        self._next_sweep = now + ttl / 4
+        return self.store.expire(now)
 
     def _validate(
         self,
@@ -384,8 +540,8 @@ class Engine:
             if (not isinstance(stream_id, str) or not stream_id) and accepted[i]:
                 accepted[i] = False
                 rejections.append(Rejection(i, "stream", "must be a non-empty string"))
-        if ts is not None:
-            for i in np.flatnonzero(~np.isfinite(ts) & accepted).tolist():
+        if ts is not None:  # NaN: no event time; infinity: rejected
+            for i in np.flatnonzero(np.isinf(ts) & accepted).tolist():
                 accepted[i] = False
                 rejections.append(Rejection(i, "ts", "must be a finite number"))
         rejections.sort(key=lambda r: r.index)
@@ -423,6 +579,14 @@ class _Rounds:
         self.round_of = round_of
         self.first = order[starts]
         self.last = order[ends]
+
+    def per_stream_max(self, values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """The largest of each unique stream's ``values`` (one per tick), by ``unique``."""
+        if self.round_of is None:
+            return values.copy()
+        out = np.full(len(self.unique), -np.inf)
+        np.maximum.at(out, self.inverse, values)
+        return out
 
     def rounds(self) -> list[I64 | None]:
         """Row indices of each round; ``[None]`` means one round of every row."""

@@ -2,8 +2,9 @@
 
 Layout: for every LSTM layer ``l`` one ``h`` and one ``c`` tensor of shape
 ``[capacity, H_l]``; a stream owns one row (a *slot*) in all of them. Small
-per-slot arrays hold the step count since reset, the input offset of the last
-tick applied, the last time the stream was seen (TTL) and a use counter (LRU).
+per-slot arrays hold the step count since reset, the input partition and
+offset of the last tick applied (the engine skips a tick its state already
+reflects), the last time the stream was seen (TTL) and a use counter (LRU).
 
 Capacity doubles on demand up to ``max_streams``; at the bound the least
 recently used stream is evicted. Nothing is dropped silently: every eviction
@@ -77,6 +78,8 @@ class StateStore:
         self.c = [torch.zeros(cap, size) for size in self.hidden_sizes]
         self.steps: I64 = np.zeros(cap, dtype=np.int64)
         self.offsets: I64 = np.full(cap, -1, dtype=np.int64)
+        #: The input partition of the ticks each slot's state reflects (-1: unknown).
+        self.partitions: I64 = np.full(cap, -1, dtype=np.int64)
         self.last_seen: F64 = np.zeros(cap, dtype=np.float64)
         #: Other per-stream numbers the engine keeps (zeroed with the state).
         self.extra = np.zeros((cap, extra_width), dtype=np.float64)
@@ -115,7 +118,8 @@ class StateStore:
         O(streams) because it sizes every id string; meant for benchmarks.
         """
         total = sum(t.numel() * t.element_size() for t in (*self.h, *self.c))
-        total += self.steps.nbytes + self.offsets.nbytes + self.last_seen.nbytes
+        total += self.steps.nbytes + self.offsets.nbytes + self.partitions.nbytes
+        total += self.last_seen.nbytes
         total += self.extra.nbytes
         total += self._last_used.nbytes
         total += sys.getsizeof(self._slot) + sys.getsizeof(self._owner)
@@ -234,6 +238,7 @@ class StateStore:
             )
         self.steps[slots] = [states[s].step for s in ids]
         self.offsets[slots] = [states[s].offset for s in ids]
+        self.partitions[slots] = [states[s].partition for s in ids]
         width = self.extra.shape[1]
         for slot, stream_id in zip(slots.tolist(), ids, strict=True):
             extra = states[stream_id].extra
@@ -266,6 +271,7 @@ class StateStore:
         slots = np.array([self._free.pop() for _ in range(count)], dtype=np.int64)
         self._zero(slots)
         self.offsets[slots] = -1
+        self.partitions[slots] = -1
         return slots
 
     def _grow(self, new_capacity: int) -> None:
@@ -280,6 +286,7 @@ class StateStore:
                 del tensor, grown
         self.steps = _grow_array(self.steps, new_capacity, 0)
         self.offsets = _grow_array(self.offsets, new_capacity, -1)
+        self.partitions = _grow_array(self.partitions, new_capacity, -1)
         self.last_seen = _grow_array(self.last_seen, new_capacity, 0.0)
         extra = np.zeros((new_capacity, self.extra.shape[1]), dtype=np.float64)
         extra[:old] = self.extra
@@ -326,6 +333,7 @@ class StateStore:
                 offset=int(self.offsets[slot]),
                 last_seen=float(self.last_seen[slot]),
                 extra=tuple(self.extra[slot].tolist()),
+                partition=int(self.partitions[slot]),
             )
             for i, slot in enumerate(slots.tolist())
         ]
