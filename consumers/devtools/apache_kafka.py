@@ -195,6 +195,10 @@ class KafkaCluster:
             "log.cleaner.enable": "true",
             # The cleaner's buffer is heap: 128 MiB by default, too much beside -Xmx384m.
             "log.cleaner.dedupe.buffer.size": 16 << 20,
+            # Keep everything: outputs carry their ticks' event time as record time, and
+            # replayed or test data from years ago would be deleted at the first retention
+            # check (30 s after start) under the default 7 days.
+            "log.retention.ms": -1,
             "num.network.threads": 2,
             "num.io.threads": 4,
         }

@@ -21,8 +21,20 @@ import numpy as np
 
 from tests.consumers.conftest import read_all, send_raw
 from tests.consumers.test_durable import _messages, check_against_oracle
-from tests.consumers.test_robustness import _engine_child, _metrics_port, _source
+from tests.consumers.test_robustness import _engine_child, _source
 from tests.consumers.test_serve import _bundle, _committed, _serve_cmd, _ticks
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``streamlstm serve`` logging to a file (a pipe nobody reads would wedge it), once up."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stderr=out)
+    deadline = time.monotonic() + 90
+    while "metrics on" not in log.read_text(errors="replace"):
+        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        assert time.monotonic() < deadline, "serve did not start"
+        time.sleep(0.1)
+    return proc
 
 
 def _send_slowly(
@@ -50,9 +62,8 @@ def test_kill_9_of_the_daemon_and_of_its_engine_loses_no_tick_and_doubles_none(
     kills = ["daemon", "engine", "daemon", "daemon", "engine"]
     for round_, victim in enumerate(kills):
         wave = _ticks(rng, streams=120, n=1500)
-        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+        proc = _start(cmd, env, tmp_path / f"serve-{round_}.log")
         try:
-            _metrics_port(proc, [])
             # The producer keeps sending while the kill comes (mid-stream, mid-checkpoint).
             sent: list[Any] = []
             sender = threading.Thread(
@@ -71,9 +82,8 @@ def test_kill_9_of_the_daemon_and_of_its_engine_loses_no_tick_and_doubles_none(
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-    final = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    final = _start(cmd, env, tmp_path / "serve-final.log")
     try:
-        _metrics_port(final, [])
         keys = {(m.partition, m.offset) for m in metas}
         answered: set[tuple[int, int]] = set()
         deadline = time.monotonic() + 180
