@@ -91,11 +91,10 @@ class Batch:
         """``[N, input_size]`` float64: the valid ticks' values."""
         return np.asarray(self.values, dtype=np.float64)
 
-    def timestamps(self, now_ms: float) -> npt.NDArray[np.float64]:
-        """``[N]`` epoch ms; a tick without event time is seen at ``now_ms``."""
-        ts = np.asarray(self.ts, dtype=np.float64)
-        ts[np.isnan(ts)] = now_ms
-        return ts
+    def timestamps(self) -> npt.NDArray[np.float64]:
+        """``[N]`` epoch ms; NaN for a tick without event time (the engine stamps it with
+        its own clock: the wall clock here would collapse other streams' event time)."""
+        return np.asarray(self.ts, dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -121,6 +120,7 @@ def decode_poll(
     waited) are left out: their new owner reads them.
     """
     batch = Batch(received=received)
+    now_ms = received * 1000.0  # one wall-clock reading for the poll's plausibility checks
     for tp, messages in records.items():
         if tp not in assigned or not messages:
             continue
@@ -128,7 +128,11 @@ def decode_poll(
             batch.count += 1
             try:
                 tick = decode_tick(
-                    msg.key, msg.value, input_size=input_size, max_value_bytes=max_value_bytes
+                    msg.key,
+                    msg.value,
+                    input_size=input_size,
+                    max_value_bytes=max_value_bytes,
+                    now_ms=now_ms,
                 )
             except InputError as exc:
                 batch.bad.append(DeadLetter(msg, exc.field, exc.reason))

@@ -175,9 +175,7 @@ class PollLoop:
             features=batch.features(),
             resets=batch.resets,
             ends=batch.ends,
-            # A tick without event time is seen now, as the engine sees a call without
-            # any; the others keep their own time (the idle TTL runs on event time).
-            timestamps=batch.timestamps(self._clock() * 1000.0),
+            timestamps=batch.timestamps(),
             offsets=[msg.offset for msg in batch.records],
             partitions=[msg.partition for msg in batch.records],
         )

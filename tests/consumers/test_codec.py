@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,11 +81,13 @@ def test_a_poll_decodes_to_arrays_and_bad_records_are_set_aside() -> None:
         ],
         ("in", 1): [Rec("in", 1, 0, b"x", b'{"values": [0.0]}')],  # revoked meanwhile
     }
-    batch = decode_poll(records, assigned={tp}, input_size=1, max_value_bytes=1024, received=1.0)
+    batch = decode_poll(
+        records, assigned={tp}, input_size=1, max_value_bytes=1024, received=time.time()
+    )
     assert batch is not None
     assert batch.ids == ["a", "c"]
     np.testing.assert_array_equal(batch.features(), [[1.5], [2.0]])
-    np.testing.assert_array_equal(batch.timestamps(now_ms=42.0), [1_700_000_000_000, 42.0])
+    np.testing.assert_array_equal(batch.timestamps(), [1_700_000_000_000, np.nan])
     assert [letter.record.offset for letter in batch.bad] == [6]
     assert batch.count == 3 and batch.next_offsets == {tp: 8}
     assert decode_poll(records, assigned=set(), input_size=1, max_value_bytes=9, received=0) is None
