@@ -15,77 +15,26 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
+from streamlstm.batching import Buffers, Rounds, bucket
 from streamlstm.bundle import Bundle
-from streamlstm.errors import ConfigError, InputError
+from streamlstm.errors import ConfigError
+from streamlstm.event_clock import EventClock
 from streamlstm.kernels import NativeStep, native_available
-from streamlstm.model import HeadRunner, LayerGroup
+from streamlstm.model import HeadRunner
 from streamlstm.outputs import ResidualScore
+from streamlstm.results import F32, I64, Bools, EngineStats, Rejection, StepResult
 from streamlstm.state import Eviction, StateStore
+from streamlstm.tick_checks import column, flags, validate_ticks
 
 __all__ = ["Engine", "EngineStats", "Rejection", "StepResult"]
 
 logger = logging.getLogger(__name__)
-
-F32 = npt.NDArray[np.float32]
-I64 = npt.NDArray[np.int64]
-Bools = npt.NDArray[np.bool_]
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """Tick ``index`` of the call was rejected: ``field`` is wrong for ``reason``."""
-
-    index: int
-    field: str
-    reason: str
-
-
-@dataclass(frozen=True, eq=False)
-class StepResult:
-    """What one ``Engine.step`` call produced; row i answers tick i.
-
-    ``predictions`` float32 ``[N, outputs]`` in target units (NaN on rejected
-    rows); ``steps`` int64 ``[N]`` ticks since the stream's last reset,
-    counting this one; ``ready`` ``[N]`` whether the stream is past warm-up;
-    ``accepted`` ``[N]`` false for rejected rows; ``scores`` float64 ``[N]``
-    the anomaly score (``|z|`` of the forecast residual; NaN while a stream
-    has too few residuals, on rejected rows, or when the model has no score);
-    ``skipped`` ``[N]`` true for ticks not applied because the stream's state
-    already reflects their offset (no state change, no answer; empty when the
-    call skipped nothing).
-    """
-
-    predictions: F32
-    steps: I64
-    ready: Bools
-    accepted: Bools
-    rejections: list[Rejection] = field(default_factory=list)
-    evictions: list[Eviction] = field(default_factory=list)
-    scores: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
-    skipped: Bools = field(default_factory=lambda: np.zeros(0, dtype=bool))
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    active_streams: int
-    capacity: int
-    max_streams: int
-    ticks: int
-    rejected: int
-    resets: int
-    ends: int
-    evictions: dict[str, int]
-    #: Whether the recurrent step runs through the C kernels (else nn.LSTM).
-    native: bool = False
-    #: Ticks not applied: their stream's state already reflected their offset.
-    skipped: int = 0
 
 
 class Engine:
@@ -161,16 +110,14 @@ class Engine:
         )
         self._clock = clock
         self.max_clock_skew_s = float(max_clock_skew_s)
+        self._event_time = EventClock(
+            clock, max_clock_skew_s=self.max_clock_skew_s, ttl=lambda: self.store.idle_ttl_s
+        )
         self._input_size = bundle.config.input_size
-        #: Event time the streams agree on (seconds); -inf until they first do.
-        self._event_clock = -math.inf
-        #: The latest time only one stream has claimed, waiting for a second one.
-        self._claim: tuple[str, float] | None = None
-        self._event_seen = False
         self._swept_at = -math.inf
         self._next_sweep = -math.inf
         self._counts: Counter[str] = Counter()
-        self._buffers = _Buffers(self.model.groups, self._input_size)
+        self._buffers = Buffers(self.model.groups, self._input_size)
         self._head = HeadRunner(self.model)
         self._native = NativeStep(self.model) if use_native else None
 
@@ -181,14 +128,8 @@ class Engine:
 
     @property
     def clock_s(self) -> float:
-        """The time idle expiry runs on, epoch seconds (see the class docstring).
-
-        The event clock once streams agree on one; the wall clock while no tick
-        has carried a timestamp; NaN between the two.
-        """
-        if self._event_clock > -math.inf:
-            return self._event_clock
-        return math.nan if self._event_seen else float(self._clock())
+        """The time idle expiry runs on, epoch seconds (see the class docstring)."""
+        return self._event_time.now_s
 
     @property
     def stats(self) -> EngineStats:
@@ -232,13 +173,13 @@ class Engine:
         ticks read again, exactly those are skipped.
         """
         n = len(stream_ids)
-        resets_a = _flags("resets", resets, n)
-        ends_a = _flags("ends", ends, n)
-        ts = _column("timestamps", timestamps, n, np.float64)
-        offs = _column("offsets", offsets, n, np.int64)
-        parts = _column("partitions", partitions, n, np.int64)
+        resets_a = flags("resets", resets, n)
+        ends_a = flags("ends", ends, n)
+        ts = column("timestamps", timestamps, n, np.float64)
+        offs = column("offsets", offsets, n, np.int64)
+        parts = column("partitions", partitions, n, np.int64)
         held = self.store.lookup(stream_ids)
-        x, accepted, rejections = self._validate(stream_ids, features, ts, held)
+        x, accepted, rejections = validate_ticks(stream_ids, features, ts, held, self._input_size)
         self._counts["rejected"] += len(rejections)
         skipped = self._already_applied(held, offs, parts)
         if skipped is not None:
@@ -255,8 +196,8 @@ class Engine:
             return self._answer(n, rows, None, rejections, [], skipped)
         self._counts["ticks"] += int(rows.size)
 
-        order = _Rounds(ids, held)
-        times, now = self._times(ts, rows, order)
+        order = Rounds(ids, held)
+        times, now = self._event_time.times(ts, rows, order)
         held_u = held[order.first]
         was_held = held_u >= 0  # before acquire fills in the new streams' slots
         prior = self.store.last_seen[held_u]  # meaningful only where was_held
@@ -386,7 +327,7 @@ class Engine:
             return self._native(self.store.h, self.store.c, slots, x)
         idx = torch.from_numpy(slots)
         batch = int(slots.size)
-        bx, bh, bc = self._buffers.view(_bucket(batch))
+        bx, bh, bc = self._buffers.view(bucket(batch))
         bx[:batch] = x
         for group, h, c in zip(self.model.groups, bh, bc, strict=True):
             for j in range(group.count):
@@ -424,60 +365,6 @@ class Engine:
             extra[member_slots[ends[sel]]] = 0.0
         return out
 
-    def _times(
-        self, ts: npt.NDArray[np.float64] | None, rows: I64, order: _Rounds
-    ) -> tuple[npt.NDArray[np.float64], float]:
-        """Each accepted tick's time (seconds), after moving the clock; and the clock.
-
-        ``rows`` are the accepted ticks (their timestamps are finite, or NaN for none).
-        """
-        wall = float(self._clock())
-        times = np.full(rows.size, np.nan) if ts is None else ts[rows] / 1000.0
-        has = ~np.isnan(times)
-        if has.any():
-            self._event_seen = True
-            np.minimum(times, wall + self.max_clock_skew_s, out=times)
-            self._advance_clock(order, np.where(has, times, -np.inf), wall)
-        if self._event_clock > -math.inf:
-            now = self._event_clock
-        else:  # no agreed event time (yet): stamp with the wall clock, sweep only on it
-            now = math.nan if self._event_seen else wall
-        times[~has] = wall if now != now else now
-        return times, now
-
-    def _advance_clock(self, order: _Rounds, times: npt.NDArray[np.float64], wall: float) -> None:
-        """Move the event clock by the rule in the class docstring (``times``: -inf = none)."""
-        per_stream = order.per_stream_max(times)
-        in_call: dict[str, float] = {}
-        for _ in range(2):  # the two latest streams of this call
-            i = int(np.argmax(per_stream))
-            if per_stream[i] == -math.inf:
-                break
-            in_call[order.unique[i]] = float(per_stream[i])
-            per_stream[i] = -math.inf
-        best = dict(in_call)
-        if self._claim is not None:
-            stream, t = self._claim
-            best[stream] = max(t, best.get(stream, -math.inf))
-        ranked = sorted(best.items(), key=lambda item: item[1], reverse=True)
-        clock = self._event_clock
-        if len(ranked) > 1:
-            clock = max(clock, ranked[1][1])
-        first, t1 = ranked[0]
-        ttl = self.store.idle_ttl_s
-        span = math.inf if ttl is None else ttl
-        # A lone stream moves the clock only with a tick of this call (a waiting
-        # claim does not become true because the wall clock has caught up).
-        alone_ok = in_call.get(first) == t1 and t1 <= wall
-        if alone_ok and clock > -math.inf and t1 - clock <= span:
-            clock = max(clock, t1)
-            self._claim = None
-        elif t1 > clock:
-            self._claim = (first, t1)
-        else:
-            self._claim = None
-        self._event_clock = clock
-
     def _sweep(self, now: float) -> list[Eviction]:
         ttl = self.store.idle_ttl_s
         if ttl is None or now != now:
@@ -489,195 +376,3 @@ class Engine:
         self._swept_at = now
         self._next_sweep = now + ttl / 4
         return self.store.expire(now)
-
-    def _validate(
-        self,
-        stream_ids: Sequence[str],
-        features: npt.ArrayLike | Sequence[Sequence[Any]],
-        ts: npt.NDArray[np.float64] | None,
-        held: I64,
-    ) -> tuple[F32, Bools, list[Rejection]]:
-        n = len(stream_ids)
-        width = self._input_size
-        rejections: list[Rejection] = []
-        accepted = np.ones(n, dtype=bool)
-        x = np.zeros((n, width), dtype=np.float32)
-        arr: npt.NDArray[Any] | None = None
-        if isinstance(features, np.ndarray) and features.dtype.kind in "fiu":
-            arr = features
-        if arr is not None and arr.ndim == 2 and arr.shape[0] == n:
-            if arr.shape[1] == width:
-                with np.errstate(over="ignore"):
-                    x[:] = arr
-            else:
-                for i in range(n):
-                    accepted[i] = False
-                    rejections.append(
-                        Rejection(i, "values", f"expected {width} values, got {arr.shape[1]}")
-                    )
-        else:
-            rows = list(features)  # type: ignore[arg-type]
-            if len(rows) != n:
-                raise InputError("features", f"{len(rows)} rows for {n} stream ids")
-            for i, row in enumerate(rows):
-                reason = _row_problem(row, width)
-                if reason is None:
-                    with np.errstate(over="ignore"):  # too large for float32: inf, rejected below
-                        x[i] = np.asarray(row, dtype=np.float64)
-                else:
-                    accepted[i] = False
-                    rejections.append(Rejection(i, "values", reason))
-        with np.errstate(invalid="ignore"):
-            bad = ~np.isfinite(x).all(axis=1) & accepted
-        for i in np.flatnonzero(bad).tolist():
-            accepted[i] = False
-            rejections.append(
-                Rejection(i, "values", "NaN, infinity or out of float32 range is not a value")
-            )
-        # A held id passed this check when its stream was created.
-        for i in np.flatnonzero(held < 0).tolist():
-            stream_id = stream_ids[i]
-            if (not isinstance(stream_id, str) or not stream_id) and accepted[i]:
-                accepted[i] = False
-                rejections.append(Rejection(i, "stream", "must be a non-empty string"))
-        if ts is not None:  # NaN: no event time; infinity: rejected
-            for i in np.flatnonzero(np.isinf(ts) & accepted).tolist():
-                accepted[i] = False
-                rejections.append(Rejection(i, "ts", "must be a finite number"))
-        rejections.sort(key=lambda r: r.index)
-        return x, accepted, rejections
-
-
-class _Rounds:
-    """Splits a call's ticks into rounds of distinct streams, in arrival order.
-
-    ``held`` are the ids' slots in the store (-1 if new). When every id is
-    held and the slots are distinct, that settles it without hashing the ids
-    again (the common case); otherwise the ids themselves are grouped.
-    """
-
-    def __init__(self, ids: Sequence[str], held: I64) -> None:
-        n = len(ids)
-        self.unique: Sequence[str] = ids if _distinct_held(held) else list(dict.fromkeys(ids))
-        if len(self.unique) == n:
-            self.inverse = np.arange(n, dtype=np.int64)
-            self.round_of: I64 | None = None
-            self.first = self.inverse
-            self.last = self.inverse
-            return
-        index = {s: i for i, s in enumerate(self.unique)}
-        inverse = np.array([index[s] for s in ids], dtype=np.int64)
-        # Occurrence number of each tick within its stream, by a stable sort.
-        order = np.argsort(inverse, kind="stable")
-        sorted_inv = inverse[order]
-        starts = np.flatnonzero(np.r_[True, sorted_inv[1:] != sorted_inv[:-1]])
-        group_start = np.repeat(starts, np.diff(np.r_[starts, n]))
-        round_of = np.empty(n, dtype=np.int64)
-        round_of[order] = np.arange(n) - group_start
-        ends = np.r_[starts[1:], n] - 1
-        self.inverse = inverse
-        self.round_of = round_of
-        self.first = order[starts]
-        self.last = order[ends]
-
-    def per_stream_max(self, values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        """The largest of each unique stream's ``values`` (one per tick), by ``unique``."""
-        if self.round_of is None:
-            return values.copy()
-        out = np.full(len(self.unique), -np.inf)
-        np.maximum.at(out, self.inverse, values)
-        return out
-
-    def rounds(self) -> list[I64 | None]:
-        """Row indices of each round; ``[None]`` means one round of every row."""
-        if self.round_of is None:
-            return [None]
-        # Rows sorted by round, stably: each round keeps arrival order.
-        order = np.argsort(self.round_of, kind="stable")
-        bounds = np.searchsorted(self.round_of[order], np.arange(int(self.round_of.max()) + 2))
-        return [order[bounds[r] : bounds[r + 1]] for r in range(bounds.size - 1)]
-
-
-class _Buffers:
-    """Persistent step inputs: one allocation per tensor, viewed at each bucket size."""
-
-    def __init__(self, groups: Sequence[LayerGroup], width: int) -> None:
-        self._groups = groups
-        self._width = width
-        self._rows = 0
-        self._x = torch.zeros(0)
-        self._h: list[torch.Tensor] = []
-        self._c: list[torch.Tensor] = []
-        self._views: dict[int, tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = {}
-
-    def view(self, bucket: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """``x [bucket, F]`` and per layer group ``h``, ``c`` ``[count, bucket, H]``, contiguous."""
-        views = self._views.get(bucket)
-        if views is not None:
-            return views
-        if bucket > self._rows:
-            self._rows = bucket
-            self._x = torch.zeros(bucket * self._width)
-            self._h = [torch.zeros(g.count * bucket * g.hidden_size) for g in self._groups]
-            self._c = [torch.zeros(g.count * bucket * g.hidden_size) for g in self._groups]
-            self._views.clear()
-        shapes = [(g.count, bucket, g.hidden_size) for g in self._groups]
-        views = self._views[bucket] = (
-            self._x[: bucket * self._width].view(bucket, self._width),
-            [t[: math.prod(s)].view(s) for t, s in zip(self._h, shapes, strict=True)],
-            [t[: math.prod(s)].view(s) for t, s in zip(self._c, shapes, strict=True)],
-        )
-        return views
-
-
-def _distinct_held(held: I64) -> bool:
-    """Whether every slot is a held one (not -1) and none repeats."""
-    if not held.size or held.min() < 0:
-        return False
-    ordered = np.sort(held)
-    return bool((ordered[1:] != ordered[:-1]).all())
-
-
-def _bucket(batch: int) -> int:
-    """Batch sizes rounded up: 8, 16, 32, 64, then multiples of 64, and past 1024 of 1/16 octave.
-
-    Few shapes (oneDNN caches one primitive per shape) and little padding:
-    a 700-row batch steps 704 rows, where powers of two made it 1024.
-    """
-    if batch <= 64:
-        return max(8, 1 << (batch - 1).bit_length())
-    grain = max(64, 1 << ((batch - 1).bit_length() - 4))
-    return -(-batch // grain) * grain
-
-
-def _row_problem(row: object, width: int) -> str | None:
-    if isinstance(row, str | bytes) or not hasattr(row, "__len__"):
-        return f"expected a list of {width} numbers, got {type(row).__name__}"
-    values = list(row)  # type: ignore[call-overload]
-    if len(values) != width:
-        return f"expected {width} values, got {len(values)}"
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, int | float | np.number):
-            return f"expected numbers, got {type(value).__name__} {value!r:.40}"
-    return None
-
-
-def _flags(name: str, values: Any, n: int) -> Bools:
-    if values is None:
-        return np.zeros(n, dtype=bool)
-    arr = np.asarray(values, dtype=bool)
-    if arr.shape != (n,):
-        raise InputError(name, f"expected {n} flags, got shape {list(arr.shape)}")
-    return arr
-
-
-def _column(name: str, values: Any, n: int, dtype: type[np.generic]) -> Any:
-    if values is None:
-        return None
-    try:
-        arr = np.asarray(values, dtype=dtype)
-    except (TypeError, ValueError) as exc:
-        raise InputError(name, f"must be numbers ({exc})") from exc
-    if arr.shape != (n,):
-        raise InputError(name, f"expected {n} values, got shape {list(arr.shape)}")
-    return arr

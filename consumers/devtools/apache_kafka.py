@@ -32,7 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from streamlstm.consumers.devtools.kafka_jars import KAFKA_VERSION, kafka_libs, need
+from streamlstm.consumers.devtools.kafka_jars import (
+    JVM_OPTIONS,
+    KAFKA_VERSION,
+    LOG4J2_PROPERTIES,
+    kafka_libs,
+    need,
+)
 from streamlstm.consumers.devtools.kafka_probe import (
     CAN_DIE_WITH_PARENT,
     brokers_seen,
@@ -42,28 +48,6 @@ from streamlstm.consumers.devtools.tansu import free_port
 from streamlstm.errors import BrokerError
 
 __all__ = ["JVM_OPTIONS", "KAFKA_VERSION", "KafkaCluster", "kafka_libs"]
-
-# Warnings and errors only, plus the one line that says the server started.
-_LOG4J2 = """status = error
-appender.out.type = Console
-appender.out.name = OUT
-appender.out.layout.type = PatternLayout
-appender.out.layout.pattern = [%d] %p %m (%c)%n
-rootLogger.level = WARN
-rootLogger.appenderRef.out.ref = OUT
-logger.started.name = kafka.server.KafkaRaftServer
-logger.started.level = INFO
-"""
-
-#: C1 only (TieredStopAtLevel=1) starts a node in about a third of the time (measured on
-#: 2 cores: one node 2.5 s instead of 6.6 s, three 9.7 s instead of 16.3 s); pass
-#: ``jvm_options`` without it for long throughput runs.
-JVM_OPTIONS: tuple[str, ...] = (
-    "-Xms64m",
-    "-XX:+UseSerialGC",
-    "-XX:TieredStopAtLevel=1",
-    "-Djava.awt.headless=true",
-)
 
 
 def _cluster_id() -> str:
@@ -218,7 +202,7 @@ class KafkaCluster:
         for node, meta in zip(self._nodes, metas, strict=True):
             node.directory.mkdir(parents=True, exist_ok=True)
             (node.directory / "server.properties").write_text(self._properties(node))
-            (node.directory / "log4j2.properties").write_text(_LOG4J2)
+            (node.directory / "log4j2.properties").write_text(LOG4J2_PROPERTIES)
             if meta.is_file():
                 continue
             with node.log.open("ab") as log:

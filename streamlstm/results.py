@@ -1,0 +1,66 @@
+"""What ``Engine.step`` returns, and the engine's running figures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from streamlstm.state import Eviction
+
+__all__ = ["F32", "I64", "Bools", "EngineStats", "Rejection", "StepResult"]
+
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+Bools = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Tick ``index`` of the call was rejected: ``field`` is wrong for ``reason``."""
+
+    index: int
+    field: str
+    reason: str
+
+
+@dataclass(frozen=True, eq=False)
+class StepResult:
+    """What one ``Engine.step`` call produced; row i answers tick i.
+
+    ``predictions`` float32 ``[N, outputs]`` in target units (NaN on rejected
+    rows); ``steps`` int64 ``[N]`` ticks since the stream's last reset,
+    counting this one; ``ready`` ``[N]`` whether the stream is past warm-up;
+    ``accepted`` ``[N]`` false for rejected rows; ``scores`` float64 ``[N]``
+    the anomaly score (``|z|`` of the forecast residual; NaN while a stream
+    has too few residuals, on rejected rows, or when the model has no score);
+    ``skipped`` ``[N]`` true for ticks not applied because the stream's state
+    already reflects their offset (no state change, no answer; empty when the
+    call skipped nothing).
+    """
+
+    predictions: F32
+    steps: I64
+    ready: Bools
+    accepted: Bools
+    rejections: list[Rejection] = field(default_factory=list)
+    evictions: list[Eviction] = field(default_factory=list)
+    scores: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
+    skipped: Bools = field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    active_streams: int
+    capacity: int
+    max_streams: int
+    ticks: int
+    rejected: int
+    resets: int
+    ends: int
+    evictions: dict[str, int]
+    #: Whether the recurrent step runs through the C kernels (else nn.LSTM).
+    native: bool = False
+    #: Ticks not applied: their stream's state already reflected their offset.
+    skipped: int = 0
