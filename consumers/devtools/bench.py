@@ -27,6 +27,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 
 from streamlstm import Bundle, EngineStats, ModelConfig, StepResult
+from streamlstm.consumers.devtools.bench_state import run_restore_bench
 from streamlstm.consumers.devtools.brokers import describe, local_broker
 from streamlstm.consumers.devtools.replay import replay
 from streamlstm.consumers.engine_process import (
@@ -87,8 +88,9 @@ class _Passthrough:
         return None
 
 
-def _config(bootstrap: str, src: str, out: str, max_records: int) -> ServeConfig:
+def _config(bootstrap: str, src: str, out: str, max_records: int, **overrides: Any) -> ServeConfig:
     return ServeConfig(
+        **overrides,
         model="(in memory)",
         bootstrap_servers=bootstrap,
         input_topic=src,
@@ -234,6 +236,7 @@ def run_kafka_bench(
     latency_seconds: float,
     latency_rate: float | None = None,
     drains: int = 2,
+    restore_streams: int = 0,
 ) -> dict[str, Any]:
     bundle = Bundle.random(ModelConfig(input_size=1), seed=0)
     result: dict[str, Any] = {
@@ -250,18 +253,30 @@ def run_kafka_bench(
     # The best of ``drains`` rounds, the two kinds taking turns: a drain of
     # 100k ticks lasts about a second, and one disturbed by the machine's other
     # tenants once measured the engine at 0.60x where undisturbed rounds gave 0.79-0.85x.
-    runs: dict[str, list[float]] = {"passthrough": [], "engine": []}
+    # "durable" is the engine with durable state: checkpoints to a changelog every second.
+    durable = {"state": "durable", "commit_interval_ms": 1000}
+    kinds: list[tuple[str, EngineFactory, dict[str, Any]]] = [
+        ("passthrough", _Passthrough, {}),
+        ("engine", default_engine, {}),
+        ("durable", default_engine, durable),
+    ]
+    runs: dict[str, list[float]] = {name: [] for name, _, _ in kinds}
     for round_ in range(1, drains + 1):
-        for name, kind in (("passthrough", _Passthrough), ("engine", default_engine)):
+        for name, kind, overrides in kinds:
             out = f"bench-out-{name}-{uuid.uuid4().hex[:6]}"
             _progress(f"{name}: draining {src} through the daemon ({round_}/{drains})")
-            config = _config(bootstrap, src, out, max_records)
+            config = _config(bootstrap, src, out, max_records, **overrides)
             runs[name].append(asyncio.run(_drain(kind, config, bundle, ticks)))
     rates = {name: max(each) for name, each in runs.items()}
     result["drains"] = {name: [round(r) for r in each] for name, each in runs.items()}
     result["passthrough_ticks_per_s"] = round(rates["passthrough"])
     result["engine_ticks_per_s"] = round(rates["engine"])
     result["engine_over_passthrough"] = round(rates["engine"] / rates["passthrough"], 3)
+    result["durable_ticks_per_s"] = round(rates["durable"])
+    result["durable_over_engine"] = round(rates["durable"] / rates["engine"], 3)
+    if restore_streams:
+        _progress(f"restore: {restore_streams} streams from one changelog partition")
+        result.update(run_restore_bench(bootstrap, bundle, restore_streams))
     rate = latency_rate or rates["engine"] / 2
     # The passthrough at the same rate shows what the generator, the broker and
     # the loop cost on this machine; the difference is the engine's.
@@ -307,6 +322,12 @@ def main(argv: Sequence[str]) -> int:
         type=float,
         help="ticks/s for the latency run (default: half the measured end-to-end maximum)",
     )
+    parser.add_argument(
+        "--restore-streams",
+        type=int,
+        default=100_000,
+        help="streams restored from a changelog for the restore speed (0 skips it)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(list(argv))
     if args.drains < 1:
@@ -324,6 +345,7 @@ def main(argv: Sequence[str]) -> int:
             latency_seconds=args.latency_seconds,
             latency_rate=args.latency_rate,
             drains=args.drains,
+            restore_streams=args.restore_streams,
         )
         result["broker"] = describe(broker) if broker is not None else args.bootstrap_servers
     finally:
@@ -342,7 +364,15 @@ def main(argv: Sequence[str]) -> int:
             f"passthrough (no inference): {result['passthrough_ticks_per_s']:>9,} ticks/s\n"
             f"engine end to end:          {result['engine_ticks_per_s']:>9,} ticks/s "
             f"({result['engine_over_passthrough']:.3f} x passthrough)\n"
-            f"latency at {lat['rate_ticks_per_s']:,.0f} ticks/s "
+            f"durable state (1 s checkpoints): {result['durable_ticks_per_s']:>9,} ticks/s "
+            f"({result['durable_over_engine']:.3f} x memory-only)\n"
+            + (
+                f"restore: {result['restored_streams']:,} streams in "
+                f"{result['restore_seconds']} s ({result['restore_streams_per_s']:,} streams/s)\n"
+                if "restore_seconds" in result
+                else ""
+            )
+            + f"latency at {lat['rate_ticks_per_s']:,.0f} ticks/s "
             f"({'as asked' if args.latency_rate else 'half max'}, after a "
             f"{lat['warmup_s']:.0f} s warm-up), event time to ack:\n"
             f"  engine:      p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms "

@@ -30,6 +30,8 @@ def test_bench_kafka_json_has_every_figure(bootstrap: str) -> None:
             "300",
             "--drains",
             "2",
+            "--restore-streams",
+            "500",
             "--json",
         ],
         capture_output=True,
@@ -44,9 +46,13 @@ def test_bench_kafka_json_has_every_figure(bootstrap: str) -> None:
     ratio = result["engine_ticks_per_s"] / result["passthrough_ticks_per_s"]
     assert abs(result["engine_over_passthrough"] - ratio) < 0.01
     # Two drains per kind, and the best of each is the figure.
-    for name in ("passthrough", "engine"):
+    for name in ("passthrough", "engine", "durable"):
         assert len(result["drains"][name]) == 2
         assert result[f"{name}_ticks_per_s"] == max(result["drains"][name])
+    durable = result["durable_ticks_per_s"] / result["engine_ticks_per_s"]
+    assert abs(result["durable_over_engine"] - durable) < 0.01
+    assert result["restored_streams"] == 500
+    assert result["restore_streams_per_s"] == round(500 / result["restore_seconds"])
     assert result["latency_rate_is_half_max"] is False
     for name in ("engine_latency", "passthrough_latency", "transport_latency"):
         lat = result[name]

@@ -1,0 +1,96 @@
+"""``bench kafka``'s durable-state figures: restore speed from a filled changelog.
+
+Throughput with durable state is measured by ``bench.py`` beside memory-only
+state (same topic, same loop, checkpoints every second). Here: a changelog
+partition filled with ``streams`` states of the bench's model (one record
+per stream, as compaction leaves it), then restored into a real engine child
+process exactly as the daemon restores an assigned partition (read to the
+end, last record per stream, bulk-load): streams per second, end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+from aiokafka import AIOKafkaProducer
+from prometheus_client import CollectorRegistry
+
+from streamlstm import Bundle, StreamState
+from streamlstm.consumers.changelog import Changelog, ensure_changelog
+from streamlstm.consumers.engine_process import EngineProcess
+from streamlstm.consumers.kafka import client_options, start_client
+from streamlstm.consumers.outbox import Outbox
+from streamlstm.metrics import ServeMetrics
+
+__all__ = ["run_restore_bench"]
+
+
+async def _fill(bootstrap: str, topic: str, bundle: Bundle, streams: int) -> int:
+    """``streams`` states of ``bundle``'s shape in partition 0; returns the bytes written."""
+    rng = np.random.default_rng(0)
+    sizes = bundle.config.hidden_sizes
+    producer = AIOKafkaProducer(**client_options(bootstrap), acks="all", linger_ms=5)
+    await start_client(producer, bootstrap)
+    written = 0
+    try:
+        futures: list[Any] = []
+        for lo in range(0, streams, 5000):
+            outbox = Outbox(producer, {})
+            for i in range(lo, min(streams, lo + 5000)):
+                state = StreamState(
+                    h=tuple(rng.standard_normal(s).astype(np.float32) for s in sizes),
+                    c=tuple(rng.standard_normal(s).astype(np.float32) for s in sizes),
+                    step=100,
+                    offset=i,
+                    last_seen=1.7e9,
+                    partition=0,
+                    model=bundle.model_id,
+                )
+                value = state.to_bytes()
+                written += len(value)
+                outbox.add(topic, f"stream-{i}".encode(), value, partition=0)
+            futures += await outbox.send()
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+    return written
+
+
+async def _restore(bootstrap: str, topic: str, bundle: Bundle, streams: int) -> dict[str, Any]:
+    engine = EngineProcess(bundle, max_streams=max(streams, 1024), idle_ttl_s=None)
+    await engine.start()
+    try:
+        metrics = ServeMetrics(CollectorRegistry())
+        changelog = Changelog(
+            client_options(bootstrap),
+            topic,
+            engine=engine,
+            metrics=metrics,
+            on_model_change="reset",
+            isolation_level="read_committed",
+        )
+        started = time.perf_counter()
+        await changelog.restore([0])
+        seconds = time.perf_counter() - started
+        assert engine.stats is not None
+        loaded = engine.stats.active_streams
+    finally:
+        await engine.close()
+    return {"restored_streams": loaded, "restore_seconds": round(seconds, 3)}
+
+
+def run_restore_bench(bootstrap: str, bundle: Bundle, streams: int) -> dict[str, Any]:
+    """Restore speed of ``streams`` states from one changelog partition (streams/s)."""
+    topic = f"bench-changelog-{uuid.uuid4().hex[:6]}"
+    asyncio.run(
+        ensure_changelog(client_options(bootstrap), topic, partitions=1, replication_factor=1)
+    )
+    size = asyncio.run(_fill(bootstrap, topic, bundle, streams))
+    result = asyncio.run(_restore(bootstrap, topic, bundle, streams))
+    result["restore_bytes"] = size
+    result["restore_streams_per_s"] = round(streams / max(result["restore_seconds"], 1e-9))
+    return result
