@@ -36,7 +36,7 @@ from streamlstm import Bundle, Engine
 from streamlstm.consumers.engine_process import FRAME_LENGTH, StepReply, StepRequest, frame
 from streamlstm.consumers.isolation import step_isolated
 from streamlstm.errors import StateError, StreamLSTMError
-from streamlstm.stream_state import StreamState
+from streamlstm.stream_state import StateArrays, StreamState, decode_many
 
 __all__ = ["ChildEngine", "RestoreReport"]
 
@@ -133,29 +133,61 @@ class ChildEngine:
         """Load one changelog partition's states; see ``RestoreReport`` for what is counted."""
         store = self.engine.store
         sizes = tuple(h.shape[1] for h in store.h)
-        states: dict[str, StreamState] = {}
         reset = kept = corrupt = 0
-        for stream, blob in blobs.items():
-            try:
-                state = StreamState.from_bytes(blob)
-            except StateError:
-                corrupt += 1
-                continue
-            if state.model and state.model != self.model_id:
-                compatible = tuple(h.size for h in state.h) == sizes
+        try:  # the common case: one model wrote them all, one layout: decoded as a table
+            arrays: StateArrays | None = decode_many(blobs)
+        except StateError:
+            arrays = None
+        if arrays is not None and arrays.ids:
+            model = arrays.models[0]
+            if model and model != self.model_id:
+                compatible = tuple(h.shape[1] for h in arrays.h) == sizes
                 if policy != "keep-if-compatible" or not compatible:
-                    reset += 1
+                    reset, arrays = len(arrays.ids), None
+                else:
+                    kept = len(arrays.ids)
+        elif arrays is None:  # mixed or corrupt: one by one
+            states: dict[str, StreamState] = {}
+            for stream, blob in blobs.items():
+                try:
+                    state = StreamState.from_bytes(blob)
+                except StateError:
+                    corrupt += 1
                     continue
-                kept += 1
-            states[stream] = replace(state, partition=partition)
-        room = store.max_streams - len(store)
-        over = max(0, len(states) - room)
-        if over:  # keep the most recently seen
-            order = sorted(states, key=lambda s: states[s].last_seen, reverse=True)
-            states = {s: states[s] for s in order[:room]}
-        store.restore(states)
-        self.partition_of.update(dict.fromkeys(states, partition))
-        return RestoreReport(len(states), reset, kept, over, corrupt)
+                if state.model and state.model != self.model_id:
+                    compatible = tuple(h.size for h in state.h) == sizes
+                    if policy != "keep-if-compatible" or not compatible:
+                        reset += 1
+                        continue
+                    kept += 1
+                states[stream] = state
+            arrays = StateArrays.from_states(states)
+        if arrays is None or not arrays.ids:
+            return RestoreReport(0, reset, kept, 0, corrupt)
+        arrays = _most_recent(arrays, store.max_streams - len(store))
+        over = len(blobs) - corrupt - reset - len(arrays.ids)
+        arrays.partition[:] = partition
+        store.restore_arrays(arrays)
+        self.partition_of.update(dict.fromkeys(arrays.ids, partition))
+        return RestoreReport(len(arrays.ids), reset, kept, over, corrupt)
+
+
+def _most_recent(arrays: StateArrays, room: int) -> StateArrays:
+    """At most ``room`` states: the most recently seen (a restore over ``max_streams``)."""
+    if len(arrays.ids) <= room:
+        return arrays
+    keep = np.sort(np.argsort(-np.nan_to_num(arrays.last_seen, nan=-np.inf))[: max(room, 0)])
+    return StateArrays(
+        ids=[arrays.ids[i] for i in keep.tolist()],
+        h=[h[keep] for h in arrays.h],
+        c=[c[keep] for c in arrays.c],
+        step=arrays.step[keep],
+        offset=arrays.offset[keep],
+        partition=arrays.partition[keep],
+        last_seen=arrays.last_seen[keep],
+        extra=arrays.extra[keep],
+        models=[arrays.models[i] for i in keep.tolist()],
+    )
 
 
 # -- the process -------------------------------------------------------------

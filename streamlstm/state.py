@@ -26,7 +26,7 @@ import torch
 
 from streamlstm.errors import ConfigError, StateError
 from streamlstm.kernels import native_available, slot_map
-from streamlstm.stream_state import StreamState
+from streamlstm.stream_state import StateArrays, StreamState
 
 __all__ = ["Eviction", "EvictionReason", "StateStore", "StreamState"]
 
@@ -213,16 +213,19 @@ class StateStore:
         """Load states (replacing any in memory); may evict LRU streams for room."""
         if not states:
             return []
-        for stream_id, state in states.items():
-            sizes = tuple(h.size for h in state.h)
-            if sizes != self.hidden_sizes or tuple(c.size for c in state.c) != sizes:
-                raise StateError(
-                    f"state of stream {stream_id!r} has layer sizes {list(sizes)}, "
-                    f"this model has {list(self.hidden_sizes)}"
-                )
-        ids = list(states)
-        times = np.array([states[s].last_seen for s in ids], dtype=np.float64)
-        times = np.nan_to_num(times, nan=0.0)
+        return self.restore_arrays(StateArrays.from_states(dict(states)))
+
+    def restore_arrays(self, states: StateArrays) -> list[Eviction]:
+        """``restore`` for states as columns (a changelog restore: no object per stream)."""
+        ids = states.ids
+        if not ids:
+            return []
+        sizes = tuple(h.shape[1] for h in states.h)
+        if sizes != self.hidden_sizes or tuple(c.shape[1] for c in states.c) != sizes:
+            raise StateError(
+                f"states have layer sizes {list(sizes)}, this model has {list(self.hidden_sizes)}"
+            )
+        times = np.nan_to_num(states.last_seen.astype(np.float64), nan=0.0)
         saved_ttl, self.idle_ttl_s = self.idle_ttl_s, None  # restoring is not a TTL check
         try:
             slots, evictions = self.acquire(ids, times)
@@ -230,20 +233,14 @@ class StateStore:
             self.idle_ttl_s = saved_ttl
         idx = torch.from_numpy(slots)
         for layer in range(len(self.hidden_sizes)):
-            self.h[layer].index_copy_(
-                0, idx, torch.from_numpy(np.stack([states[s].h[layer] for s in ids]))
-            )
-            self.c[layer].index_copy_(
-                0, idx, torch.from_numpy(np.stack([states[s].c[layer] for s in ids]))
-            )
-        self.steps[slots] = [states[s].step for s in ids]
-        self.offsets[slots] = [states[s].offset for s in ids]
-        self.partitions[slots] = [states[s].partition for s in ids]
+            self.h[layer].index_copy_(0, idx, torch.from_numpy(states.h[layer]))
+            self.c[layer].index_copy_(0, idx, torch.from_numpy(states.c[layer]))
+        self.steps[slots] = states.step
+        self.offsets[slots] = states.offset
+        self.partitions[slots] = states.partition
         width = self.extra.shape[1]
-        for slot, stream_id in zip(slots.tolist(), ids, strict=True):
-            extra = states[stream_id].extra
-            # State saved by a model without these columns starts them from zero.
-            self.extra[slot] = extra if len(extra) == width else np.zeros(width)
+        # State saved by a model without these columns starts them from zero.
+        self.extra[slots] = states.extra if states.extra.shape[1] == width else 0.0
         return evictions
 
     # -- internals ----------------------------------------------------------

@@ -13,13 +13,14 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from streamlstm.errors import StateError
 
-__all__ = ["StreamState"]
+__all__ = ["StateArrays", "StreamState", "decode_many"]
 
 _MAGIC = b"SLST"
 _FORMAT_VERSION = 3  # 3 appends partition and model; 2 the extra columns; 1, 2 still read
@@ -110,3 +111,109 @@ class StreamState:
             partition=partition,
             model=model,
         )
+
+
+@dataclass(frozen=True, eq=False)
+class StateArrays:
+    """Many streams' states as columns: row i is stream ``ids[i]``.
+
+    ``h[l]`` and ``c[l]`` are float32 ``[N, H_l]``; ``extra`` float64 ``[N, E]``.
+    """
+
+    ids: list[str]
+    h: list[npt.NDArray[np.float32]]
+    c: list[npt.NDArray[np.float32]]
+    step: npt.NDArray[np.int64]
+    offset: npt.NDArray[np.int64]
+    partition: npt.NDArray[np.int64]
+    last_seen: npt.NDArray[np.float64]
+    extra: npt.NDArray[np.float64]
+    models: list[str]
+
+    @classmethod
+    def from_states(cls, states: dict[str, StreamState]) -> StateArrays:
+        ids = list(states)
+        values = [states[s] for s in ids]
+        layers = len(values[0].h) if values else 0
+        width = max((len(v.extra) for v in values), default=0)
+        extra = np.zeros((len(ids), width))
+        for i, v in enumerate(values):
+            extra[i, : len(v.extra)] = v.extra
+        return cls(
+            ids=ids,
+            h=[np.stack([v.h[k] for v in values]) for k in range(layers)],
+            c=[np.stack([v.c[k] for v in values]) for k in range(layers)],
+            step=np.array([v.step for v in values], dtype=np.int64),
+            offset=np.array([v.offset for v in values], dtype=np.int64),
+            partition=np.array([v.partition for v in values], dtype=np.int64),
+            last_seen=np.array([v.last_seen for v in values], dtype=np.float64),
+            extra=extra,
+            models=[v.model for v in values],
+        )
+
+
+def decode_many(blobs: dict[str, bytes]) -> StateArrays:
+    """Many states' bytes as columns; one pass of numpy when they share one layout.
+
+    A restore reads a changelog of states that one model wrote, so they share
+    their length and layout: the bytes are joined and sliced as a table (no
+    Python object per stream). Anything else is decoded one by one. A state
+    that does not decode raises ``StateError`` with its stream id.
+    """
+    ids = list(blobs)
+    if not ids:
+        return StateArrays.from_states({})
+    first = blobs[ids[0]]
+    try:
+        template = StreamState.from_bytes(first)
+    except StateError as exc:
+        raise StateError(f"stream {ids[0]!r}: {exc}") from exc
+    size = len(first)
+    layers = len(template.h)
+    tail = 4 + 8 * len(template.extra) + 6 + len(template.model.encode())
+    uniform = first[4] == _FORMAT_VERSION and all(len(blobs[s]) == size for s in ids)
+    if uniform:
+        table = np.frombuffer(b"".join(blobs[s] for s in ids), dtype=np.uint8).reshape(-1, size)
+        ends = 6 + len(template.model.encode())  # partition and model
+        fixed = np.concatenate(
+            [
+                table[:, :6],  # magic, version, layer count
+                table[:, 30 : 30 + 4 * layers],  # layer sizes
+                table[:, size - tail : size - tail + 4],  # extra count
+                table[:, size - ends :],  # partition and model
+            ],
+            axis=1,
+        )
+        uniform = bool((fixed == fixed[0]).all())
+    if not uniform:
+        states = {}
+        for stream in ids:
+            try:
+                states[stream] = StreamState.from_bytes(blobs[stream])
+            except StateError as exc:
+                raise StateError(f"stream {stream!r}: {exc}") from exc
+        return StateArrays.from_states(states)
+
+    def column(start: int, dtype: str, count: int) -> npt.NDArray[Any]:
+        width = np.dtype(dtype).itemsize * count
+        return table[:, start : start + width].copy().view(dtype).reshape(len(ids), count)
+
+    pos = 30 + 4 * layers
+    hs, cs = [], []
+    for h in template.h:
+        hs.append(column(pos, "<f4", h.size))
+        pos += 4 * h.size
+        cs.append(column(pos, "<f4", h.size))
+        pos += 4 * h.size
+    count = len(template.extra)
+    return StateArrays(
+        ids=ids,
+        h=hs,
+        c=cs,
+        step=column(6, "<i8", 1)[:, 0].copy(),
+        offset=column(14, "<i8", 1)[:, 0].copy(),
+        partition=np.full(len(ids), template.partition, dtype=np.int64),
+        last_seen=column(22, "<f8", 1)[:, 0].copy(),
+        extra=column(pos + 4, "<f8", count) if count else np.zeros((len(ids), 0)),
+        models=[template.model] * len(ids),
+    )
