@@ -104,3 +104,73 @@ def test_kill_9_of_the_daemon_and_of_its_engine_loses_no_tick_and_doubles_none(
     for meta in metas:
         ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
     assert asyncio.run(_committed(bootstrap, group, src)) == ends
+
+
+def test_a_group_scaling_out_and_in_with_a_kill_moves_every_stream_with_its_state(
+    bootstrap: str, make_topics: Any, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(78)
+    model_dir = _bundle(tmp_path)
+    src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=6)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    cmd = _serve_cmd(model_dir, bootstrap, src, out, dlq, group)
+    cmd += ["--state", "durable", "--commit-interval-ms", "250"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ticks: list[tuple[str, list[float], bool]] = []
+    metas: list[Any] = []
+
+    def wave(n: int = 1200) -> threading.Thread:
+        batch = _ticks(rng, streams=90, n=n)
+        messages = _messages(batch, len(ticks))
+        ticks.extend(batch)
+        sent: list[Any] = []
+        thread = threading.Thread(target=_send_slowly, args=(bootstrap, src, messages, sent))
+        thread.start()
+        waves.append((thread, sent))
+        return thread
+
+    waves: list[tuple[threading.Thread, list[Any]]] = []
+    members: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        members["a"] = _start(cmd, env, tmp_path / "a.log")
+        wave().join()
+        # Scale out to three while ticks flow: partitions move, with their streams' state.
+        sending = wave()
+        members["b"] = _start(cmd, env, tmp_path / "b.log")
+        members["c"] = _start(cmd, env, tmp_path / "c.log")
+        sending.join()
+        time.sleep(3.0)
+        sending = wave()
+        time.sleep(0.7)
+        os.kill(members["b"].pid, signal.SIGKILL)  # its partitions go on from the changelog
+        members.pop("b").wait(timeout=60)
+        sending.join()
+        sending = wave()
+        members["c"].send_signal(signal.SIGTERM)  # scale in: a clean leave
+        assert members.pop("c").wait(timeout=60) == 0
+        sending.join()
+        for thread, sent in waves:
+            thread.join()
+            metas += sent
+        keys = {(m.partition, m.offset) for m in metas}
+        deadline = time.monotonic() + 180
+        answered: set[tuple[int, int]] = set()
+        while not answered >= keys and time.monotonic() < deadline:
+            answered = {
+                _source(m) for m in asyncio.run(read_all(bootstrap, out, 10**9, timeout_s=3))
+            }
+        time.sleep(1.0)
+    finally:
+        for proc in members.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc in members.values():
+            proc.wait(timeout=60)
+    assert all(proc.returncode == 0 for proc in members.values())
+    outputs = asyncio.run(read_all(bootstrap, out, 10**9, timeout_s=5))
+    check_against_oracle(model_dir, ticks, metas, outputs)
+    restored = sum(
+        "restored" in line and " 0 streams" not in line
+        for log in tmp_path.glob("*.log")
+        for line in log.read_text(errors="replace").splitlines()
+    )
+    assert restored > 0, "no partition moved with its streams' state"
