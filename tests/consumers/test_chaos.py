@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from streamlstm.consumers.devtools.apache_kafka import KafkaCluster
 from tests.consumers.conftest import read_all, send_raw
 from tests.consumers.test_durable import _messages, check_against_oracle
 from tests.consumers.test_robustness import _engine_child, _source
@@ -174,3 +177,56 @@ def test_a_group_scaling_out_and_in_with_a_kill_moves_every_stream_with_its_stat
         for line in log.read_text(errors="replace").splitlines()
     )
     assert restored > 0, "no partition moved with its streams' state"
+
+
+@pytest.mark.cluster
+def test_a_broker_node_killed_and_restarted_mid_stream_loses_nothing(tmp_path: Path) -> None:
+    rng = np.random.default_rng(79)
+    model_dir = _bundle(tmp_path)
+    suffix = uuid.uuid4().hex[:6]
+    src, out, dlq = f"ticks-{suffix}", f"preds-{suffix}", f"dlq-{suffix}"
+    with KafkaCluster(nodes=3) as cluster:
+        bootstrap = cluster.bootstrap
+
+        async def create() -> None:
+            admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+            await admin.start()
+            try:
+                await admin.create_topics([NewTopic(t, 4, 3) for t in (src, out, dlq)])
+            finally:
+                await admin.close()
+
+        asyncio.run(create())
+        group = f"g-{uuid.uuid4().hex[:8]}"
+        cmd = _serve_cmd(model_dir, bootstrap, src, out, dlq, group)
+        cmd += ["--state", "durable", "--commit-interval-ms", "250"]
+        cmd += ["--changelog-replication-factor", "3"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = _start(cmd, env, tmp_path / "serve.log")
+        ticks = _ticks(rng, streams=60, n=2000)
+        metas: list[Any] = []
+        try:
+            sender = threading.Thread(
+                target=_send_slowly, args=(bootstrap, src, _messages(ticks, 0), metas)
+            )
+            sender.start()
+            time.sleep(0.8)
+            cluster.kill(2)  # SIGKILL, data kept: two of three keep serving (min ISR 2)
+            time.sleep(3.0)
+            cluster.restart(2)
+            sender.join()
+            keys_sent = len(ticks)
+            deadline = time.monotonic() + 180
+            outputs: list[Any] = []
+            while time.monotonic() < deadline:
+                outputs = asyncio.run(read_all(bootstrap, out, 10**9, timeout_s=3))
+                if len({_source(m) for m in outputs}) >= keys_sent:
+                    break
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        assert proc.returncode == 0
+        outputs = asyncio.run(read_all(bootstrap, out, 10**9, timeout_s=5))
+        by_tick = check_against_oracle(model_dir, ticks, metas, outputs)
+        assert sum(len(v) - 1 for v in by_tick.values()) < len(ticks)
