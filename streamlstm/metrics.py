@@ -203,6 +203,11 @@ class ServeMetrics:
             ["reason"],
             registry=registry,
         )
+        # Every label value at 0 from the start, so that the series exist in every mode.
+        for kind in ("state", "tombstone"):
+            self.checkpoint_records.labels(kind)
+        for reason in ("model_changed", "over_capacity", "corrupt"):
+            self.restore_left_out.labels(reason)
         self.restore_kept_model_changed = Counter(
             "streamlstm_restore_kept_model_changed_streams",
             "States from another, compatible model kept (--on-model-change keep-if-compatible)",

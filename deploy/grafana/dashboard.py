@@ -264,6 +264,112 @@ def build() -> dash_m.Dashboard:
                 query(f"sum(rate(streamlstm_ends_total{rate}))", "ends"),
             )
         )
+        .with_row(dash_b.Row("Durable state: checkpoints"))
+        .with_panel(
+            timeseries(
+                "Checkpoints",
+                "ops",
+                "Checkpoints completed (changed states to the changelog, then the offsets), "
+                "every --commit-interval-ms with --state durable; none in memory mode.",
+                query(
+                    f"sum by (instance) (rate(streamlstm_checkpoints_total{rate}))",
+                    "{{instance}}",
+                ),
+            )
+        )
+        .with_panel(
+            timeseries(
+                "Checkpoint time",
+                "s",
+                "From asking the engine for the changed states to committing the offsets.",
+                *quantiles("streamlstm_checkpoint_seconds"),
+            )
+        )
+        .with_panel(
+            timeseries(
+                "Checkpoint records by kind",
+                "ops",
+                "Changelog records written: states of changed streams, tombstones of "
+                "streams that ended or were evicted.",
+                query(
+                    f"sum by (kind) (rate(streamlstm_checkpoint_records_total{rate}))",
+                    "{{kind}}",
+                ),
+            )
+        )
+        .with_panel(
+            timeseries(
+                "Checkpoint bytes",
+                "Bps",
+                "Bytes of state written to the changelog.",
+                query(
+                    f"sum by (instance) (rate(streamlstm_checkpoint_bytes_total{rate}))",
+                    "{{instance}}",
+                ),
+            )
+        )
+        .with_row(dash_b.Row("Durable state: restores"))
+        .with_panel(
+            timeseries(
+                "Restored streams (since start)",
+                "short",
+                "Streams loaded from the changelog on partition assignment, and states left "
+                "out, by reason, since each instance started (restores mostly run at start-up, "
+                "before a rate could see them).",
+                query(
+                    f"sum by (instance) (streamlstm_restored_streams_total{{{SEL}}})",
+                    "{{instance}}",
+                ),
+                query(
+                    f"sum by (reason) (streamlstm_restore_left_out_streams_total{{{SEL}}})",
+                    "left out: {{reason}}",
+                ),
+                query(
+                    f"sum(streamlstm_restore_kept_model_changed_streams_total{{{SEL}}})",
+                    "kept from another, compatible model",
+                ),
+            )
+        )
+        .with_panel(
+            timeseries(
+                "Restore time (since start)",
+                "s",
+                "Mean time to restore one changelog partition, and the partition restores "
+                "that took over 30 s, since each instance started.",
+                query(
+                    f"sum by (instance) (streamlstm_restore_seconds_sum{{{SEL}}})"
+                    f" / sum by (instance) (streamlstm_restore_seconds_count{{{SEL}}})",
+                    "{{instance}} mean",
+                ),
+                query(
+                    f"sum by (instance) (streamlstm_restore_seconds_count{{{SEL}}})"
+                    f' - sum by (instance) (streamlstm_restore_seconds_bucket{{{SEL}, le="30.0"}})',
+                    "{{instance}} restores over 30 s",
+                ),
+            )
+        )
+        .with_panel(
+            timeseries(
+                "Restore bytes (since start)",
+                "bytes",
+                "Bytes of state read from the changelog by restores since each instance started.",
+                query(
+                    f"sum by (instance) (streamlstm_restore_bytes_total{{{SEL}}})", "{{instance}}"
+                ),
+            )
+        )
+        .with_panel(
+            timeseries(
+                "Skipped ticks",
+                "ops",
+                "Ticks read again after a restore or a rebalance whose offset the stream's "
+                "restored state already reflects: not applied, not answered again.",
+                query(
+                    f"sum by (instance) (rate(streamlstm_ticks_skipped_total{rate}))",
+                    "{{instance}}",
+                ),
+            )
+        )
         .with_row(dash_b.Row("Engine"))
         .with_panel(
             timeseries(

@@ -1,6 +1,8 @@
 """A real Prometheus scrapes a real daemon with deploy/'s rules; every query is run.
 
 The test starts `streamlstm serve` on a random model against the test broker,
+with durable state (`--state durable`, a checkpoint every 500 ms, so that the
+checkpoint and restore series hold real data, not memory mode's zeros),
 feeds it valid and invalid ticks (so that the dead-letter series exist), and
 starts Debian's `prometheus` on a free port with a 1 s scrape and evaluation
 interval, loading deploy/prometheus/rules. Then, through the HTTP API:
@@ -12,6 +14,8 @@ interval, loading deploy/prometheus/rules. Then, through the HTTP API:
   each dashboard variable (`label_values`) has values;
 - every series name the rules and the dashboard read is one the daemon exposes
   (or in NOT_EXPOSED), so a renamed metric fails here;
+- the rules see the daemon as durable and checkpointing, and
+  StreamlstmCheckpointsStopped is not pending;
 - after the daemon stops, StreamlstmInstanceDown goes pending.
 
 It fails (never skips) when prometheus is not installed.
@@ -186,6 +190,12 @@ def daemon(
         str(port),
         "--metrics-interval-s",
         "1",
+        # Durable state, so that the checkpoint and restore series have data (in memory
+        # mode they are all 0, and the labelled ones, by kind and by reason, absent).
+        "--state",
+        "durable",
+        "--commit-interval-ms",
+        "500",
     ]
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -324,6 +334,18 @@ def test_rules_and_dashboard_against_a_live_daemon(
     unknown = read - exposed - NOT_EXPOSED.keys()
     if unknown:
         problems.append(f"series the daemon does not expose: {sorted(unknown)}")
+
+    # The checkpoint alert's guard sees a durable daemon, which checkpoints (every 500 ms).
+    durable = prom.query("instance:streamlstm_state_durable:bool")
+    if [s["value"][1] for s in durable] != ["1"]:
+        problems.append(f"instance:streamlstm_state_durable:bool is {durable}, not 1")
+    if not prom.query("instance:streamlstm_checkpoints:rate5m > 0"):
+        problems.append("instance:streamlstm_checkpoints:rate5m is not above 0")
+    if any(
+        a["labels"]["alertname"] == "StreamlstmCheckpointsStopped"
+        for a in prom.api("alerts")["alerts"]
+    ):
+        problems.append("StreamlstmCheckpointsStopped is pending or firing")
     assert not problems, "\n".join(problems)
 
     # The daemon goes away: the instance-down alert goes pending (its `for` is 2m).
