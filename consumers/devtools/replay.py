@@ -19,7 +19,6 @@ from streamlstm import Bundle
 from streamlstm.consumers.devtools.connection import add_connection_arguments, connection_options
 from streamlstm.consumers.kafka import client_options, ensure_topics, partitions_of, start_client
 from streamlstm.consumers.outbox import Outbox
-from streamlstm.errors import ConfigError
 from streamlstm.training.data import numeric_columns, read_table, require_columns, time_values
 
 __all__ = ["main", "produce_main", "replay", "tail_main"]
@@ -177,10 +176,7 @@ async def replay(
 
 def _model_features(model_dir: str) -> list[str]:
     """The input columns a bundle was trained on, in its order."""
-    bundle = Bundle.load(model_dir)
-    if not bundle.feature_names:
-        raise ConfigError(f"model: {model_dir} names no features; pass --features instead")
-    return list(bundle.feature_names)
+    return list(Bundle.load(model_dir).feature_names)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -112,3 +112,44 @@ def test_paced_replay_keeps_the_rate_and_sends_at_most_every_pace_interval(
     sends = len({b["ts"] for b in bodies})
     span_s = (max(b["ts"] for b in bodies) - min(b["ts"] for b in bodies)) / 1000.0
     assert sends <= span_s / _PACE_S + 2
+
+
+def test_produce_with_a_model_sends_exactly_its_features(
+    bootstrap: str, make_topics: Any, tmp_path: Path
+) -> None:
+    from streamlstm import Bundle, ModelConfig
+
+    (topic,) = make_topics("ticks", partitions=1)
+    config = ModelConfig(input_size=2, hidden_sizes=(4,), head_sizes=(2,), output_size=1)
+    model = Bundle.random(config, seed=0, feature_names=("temp", "load")).save(tmp_path / "m")
+    data = tmp_path / "ticks.csv"
+    data.write_text("load,noise,temp\n1.0,9.0,20.0\n2.0,9.5,21.0\n")
+    done = _cli(
+        "produce",
+        "--data",
+        str(data),
+        "--topic",
+        topic,
+        "--bootstrap-servers",
+        bootstrap,
+        "--model",
+        str(model),
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    messages = asyncio.run(read_all(bootstrap, topic, 2, timeout_s=30))
+    # The model's features, in the model's order; the other numeric column is left out.
+    assert [json.loads(m.value)["values"] for m in messages] == [[20.0, 1.0], [21.0, 2.0]]
+    nameless = Bundle.random(config, seed=0).save(tmp_path / "nameless")
+    refused = _cli(
+        "produce",
+        "--data",
+        str(data),
+        "--topic",
+        topic,
+        "--bootstrap-servers",
+        bootstrap,
+        "--model",
+        str(nameless),
+    )
+    # A bundle without named features is x0, x1, ...: the file lacks them, and says so.
+    assert refused.returncode == 1 and "x0, x1 not in the file" in refused.stderr
