@@ -4,7 +4,8 @@ This runs where the engine is (the engine's child process), before the next
 request is read, so the ticks are still applied in order: the parent has
 usually sent the next batch already, and retrying there would apply that
 batch before the rest of this one. It is a rare path (a bug, not bad input:
-the codec and the engine refuse bad input one tick at a time); a tick whose
+the codec and the engine refuse bad input one tick at a time, and a call the
+engine refuses as a whole still raises its ``StreamLSTMError``); a tick whose
 own step fails is refused with the error (field ``engine``), and becomes a
 dead letter.
 """
@@ -20,6 +21,7 @@ import numpy as np
 
 from streamlstm import StepResult
 from streamlstm.engine import Rejection
+from streamlstm.errors import StreamLSTMError
 
 if TYPE_CHECKING:  # engine_process imports this module
     from streamlstm.consumers.engine_process import StepRequest
@@ -35,6 +37,8 @@ def step_isolated(
     """``step(request)``; if it raises, each tick alone, in order, the failing ones refused."""
     try:
         return step(request)
+    except StreamLSTMError:
+        raise  # the call itself is wrong (shapes, lengths): the caller hears it as it is
     except Exception:
         logger.warning(
             "a step of %d ticks failed; taking them one at a time",

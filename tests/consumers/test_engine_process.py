@@ -35,7 +35,7 @@ def run(factory: Callable[[EngineProcess], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(main())
 
 
-def _batch(rng: np.random.Generator, n: int) -> dict[str, Any]:
+def _batch(rng: np.random.Generator, n: int, start: int = 0) -> dict[str, Any]:
     ids = [f"s{i}" for i in rng.integers(0, 20, n).tolist()]
     return {
         "stream_ids": ids,
@@ -43,13 +43,15 @@ def _batch(rng: np.random.Generator, n: int) -> dict[str, Any]:
         "resets": rng.random(n) < 0.1,
         "ends": rng.random(n) < 0.05,
         "timestamps": np.arange(n, dtype=np.float64) * 1000.0,
-        "offsets": list(range(n)),
+        "offsets": list(range(start, start + n)),  # one partition's offsets only grow
     }
 
 
 def test_overlapping_steps_match_an_in_process_engine() -> None:
     rng = np.random.default_rng(7)
-    batches = [_batch(rng, int(n)) for n in rng.integers(1, 60, 12)]
+    sizes = rng.integers(1, 60, 12).tolist()
+    starts = np.cumsum([0, *sizes[:-1]]).tolist()
+    batches = [_batch(rng, n, start) for n, start in zip(sizes, starts, strict=True)]
     local = Engine(_bundle(), max_streams=64)
     expected = [local.step(**b) for b in batches]
 
