@@ -15,6 +15,7 @@ the daemon, and then nothing unacknowledged is committed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
@@ -26,7 +27,7 @@ from aiokafka.errors import (
     RecordTooLargeError,
 )
 
-from streamlstm.consumers.outbox import OutRecord
+from streamlstm.consumers.outbox import Outbox, OutRecord
 from streamlstm.errors import BrokerError
 from streamlstm.metrics import ServeMetrics
 
@@ -50,9 +51,15 @@ class Rescuer:
     """``await rescuer(records, error)``: deliver a refused batch's records one by one."""
 
     def __init__(
-        self, producer: AIOKafkaProducer, *, dlq_topic: str, metrics: ServeMetrics
+        self,
+        producer: AIOKafkaProducer,
+        *,
+        partitions: Mapping[str, Sequence[int]],
+        dlq_topic: str,
+        metrics: ServeMetrics,
     ) -> None:
         self._producer = producer
+        self._partitions = partitions
         self._dlq = dlq_topic
         self._metrics = metrics
 
@@ -108,15 +115,12 @@ class Rescuer:
         headers: list[tuple[str, bytes]],
         timestamp: int | None,
     ) -> None:
+        # A record batch of its own: through ``producer.send`` it could share a batch
+        # with other records, and the broker judges (and refuses) whole batches.
+        outbox = Outbox(self._producer, self._partitions)
+        outbox.add(topic, key, value, headers, timestamp, partition=partition)
         try:
-            future = await self._producer.send(
-                topic,
-                value=value,
-                key=key,
-                partition=partition,
-                headers=headers,
-                timestamp_ms=timestamp,
-            )
+            (future,) = await outbox.send()
             await future
         except PER_RECORD_ERRORS:
             raise

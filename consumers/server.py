@@ -306,7 +306,10 @@ class Server:
     async def _rescue_records(self, records: list[Any], error: BaseException) -> None:
         assert self._producer is not None
         dlq = str(self.config.dlq_topic)
-        await Rescuer(self._producer, dlq_topic=dlq, metrics=self.metrics)(records, error)
+        rescuer = Rescuer(
+            self._producer, partitions=self._partitions, dlq_topic=dlq, metrics=self.metrics
+        )
+        await rescuer(records, error)
 
     async def _committed(self, tp: Any) -> int | None:
         assert self._consumer is not None
