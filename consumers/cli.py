@@ -56,6 +56,7 @@ def _on_signal(server: Server, sig: signal.Signals) -> None:
         server.request_stop()
         return
     logger.warning("%s again: exiting at once, without committing", sig.name)
+    server.kill_engine()
     logging.shutdown()
     os._exit(128 + sig.value)
 

@@ -197,6 +197,12 @@ class EngineProcess:
         report, self.stats = await self._request(("restore", partition, states, policy))
         return report
 
+    def kill(self) -> None:
+        """SIGKILL the child at once (a daemon exiting without its shutdown: a stopped or
+        wedged child would not notice the socket closing)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+
     async def close(self, timeout_s: float = 10.0) -> None:
         writer, proc = self._writer, self._proc
         self._writer = self._proc = None

@@ -18,6 +18,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -274,7 +275,7 @@ class Server:
             self.reporter.run_summaries(
                 cfg.metrics_interval_s,
                 self.engine_stats,
-                self._publish_summary if cfg.metrics_topic else None,
+                partial(publish, self._producer, cfg.metrics_topic) if cfg.metrics_topic else None,
             ),
             name="streamlstm-summary",
         )
@@ -315,14 +316,15 @@ class Server:
         assert self._consumer is not None
         return await committed_offset(self._consumer, tp)
 
-    async def _publish_summary(self, key: bytes, value: bytes) -> None:
-        assert self._producer is not None and self.config.metrics_topic
-        await publish(self._producer, self.config.metrics_topic, key, value)
-
     def _fail(self, exc: BaseException) -> None:
         """Mark the daemon failed (from a callback that cannot raise into the loop)."""
         self._failure = self._failure or exc
         self._stopping.set()
+
+    def kill_engine(self) -> None:
+        """Kill the engine child at once (an exit that skips ``stop``)."""
+        if isinstance(self._engine, EngineProcess):
+            self._engine.kill()
 
     def request_stop(self) -> None:
         """Ask the loop to finish its batch and stop (signal handlers call this)."""

@@ -129,6 +129,13 @@ def _fields(valid: list[bool], hostile_at: dict[int, tuple[Any, Any, str]]) -> l
     return ["" if ok else next(order) for ok in valid]
 
 
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
+
+
 def _source(msg: Any) -> tuple[int, int]:
     body = json.loads(msg.value)
     return body["partition"], body["offset"]
@@ -234,7 +241,8 @@ def test_a_second_signal_exits_at_once_without_committing(
         body = json.dumps({"values": [1.0, 2.0], "ts": EPOCH_MS}).encode()
         asyncio.run(send_raw(bootstrap, src, [(b"s", body)]))
         assert len(asyncio.run(read_all(bootstrap, out, 1, timeout_s=60))) == 1
-        os.kill(_engine_child(proc.pid), signal.SIGSTOP)  # the next step never ends
+        child = _engine_child(proc.pid)
+        os.kill(child, signal.SIGSTOP)  # the next step never ends
         asyncio.run(send_raw(bootstrap, src, [(b"s", body)] * 5))
         time.sleep(2.0)
         proc.send_signal(signal.SIGTERM)  # waits for the wedged step (up to 120 s)
@@ -245,6 +253,8 @@ def test_a_second_signal_exits_at_once_without_committing(
         proc.wait(timeout=10)
         assert time.monotonic() - started < 5
         assert proc.returncode == 128 + signal.SIGTERM
+        # The stopped engine child went with it (it could not notice the socket close).
+        _wait_for(lambda: not Path(f"/proc/{child}").exists() or _zombie(child), 10, "the child")
     finally:
         if proc.poll() is None:
             proc.kill()
