@@ -9,7 +9,7 @@ last record per stream, so a restore reads at most one record per stream and
 per compaction lag.
 
 ``ensure_changelog`` creates or verifies the topic at start-up;
-``read_partition`` reads one partition to its end for a restore (last record
+``read_partitions`` reads partitions to their ends for a restore (last record
 per key wins, tombstones delete).
 """
 
@@ -30,7 +30,7 @@ from streamlstm.consumers.outbox import Outbox
 from streamlstm.errors import BrokerError
 from streamlstm.metrics import ServeMetrics
 
-__all__ = ["Changelog", "Restored", "ensure_changelog", "read_partition"]
+__all__ = ["Changelog", "Restored", "ensure_changelog", "read_partitions"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,10 @@ async def ensure_changelog(
                 "old states are deleted with time and streams restart from zero"
             )
     except KafkaError as exc:
-        raise BrokerError(f"cannot create or check the changelog {topic}: {exc}") from exc
+        raise BrokerError(
+            f"cannot create or check the changelog {topic}: {exc}; durable state needs a "
+            "broker with topic configs and compaction, such as Apache Kafka (not Tansu)"
+        ) from exc
     finally:
         await admin.close()
 
@@ -106,49 +109,63 @@ class Restored:
     seconds: float
 
 
-async def read_partition(
+async def read_partitions(
     options: dict[str, Any],
     topic: str,
-    partition: int,
+    partitions: list[int],
     *,
     isolation_level: str = "read_uncommitted",
     max_partition_fetch_bytes: int = 8 << 20,
-) -> Restored:
-    """Every stream's last state in one changelog partition (from the start to the end offset)."""
-    started = time.perf_counter()
-    tp = TopicPartition(topic, partition)
+) -> list[Restored]:
+    """Every stream's last state in each changelog partition, from its start to its end
+    offset as the read begins; one consumer (one connection) for them all."""
+    tps = [TopicPartition(topic, p) for p in partitions]
     consumer = AIOKafkaConsumer(
         **options,
         enable_auto_commit=False,
         isolation_level=isolation_level,
         max_partition_fetch_bytes=max_partition_fetch_bytes,
         fetch_max_bytes=max(max_partition_fetch_bytes, 64 << 20),
+        fetch_max_wait_ms=50,  # an empty fetch at the end must not cost aiokafka's 500 ms
     )
-    states: dict[str, bytes] = {}
-    records = size = 0
+    read = {tp: Restored(tp.partition, {}, 0, 0, 0.0) for tp in tps}
+    started = time.perf_counter()
     try:
         await consumer.start()
-        consumer.assign([tp])
-        end = (await consumer.end_offsets([tp]))[tp]
-        # An explicit seek: seek_to_beginning with read_committed was seen to land at the end.
-        consumer.seek(tp, (await consumer.beginning_offsets([tp]))[tp])
-        while await consumer.position(tp) < end:
-            batch = await consumer.getmany(tp, timeout_ms=1000, max_records=100_000)
-            for msg in batch.get(tp, []):
-                if msg.offset >= end:
-                    break
-                records += 1
-                key = msg.key.decode("utf-8", "surrogateescape") if msg.key else ""
-                if msg.value is None:
-                    states.pop(key, None)
-                else:
-                    states[key] = msg.value
-                    size += len(msg.value)
+        consumer.assign(tps)
+        ends = await consumer.end_offsets(tps)
+        # Explicit seeks: seek_to_beginning with read_committed was seen to land at the end.
+        for tp, offset in (await consumer.beginning_offsets(tps)).items():
+            consumer.seek(tp, offset)
+        pending = [tp for tp in tps if await consumer.position(tp) < ends[tp]]
+        while pending:
+            batch = await consumer.getmany(*pending, timeout_ms=1000, max_records=100_000)
+            for tp, messages in batch.items():
+                _apply(read[tp], messages, ends[tp])
+            pending = [tp for tp in pending if await consumer.position(tp) < ends[tp]]
     except KafkaError as exc:
-        raise BrokerError(f"cannot read the changelog {topic}[{partition}]: {exc}") from exc
+        raise BrokerError(f"cannot read the changelog {topic} {partitions}: {exc}") from exc
     finally:
         await consumer.stop()
-    return Restored(partition, states, records, size, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    for restored in read.values():
+        restored.seconds = seconds / len(tps)  # read together: each its share
+    return list(read.values())
+
+
+def _apply(restored: Restored, messages: list[Any], end: int) -> None:
+    """Last record per stream wins; a tombstone deletes."""
+    states = restored.states
+    for msg in messages:
+        if msg.offset >= end:
+            break
+        restored.records += 1
+        key = msg.key.decode("utf-8", "surrogateescape") if msg.key else ""
+        if msg.value is None:
+            states.pop(key, None)
+        else:
+            states[key] = msg.value
+            restored.bytes += len(msg.value)
 
 
 class Changelog:
@@ -196,11 +213,12 @@ class Changelog:
         self._metrics.checkpoint_seconds.observe(seconds)
 
     async def restore(self, partitions: list[int]) -> None:
-        """Read each partition's states to the end and load them into the engine."""
-        for partition in partitions:
-            restored = await read_partition(
-                self.options, self.topic, partition, isolation_level=self._isolation
-            )
+        """Read the partitions' states to their ends and load them into the engine."""
+        every = await read_partitions(
+            self.options, self.topic, partitions, isolation_level=self._isolation
+        )
+        for restored in every:
+            partition = restored.partition
             started = time.perf_counter()
             report = await self._engine.restore(partition, restored.states, self._policy)
             seconds = restored.seconds + time.perf_counter() - started

@@ -27,18 +27,19 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from streamlstm import Bundle, Engine
+from streamlstm import Bundle, Engine, EngineStats
 from streamlstm.consumers.engine_process import FRAME_LENGTH, StepReply, StepRequest, frame
 from streamlstm.consumers.isolation import step_isolated
 from streamlstm.errors import StateError, StreamLSTMError
 from streamlstm.stream_state import StateArrays, StreamState, decode_many
 
-__all__ = ["ChildEngine", "RestoreReport"]
+__all__ = ["ChildEngine", "InProcessEngine", "RestoreReport"]
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,47 @@ class ChildEngine:
         store.restore_arrays(arrays)
         self.partition_of.update(dict.fromkeys(arrays.ids, partition))
         return RestoreReport(len(arrays.ids), reset, kept, over, corrupt)
+
+
+class InProcessEngine:
+    """An ``EngineClient`` that runs a ``ChildEngine`` in this process (tests, embedding).
+
+    The same bookkeeping and answers as the child process, without its
+    isolation: each request runs to its end before the next.
+    """
+
+    def __init__(self, child: ChildEngine) -> None:
+        self.child = child
+        self.stats: EngineStats | None = None
+
+    @property
+    def alive(self) -> bool:
+        return True
+
+    async def start(self) -> EngineStats:
+        self.stats = self.child.engine.stats
+        return self.stats
+
+    async def step(self, request: StepRequest) -> StepReply:
+        reply = self.child.step(request)
+        self.stats = reply.stats
+        return reply
+
+    async def drop_partitions(self, partitions: Sequence[int]) -> int:
+        count = self.child.drop(set(partitions))
+        self.stats = self.child.engine.stats
+        return count
+
+    async def checkpoint(self) -> list[tuple[str, int, bytes | None]]:
+        return self.child.checkpoint()
+
+    async def restore(self, partition: int, states: dict[str, bytes], policy: str) -> Any:
+        report = self.child.restore(partition, states, policy)
+        self.stats = self.child.engine.stats
+        return report
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        return None
 
 
 def _most_recent(arrays: StateArrays, room: int) -> StateArrays:

@@ -67,7 +67,8 @@ def pytest_report_header() -> str:
 
 
 @pytest.fixture(scope="session")
-def bootstrap() -> Iterator[str]:
+def suite_broker() -> Iterator[str]:
+    """The suite's broker (see the module docstring); tests ask for ``bootstrap``."""
     external = os.environ.get("STREAMLSTM_TEST_BOOTSTRAP")
     if external:
         yield external
@@ -77,15 +78,28 @@ def bootstrap() -> Iterator[str]:
         yield broker.bootstrap
 
 
+@pytest.fixture(scope="session")
+def bootstrap(suite_broker: str) -> str:
+    return suite_broker
+
+
 def broker_kind() -> str:
     """The broker the suite starts: ``STREAMLSTM_TEST_BROKER`` (kafka by default)."""
     return os.environ.get("STREAMLSTM_TEST_BROKER", "kafka")
 
 
-@pytest.fixture
-def make_topics(bootstrap: str) -> Callable[..., list[str]]:
-    """``make_topics("in", "out", partitions=4)``: fresh, uniquely named topics."""
+@pytest.fixture(scope="session")
+def kafka_bootstrap(suite_broker: str) -> Iterator[str]:
+    """Apache Kafka even when the suite runs on Tansu: for what Tansu lacks (topic
+    configs, compaction, a partition's exact end offset), which durable state needs."""
+    if os.environ.get("STREAMLSTM_TEST_BOOTSTRAP") or broker_kind() != "tansu":
+        yield suite_broker
+        return
+    with local_broker("kafka") as broker:
+        yield broker.bootstrap
 
+
+def _topic_factory(bootstrap: str) -> Callable[..., list[str]]:
     def factory(*names: str, partitions: int = 4) -> list[str]:
         suffix = uuid.uuid4().hex[:8]
         topics = [f"{name}-{suffix}" for name in names]
@@ -102,3 +116,15 @@ def make_topics(bootstrap: str) -> Callable[..., list[str]]:
         return topics
 
     return factory
+
+
+@pytest.fixture
+def make_topics(bootstrap: str) -> Callable[..., list[str]]:
+    """``make_topics("in", "out", partitions=4)``: fresh, uniquely named topics."""
+    return _topic_factory(bootstrap)
+
+
+@pytest.fixture
+def make_kafka_topics(kafka_bootstrap: str) -> Callable[..., list[str]]:
+    """``make_topics`` on ``kafka_bootstrap``."""
+    return _topic_factory(kafka_bootstrap)

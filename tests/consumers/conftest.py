@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import re
+import subprocess
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from streamlstm import Engine, StepResult
 
 
 async def send_raw(
@@ -43,3 +51,41 @@ async def read_all(bootstrap: str, topic: str, count: int, timeout_s: float = 60
     finally:
         await consumer.stop()
     return out
+
+
+class FragileEngine(Engine):
+    """An engine whose step fails (``ValueError``) whenever the call holds the stream "boom"."""
+
+    def step(self, stream_ids: Any, *args: Any, **kwargs: Any) -> StepResult:
+        if "boom" in stream_ids:
+            raise ValueError("kaboom")
+        return super().step(stream_ids, *args, **kwargs)
+
+
+def start_serve(cmd: list[str], log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """``streamlstm serve`` logging to a file (a pipe nobody reads would wedge it), once it
+    serves; returns the process and its metrics port."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=out)
+    deadline = time.monotonic() + 90
+    while True:
+        text = log.read_text(errors="replace")
+        found = re.search(r"metrics on http://[^ ]*:(\d+)/metrics", text)
+        if found:
+            return proc, int(found.group(1))
+        assert proc.poll() is None, text[-3000:]
+        assert time.monotonic() < deadline, "serve did not start"
+        time.sleep(0.1)
+
+
+def await_answers(bootstrap: str, topic: str, metas: list[Any], timeout_s: float) -> set[Any]:
+    """Read ``topic`` again and again until every tick of ``metas`` (the input records'
+    metadata) has an answer there, or ``timeout_s`` passes; the ticks answered."""
+    keys = {(m.partition, m.offset) for m in metas}
+    answered: set[Any] = set()
+    deadline = time.monotonic() + timeout_s
+    while not answered >= keys and time.monotonic() < deadline:
+        for msg in asyncio.run(read_all(bootstrap, topic, 10**9, timeout_s=3)):
+            body = json.loads(msg.value)
+            answered.add((body["partition"], body["offset"]))
+    return answered

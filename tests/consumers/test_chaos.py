@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +23,22 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from streamlstm.consumers.devtools.apache_kafka import KafkaCluster
-from tests.consumers.conftest import read_all, send_raw
+from tests.consumers.conftest import await_answers, read_all, send_raw, start_serve
 from tests.consumers.test_durable import _messages, check_against_oracle
-from tests.consumers.test_robustness import _engine_child, _source
+from tests.consumers.test_robustness import _engine_child
 from tests.consumers.test_serve import _bundle, _committed, _serve_cmd, _ticks
 
 
-def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    """``streamlstm serve`` logging to a file (a pipe nobody reads would wedge it), once up."""
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stderr=out)
-    deadline = time.monotonic() + 90
-    while "metrics on" not in log.read_text(errors="replace"):
-        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-        assert time.monotonic() < deadline, "serve did not start"
-        time.sleep(0.1)
-    return proc
+# Durable state needs what Tansu lacks (topic configs, compaction, exact end offsets):
+# these tests run on Apache Kafka even when the suite runs on Tansu.
+@pytest.fixture
+def bootstrap(kafka_bootstrap: str) -> str:
+    return kafka_bootstrap
+
+
+@pytest.fixture
+def make_topics(make_kafka_topics: Callable[..., list[str]]) -> Callable[..., list[str]]:
+    return make_kafka_topics
 
 
 def _send_slowly(
@@ -59,13 +60,12 @@ def test_kill_9_of_the_daemon_and_of_its_engine_loses_no_tick_and_doubles_none(
     cmd = _serve_cmd(model_dir, bootstrap, src, out, dlq, group)
     # Static membership: a restarted instance takes its partitions back at once.
     cmd += ["--state", "durable", "--commit-interval-ms", "250", "--group-instance-id", "chaos"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     ticks: list[tuple[str, list[float], bool]] = []
     metas: list[Any] = []
     kills = ["daemon", "engine", "daemon", "daemon", "engine"]
     for round_, victim in enumerate(kills):
         wave = _ticks(rng, streams=120, n=1500)
-        proc = _start(cmd, env, tmp_path / f"serve-{round_}.log")
+        proc = start_serve(cmd, tmp_path / f"serve-{round_}.log")[0]
         try:
             # The producer keeps sending while the kill comes (mid-stream, mid-checkpoint).
             sent: list[Any] = []
@@ -85,15 +85,9 @@ def test_kill_9_of_the_daemon_and_of_its_engine_loses_no_tick_and_doubles_none(
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-    final = _start(cmd, env, tmp_path / "serve-final.log")
+    final = start_serve(cmd, tmp_path / "serve-final.log")[0]
     try:
-        keys = {(m.partition, m.offset) for m in metas}
-        answered: set[tuple[int, int]] = set()
-        deadline = time.monotonic() + 180
-        outputs: list[Any] = []
-        while not answered >= keys and time.monotonic() < deadline:
-            outputs = asyncio.run(read_all(bootstrap, out, 10**9, timeout_s=3))
-            answered = {_source(m) for m in outputs}
+        await_answers(bootstrap, out, metas, timeout_s=180)
         time.sleep(1.0)
     finally:
         final.send_signal(signal.SIGTERM)
@@ -118,7 +112,6 @@ def test_a_group_scaling_out_and_in_with_a_kill_moves_every_stream_with_its_stat
     group = f"g-{uuid.uuid4().hex[:8]}"
     cmd = _serve_cmd(model_dir, bootstrap, src, out, dlq, group)
     cmd += ["--state", "durable", "--commit-interval-ms", "250"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     ticks: list[tuple[str, list[float], bool]] = []
     metas: list[Any] = []
 
@@ -135,12 +128,12 @@ def test_a_group_scaling_out_and_in_with_a_kill_moves_every_stream_with_its_stat
     waves: list[tuple[threading.Thread, list[Any]]] = []
     members: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        members["a"] = _start(cmd, env, tmp_path / "a.log")
+        members["a"] = start_serve(cmd, tmp_path / "a.log")[0]
         wave().join()
         # Scale out to three while ticks flow: partitions move, with their streams' state.
         sending = wave()
-        members["b"] = _start(cmd, env, tmp_path / "b.log")
-        members["c"] = _start(cmd, env, tmp_path / "c.log")
+        members["b"] = start_serve(cmd, tmp_path / "b.log")[0]
+        members["c"] = start_serve(cmd, tmp_path / "c.log")[0]
         sending.join()
         time.sleep(3.0)
         sending = wave()
@@ -155,13 +148,7 @@ def test_a_group_scaling_out_and_in_with_a_kill_moves_every_stream_with_its_stat
         for thread, sent in waves:
             thread.join()
             metas += sent
-        keys = {(m.partition, m.offset) for m in metas}
-        deadline = time.monotonic() + 180
-        answered: set[tuple[int, int]] = set()
-        while not answered >= keys and time.monotonic() < deadline:
-            answered = {
-                _source(m) for m in asyncio.run(read_all(bootstrap, out, 10**9, timeout_s=3))
-            }
+        await_answers(bootstrap, out, metas, timeout_s=180)
         time.sleep(1.0)
     finally:
         for proc in members.values():
@@ -201,8 +188,7 @@ def test_a_broker_node_killed_and_restarted_mid_stream_loses_nothing(tmp_path: P
         cmd = _serve_cmd(model_dir, bootstrap, src, out, dlq, group)
         cmd += ["--state", "durable", "--commit-interval-ms", "250"]
         cmd += ["--changelog-replication-factor", "3"]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = _start(cmd, env, tmp_path / "serve.log")
+        proc = start_serve(cmd, tmp_path / "serve.log")[0]
         ticks = _ticks(rng, streams=60, n=2000)
         metas: list[Any] = []
         try:
@@ -215,13 +201,7 @@ def test_a_broker_node_killed_and_restarted_mid_stream_loses_nothing(tmp_path: P
             time.sleep(3.0)
             cluster.restart(2)
             sender.join()
-            keys_sent = len(ticks)
-            deadline = time.monotonic() + 180
-            outputs: list[Any] = []
-            while time.monotonic() < deadline:
-                outputs = asyncio.run(read_all(bootstrap, out, 10**9, timeout_s=3))
-                if len({_source(m) for m in outputs}) >= keys_sent:
-                    break
+            await_answers(bootstrap, out, metas, timeout_s=180)
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
         finally:
             proc.send_signal(signal.SIGTERM)

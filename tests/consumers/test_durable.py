@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 
 from streamlstm import Bundle, StreamState
@@ -16,6 +18,18 @@ from streamlstm.consumers.server import Server
 from tests.consumers.conftest import read_all, send_raw
 from tests.consumers.test_serve import EPOCH_MS, _bundle, _serve_config, _ticks
 from tests.streamlstm.oracle import expected_outputs
+
+
+# Durable state needs what Tansu lacks (topic configs, compaction, exact end offsets):
+# these tests run on Apache Kafka even when the suite runs on Tansu.
+@pytest.fixture
+def bootstrap(kafka_bootstrap: str) -> str:
+    return kafka_bootstrap
+
+
+@pytest.fixture
+def make_topics(make_kafka_topics: Callable[..., list[str]]) -> Callable[..., list[str]]:
+    return make_kafka_topics
 
 
 def _messages(

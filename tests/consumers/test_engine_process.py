@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from streamlstm import Bundle, Engine, InputError, ModelConfig, StepResult, StreamLSTMError
+from streamlstm import Bundle, Engine, InputError, ModelConfig, StreamLSTMError
 from streamlstm.consumers.engine_child import ChildEngine
 from streamlstm.consumers.engine_process import EngineProcess, StepRequest
 from tests.conftest import BundleFactory
+from tests.consumers.conftest import FragileEngine
 
 
 def _bundle() -> Bundle:
@@ -167,12 +168,6 @@ def test_a_bad_engine_setting_fails_start_with_the_engines_error() -> None:
 def test_the_child_takes_a_failed_step_again_tick_by_tick_in_order(
     make_bundle: BundleFactory,
 ) -> None:
-    class Fragile(Engine):
-        def step(self, stream_ids: Any, *args: Any, **kwargs: Any) -> StepResult:
-            if "boom" in stream_ids:
-                raise RuntimeError("kaboom")
-            return super().step(stream_ids, *args, **kwargs)
-
     bundle = make_bundle(input_size=2, output_size=1)
     ids = ["a", "b", "boom", "a", "b", "a"]
     x = np.arange(12, dtype=np.float64).reshape(6, 2) / 10
@@ -185,7 +180,7 @@ def test_the_child_takes_a_failed_step_again_tick_by_tick_in_order(
         offsets=list(range(6)),
         partitions=[0] * 6,
     )
-    child = ChildEngine(Fragile(bundle))
+    child = ChildEngine(FragileEngine(bundle))
     reply = child.step(request)
     result = reply.result
     assert result.accepted.tolist() == [True, True, False, True, True, True]

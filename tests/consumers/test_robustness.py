@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import signal
 import subprocess
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +17,17 @@ import numpy as np
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from streamlstm import Bundle, Engine, EngineStats, StepResult
-from streamlstm.consumers.engine_process import StepReply, StepRequest
-from streamlstm.consumers.isolation import step_isolated
+from streamlstm import Bundle
+from streamlstm.consumers.engine_child import ChildEngine, InProcessEngine
 from streamlstm.consumers.server import Server
 from streamlstm.consumers.settings import ServeConfig
-from tests.consumers.conftest import read_all, send_raw
+from tests.consumers.conftest import (
+    FragileEngine,
+    await_answers,
+    read_all,
+    send_raw,
+    start_serve,
+)
 from tests.consumers.test_serve import (
     EPOCH_MS,
     _bundle,
@@ -163,20 +166,6 @@ def _health(port: int) -> int:
         return 0
 
 
-def _metrics_port(proc: subprocess.Popen[str], log: list[str]) -> int:
-    assert proc.stderr is not None
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        log.append(line)
-        found = re.search(r"metrics on http://[^ ]*:(\d+)/metrics", line)
-        if found:
-            return int(found.group(1))
-        if not line and proc.poll() is not None:
-            break
-    raise AssertionError("serve did not report its metrics port:\n" + "".join(log[-40:]))
-
-
 @pytest.mark.parametrize("step_timeout_s", [3.0])
 def test_a_wedged_engine_fails_health_and_exits_and_a_restart_answers_every_tick(
     bootstrap: str, make_topics: Any, tmp_path: Path, step_timeout_s: float
@@ -192,11 +181,8 @@ def test_a_wedged_engine_fails_health_and_exits_and_a_restart_answers_every_tick
     group = f"g-{uuid.uuid4().hex[:8]}"
     cmd = _serve_cmd(model_dir, bootstrap, src, out, dlq, group)
     cmd += ["--step-timeout-s", str(step_timeout_s)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    first = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
-    log: list[str] = []
+    first, port = start_serve(cmd, tmp_path / "first.log")
     try:
-        port = _metrics_port(first, log)
         metas = asyncio.run(send_raw(bootstrap, src, msgs[:200]))
         assert len(asyncio.run(read_all(bootstrap, out, 200, timeout_s=60))) == 200
         child = _engine_child(first.pid)
@@ -210,15 +196,10 @@ def test_a_wedged_engine_fails_health_and_exits_and_a_restart_answers_every_tick
         if first.poll() is None:
             first.kill()
         first.wait()
-    second = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    second, _ = start_serve(cmd, tmp_path / "second.log")
     try:
         keys = {(m.partition, m.offset) for m in metas}
-        answered: set[tuple[int, int]] = set()
-        deadline = time.monotonic() + 120
-        while not answered >= keys and time.monotonic() < deadline:
-            outputs = asyncio.run(read_all(bootstrap, out, 10**9, timeout_s=3))
-            answered = {_source(m) for m in outputs}
-        assert answered >= keys
+        assert await_answers(bootstrap, out, metas, timeout_s=120) >= keys
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(timeout=60)
@@ -233,11 +214,8 @@ def test_a_second_signal_exits_at_once_without_committing(
     group = f"g-{uuid.uuid4().hex[:8]}"
     cmd = _serve_cmd(model_dir, bootstrap, src, out, dlq, group)
     cmd += ["--step-timeout-s", "300", "--shutdown-timeout-s", "120"]
-    proc = subprocess.Popen(
-        cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stderr=subprocess.PIPE, text=True
-    )
+    proc, _ = start_serve(cmd, tmp_path / "serve.log")
     try:
-        _metrics_port(proc, [])
         body = json.dumps({"values": [1.0, 2.0], "ts": EPOCH_MS}).encode()
         asyncio.run(send_raw(bootstrap, src, [(b"s", body)]))
         assert len(asyncio.run(read_all(bootstrap, out, 1, timeout_s=60))) == 1
@@ -285,52 +263,10 @@ def test_an_instance_without_partitions_is_ready(
     asyncio.run(scenario())
 
 
-class _Fragile:
-    """An engine client, in process, whose step fails whenever it holds the stream "boom".
-
-    Like the engine's child process, it takes a failed step again tick by tick
-    (``step_isolated``) before it answers.
-    """
-
-    def __init__(self, bundle: Bundle, config: ServeConfig) -> None:
-        self.engine = Engine(bundle, max_streams=config.max_streams)
-        self.stats: EngineStats | None = None
-
-    @property
-    def alive(self) -> bool:
-        return True
-
-    async def start(self) -> EngineStats:
-        self.stats = self.engine.stats
-        return self.stats
-
-    async def step(self, request: StepRequest) -> StepReply:
-        outputs = self.engine.bundle.config.output_size
-        return StepReply(step_isolated(self._step, request, outputs), self.engine.stats, 0.0)
-
-    def _step(self, request: StepRequest) -> StepResult:
-        if "boom" in request.stream_ids:
-            raise ValueError("kaboom")
-        return self.engine.step(
-            request.stream_ids,
-            request.features,
-            resets=request.resets,
-            ends=request.ends,
-            timestamps=request.timestamps,
-            offsets=request.offsets,
-        )
-
-    async def drop_partitions(self, partitions: Sequence[int]) -> int:
-        return 0
-
-    async def checkpoint(self) -> list[tuple[str, int, bytes | None]]:
-        return []
-
-    async def restore(self, partition: int, states: dict[str, bytes], policy: str) -> Any:
-        return None
-
-    async def close(self, timeout_s: float = 10.0) -> None:
-        return None
+def _fragile(bundle: Bundle, config: ServeConfig) -> InProcessEngine:
+    # The child's own code (ChildEngine), in process: a failed step is taken again
+    # tick by tick before the answer, as in the engine's child process.
+    return InProcessEngine(ChildEngine(FragileEngine(bundle, max_streams=config.max_streams)))
 
 
 def test_a_tick_whose_step_fails_is_a_dead_letter_and_the_rest_of_its_batch_goes_on(
@@ -354,7 +290,7 @@ def test_a_tick_whose_step_fails_is_a_dead_letter_and_the_rest_of_its_batch_goes
     config = _serve_config(model_dir, bootstrap, src, out, dlq, max_records=64)
 
     async def scenario() -> tuple[list[Any], list[Any], list[Any]]:
-        async with Server(config, engine=_Fragile) as server:
+        async with Server(config, engine=_fragile) as server:
             metas = await send_raw(bootstrap, src, msgs)
             outputs = await read_all(bootstrap, out, len(ticks), timeout_s=60)
             dead = await read_all(bootstrap, dlq, booms, timeout_s=30)
@@ -376,8 +312,10 @@ def test_a_tick_whose_step_fails_is_a_dead_letter_and_the_rest_of_its_batch_goes
 
 
 def test_records_the_broker_refuses_are_delivered_another_way_and_nothing_stops(
-    bootstrap: str, make_topics: Any, tmp_path: Path
+    kafka_bootstrap: str, make_kafka_topics: Any, tmp_path: Path
 ) -> None:
+    # Topic configs (max.message.bytes, time stamp bounds): Apache Kafka even on a Tansu run.
+    bootstrap, make_topics = kafka_bootstrap, make_kafka_topics
     # The output topic refuses time stamps over a minute ahead (Kafka 4 refuses those over
     # an hour ahead by default); the dead-letter topic refuses records over 4 KiB.
     model_dir = _bundle(tmp_path)
