@@ -10,7 +10,7 @@ answered tick and one dead letter per refused one to a sink (the poll's
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -53,8 +53,21 @@ class Record(Protocol):
     def value(self) -> bytes | None: ...
 
 
-#: ``sink(topic, key, value, headers, timestamp_ms)``: where records go (``Outbox.add``).
-Sink = Callable[[str, bytes | None, bytes | None, Headers, int | None], None]
+class Sink(Protocol):
+    """Where records go (``Outbox.add``): ``source`` is the input partition the record
+    answers (exactly-once mode sends it with that partition's transactional producer)."""
+
+    def __call__(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers,
+        timestamp_ms: int | None,
+        *,
+        source: int,
+    ) -> None: ...
+
 
 #: A dead letter's key is cut to this when the record must be cut to fit.
 _MAX_DEAD_KEY_BYTES = 1024
@@ -216,7 +229,7 @@ def encode_outputs(
                 logger.warning("cannot encode the prediction of %s", msg, exc_info=True)
                 dead.append(DeadLetter(msg, "prediction", f"cannot be encoded: {exc}"))
                 continue
-            sink(output_topic, key, value, (), None if ts != ts else int(ts))
+            sink(output_topic, key, value, (), None if ts != ts else int(ts), source=msg.partition)
             produced += 1
     for letter in dead:
         add_dead_letter(sink, dlq_topic, letter, dlq_max_record_bytes)
@@ -245,4 +258,5 @@ def add_dead_letter(sink: Sink, dlq_topic: str, letter: DeadLetter, max_bytes: i
         room = max(0, max_bytes - headers_size - len(key or b""))
         value = None if value is None else bytes(value[:room])
     timestamp = getattr(msg, "timestamp", None)
-    sink(dlq_topic, key, value, headers, timestamp if isinstance(timestamp, int) else None)
+    stamp = timestamp if isinstance(timestamp, int) else None
+    sink(dlq_topic, key, value, headers, stamp, source=msg.partition)

@@ -58,8 +58,11 @@ class Outbox:
         headers: Headers = (),
         timestamp_ms: int | None = None,
         partition: int | None = None,
+        *,
+        source: int = -1,
     ) -> None:
-        """Queue one record; ``partition`` None picks it as Kafka's default partitioner does."""
+        """Queue one record; ``partition`` None picks it as Kafka's default partitioner does.
+        ``source`` (the input partition it answers) is for routers such as exactly-once's."""
         if partition is None:
             parts = self._partitions[topic]
             # As the default partitioner: keyless messages go to any partition.

@@ -31,6 +31,7 @@ class Sink:
     records: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]], int | None]] = (
         field(default_factory=list)
     )
+    sources: list[int] = field(default_factory=list)  # the input partition of each record
 
     def __call__(
         self,
@@ -39,8 +40,11 @@ class Sink:
         value: bytes | None,
         headers: Any,
         timestamp_ms: int | None,
+        *,
+        source: int,
     ) -> None:
         self.records.append((topic, key, value, list(headers), timestamp_ms))
+        self.sources.append(source)
 
     def on(self, topic: str) -> list[Any]:
         return [r for r in self.records if r[0] == topic]
@@ -104,6 +108,23 @@ def test_every_record_ends_as_one_prediction_or_one_dead_letter() -> None:
     assert [orjson.loads(v)["offset"] for _, _, v, _, _ in outputs] == [0, 1, 2, 3]
     assert [r[2] for r in sink.on("dlq")] == [msgs[4].value]
     assert encoded.produced == 4 and len(encoded.dead) == 1
+
+
+def test_each_record_names_the_input_partition_it_answers() -> None:
+    # Exactly-once mode sends a record with its input partition's transactional producer.
+    a, b = ("in", 2), ("in", 5)
+    polled = {
+        a: [Rec("in", 2, 0, b"x", b'{"values": [1.0]}'), Rec("in", 2, 1, b"x", b"{")],
+        b: [Rec("in", 5, 7, b"y", b'{"values": [1.0]}')],
+    }
+    batch = decode_poll(polled, assigned={a, b}, input_size=1, max_value_bytes=99, received=0)
+    assert batch is not None
+    sink, _ = _encode(batch, _result(2))
+    assert [(r[0], s) for r, s in zip(sink.records, sink.sources, strict=True)] == [
+        ("out", 2),
+        ("out", 5),
+        ("dlq", 2),
+    ]
 
 
 def test_a_prediction_that_cannot_be_encoded_becomes_a_dead_letter_not_a_crash() -> None:
