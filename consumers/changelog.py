@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
 from streamlstm.consumers.engine_process import EngineClient
-from streamlstm.consumers.outbox import Outbox
+from streamlstm.consumers.outbox import Box
 from streamlstm.errors import BrokerError
 from streamlstm.metrics import ServeMetrics
 
@@ -187,19 +188,20 @@ class Changelog:
         self._metrics = metrics
         self._policy = on_model_change
         self._isolation = isolation_level
-        self._producer: AIOKafkaProducer | None = None
+        self._outbox: Callable[[], Box] | None = None
 
-    def attach(self, producer: AIOKafkaProducer) -> None:
-        """The producer that writes checkpoints (the daemon's own)."""
-        self._producer = producer
+    def attach(self, outbox: Callable[[], Box]) -> None:
+        """Where checkpoints go: a new outbox each (the daemon's producer, or in
+        exactly-once mode each partition's transactional producer)."""
+        self._outbox = outbox
 
     async def write(self, records: list[tuple[str, int, bytes | None]]) -> list[Any]:
         """Queue one checkpoint's records; returns their acknowledgement futures."""
-        assert self._producer is not None, "attach a producer first"
-        outbox = Outbox(self._producer, {})
+        assert self._outbox is not None, "attach an outbox first"
+        outbox = self._outbox()
         states = size = 0
         for stream, partition, value in records:
-            outbox.add(self.topic, stream.encode(), value, partition=partition)
+            outbox.add(self.topic, stream.encode(), value, partition=partition, source=partition)
             if value is not None:
                 states += 1
                 size += len(value)

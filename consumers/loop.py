@@ -27,13 +27,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer
 
 from streamlstm import StepResult
 from streamlstm.consumers.codec import Batch, decode_poll, encode_outputs
 from streamlstm.consumers.committer import Checkpoint, Committer, Sent
 from streamlstm.consumers.engine_process import EngineClient, StepRequest
-from streamlstm.consumers.outbox import Outbox
+from streamlstm.consumers.outbox import Box
 from streamlstm.consumers.settings import ServeConfig
 from streamlstm.errors import StreamLSTMError
 from streamlstm.metrics import ServeMetrics
@@ -69,8 +69,7 @@ class PollLoop:
         *,
         model: Model,
         consumer: AIOKafkaConsumer,
-        producer: AIOKafkaProducer,
-        partitions: dict[str, list[int]],
+        outbox: Callable[[], Box],
         engine: EngineClient,
         committer: Committer,
         metrics: ServeMetrics,
@@ -80,8 +79,7 @@ class PollLoop:
         self.config = config
         self._model = model
         self._consumer = consumer
-        self._producer = producer
-        self._partitions = partitions
+        self._outbox = outbox
         self._engine = engine
         self._committer = committer
         self._metrics = metrics
@@ -149,6 +147,9 @@ class PollLoop:
         started = time.perf_counter()
         records = await self._deadline(self._engine.checkpoint())
         await self._committer.submit(Checkpoint(records, started))
+        if self.config.guarantee == "exactly-once":
+            # Until the transactions commit: a later poll's output must not join them.
+            await self._committer.drain()
         self._checkpoint_due = self._clock() + self.config.commit_interval_ms / 1000.0
 
     def _decode(self, records: dict[Any, list[Any]]) -> Batch | None:
@@ -201,7 +202,7 @@ class PollLoop:
                 self._metrics.skipped.inc(int(result.skipped.sum()))
             self._metrics.batch_size.observe(len(batch.ids))
             self._metrics.step_seconds.observe(seconds)
-        outbox = Outbox(self._producer, self._partitions)
+        outbox = self._outbox()
         encoded = encode_outputs(
             batch,
             result,

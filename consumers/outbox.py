@@ -15,12 +15,12 @@ import asyncio
 import random
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
-__all__ = ["OutRecord", "Outbox", "partition_of"]
+__all__ = ["Box", "OutRecord", "Outbox", "partition_of"]
 
 Headers = Sequence[tuple[str, bytes]]
 #: One queued record: (topic, partition, key, value, headers, timestamp_ms).
@@ -92,3 +92,24 @@ class Outbox:
             future = await self._producer.send_batch(builder, topic, partition=partition)
             self.batches.append((future, records))
         return [future for future, _ in self.batches]
+
+
+class Box(Protocol):
+    """What the loop and the changelog need of an outbox (``Outbox``, or exactly-once's
+    ``PartitionOutbox`` that routes by ``source``)."""
+
+    batches: list[tuple[asyncio.Future[Any], list[OutRecord]]]
+
+    def add(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Headers = (),
+        timestamp_ms: int | None = None,
+        partition: int | None = None,
+        *,
+        source: int = -1,
+    ) -> None: ...
+
+    async def send(self) -> list[asyncio.Future[Any]]: ...

@@ -28,8 +28,8 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from prometheus_client import CollectorRegistry
 
 from streamlstm import Bundle, EngineStats
-from streamlstm.consumers.changelog import Changelog, ensure_changelog
 from streamlstm.consumers.committer import Committer
+from streamlstm.consumers.durability import Durability
 from streamlstm.consumers.engine_process import (
     EngineClient,
     EngineFactory,
@@ -93,7 +93,7 @@ class Server:
         self._stopping = asyncio.Event()
         self._loop: PollLoop | None = None
         self._rebalance: RebalanceHandler | None = None
-        self._changelog: Changelog | None = None
+        self._durable: Durability | None = None
         self._committer = Committer(
             self._commit, max_unacked=1, on_acked=self.reporter.acknowledged
         )  # replaced at start, once the engine is known
@@ -180,22 +180,24 @@ class Server:
         self.registry.register(EngineCollector(self.engine_stats, self.reporter.lag))
         if isinstance(self._engine, EngineProcess):
             self.metrics.watch_engine_process(self.registry, lambda: self._engine_pid)
-        if cfg.state == "durable":
-            self._changelog = Changelog(
-                self._kafka.options,
-                str(cfg.changelog_topic),
-                engine=self._engine,
-                metrics=self.metrics,
-                on_model_change=cfg.on_model_change,
-                isolation_level="read_committed",
-            )
+        producing = cfg.producer_settings()
+        durable = self._durable = Durability(
+            cfg,
+            clients=self._kafka,
+            engine=self._engine,
+            metrics=self.metrics,
+            clock=self._clock,
+            producer_settings=producing,
+        )
+        changelog = durable.changelog
         self._committer = Committer(
-            self._commit,
+            durable.commit(self._commit, self.reporter.committed),
             max_unacked=cfg.max_unacked_batches,
             on_acked=self.reporter.acknowledged,
-            write_changelog=self._changelog.write if self._changelog else None,
-            on_checkpoint=self._changelog.checkpointed if self._changelog else lambda c, s: None,
-            rescue=self._rescue_records,
+            write_changelog=changelog.write if changelog else None,
+            on_checkpoint=changelog.checkpointed if changelog else lambda c, s: None,
+            # In a transaction a refused record fails it whole: nothing to rescue.
+            rescue=None if durable.exactly_once else self._rescue_records,
             per_record=PER_RECORD_ERRORS,
         )
         # Before the consumer joins: a rebalance waits on the committer.
@@ -209,24 +211,12 @@ class Server:
             partitions=cfg.topic_partitions,
             replication_factor=cfg.topic_replication_factor,
         )
-        self._producer = await self._kafka.producer(
-            acks="all",
-            linger_ms=cfg.linger_ms,
-            max_batch_size=cfg.max_batch_bytes,
-            max_request_size=cfg.max_request_bytes,
-            compression_type=cfg.compression_type,
-        )
+        # Exactly-once: this one publishes metrics only (outside any transaction).
+        self._producer = await self._kafka.producer(**producing)
         self._partitions = await partitions_of(
             self._producer, [cfg.input_topic, cfg.output_topic, str(cfg.dlq_topic)]
         )
-        if self._changelog is not None:
-            self._changelog.attach(self._producer)
-            await ensure_changelog(
-                self._kafka.options,
-                self._changelog.topic,
-                partitions=len(self._partitions[cfg.input_topic]),
-                replication_factor=cfg.changelog_replication_factor,
-            )
+        await durable.prepare(self._producer, self._partitions)
         self._consumer = self._kafka.consumer(
             group_id=cfg.group_id,
             enable_auto_commit=False,
@@ -247,8 +237,7 @@ class Server:
                 has_score=bundle.outputs.score_span is not None,
             ),
             consumer=self._consumer,
-            producer=self._producer,
-            partitions=self._partitions,
+            outbox=durable.outboxes(self._producer, self._partitions),
             engine=self._engine,
             committer=self._committer,
             metrics=self.metrics,
@@ -289,7 +278,11 @@ class Server:
         )
 
     def _rebalance_handler(self, loop: PollLoop) -> RebalanceHandler:
+        durable = self._durable
+
         async def drop(partitions: list[int]) -> int:
+            if self._durable is not None:
+                await self._durable.release(partitions)
             return 0 if self._engine is None else await self._engine.drop_partitions(partitions)
 
         return RebalanceHandler(
@@ -301,7 +294,7 @@ class Server:
             on_error=self._fail,
             applied=loop.applied,
             committed=self._committed,
-            restore=self._changelog.restore if self._changelog else None,
+            restore=durable.restore if durable and durable.changelog else None,
         )
 
     async def _rescue_records(self, records: list[Any], error: BaseException) -> None:
@@ -359,6 +352,8 @@ class Server:
         if self._consumer is not None:
             await stop_client(self._consumer)
         await self._committer.stop()
+        if self._durable is not None:
+            await self._durable.close()
         if self._producer is not None:
             await stop_client(self._producer)
         if self._http is not None:

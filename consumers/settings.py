@@ -53,6 +53,12 @@ class ServeConfig:
     #: restored where its partition goes; "memory": state lives in this process only.
     state: str = "memory"
     changelog_topic: str | None = None  # default: <group>-<input topic>-changelog
+    #: "at-least-once": a crash may publish a tick's prediction again (identical values);
+    #: "exactly-once": transactions, so read_committed consumers see each once (needs
+    #: durable state and a broker with transactions).
+    guarantee: str = "at-least-once"
+    #: Exactly-once: transactional.id = <prefix>-<input topic>-<partition>; default: the group.
+    transactional_id_prefix: str | None = None
     changelog_replication_factor: int = 1
     #: Durable state: checkpoint (changelog, then offsets) this often.
     commit_interval_ms: int = 1000
@@ -91,6 +97,15 @@ class ServeConfig:
             object.__setattr__(self, "changelog_topic", name)
         if self.state not in ("durable", "memory"):
             raise ConfigError("state: must be durable or memory")
+        if self.guarantee not in ("at-least-once", "exactly-once"):
+            raise ConfigError("guarantee: must be at-least-once or exactly-once")
+        if self.guarantee == "exactly-once" and self.state != "durable":
+            raise ConfigError(
+                "guarantee: exactly-once needs --state durable (the state must commit "
+                "with the outputs and offsets)"
+            )
+        if self.transactional_id_prefix is None:
+            object.__setattr__(self, "transactional_id_prefix", self.group_id)
         if self.on_model_change not in ("reset", "keep-if-compatible"):
             raise ConfigError("on_model_change: must be reset or keep-if-compatible")
         for name in (
@@ -129,6 +144,16 @@ class ServeConfig:
             raise ConfigError(
                 "output_topic/dlq_topic/changelog_topic: must differ from each other and the input"
             )
+
+    def producer_settings(self) -> dict[str, Any]:
+        """Every producer's settings but the connection's (acks=all: nothing is lost)."""
+        return {
+            "acks": "all",
+            "linger_ms": self.linger_ms,
+            "max_batch_size": self.max_batch_bytes,
+            "max_request_size": self.max_request_bytes,
+            "compression_type": self.compression_type,
+        }
 
 
 def _base_type(annotation: Any) -> type:

@@ -222,6 +222,14 @@ class ServeMetrics:
         self.restore_bytes = Counter(
             "streamlstm_restore_bytes", "Bytes of state read from the changelog", registry=registry
         )
+        self.transactions = Counter(
+            "streamlstm_transactions",
+            "Exactly-once transactions (one per input partition and commit interval) by outcome",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("committed", "aborted"):
+            self.transactions.labels(outcome)
 
     @staticmethod
     def watch_engine_process(registry: CollectorRegistry, pid: Callable[[], int]) -> None:

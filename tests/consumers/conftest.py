@@ -30,7 +30,13 @@ async def send_raw(
         await producer.stop()
 
 
-async def read_all(bootstrap: str, topic: str, count: int, timeout_s: float = 60.0) -> list[Any]:
+async def read_all(
+    bootstrap: str,
+    topic: str,
+    count: int,
+    timeout_s: float = 60.0,
+    isolation_level: str = "read_uncommitted",
+) -> list[Any]:
     """Read ``count`` messages from the start of ``topic`` (fewer if the timeout passes)."""
     consumer = AIOKafkaConsumer(
         topic,
@@ -38,6 +44,7 @@ async def read_all(bootstrap: str, topic: str, count: int, timeout_s: float = 60
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         max_partition_fetch_bytes=4 << 20,
+        isolation_level=isolation_level,
     )
     await consumer.start()
     out: list[Any] = []
@@ -78,14 +85,21 @@ def start_serve(cmd: list[str], log: Path) -> tuple[subprocess.Popen[bytes], int
         time.sleep(0.1)
 
 
-def await_answers(bootstrap: str, topic: str, metas: list[Any], timeout_s: float) -> set[Any]:
+def await_answers(
+    bootstrap: str,
+    topic: str,
+    metas: list[Any],
+    timeout_s: float,
+    isolation_level: str = "read_uncommitted",
+) -> set[Any]:
     """Read ``topic`` again and again until every tick of ``metas`` (the input records'
     metadata) has an answer there, or ``timeout_s`` passes; the ticks answered."""
     keys = {(m.partition, m.offset) for m in metas}
     answered: set[Any] = set()
     deadline = time.monotonic() + timeout_s
     while not answered >= keys and time.monotonic() < deadline:
-        for msg in asyncio.run(read_all(bootstrap, topic, 10**9, timeout_s=3)):
+        read = read_all(bootstrap, topic, 10**9, timeout_s=3, isolation_level=isolation_level)
+        for msg in asyncio.run(read):
             body = json.loads(msg.value)
             answered.add((body["partition"], body["offset"]))
     return answered

@@ -1,0 +1,125 @@
+"""What ``--state durable`` and ``--guarantee exactly-once`` add to the daemon.
+
+Durable state (at-least-once): checkpoints to the changelog with the
+daemon's producer, offsets committed by the consumer after the changelog is
+acknowledged; restores read the changelog on assignment.
+
+Exactly-once: the same checkpoints, but every record a tick of input
+partition p causes (prediction, dead letter, changelog state) and p's
+offsets go in one transaction of p's own producer (``transactions``), the
+loop waits for each checkpoint's commit, and a refused record fails the
+daemon rather than being sent again outside the transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+
+from streamlstm.consumers.changelog import Changelog, ensure_changelog
+from streamlstm.consumers.engine_process import EngineClient
+from streamlstm.consumers.kafka import KafkaClients
+from streamlstm.consumers.outbox import Box, Outbox
+from streamlstm.consumers.settings import ServeConfig
+from streamlstm.consumers.transactions import PartitionOutbox, Transactions
+from streamlstm.metrics import ServeMetrics
+
+__all__ = ["Durability"]
+
+CommitFn = Callable[[dict[Any, int]], Awaitable[None]]
+
+
+class Durability:
+    """The changelog and the transactions the config asks for (either may be None)."""
+
+    def __init__(
+        self,
+        config: ServeConfig,
+        *,
+        clients: KafkaClients,
+        engine: EngineClient,
+        metrics: ServeMetrics,
+        clock: Callable[[], float],
+        producer_settings: Mapping[str, Any],
+    ) -> None:
+        self.config = config
+        self._clients = clients
+        self._clock = clock
+        self.changelog: Changelog | None = None
+        self.transactions: Transactions | None = None
+        if config.state == "durable":
+            self.changelog = Changelog(
+                clients.options,
+                str(config.changelog_topic),
+                engine=engine,
+                metrics=metrics,
+                on_model_change=config.on_model_change,
+                isolation_level="read_committed",
+            )
+        if config.guarantee == "exactly-once":
+            self.transactions = Transactions(
+                clients,
+                prefix=str(config.transactional_id_prefix),
+                input_topic=config.input_topic,
+                group_id=config.group_id,
+                metrics=metrics,
+                producer_settings=producer_settings,
+            )
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.transactions is not None
+
+    async def prepare(self, producer: AIOKafkaProducer, partitions: dict[str, list[int]]) -> None:
+        """Before the group is joined: the changelog made or checked, transactions probed."""
+        if self.transactions is not None:
+            await self.transactions.probe(self.config.instance_id)
+        if self.changelog is not None:
+            self.changelog.attach(self.outboxes(producer, partitions))
+            await ensure_changelog(
+                self._clients.options,
+                self.changelog.topic,
+                partitions=len(partitions[self.config.input_topic]),
+                replication_factor=self.config.changelog_replication_factor,
+            )
+
+    def outboxes(
+        self, producer: AIOKafkaProducer, partitions: Mapping[str, Sequence[int]]
+    ) -> Callable[[], Box]:
+        """A new outbox per poll (and checkpoint): exactly-once routes by input partition."""
+        transactions = self.transactions
+        if transactions is None:
+            return lambda: Outbox(producer, partitions)
+        return lambda: PartitionOutbox(transactions, partitions, self._clock)
+
+    def commit(
+        self, offsets_commit: CommitFn, committed: Callable[[dict[Any, int]], None]
+    ) -> CommitFn:
+        """How input offsets are committed: by the consumer, or inside the transactions."""
+        transactions = self.transactions
+        if transactions is None:
+            return offsets_commit
+
+        async def commit(offsets: dict[Any, int]) -> None:
+            await transactions.commit(offsets)
+            committed(offsets)
+
+        return commit
+
+    async def restore(self, partitions: list[int]) -> None:
+        """Newly held partitions: fence their previous owner, then read their changelog."""
+        if self.transactions is not None:
+            await self.transactions.open(partitions)
+        if self.changelog is not None:
+            await self.changelog.restore(partitions)
+
+    async def release(self, partitions: list[int]) -> None:
+        """Partitions this instance no longer holds (their state is dropped elsewhere)."""
+        if self.transactions is not None:
+            await self.transactions.close(partitions)
+
+    async def close(self) -> None:
+        if self.transactions is not None:
+            await self.transactions.close_all()

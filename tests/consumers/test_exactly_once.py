@@ -1,0 +1,160 @@
+"""Exactly-once mode on Apache Kafka: read_committed consumers see each answer once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from aiokafka import AIOKafkaProducer
+
+from streamlstm.consumers.devtools.tansu import TansuBroker
+from streamlstm.consumers.server import Server
+from streamlstm.consumers.settings import ServeConfig
+from streamlstm.errors import BrokerError, ConfigError
+from tests.consumers.conftest import read_all, send_raw
+from tests.consumers.test_durable import _messages, check_against_oracle
+from tests.consumers.test_serve import _bundle, _committed, _serve_config, _ticks
+
+
+@pytest.fixture
+def bootstrap(kafka_bootstrap: str) -> str:
+    return kafka_bootstrap
+
+
+@pytest.fixture
+def make_topics(make_kafka_topics: Callable[..., list[str]]) -> Callable[..., list[str]]:
+    return make_kafka_topics
+
+
+def test_exactly_once_needs_durable_state() -> None:
+    common = {"model": "m", "bootstrap_servers": "b", "input_topic": "i", "output_topic": "o"}
+    with pytest.raises(ConfigError, match="exactly-once needs --state durable"):
+        ServeConfig(**common, guarantee="exactly-once")
+    with pytest.raises(ConfigError, match="guarantee: must be"):
+        ServeConfig(**common, state="durable", guarantee="twice")
+    config = ServeConfig(**common, state="durable", guarantee="exactly-once", group_id="grp")
+    assert config.transactional_id_prefix == "grp"
+
+
+def test_exactly_once_is_refused_at_start_up_on_a_broker_without_transactions(
+    tmp_path: Path,
+) -> None:
+    model_dir = _bundle(tmp_path)
+    with TansuBroker() as broker:
+        config = _serve_config(
+            model_dir,
+            broker.bootstrap,
+            "ticks",
+            "preds",
+            "dlq",
+            state="durable",
+            guarantee="exactly-once",
+            create_topics=True,
+        )
+
+        async def start() -> None:
+            async with Server(config):
+                pass
+
+        with pytest.raises(BrokerError, match="exactly-once needs a broker with transactions"):
+            asyncio.run(start())
+
+
+def test_each_tick_and_dead_letter_is_seen_once_by_read_committed_and_state_continues(
+    bootstrap: str, make_topics: Any, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(41)
+    model_dir = _bundle(tmp_path)
+    src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=4)
+    first, second = _ticks(rng, streams=60, n=700), _ticks(rng, streams=60, n=700)
+    config = _serve_config(
+        model_dir,
+        bootstrap,
+        src,
+        out,
+        dlq,
+        state="durable",
+        guarantee="exactly-once",
+        commit_interval_ms=200,
+    )
+    bad = [(b"broken", b'{"values": [1.0'), (b"wide", b'{"values": [1, 2, 3]}')]
+
+    async def scenario() -> tuple[list[Any], list[Any], list[Any], float]:
+        metas: list[Any] = []
+        committed = 0.0
+        for ticks, start in ((first, 0), (second, len(first))):
+            async with Server(config) as server:
+                metas += await send_raw(bootstrap, src, _messages(ticks, start))
+                await send_raw(bootstrap, src, bad)
+                got: list[Any] = []
+                for _ in range(60):
+                    got = await read_all(
+                        bootstrap, out, len(metas), timeout_s=2, isolation_level="read_committed"
+                    )
+                    if len(got) >= len(metas):
+                        break
+                assert len(got) >= len(metas)
+                server.request_stop()
+                await server.wait()
+                committed += server.registry.get_sample_value(
+                    "streamlstm_transactions_total", {"outcome": "committed"}
+                ) or 0.0
+        outputs = await read_all(
+            bootstrap, out, 10**9, timeout_s=3, isolation_level="read_committed"
+        )
+        dead = await read_all(bootstrap, dlq, 10**9, timeout_s=3, isolation_level="read_committed")
+        return metas, outputs, dead, committed
+
+    metas, outputs, dead, committed = asyncio.run(scenario())
+    by_tick = check_against_oracle(model_dir, first + second, metas, outputs)
+    assert all(len(v) == 1 for v in by_tick.values())
+    assert sorted(m.key for m in dead) == sorted([b"broken", b"wide"] * 2)
+    assert committed > 0
+    # The offsets went with the transactions: the group is at the end of every partition.
+    ends: dict[int, int] = {}
+    polled = asyncio.run(read_all(bootstrap, src, 10**9, timeout_s=3))
+    for msg in polled:
+        ends[msg.partition] = max(ends.get(msg.partition, 0), msg.offset + 1)
+    assert asyncio.run(_committed(bootstrap, config.group_id, src)) == ends
+
+
+def test_a_zombie_is_fenced_by_the_next_owner_of_its_partition(
+    bootstrap: str, make_topics: Any, tmp_path: Path
+) -> None:
+    # The transactional.id is per input partition, so whoever takes partition p next
+    # fences the producer of p's previous owner: a zombie cannot commit any more.
+    model_dir = _bundle(tmp_path)
+    src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=1)
+    config = _serve_config(
+        model_dir, bootstrap, src, out, dlq, state="durable", guarantee="exactly-once"
+    )
+    zombie_id = f"{config.transactional_id_prefix}-{src}-0"
+
+    async def scenario() -> None:
+        zombie = AIOKafkaProducer(bootstrap_servers=bootstrap, transactional_id=zombie_id)
+        await zombie.start()
+        try:
+            await zombie.begin_transaction()
+            await zombie.send_and_wait(out, b'{"zombie": true}', key=b"z")
+            async with Server(config) as server:
+                await send_raw(bootstrap, src, _messages(_ticks(np.random.default_rng(5), 3, 5), 0))
+                for _ in range(30):
+                    got = await read_all(
+                        bootstrap, out, 5, timeout_s=1, isolation_level="read_committed"
+                    )
+                    if len(got) >= 5:
+                        break
+                server.request_stop()
+                await server.wait()
+            with pytest.raises(Exception, match=r"(?i)fenced|epoch"):
+                await zombie.commit_transaction()
+        finally:
+            await zombie.stop()
+        seen = await read_all(bootstrap, out, 10**9, timeout_s=2, isolation_level="read_committed")
+        assert len(seen) == 5 and all(b"zombie" not in m.value for m in seen)
+
+    asyncio.run(scenario())
