@@ -50,8 +50,29 @@ def _send_slowly(
         time.sleep(0.1)
 
 
+GUARANTEES = pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
+
+
+def _read_answers(bootstrap: str, topic: str, metas: list[Any], guarantee: str) -> list[Any]:
+    """Wait until every tick is answered, then every answer (only the committed ones in
+    exactly-once mode: what a read_committed consumer sees)."""
+    isolation = "read_committed" if guarantee == "exactly-once" else "read_uncommitted"
+    await_answers(bootstrap, topic, metas, timeout_s=180, isolation_level=isolation)
+    time.sleep(1.0)
+    return asyncio.run(read_all(bootstrap, topic, 10**9, timeout_s=5, isolation_level=isolation))
+
+
+def _check_repeats(guarantee: str, by_tick: dict[Any, list[Any]], ticks: int) -> None:
+    repeats = sum(len(v) - 1 for v in by_tick.values())
+    if guarantee == "exactly-once":
+        assert repeats == 0, f"{repeats} ticks answered twice for a read_committed consumer"
+    else:
+        assert repeats < ticks  # some ticks are answered again after a kill, never all
+
+
+@GUARANTEES
 def test_kill_9_of_the_daemon_and_of_its_engine_loses_no_tick_and_doubles_none(
-    bootstrap: str, make_topics: Any, tmp_path: Path
+    bootstrap: str, make_topics: Any, tmp_path: Path, guarantee: str
 ) -> None:
     rng = np.random.default_rng(77)
     model_dir = _bundle(tmp_path)
@@ -60,6 +81,7 @@ def test_kill_9_of_the_daemon_and_of_its_engine_loses_no_tick_and_doubles_none(
     cmd = _serve_cmd(model_dir, bootstrap, src, out, dlq, group)
     # Static membership: a restarted instance takes its partitions back at once.
     cmd += ["--state", "durable", "--commit-interval-ms", "250", "--group-instance-id", "chaos"]
+    cmd += ["--guarantee", guarantee]
     ticks: list[tuple[str, list[float], bool]] = []
     metas: list[Any] = []
     kills = ["daemon", "engine", "daemon", "daemon", "engine"]
@@ -87,31 +109,29 @@ def test_kill_9_of_the_daemon_and_of_its_engine_loses_no_tick_and_doubles_none(
             proc.wait()
     final = start_serve(cmd, tmp_path / "serve-final.log")[0]
     try:
-        await_answers(bootstrap, out, metas, timeout_s=180)
-        time.sleep(1.0)
+        outputs = _read_answers(bootstrap, out, metas, guarantee)
     finally:
         final.send_signal(signal.SIGTERM)
         final.wait(timeout=60)
     assert final.returncode == 0
-    outputs = asyncio.run(read_all(bootstrap, out, 10**9, timeout_s=5))
     by_tick = check_against_oracle(model_dir, ticks, metas, outputs)
-    repeats = sum(len(v) - 1 for v in by_tick.values())
-    assert repeats < len(ticks)  # some ticks are answered again after a kill, never all
+    _check_repeats(guarantee, by_tick, len(ticks))
     ends: dict[int, int] = {}
     for meta in metas:
         ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
     assert asyncio.run(_committed(bootstrap, group, src)) == ends
 
 
+@GUARANTEES
 def test_a_group_scaling_out_and_in_with_a_kill_moves_every_stream_with_its_state(
-    bootstrap: str, make_topics: Any, tmp_path: Path
+    bootstrap: str, make_topics: Any, tmp_path: Path, guarantee: str
 ) -> None:
     rng = np.random.default_rng(78)
     model_dir = _bundle(tmp_path)
     src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=6)
     group = f"g-{uuid.uuid4().hex[:8]}"
     cmd = _serve_cmd(model_dir, bootstrap, src, out, dlq, group)
-    cmd += ["--state", "durable", "--commit-interval-ms", "250"]
+    cmd += ["--state", "durable", "--commit-interval-ms", "250", "--guarantee", guarantee]
     ticks: list[tuple[str, list[float], bool]] = []
     metas: list[Any] = []
 
@@ -148,16 +168,15 @@ def test_a_group_scaling_out_and_in_with_a_kill_moves_every_stream_with_its_stat
         for thread, sent in waves:
             thread.join()
             metas += sent
-        await_answers(bootstrap, out, metas, timeout_s=180)
-        time.sleep(1.0)
+        outputs = _read_answers(bootstrap, out, metas, guarantee)
     finally:
         for proc in members.values():
             proc.send_signal(signal.SIGTERM)
         for proc in members.values():
             proc.wait(timeout=60)
     assert all(proc.returncode == 0 for proc in members.values())
-    outputs = asyncio.run(read_all(bootstrap, out, 10**9, timeout_s=5))
-    check_against_oracle(model_dir, ticks, metas, outputs)
+    by_tick = check_against_oracle(model_dir, ticks, metas, outputs)
+    _check_repeats(guarantee, by_tick, len(ticks))
     restored = sum(
         "restored" in line and " 0 streams" not in line
         for log in tmp_path.glob("*.log")
@@ -167,7 +186,10 @@ def test_a_group_scaling_out_and_in_with_a_kill_moves_every_stream_with_its_stat
 
 
 @pytest.mark.cluster
-def test_a_broker_node_killed_and_restarted_mid_stream_loses_nothing(tmp_path: Path) -> None:
+@GUARANTEES
+def test_a_broker_node_killed_and_restarted_mid_stream_loses_nothing(
+    tmp_path: Path, guarantee: str
+) -> None:
     rng = np.random.default_rng(79)
     model_dir = _bundle(tmp_path)
     suffix = uuid.uuid4().hex[:6]
@@ -187,7 +209,7 @@ def test_a_broker_node_killed_and_restarted_mid_stream_loses_nothing(tmp_path: P
         group = f"g-{uuid.uuid4().hex[:8]}"
         cmd = _serve_cmd(model_dir, bootstrap, src, out, dlq, group)
         cmd += ["--state", "durable", "--commit-interval-ms", "250"]
-        cmd += ["--changelog-replication-factor", "3"]
+        cmd += ["--changelog-replication-factor", "3", "--guarantee", guarantee]
         proc = start_serve(cmd, tmp_path / "serve.log")[0]
         ticks = _ticks(rng, streams=60, n=2000)
         metas: list[Any] = []
@@ -201,12 +223,11 @@ def test_a_broker_node_killed_and_restarted_mid_stream_loses_nothing(tmp_path: P
             time.sleep(3.0)
             cluster.restart(2)
             sender.join()
-            await_answers(bootstrap, out, metas, timeout_s=180)
+            outputs = _read_answers(bootstrap, out, metas, guarantee)
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
         assert proc.returncode == 0
-        outputs = asyncio.run(read_all(bootstrap, out, 10**9, timeout_s=5))
         by_tick = check_against_oracle(model_dir, ticks, metas, outputs)
-        assert sum(len(v) - 1 for v in by_tick.values()) < len(ticks)
+        _check_repeats(guarantee, by_tick, len(ticks))
