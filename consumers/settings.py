@@ -50,8 +50,9 @@ class ServeConfig:
     max_request_bytes: int = 4 * 1024 * 1024
     compression_type: str | None = None
     #: "durable": each stream's state is checkpointed to a compacted changelog topic and
-    #: restored where its partition goes; "memory": state lives in this process only.
-    state: str = "memory"
+    #: restored where its partition goes (needs a broker with compaction and topic
+    #: configs, such as Apache Kafka); "memory": state lives in this process only.
+    state: str = "durable"
     changelog_topic: str | None = None  # default: <group>-<input topic>-changelog
     #: "at-least-once": a crash may publish a tick's prediction again (identical values);
     #: "exactly-once": transactions, so read_committed consumers see each once (needs

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from streamlstm.consumers.devtools.apache_kafka import KafkaCluster
 from streamlstm.consumers.devtools.brokers import describe, local_broker
 from streamlstm.consumers.devtools.tansu import free_port
 from streamlstm.consumers.kafka import client_options, ensure_topics
@@ -101,13 +102,14 @@ async def _demo(duration: float, broker_kind: str) -> int:
     broker = local_broker(broker_kind).start()
     _say(f"{describe(broker)} on {broker.bootstrap}")
     try:
-        return await _serve_and_replay(broker.bootstrap, workdir, frame, duration)
+        tansu = not isinstance(broker, KafkaCluster)
+        return await _serve_and_replay(broker.bootstrap, workdir, frame, duration, tansu)
     finally:
         broker.stop()
 
 
 async def _serve_and_replay(
-    bootstrap: str, workdir: Path, frame: pd.DataFrame, duration: float
+    bootstrap: str, workdir: Path, frame: pd.DataFrame, duration: float, bootstrap_is_tansu: bool
 ) -> int:
     port = free_port()
     config = ServeConfig(
@@ -120,6 +122,8 @@ async def _serve_and_replay(
         metrics_port=port,
         metrics_interval_s=5,
         group_id="demo",
+        # Tansu has no compaction or topic configs: durable state needs Apache Kafka.
+        state="memory" if bootstrap_is_tansu else "durable",
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

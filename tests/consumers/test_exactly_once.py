@@ -31,13 +31,17 @@ def make_topics(make_kafka_topics: Callable[..., list[str]]) -> Callable[..., li
 
 
 def test_exactly_once_needs_durable_state() -> None:
-    common = {"model": "m", "bootstrap_servers": "b", "input_topic": "i", "output_topic": "o"}
+    def config(**overrides: Any) -> ServeConfig:
+        return ServeConfig(
+            model="m", bootstrap_servers="b", input_topic="i", output_topic="o", **overrides
+        )
+
     with pytest.raises(ConfigError, match="exactly-once needs --state durable"):
-        ServeConfig(**common, guarantee="exactly-once")
+        config(state="memory", guarantee="exactly-once")
     with pytest.raises(ConfigError, match="guarantee: must be"):
-        ServeConfig(**common, state="durable", guarantee="twice")
-    config = ServeConfig(**common, state="durable", guarantee="exactly-once", group_id="grp")
-    assert config.transactional_id_prefix == "grp"
+        config(guarantee="twice")
+    assert config(guarantee="exactly-once", group_id="grp").transactional_id_prefix == "grp"
+    assert config().state == "durable" and config().guarantee == "at-least-once"
 
 
 def test_exactly_once_is_refused_at_start_up_on_a_broker_without_transactions(
@@ -100,9 +104,12 @@ def test_each_tick_and_dead_letter_is_seen_once_by_read_committed_and_state_cont
                 assert len(got) >= len(metas)
                 server.request_stop()
                 await server.wait()
-                committed += server.registry.get_sample_value(
-                    "streamlstm_transactions_total", {"outcome": "committed"}
-                ) or 0.0
+                committed += (
+                    server.registry.get_sample_value(
+                        "streamlstm_transactions_total", {"outcome": "committed"}
+                    )
+                    or 0.0
+                )
         outputs = await read_all(
             bootstrap, out, 10**9, timeout_s=3, isolation_level="read_committed"
         )

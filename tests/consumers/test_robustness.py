@@ -214,6 +214,8 @@ def test_a_second_signal_exits_at_once_without_committing(
     group = f"g-{uuid.uuid4().hex[:8]}"
     cmd = _serve_cmd(model_dir, bootstrap, src, out, dlq, group)
     cmd += ["--step-timeout-s", "300", "--shutdown-timeout-s", "120"]
+    # Memory mode commits each answered poll (durable state only at checkpoints).
+    cmd += ["--state", "memory"]
     proc, _ = start_serve(cmd, tmp_path / "serve.log")
     try:
         body = json.dumps({"values": [1.0, 2.0], "ts": EPOCH_MS}).encode()
