@@ -370,6 +370,27 @@ def build() -> dash_m.Dashboard:
                 ),
             )
         )
+        .with_row(dash_b.Row("Exactly-once: transactions"))
+        .with_panel(
+            timeseries(
+                "Transactions",
+                "ops",
+                "--guarantee exactly-once: per input partition and checkpoint, transactions "
+                "committed (those that held records or offsets) and aborted (with records: "
+                "a revoked partition whose transaction could not commit, or the shutdown "
+                "after a failure). 0 in at-least-once and memory mode.",
+                query(
+                    "sum by (instance) (rate(streamlstm_transactions_total"
+                    f'{{{SEL}, outcome="committed"}}[{RATE}]))',
+                    "{{instance}} committed",
+                ),
+                query(
+                    "sum by (instance) (rate(streamlstm_transactions_total"
+                    f'{{{SEL}, outcome="aborted"}}[{RATE}]))',
+                    "{{instance}} aborted",
+                ),
+            ).span(24)
+        )
         .with_row(dash_b.Row("Engine"))
         .with_panel(
             timeseries(

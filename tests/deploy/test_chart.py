@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from streamlstm.consumers.settings import ServeConfig, parse_serve_args
+from streamlstm.errors import ConfigError
 from tests.deploy.conftest import DEPLOY, tool
 
 CHART = DEPLOY / "helm" / "streamlstm"
@@ -76,6 +77,8 @@ def test_the_daemon_accepts_the_chart_config(values: list[str], tmp_path: Path) 
     assert "/tmp" in mounts  # the engine process writes its model copy there
     if values:
         assert config.max_records == 2048 and config.compression_type == "zstd"
+        assert config.state == "durable" and config.guarantee == "exactly-once"
+        assert config.transactional_id_prefix == "prices-eos"
         assert config.ssl_cafile == "/etc/streamlstm/tls/ca.crt"
         assert config.sasl_plain_password == "from-a-secret"
         assert {"/etc/streamlstm/tls", "/models"} <= mounts
@@ -106,6 +109,37 @@ def test_a_grace_period_within_the_shutdown_timeout_is_refused() -> None:
     done = _helm("--set", "shutdownTimeoutSeconds=60", "--set", "terminationGracePeriodSeconds=60")
     assert done.returncode != 0
     assert "must exceed shutdownTimeoutSeconds" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ["config.guarantee=exactly_once"],
+        ["config.state=disk"],
+        ["config.guarantee=exactly-once", "config.state=memory"],
+    ],
+    ids=["guarantee-typo", "state-typo", "exactly-once-in-memory"],
+)
+def test_the_schema_refuses_a_guarantee_or_state_the_daemon_refuses(settings: list[str]) -> None:
+    done = _helm(*(arg for setting in settings for arg in ("--set", setting)))
+    assert done.returncode != 0
+    assert "values don't meet the specifications of the schema" in done.stderr, done.stderr
+    # ... and the daemon would refuse them too (at start-up, in a crash loop).
+    config = dict(setting.removeprefix("config.").split("=") for setting in settings)
+    with pytest.raises(ConfigError, match=r"^(guarantee|state):"):
+        ServeConfig(
+            model="m",
+            bootstrap_servers="b",
+            input_topic="t",
+            output_topic="o",
+            state=config.get("state", "durable"),
+            guarantee=config.get("guarantee", "at-least-once"),
+        )
+
+
+def test_exactly_once_with_durable_state_passes_the_schema() -> None:
+    toml = one(render("--set", "config.guarantee=exactly-once"), "ConfigMap", "streamlstm")
+    assert 'guarantee = "exactly-once"' in toml["data"]["serve.toml"]
 
 
 def test_secrets_stay_out_of_the_config_map() -> None:

@@ -1,9 +1,10 @@
 """A real Prometheus scrapes a real daemon with deploy/'s rules; every query is run.
 
-The test starts `streamlstm serve` on a random model against the test broker,
+The test starts `streamlstm serve` on a random model against Apache Kafka,
 with durable state (`--state durable`, a checkpoint every 500 ms, so that the
-checkpoint and restore series hold real data, not memory mode's zeros),
-feeds it valid and invalid ticks (so that the dead-letter series exist), and
+checkpoint and restore series hold real data, not memory mode's zeros), once
+per guarantee (at-least-once, and exactly-once with its transactions), feeds
+it valid and invalid ticks (so that the dead-letter series exist), and
 starts Debian's `prometheus` on a free port with a 1 s scrape and evaluation
 interval, loading deploy/prometheus/rules. Then, through the HTTP API:
 
@@ -16,6 +17,10 @@ interval, loading deploy/prometheus/rules. Then, through the HTTP API:
   (or in NOT_EXPOSED), so a renamed metric fails here;
 - the rules see the daemon as durable and checkpointing, and
   StreamlstmCheckpointsStopped is not pending;
+- ticks fed while Prometheus watches: exactly-once commits transactions
+  (the rules see a committed rate above 0), at-least-once exports both
+  outcomes at 0; no aborted transaction, StreamlstmTransactionsAborted is not
+  pending;
 - after the daemon stops, StreamlstmInstanceDown goes pending.
 
 It fails (never skips) when prometheus is not installed.
@@ -161,9 +166,30 @@ async def _send_ticks(bootstrap: str, topic: str) -> None:
 
 
 @pytest.fixture
+def bootstrap(kafka_bootstrap: str) -> str:
+    """Apache Kafka even on a Tansu suite: durable state and transactions need it."""
+    return kafka_bootstrap
+
+
+@pytest.fixture
+def make_topics(make_kafka_topics: Callable[..., list[str]]) -> Callable[..., list[str]]:
+    return make_kafka_topics
+
+
+@pytest.fixture(params=["at-least-once", "exactly-once"])
+def guarantee(request: pytest.FixtureRequest) -> str:
+    value: str = request.param
+    return value
+
+
+#: The daemon's process, its metrics port, and a function that sends the ticks again.
+Daemon = tuple[subprocess.Popen[bytes], int, Callable[[], None]]
+
+
+@pytest.fixture
 def daemon(
-    bootstrap: str, make_topics: Callable[..., list[str]], tmp_path: Path
-) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    bootstrap: str, make_topics: Callable[..., list[str]], guarantee: str, tmp_path: Path
+) -> Iterator[Daemon]:
     model = tmp_path / "model"
     config = ModelConfig(input_size=1, hidden_sizes=(8,), head_sizes=(4,), output_size=1)
     Bundle.random(config, seed=0).save(model)
@@ -196,6 +222,8 @@ def daemon(
         "durable",
         "--commit-interval-ms",
         "500",
+        "--guarantee",
+        guarantee,
     ]
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -203,17 +231,26 @@ def daemon(
         _wait("the daemon's /readyz", lambda: _http(ready)[0] == 200, 120, proc)
         asyncio.run(_send_ticks(bootstrap, ticks))
 
+        sent = 1
+
         def answered() -> bool:
             text = _http(f"http://127.0.0.1:{port}/metrics")[1].decode()
             found = re.search(r"^streamlstm_predictions_produced_total (\S+)$", text, re.M)
             return (
                 found is not None
-                and float(found.group(1)) >= VALID
+                and float(found.group(1)) >= VALID * sent
                 and ('streamlstm_dead_letters_total{reason="values"}' in text)
             )
 
         _wait("predictions and dead letters", answered, 60, proc)
-        yield proc, port
+
+        def feed() -> None:
+            nonlocal sent
+            asyncio.run(_send_ticks(bootstrap, ticks))
+            sent += 1
+            _wait("predictions of the ticks sent again", answered, 60, proc)
+
+        yield proc, port, feed
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -224,11 +261,9 @@ def daemon(
 
 
 @pytest.fixture
-def prometheus(
-    daemon: tuple[subprocess.Popen[bytes], int], tmp_path: Path
-) -> Iterator[tuple[Prom, subprocess.Popen[bytes]]]:
+def prometheus(daemon: Daemon, tmp_path: Path) -> Iterator[tuple[Prom, subprocess.Popen[bytes]]]:
     binary = tool("prometheus")
-    _, metrics_port = daemon
+    _, metrics_port, _ = daemon
     rule_files = sorted(str(p) for p in RULES.glob("*.yml"))
     assert rule_files
     config = {
@@ -273,11 +308,10 @@ def prometheus(
 
 
 def test_rules_and_dashboard_against_a_live_daemon(
-    daemon: tuple[subprocess.Popen[bytes], int],
-    prometheus: tuple[Prom, subprocess.Popen[bytes]],
+    daemon: Daemon, prometheus: tuple[Prom, subprocess.Popen[bytes]], guarantee: str
 ) -> None:
     prom, prom_proc = prometheus
-    proc, _ = daemon
+    proc, _, feed = daemon
 
     def scraped() -> bool:
         samples = prom.query('count_over_time(up{job="streamlstm"}[1m])')
@@ -347,6 +381,26 @@ def test_rules_and_dashboard_against_a_live_daemon(
     ):
         problems.append("StreamlstmCheckpointsStopped is pending or firing")
     assert not problems, "\n".join(problems)
+
+    # Transactions: the first ticks' went before the first scrape (a rate cannot see
+    # them); ticks sent now are committed in transactions while Prometheus watches.
+    feed()
+    committed = 'instance_outcome:streamlstm_transactions:rate5m{outcome="committed"}'
+    if guarantee == "exactly-once":
+        _wait(f"{committed} > 0", lambda: bool(prom.query(f"{committed} > 0")), 30, proc)
+    else:
+        time.sleep(3)  # scraped and evaluated after the ticks
+        outcomes = prom.query("instance_outcome:streamlstm_transactions:rate5m")
+        assert sorted((s["metric"]["outcome"], s["value"][1]) for s in outcomes) == [
+            ("aborted", "0"),
+            ("committed", "0"),
+        ]
+    aborted = prom.query("instance:streamlstm_transactions_aborted:increase15m")
+    assert [s["value"][1] for s in aborted] == ["0"]
+    assert not any(
+        a["labels"]["alertname"] == "StreamlstmTransactionsAborted"
+        for a in prom.api("alerts")["alerts"]
+    )
 
     # The daemon goes away: the instance-down alert goes pending (its `for` is 2m).
     proc.send_signal(signal.SIGTERM)
