@@ -17,7 +17,7 @@ setup(
     ext_modules=[
         Extension(
             "streamlstm._kernels",
-            sources=["streamlstm/_kernels.c"],
+            sources=["streamlstm/_kernels.c", "streamlstm/_codec.c"],
             extra_compile_args=compile_args,
             extra_link_args=["-fopenmp", "-lm"],
             optional=True,

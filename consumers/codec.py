@@ -4,7 +4,15 @@ Pure: no I/O, no event loop. ``decode_poll`` turns the records of one
 ``getmany`` into a :class:`Batch` (valid ticks in arrays, bad ones set aside
 with their field and reason); ``encode_outputs`` hands one prediction per
 answered tick and one dead letter per refused one to a sink (the poll's
-``Outbox.add``). Every record of a poll ends as exactly one of the two.
+``Outbox.add``, and ``Outbox.add_many`` for the predictions at once). Every
+record of a poll ends as exactly one of the two.
+
+Each is one call into C per poll where the extension is built (``_codec.c``:
+no Python object per tick beyond the ids and the output records). C takes
+only the common, well-formed case; every record it is not sure of goes
+through ``wire.decode_tick`` / ``wire.encode_prediction``, which stay the
+reference: verdicts, reasons and output bytes are theirs either way
+(``tests/consumers/test_codec_native.py``).
 """
 
 from __future__ import annotations
@@ -19,12 +27,19 @@ import numpy.typing as npt
 
 from streamlstm import StepResult
 from streamlstm.errors import InputError
-from streamlstm.wire import decode_tick, encode_prediction
+from streamlstm.kernels import codec_module
+from streamlstm.wire import (
+    DEFAULT_MAX_FUTURE_MS,
+    MAX_STREAM_ID_BYTES,
+    MIN_TS_MS,
+    decode_tick,
+)
 
 __all__ = [
     "Batch",
     "DeadLetter",
     "Encoded",
+    "ManySink",
     "Record",
     "Sink",
     "add_dead_letter",
@@ -84,30 +99,38 @@ class DeadLetter:
     reason: str
 
 
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+Bools = npt.NDArray[np.bool_]
+
+
 @dataclass
 class Batch:
-    """The decoded records of one poll: valid ticks as step arguments, bad ones aside."""
+    """The decoded records of one poll: valid ticks as step arguments (row i, tick i), bad
+    ones aside."""
 
     received: float  # wall time of the poll, seconds
     ids: list[str] = field(default_factory=list)
-    values: list[tuple[float, ...]] = field(default_factory=list)
-    ts: list[float] = field(default_factory=list)  # epoch ms, NaN where the tick had none
-    resets: list[bool] = field(default_factory=list)
-    ends: list[bool] = field(default_factory=list)
+    values: F64 = field(default_factory=lambda: np.zeros((0, 1)))  # [N, input_size]
+    ts: F64 = field(default_factory=lambda: np.zeros(0))  # epoch ms, NaN where none
+    resets: Bools = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    ends: Bools = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    offsets: I64 = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    partitions: I64 = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     records: list[Any] = field(default_factory=list)  # the consumed record of each valid tick
     count: int = 0  # every record of the poll, valid or not
     bad: list[DeadLetter] = field(default_factory=list)
     #: Per (topic, partition): the offset after the poll's last record there.
     next_offsets: dict[Any, int] = field(default_factory=dict)
 
-    def features(self) -> npt.NDArray[np.float64]:
+    def features(self) -> F64:
         """``[N, input_size]`` float64: the valid ticks' values."""
-        return np.asarray(self.values, dtype=np.float64)
+        return self.values
 
-    def timestamps(self) -> npt.NDArray[np.float64]:
+    def timestamps(self) -> F64:
         """``[N]`` epoch ms; NaN for a tick without event time (the engine stamps it with
         its own clock: the wall clock here would collapse other streams' event time)."""
-        return np.asarray(self.ts, dtype=np.float64)
+        return self.ts
 
 
 @dataclass(frozen=True)
@@ -132,13 +155,47 @@ def decode_poll(
     Records of partitions no longer in ``assigned`` (revoked while the poll
     waited) are left out: their new owner reads them.
     """
-    batch = Batch(received=received)
-    now_ms = received * 1000.0  # one wall-clock reading for the poll's plausibility checks
+    msgs: list[Any] = []
+    next_offsets: dict[Any, int] = {}
     for tp, messages in records.items():
-        if tp not in assigned or not messages:
-            continue
-        for msg in messages:
-            batch.count += 1
+        if tp in assigned and messages:
+            msgs += messages
+            next_offsets[tp] = messages[-1].offset + 1
+    if not next_offsets:
+        return None
+    n = len(msgs)
+    now_ms = received * 1000.0  # one wall-clock reading for the poll's plausibility checks
+    values = np.empty((n, input_size), dtype=np.float64)
+    ts = np.empty(n, dtype=np.float64)
+    flags = np.zeros(n, dtype=np.uint8)  # bit 0: valid; 1: reset; 2: end
+    offsets = np.empty(n, dtype=np.int64)
+    partitions = np.empty(n, dtype=np.int64)
+    native = codec_module()
+    ids: list[str | None]
+    if native is not None:
+        # Well-formed ticks in C; the rest (flag 0, id None) through decode_tick below.
+        ids = native.decode_ticks(
+            msgs,
+            input_size,
+            max_value_bytes,
+            MAX_STREAM_ID_BYTES,
+            MIN_TS_MS,
+            now_ms + DEFAULT_MAX_FUTURE_MS,
+            values,
+            ts,
+            flags,
+            offsets,
+            partitions,
+        )
+    else:
+        ids = [None] * n
+        offsets[:] = [msg.offset for msg in msgs]
+        partitions[:] = [msg.partition for msg in msgs]
+    bad: list[DeadLetter] = []
+    valid = (flags & 1).astype(bool)
+    if not valid.all():
+        for i in np.flatnonzero(~valid).tolist():
+            msg = msgs[i]
             try:
                 tick = decode_tick(
                     msg.key,
@@ -148,16 +205,29 @@ def decode_poll(
                     now_ms=now_ms,
                 )
             except InputError as exc:
-                batch.bad.append(DeadLetter(msg, exc.field, exc.reason))
+                bad.append(DeadLetter(msg, exc.field, exc.reason))
                 continue
-            batch.ids.append(tick.stream)
-            batch.values.append(tick.values)
-            batch.ts.append(np.nan if tick.ts is None else tick.ts)
-            batch.resets.append(tick.reset)
-            batch.ends.append(tick.end)
-            batch.records.append(msg)
-        batch.next_offsets[tp] = messages[-1].offset + 1
-    return batch if batch.next_offsets else None
+            ids[i], values[i], valid[i] = tick.stream, tick.values, True
+            ts[i] = np.nan if tick.ts is None else tick.ts
+            flags[i] = 1 | (2 if tick.reset else 0) | (4 if tick.end else 0)
+    if not valid.all():
+        msgs = [msg for msg, ok in zip(msgs, valid.tolist(), strict=True) if ok]
+        values, ts, flags = values[valid], ts[valid], flags[valid]
+        offsets, partitions = offsets[valid], partitions[valid]
+    return Batch(
+        received=received,
+        ids=[s for s in ids if s is not None],
+        values=values,
+        ts=ts,
+        resets=(flags & 2).astype(bool),
+        ends=(flags & 4).astype(bool),
+        offsets=offsets,
+        partitions=partitions,
+        records=msgs,
+        count=n,
+        bad=bad,
+        next_offsets=next_offsets,
+    )
 
 
 def dead_letter_headers(record: Record, field_name: str, reason: str) -> list[tuple[str, bytes]]:
@@ -177,6 +247,21 @@ def dead_letter_headers(record: Record, field_name: str, reason: str) -> list[tu
     ]
 
 
+class ManySink(Protocol):
+    """Where a poll's predictions go at once (``Outbox.add_many``): record i is
+    ``(keys[i], values[i], timestamps_ms[i])``, no headers, answering input partition
+    ``sources[i]``."""
+
+    def __call__(
+        self,
+        topic: str,
+        keys: Sequence[bytes | None],
+        values: Sequence[bytes | None],
+        timestamps_ms: Sequence[int | None],
+        sources: Sequence[int],
+    ) -> None: ...
+
+
 def encode_outputs(
     batch: Batch,
     result: StepResult | None,
@@ -187,50 +272,30 @@ def encode_outputs(
     model_id: str,
     has_score: bool,
     dlq_max_record_bytes: int = 1_040_000,
+    many: ManySink | None = None,
 ) -> Encoded:
-    """Send one prediction per answered tick and one dead letter per refused record to ``sink``.
+    """Send one prediction per answered tick and one dead letter per refused record to ``sink``
+    (the predictions to ``many`` at once, where given).
 
     A tick the engine refused, or whose prediction cannot be encoded, becomes
     a dead letter with the reason: one record never stops the others.
     """
     dead = list(batch.bad)
     produced = 0
-    event_ts = np.asarray(batch.ts, dtype=np.float64)
+    event_ts = batch.ts
     if result is not None:
         event_ts = event_ts[result.accepted]
-        predictions = result.predictions.tolist()
-        steps = result.steps.tolist()
-        ready = result.ready.tolist()
-        # A model with an anomaly score puts "score" (null while warming up) in every output.
-        scores = result.scores.tolist() if has_score else None
-        rejected = {r.index: r for r in result.rejections}
-        skipped = result.skipped.tolist() if result.skipped.size else None
-        for i, (stream, msg) in enumerate(zip(batch.ids, batch.records, strict=True)):
-            if skipped is not None and skipped[i]:
-                continue  # its state already reflected it: answered before a restart
-            if i in rejected:
-                dead.append(DeadLetter(msg, rejected[i].field, rejected[i].reason))
-                continue
-            ts = batch.ts[i]
-            try:
-                value = encode_prediction(
-                    stream=stream,
-                    ts=None if ts != ts else ts,
-                    prediction=predictions[i],
-                    partition=msg.partition,
-                    offset=msg.offset,
-                    step=steps[i],
-                    ready=ready[i],
-                    model=model_id,
-                    score=None if scores is None else scores[i],
-                )
-                key = msg.key or stream.encode()
-            except Exception as exc:  # never let one tick stop the poll
-                logger.warning("cannot encode the prediction of %s", msg, exc_info=True)
-                dead.append(DeadLetter(msg, "prediction", f"cannot be encoded: {exc}"))
-                continue
-            sink(output_topic, key, value, (), None if ts != ts else int(ts), source=msg.partition)
-            produced += 1
+        # Imported here: predictions builds on this module's Batch and DeadLetter.
+        from streamlstm.consumers.predictions import predictions
+
+        keys, values, stamps, rows = predictions(batch, result, model_id, has_score, dead)
+        sources = batch.partitions[rows].tolist()
+        if many is not None:
+            many(output_topic, keys, values, stamps, sources)
+        else:
+            for key, value, stamp, source in zip(keys, values, stamps, sources, strict=True):
+                sink(output_topic, key, value, (), stamp, source=source)
+        produced = len(values)
     for letter in dead:
         add_dead_letter(sink, dlq_topic, letter, dlq_max_record_bytes)
     event_times = event_ts[np.isfinite(event_ts)] / 1000.0

@@ -19,25 +19,34 @@ the order they came:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
+import mmap
+import os
 import pickle
 import signal
 import socket
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from streamlstm import Bundle, Engine, EngineStats
-from streamlstm.consumers.engine_process import FRAME_LENGTH, StepReply, StepRequest, frame
+from streamlstm.consumers.engine_process import (
+    FRAME_LENGTH,
+    StepReply,
+    StepRequest,
+    frame,
+    unpack_step,
+)
 from streamlstm.consumers.isolation import step_isolated
 from streamlstm.errors import StateError, StreamLSTMError
-from streamlstm.stream_state import StateArrays, StreamState, decode_many
+from streamlstm.stream_state import StateArrays, StateBlobs, StreamState, decode_many
 
 __all__ = ["ChildEngine", "InProcessEngine", "RestoreReport"]
 
@@ -82,11 +91,11 @@ class ChildEngine:
         )
         seconds = time.perf_counter() - start
         partition_of = self.partition_of
+        parts = np.asarray(request.partitions).tolist()  # ints, not NumPy scalars, kept
         if result.accepted.all():
-            partition_of.update(zip(ids, request.partitions, strict=True))
+            partition_of.update(zip(ids, parts, strict=True))
             self._changed.update(ids)
         else:  # a rejected tick made no state, so it must not leave a partition behind
-            parts = request.partitions
             accepted = np.flatnonzero(result.accepted).tolist()
             partition_of.update((ids[i], parts[i]) for i in accepted)
             self._changed.update(ids[i] for i in accepted)
@@ -130,7 +139,13 @@ class ChildEngine:
                 records.append((stream, partition, None))
         return records
 
-    def restore(self, partition: int, blobs: dict[str, bytes], policy: str) -> RestoreReport:
+    def reserve(self, streams: int) -> None:
+        """Room for ``streams`` more streams, made now (ahead of a restore)."""
+        self.engine.store.reserve(streams)
+
+    def restore(
+        self, partition: int, blobs: Mapping[str, bytes] | StateBlobs, policy: str
+    ) -> RestoreReport:
         """Load one changelog partition's states; see ``RestoreReport`` for what is counted."""
         store = self.engine.store
         sizes = tuple(h.shape[1] for h in store.h)
@@ -205,6 +220,9 @@ class InProcessEngine:
     async def checkpoint(self) -> list[tuple[str, int, bytes | None]]:
         return self.child.checkpoint()
 
+    async def reserve(self, streams: int) -> None:
+        self.child.reserve(streams)
+
     async def restore(self, partition: int, states: dict[str, bytes], policy: str) -> Any:
         report = self.child.restore(partition, states, policy)
         self.stats = self.child.engine.stats
@@ -262,11 +280,14 @@ def serve(sock: socket.socket, options: dict[str, Any]) -> None:
         try:
             kind = message[0]
             if kind == "step":
-                reply: Any = child.step(message[1])
+                reply: Any = child.step(unpack_step(message[1:]))
             elif kind == "checkpoint":
                 reply = child.checkpoint()
             elif kind == "restore":
-                reply = (child.restore(*message[1:]), child.engine.stats)
+                reply = (_restore(child, *message[1:]), child.engine.stats)
+            elif kind == "reserve":
+                child.reserve(message[1])
+                reply = None
             elif kind == "drop":
                 reply = (child.drop(set(message[1])), child.engine.stats)
             else:
@@ -275,6 +296,40 @@ def serve(sock: socket.socket, options: dict[str, Any]) -> None:
             _send_error(sock, exc)
             continue
         sock.sendall(frame(("ok", reply)))
+
+
+def _restore(
+    child: ChildEngine,
+    partition: int,
+    ids: list[str],
+    path: str,
+    lengths: bytes,
+    rows: bytes,
+    policy: str,
+) -> RestoreReport:
+    """``restore`` from the parent's file of states laid end to end (``Spool``), mapped
+    (not read); stream ``ids[i]``'s state is record ``rows[i]`` of the file."""
+    sizes = np.frombuffer(lengths, dtype=np.int64)
+    ends = np.cumsum(sizes, dtype=np.int64)
+    index = np.frombuffer(rows, dtype=np.int64)
+    data = np.zeros(0, dtype=np.uint8)
+    if ids and ends[-1]:
+        with open(path, "rb") as file:
+            # Shared and read-only: views of it stay valid once the file is gone, and
+            # nothing is copied until the store takes the columns. (Private, the
+            # populate copied every page: 0.11 s for 100k states, 0.02 s this way.)
+            mapped = mmap.mmap(
+                file.fileno(), 0, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ
+            )
+        data = np.frombuffer(mapped, dtype=np.uint8)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    blobs = StateBlobs(ids, data, (ends - sizes)[index], ends[index])
+    return child.restore(partition, blobs, policy)
+
+
+#: Fault the mapping in at once (one call, not a page fault per 4 KiB read).
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def _read_frame(sock: socket.socket) -> Any:

@@ -13,7 +13,9 @@ last ticked on, and answers requests one at a time, in order. It ignores
 SIGINT and SIGTERM (a Ctrl-C reaches the whole process group; the parent
 decides when the engine stops) and exits when the parent closes the socket
 or dies. Frames are an 8-byte length and a pickle, between this process and
-the child it started.
+the child it started. A step request goes as a few flat objects (``pack_step``:
+the ids as one string, every per-tick field as one array), and its reply holds
+arrays too: pickling either costs no Python object per tick.
 """
 
 from __future__ import annotations
@@ -33,22 +35,27 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
 from streamlstm import Bundle, EngineStats, StepResult
 from streamlstm.consumers.settings import ServeConfig
+from streamlstm.consumers.spool import Spool
 from streamlstm.errors import StreamLSTMError
 
 __all__ = [
     "EngineClient",
     "EngineFactory",
     "EngineProcess",
+    "Reserving",
+    "Spooling",
     "StepReply",
     "StepRequest",
     "default_engine",
+    "pack_step",
+    "unpack_step",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,11 +72,11 @@ class StepRequest:
 
     stream_ids: list[str]
     features: npt.NDArray[np.float64]
-    resets: Sequence[bool]
-    ends: Sequence[bool]
+    resets: Sequence[bool] | npt.NDArray[np.bool_]
+    ends: Sequence[bool] | npt.NDArray[np.bool_]
     timestamps: npt.NDArray[np.float64]
-    offsets: Sequence[int]
-    partitions: Sequence[int]
+    offsets: Sequence[int] | npt.NDArray[np.int64]
+    partitions: Sequence[int] | npt.NDArray[np.int64]
 
 
 @dataclass(frozen=True, eq=False)
@@ -98,6 +105,25 @@ class EngineClient(Protocol):
     async def checkpoint(self) -> list[tuple[str, int, bytes | None]]: ...
     async def restore(self, partition: int, states: dict[str, bytes], policy: str) -> Any: ...
     async def close(self, timeout_s: float = 10.0) -> None: ...
+
+
+@runtime_checkable
+class Reserving(Protocol):
+    """An engine client that can make room ahead of a restore: the store grows (and its
+    memory is faulted in) while the changelog is read, not after."""
+
+    async def reserve(self, streams: int) -> None: ...
+
+
+@runtime_checkable
+class Spooling(Protocol):
+    """An engine client that takes a restore's states in a ``Spool``, written as they
+    are read, rather than in a dict after the read (``EngineProcess``)."""
+
+    def spool(self, expected_records: int) -> Spool: ...
+    async def restore_spooled(
+        self, partition: int, spool: Spool, rows: dict[str, int], policy: str
+    ) -> Any: ...
 
 
 class EngineProcess:
@@ -173,7 +199,7 @@ class EngineProcess:
 
     async def step(self, request: StepRequest) -> StepReply:
         """``Engine.step`` in the child; it also remembers each stream's partition."""
-        reply = await self._request(("step", request))
+        reply = await self._request(("step", *pack_step(request)))
         assert isinstance(reply, StepReply)
         self.stats = reply.stats
         return reply
@@ -192,9 +218,35 @@ class EngineProcess:
         assert isinstance(records, list)
         return records
 
+    async def reserve(self, streams: int) -> None:
+        """Make room for ``streams`` more streams now (see ``Reserving``)."""
+        await self._request(("reserve", streams))
+
     async def restore(self, partition: int, states: dict[str, bytes], policy: str) -> Any:
         """Load one changelog partition's states (``engine_child.RestoreReport``)."""
-        report, self.stats = await self._request(("restore", partition, states, policy))
+        spool = Spool(len(states))
+        try:
+            spool.add(list(states.values()))
+            rows = dict(zip(states, range(len(states)), strict=True))
+            return await self.restore_spooled(partition, spool, rows, policy)
+        finally:
+            await spool.close()
+
+    def spool(self, expected_records: int) -> Spool:
+        """Somewhere to put states as they are read (see ``Spooling``)."""
+        return Spool(expected_records)
+
+    async def restore_spooled(
+        self, partition: int, spool: Spool, rows: dict[str, int], policy: str
+    ) -> Any:
+        """``restore`` of the states in ``spool``: stream s's is record ``rows[s]``.
+
+        The child maps the file: the states cross no socket and no pickle.
+        """
+        lengths = await spool.written()
+        index = np.fromiter(rows.values(), np.int64, len(rows)).tobytes()
+        message = ("restore", partition, list(rows), spool.path, lengths.tobytes(), index, policy)
+        report, self.stats = await self._request(message)
         return report
 
     def kill(self) -> None:
@@ -271,6 +323,38 @@ class EngineProcess:
             future = self._waiting.popleft()
             if not future.done():
                 future.set_exception(self._error)
+
+
+def pack_step(request: StepRequest) -> tuple[Any, ...]:
+    """A step request as a few flat objects for the socket: the ids as one string joined by
+    NUL (which no stream id holds: ``wire`` refuses control characters) and every per-tick
+    field as one array, so pickling it costs no object per tick. ``unpack_step`` undoes it."""
+    ids: str | list[str] = "\0".join(request.stream_ids)
+    if ids.count("\0") != max(len(request.stream_ids) - 1, 0) or not request.stream_ids:
+        ids = list(request.stream_ids)  # an id with a NUL (never from the wire), or none
+    return (
+        ids,
+        np.asarray(request.features),
+        np.asarray(request.resets, dtype=bool),
+        np.asarray(request.ends, dtype=bool),
+        np.asarray(request.timestamps, dtype=np.float64),
+        np.asarray(request.offsets, dtype=np.int64),
+        np.asarray(request.partitions, dtype=np.int64),
+    )
+
+
+def unpack_step(fields: Sequence[Any]) -> StepRequest:
+    """The ``StepRequest`` that ``pack_step`` flattened."""
+    ids, features, resets, ends, timestamps, offsets, partitions = fields
+    return StepRequest(
+        ids.split("\0") if isinstance(ids, str) else ids,
+        features,
+        resets,
+        ends,
+        timestamps,
+        offsets,
+        partitions,
+    )
 
 
 def frame(obj: object) -> bytes:

@@ -177,8 +177,8 @@ class PollLoop:
             resets=batch.resets,
             ends=batch.ends,
             timestamps=batch.timestamps(),
-            offsets=[msg.offset for msg in batch.records],
-            partitions=[msg.partition for msg in batch.records],
+            offsets=batch.offsets,
+            partitions=batch.partitions,
         )
         reply = await self._deadline(self._engine.step(request))
         return reply.result, reply.seconds
@@ -212,6 +212,7 @@ class PollLoop:
             model_id=self._model.model_id,
             has_score=self._model.has_score,
             dlq_max_record_bytes=cfg.dlq_max_record_bytes,
+            many=outbox.add_many,
         )
         for letter in encoded.dead:
             self._metrics.dead_letters.labels(letter.field).inc()

@@ -84,6 +84,33 @@ class Outbox:
             builder.append(key=key, value=value, timestamp=timestamp_ms, headers=list(headers))
         records.append(record)
 
+    def add_many(
+        self,
+        topic: str,
+        keys: Sequence[bytes | None],
+        values: Sequence[bytes | None],
+        timestamps_ms: Sequence[int | None],
+        sources: Sequence[int],
+    ) -> None:
+        """``add(topic, keys[i], values[i], (), timestamps_ms[i], source=sources[i])`` for
+        each i, without headers, partitioned by key; one call a poll, not one a record."""
+        parts = self._partitions[topic]
+        count = len(parts)
+        opened = self._open
+        create = self._producer.create_batch
+        for key, value, stamp in zip(keys, values, timestamps_ms, strict=True):
+            partition = random.choice(parts) if key is None else parts[partition_of(key, count)]
+            entry = opened.get((topic, partition))
+            if entry is None:
+                entry = opened[(topic, partition)] = (create(), [])
+            builder, records = entry
+            if builder.append(key=key, value=value, timestamp=stamp, headers=[]) is None:
+                # Full: queue it as it is; an empty batch always takes one message.
+                self._ready.append((topic, partition, builder, records))
+                builder, records = opened[(topic, partition)] = (create(), [])
+                builder.append(key=key, value=value, timestamp=stamp, headers=[])
+            records.append((topic, partition, key, value, (), stamp))
+
     async def send(self) -> list[asyncio.Future[Any]]:
         """Queue every batch, in order per partition; waits only for room in the queue."""
         batches = self._ready + [(t, p, b, r) for (t, p), (b, r) in self._open.items()]
@@ -110,6 +137,15 @@ class Box(Protocol):
         partition: int | None = None,
         *,
         source: int = -1,
+    ) -> None: ...
+
+    def add_many(
+        self,
+        topic: str,
+        keys: Sequence[bytes | None],
+        values: Sequence[bytes | None],
+        timestamps_ms: Sequence[int | None],
+        sources: Sequence[int],
     ) -> None: ...
 
     async def send(self) -> list[asyncio.Future[Any]]: ...

@@ -60,6 +60,11 @@ class Reporter:
         self.recent_event_latency: collections.deque[npt.NDArray[np.float64]] = collections.deque(
             maxlen=4096
         )
+        #: Per acknowledged poll, ``[n, 2]``: when its records were received and how long
+        #: until their predictions were acknowledged (seconds): what the daemon adds.
+        self.recent_daemon_latency: collections.deque[npt.NDArray[np.float64]] = collections.deque(
+            maxlen=4096
+        )
 
     def watch(self, consumer: _Partitioned) -> None:
         """Read lag from ``consumer`` from now on."""
@@ -74,6 +79,10 @@ class Reporter:
         received_latency = np.full(produced, acked - batch.received)
         self.metrics.latency_receive.observe_many(received_latency)
         self._recent_latency.append(received_latency)
+        if produced:
+            self.recent_daemon_latency.append(
+                np.column_stack([np.full(produced, batch.received), received_latency])
+            )
         event_latency = acked - encoded.event_times
         self.metrics.latency_event.observe_many(event_latency)
         if event_latency.size:

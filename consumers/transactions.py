@@ -66,6 +66,8 @@ class Transactions:
         self._settings = dict(producer_settings)
         self._timeout_s = timeout_s
         self._producers: dict[int, AIOKafkaProducer] = {}
+        #: Partitions whose open transaction holds records (an abort of one is counted).
+        self._dirty: set[int] = set()
 
     def transactional_id(self, partition: int) -> str:
         return f"{self._prefix}-{self._topic}-{partition}"
@@ -130,8 +132,11 @@ class Transactions:
         await producer.begin_transaction()
 
     def producer(self, partition: int) -> AIOKafkaProducer:
+        """Partition ``partition``'s producer, for records that go in its transaction."""
         try:
-            return self._producers[partition]
+            producer = self._producers[partition]
+            self._dirty.add(partition)
+            return producer
         except KeyError:
             raise BrokerError(
                 f"no transactional producer for input partition {partition}"
@@ -148,7 +153,9 @@ class Transactions:
             tp, next_offset = offset
             await producer.send_offsets_to_transaction({tp: next_offset}, self._group)
         await producer.commit_transaction()
-        self._metrics.transactions.labels("committed").inc()
+        if partition in self._dirty or offset is not None:
+            self._metrics.transactions.labels("committed").inc()
+        self._dirty.discard(partition)
         await producer.begin_transaction()
 
     async def _each(self, step: Any, by_partition: Mapping[int, Any]) -> None:
@@ -169,12 +176,19 @@ class Transactions:
             producer = self._producers.pop(partition, None)
             if producer is None:
                 continue
+            if partition in self._dirty:
+                logger.warning(
+                    "partition %d: aborting a transaction with records (read again later)",
+                    partition,
+                )
             try:
-                await producer.abort_transaction()
-                self._metrics.transactions.labels("aborted").inc()
-            except (KafkaError, AssertionError):
+                await asyncio.wait_for(producer.abort_transaction(), 10.0)
+                if partition in self._dirty:
+                    self._metrics.transactions.labels("aborted").inc()
+            except (KafkaError, AssertionError, TimeoutError):
                 # Fenced, or already failed: the broker aborts it (or the next owner does).
                 logger.debug("abort of partition %d's transaction failed", partition, exc_info=True)
+            self._dirty.discard(partition)
             await stop_client(producer)
 
     async def close_all(self) -> None:
@@ -204,13 +218,37 @@ class PartitionOutbox:
         *,
         source: int = -1,
     ) -> None:
+        if timestamp_ms is not None and timestamp_ms > self._clock() * 1000.0 + _MAX_AHEAD_MS:
+            timestamp_ms = None
+        self._box(source).add(topic, key, value, headers, timestamp_ms, partition)
+
+    def add_many(
+        self,
+        topic: str,
+        keys: Sequence[bytes | None],
+        values: Sequence[bytes | None],
+        timestamps_ms: Sequence[int | None],
+        sources: Sequence[int],
+    ) -> None:
+        """``Outbox.add_many``, each record to its source partition's outbox."""
+        latest = self._clock() * 1000.0 + _MAX_AHEAD_MS
+        split: dict[int, tuple[list[Any], list[Any], list[Any]]] = {}
+        for key, value, stamp, source in zip(keys, values, timestamps_ms, sources, strict=True):
+            part = split.get(source)
+            if part is None:
+                part = split[source] = ([], [], [])
+            part[0].append(key)
+            part[1].append(value)
+            part[2].append(None if stamp is not None and stamp > latest else stamp)
+        for source, (k, v, t) in split.items():
+            self._box(source).add_many(topic, k, v, t, [source] * len(k))
+
+    def _box(self, source: int) -> Outbox:
         box = self._boxes.get(source)
         if box is None:
             producer = self._transactions.producer(source)
             box = self._boxes[source] = Outbox(producer, self._partitions)
-        if timestamp_ms is not None and timestamp_ms > self._clock() * 1000.0 + _MAX_AHEAD_MS:
-            timestamp_ms = None
-        box.add(topic, key, value, headers, timestamp_ms, partition)
+        return box
 
     async def send(self) -> list[asyncio.Future[Any]]:
         futures: list[asyncio.Future[Any]] = []

@@ -135,9 +135,12 @@ def run_engine_bench(
     repeats: int = 3,
     rss_streams: int = 1_000_000,
     seed: int = 0,
+    model: str | None = None,
 ) -> dict[str, Any]:
-    config = ModelConfig(input_size=1)
-    bundle = Bundle.random(config, seed=seed)
+    """Engine ticks/s of the default model's shape (random weights), or of the
+    bundle at ``model`` (its score and flag computed on every tick, as served)."""
+    bundle = Bundle.load(model) if model else Bundle.random(ModelConfig(input_size=1), seed=seed)
+    config = bundle.config
     rng = np.random.default_rng(seed)
     raw = 2 * 4 * sum(config.hidden_sizes)
     ceiling = _ceiling(config, batch)
@@ -170,8 +173,17 @@ def run_engine_bench(
             }
         )
         del engine, one_batch, bursty_batch
+    spec = bundle.outputs
     result: dict[str, Any] = {
         "model": config.to_dict(),
+        "bundle": model,
+        "score": (
+            None
+            if spec.score_span is None
+            else f"{len(spec.score_scale)} horizons"
+            if spec.score_scale
+            else "residual"
+        ),
         "batch": batch,
         "torch_threads": torch.get_num_threads(),
         "recurrent_step": step_name(native_available()),
@@ -227,6 +239,8 @@ def format_engine_bench(result: dict[str, Any]) -> str:
         f"model: input {result['model']['input_size']}, hidden {result['model']['hidden_sizes']}, "
         f"head {result['model']['head_sizes']}; batch {result['batch']}; "
         f"torch threads {result['torch_threads']}; recurrent step: {result['recurrent_step']}",
+        f"bundle: {result.get('bundle') or 'random weights'}; anomaly score: "
+        f"{result.get('score') or 'none'}",
         f"tutorial recompute (60-tick window, batch 1): {result['tutorial_ticks_per_s']:,.0f} "
         "ticks/s",
         f"raw h+c bytes per stream: {result['raw_state_bytes_per_stream']}",

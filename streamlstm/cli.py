@@ -65,6 +65,7 @@ def bench_main(argv: Sequence[str]) -> int:
     engine.add_argument("--repeats", type=int, default=3, help="alternating blocks per count")
     engine.add_argument("--rss-streams", type=int, default=1_000_000, help="0 skips the RSS run")
     engine.add_argument("--json", action="store_true", help="print one JSON object")
+    engine.add_argument("--model", help="bundle directory to bench (default: random weights)")
     sub.add_parser("kafka", help="end-to-end through a broker (see streamlstm bench kafka -h)")
     if argv and argv[0] == "kafka":
         return _run_module("streamlstm.consumers.devtools.bench", list(argv[1:]))
@@ -78,6 +79,7 @@ def bench_main(argv: Sequence[str]) -> int:
         seconds=args.seconds,
         repeats=args.repeats,
         rss_streams=args.rss_streams,
+        model=args.model,
     )
     print(json.dumps(result) if args.json else format_engine_bench(result))
     return 0

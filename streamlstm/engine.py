@@ -25,6 +25,7 @@ from streamlstm.batching import Buffers, Rounds, bucket
 from streamlstm.bundle import Bundle
 from streamlstm.errors import ConfigError
 from streamlstm.event_clock import EventClock
+from streamlstm.horizon_score import HorizonScore
 from streamlstm.kernels import NativeStep, native_available
 from streamlstm.model import HeadRunner
 from streamlstm.outputs import ResidualScore
@@ -96,9 +97,11 @@ class Engine:
         self.bundle = bundle
         self.model = bundle.model.eval()
         spec = bundle.outputs
-        self._score = (
-            ResidualScore(spec.horizon, spec.score_span) if spec.score_span is not None else None
-        )
+        self._score: ResidualScore | HorizonScore | None = None
+        if spec.score_scale and spec.score_span is not None:
+            self._score = HorizonScore(spec.score_scale, spec.score_span, spec.score_from)
+        elif spec.score_span is not None:
+            self._score = ResidualScore(spec.horizon, spec.score_span)
         use_native = native_available() if native is None else native
         self.store = StateStore(
             bundle.config.hidden_sizes,
@@ -288,7 +291,14 @@ class Engine:
                 scores = np.full(n, np.nan)
             ready = steps > self.bundle.warmup_steps
             return StepResult(
-                finished, steps, ready, np.ones(n, dtype=bool), rejections, evictions, scores
+                finished,
+                steps,
+                ready,
+                np.ones(n, dtype=bool),
+                rejections,
+                evictions,
+                scores,
+                threshold=self.bundle.outputs.threshold,
             )
         predictions = np.full((n, out_size), np.nan, dtype=np.float32)
         steps = np.zeros(n, dtype=np.int64)
@@ -310,6 +320,7 @@ class Engine:
             evictions,
             all_scores,
             np.zeros(0, dtype=bool) if skipped is None else skipped,
+            threshold=self.bundle.outputs.threshold,
         )
 
     # -- internals ----------------------------------------------------------
@@ -360,7 +371,11 @@ class Engine:
             member_slots = slots[sel]
             extra[member_slots[resets[sel]]] = 0.0
             out[sel] = self._score.update(
-                extra, member_slots, steps[sel], values[sel], forecasts[sel, 0]
+                extra,
+                member_slots,
+                steps[sel],
+                values[sel],
+                forecasts[sel] if self._score.multi else forecasts[sel, 0],
             )
             extra[member_slots[ends[sel]]] = 0.0
         return out

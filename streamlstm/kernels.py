@@ -29,7 +29,15 @@ import torch
 from streamlstm.errors import ConfigError
 from streamlstm.model import StreamLSTM
 
-__all__ = ["DictSlotMap", "NativeStep", "SlotMapping", "native_available", "slot_map", "step_name"]
+__all__ = [
+    "DictSlotMap",
+    "NativeStep",
+    "SlotMapping",
+    "codec_module",
+    "native_available",
+    "slot_map",
+    "step_name",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +83,14 @@ def _load() -> ctypes.CDLL | None:
 def native_available() -> bool:
     """Whether the C kernels were built and ``STREAMLSTM_NATIVE`` does not turn them off."""
     return os.environ.get(DISABLE_ENV, "1") != "0" and _load() is not None
+
+
+def codec_module() -> ModuleType | None:
+    """The daemon's C codec (``decode_ticks``, ``encode_predictions`` of ``_codec.c``), or
+    None where the extension is not built or ``STREAMLSTM_NATIVE=0`` turns it off."""
+    if os.environ.get(DISABLE_ENV, "1") == "0" or _load() is None:
+        return None
+    return _module
 
 
 def step_name(native: bool) -> str:

@@ -10,7 +10,12 @@ The anomaly score of a forecasting model compares each tick's target value
 with the forecast made ``horizon`` ticks earlier: the residual, normalised
 per stream by an exponentially weighted mean and variance (a z-score). Its
 per-stream state lives in the state store's ``extra`` columns, so it is reset,
-evicted, snapshotted and restored together with ``(h, c)``.
+evicted, snapshotted and restored together with ``(h, c)``. A model that
+forecasts its next ``H`` values instead carries ``score_scale`` and is scored by
+``horizon_score.HorizonScore`` (each tick judged by all forecasts made for it).
+
+``threshold`` turns the score into a flag: a tick is an anomaly when its score
+exceeds it (calibrated by ``train`` at ``false_alarm_rate`` on the training part).
 """
 
 from __future__ import annotations
@@ -44,6 +49,12 @@ class OutputSpec:
     current level ``x[:, target_feature]`` is added. ``classes`` names the
     outputs of a classifier. ``score_span`` (ticks) turns on the anomaly score
     of a single-output forecaster whose target is one of its inputs.
+    ``score_scale`` ``[H]`` makes it the multi-horizon score of a model whose
+    ``H`` outputs forecast the target 1 .. H ticks ahead (``horizon`` 1): each
+    horizon's typical residual (target units) on the training part.
+    ``score_from``: the first horizon the score counts (1: all of them).
+    ``threshold``: the score above which a tick is flagged (needs a score);
+    ``false_alarm_rate``: the rate it was calibrated for (information).
     """
 
     activation: str = "linear"
@@ -52,9 +63,18 @@ class OutputSpec:
     horizon: int = 1
     classes: tuple[str, ...] = field(default_factory=tuple)
     score_span: int | None = None
+    score_scale: tuple[float, ...] = field(default_factory=tuple)
+    score_from: int = 1
+    threshold: float | None = None
+    false_alarm_rate: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+        try:
+            object.__setattr__(self, "score_scale", tuple(float(v) for v in self.score_scale))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"outputs.score_scale: must be numbers ({exc})") from exc
+        self._check_score()
         if self.activation not in _ACTIVATIONS:
             raise ConfigError(
                 f"outputs.activation: must be one of {', '.join(_ACTIVATIONS)}, "
@@ -92,6 +112,38 @@ class OutputSpec:
                 "column that holds the target's value"
             )
 
+    def _check_score(self) -> None:
+        if any(not (math.isfinite(v) and v > 0) for v in self.score_scale):
+            raise ConfigError(
+                f"outputs.score_scale: must be positive numbers, got {list(self.score_scale)}"
+            )
+        if self.score_scale and (self.score_span is None or self.horizon != 1):
+            raise ConfigError(
+                "outputs.score_scale: the multi-horizon score needs score_span and horizon 1"
+            )
+        if isinstance(self.score_from, bool) or not isinstance(self.score_from, int):
+            raise ConfigError(f"outputs.score_from: must be an integer, got {self.score_from!r}")
+        if not 1 <= self.score_from <= max(1, len(self.score_scale)):
+            raise ConfigError(
+                f"outputs.score_from: must lie in 1 .. {max(1, len(self.score_scale))}, "
+                f"got {self.score_from}"
+            )
+        for name in ("threshold", "false_alarm_rate"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"outputs.{name}: must be a number, got {value!r}")
+            if not math.isfinite(value) or (name == "false_alarm_rate" and not 0 < value < 1):
+                raise ConfigError(f"outputs.{name}: out of range: {value!r}")
+        if self.threshold is not None and self.score_span is None:
+            raise ConfigError("outputs.threshold: a flag needs an anomaly score (score_span)")
+
+    @property
+    def score_horizons(self) -> int:
+        """How many forecasts judge each tick: ``len(score_scale)``, or 1 for the residual score."""
+        return len(self.score_scale) or 1
+
     @property
     def is_classifier(self) -> bool:
         return bool(self.classes)
@@ -106,7 +158,13 @@ class OutputSpec:
             raise ConfigError(
                 f"outputs.classes: {len(self.classes)} classes for {output_size} outputs"
             )
-        if (self.transform == "diff" or self.score_span is not None) and output_size != 1:
+        if self.score_scale and output_size != len(self.score_scale):
+            raise ConfigError(
+                f"outputs.score_scale: {len(self.score_scale)} horizons for {output_size} outputs"
+            )
+        if (self.transform == "diff" or self.score_span is not None) and output_size != (
+            self.score_horizons
+        ):
             raise ConfigError("outputs: diff and the anomaly score need a single output")
 
     def finish(self, y: F32, x: F32, unscale: Callable[[F32], F32]) -> F32:
@@ -127,6 +185,7 @@ class OutputSpec:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["classes"] = list(self.classes)
+        data["score_scale"] = list(self.score_scale)
         return data
 
     @classmethod
@@ -137,7 +196,13 @@ class OutputSpec:
         if unknown:
             raise ConfigError(f"outputs: unknown field(s) {', '.join(unknown)}")
         try:
-            return cls(**{**data, "classes": tuple(data.get("classes") or ())})
+            return cls(
+                **{
+                    **data,
+                    "classes": tuple(data.get("classes") or ()),
+                    "score_scale": tuple(data.get("score_scale") or ()),
+                }
+            )
         except TypeError as exc:
             raise ConfigError(f"outputs: {exc}") from exc
 
@@ -154,6 +219,7 @@ class ResidualScore:
     """
 
     min_count = 2
+    multi = False
 
     def __init__(self, horizon: int, span: int) -> None:
         self.horizon = horizon

@@ -8,6 +8,7 @@ import numpy as np
 import numpy.typing as npt
 
 from streamlstm.state import Eviction
+from streamlstm.wire import UNDEFINED, Undefined
 
 __all__ = ["F32", "I64", "Bools", "EngineStats", "Rejection", "StepResult"]
 
@@ -37,7 +38,8 @@ class StepResult:
     has too few residuals, on rejected rows, or when the model has no score);
     ``skipped`` ``[N]`` true for ticks not applied because the stream's state
     already reflects their offset (no state change, no answer; empty when the
-    call skipped nothing).
+    call skipped nothing); ``threshold`` the model's flag threshold (None: the
+    model has none), which ``anomaly`` and ``anomalies`` apply to ``scores``.
     """
 
     predictions: F32
@@ -48,6 +50,22 @@ class StepResult:
     evictions: list[Eviction] = field(default_factory=list)
     scores: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     skipped: Bools = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    threshold: float | None = None
+
+    def anomaly(self, i: int) -> bool | Undefined | None:
+        """Whether tick ``i`` is flagged (its score above the threshold), as
+        ``encode_prediction`` takes it: ``UNDEFINED`` while the score is NaN,
+        None when the model has no threshold."""
+        if self.threshold is None or i >= self.scores.size:
+            return None
+        score = float(self.scores[i])
+        return UNDEFINED if score != score else score > self.threshold
+
+    def anomalies(self) -> npt.NDArray[np.float64]:
+        """``anomaly`` of every row as float64 ``[N]``: 1.0, 0.0 or NaN (undefined)."""
+        if self.threshold is None:
+            return np.full(self.scores.size, np.nan)
+        return np.where(np.isnan(self.scores), np.nan, (self.scores > self.threshold) * 1.0)
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,7 @@ class StateStore:
         return out
 
     def acquire(
-        self, ids: Sequence[str], times: F64, held: I64 | None = None
+        self, ids: Sequence[str], times: F64, held: I64 | None = None, *, fill: bool = True
     ) -> tuple[I64, list[Eviction]]:
         """Slots for distinct ``ids`` (in order), creating zeroed ones as needed.
 
@@ -144,7 +144,9 @@ class StateStore:
         idle for more than ``idle_ttl_s`` is evicted (reason ``ttl``) and
         starts again from zero. The slots returned are safe from LRU eviction
         until the next call. ``held`` is ``lookup(ids)`` where the caller has
-        it already; it is filled in and returned.
+        it already; it is filled in and returned. ``fill=False`` leaves new
+        slots' ``h``, ``c``, steps and extra columns as they are, for a caller
+        that writes every one of them (a restore).
         """
         n = len(ids)
         slots = self.lookup(ids) if held is None else held
@@ -163,7 +165,7 @@ class StateStore:
         self._clock += n
         self._last_used[known] = self._clock
         if fresh.size:
-            new_slots = self._allocate(int(fresh.size), evictions)
+            new_slots = self._allocate(int(fresh.size), evictions, fill=fill)
             for i, slot in zip(fresh.tolist(), new_slots.tolist(), strict=True):
                 stream_id = ids[i]
                 self._slot[stream_id] = slot
@@ -228,13 +230,15 @@ class StateStore:
         times = np.nan_to_num(states.last_seen.astype(np.float64), nan=0.0)
         saved_ttl, self.idle_ttl_s = self.idle_ttl_s, None  # restoring is not a TTL check
         try:
-            slots, evictions = self.acquire(ids, times)
+            # Every column of every slot is written below: no zeros first.
+            slots, evictions = self.acquire(ids, times, fill=False)
         finally:
             self.idle_ttl_s = saved_ttl
-        idx = torch.from_numpy(slots)
+        # Through NumPy views of the tensors: the columns may be strided, unaligned
+        # views of a restore's buffer (decode_many), which torch cannot wrap.
         for layer in range(len(self.hidden_sizes)):
-            self.h[layer].index_copy_(0, idx, torch.from_numpy(states.h[layer]))
-            self.c[layer].index_copy_(0, idx, torch.from_numpy(states.c[layer]))
+            self.h[layer].numpy()[slots] = states.h[layer]
+            self.c[layer].numpy()[slots] = states.c[layer]
         self.steps[slots] = states.step
         self.offsets[slots] = states.offset
         self.partitions[slots] = states.partition
@@ -245,12 +249,18 @@ class StateStore:
 
     # -- internals ----------------------------------------------------------
 
-    def _allocate(self, count: int, evictions: list[Eviction]) -> I64:
+    def reserve(self, count: int) -> None:
+        """Grow now (up to ``max_streams``) so that ``count`` new streams need no growth
+        (``count`` free slots; a no-op where there are): while a restore reads the
+        changelog, the growth costs it no wait."""
         if len(self._free) < count and self.capacity < self.max_streams:
             target = self.capacity
             while target - len(self._slot) < count and target < self.max_streams:
                 target *= 2
             self._grow(min(target, self.max_streams))
+
+    def _allocate(self, count: int, evictions: list[Eviction], *, fill: bool = True) -> I64:
+        self.reserve(count)
         shortfall = count - len(self._free)
         if shortfall > 0:
             # Slots touched by this call carry the newest counter, so the
@@ -265,8 +275,11 @@ class StateStore:
             victims = np.argpartition(self._last_used, shortfall - 1)[:shortfall]
             evictions += self._capture(victims, "lru")
             self._remove(victims)
-        slots = np.array([self._free.pop() for _ in range(count)], dtype=np.int64)
-        self._zero(slots)
+        # The last ``count`` free slots, in the order ``pop()`` would give them.
+        slots = np.array(self._free[len(self._free) - count :][::-1], dtype=np.int64)
+        del self._free[len(self._free) - count :]
+        if fill:
+            self._zero(slots)
         self.offsets[slots] = -1
         self.partitions[slots] = -1
         return slots
@@ -274,7 +287,8 @@ class StateStore:
     def _grow(self, new_capacity: int) -> None:
         old = self.capacity
         # One tensor at a time, so the transient peak is one tensor's growth,
-        # not a second copy of the whole store.
+        # not a second copy of the whole store. Zeros, not empty: the memory is
+        # touched here, so ``reserve`` ahead of a restore takes its page faults.
         for tensors in (self.h, self.c):
             for i, tensor in enumerate(tensors):
                 grown = torch.zeros(new_capacity, tensor.shape[1])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ import numpy.typing as npt
 
 from streamlstm.errors import StateError
 
-__all__ = ["StateArrays", "StreamState", "decode_many"]
+__all__ = ["StateArrays", "StateBlobs", "StreamState", "decode_many"]
 
 _MAGIC = b"SLST"
 _FORMAT_VERSION = 3  # 3 appends partition and model; 2 the extra columns; 1, 2 still read
@@ -152,53 +153,71 @@ class StateArrays:
         )
 
 
-def decode_many(blobs: dict[str, bytes]) -> StateArrays:
+@dataclass(frozen=True, eq=False)
+class StateBlobs:
+    """Many states' bytes in one buffer: stream ``ids[i]``'s are ``data[starts[i]:ends[i]]``.
+
+    What a restore hands the engine: one buffer (a mapped file, not one bytes
+    object per stream) that ``decode_many`` reads as a table.
+    """
+
+    ids: list[str]
+    data: npt.NDArray[np.uint8]
+    starts: npt.NDArray[np.int64]
+    ends: npt.NDArray[np.int64]
+
+    @classmethod
+    def from_dict(cls, blobs: Mapping[str, bytes]) -> StateBlobs:
+        values = list(blobs.values())
+        lengths = np.fromiter(map(len, values), np.int64, len(values))
+        ends = np.cumsum(lengths, dtype=np.int64)
+        data = np.frombuffer(b"".join(values), dtype=np.uint8)
+        return cls(list(blobs), data, ends - lengths, ends)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def blob(self, i: int) -> bytes:
+        return self.data[int(self.starts[i]) : int(self.ends[i])].tobytes()
+
+    def items(self) -> Iterator[tuple[str, bytes]]:
+        for i, stream in enumerate(self.ids):
+            yield stream, self.blob(i)
+
+
+def decode_many(blobs: Mapping[str, bytes] | StateBlobs) -> StateArrays:
     """Many states' bytes as columns; one pass of numpy when they share one layout.
 
     A restore reads a changelog of states that one model wrote, so they share
-    their length and layout: the bytes are joined and sliced as a table (no
-    Python object per stream). Anything else is decoded one by one. A state
-    that does not decode raises ``StateError`` with its stream id.
+    their length and layout: the buffer is read as a table, and the columns
+    are views of it (no copy, no Python object per stream; ``restore_arrays``
+    copies them once, into the store). Anything else is decoded one by one. A
+    state that does not decode raises ``StateError`` with its stream id.
     """
-    ids = list(blobs)
+    if not isinstance(blobs, StateBlobs):
+        blobs = StateBlobs.from_dict(blobs)
+    ids = blobs.ids
     if not ids:
         return StateArrays.from_states({})
-    first = blobs[ids[0]]
-    try:
-        template = StreamState.from_bytes(first)
-    except StateError as exc:
-        raise StateError(f"stream {ids[0]!r}: {exc}") from exc
-    size = len(first)
-    layers = len(template.h)
-    tail = 4 + 8 * len(template.extra) + 6 + len(template.model.encode())
-    uniform = first[4] == _FORMAT_VERSION and all(len(blobs[s]) == size for s in ids)
-    if uniform:
-        table = np.frombuffer(b"".join(blobs[s] for s in ids), dtype=np.uint8).reshape(-1, size)
-        ends = 6 + len(template.model.encode())  # partition and model
-        fixed = np.concatenate(
-            [
-                table[:, :6],  # magic, version, layer count
-                table[:, 30 : 30 + 4 * layers],  # layer sizes
-                table[:, size - tail : size - tail + 4],  # extra count
-                table[:, size - ends :],  # partition and model
-            ],
-            axis=1,
-        )
-        uniform = bool((fixed == fixed[0]).all())
-    if not uniform:
+    table = _table(blobs)
+    if table is None:
         states = {}
-        for stream in ids:
+        for stream, blob in blobs.items():
             try:
-                states[stream] = StreamState.from_bytes(blobs[stream])
+                states[stream] = StreamState.from_bytes(blob)
             except StateError as exc:
                 raise StateError(f"stream {stream!r}: {exc}") from exc
         return StateArrays.from_states(states)
+    template = StreamState.from_bytes(blobs.blob(0))
+    n, size = table.shape
 
     def column(start: int, dtype: str, count: int) -> npt.NDArray[Any]:
-        width = np.dtype(dtype).itemsize * count
-        return table[:, start : start + width].copy().view(dtype).reshape(len(ids), count)
+        # A strided view of the table: unaligned rows are fine for numpy, and
+        # the store copies each column once, to where it belongs.
+        kind = np.dtype(dtype)
+        return np.ndarray((n, count), kind, table, start, (size, kind.itemsize))
 
-    pos = 30 + 4 * layers
+    pos = 30 + 4 * len(template.h)
     hs, cs = [], []
     for h in template.h:
         hs.append(column(pos, "<f4", h.size))
@@ -210,10 +229,41 @@ def decode_many(blobs: dict[str, bytes]) -> StateArrays:
         ids=ids,
         h=hs,
         c=cs,
-        step=column(6, "<i8", 1)[:, 0].copy(),
-        offset=column(14, "<i8", 1)[:, 0].copy(),
-        partition=np.full(len(ids), template.partition, dtype=np.int64),
-        last_seen=column(22, "<f8", 1)[:, 0].copy(),
-        extra=column(pos + 4, "<f8", count) if count else np.zeros((len(ids), 0)),
-        models=[template.model] * len(ids),
+        step=column(6, "<i8", 1)[:, 0],
+        offset=column(14, "<i8", 1)[:, 0],
+        partition=np.full(n, template.partition, dtype=np.int64),
+        last_seen=column(22, "<f8", 1)[:, 0],
+        extra=column(pos + 4, "<f8", count) if count else np.zeros((n, 0)),
+        models=[template.model] * n,
     )
+
+
+def _table(blobs: StateBlobs) -> npt.NDArray[np.uint8] | None:
+    """The states as rows of one table (a view where they lie end to end), or None unless
+    they share one layout: one length, the current version, the same layer sizes,
+    extras, partition and model."""
+    first = blobs.blob(0)
+    try:
+        template = StreamState.from_bytes(first)
+    except StateError as exc:
+        raise StateError(f"stream {blobs.ids[0]!r}: {exc}") from exc
+    n, size = len(blobs.ids), len(first)
+    if first[4] != _FORMAT_VERSION or not (blobs.ends - blobs.starts == size).all():
+        return None
+    start = int(blobs.starts[0])
+    if np.array_equal(blobs.starts, start + size * np.arange(n, dtype=np.int64)):
+        table = blobs.data[start : start + n * size].reshape(n, size)
+    else:  # others between them (superseded states, tombstoned streams'): one copy
+        table = np.lib.stride_tricks.sliding_window_view(blobs.data, size)[blobs.starts]
+    layers = len(template.h)
+    ends = 6 + len(template.model.encode())  # partition and model
+    tail = 4 + 8 * len(template.extra) + ends
+    for lo, hi in (
+        (0, 6),  # magic, version, layer count
+        (30, 30 + 4 * layers),  # layer sizes
+        (size - tail, size - tail + 4),  # extra count
+        (size - ends, size),  # partition and model
+    ):
+        if not (table[:, lo:hi] == table[0, lo:hi]).all():
+            return None
+    return table

@@ -14,6 +14,7 @@ hold, the answer is that tick or an ``InputError``, never another exception.
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import re
@@ -31,7 +32,9 @@ __all__ = [
     "DEFAULT_MAX_VALUE_BYTES",
     "MAX_STREAM_ID_BYTES",
     "MIN_TS_MS",
+    "UNDEFINED",
     "Tick",
+    "Undefined",
     "decode_tick",
     "encode_prediction",
 ]
@@ -288,8 +291,13 @@ def encode_prediction(
     ready: bool,
     model: str,
     score: float | None = None,
+    anomaly: bool | Undefined | None = None,
 ) -> bytes:
     """One output message (UTF-8 JSON).
+
+    ``anomaly`` (a model with a flag threshold) is written right after
+    ``score``: true or false, or null for ``UNDEFINED`` (the score is not yet
+    defined); absent for None (a model without a threshold).
 
     Never fails for a tick ``decode_tick`` accepted. Non-finite numbers are
     written as null; ``ts`` as an integer where it is one (and fits JSON's
@@ -308,12 +316,24 @@ def encode_prediction(
     }
     if score is not None:
         out["score"] = None if not math.isfinite(score) else float(score)
+    if anomaly is not None:
+        out["anomaly"] = None if isinstance(anomaly, Undefined) else anomaly
     # orjson writes non-finite floats as null, where json would write invalid JSON.
     try:
         return orjson.dumps(out)
     except orjson.JSONEncodeError as exc:
         field = "stream" if _not_text(stream) else "model" if _not_text(model) else "prediction"
         raise InputError(field, f"cannot be written as JSON ({exc})") from exc
+
+
+class Undefined(enum.Enum):
+    """``encode_prediction(anomaly=UNDEFINED)``: the model flags, but not this tick yet."""
+
+    UNDEFINED = "undefined"
+
+
+#: The flag of a tick whose score is not yet defined: written as null.
+UNDEFINED = Undefined.UNDEFINED
 
 
 def _json_ts(ts: float | None) -> float | int | None:

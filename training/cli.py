@@ -39,6 +39,12 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
         help="what to do with empty cells (error)",
     )
     parser.add_argument("--predictions-out", help="CSV of test-period predictions")
+    parser.add_argument(
+        "--train-fraction",
+        type=float,
+        default=0.8,
+        help="leading fraction of each stream to train on; the rest is the test period (0.8)",
+    )
 
 
 def _print_metrics(metrics: dict[str, object]) -> None:
@@ -138,6 +144,33 @@ def _import(argv: list[str]) -> int:
     return 0
 
 
+def _score_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("anomaly score")
+    group.add_argument(
+        "--score",
+        choices=("auto", "residual", "horizons"),
+        default="auto",
+        help="horizons: forecast the next --score-horizons values and judge each tick by all "
+        "forecasts made for it; residual: the one-step residual's EW z-score; auto (default): "
+        "horizons with --label-column, else residual",
+    )
+    group.add_argument(
+        "--score-horizons", type=int, default=32, help="forecasts judging each tick (32)"
+    )
+    group.add_argument(
+        "--score-span",
+        type=int,
+        help="ticks the score is smoothed over (default: 2 x horizons; residual: 100)",
+    )
+    group.add_argument(
+        "--false-alarm-rate",
+        type=float,
+        default=0.01,
+        help="the flag's threshold: exceeded by this fraction of the training part's normal "
+        "ticks (0.01)",
+    )
+
+
 def _train(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="streamlstm train")
     _data_arguments(parser)
@@ -162,10 +195,10 @@ def _train(argv: list[str]) -> int:
         ("clip-norm", float, 1.0),
         ("patience", int, 10),
         ("horizon", int, 1),
-        ("score-span", int, 100),
         ("seed", int, 0),
     ):
         parser.add_argument(f"--{name}", type=kind, default=default, help=f"(default {default})")
+    _score_arguments(parser)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     if not args.features:
@@ -198,6 +231,10 @@ def _train(argv: list[str]) -> int:
         target_transform=args.target_transform,
         season=args.season,
         score_span=args.score_span,
+        score=args.score,
+        score_horizons=args.score_horizons,
+        false_alarm_rate=args.false_alarm_rate,
+        train_fraction=args.train_fraction,
         max_gap_factor=None if args.allow_gaps else args.max_gap_factor,
         missing=args.missing,
     )
@@ -205,11 +242,27 @@ def _train(argv: list[str]) -> int:
     bundle.name = args.out.rstrip("/").split("/")[-1]
     bundle.save(args.out)
     _print_metrics(bundle.metrics)
-    plots = write_plots(Path(args.out) / "plots", bundle.training["history"], predictions)
+    plots = write_plots(
+        Path(args.out) / "plots",
+        bundle.training["history"],
+        predictions,
+        bundle.outputs.threshold,
+    )
     if args.predictions_out:
         predictions.to_csv(args.predictions_out, index=False)
     print(f"saved {args.out} (plots: {', '.join(p.name for p in plots)})", file=sys.stderr)
     return 0
+
+
+def _bundle_target(bundle: Bundle) -> str | None:
+    """The column a bundle forecasts (a multi-horizon scoring model names its outputs
+    ``target+1 ..``; its target is the input column ``target_feature``)."""
+    spec = bundle.outputs
+    if spec.is_classifier:
+        return None
+    if spec.score_scale and spec.target_feature is not None:
+        return bundle.feature_names[spec.target_feature]
+    return bundle.target_names[0]
 
 
 def _evaluate(argv: list[str]) -> int:
@@ -226,13 +279,18 @@ def _evaluate(argv: list[str]) -> int:
     spec = bundle.outputs
     opts = TrainOptions(
         features=tuple(features),
-        target=args.target or (None if spec.is_classifier else bundle.target_names[0]),
+        target=args.target or _bundle_target(bundle),
         time_column=args.time_column,
         stream_column=args.stream_column,
         seq_len=int(meta.get("seq_len", 60)),
         horizon=spec.horizon,
         task="classify" if spec.is_classifier else "forecast",
         label_column=args.label_column,
+        # The bundle's own score: its outputs fix how far ahead the targets lie.
+        score="horizons" if spec.score_scale else "residual",
+        score_horizons=len(spec.score_scale) or 32,
+        score_span=spec.score_span,
+        train_fraction=args.train_fraction,
         target_transform=spec.transform,
         season=args.season if args.season is not None else meta.get("season"),
         max_gap_factor=None if args.allow_gaps else args.max_gap_factor,

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
-from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+from sklearn.metrics import accuracy_score, f1_score
 
 from streamlstm import Bundle, Engine
+from streamlstm.training.anomaly import anomaly_metrics, fit_threshold, residual_z, rolling_z
 from streamlstm.training.series import Series
 
 logger = logging.getLogger(__name__)
@@ -20,13 +22,20 @@ F32 = npt.NDArray[np.float32]
 
 
 def evaluate(
-    bundle: Bundle, series: list[Series], *, season: int | None = None
+    bundle: Bundle,
+    series: list[Series],
+    *,
+    season: int | None = None,
+    false_alarm_rate: float | None = None,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Predictions of every test tick, fed tick by tick through ``Engine.step``.
 
     Each stream's state is first carried through its training period, then
     each test tick is answered before the next arrives, as in serving.
     Returns the metrics and a frame of (stream, index, truth, prediction, ...).
+    ``false_alarm_rate`` (a model with a score) first calibrates the bundle's
+    flag threshold on the training part's scores (``bundle.outputs`` changes);
+    the frame's ``anomaly`` column is the flag (1, 0, NaN while undefined).
     """
     # All streams in one call, interleaved by position: a stream's ticks stay
     # in order, and the streams advance together, one batched step per tick.
@@ -43,6 +52,15 @@ def evaluate(
     scores = np.empty(len(order))
     scores[order] = result.scores
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
+    whole = [slice(start, start + len(s.x)) for s, start in zip(series, starts, strict=True)]
+    spec = bundle.outputs
+    if false_alarm_rate is not None and spec.score_span is not None:
+        # Not while a stream's state and its smoothed score warm up from zero.
+        warm = spec.score_horizons + spec.score_span
+        threshold = fit_threshold([scores[w] for w in whole], series, false_alarm_rate, warm)
+        bundle.outputs = spec = replace(
+            spec, threshold=threshold, false_alarm_rate=false_alarm_rate
+        )
     test = [
         slice(start + s.split, start + len(s.x)) for s, start in zip(series, starts, strict=True)
     ]
@@ -59,13 +77,33 @@ def evaluate(
             columns["truth"] = s.y[s.split :, 0]
             columns["prediction"] = predictions[part, 0]
             columns["score"] = scores[part]
+            if spec.threshold is not None:
+                columns["anomaly"] = np.where(
+                    np.isnan(scores[part]), np.nan, (scores[part] > spec.threshold) * 1.0
+                )
             if s.labels is not None:
                 columns["label"] = s.labels[s.split :]
         frames.append(pd.DataFrame(columns))
     frame = pd.concat(frames, ignore_index=True)
     if bundle.outputs.is_classifier:
         return _classification_metrics(bundle, series, predictions, test), frame
-    return _forecast_metrics(bundle, series, frame, season), frame
+    metrics = _forecast_metrics(bundle, series, frame, season)
+    if "label" in frame:
+        one_step = [predictions[w, 0].astype(np.float64) for w in whole]
+        test_of = [slice(s.split, len(s.x)) for s in series]
+        baselines = {
+            "residual_z": np.concatenate(
+                [
+                    z[t]
+                    for z, t in zip(
+                        residual_z(series, one_step, spec.horizon), test_of, strict=True
+                    )
+                ]
+            ),
+            "raw_z": np.concatenate([rolling_z(s.level[: len(s.x)])[s.split :] for s in series]),
+        }
+        metrics.update(anomaly_metrics(frame, baselines, spec.threshold))
+    return metrics, frame
 
 
 def _forecast_metrics(
@@ -89,13 +127,6 @@ def _forecast_metrics(
         metrics[f"{name}_rmse"] = b_rmse
         metrics[f"{name}_mae"] = float(np.mean(np.abs(nai))) if nai.size else math.nan
         metrics[f"rmse_over_{name}"] = rmse / b_rmse if b_rmse else math.nan
-    if "label" in frame:
-        scored = frame[np.isfinite(frame["score"])]
-        if scored["label"].nunique() == 2:
-            metrics["score_roc_auc"] = float(roc_auc_score(scored["label"], scored["score"]))
-        else:
-            metrics["score_roc_auc"] = math.nan
-            logger.warning("ROC AUC needs both labels among the scored test ticks")
     return metrics
 
 

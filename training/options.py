@@ -41,7 +41,10 @@ class TrainOptions:
     label_column: str | None = None
     target_transform: str = "auto"
     season: int | None = None
-    score_span: int = 100
+    score_span: int | None = None
+    score: str = "auto"
+    score_horizons: int = 32
+    false_alarm_rate: float = 0.01
     max_gap_factor: float | None = 5.0
     missing: str = "error"
 
@@ -67,9 +70,44 @@ class TrainOptions:
             )
         if self.season is not None and self.season < self.horizon:
             raise ConfigError(f"season: must be at least the horizon ({self.horizon})")
+        self._resolve_score()
         for name in ("seq_len", "horizon", "epochs", "batch_size", "hidden_size", "num_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+
+    def _resolve_score(self) -> None:
+        """``score`` auto: the multi-horizon score when anomaly labels are given."""
+        if self.score not in ("auto", "residual", "horizons"):
+            raise ConfigError(f"score: must be auto, residual or horizons, got {self.score!r}")
+        if self.score_horizons < 1:
+            raise ConfigError(f"score_horizons: must be at least 1, got {self.score_horizons}")
+        if self.score_span is not None and self.score_span < 1:
+            raise ConfigError(f"score_span: must be at least 1, got {self.score_span}")
+        if not 0 < self.false_alarm_rate < 1:
+            raise ConfigError(
+                f"false_alarm_rate: must lie between 0 and 1, got {self.false_alarm_rate}"
+            )
+        if not 0 < self.train_fraction < 1:
+            raise ConfigError(
+                f"train_fraction: must lie between 0 and 1, got {self.train_fraction}"
+            )
+        scorable = self.task == "forecast" and self.target_column in self.features
+        if self.score == "horizons" and not (scorable and self.horizon == 1):
+            raise ConfigError(
+                "score: horizons needs a forecast of an input column (the target among "
+                "--features) with --horizon 1"
+            )
+        if self.score == "auto":
+            labeled = self.label_column is not None and scorable and self.horizon == 1
+            object.__setattr__(self, "score", "horizons" if labeled else "residual")
+        if self.score_span is None and self.score == "residual":
+            # The multi-horizon score's default span is measured on the data (train).
+            object.__setattr__(self, "score_span", 100)
+
+    @property
+    def outputs(self) -> int:
+        """Model outputs of a forecaster: ``score_horizons`` for the multi-horizon score, else 1."""
+        return self.score_horizons if self.score == "horizons" else 1
 
     @property
     def target_column(self) -> str:
@@ -78,4 +116,6 @@ class TrainOptions:
     @property
     def shift(self) -> int:
         """How far ahead the target lies: the horizon, or 0 for a classifier's own tick."""
-        return 0 if self.task == "classify" else self.horizon
+        if self.task == "classify":
+            return 0
+        return self.score_horizons if self.score == "horizons" else self.horizon

@@ -20,12 +20,17 @@ _STREAMS_SHOWN = 3
 
 
 def write_plots(
-    directory: str | Path, history: Sequence[dict[str, Any]], frame: pd.DataFrame
+    directory: str | Path,
+    history: Sequence[dict[str, Any]],
+    frame: pd.DataFrame,
+    threshold: float | None = None,
 ) -> list[Path]:
-    """Write ``loss.png``, ``predictions.png`` and (forecasts) ``residuals.png``; return paths.
+    """Write ``loss.png``, ``predictions.png``, (forecasts) ``residuals.png`` and
+    (a model with a score) ``scores.png``; return their paths.
 
     ``frame`` is the test-period frame from ``evaluate``: one row per test
-    tick with ``stream``, ``index``, ``truth`` and ``prediction``.
+    tick with ``stream``, ``index``, ``truth`` and ``prediction`` (and
+    ``score``, ``label``); ``threshold`` is drawn on the scores.
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,7 +59,38 @@ def write_plots(
         fig.savefig(out / "residuals.png", dpi=90)
         plt.close(fig)
         written.append(out / "residuals.png")
+    if "score" in frame and np.isfinite(frame["score"].to_numpy(np.float64)).any():
+        written.append(_scores(out / "scores.png", frame, streams, threshold))
     return written
+
+
+def _scores(path: Path, frame: pd.DataFrame, streams: list[Any], threshold: float | None) -> Path:
+    """The anomaly score over each stream's test period, labeled ticks shaded."""
+    fig, axes = plt.subplots(len(streams), 1, figsize=(10, 2.6 * len(streams)), squeeze=False)
+    for ax, stream in zip(axes[:, 0], streams, strict=True):
+        part = frame[frame["stream"] == stream]
+        index = part["index"].to_numpy()
+        ax.plot(index, part["score"], lw=0.8, label="score")
+        if "label" in part:
+            top = float(np.nanmax(part["score"].to_numpy(np.float64), initial=1.0))
+            ax.fill_between(
+                index,
+                0,
+                top,
+                where=part["label"].to_numpy() > 0,
+                color="red",
+                alpha=0.2,
+                step="mid",
+                label="labeled anomaly",
+            )
+        if threshold is not None:
+            ax.axhline(threshold, color="black", ls="--", lw=0.8, label="flag threshold")
+        ax.set_title(f"stream {stream}: anomaly score over the test period")
+        ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def _losses(path: Path, history: Sequence[dict[str, Any]]) -> Path:

@@ -23,7 +23,8 @@ F32 = npt.NDArray[np.float32]
 class Series:
     """One stream: inputs ``x [T, F]`` and what tick t is asked to predict.
 
-    ``y [T, 1]`` is the target level at t + horizon (forecasting) or the class
+    ``y [T, O]`` is the target level at t + horizon (forecasting; at t + 1 .. t + O
+    for a multi-horizon scoring model) or the class
     index of tick t (classification); ``level [T + horizon]`` is the target
     column itself (for baselines); ``labels [T]`` the optional 0/1 anomaly
     labels of a forecasting series.
@@ -78,7 +79,11 @@ def prepare(
             y = lab[:, None].astype(np.float32)
             out.append(Series(str(stream), x, y, split, level))
         else:
-            y = level[opts.shift :][:, None]
+            # Output j forecasts the target j + horizon ticks ahead (one output but
+            # for the multi-horizon score, whose outputs look 1 .. H ticks ahead).
+            y = np.stack(
+                [level[opts.horizon + j : n + opts.horizon + j] for j in range(opts.outputs)], 1
+            )
             anomalies = None if lab is None else lab[:n]
             out.append(Series(str(stream), x[:n], y, split, level, anomalies))
     return out

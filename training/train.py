@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from streamlstm import Affine, Bundle, ModelConfig, OutputSpec, StreamLSTM
+from streamlstm.training.anomaly import horizon_scale, smoothing_span
 from streamlstm.training.evaluation import evaluate
 from streamlstm.training.options import TrainOptions
 from streamlstm.training.series import Series, class_names, prepare
@@ -52,6 +53,18 @@ def train(frame: pd.DataFrame, opts: TrainOptions) -> Bundle:
 
 def fit(frame: pd.DataFrame, opts: TrainOptions) -> tuple[Bundle, pd.DataFrame]:
     """``train``, also returning the test-period predictions frame of ``evaluate``."""
+    # Subnormal floats (tiny gradients late in training) cost CPUs up to ~100x per
+    # operation; flushing them to zero while training changes nothing measurable.
+    # Threads started from here on inherit the mode; the replay runs without it.
+    flush = torch.set_flush_denormal(True)
+    try:
+        return _fit(frame, opts)
+    finally:
+        if flush:
+            torch.set_flush_denormal(False)
+
+
+def _fit(frame: pd.DataFrame, opts: TrainOptions) -> tuple[Bundle, pd.DataFrame]:
     _seed(opts.seed)
     classes = class_names(frame, opts) if opts.task == "classify" else None
     series = prepare(frame, opts, classes)
@@ -68,7 +81,7 @@ def fit(frame: pd.DataFrame, opts: TrainOptions) -> tuple[Bundle, pd.DataFrame]:
     config = ModelConfig(
         input_size=len(opts.features),
         hidden_sizes=(opts.hidden_size,) * opts.num_layers,
-        output_size=len(classes) if classes else 1,
+        output_size=len(classes) if classes else opts.outputs,
         dropout=opts.dropout,
     )
     target_feature = (
@@ -80,7 +93,15 @@ def fit(frame: pd.DataFrame, opts: TrainOptions) -> tuple[Bundle, pd.DataFrame]:
         target_feature=None if classes else target_feature,
         horizon=opts.horizon,
         classes=classes or (),
-        score_span=opts.score_span if not classes and target_feature is not None else None,
+        score_span=(
+            None
+            if classes or target_feature is None
+            else opts.score_span or smoothing_span(series, opts.outputs)
+        ),
+        # Each horizon's residual scale is measured once the model is trained; the
+        # score counts the later half of the horizons (best on held-out ECG).
+        score_scale=(1.0,) * opts.outputs if opts.outputs > 1 and not classes else (),
+        score_from=opts.outputs // 2 + 1 if opts.outputs > 1 and not classes else 1,
     )
     device = torch.device(
         "cuda"
@@ -91,9 +112,11 @@ def fit(frame: pd.DataFrame, opts: TrainOptions) -> tuple[Bundle, pd.DataFrame]:
     xs = [torch.from_numpy(input_affine.apply(s.x)) for s in series]
     if classes is None:
         assert target_affine is not None
-        ys = [torch.from_numpy(target_affine.apply(t)) for t in targets]
-        mse = nn.MSELoss()
-        loss_fn: Loss = mse
+        ys = [
+            torch.from_numpy(_normal_only(target_affine.apply(t), s, opts))
+            for t, s in zip(targets, series, strict=True)
+        ]
+        loss_fn: Loss = _masked_mse
     else:
         ys = [torch.from_numpy(s.y[:, 0].astype(np.int64)) for s in series]
         cross_entropy = nn.CrossEntropyLoss()
@@ -129,7 +152,7 @@ def fit(frame: pd.DataFrame, opts: TrainOptions) -> tuple[Bundle, pd.DataFrame]:
         config=config,
         model=model,
         feature_names=opts.features,
-        target_names=classes or (opts.target_column,),
+        target_names=classes or _target_names(opts),
         input_scaler=input_affine,
         target_scaler=target_affine,
         warmup_steps=opts.burn_in,
@@ -139,6 +162,7 @@ def fit(frame: pd.DataFrame, opts: TrainOptions) -> tuple[Bundle, pd.DataFrame]:
             "mode": opts.mode,
             "seq_len": opts.seq_len,
             "horizon": opts.horizon,
+            "score": opts.score if outputs.score_span is not None else None,
             "target_transform": opts.target_transform,
             "season": opts.season,
             "epochs_run": len(history),
@@ -147,8 +171,21 @@ def fit(frame: pd.DataFrame, opts: TrainOptions) -> tuple[Bundle, pd.DataFrame]:
             "streams": len(series),
         },
     )
-    bundle.metrics, predictions = evaluate(bundle, series, season=opts.season)
+    if outputs.score_scale:
+        scale = horizon_scale(bundle, series, opts.burn_in)
+        bundle.outputs = replace(outputs, score_scale=scale)
+    torch.set_flush_denormal(False)
+    bundle.metrics, predictions = evaluate(
+        bundle, series, season=opts.season, false_alarm_rate=opts.false_alarm_rate
+    )
     return bundle, predictions
+
+
+def _target_names(opts: TrainOptions) -> tuple[str, ...]:
+    """One forecast, or the multi-horizon scoring model's ``target+1 .. target+H``."""
+    if opts.outputs == 1:
+        return (opts.target_column,)
+    return tuple(f"{opts.target_column}+{j + 1}" for j in range(opts.outputs))
 
 
 def _choose_transform(series: list[Series], opts: TrainOptions) -> str:
@@ -171,6 +208,30 @@ def _choose_transform(series: list[Series], opts: TrainOptions) -> str:
             logger.info("stream %r: the target trends; learning its change (diff)", s.stream)
             return "diff"
     return "level"
+
+
+def _normal_only(y: F32, series: Series, opts: TrainOptions) -> F32:
+    """Model targets ``y [T, O]`` with those of labeled anomalies in the training part
+    made NaN: a forecaster that never learns an anomaly's shape forecasts it badly,
+    which is what its score measures. The test period keeps every target."""
+    if series.labels is None or opts.task != "forecast":
+        return y
+    out = y.copy()
+    labels = np.concatenate([series.labels, np.zeros(y.shape[1] + opts.horizon, np.int64)])
+    t = np.arange(series.split)
+    for j in range(y.shape[1]):
+        out[t[labels[t + opts.horizon + j] == 1], j] = np.nan
+    return out
+
+
+def _masked_mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the targets that are not NaN (zero when there are none)."""
+    known = ~torch.isnan(y)
+    if bool(known.all()):
+        return torch.mean((out - y) ** 2)
+    if not bool(known.any()):
+        return (out * 0.0).sum()
+    return torch.mean((out[known] - y[known]) ** 2)
 
 
 def _model_target(series: Series, opts: TrainOptions) -> F32:

@@ -4,9 +4,15 @@ Both runs use the same daemon loop, batching, encoding and producing; the
 passthrough only skips the engine step. Throughput is measured on a
 pre-filled input topic (the best of ``--drains`` drains per kind, taking
 turns); latency (event time to acknowledged prediction) with
-a producer in a separate process pacing ticks at half the measured maximum.
-A third latency, the transport's (event time to a plain consumer receiving
-the tick, no daemon), shows what the generator and the broker alone cost.
+a producer in a separate process pacing ticks at half the measured maximum
+(and at ``--latency-rate`` where given). A third latency, the transport's
+(event time to a plain consumer receiving the tick, no daemon), shows what the
+generator and the broker alone cost; the daemon-added latency (receipt of a
+poll to the acknowledgement of its predictions) what the daemon adds.
+
+Beside each figure, the CPU each process spent per tick (daemon parent,
+engine child, broker, load generator; utime + stime from /proc): on a shared
+machine, throughput says little without it.
 """
 
 from __future__ import annotations
@@ -26,14 +32,20 @@ import numpy as np
 import orjson
 from aiokafka import AIOKafkaConsumer
 
-from streamlstm import Bundle, EngineStats, ModelConfig, StepResult
+from streamlstm import Bundle, ModelConfig
+from streamlstm.consumers.devtools.bench_report import (
+    Passthrough,
+    Watched,
+    broker_pids,
+    cpu_per_tick,
+    cpu_seconds,
+    report,
+)
 from streamlstm.consumers.devtools.bench_state import run_restore_bench
 from streamlstm.consumers.devtools.brokers import describe, local_broker
 from streamlstm.consumers.devtools.replay import replay
 from streamlstm.consumers.engine_process import (
     EngineFactory,
-    StepReply,
-    StepRequest,
     default_engine,
 )
 from streamlstm.consumers.kafka import client_options, ensure_topics, start_client
@@ -50,47 +62,10 @@ def _progress(message: str) -> None:
     print(f"[bench kafka] {message}", file=sys.stderr, flush=True)
 
 
-class _Passthrough:
-    """An engine client that answers each tick with its own values: no inference, no child.
-
-    The daemon's loop, batching, encoding and producing stay the same.
-    """
-
-    def __init__(self, bundle: Bundle, config: ServeConfig) -> None:
-        self._outputs = bundle.config.output_size
-        self.stats: EngineStats | None = None
-
-    @property
-    def alive(self) -> bool:
-        return True
-
-    async def start(self) -> EngineStats:
-        self.stats = EngineStats(0, 0, 0, 0, 0, 0, 0, {})
-        return self.stats
-
-    async def step(self, request: StepRequest) -> StepReply:
-        n = len(request.stream_ids)
-        values = np.asarray(request.features, dtype=np.float32)[:, : self._outputs]
-        ones = np.ones(n, dtype=bool)
-        assert self.stats is not None
-        return StepReply(StepResult(values, np.ones(n, np.int64), ones, ones), self.stats, 0.0)
-
-    async def drop_partitions(self, partitions: Sequence[int]) -> int:
-        return 0
-
-    async def checkpoint(self) -> list[tuple[str, int, bytes | None]]:
-        return []
-
-    async def restore(self, partition: int, states: dict[str, bytes], policy: str) -> Any:
-        return None
-
-    async def close(self, timeout_s: float = 10.0) -> None:
-        return None
-
-
 def _config(bootstrap: str, src: str, out: str, max_records: int, **overrides: Any) -> ServeConfig:
+    # Memory-only unless a kind asks for durable state: the baseline the others are put beside.
     return ServeConfig(
-        **overrides,
+        **{"state": "memory", **overrides},
         model="(in memory)",
         bootstrap_servers=bootstrap,
         input_topic=src,
@@ -104,18 +79,31 @@ def _config(bootstrap: str, src: str, out: str, max_records: int, **overrides: A
     )
 
 
-async def _drain(kind: EngineFactory, config: ServeConfig, bundle: Bundle, total: int) -> float:
-    """Ticks/s to answer a pre-filled topic of ``total`` ticks."""
-    async with Server(config, bundle=bundle, engine=kind) as server:
+async def _drain(
+    kind: EngineFactory,
+    config: ServeConfig,
+    bundle: Bundle,
+    total: int,
+    others: dict[str, list[int]],
+) -> tuple[float, dict[str, float]]:
+    """Ticks/s to answer a pre-filled topic of ``total`` ticks, and CPU µs per tick of each
+    process (from the first tick to the last prediction)."""
+    watched = Watched(kind)
+    async with Server(config, bundle=bundle, engine=watched) as server:
         start = None
+        before: dict[str, float] = {}
+        pids = watched.pids(others)
         while server.totals.get("predictions", 0) < total:
             if start is None and server.totals.get("ticks", 0):
                 start = time.perf_counter()
+                pids = watched.pids(others)
+                before = {name: cpu_seconds(group) for name, group in pids.items()}
             await asyncio.sleep(0.01)
         elapsed = time.perf_counter() - (start or time.perf_counter())
+        cpu = cpu_per_tick(before, pids, total)
         server.request_stop()
         await server.wait()
-    return total / max(elapsed, 1e-9)
+    return total / max(elapsed, 1e-9), cpu
 
 
 def _prefill(bootstrap: str, topic: str, streams: int, total: int, seed: int) -> None:
@@ -132,24 +120,36 @@ async def _latency(
     streams: int,
     rate: float,
     seconds: float,
-) -> dict[str, float]:
+    others: dict[str, list[int]],
+) -> dict[str, Any]:
     """Latency of ticks paced at ``rate`` for ``WARMUP_S + seconds``, the warm-up left out.
 
     In the warm-up most of the streams tick for the first time (the state
     store grows, new batch shapes get their kernels).
     """
-    async with Server(config, bundle=bundle, engine=kind) as server:
+    watched = Watched(kind)
+    async with Server(config, bundle=bundle, engine=watched) as server:
         while not server.ready():
             await asyncio.sleep(0.05)
         proc = await _start_generator(
             config.bootstrap_servers, config.input_topic, streams, rate, seconds
         )
-        await proc.wait()
+        pids = watched.pids(others)
+        before = {name: cpu_seconds(group) for name, group in pids.items()}
+        out, _ = await proc.communicate()
         await asyncio.sleep(1.0)
+        ticks = int(rate * (WARMUP_S + seconds))
+        cpu = cpu_per_tick(before, pids, ticks)
+        # The generator's own figure: its CPU while sending, not while importing.
+        cpu["load_generator"] = round(float(out.split()[-1]) * 1e6 / max(ticks, 1), 2)
         pairs = np.concatenate(list(server.recent_event_latency))
+        added = np.concatenate(list(server.reporter.recent_daemon_latency))
         server.request_stop()
         await server.wait()
-    return _figures(rate, pairs)
+    figures = _figures(rate, pairs)
+    daemon = _figures(rate, added)
+    figures.update(daemon_p50_ms=daemon["p50_ms"], daemon_p99_ms=daemon["p99_ms"])
+    return {**figures, "cpu_us_per_tick": cpu}
 
 
 async def _transport_latency(
@@ -204,6 +204,7 @@ async def _start_generator(
         str(streams),
         str(rate),
         str(WARMUP_S + seconds),
+        stdout=asyncio.subprocess.PIPE,
     )
 
 
@@ -224,7 +225,9 @@ def _paced(bootstrap: str, topic: str, streams: int, rate: float, seconds: float
     count = int(rate * seconds)
     rng = np.random.default_rng(1)
     ids = [f"stream-{i}" for i in rng.integers(0, streams, count).tolist()]
+    start = time.process_time()
     asyncio.run(replay(bootstrap, topic, ids, rng.standard_normal((count, 1)), None, rate=rate))
+    print(time.process_time() - start, flush=True)  # CPU seconds spent sending
 
 
 def run_kafka_bench(
@@ -237,6 +240,7 @@ def run_kafka_bench(
     latency_rate: float | None = None,
     drains: int = 2,
     restore_streams: int = 0,
+    broker_pids: Sequence[int] = (),
 ) -> dict[str, Any]:
     bundle = Bundle.random(ModelConfig(input_size=1), seed=0)
     result: dict[str, Any] = {
@@ -256,42 +260,54 @@ def run_kafka_bench(
     # "durable" is the engine with durable state: checkpoints to a changelog every second.
     durable = {"state": "durable", "commit_interval_ms": 1000}
     kinds: list[tuple[str, EngineFactory, dict[str, Any]]] = [
-        ("passthrough", _Passthrough, {}),
+        ("passthrough", Passthrough, {}),
         ("engine", default_engine, {}),
         ("durable", default_engine, durable),
+        ("exactly_once", default_engine, {**durable, "guarantee": "exactly-once"}),
     ]
     runs: dict[str, list[float]] = {name: [] for name, _, _ in kinds}
+    drain_cpu: dict[str, dict[str, float]] = {}
+    others = {"broker": list(broker_pids)} if broker_pids else {}
     for round_ in range(1, drains + 1):
         for name, kind, overrides in kinds:
             out = f"bench-out-{name}-{uuid.uuid4().hex[:6]}"
             _progress(f"{name}: draining {src} through the daemon ({round_}/{drains})")
             config = _config(bootstrap, src, out, max_records, **overrides)
-            runs[name].append(asyncio.run(_drain(kind, config, bundle, ticks)))
+            rate, cpu = asyncio.run(_drain(kind, config, bundle, ticks, others))
+            runs[name].append(rate)
+            if rate >= max(runs[name]):
+                drain_cpu[name] = cpu  # of the best drain, as the rate reported
     rates = {name: max(each) for name, each in runs.items()}
+    result["drain_cpu_us_per_tick"] = drain_cpu
     result["drains"] = {name: [round(r) for r in each] for name, each in runs.items()}
     result["passthrough_ticks_per_s"] = round(rates["passthrough"])
     result["engine_ticks_per_s"] = round(rates["engine"])
     result["engine_over_passthrough"] = round(rates["engine"] / rates["passthrough"], 3)
     result["durable_ticks_per_s"] = round(rates["durable"])
     result["durable_over_engine"] = round(rates["durable"] / rates["engine"], 3)
+    result["exactly_once_ticks_per_s"] = round(rates["exactly_once"])
+    result["exactly_once_over_engine"] = round(rates["exactly_once"] / rates["engine"], 3)
     if restore_streams:
         _progress(f"restore: {restore_streams} streams from one changelog partition")
         result.update(run_restore_bench(bootstrap, bundle, restore_streams))
-    rate = latency_rate or rates["engine"] / 2
-    # The passthrough at the same rate shows what the generator, the broker and
-    # the loop cost on this machine; the difference is the engine's.
-    for name, kind in (("engine", default_engine), ("passthrough", _Passthrough)):
-        src, out = f"bench-lat-{uuid.uuid4().hex[:6]}", f"bench-lat-out-{uuid.uuid4().hex[:6]}"
-        _progress(f"{name} latency: {rate:.0f} ticks/s for {latency_seconds:.0f} s")
-        # The server creates its topics (create_topics=True) before the paced producer starts.
-        config = _config(bootstrap, src, out, max_records)
-        result[f"{name}_latency"] = asyncio.run(
-            _latency(kind, config, bundle, streams, rate, latency_seconds)
+    half = rates["engine"] / 2
+    # At --latency-rate where given (a rate that runs can compare), and at half the maximum.
+    paced = [("", latency_rate), ("half_max_", half)] if latency_rate else [("", half)]
+    for label, rate in paced:
+        # The passthrough at the same rate shows what the generator, the broker and
+        # the loop cost on this machine; the difference is the engine's.
+        for name, kind in (("engine", default_engine), ("passthrough", Passthrough)):
+            src, out = f"bench-lat-{uuid.uuid4().hex[:6]}", f"bench-lat-out-{uuid.uuid4().hex[:6]}"
+            _progress(f"{name} latency: {rate:.0f} ticks/s for {latency_seconds:.0f} s")
+            # The server creates its topics (create_topics=True) before the paced producer.
+            config = _config(bootstrap, src, out, max_records)
+            result[f"{label}{name}_latency"] = asyncio.run(
+                _latency(kind, config, bundle, streams, rate, latency_seconds, others)
+            )
+        _progress(f"transport latency (no daemon): {rate:.0f} ticks/s for {latency_seconds:.0f} s")
+        result[f"{label}transport_latency"] = asyncio.run(
+            _transport_latency(bootstrap, streams, rate, latency_seconds)
         )
-    _progress(f"transport latency (no daemon): {rate:.0f} ticks/s for {latency_seconds:.0f} s")
-    result["transport_latency"] = asyncio.run(
-        _transport_latency(bootstrap, streams, rate, latency_seconds)
-    )
     result["latency_rate_is_half_max"] = latency_rate is None
     return result
 
@@ -346,6 +362,7 @@ def main(argv: Sequence[str]) -> int:
             latency_rate=args.latency_rate,
             drains=args.drains,
             restore_streams=args.restore_streams,
+            broker_pids=broker_pids(broker, bootstrap),
         )
         result["broker"] = describe(broker) if broker is not None else args.bootstrap_servers
     finally:
@@ -354,34 +371,7 @@ def main(argv: Sequence[str]) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        lat, base = result["engine_latency"], result["passthrough_latency"]
-        wire = result["transport_latency"]
-        print(
-            f"{result['streams']:,} streams, {result['ticks']:,} ticks, "
-            f"batches of {result['max_records']}, {result['cpu_cores']} CPU cores shared by "
-            f"the daemon, the broker ({result['broker']}) and the load generator\n"
-            f"best of {args.drains} drains of the filled topic each:\n"
-            f"passthrough (no inference): {result['passthrough_ticks_per_s']:>9,} ticks/s\n"
-            f"engine end to end:          {result['engine_ticks_per_s']:>9,} ticks/s "
-            f"({result['engine_over_passthrough']:.3f} x passthrough)\n"
-            f"durable state (1 s checkpoints): {result['durable_ticks_per_s']:>9,} ticks/s "
-            f"({result['durable_over_engine']:.3f} x memory-only)\n"
-            + (
-                f"restore: {result['restored_streams']:,} streams in "
-                f"{result['restore_seconds']} s ({result['restore_streams_per_s']:,} streams/s)\n"
-                if "restore_seconds" in result
-                else ""
-            )
-            + f"latency at {lat['rate_ticks_per_s']:,.0f} ticks/s "
-            f"({'as asked' if args.latency_rate else 'half max'}, after a "
-            f"{lat['warmup_s']:.0f} s warm-up), event time to ack:\n"
-            f"  engine:      p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms "
-            f"over {lat['ticks']:,} ticks\n"
-            f"  passthrough: p50 {base['p50_ms']} ms, p99 {base['p99_ms']} ms "
-            f"over {base['ticks']:,} ticks\n"
-            f"  transport (generator -> broker -> consumer, no daemon): "
-            f"p50 {wire['p50_ms']} ms, p99 {wire['p99_ms']} ms over {wire['ticks']:,} ticks"
-        )
+        print(report(result, args.drains))
     return 0
 
 

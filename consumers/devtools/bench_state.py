@@ -10,16 +10,20 @@ end, last record per stream, bulk-load): streams per second, end to end.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
+import sys
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
-from streamlstm import Bundle, StreamState
+from streamlstm import Bundle, ModelConfig, StreamState
 from streamlstm.consumers.changelog import Changelog, ensure_changelog
 from streamlstm.consumers.engine_process import EngineProcess
 from streamlstm.consumers.kafka import client_options, start_client
@@ -88,14 +92,38 @@ async def _restore(bootstrap: str, topic: str, bundle: Bundle, streams: int) -> 
     return {"restored_streams": loaded, "restore_seconds": round(seconds, 3)}
 
 
-def run_restore_bench(bootstrap: str, bundle: Bundle, streams: int) -> dict[str, Any]:
-    """Restore speed of ``streams`` states from one changelog partition (streams/s)."""
+def run_restore_bench(
+    bootstrap: str, bundle: Bundle, streams: int, *, repeat: int = 1
+) -> dict[str, Any]:
+    """Restore speed of ``streams`` states from one changelog partition (streams/s); the
+    fastest of ``repeat`` restores (a fresh engine child each) counts."""
     topic = f"bench-changelog-{uuid.uuid4().hex[:6]}"
     asyncio.run(
         ensure_changelog(client_options(bootstrap), topic, partitions=1, replication_factor=1)
     )
     size = asyncio.run(_fill(bootstrap, topic, bundle, streams))
-    result = asyncio.run(_restore(bootstrap, topic, bundle, streams))
+    runs = [asyncio.run(_restore(bootstrap, topic, bundle, streams)) for _ in range(repeat)]
+    result = min(runs, key=lambda run: float(run["restore_seconds"]))
+    result["restore_runs_seconds"] = [run["restore_seconds"] for run in runs]
     result["restore_bytes"] = size
     result["restore_streams_per_s"] = round(streams / max(result["restore_seconds"], 1e-9))
     return result
+
+
+def main(argv: Sequence[str]) -> int:
+    """The restore figure alone (``bench kafka`` measures it after the drains and before
+    the latency runs): ``python -m streamlstm.consumers.devtools.bench_state``."""
+    parser = argparse.ArgumentParser(prog="python -m streamlstm.consumers.devtools.bench_state")
+    parser.add_argument("--bootstrap-servers", required=True)
+    parser.add_argument("--streams", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=1, help="restores of one filled topic")
+    args = parser.parse_args(list(argv))
+    # The bench's model (bench.run_kafka_bench): states of about 2 KiB.
+    bundle = Bundle.random(ModelConfig(input_size=1), seed=0)
+    result = run_restore_bench(args.bootstrap_servers, bundle, args.streams, repeat=args.repeat)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -155,10 +155,16 @@ async def replay(
                 upto = min(upto, sent + _CHUNK)
             now_ms = int(time.time() * 1000)
             rows = values[sent:upto].tolist()
-            for i, row in enumerate(rows, start=sent):
-                ts = int(times[i]) if times is not None else now_ms
-                body = {"stream": streams[i], "ts": ts, "values": row}
-                outbox.add(topic, streams[i].encode(), orjson.dumps(body))
+            ids = streams[sent:upto]
+            stamps = times[sent:upto].astype(np.int64).tolist() if times is not None else None
+            bodies = [
+                orjson.dumps(
+                    {"stream": s, "ts": now_ms if stamps is None else stamps[j], "values": row}
+                )
+                for j, (s, row) in enumerate(zip(ids, rows, strict=True))
+            ]
+            keys: list[bytes | None] = [s.encode() for s in ids]
+            outbox.add_many(topic, keys, bodies, [None] * len(keys), [-1] * len(keys))
             futures += await outbox.send()
             sent = upto
             if len(futures) >= 200:

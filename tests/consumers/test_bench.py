@@ -61,11 +61,13 @@ def test_bench_kafka_json_has_every_figure(bootstrap: str) -> None:
     ratio = result["engine_ticks_per_s"] / result["passthrough_ticks_per_s"]
     assert abs(result["engine_over_passthrough"] - ratio) < 0.01
     # Two drains per kind, and the best of each is the figure.
-    for name in ("passthrough", "engine", "durable"):
+    for name in ("passthrough", "engine", "durable", "exactly_once"):
         assert len(result["drains"][name]) == 2
         assert result[f"{name}_ticks_per_s"] == max(result["drains"][name])
     durable = result["durable_ticks_per_s"] / result["engine_ticks_per_s"]
     assert abs(result["durable_over_engine"] - durable) < 0.01
+    exactly_once = result["exactly_once_ticks_per_s"] / result["engine_ticks_per_s"]
+    assert abs(result["exactly_once_over_engine"] - exactly_once) < 0.01
     assert result["restored_streams"] == 500
     assert result["restore_streams_per_s"] == round(500 / result["restore_seconds"])
     assert result["latency_rate_is_half_max"] is False
@@ -75,4 +77,24 @@ def test_bench_kafka_json_has_every_figure(bootstrap: str) -> None:
         # About 300 ticks in the measured second; the warm-up's are left out.
         assert 150 <= lat["ticks"] <= 450, lat
         assert 0 < lat["p50_ms"] <= lat["p99_ms"]
+        # Half the measured maximum too, beside the rate asked for.
+        half = result[f"half_max_{name}"]["rate_ticks_per_s"]
+        assert abs(half - result["engine_ticks_per_s"] / 2) <= 0.5
+    for name in ("engine_latency", "passthrough_latency"):
+        lat = result[name]
+        # What the daemon adds (receipt to acknowledgement) is part of the whole.
+        assert 0 < lat["daemon_p50_ms"] <= lat["daemon_p99_ms"] <= lat["p99_ms"] + 1
+        cpu = lat["cpu_us_per_tick"]
+        assert set(cpu) == {"daemon_parent", "engine_child", "broker", "load_generator"} - (
+            set() if name == "engine_latency" else {"engine_child"}
+        )
+        # /proc counts in clock ticks (10 ms): a short run may read 0 for one process.
+        assert all(us >= 0 for us in cpu.values()) and sum(cpu.values()) > 0, cpu
+    # CPU per tick of each process in the drains (no generator: the topic is filled).
+    assert set(result["drain_cpu_us_per_tick"]["engine"]) == {
+        "daemon_parent",
+        "engine_child",
+        "broker",
+    }
+    assert all(us >= 0 for us in result["drain_cpu_us_per_tick"]["engine"].values())
     assert "[bench kafka]" in proc.stderr  # progress goes to stderr

@@ -135,8 +135,9 @@ def test_a_prediction_that_cannot_be_encoded_becomes_a_dead_letter_not_a_crash()
     good = Rec("in", 0, 0, b"ok", b"{}")
     bad = Rec("in", 0, 1, None, b'{"stream": "\\ud800", "values": [1.0]}')
     batch = Batch(received=0.0, ids=["ok", "\ud800"], records=[good, bad], count=2)
-    batch.values = [(1.0,), (1.0,)]
-    batch.ts, batch.resets, batch.ends = [np.nan, np.nan], [False] * 2, [False] * 2
+    batch.values = np.ones((2, 1))
+    batch.ts = np.full(2, np.nan)
+    batch.offsets, batch.partitions = np.arange(2), np.zeros(2, dtype=np.int64)
     batch.next_offsets = {tp: 2}
     sink, encoded = _encode(batch, _result(2))
     assert [r[1] for r in sink.on("out")] == [b"ok"]
@@ -165,3 +166,34 @@ def test_dead_letters_keep_headers_and_timestamp_and_always_fit() -> None:
     assert values["streamlstm-error"] != b"forged"
     assert int(values["streamlstm-truncated"]) == len(huge) + 1
     assert values["streamlstm-source-offset"] == b"9"
+
+
+def test_predictions_sent_at_once_name_their_input_partitions_too() -> None:
+    a, b = ("in", 2), ("in", 5)
+    polled = {
+        a: [Rec("in", 2, 0, b"x", b'{"values": [1.0]}'), Rec("in", 2, 1, b"x", b"{")],
+        b: [Rec("in", 5, 7, b"y", b'{"values": [1.0]}')],
+    }
+    batch = decode_poll(polled, assigned={a, b}, input_size=1, max_value_bytes=99, received=0)
+    assert batch is not None
+    sink, at_once = Sink(), Sink()
+
+    def many(topic: str, keys: Any, values: Any, timestamps_ms: Any, sources: Any) -> None:
+        for key, value, stamp, source in zip(keys, values, timestamps_ms, sources, strict=True):
+            at_once(topic, key, value, (), stamp, source=source)
+
+    encode_outputs(
+        batch,
+        _result(2),
+        sink,
+        output_topic="out",
+        dlq_topic="dlq",
+        model_id="m",
+        has_score=False,
+        many=many,
+    )
+    assert [(r[0], r[1], s) for r, s in zip(at_once.records, at_once.sources, strict=True)] == [
+        ("out", b"x", 2),
+        ("out", b"y", 5),
+    ]
+    assert [(r[0], s) for r, s in zip(sink.records, sink.sources, strict=True)] == [("dlq", 2)]

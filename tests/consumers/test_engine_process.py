@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import signal
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from streamlstm import Bundle, Engine, InputError, ModelConfig, StreamLSTMError
+from streamlstm.consumers import spool
 from streamlstm.consumers.engine_child import ChildEngine
 from streamlstm.consumers.engine_process import EngineProcess, StepRequest
 from tests.conftest import BundleFactory
@@ -193,3 +195,37 @@ def test_the_child_takes_a_failed_step_again_tick_by_tick_in_order(
     alone = Engine(bundle).step([ids[i] for i in keep], x[keep])
     np.testing.assert_allclose(result.predictions[keep], alone.predictions, atol=1e-6)
     assert "boom" not in child.partition_of and child.partition_of["a"] == 0
+
+
+def test_a_restore_crosses_through_a_file_and_loads_bitwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The states travel through a file the child maps; here in tmp_path, to see it go.
+    monkeypatch.setattr(spool, "_directory", lambda size: str(tmp_path))
+    rng = np.random.default_rng(5)
+    ids = [f"s{i}" for i in range(40)]
+    no = [False] * 40
+
+    def request(start: int) -> StepRequest:
+        x = rng.standard_normal((40, 2))
+        return StepRequest(ids, x, no, no, np.zeros(40), list(range(start, start + 40)), [3] * 40)
+
+    writer = ChildEngine(Engine(_bundle()))
+    writer.step(request(0))
+    blobs = {s: v for s, _, v in writer.checkpoint() if v is not None}
+    mixed = {"broken": b"SLST\x03 not a state", "s0": blobs["s0"]}
+    then = request(40)
+    local = ChildEngine(Engine(_bundle(), max_streams=64))
+    want = local.restore(3, blobs, "reset"), local.restore(4, mixed, "reset")
+    expected = local.step(then).result.predictions
+
+    async def check(proc: EngineProcess) -> None:
+        got = await proc.restore(3, blobs, "reset"), await proc.restore(4, mixed, "reset")
+        assert got == want
+        assert (got[0].loaded, got[1].loaded, got[1].corrupt) == (40, 1, 1)
+        assert proc.stats is not None and proc.stats.active_streams == 40
+        # Bitwise the same state as an engine restored in process: the same predictions.
+        assert (await proc.step(then)).result.predictions.tobytes() == expected.tobytes()
+        assert list(tmp_path.iterdir()) == []
+
+    run(check)

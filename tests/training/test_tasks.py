@@ -61,9 +61,11 @@ def test_anomaly_score_ranks_injected_spikes() -> None:
     value[spikes] += rng.choice([-1.5, 1.5], spikes.size)
     label[spikes] = 1
     frame = pd.DataFrame({"t": t, "value": value, "is_anomaly": label})
-    opts = TrainOptions(features=("value",), label_column="is_anomaly", epochs=10, **SMALL)
+    opts = TrainOptions(
+        features=("value",), label_column="is_anomaly", epochs=10, score="residual", **SMALL
+    )
     bundle = train(frame, opts)
-    assert bundle.outputs.score_span == 100
+    assert bundle.outputs.score_span == 100 and not bundle.outputs.score_scale
     assert bundle.metrics["score_roc_auc"] > 0.9
     _, out = evaluate(bundle, prepare(frame, opts))
     assert {"score", "label"} <= set(out.columns)
@@ -157,6 +159,7 @@ def test_cli_reads_parquet_writes_plots_and_predictions(tmp_path: Path) -> None:
         "loss.png",
         "predictions.png",
         "residuals.png",
+        "scores.png",  # the residual score over the test period
     ]
     assert all((out / "plots" / name).read_bytes()[:4] == b"\x89PNG" for name in ["loss.png"])
     predictions = pd.read_csv(tmp_path / "p.csv")

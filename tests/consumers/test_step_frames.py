@@ -1,0 +1,43 @@
+"""A step request crosses to the engine child as a few flat objects, not one per tick."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+
+from streamlstm.consumers.engine_process import StepRequest, pack_step, unpack_step
+
+
+def _request(ids: list[str]) -> StepRequest:
+    n = len(ids)
+    return StepRequest(
+        stream_ids=ids,
+        features=np.arange(2.0 * n).reshape(n, 2),
+        resets=[i % 3 == 0 for i in range(n)],
+        ends=np.arange(n) % 5 == 0,
+        timestamps=np.full(n, 1.7e12),
+        offsets=list(range(100, 100 + n)),
+        partitions=np.arange(n) % 4,
+    )
+
+
+def _round_trip(request: StepRequest) -> StepRequest:
+    return unpack_step(pickle.loads(pickle.dumps(pack_step(request), protocol=5)))
+
+
+def test_a_step_request_crosses_as_one_string_and_arrays() -> None:
+    request = _request([f"s-{i}" for i in range(1000)] + ["été", "a b", 'q"'])
+    packed = pack_step(request)
+    assert isinstance(packed[0], str)
+    assert all(isinstance(field, np.ndarray) for field in packed[1:])
+    back = _round_trip(request)
+    assert back.stream_ids == request.stream_ids
+    for name in ("features", "resets", "ends", "timestamps", "offsets", "partitions"):
+        np.testing.assert_array_equal(getattr(back, name), np.asarray(getattr(request, name)))
+    assert back.offsets.dtype == np.int64 and back.resets.dtype == np.bool_  # type: ignore[union-attr]
+
+
+def test_ids_a_joined_string_cannot_carry_go_as_a_list() -> None:
+    for ids in ([], ["a\0b", "c"], ["", "x"], [""]):
+        assert _round_trip(_request(ids)).stream_ids == ids

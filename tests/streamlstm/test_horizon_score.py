@@ -1,0 +1,135 @@
+"""The multi-horizon anomaly score: each tick judged by all forecasts made for it,
+per stream, in tick order, carried in the state store's extra columns; and the flag."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import orjson
+import pytest
+
+from streamlstm import Bundle, ConfigError, Engine, ModelConfig, OutputSpec, StreamState
+from streamlstm.wire import UNDEFINED, Undefined, encode_prediction
+
+HORIZONS = 4
+SCALE = (0.5, 1.0, 1.5, 2.0)
+
+
+def _scored_bundle(span: int = 6, threshold: float | None = None, first: int = 1) -> Bundle:
+    return Bundle.random(
+        ModelConfig(input_size=2, hidden_sizes=(8,), head_sizes=(4,), output_size=HORIZONS),
+        seed=5,
+        outputs=OutputSpec(
+            target_feature=1,
+            score_span=span,
+            score_scale=SCALE,
+            score_from=first,
+            threshold=threshold,
+        ),
+    )
+
+
+def _reference(bundle: Bundle, x: np.ndarray, span: int, first: int = 1) -> list[float]:
+    """Scores of one stream, written out tick by tick from the definition."""
+    forecasts = bundle.predict_sequence(x).astype(np.float64)  # [T, H]: t+1 .. t+H
+    alpha = 2 / (span + 1)
+    mean, count, out = 0.0, 0, []
+    for t in range(len(x)):
+        if t < HORIZONS:  # a forecast made H ticks earlier does not exist yet
+            out.append(math.nan)
+            continue
+        errors = [
+            ((float(x[t, 1]) - forecasts[t - k, k - 1]) / SCALE[k - 1]) ** 2
+            for k in range(first, HORIZONS + 1)
+        ]
+        raw = sum(errors) / len(errors)
+        mean = raw if count == 0 else mean + alpha * (raw - mean)
+        count += 1
+        out.append(math.sqrt(mean))
+    return out
+
+
+@pytest.mark.parametrize("first", [1, 3])
+def test_scores_match_the_definition_under_any_batching(first: int) -> None:
+    bundle = _scored_bundle(first=first)
+    rng = np.random.default_rng(first)
+    streams = {f"s{k}": rng.normal(0, 1, (40, 2)).astype(np.float32) for k in range(4)}
+    labels = rng.permutation([s for s, x in streams.items() for _ in range(len(x))]).tolist()
+    seen = dict.fromkeys(streams, 0)
+    order = []
+    for s in labels:
+        order.append((s, seen[s]))
+        seen[s] += 1
+    got: dict[str, list[float]] = {s: [math.nan] * len(x) for s, x in streams.items()}
+    engine = Engine(bundle)
+    assert engine.store.extra.shape[1] == 2 * HORIZONS + 2
+    position = 0
+    while position < len(order):
+        cut = order[position : position + int(rng.integers(1, 17))]
+        position += len(cut)
+        result = engine.step([s for s, _ in cut], np.stack([streams[s][t] for s, t in cut]))
+        for (s, t), score in zip(cut, result.scores.tolist(), strict=True):
+            got[s][t] = score
+    for s, x in streams.items():
+        np.testing.assert_allclose(got[s], _reference(bundle, x, 6, first), rtol=1e-4, atol=1e-6)
+
+
+def test_reset_restarts_the_score_and_restore_continues_it() -> None:
+    bundle = _scored_bundle()
+    x = np.random.default_rng(0).normal(0, 1, (30, 2)).astype(np.float32)
+    engine = Engine(bundle)
+    first = engine.step(["a"] * 20, x[:20]).scores
+    assert np.isnan(first[:HORIZONS]).all() and np.isfinite(first[HORIZONS:]).all()
+    saved = StreamState.from_bytes(engine.store.snapshot(["a"])["a"].to_bytes())
+    rest = engine.step(["a"] * 10, x[20:]).scores
+    other = Engine(bundle)
+    other.store.restore({"a": saved})
+    np.testing.assert_array_equal(other.step(["a"] * 10, x[20:]).scores, rest)
+    again = engine.step(["a"] * 6, x[:6], resets=[True] + [False] * 5).scores
+    np.testing.assert_array_equal(again, first[:6])
+
+
+def test_the_flag_is_the_score_above_the_threshold_and_reaches_the_output() -> None:
+    x = np.random.default_rng(2).normal(0, 1, (30, 2)).astype(np.float32)
+    scores = Engine(_scored_bundle()).step(["a"] * 30, x).scores
+    threshold = float(np.nanmedian(scores))
+    result = Engine(_scored_bundle(threshold=threshold)).step(["a"] * 30, x)
+    np.testing.assert_array_equal(result.scores, scores)
+    expected = [math.nan if math.isnan(s) else float(s > threshold) for s in scores.tolist()]
+    np.testing.assert_array_equal(result.anomalies(), expected)
+    assert 0 < np.nansum(expected) < np.isfinite(scores).sum()
+    assert result.anomaly(0) is UNDEFINED
+    flagged = int(np.nanargmax(scores))
+    assert result.anomaly(flagged) is True
+    assert Engine(_scored_bundle()).step(["a"], x[:1]).anomaly(0) is None
+
+    def encoded(anomaly: bool | Undefined | None) -> dict[str, object]:
+        message = encode_prediction(
+            stream="a", ts=1, prediction=[1.0], partition=0, offset=0, step=9, ready=True,
+            model="m", score=2.5, anomaly=anomaly,
+        )  # fmt: skip
+        return dict(orjson.loads(message))
+
+    assert list(encoded(True))[-2:] == ["score", "anomaly"]
+    assert encoded(False)["anomaly"] is False
+    assert encoded(UNDEFINED)["anomaly"] is None
+    assert "anomaly" not in encoded(None)
+
+
+def test_bad_specs_are_refused_by_name() -> None:
+    with pytest.raises(ConfigError, match="score_scale: must be positive"):
+        OutputSpec(target_feature=0, score_span=5, score_scale=(1.0, 0.0))
+    with pytest.raises(ConfigError, match="score_scale: the multi-horizon score needs"):
+        OutputSpec(target_feature=0, score_scale=(1.0, 2.0))
+    with pytest.raises(ConfigError, match="score_from: must lie in 1 .. 2"):
+        OutputSpec(target_feature=0, score_span=5, score_scale=(1.0, 2.0), score_from=3)
+    with pytest.raises(ConfigError, match="threshold: a flag needs an anomaly score"):
+        OutputSpec(threshold=1.0)
+    with pytest.raises(ConfigError, match="score_scale: 4 horizons for 3 outputs"):
+        Bundle.random(
+            ModelConfig(input_size=2, hidden_sizes=(8,), output_size=3),
+            outputs=OutputSpec(target_feature=1, score_span=5, score_scale=SCALE),
+        )
+    spec = OutputSpec(target_feature=1, score_span=5, score_scale=SCALE, threshold=2.0)
+    assert OutputSpec.from_dict(orjson.loads(orjson.dumps(spec.to_dict()))) == spec

@@ -1,0 +1,108 @@
+"""``decode_many``: many states' bytes as columns, bitwise equal to decoding them one by one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamlstm import StateError, StateStore, StreamState
+from streamlstm.stream_state import StateArrays, StateBlobs, decode_many
+
+
+def _state(
+    rng: np.random.Generator, i: int, *, model: str = "m-é1", partition: int = 2
+) -> StreamState:
+    return StreamState(
+        h=(rng.standard_normal(5).astype(np.float32), rng.standard_normal(3).astype(np.float32)),
+        c=(rng.standard_normal(5).astype(np.float32), rng.standard_normal(3).astype(np.float32)),
+        step=10 + i,
+        offset=1000 + i,
+        last_seen=1.7e9 + i / 7,
+        extra=(i / 3, -float(i)),
+        partition=partition,
+        model=model,
+    )
+
+
+def _assert_rows_equal(arrays: StateArrays, states: dict[str, StreamState]) -> None:
+    assert arrays.ids == list(states)
+    for row, state in enumerate(states.values()):
+        for layer in range(len(state.h)):
+            # Bitwise: the bytes of each float, not a tolerance.
+            assert arrays.h[layer][row].tobytes() == state.h[layer].tobytes()
+            assert arrays.c[layer][row].tobytes() == state.c[layer].tobytes()
+        assert int(arrays.step[row]) == state.step
+        assert int(arrays.offset[row]) == state.offset
+        assert float(arrays.last_seen[row]) == state.last_seen
+        assert tuple(arrays.extra[row].tolist()) == state.extra
+        assert arrays.models[row] == state.model
+
+
+def test_one_layout_is_read_as_a_table_of_views_bitwise() -> None:
+    rng = np.random.default_rng(0)
+    states = {f"s{i}": _state(rng, i) for i in range(50)}
+    blobs = StateBlobs.from_dict({s: st.to_bytes() for s, st in states.items()})
+    arrays = decode_many(blobs)
+    _assert_rows_equal(arrays, states)
+    # No copy: the columns are views of the buffer (rows of an odd length: unaligned).
+    assert len(blobs.blob(0)) % 4 != 0
+    assert all(np.shares_memory(h, blobs.data) for h in arrays.h + arrays.c)
+    # The store takes them bitwise.
+    store = StateStore((5, 3), max_streams=64, extra_width=2)
+    store.restore_arrays(arrays)
+    for stream, state in states.items():
+        slot = store.slot_of(stream)
+        assert slot is not None
+        assert store.h[0][slot].numpy().tobytes() == state.h[0].tobytes()
+        assert store.c[1][slot].numpy().tobytes() == state.c[1].tobytes()
+        assert (store.steps[slot], store.offsets[slot]) == (state.step, state.offset)
+
+
+@pytest.mark.parametrize("odd", ["length", "version", "model", "partition", "gap"])
+def test_anything_else_is_decoded_one_by_one_and_still_exact(odd: str) -> None:
+    rng = np.random.default_rng(1)
+    states = {f"s{i}": _state(rng, i) for i in range(6)}
+    if odd == "model":
+        states["s3"] = _state(rng, 3, model="m-é2")
+    elif odd == "partition":
+        states["s3"] = _state(rng, 3, partition=7)
+    elif odd == "length":
+        states["s3"] = _state(rng, 3, model="longer-model")
+    blobs = {s: st.to_bytes() for s, st in states.items()}
+    if odd == "version":  # the first is version 2 (no partition, no model)
+        tail = 6 + len(b"m-\xc3\xa91")
+        blobs["s0"] = blobs["s0"][:4] + bytes([2]) + blobs["s0"][5:-tail]
+        states["s0"] = StreamState.from_bytes(blobs["s0"])
+    joined = StateBlobs.from_dict(blobs)
+    if odd == "gap":  # laid out with a byte between records: not one table
+        values = list(blobs.values())
+        data = np.frombuffer(b"".join(v + b"\0" for v in values), np.uint8)
+        starts = np.cumsum([0] + [len(v) + 1 for v in values[:-1]])
+        ends = starts + np.array([len(v) for v in values])
+        joined = StateBlobs(list(blobs), data, starts.astype(np.int64), ends.astype(np.int64))
+    arrays = decode_many(joined)
+    _assert_rows_equal(arrays, states)
+    assert not np.shares_memory(arrays.h[0], joined.data)  # decoded or gathered: a copy
+
+
+def test_a_corrupt_state_names_its_stream() -> None:
+    rng = np.random.default_rng(2)
+    blobs = {f"s{i}": _state(rng, i).to_bytes() for i in range(4)}
+    blobs["s2"] = blobs["s2"][:-3]
+    with pytest.raises(StateError, match="'s2'"):
+        decode_many(blobs)
+    with pytest.raises(StateError, match="'first'"):  # the one that sets the layout
+        decode_many({"first": b"SLST\x03 not a state", **blobs})
+
+
+def test_reserve_grows_the_store_ahead_up_to_max_streams_and_no_further() -> None:
+    store = StateStore((4,), max_streams=100, initial_capacity=4)
+    store.reserve(3)
+    assert store.capacity == 4  # room already
+    store.reserve(20)
+    assert store.capacity == 32  # doubled, as a growing restore would
+    store.reserve(1000)
+    assert store.capacity == 100
+    slots, _ = store.acquire([f"s{i}" for i in range(100)], np.zeros(100))
+    assert store.capacity == 100 and len(set(slots.tolist())) == 100
+    assert not store.h[0][slots].any()  # new streams start from zero
