@@ -31,7 +31,7 @@ import sys
 import time
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -129,11 +129,9 @@ class ChildEngine:
         removed, self._removed = self._removed, {}
         store = self.engine.store
         live = [s for s in changed if s in store]
-        records: list[tuple[str, int, bytes | None]] = []
-        for stream, state in store.snapshot(live).items():
-            partition = self.partition_of[stream]
-            state = replace(state, partition=partition, model=self.model_id)
-            records.append((stream, partition, state.to_bytes()))
+        parts = [self.partition_of[s] for s in live]
+        values = store.encode(live, parts, self.model_id) if live else []
+        records: list[tuple[str, int, bytes | None]] = list(zip(live, parts, values, strict=True))
         for stream, partition in removed.items():
             if stream not in store:
                 records.append((stream, partition, None))

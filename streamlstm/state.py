@@ -26,7 +26,7 @@ import torch
 
 from streamlstm.errors import ConfigError, StateError
 from streamlstm.kernels import native_available, slot_map
-from streamlstm.stream_state import StateArrays, StreamState
+from streamlstm.stream_state import StateArrays, StreamState, encode_many
 
 __all__ = ["Eviction", "EvictionReason", "StateStore", "StreamState"]
 
@@ -210,6 +210,21 @@ class StateStore:
             return {}
         slots = np.array([self._slot[s] for s in present], dtype=np.int64)
         return dict(zip(present, self._states(slots), strict=True))
+
+    def encode(self, ids: Sequence[str], partitions: Sequence[int], model: str) -> list[bytes]:
+        """``snapshot(ids)``'s states as changelog bytes, built at once (``ids`` present)."""
+        slots = np.array([self._slot[s] for s in ids], dtype=np.int64)
+        idx = torch.from_numpy(slots)
+        return encode_many(
+            h=[t.index_select(0, idx).numpy() for t in self.h],
+            c=[t.index_select(0, idx).numpy() for t in self.c],
+            step=self.steps[slots],
+            offset=self.offsets[slots],
+            last_seen=self.last_seen[slots],
+            extra=self.extra[slots],
+            partition=np.asarray(partitions, dtype=np.int64),
+            model=model,
+        )
 
     def restore(self, states: Mapping[str, StreamState]) -> list[Eviction]:
         """Load states (replacing any in memory); may evict LRU streams for room."""

@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from streamlstm.errors import StateError
 
-__all__ = ["StateArrays", "StateBlobs", "StreamState", "decode_many"]
+__all__ = ["StateArrays", "StateBlobs", "StreamState", "decode_many", "encode_many"]
 
 _MAGIC = b"SLST"
 _FORMAT_VERSION = 3  # 3 appends partition and model; 2 the extra columns; 1, 2 still read
@@ -267,3 +267,65 @@ def _table(blobs: StateBlobs) -> npt.NDArray[np.uint8] | None:
         if not (table[:, lo:hi] == table[0, lo:hi]).all():
             return None
     return table
+
+
+def encode_many(
+    *,
+    h: list[npt.NDArray[np.float32]],
+    c: list[npt.NDArray[np.float32]],
+    step: npt.NDArray[np.int64],
+    offset: npt.NDArray[np.int64],
+    last_seen: npt.NDArray[np.float64],
+    extra: npt.NDArray[np.float64],
+    partition: npt.NDArray[np.int64],
+    model: str,
+) -> list[bytes]:
+    """``StreamState(...).to_bytes()`` of N streams at once, byte for byte.
+
+    ``h[l]``/``c[l]`` are ``[N, H_l]``, ``extra`` ``[N, E]``, the rest ``[N]``.
+    One packed record array holds every state (a checkpoint of 10k streams
+    built one ``StreamState`` at a time cost the engine child ~15% of its
+    time); each stream's bytes are then one slice of it.
+    """
+    n = len(step)
+    name = model.encode()
+    fields: list[Any] = [
+        ("magic", "S4"),
+        ("version", "u1"),
+        ("layers", "u1"),
+        ("step", "<i8"),
+        ("offset", "<i8"),
+        ("last_seen", "<f8"),
+        ("sizes", "<u4", (len(h),)),
+    ]
+    for layer, (hl, cl) in enumerate(zip(h, c, strict=True)):
+        fields += [(f"h{layer}", "<f4", (hl.shape[1],)), (f"c{layer}", "<f4", (cl.shape[1],))]
+    fields.append(("count", "<u4"))
+    # No field for what has no bytes (no extra columns, no model name).
+    if extra.shape[1]:
+        fields.append(("extra", "<f8", (extra.shape[1],)))
+    fields += [("partition", "<i4"), ("model_size", "<u2")]
+    if name:
+        fields.append(("model", f"S{len(name)}"))
+    dtype = np.dtype(fields)  # packed: no alignment padding, as struct's "<"
+    table = np.zeros(n, dtype=dtype)
+    table["magic"] = _MAGIC
+    table["version"] = _FORMAT_VERSION
+    table["layers"] = len(h)
+    table["step"] = step
+    table["offset"] = offset
+    table["last_seen"] = last_seen
+    table["sizes"] = [hl.shape[1] for hl in h]
+    for layer, (hl, cl) in enumerate(zip(h, c, strict=True)):
+        table[f"h{layer}"] = hl
+        table[f"c{layer}"] = cl
+    table["count"] = extra.shape[1]
+    if extra.shape[1]:
+        table["extra"] = extra
+    table["partition"] = partition
+    table["model_size"] = len(name)
+    if name:
+        table["model"] = name
+    data = table.tobytes()
+    size = dtype.itemsize
+    return [data[i * size : (i + 1) * size] for i in range(n)]

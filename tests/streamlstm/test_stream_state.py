@@ -1,12 +1,15 @@
-"""``decode_many``: many states' bytes as columns, bitwise equal to decoding them one by one."""
+"""``decode_many``/``encode_many``: many states' bytes at once, bitwise equal to one by one."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
+import torch
 
 from streamlstm import StateError, StateStore, StreamState
-from streamlstm.stream_state import StateArrays, StateBlobs, decode_many
+from streamlstm.stream_state import StateArrays, StateBlobs, decode_many, encode_many
 
 
 def _state(
@@ -106,3 +109,50 @@ def test_reserve_grows_the_store_ahead_up_to_max_streams_and_no_further() -> Non
     slots, _ = store.acquire([f"s{i}" for i in range(100)], np.zeros(100))
     assert store.capacity == 100 and len(set(slots.tolist())) == 100
     assert not store.h[0][slots].any()  # new streams start from zero
+
+
+@pytest.mark.parametrize("model", ["m-é1", ""])
+@pytest.mark.parametrize("extra", [2, 0])
+def test_many_states_encode_to_the_bytes_of_each_one(model: str, extra: int) -> None:
+    rng = np.random.default_rng(11)
+    states = [_state(rng, i, model=model, partition=i % 3 - 1) for i in range(6)]
+    states = [
+        StreamState(
+            h=s.h,
+            c=s.c,
+            step=s.step,
+            offset=s.offset,
+            last_seen=float("nan") if i == 0 else s.last_seen,
+            extra=s.extra[:extra],
+            partition=s.partition,
+            model=s.model,
+        )
+        for i, s in enumerate(states)
+    ]
+    got = encode_many(
+        h=[np.stack([s.h[layer] for s in states]) for layer in range(2)],
+        c=[np.stack([s.c[layer] for s in states]) for layer in range(2)],
+        step=np.array([s.step for s in states]),
+        offset=np.array([s.offset for s in states]),
+        last_seen=np.array([s.last_seen for s in states]),
+        extra=np.array([s.extra for s in states], dtype=np.float64).reshape(6, extra),
+        partition=np.array([s.partition for s in states]),
+        model=model,
+    )
+    assert got == [s.to_bytes() for s in states]
+
+
+def test_the_store_encodes_what_a_snapshot_holds() -> None:
+    store = StateStore((4, 3), max_streams=8, initial_capacity=4, extra_width=2)
+    ids = ["a", "b", "c"]
+    slots, _ = store.acquire(ids, np.zeros(3))
+    rng = np.random.default_rng(3)
+    for t in (*store.h, *store.c):
+        t.copy_(torch.from_numpy(rng.standard_normal(tuple(t.shape)).astype(np.float32)))
+    store.steps[slots] = [4, 5, 6]
+    store.extra[slots] = rng.standard_normal((3, 2))
+    want = [
+        replace(state, partition=p, model="mdl").to_bytes()
+        for state, p in zip(store.snapshot(["c", "a"]).values(), [7, 1], strict=True)
+    ]
+    assert store.encode(["c", "a"], [7, 1], "mdl") == want
