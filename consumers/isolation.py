@@ -67,6 +67,7 @@ def step_isolated(
 
 
 _NAN = np.full(1, np.nan)
+_NOT = np.zeros(1, dtype=bool)
 
 
 def _refused(outputs: int) -> StepResult:
@@ -95,4 +96,11 @@ def _concat(parts: list[StepResult], failures: list[Rejection]) -> StepResult:
         scores=np.concatenate(
             [p.scores if p.scores.size == 1 else np.full(1, np.nan) for p in parts]
         ),
+        # A tick whose stream's state already reflected it stays unanswered here too.
+        skipped=(
+            np.concatenate([p.skipped if p.skipped.size == 1 else _NOT for p in parts])
+            if any(p.skipped.size for p in parts)
+            else np.zeros(0, dtype=bool)
+        ),
+        threshold=next((p.threshold for p in parts if p.threshold is not None), None),
     )

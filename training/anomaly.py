@@ -64,10 +64,12 @@ def horizon_scale(bundle: Bundle, series: Sequence[Series], skip: int) -> tuple[
 
 
 def smoothing_span(series: Sequence[Series], horizons: int) -> int:
-    """The multi-horizon score's default span: the series' dominant period (the
-    highest autocorrelation peak of the training part's target after it first
-    turns negative; a beat of an ECG), kept within ``2 H .. MAX_SPAN``; ``4 H``
-    when there is none. Streams vote by median."""
+    """The multi-horizon score's default span: two of the series' dominant periods
+    (the highest autocorrelation peak of the training part's target after it
+    first turns negative; a beat of an ECG), kept within ``2 H .. MAX_SPAN``;
+    ``4 H`` when there is none. Streams vote by median. (One period measured
+    0.91 and 0.79 ROC AUC on the MIT-BIH excerpt under two thread counts, two
+    0.93 and 0.86; 0.94 and 0.96 on the KDD series.)"""
     periods = []
     for s in series:
         level = s.level[: s.split].astype(np.float64)
@@ -83,7 +85,7 @@ def smoothing_span(series: Sequence[Series], horizons: int) -> int:
             periods.append(start + int(np.argmax(acf[start:])))
     if not periods:
         return 4 * horizons
-    return int(min(MAX_SPAN, max(2 * horizons, np.median(periods))))
+    return int(min(MAX_SPAN, max(2 * horizons, 2 * np.median(periods))))
 
 
 def fit_threshold(

@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from streamlstm import Bundle, Engine, InputError, ModelConfig, StreamLSTMError
+from streamlstm import Bundle, Engine, InputError, ModelConfig, StepResult, StreamLSTMError
 from streamlstm.consumers import spool
 from streamlstm.consumers.engine_child import ChildEngine
 from streamlstm.consumers.engine_process import EngineProcess, StepRequest
+from streamlstm.consumers.isolation import step_isolated
 from tests.conftest import BundleFactory
 from tests.consumers.conftest import FragileEngine
 
@@ -195,6 +196,37 @@ def test_the_child_takes_a_failed_step_again_tick_by_tick_in_order(
     alone = Engine(bundle).step([ids[i] for i in keep], x[keep])
     np.testing.assert_allclose(result.predictions[keep], alone.predictions, atol=1e-6)
     assert "boom" not in child.partition_of and child.partition_of["a"] == 0
+
+
+def test_ticks_taken_one_by_one_keep_their_skips_and_the_flag_threshold() -> None:
+    # A tick its stream's state already reflects stays unanswered, and a scoring
+    # model's ticks keep their "anomaly" flag, on the one-by-one path too.
+    def step(request: StepRequest) -> StepResult:
+        if len(request.stream_ids) > 1:
+            raise ValueError("only one at a time")
+        one = np.ones(1, dtype=bool)
+        return StepResult(
+            np.zeros((1, 1), np.float32),
+            np.ones(1, np.int64),
+            one,
+            one,
+            scores=np.full(1, 3.0),
+            skipped=np.array([int(request.offsets[0]) == 1]),
+            threshold=2.0,
+        )
+
+    request = StepRequest(
+        stream_ids=["a", "b", "c"],
+        features=np.zeros((3, 1)),
+        resets=[False] * 3,
+        ends=[False] * 3,
+        timestamps=np.full(3, np.nan),
+        offsets=[0, 1, 2],
+        partitions=[0] * 3,
+    )
+    result = step_isolated(step, request, outputs=1)
+    assert result.skipped.tolist() == [False, True, False]
+    assert result.threshold == 2.0 and result.anomaly(0) is True
 
 
 def test_a_restore_crosses_through_a_file_and_loads_bitwise(

@@ -122,7 +122,7 @@ def test_bad_specs_are_refused_by_name() -> None:
         OutputSpec(target_feature=0, score_span=5, score_scale=(1.0, 0.0))
     with pytest.raises(ConfigError, match="score_scale: the multi-horizon score needs"):
         OutputSpec(target_feature=0, score_scale=(1.0, 2.0))
-    with pytest.raises(ConfigError, match="score_from: must lie in 1 .. 2"):
+    with pytest.raises(ConfigError, match=r"score_from: must lie in 1 \.\. 2"):
         OutputSpec(target_feature=0, score_span=5, score_scale=(1.0, 2.0), score_from=3)
     with pytest.raises(ConfigError, match="threshold: a flag needs an anomaly score"):
         OutputSpec(threshold=1.0)

@@ -58,9 +58,9 @@ def test_labels_choose_the_multi_horizon_score_which_sees_shape(
     bundle, _, opts = trained
     assert opts.score == "horizons" and bundle.config.output_size == 12
     spec = bundle.outputs
-    # The later half of the horizons counts; the span is the beat's period.
+    # The later half of the horizons counts; the span is two beats.
     assert len(spec.score_scale) == 12 and spec.score_from == 7
-    assert spec.score_span == PERIOD
+    assert spec.score_span == 2 * PERIOD
     # Later horizons are harder to forecast.
     assert spec.score_scale[-1] > spec.score_scale[0]
     m = bundle.metrics
@@ -73,7 +73,9 @@ def test_labels_choose_the_multi_horizon_score_which_sees_shape(
     assert m["score_roc_auc"] > m["raw_z_roc_auc"] + 0.15
     assert m["score_pr_auc"] > m["residual_z_pr_auc"] + 0.2
     assert m["flag_recall"] > 0.3 and m["flag_precision"] > 0.5
-    assert m["flag_false_alarm_rate"] < 0.05
+    # The smoothed score stays up for a while after each odd beat: those normal
+    # ticks count as false alarms too.
+    assert m["flag_false_alarm_rate"] < 0.1
     assert spec.false_alarm_rate == 0.01 and spec.threshold == m["flag_threshold"]
 
 
