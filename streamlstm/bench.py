@@ -5,7 +5,11 @@ one process, because the machines are shared and absolute numbers drift:
 
 * ceiling: a plain ``nn.LSTM`` + head on a ready batch, no state bookkeeping;
 * tutorial: re-running the model over each stream's last 60 ticks, batch 1,
-  for every tick (what most hand-written serving code does).
+  for every tick (what most hand-written serving code does);
+* roofline: the machine's sgemm peak (a 1024x1024 float32 product with
+  torch's threads, timed alternately too) divided by the model's FLOPs per
+  tick (each layer's gate products and the head's linears; the gates'
+  elementwise work is not counted): the rate no implementation could pass.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from streamlstm.config import ModelConfig
 from streamlstm.engine import Engine
 from streamlstm.kernels import native_available, step_name
 
-__all__ = ["run_engine_bench"]
+__all__ = ["flops_per_tick", "run_engine_bench"]
 
 TUTORIAL_WINDOW = 60
 
@@ -67,6 +71,33 @@ def _ceiling(config: ModelConfig, batch: int) -> Callable[[], object]:
         with torch.inference_mode():
             out, _ = lstm(x, (h, c))
             return head(out)
+
+    return run
+
+
+def flops_per_tick(config: ModelConfig) -> int:
+    """Multiply-add FLOPs (2 per MAC) of one tick: every layer's ``[4H, I + H]`` gate
+    product, then the head's linears down to the outputs."""
+    flops, width = 0, config.input_size
+    for hidden in config.hidden_sizes:
+        flops += 2 * 4 * hidden * (width + hidden)
+        width = hidden
+    for size in (*config.head_sizes, config.output_size):
+        flops += 2 * width * size
+        width = size
+    return flops
+
+
+_GEMM = 1024
+
+
+def _sgemm() -> Callable[[], object]:
+    a = torch.randn(_GEMM, _GEMM)
+    b = torch.randn(_GEMM, _GEMM)
+    out = torch.empty(_GEMM, _GEMM)
+
+    def run() -> object:
+        return torch.mm(a, b, out=out)
 
     return run
 
@@ -144,6 +175,8 @@ def run_engine_bench(
     rng = np.random.default_rng(seed)
     raw = 2 * 4 * sum(config.hidden_sizes)
     ceiling = _ceiling(config, batch)
+    sgemm = _sgemm()
+    flops = flops_per_tick(config)
     _progress("timing the tutorial-style recompute (60-tick window, batch 1)")
     tutorial = _tutorial_rate(bundle, seconds)
     rows = []
@@ -151,14 +184,17 @@ def run_engine_bench(
         _progress(f"{streams} streams: filling state, then timing engine and ceiling alternately")
         engine, one_batch = _engine_run(bundle, streams, batch, "shuffled", rng)
         _, bursty_batch = _engine_run(bundle, streams, batch, "iid", rng)
-        engine_rates, bursty_rates, ceiling_rates = [], [], []
+        engine_rates, bursty_rates, ceiling_rates, peaks = [], [], [], []
         for _ in range(repeats):
+            # FLOP/s of the product: products/s x 2 N^3.
+            peaks.append(_rate(sgemm, 2 * _GEMM**3, seconds))
             ceiling_rates.append(_rate(ceiling, batch, seconds))
             engine_rates.append(_rate(one_batch, batch, seconds))
             bursty_rates.append(_rate(bursty_batch, batch, seconds))
         ratios = [e / c for e, c in zip(engine_rates, ceiling_rates, strict=True)]
         bursty_ratios = [e / c for e, c in zip(bursty_rates, ceiling_rates, strict=True)]
         per_stream = engine.store.memory_bytes() / max(1, len(engine.store))
+        roofline = statistics.median(peaks) / flops
         rows.append(
             {
                 "streams": streams,
@@ -170,6 +206,9 @@ def run_engine_bench(
                 "iid_engine_over_ceiling": round(statistics.median(bursty_ratios), 3),
                 "state_bytes_per_stream": round(per_stream),
                 "state_over_raw": round(per_stream / raw, 3),
+                "sgemm_gflops": round(statistics.median(peaks) / 1e9, 1),
+                "roofline_ticks_per_s": round(roofline),
+                "engine_over_roofline": round(statistics.median(engine_rates) / roofline, 3),
             }
         )
         del engine, one_batch, bursty_batch
@@ -189,6 +228,7 @@ def run_engine_bench(
         "recurrent_step": step_name(native_available()),
         "tutorial_ticks_per_s": round(tutorial, 1),
         "raw_state_bytes_per_stream": raw,
+        "flops_per_tick": flops,
         "results": rows,
     }
     if rss_streams:
@@ -243,12 +283,14 @@ def format_engine_bench(result: dict[str, Any]) -> str:
         f"{result.get('score') or 'none'}",
         f"tutorial recompute (60-tick window, batch 1): {result['tutorial_ticks_per_s']:,.0f} "
         "ticks/s",
-        f"raw h+c bytes per stream: {result['raw_state_bytes_per_stream']}",
+        f"raw h+c bytes per stream: {result['raw_state_bytes_per_stream']}; "
+        f"{result['flops_per_tick']:,} FLOPs per tick (roofline: sgemm peak / that)",
         "ticks in shuffled passes over all streams; 'iid x ceil': each tick's stream drawn "
         "independently (bursty)",
         "",
         f"{'streams':>9} {'engine t/s':>12} {'ceiling t/s':>12} {'x ceiling':>10} "
-        f"{'x tutorial':>11} {'iid x ceil':>11} {'B/stream':>9} {'x raw':>6}",
+        f"{'x tutorial':>11} {'iid x ceil':>11} {'B/stream':>9} {'x raw':>6} "
+        f"{'GFLOP/s':>8} {'roofline':>10} {'x roof':>7}",
     ]
     for row in result["results"]:
         lines.append(
@@ -256,7 +298,8 @@ def format_engine_bench(result: dict[str, Any]) -> str:
             f"{row['ceiling_ticks_per_s']:>12,} {row['engine_over_ceiling']:>10.3f} "
             f"{row['engine_over_tutorial']:>11.1f} {row['iid_engine_over_ceiling']:>11.3f} "
             f"{row['state_bytes_per_stream']:>9,} "
-            f"{row['state_over_raw']:>6.3f}"
+            f"{row['state_over_raw']:>6.3f} {row['sgemm_gflops']:>8.1f} "
+            f"{row['roofline_ticks_per_s']:>10,} {row['engine_over_roofline']:>7.3f}"
         )
     if "rss" in result:
         rss = result["rss"]

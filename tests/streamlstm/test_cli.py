@@ -2,6 +2,9 @@ import json
 import subprocess
 import sys
 
+from streamlstm import ModelConfig
+from streamlstm.bench import flops_per_tick
+
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -34,8 +37,15 @@ def test_bench_engine_json_has_every_figure() -> None:
         "engine_over_tutorial",
         "state_bytes_per_stream",
         "iid_engine_over_ceiling",
+        "sgemm_gflops",
+        "roofline_ticks_per_s",
+        "engine_over_roofline",
     ):
         assert row[key] > 0, key
+    # The roofline is the measured peak over the model's FLOPs per tick.
+    assert result["flops_per_tick"] == flops_per_tick(ModelConfig(input_size=1))
+    peak = row["sgemm_gflops"] * 1e9 / result["flops_per_tick"]
+    assert abs(row["roofline_ticks_per_s"] / peak - 1) < 0.01
     assert result["tutorial_ticks_per_s"] > 0
     assert result["rss"]["streams"] == 3000
     assert "[bench]" in proc.stderr  # progress goes to stderr
@@ -45,3 +55,9 @@ def test_unknown_command_fails_with_usage() -> None:
     proc = _run("frobnicate")
     assert proc.returncode == 2
     assert "unknown command" in proc.stderr and "serve" in proc.stderr
+
+
+def test_flops_per_tick_counts_gate_products_and_the_head() -> None:
+    config = ModelConfig(input_size=3, hidden_sizes=(8, 4), head_sizes=(5,), output_size=2)
+    # [4*8, 3+8] and [4*4, 8+4] gate products, then 4->5 and 5->2; 2 FLOPs a multiply-add.
+    assert flops_per_tick(config) == 2 * (32 * 11 + 16 * 12 + 4 * 5 + 5 * 2)
