@@ -196,6 +196,7 @@ def _train(argv: list[str]) -> int:
         ("patience", int, 10),
         ("horizon", int, 1),
         ("seed", int, 0),
+        ("threads", int, 1),
     ):
         parser.add_argument(f"--{name}", type=kind, default=default, help=f"(default {default})")
     _score_arguments(parser)
@@ -225,6 +226,7 @@ def _train(argv: list[str]) -> int:
         patience=args.patience,
         horizon=args.horizon,
         seed=args.seed,
+        threads=args.threads,
         device=args.device,
         task=args.task,
         label_column=args.label_column,

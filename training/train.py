@@ -57,9 +57,12 @@ def fit(frame: pd.DataFrame, opts: TrainOptions) -> tuple[Bundle, pd.DataFrame]:
     # operation; flushing them to zero while training changes nothing measurable.
     # Threads started from here on inherit the mode; the replay runs without it.
     flush = torch.set_flush_denormal(True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(opts.threads)  # the same model from the same data on any machine
     try:
         return _fit(frame, opts)
     finally:
+        torch.set_num_threads(threads)
         if flush:
             torch.set_flush_denormal(False)
 

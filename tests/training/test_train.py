@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from streamlstm import Bundle, Engine, InputError
+from streamlstm import Bundle, ConfigError, Engine, InputError
 from streamlstm.consumers.devtools.demo import synthetic, train_options
 from streamlstm.training.train import TrainOptions, prepare, train
 
@@ -86,3 +89,30 @@ def test_bad_data_gives_clear_errors(frame: pd.DataFrame, match: str) -> None:
     opts = TrainOptions(features=("load",), time_column="t", seq_len=30, epochs=1, progress=False)
     with pytest.raises(InputError, match=match):
         train(frame, opts)
+
+
+def test_training_runs_on_its_own_thread_count_and_gives_the_callers_back() -> None:
+    # The same data and seed train the same model on any machine: one thread by default.
+    with pytest.raises(ConfigError, match="threads"):
+        TrainOptions(features=("load",), threads=0)
+    frame = synthetic(streams=2, length=200, seed=1)
+    opts = replace(train_options(), epochs=1, progress=False, threads=1)
+    seen: list[int] = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        original = torch.nn.LSTM.forward
+
+        def spy(self: torch.nn.LSTM, *args: Any, **kwargs: Any) -> Any:
+            seen.append(torch.get_num_threads())
+            return original(self, *args, **kwargs)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch.nn.LSTM, "forward", spy)
+            first = train(frame, opts)
+        assert set(seen) == {1}
+        assert torch.get_num_threads() == 2
+        again = train(frame, opts)
+        assert first.metrics["rmse"] == again.metrics["rmse"]
+    finally:
+        torch.set_num_threads(before)
