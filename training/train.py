@@ -281,7 +281,7 @@ class _Run:
     def _window_pass(self, rng: np.random.Generator, losses: list[float]) -> None:
         opts, xs, ys = self.opts, self.xs, self.ys
         windows = [
-            (i, t) for i, s in enumerate(self.series) for t in range(opts.seq_len, s.split + 1)
+            (i, t) for i, s in enumerate(self.series) for t in range(opts.seq_len, fit_end(s) + 1)
         ]
         rng.shuffle(windows)
         for b in range(0, len(windows), opts.batch_size):
@@ -301,7 +301,7 @@ class _Run:
             for _ in range(lanes_per_stream)
         ]
         rng.shuffle(lanes)
-        length = min(s.split for s in self.series)
+        length = min(fit_end(s) for s in self.series)
         for b in range(0, len(lanes), opts.batch_size):
             group = lanes[b : b + opts.batch_size]
             state = None
@@ -325,13 +325,21 @@ class _Run:
         return float(loss.item())
 
     def validation_loss(self) -> float:
-        """Mean loss over each stream's test period, run from zero state over the whole stream."""
+        """Mean loss over the last tenth of each stream's training part (held out of the
+        updates), run from zero state up to the test period, which nothing here sees."""
         losses = []
         with torch.no_grad():
             for x, y, s in zip(self.xs, self.ys, self.series, strict=True):
-                out, _ = self.model(x[None].to(self.device))
-                losses.append(float(self.loss_fn(out[0, s.split :], y[s.split :].to(self.device))))
+                out, _ = self.model(x[None, : s.split].to(self.device))
+                held = slice(fit_end(s), s.split)
+                losses.append(float(self.loss_fn(out[0, held], y[held].to(self.device))))
         return float(np.mean(losses))
+
+
+def fit_end(series: Series) -> int:
+    """Where a stream's updates stop: the last tenth of its training part (at least a
+    tick) is held out for early stopping and the learning-rate schedule."""
+    return series.split - max(1, series.split // 10)
 
 
 class _RunningLoss(list[float]):

@@ -116,3 +116,17 @@ def test_training_runs_on_its_own_thread_count_and_gives_the_callers_back() -> N
         assert first.metrics["rmse"] == again.metrics["rmse"]
     finally:
         torch.set_num_threads(before)
+
+
+def test_nothing_of_the_test_period_steers_training() -> None:
+    # Early stopping and the learning-rate schedule watch held-out training ticks:
+    # other test-period values must give the very same weights.
+    frame = synthetic(streams=2, length=300, seed=2)
+    other = frame.copy()
+    test = other.groupby("machine").cumcount() >= int(300 * 0.8)
+    other.loc[test, "load"] = other.loc[test, "load"] * 3.0 + 7.0
+    opts = replace(train_options(), epochs=3, patience=1, progress=False)
+    a, b = train(frame, opts), train(other, opts)
+    assert a.training["history"] == b.training["history"]
+    for key, value in a.model.state_dict().items():
+        assert torch.equal(value, b.model.state_dict()[key]), key
