@@ -88,6 +88,13 @@ def broker_kind() -> str:
     return os.environ.get("STREAMLSTM_TEST_BROKER", "kafka")
 
 
+def default_state() -> str:
+    """``--state`` for tests that do not choose one: the daemon's default (durable), or
+    memory on a Tansu suite run, where durable state cannot start (no compaction);
+    the durable-state tests choose it and run on Apache Kafka either way."""
+    return "memory" if broker_kind() == "tansu" else "durable"
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap(suite_broker: str) -> Iterator[str]:
     """Apache Kafka even when the suite runs on Tansu: for what Tansu lacks (topic

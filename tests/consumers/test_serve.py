@@ -24,6 +24,7 @@ from streamlstm import Affine, BrokerError, Bundle, BundleError, ModelConfig
 from streamlstm.consumers.server import Server
 from streamlstm.consumers.settings import ServeConfig
 from streamlstm.kernels import native_available
+from tests.conftest import default_state
 from tests.consumers.conftest import read_all, send_raw
 from tests.streamlstm.oracle import expected_outputs
 
@@ -144,7 +145,7 @@ def _serve_config(
         dlq_topic=dlq,
         group_id=f"g-{uuid.uuid4().hex[:8]}",
         metrics_port=0,
-        **overrides,
+        **{"state": default_state(), **overrides},
     )
 
 
@@ -320,6 +321,8 @@ def _serve_cmd(
         "0",
         "--max-records",
         "64",
+        "--state",  # a later --state of the caller's wins
+        default_state(),
     ]
 
 
