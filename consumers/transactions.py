@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -158,7 +158,11 @@ class Transactions:
         self._dirty.discard(partition)
         await producer.begin_transaction()
 
-    async def _each(self, step: Any, by_partition: Mapping[int, Any]) -> None:
+    async def _each(
+        self,
+        step: Callable[[int, tuple[TopicPartition, int] | None], Awaitable[None]],
+        by_partition: Mapping[int, tuple[TopicPartition, int]],
+    ) -> None:
         results = await asyncio.gather(
             *(step(p, by_partition.get(p)) for p in list(self._producers)),
             return_exceptions=True,
@@ -199,7 +203,10 @@ class PartitionOutbox:
     """An ``Outbox`` per input partition, each with that partition's producer."""
 
     def __init__(
-        self, transactions: Transactions, partitions: Mapping[str, Sequence[int]], clock: Any
+        self,
+        transactions: Transactions,
+        partitions: Mapping[str, Sequence[int]],
+        clock: Callable[[], float],
     ) -> None:
         self._transactions = transactions
         self._partitions = partitions
