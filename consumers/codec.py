@@ -37,12 +37,14 @@ from streamlstm.wire import (
 
 __all__ = [
     "Batch",
+    "Consumed",
     "DeadLetter",
     "Encoded",
     "ManySink",
     "Record",
     "Sink",
     "add_dead_letter",
+    "consumed",
     "dead_letter_headers",
     "decode_poll",
     "encode_outputs",
@@ -118,6 +120,7 @@ class Batch:
     offsets: I64 = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     partitions: I64 = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     records: list[Any] = field(default_factory=list)  # the consumed record of each valid tick
+    sources: list[Any] = field(default_factory=list)  # the TopicPartition of each
     count: int = 0  # every record of the poll, valid or not
     bad: list[DeadLetter] = field(default_factory=list)
     #: Per (topic, partition): the offset after the poll's last record there.
@@ -126,6 +129,10 @@ class Batch:
     def features(self) -> F64:
         """``[N, input_size]`` float64: the valid ticks' values."""
         return self.values
+
+    def record(self, i: int) -> Any:
+        """Valid tick ``i``'s consumed record, with its topic and partition."""
+        return consumed(self.records[i], self.sources[i] if self.sources else None)
 
     def timestamps(self) -> F64:
         """``[N]`` epoch ms; NaN for a tick without event time (the engine stamps it with
@@ -153,13 +160,17 @@ def decode_poll(
     """Decode a poll (``{TopicPartition: [record, ...]}``); None when nothing is still ours.
 
     Records of partitions no longer in ``assigned`` (revoked while the poll
-    waited) are left out: their new owner reads them.
+    waited) are left out: their new owner reads them. A record's topic and
+    partition are its key's: the records themselves may not carry them (see
+    ``kafka.lean_records``).
     """
     msgs: list[Any] = []
+    sources: list[Any] = []
     next_offsets: dict[Any, int] = {}
     for tp, messages in records.items():
         if tp in assigned and messages:
             msgs += messages
+            sources += [tp] * len(messages)
             next_offsets[tp] = messages[-1].offset + 1
     if not next_offsets:
         return None
@@ -170,6 +181,11 @@ def decode_poll(
     flags = np.zeros(n, dtype=np.uint8)  # bit 0: valid; 1: reset; 2: end
     offsets = np.empty(n, dtype=np.int64)
     partitions = np.empty(n, dtype=np.int64)
+    start = 0
+    for tp in next_offsets:  # in the order of msgs: one span per partition
+        count = len(records[tp])
+        partitions[start : start + count] = tp[1]  # (topic, partition), as TopicPartition
+        start += count
     native = codec_module()
     ids: list[str | None]
     if native is not None:
@@ -185,12 +201,10 @@ def decode_poll(
             ts,
             flags,
             offsets,
-            partitions,
         )
     else:
         ids = [None] * n
         offsets[:] = [msg.offset for msg in msgs]
-        partitions[:] = [msg.partition for msg in msgs]
     bad: list[DeadLetter] = []
     valid = (flags & 1).astype(bool)
     if not valid.all():
@@ -205,13 +219,15 @@ def decode_poll(
                     now_ms=now_ms,
                 )
             except InputError as exc:
-                bad.append(DeadLetter(msg, exc.field, exc.reason))
+                bad.append(DeadLetter(consumed(msg, sources[i]), exc.field, exc.reason))
                 continue
             ids[i], values[i], valid[i] = tick.stream, tick.values, True
             ts[i] = np.nan if tick.ts is None else tick.ts
             flags[i] = 1 | (2 if tick.reset else 0) | (4 if tick.end else 0)
     if not valid.all():
-        msgs = [msg for msg, ok in zip(msgs, valid.tolist(), strict=True) if ok]
+        keep = valid.tolist()
+        msgs = [msg for msg, ok in zip(msgs, keep, strict=True) if ok]
+        sources = [tp for tp, ok in zip(sources, keep, strict=True) if ok]
         values, ts, flags = values[valid], ts[valid], flags[valid]
         offsets, partitions = offsets[valid], partitions[valid]
     return Batch(
@@ -224,9 +240,41 @@ def decode_poll(
         offsets=offsets,
         partitions=partitions,
         records=msgs,
+        sources=sources,
         count=n,
         bad=bad,
         next_offsets=next_offsets,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Consumed:
+    """A consumed record with its topic and partition, for one that came without
+    (``kafka.lean_records``): what a dead letter reads."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: int | None
+    headers: Headers
+
+
+def consumed(record: Any, tp: Any) -> Any:
+    """``record`` of ``tp`` (``(topic, partition)``, as TopicPartition) with its topic and
+    partition."""
+    if hasattr(record, "topic"):
+        return record  # aiokafka's ConsumerRecord, or a test's
+    topic, partition = tp
+    return Consumed(
+        topic,
+        partition,
+        record.offset,
+        record.key,
+        record.value,
+        getattr(record, "timestamp", None),
+        tuple(getattr(record, "headers", None) or ()),
     )
 
 

@@ -35,7 +35,7 @@ def predictions(
     for r in sorted(result.rejections, key=lambda r: r.index):
         if answer[r.index]:
             answer[r.index] = False
-            dead.append(DeadLetter(batch.records[r.index], r.field, r.reason))
+            dead.append(DeadLetter(batch.record(r.index), r.field, r.reason))
     rows = np.flatnonzero(answer)
     # A model with an anomaly score puts "score" (null while warming up) in every output.
     scores = np.ascontiguousarray(result.scores, dtype=np.float64) if has_score else None
@@ -102,7 +102,7 @@ def _anomaly_codes(result: StepResult) -> npt.NDArray[np.int8] | None:
 def _encode_one(
     batch: Batch, result: StepResult, i: int, model_id: str, scores: F64 | None
 ) -> tuple[bytes, bytes, int | None] | DeadLetter:
-    stream, msg, ts = batch.ids[i], batch.records[i], float(batch.ts[i])
+    stream, msg, ts = batch.ids[i], batch.record(i), float(batch.ts[i])
     try:
         value = encode_prediction(
             stream=stream,

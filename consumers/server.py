@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import gc
 import logging
 import time
 from collections.abc import Callable
@@ -45,7 +44,7 @@ from streamlstm.consumers.kafka import (
     start_client,
     stop_client,
 )
-from streamlstm.consumers.loop import Model, PollLoop
+from streamlstm.consumers.loop import Model, PollLoop, settle_collector
 from streamlstm.consumers.rebalance import RebalanceHandler
 from streamlstm.consumers.reporting import Reporter
 from streamlstm.consumers.rescue import PER_RECORD_ERRORS, Rescuer
@@ -246,7 +245,7 @@ class Server:
         )
         self._rebalance = self._rebalance_handler(self._loop)
         self._consumer.subscribe([cfg.input_topic], listener=self._rebalance)
-        await start_client(self._consumer, cfg.bootstrap_servers)
+        await start_client(self._consumer, cfg.bootstrap_servers, lean=True)
         self._http = HttpEndpoints(
             self.registry,
             ready=self.ready,
@@ -255,10 +254,7 @@ class Server:
             port=cfg.metrics_port,
         )
         await self._http.start()
-        # Everything loaded so far (torch, the model, the clients) lives as
-        # long as the process; leaving it out of the collector's full passes
-        # keeps them from pausing the loop for ~100 ms every few seconds.
-        gc.freeze()
+        settle_collector()
         self._task = asyncio.create_task(self._loop.run(self._stopping), name="streamlstm-serve")
         self._summary_task = asyncio.create_task(
             self.reporter.run_summaries(

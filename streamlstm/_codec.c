@@ -268,35 +268,34 @@ static int64_t attr_int(PyObject *record, PyObject *name, int *ok) {
     return value;
 }
 
-static PyObject *s_key, *s_value, *s_offset, *s_partition;
+static PyObject *s_key, *s_value, *s_offset;
 
 /*
  * decode_ticks(records, input_size, max_value_bytes, max_id_bytes, min_ts_ms, latest_ms,
- *              features, ts, flags, offsets, partitions) -> list
+ *              features, ts, flags, offsets) -> list
  * Row i of the float64/uint8/int64 arrays answers records[i]; the list holds the
  * tick's stream id, or None where wire.decode_tick must decide (flags bit 0 clear).
+ * A record is anything with offset, key and value (aiokafka's ConsumerRecord or the
+ * record its batch reads): its partition is the caller's to fill in.
  */
 static PyObject *codec_decode_ticks(PyObject *self, PyObject *args) {
-    PyObject *records, *o_features, *o_ts, *o_flags, *o_offsets, *o_partitions;
+    PyObject *records, *o_features, *o_ts, *o_flags, *o_offsets;
     Py_ssize_t input_size, max_value, max_id;
     double min_ts, latest;
-    if (!PyArg_ParseTuple(args, "O!nnnddOOOOO", &PyList_Type, &records, &input_size, &max_value,
-                          &max_id, &min_ts, &latest, &o_features, &o_ts, &o_flags, &o_offsets,
-                          &o_partitions))
+    if (!PyArg_ParseTuple(args, "O!nnnddOOOO", &PyList_Type, &records, &input_size, &max_value,
+                          &max_id, &min_ts, &latest, &o_features, &o_ts, &o_flags, &o_offsets))
         return NULL;
     if (input_size < 1) {
         PyErr_SetString(PyExc_ValueError, "decode_ticks: input_size must be at least 1");
         return NULL;
     }
     Py_ssize_t n = PyList_GET_SIZE(records);
-    Py_buffer features, ts, flags, offsets, partitions;
+    Py_buffer features, ts, flags, offsets;
     if (!out_buffer(o_features, &features, n * input_size * (Py_ssize_t)sizeof(double)))
         return NULL;
     if (!out_buffer(o_ts, &ts, n * (Py_ssize_t)sizeof(double))) goto fail_ts;
     if (!out_buffer(o_flags, &flags, n)) goto fail_flags;
     if (!out_buffer(o_offsets, &offsets, n * (Py_ssize_t)sizeof(int64_t))) goto fail_offsets;
-    if (!out_buffer(o_partitions, &partitions, n * (Py_ssize_t)sizeof(int64_t)))
-        goto fail_partitions;
     PyObject *ids = PyList_New(n);
     if (ids == NULL) goto fail;
     Limits lim = {input_size, max_id, min_ts, latest};
@@ -304,7 +303,6 @@ static PyObject *codec_decode_ticks(PyObject *self, PyObject *args) {
         PyObject *record = PyList_GET_ITEM(records, i);
         int ok = 1;
         ((int64_t *)offsets.buf)[i] = attr_int(record, s_offset, &ok);
-        ((int64_t *)partitions.buf)[i] = attr_int(record, s_partition, &ok);
         if (!ok) goto fail_ids;
         PyObject *key = PyObject_GetAttr(record, s_key);
         if (key == NULL) goto fail_ids;
@@ -336,7 +334,6 @@ static PyObject *codec_decode_ticks(PyObject *self, PyObject *args) {
         if (text == NULL) goto fail_ids;
         PyList_SET_ITEM(ids, i, text);
     }
-    PyBuffer_Release(&partitions);
     PyBuffer_Release(&offsets);
     PyBuffer_Release(&flags);
     PyBuffer_Release(&ts);
@@ -345,8 +342,6 @@ static PyObject *codec_decode_ticks(PyObject *self, PyObject *args) {
 fail_ids:
     Py_DECREF(ids);
 fail:
-    PyBuffer_Release(&partitions);
-fail_partitions:
     PyBuffer_Release(&offsets);
 fail_offsets:
     PyBuffer_Release(&flags);
@@ -381,10 +376,16 @@ static int out_write(Out *o, const char *s, Py_ssize_t n) {
     return 1;
 }
 
+/* Decimal, as "%lld" writes it (snprintf's format parsing was ~1% of the daemon's CPU). */
 static int out_int(Out *o, long long v) {
-    char buf[32];
-    int n = snprintf(buf, sizeof buf, "%lld", v);
-    return out_write(o, buf, n);
+    char buf[24], *end = buf + sizeof buf, *p = end;
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    do {
+        *--p = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0) *--p = '-';
+    return out_write(o, p, end - p);
 }
 
 /*
@@ -663,6 +664,5 @@ int sl_codec_init(void) {
     s_key = PyUnicode_InternFromString("key");
     s_value = PyUnicode_InternFromString("value");
     s_offset = PyUnicode_InternFromString("offset");
-    s_partition = PyUnicode_InternFromString("partition");
-    return s_key && s_value && s_offset && s_partition ? 0 : -1;
+    return s_key && s_value && s_offset ? 0 : -1;
 }

@@ -197,3 +197,38 @@ def test_predictions_sent_at_once_name_their_input_partitions_too() -> None:
         ("out", b"y", 5),
     ]
     assert [(r[0], s) for r, s in zip(sink.records, sink.sources, strict=True)] == [("dlq", 2)]
+
+
+@dataclass(frozen=True)
+class Read:
+    """A record as aiokafka's record batch reads it (``kafka.lean_records``): no topic, no
+    partition; those are the poll's key."""
+
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp: int = 1_700_000_000_000
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+def test_records_without_topic_and_partition_take_them_from_the_poll() -> None:
+    a, b = ("in", 2), ("in", 5)
+    polled = {
+        a: [Read(0, b"x", b'{"values": [1.0]}'), Read(1, b"x", b"{", headers=(("h", b"1"),))],
+        b: [Read(7, b"y", b'{"values": [1.0]}')],
+    }
+    batch = decode_poll(polled, assigned={a, b}, input_size=1, max_value_bytes=99, received=0)
+    assert batch is not None
+    np.testing.assert_array_equal(batch.partitions, [2, 5])
+    assert batch.record(1).topic == "in" and batch.record(1).partition == 5
+    (letter,) = batch.bad
+    assert (letter.record.topic, letter.record.partition, letter.record.offset) == ("in", 2, 1)
+    sink, encoded = _encode(batch, _result(2))
+    assert [(r[0], s) for r, s in zip(sink.records, sink.sources, strict=True)] == [
+        ("out", 2),
+        ("out", 5),
+        ("dlq", 2),
+    ]
+    headers = dict(sink.on("dlq")[0][3])
+    assert headers["h"] == b"1" and headers["streamlstm-source-partition"] == b"2"
+    assert headers["streamlstm-source-topic"] == b"in" and encoded.produced == 2

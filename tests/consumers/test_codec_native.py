@@ -18,7 +18,7 @@ from streamlstm import StepResult, wire
 from streamlstm.consumers import codec
 from streamlstm.consumers.codec import Batch, decode_poll, encode_outputs
 from streamlstm.kernels import DISABLE_ENV, codec_module
-from tests.consumers.test_codec import Rec, Sink
+from tests.consumers.test_codec import Read, Rec, Sink
 
 NOW_MS = 1_764_000_000_000
 
@@ -171,6 +171,33 @@ def test_hostile_records_get_the_same_verdicts_and_reasons(
     _same_batches(native, reference)
     # The corpus exercises both verdicts (and the C path takes the common shape).
     assert len(native.ids) > 100 and len(native.bad) > 100
+
+
+def test_records_as_read_get_the_verdicts_of_consumer_records(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What kafka.lean_records hands out: the poll's key says topic and partition.
+    pairs = list(itertools.product(KEYS, HOSTILE_VALUES))
+
+    def run(make: Any) -> Any:
+        def poll() -> Batch:
+            batch = decode_poll(
+                {("in", 4): [make(i, k, v) for i, (k, v) in enumerate(pairs)]},
+                assigned={("in", 4)},
+                input_size=1,
+                max_value_bytes=64 * 1024,
+                received=NOW_MS / 1000.0,
+            )
+            assert batch is not None
+            return batch
+
+        return _both(monkeypatch, poll)
+
+    read = run(Read)
+    consumed = run(lambda i, k, v: Rec("in", 4, i, k, v))
+    for batch in (*read, consumed[1]):
+        _same_batches(batch, consumed[0])
+    assert {(d.record.topic, d.record.partition) for d in read[0].bad} == {("in", 4)}
 
 
 def test_random_numbers_parse_to_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
