@@ -5,7 +5,9 @@ split into *rounds*: round r holds every stream's (r+1)-th tick of the call, so
 a stream's ticks are applied in order while all streams of a round advance
 together: gather their rows of (h, c) from the store, one recurrent step,
 scatter the rows back. The MLP head then runs once over all N top-layer
-outputs. Rows with bad values are rejected one by one; the rest proceed.
+outputs, or, where the C step runs it (``kernels.NativeStep.runs_head``),
+within each round. Rows with bad values are rejected one by one; the rest
+proceed.
 """
 
 from __future__ import annotations
@@ -122,7 +124,9 @@ class Engine:
         self._counts: Counter[str] = Counter()
         self._buffers = Buffers(self.model.groups, self._input_size)
         self._head = HeadRunner(self.model)
-        self._native = NativeStep(self.model) if use_native else None
+        self._native = NativeStep(self.model, self._head) if use_native else None
+        self._fused = self._native is not None and self._native.runs_head
+        self._outputs = bundle.config.output_size if self._fused else bundle.config.hidden_sizes[-1]
 
     @property
     def native(self) -> bool:
@@ -215,12 +219,9 @@ class Engine:
         scaled = torch.from_numpy(self.bundle.scale_inputs(raw))
         step_out = np.empty(rows.size, dtype=np.int64)
         rounds = order.rounds()
+        # Each round's outputs: the head's where the C step runs it, else the top h.
         with torch.inference_mode():
-            tops = (
-                torch.empty(rows.size, self.bundle.config.hidden_sizes[-1])
-                if len(rounds) > 1
-                else None
-            )
+            tops = torch.empty(rows.size, self._outputs) if len(rounds) > 1 else None
             for members in rounds:
                 member_slots = slots if members is None else slots[members]
                 sel: Any = slice(None) if members is None else torch.from_numpy(members)
@@ -239,7 +240,11 @@ class Engine:
                 if end_here.any():
                     self.store.zero(member_slots[end_here], extra=False)
             assert tops is not None
-            y = self._head(tops).numpy()
+            if not self._fused:
+                tops = self._head(tops)
+            elif len(rounds) == 1:  # a view of the C step's buffer
+                tops = tops.clone()
+        y = tops.numpy()
         finished = self.bundle.finish(y, raw)
         scores = None
         if self._score is not None:
@@ -328,7 +333,8 @@ class Engine:
     def _advance(self, slots: I64, x: torch.Tensor) -> torch.Tensor:
         """One recurrent step for distinct ``slots``: gather, step, scatter.
 
-        The C kernels update the store in place (see ``kernels``). Through
+        The C kernels update the store in place and, where they run the head,
+        return its outputs, not the top layer's ``h`` (see ``kernels``). Through
         ``nn.LSTM``, the batch is padded to a bucket size in persistent buffers: oneDNN
         builds a primitive for every new batch shape (~1 ms) and caches it, so
         the shapes are kept few; a row's result does not depend on the other

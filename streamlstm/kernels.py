@@ -6,9 +6,11 @@ back: four passes over state that, at 10k streams, no longer sits in cache.
 Here only ``h`` is gathered, straight into the input of the layer's one
 matrix product (``[x, h] @ [W_ih, W_hh]^T``, torch/MKL); the C cell then reads
 ``c`` and writes ``c`` and ``h`` in place at the streams' slots, and the new
-``h`` into the next layer's input. Results agree with ``nn.LSTM`` to float32
-rounding (the parity tests check the engine on both paths against the
-``nn.LSTM`` oracle).
+``h`` into the next layer's input. Where torch links MKL, the whole step and
+the head are one C call (``sl_step``) that runs every layer and the head
+chunk by chunk of rows, calling MKL's ``sgemm_`` itself. Results agree with
+``nn.LSTM`` to float32 rounding (the parity tests check the engine on every
+path against the ``nn.LSTM`` oracle).
 """
 
 from __future__ import annotations
@@ -19,15 +21,16 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from itertools import repeat
+from pathlib import Path
 from types import ModuleType
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
 from streamlstm.errors import ConfigError
-from streamlstm.model import StreamLSTM
+from streamlstm.model import HeadRunner, StreamLSTM
 
 __all__ = [
     "DictSlotMap",
@@ -54,6 +57,15 @@ MIN_ROWS = 16
 #: through torch and the store maps ids to slots with a dict.
 DISABLE_ENV = "STREAMLSTM_NATIVE"
 
+#: Set to 0 to step layer by layer over the whole batch (torch.mm between
+#: the C gather and cell) even where torch's MKL allows the chunked step.
+CHUNKED_ENV = "STREAMLSTM_CHUNKED"
+
+#: Rows per chunk of the chunked step (``sl_step``): a chunk's [x, h] and
+#: gates (0.9 MB for the default model) stay in a core's L2 from product to
+#: cell; 128 and 512 rows measured no better at 10k streams.
+CHUNK_ROWS = 256
+
 _P = ctypes.c_void_p
 _N = ctypes.c_int64
 _lib: ctypes.CDLL | None = None
@@ -76,6 +88,8 @@ def _load() -> ctypes.CDLL | None:
     lib.sl_gather.restype = None
     lib.sl_lstm_cell.argtypes = [_P, _P, _P, _N, _N, _P, _P, _P, _N]
     lib.sl_lstm_cell.restype = None
+    lib.sl_step.argtypes = [_P, _P, _P, _P, _N, _P, _P, _P, _P, _N, _N]
+    lib.sl_step.restype = None
     _lib, _module = lib, module
     return lib
 
@@ -143,23 +157,80 @@ def slot_map(native: bool) -> SlotMapping:
     return DictSlotMap()
 
 
+def _blas_sgemm() -> int | None:
+    """The address of the ``sgemm_`` of the MKL that torch links, or None.
+
+    ``sl_step`` calls it from its own threads, one chunk each; torch offers
+    no way to run a product on one thread from C. Only MKL is taken: it is
+    thread-safe, runs single-threaded inside another parallel region, and
+    computes a row the same way whatever the number of rows from 12 up.
+    """
+    if os.environ.get(CHUNKED_ENV, "1") == "0":
+        return None
+    if not torch.backends.mkl.is_available():  # type: ignore[no-untyped-call]
+        return None
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
+        try:
+            lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / name))
+            address: int | None = ctypes.cast(lib.sgemm_, _P).value
+        except (OSError, AttributeError):
+            continue
+        return address
+    return None
+
+
+class _Model(ctypes.Structure):
+    """``sl_model`` of ``_kernels.c``: what ``sl_step`` needs of the model."""
+
+    _fields_ = [
+        ("sgemm", _P),
+        ("layers", _N),
+        ("hidden", _P),
+        ("widths", _P),
+        ("weights", _P),
+        ("bias", _P),
+        ("head_layers", _N),
+        ("head_widths", _P),
+        ("head_weights", _P),
+        ("head_bias", _P),
+        ("head_act", _P),
+        ("per_row", _N),
+    ]
+
+
+#: The head's activations as ``sl_step`` names them (``SL_ACT_*``).
+_ACTIVATIONS = {"": 0, "relu": 1, "tanh": 2, "sigmoid": 3}
+
+
+def _int64s(values: Sequence[int]) -> ctypes.Array[ctypes.c_int64]:
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def _pointers(tensors: Sequence[torch.Tensor]) -> ctypes.Array[ctypes.c_void_p]:
+    return (_P * len(tensors))(*(t.data_ptr() for t in tensors))
+
+
 class NativeStep:
     """One recurrent step of ``model`` for distinct slots, state updated in place.
 
-    Holds per layer the fused weights ``[4H, F + H]`` and bias ``[4H]``, and
-    its own input and gate buffers, grown to the largest batch seen.
+    Holds per layer the fused weights ``[F + H, 4H]`` and bias ``[4H]``. Where
+    torch's MKL is at hand, the whole step, and the head when ``head`` gives
+    it, is one C call over chunks of rows (``sl_step``, see there why);
+    otherwise each layer is a gather (C), one ``torch.mm`` and the cell (C)
+    over the whole batch, and the caller runs the head.
     """
 
-    def __init__(self, model: StreamLSTM) -> None:
+    def __init__(
+        self, model: StreamLSTM, head: HeadRunner | None = None, *, chunk: int | None = None
+    ) -> None:
         lib = _load()
         if lib is None:
             raise ConfigError("native: the C kernels are not built")
         self._lib = lib
         with torch.no_grad():
             params = model.lstm_weights()
-            # [F + H, 4H], the transpose of a row-major [4H, F + H] as nn.Linear keeps it.
             self._weights = [
-                torch.cat([w_ih, w_hh], 1).contiguous().t() for w_ih, w_hh, _, _ in params
+                torch.cat([w_ih, w_hh], 1).t().contiguous() for w_ih, w_hh, _, _ in params
             ]
             self._bias = [(b_ih + b_hh).contiguous() for _, _, b_ih, b_hh in params]
         self._hidden = list(model.config.hidden_sizes)
@@ -170,12 +241,59 @@ class NativeStep:
         self._xh: list[torch.Tensor] = []
         self._gates = torch.zeros(0)  # flat: each layer views it [n, 4H] contiguous
         self._top = torch.zeros(0)
+        self._y = torch.zeros(0)
+        self._work = torch.zeros(0)
+        self._head: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._chunk = CHUNK_ROWS if chunk is None else chunk  # 0: the whole batch as one chunk
+        self._keep: list[ctypes.Array[Any]] = []
+        sgemm = _blas_sgemm()
+        self._model = None if sgemm is None else self._describe(sgemm, head)
+        self._outputs = int(self._head[-1][0].shape[1]) if self.runs_head else self._hidden[-1]
+
+    def _describe(self, sgemm: int, head: HeadRunner | None) -> _Model:
+        linears = [] if head is None else head.linears
+        if any(len(acts) > 1 or (acts and acts[0] not in _ACTIVATIONS) for *_, acts in linears):
+            linears = []  # a head sl_step cannot run: the caller runs it
+        self._head = [(w, b) for w, b, _ in linears]
+        widths = [int(w.shape[1]) for w, _ in self._head]
+        acts = [_ACTIVATIONS[a[0] if a else ""] for *_, a in linears]
+        # The arrays must live as long as the struct that points at them.
+        self._keep = [
+            _int64s(self._hidden),
+            _int64s(self._widths),
+            _pointers(self._weights),
+            _pointers(self._bias),
+            _int64s(widths or [0]),
+            _pointers([w for w, _ in self._head]),
+            _pointers([b for _, b in self._head]),
+            _int64s(acts or [0]),
+        ]
+        k = [ctypes.cast(a, _P) for a in self._keep]
+        # Scratch per row: [x, h] of every layer, then the gates or two head activations.
+        per_row = sum(self._widths) + max([4 * max(self._hidden)] + [2 * w for w in widths])
+        return _Model(
+            sgemm, len(self._hidden), k[0], k[1], k[2], k[3],
+            len(self._head), k[4], k[5], k[6], k[7], per_row,
+        )  # fmt: skip
+
+    @property
+    def chunked(self) -> bool:
+        """Whether steps run as one C call over chunks of rows (``sl_step``)."""
+        return self._model is not None
+
+    @property
+    def runs_head(self) -> bool:
+        """Whether a step returns the head's outputs ``[n, O]`` (else the top ``h``)."""
+        return self._model is not None and self._model.head_layers > 0
 
     def _grow(self, rows: int) -> None:
         self._rows = rows
-        self._xh = [torch.zeros(rows, w) for w in self._widths]
-        self._gates = torch.zeros(rows * 4 * max(self._hidden))
         self._top = torch.zeros(rows, self._hidden[-1])
+        if self._model is not None:
+            self._y = torch.zeros(rows, self._outputs)
+        else:
+            self._xh = [torch.zeros(rows, w) for w in self._widths]
+            self._gates = torch.zeros(rows * 4 * max(self._hidden))
 
     def __call__(
         self, h: Sequence[torch.Tensor], c: Sequence[torch.Tensor], slots: I64, x: torch.Tensor
@@ -183,18 +301,48 @@ class NativeStep:
         """Step ``x [n, F]`` (scaled) for distinct ``slots [n]`` of the stores ``h``, ``c``.
 
         ``h[l]``, ``c[l]`` are the store's contiguous float32 ``[capacity, H_l]``
-        tensors, updated at ``slots``. Returns the top layer's new ``h [n, H]``
-        (a view of a buffer the next call overwrites).
+        tensors, updated at ``slots``. Returns the head's outputs ``[n, O]``
+        where ``runs_head``, else the top layer's new ``h [n, H]`` (either a
+        view of a buffer the next call overwrites).
         """
         n = int(slots.size)
         rows = max(n, MIN_ROWS)
         if rows > self._rows:
             self._grow(max(rows, 2 * self._rows))
         slots = np.ascontiguousarray(slots, dtype=np.int64)
+        x = x.float().contiguous()
+        if self._model is None:
+            self._by_layer(h, c, slots, x)
+            return self._top[:n]
+        # As sl_step takes them: a chunk of at least 2 * MIN_ROWS rows, a lone one on one thread.
+        chunk = max(self._chunk or rows, 2 * MIN_ROWS)
+        threads = torch.get_num_threads() if self._chunk else 1
+        need = threads * chunk * self._model.per_row
+        if self._work.numel() < need:
+            self._work = torch.zeros(max(need, 2 * self._work.numel()))
+        self._lib.sl_step(
+            ctypes.byref(self._model),
+            _pointers(h),
+            _pointers(c),
+            slots.ctypes.data,
+            n,
+            x.data_ptr(),
+            self._top.data_ptr(),
+            self._y.data_ptr(),
+            self._work.data_ptr(),
+            threads,
+            chunk,
+        )
+        return self._y[:n] if self.runs_head else self._top[:n]
+
+    def _by_layer(
+        self, h: Sequence[torch.Tensor], c: Sequence[torch.Tensor], slots: I64, x: torch.Tensor
+    ) -> None:
+        n = int(slots.size)
+        rows = max(n, MIN_ROWS)
         ptr = slots.ctypes.data
         lib = self._lib
         layers = len(self._hidden)
-        x = x.float().contiguous()
         for layer in range(layers):
             hidden = self._hidden[layer]
             xh = self._xh[layer]
@@ -221,4 +369,3 @@ class NativeStep:
                 out.data_ptr(),
                 ld,
             )
-        return self._top[:n]

@@ -200,12 +200,18 @@ class HeadRunner:
 
     def __init__(self, model: StreamLSTM) -> None:
         self._layers: list[tuple[Tensor, Tensor, list[object]]] = []
+        #: Per ``Linear``: its weight ``[in, out]`` (contiguous), bias and the
+        #: names of the activations after it, for code that runs the head itself.
+        self.linears: list[tuple[Tensor, Tensor, list[str]]] = []
         with torch.no_grad():
             for module in model.head:
                 if isinstance(module, nn.Linear):
-                    self._layers.append((module.weight.t().contiguous(), module.bias, []))
+                    weight = module.weight.t().contiguous()
+                    self._layers.append((weight, module.bias, []))
+                    self.linears.append((weight, module.bias, []))
                 elif type(module) in _IN_PLACE:
                     self._layers[-1][2].append(_IN_PLACE[type(module)])
+                    self.linears[-1][2].append(type(module).__name__.lower())
                 elif not isinstance(module, nn.Dropout | nn.Identity):  # both no-ops in eval
                     raise ConfigError(f"head: no inference path for {type(module).__name__}")
         self._rows = 0

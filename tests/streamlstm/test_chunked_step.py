@@ -1,0 +1,154 @@
+"""The C step over chunks of rows (``sl_step``) against the layer-by-layer step and torch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import torch
+
+from streamlstm import Bundle, Engine, ModelConfig, kernels
+from streamlstm.kernels import NativeStep, native_available
+
+pytestmark = pytest.mark.skipif(not native_available(), reason="C kernels not built")
+
+CONFIGS = [
+    ModelConfig(input_size=1),
+    ModelConfig(input_size=3, hidden_sizes=(12, 12, 6), head_sizes=(16, 8), output_size=3),
+    ModelConfig(input_size=2, hidden_sizes=(7,), head_sizes=(), head_activation="tanh"),
+    ModelConfig(input_size=2, hidden_sizes=(20, 9), head_sizes=(5,), head_activation="sigmoid"),
+]
+
+
+@pytest.fixture(params=[0, 32, 256], ids=["whole", "chunk32", "chunk256"])
+def chunk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    monkeypatch.setattr(kernels, "CHUNK_ROWS", request.param)
+    yield request.param
+
+
+def _chunked(bundle: Bundle, **kwargs: object) -> Engine:
+    engine = Engine(bundle, native=True, **kwargs)  # type: ignore[arg-type]
+    if engine._native is None or not engine._native.chunked:
+        pytest.skip("torch has no MKL here: no chunked step")
+    return engine
+
+
+def _batches(
+    rng: np.random.Generator,
+    streams: int,
+    inputs: int,
+    sizes: tuple[int, ...] = (1, 5, 40, 700, 300, 3, 1100),
+) -> Iterator[tuple[list[str], npt.NDArray[np.float32]]]:
+    """Batches of many sizes; in some, streams tick several times (several rounds)."""
+    for size in sizes:
+        ids = [f"s{i}" for i in rng.integers(0, streams, size)]
+        yield ids, (rng.normal(size=(size, inputs)) * 3).astype(np.float32)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_chunked_engine_equals_torch_with_repeats_resets_ends_and_bad_rows(
+    config: ModelConfig, chunk: int
+) -> None:
+    bundle = Bundle.random(config, seed=4)
+    native = _chunked(bundle)
+    assert native._native is not None and native._native.runs_head
+    plain = Engine(bundle, native=False)
+    rng = np.random.default_rng(0)
+    for ids, x in _batches(rng, 600, config.input_size):
+        x[rng.random(len(ids)) < 0.02] = np.nan  # rejected rows, the rest go on
+        resets = rng.random(len(ids)) < 0.05
+        ends = rng.random(len(ids)) < 0.05
+        got = native.step(ids, x, resets=resets, ends=ends)
+        want = plain.step(ids, x, resets=resets, ends=ends)
+        np.testing.assert_array_equal(got.accepted, want.accepted)
+        np.testing.assert_array_equal(got.steps, want.steps)
+        np.testing.assert_allclose(got.predictions, want.predictions, atol=1e-5, rtol=0)
+    for layer in range(config.num_layers):
+        for held in (native.store, plain.store):
+            assert held.stream_ids() == plain.store.stream_ids()
+        slots_n = [native.store.slot_of(s) for s in plain.store.stream_ids()]
+        slots_p = [plain.store.slot_of(s) for s in plain.store.stream_ids()]
+        torch.testing.assert_close(
+            native.store.h[layer][slots_n], plain.store.h[layer][slots_p], atol=1e-5, rtol=0
+        )
+        torch.testing.assert_close(
+            native.store.c[layer][slots_n], plain.store.c[layer][slots_p], atol=1e-5, rtol=1e-6
+        )
+
+
+def test_chunked_engine_evicts_as_torch_does(chunk: int) -> None:
+    bundle = Bundle.random(CONFIGS[1], seed=2)
+    native = _chunked(bundle, max_streams=150)
+    plain = Engine(bundle, native=False, max_streams=150)
+    rng = np.random.default_rng(3)
+    for ids, x in _batches(rng, 400, 3, (1, 5, 40, 120, 90, 3, 130, 100)):
+        got, want = native.step(ids, x), plain.step(ids, x)
+        assert [(e.stream_id, e.reason) for e in got.evictions] == [
+            (e.stream_id, e.reason) for e in want.evictions
+        ]
+        np.testing.assert_allclose(got.predictions, want.predictions, atol=1e-5, rtol=0)
+    assert sorted(native.store.stream_ids()) == sorted(plain.store.stream_ids())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_stream_gets_the_same_bits_whatever_shares_its_batch(chunk: int, threads: int) -> None:
+    # Padding to MIN_ROWS keeps MKL's per-row arithmetic fixed, so a stream's
+    # results do not depend on how many streams share its batch or its chunk.
+    bundle = Bundle.random(CONFIGS[0], seed=0)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(12, 1)).astype(np.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        alone = _chunked(bundle)
+        want = np.concatenate([alone.step(["a"], x[t : t + 1]).predictions for t in range(12)])
+        for size in (3, 40, 700):
+            crowd = _chunked(bundle)
+            got = []
+            for t in range(12):
+                others = [f"o{i}" for i in rng.permutation(2000)[:size]]
+                xs = np.concatenate([rng.normal(size=(size, 1)).astype(np.float32), x[t : t + 1]])
+                got.append(crowd.step([*others, "a"], xs).predictions[-1:])
+            np.testing.assert_array_equal(np.concatenate(got), want)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_switch_turns_the_chunked_step_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = Bundle.random(CONFIGS[0], seed=0)
+    monkeypatch.setenv(kernels.CHUNKED_ENV, "0")
+    step = NativeStep(bundle.model)
+    assert not step.chunked and not step.runs_head
+    engine = Engine(bundle, native=True)
+    assert engine._native is not None and not engine._native.chunked
+    ids = [f"s{i}" for i in range(50)]
+    x = np.random.default_rng(0).normal(size=(50, 1)).astype(np.float32)
+    np.testing.assert_allclose(
+        engine.step(ids, x).predictions,
+        Engine(bundle, native=False).step(ids, x).predictions,
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+def test_without_a_head_the_chunked_step_returns_the_top_h() -> None:
+    model = Bundle.random(CONFIGS[1], seed=0).model.eval()
+    step = NativeStep(model)
+    if not step.chunked:
+        pytest.skip("torch has no MKL here: no chunked step")
+    assert not step.runs_head
+    gen = torch.Generator().manual_seed(0)
+    hs = [torch.randn(30, size, generator=gen) for size in (12, 12, 6)]
+    cs = [torch.randn(30, size, generator=gen) for size in (12, 12, 6)]
+    slots = np.arange(0, 30, 3, dtype=np.int64)
+    x = torch.randn(10, 3, generator=gen)
+    with torch.inference_mode():
+        want, _, _ = model.recurrent_step(
+            x,
+            [torch.stack([hs[g.first + j][slots] for j in range(g.count)]) for g in model.groups],
+            [torch.stack([cs[g.first + j][slots] for j in range(g.count)]) for g in model.groups],
+        )
+        got = step(hs, cs, slots, x)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
