@@ -11,6 +11,12 @@ crash anywhere before re-reads it: output is at-least-once, nothing is lost.
   offsets of that poll and every later one stay uncommitted. Polls
   acknowledged before the failure are still committed.
 - ``stop`` commits the polls already acknowledged and leaves the rest.
+- ``commit_every_s`` (memory state): a commit at most that often; acknowledged
+  polls wait for the next one (``drain`` and ``stop`` commit them at once).
+  Each commit is a request the daemon and the broker pay for; one a poll at
+  ~100 polls/s cost both CPU that the ticks needed. At-least-once holds all
+  the same: a crash re-reads (and answers again) the ticks since the last
+  commit, now up to ``commit_every_s`` of them.
 
 With durable state (``durable=True``) offsets are committed only at
 checkpoints, in the order of ../shared/design.md ("Durable state"): the loop
@@ -108,8 +114,14 @@ class Committer:
         on_checkpoint: Callable[[Checkpoint, float], None] = lambda checkpoint, seconds: None,
         rescue: RescueFn | None = None,
         per_record: tuple[type[BaseException], ...] = (),
+        commit_every_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._commit = commit
+        self._commit_every_s = commit_every_s
+        self._clock = clock
+        self._commit_due = 0.0  # clock seconds
+        self._committing = asyncio.Lock()
         self._on_acked_hook = on_acked
         self._write = write_changelog
         self._on_checkpoint = on_checkpoint
@@ -156,6 +168,8 @@ class Committer:
     async def drain(self) -> None:
         """Until every poll submitted so far is acknowledged and committed."""
         await self._race(self._queue.join())
+        if not self.durable:
+            await self._commit_offsets()  # what ``commit_every_s`` held back
 
     async def stop(self) -> None:
         """Commit the polls already acknowledged, in order; drop the rest. Safe twice."""
@@ -207,7 +221,7 @@ class Committer:
 
     async def _run(self) -> None:
         while True:
-            self._group = [await self._queue.get()]
+            self._group = [await self._next()]
             while not self._queue.empty():
                 self._group.append(self._queue.get_nowait())
             try:
@@ -217,11 +231,25 @@ class Committer:
                     self._queue.task_done()
                 self._group = []
 
+    async def _next(self) -> Sent | Checkpoint:
+        """The next queued item; offsets held back are committed when they come due first."""
+        if not self._offsets or self.durable:
+            return await self._queue.get()
+        try:
+            return await asyncio.wait_for(
+                self._queue.get(), max(self._commit_due - self._clock(), 0.0)
+            )
+        except TimeoutError:
+            await self._commit_offsets()
+            return await self._queue.get()
+
     async def _commit_group(self, group: Iterable[Sent | Checkpoint]) -> None:
         for item in group:
             if isinstance(item, Checkpoint):
                 await self._checkpoint(item)
                 continue
+            if not self.durable and self._offsets and self._clock() >= self._commit_due:
+                await self._commit_offsets()  # due: not held back behind this poll's acks
             try:
                 await self._acknowledged(item)
             except Exception as exc:
@@ -234,7 +262,7 @@ class Committer:
                 ) from exc
             self._on_acked(item)
             self._offsets.update(item.offsets)
-        if not self.durable:
+        if not self.durable and self._clock() >= self._commit_due:
             await self._commit_offsets()
 
     async def _acknowledged(self, sent: Sent) -> None:
@@ -266,6 +294,9 @@ class Committer:
         self._on_checkpoint(checkpoint, time.perf_counter() - checkpoint.started)
 
     async def _commit_offsets(self) -> None:
-        if self._offsets:
-            offsets, self._offsets = self._offsets, {}
-            await self._commit(offsets)
+        # Held while committing: ``drain`` must not return while a commit is on its way.
+        async with self._committing:
+            if self._offsets:
+                offsets, self._offsets = self._offsets, {}
+                self._commit_due = self._clock() + self._commit_every_s
+                await self._commit(offsets)

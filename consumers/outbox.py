@@ -96,20 +96,42 @@ class Outbox:
         each i, without headers, partitioned by key; one call a poll, not one a record."""
         parts = self._partitions[topic]
         count = len(parts)
+        known = _known_partitions(count)
         opened = self._open
-        create = self._producer.create_batch
+        # Per open batch of this call: the record batch's own append (see ``_raw_append``).
+        raws: dict[int, Any] = {}
         for key, value, stamp in zip(keys, values, timestamps_ms, strict=True):
-            partition = random.choice(parts) if key is None else parts[partition_of(key, count)]
+            if key is None:
+                partition = random.choice(parts)
+            else:
+                index = known.get(key)
+                if index is None:
+                    if len(known) >= _KNOWN_KEYS:
+                        known.clear()
+                    index = known[key] = partition_of(key, count)
+                partition = parts[index]
             entry = opened.get((topic, partition))
             if entry is None:
-                entry = opened[(topic, partition)] = (create(), [])
+                entry = opened[(topic, partition)] = (self._producer.create_batch(), [])
             builder, records = entry
-            if builder.append(key=key, value=value, timestamp=stamp, headers=[]) is None:
+            raw = raws.get(partition, _UNSEEN)
+            if raw is _UNSEEN:
+                raw = raws[partition] = _raw_append(builder, len(records))
+            if raw is None:
+                appended = builder.append(key=key, value=value, timestamp=stamp, headers=[])
+            else:
+                appended = raw(len(records), stamp, key, value, _NO_HEADERS)
+            if appended is None:
                 # Full: queue it as it is; an empty batch always takes one message.
+                _seal(builder, records, raw)
+                builder.close()  # as its own append closes it when full
                 self._ready.append((topic, partition, builder, records))
-                builder, records = opened[(topic, partition)] = (create(), [])
+                builder, records = opened[(topic, partition)] = (self._producer.create_batch(), [])
                 builder.append(key=key, value=value, timestamp=stamp, headers=[])
+                raws.pop(partition)  # looked up again with the next record
             records.append((topic, partition, key, value, (), stamp))
+        for partition, raw in raws.items():
+            _seal(*opened[(topic, partition)], raw)
 
     async def send(self) -> list[asyncio.Future[Any]]:
         """Queue every batch, in order per partition; waits only for room in the queue."""
@@ -119,6 +141,52 @@ class Outbox:
             future = await self._producer.send_batch(builder, topic, partition=partition)
             self.batches.append((future, records))
         return [future for future, _ in self.batches]
+
+
+#: Keys whose partition ``add_many`` remembers, per partition count (then it starts over):
+#: a dict lookup, where ``partition_of``'s LRU cache costs ~0.1 µs a record in bookkeeping.
+_KNOWN_KEYS = 1 << 17
+_known: dict[int, dict[bytes, int]] = {}
+#: Headers of every ``add_many`` record: none (the record batch only reads them).
+_NO_HEADERS: list[tuple[str, bytes]] = []
+_UNSEEN = object()
+
+
+def _known_partitions(count: int) -> dict[bytes, int]:
+    known = _known.get(count)
+    if known is None:
+        known = _known[count] = {}
+    return known
+
+
+def _raw_append(builder: Any, appended: int) -> Any:
+    """The append of the record batch inside aiokafka's ``BatchBuilder``, or None.
+
+    ``BatchBuilder.append`` is a Python method (keyword arguments, a serializer
+    check, an offset count) around the record batch's C ``append``: ~0.3 µs a
+    record, half of what a poll's output cost to queue. Where the builder is
+    laid out as in aiokafka 0.11-0.14 (``_builder``, ``_relative_offset``, no
+    serializers, still open), ``add_many`` calls the inner append itself with
+    the record's offset in the batch, and ``_seal`` leaves the builder's
+    count as its own append would. Anything else: None, and the public
+    ``append`` is used.
+    """
+    inner = getattr(builder, "_builder", None)
+    if (
+        inner is None
+        or getattr(builder, "_closed", True) is not False
+        or getattr(builder, "_relative_offset", None) != appended
+        or getattr(builder, "_key_serializer", None) is not None
+        or getattr(builder, "_value_serializer", None) is not None
+    ):
+        return None
+    return getattr(inner, "append", None)
+
+
+def _seal(builder: Any, records: list[OutRecord], raw: Any) -> None:
+    """After ``raw`` appends: the builder counts its records as its own append does."""
+    if raw is not None:
+        builder._relative_offset = len(records)
 
 
 class Box(Protocol):

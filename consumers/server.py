@@ -198,6 +198,7 @@ class Server:
             # In a transaction a refused record fails it whole: nothing to rescue.
             rescue=None if durable.exactly_once else self._rescue_records,
             per_record=PER_RECORD_ERRORS,
+            commit_every_s=cfg.commit_interval_ms / 1000.0,  # memory state (durable: checkpoints)
         )
         # Before the consumer joins: a rebalance waits on the committer.
         self._committer.start()

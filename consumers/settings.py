@@ -61,7 +61,8 @@ class ServeConfig:
     #: Exactly-once: transactional.id = <prefix>-<input topic>-<partition>; default: the group.
     transactional_id_prefix: str | None = None
     changelog_replication_factor: int = 1
-    #: Durable state: checkpoint (changelog, then offsets) this often.
+    #: Durable state: checkpoint (changelog, then offsets) this often. Memory state: commit
+    #: acknowledged offsets at most this often (a commit a poll cost CPU the ticks needed).
     commit_interval_ms: int = 1000
     #: A changelog state made by another model: "reset" the stream, or
     #: "keep-if-compatible" (same layer sizes).

@@ -163,3 +163,34 @@ def test_a_failed_commit_fails_the_committer() -> None:
         await committer.stop()
 
     asyncio.run(scenario())
+
+
+def test_commits_wait_for_commit_every_s_and_never_pass_an_unacknowledged_poll() -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        commits = Commits()
+        now = [100.0]
+        committer = Committer(commits, max_unacked=8, commit_every_s=1.0, clock=lambda: now[0])
+        committer.start()
+        first, second, third, fourth = (_sent(loop, {("t", 0): n}) for n in (10, 20, 30, 40))
+        await committer.submit(first)
+        _ack(first)
+        await _settle()
+        assert commits.calls == [{("t", 0): 10}]  # the first commit is due at once
+        for sent in (second, third):
+            await committer.submit(sent)
+            _ack(sent)
+        await _settle()
+        assert commits.calls == [{("t", 0): 10}]  # acknowledged, held back: not due yet
+        now[0] += 1.0
+        await committer.submit(fourth)  # due now, and not acknowledged
+        await _settle()
+        assert commits.last == {("t", 0): 30}  # not held back behind the fourth's acks
+        _ack(fourth)
+        await committer.drain()  # commits what is held back at once
+        assert commits.last == {("t", 0): 40}
+        seen = [call[("t", 0)] for call in commits.calls]
+        assert seen == sorted(seen)
+        await committer.stop()
+
+    asyncio.run(scenario())
