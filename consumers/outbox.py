@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaProducer
@@ -27,11 +26,27 @@ Headers = Sequence[tuple[str, bytes]]
 OutRecord = tuple[str, int, bytes | None, bytes | None, Headers, int | None]
 
 
-@lru_cache(maxsize=1 << 17)
 def partition_of(key: bytes, partitions: int) -> int:
     """Kafka's default partition for ``key`` among ``partitions`` (Java client, aiokafka)."""
     hashed: int = murmur2(key)
     return (hashed & 0x7FFFFFFF) % partitions
+
+
+#: Keys whose partition index the outbox remembers, per partition count (then it
+#: starts over): a dict lookup, where an LRU cache cost ~0.1 µs a record in bookkeeping.
+_KNOWN_KEYS = 1 << 17
+_known: dict[int, dict[bytes, int]] = {}
+
+
+def _partition_index(key: bytes, count: int) -> int:
+    """``partition_of(key, count)``, remembered."""
+    known = _known.setdefault(count, {})
+    index = known.get(key)
+    if index is None:
+        if len(known) >= _KNOWN_KEYS:
+            known.clear()
+        index = known[key] = partition_of(key, count)
+    return index
 
 
 class Outbox:
@@ -67,7 +82,7 @@ class Outbox:
             parts = self._partitions[topic]
             # As the default partitioner: keyless messages go to any partition.
             partition = (
-                random.choice(parts) if key is None else parts[partition_of(key, len(parts))]
+                random.choice(parts) if key is None else parts[_partition_index(key, len(parts))]
             )
         record: OutRecord = (topic, partition, key, value, headers, timestamp_ms)
         entry = self._open.get((topic, partition))
@@ -96,7 +111,7 @@ class Outbox:
         each i, without headers, partitioned by key; one call a poll, not one a record."""
         parts = self._partitions[topic]
         count = len(parts)
-        known = _known_partitions(count)
+        known = _known.setdefault(count, {})
         opened = self._open
         # Per open batch of this call: the record batch's own append (see ``_raw_append``).
         raws: dict[int, Any] = {}
@@ -104,11 +119,9 @@ class Outbox:
             if key is None:
                 partition = random.choice(parts)
             else:
-                index = known.get(key)
+                index = known.get(key)  # inline: the common case, one lookup a record
                 if index is None:
-                    if len(known) >= _KNOWN_KEYS:
-                        known.clear()
-                    index = known[key] = partition_of(key, count)
+                    index = _partition_index(key, count)
                 partition = parts[index]
             entry = opened.get((topic, partition))
             if entry is None:
@@ -143,20 +156,9 @@ class Outbox:
         return [future for future, _ in self.batches]
 
 
-#: Keys whose partition ``add_many`` remembers, per partition count (then it starts over):
-#: a dict lookup, where ``partition_of``'s LRU cache costs ~0.1 µs a record in bookkeeping.
-_KNOWN_KEYS = 1 << 17
-_known: dict[int, dict[bytes, int]] = {}
 #: Headers of every ``add_many`` record: none (the record batch only reads them).
 _NO_HEADERS: list[tuple[str, bytes]] = []
 _UNSEEN = object()
-
-
-def _known_partitions(count: int) -> dict[bytes, int]:
-    known = _known.get(count)
-    if known is None:
-        known = _known[count] = {}
-    return known
 
 
 def _raw_append(builder: Any, appended: int) -> Any:
