@@ -101,7 +101,13 @@ class Engine:
         spec = bundle.outputs
         self._score: ResidualScore | HorizonScore | None = None
         if spec.score_scale and spec.score_span is not None:
-            self._score = HorizonScore(spec.score_scale, spec.score_span, spec.score_from)
+            self._score = HorizonScore(
+                spec.score_scale,
+                spec.score_span,
+                spec.score_from,
+                stages=spec.score_stages,
+                baseline_span=spec.score_baseline_span,
+            )
         elif spec.score_span is not None:
             self._score = ResidualScore(spec.horizon, spec.score_span)
         use_native = native_available() if native is None else native

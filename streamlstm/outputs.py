@@ -53,6 +53,10 @@ class OutputSpec:
     ``H`` outputs forecast the target 1 .. H ticks ahead (``horizon`` 1): each
     horizon's typical residual (target units) on the training part.
     ``score_from``: the first horizon the score counts (1: all of them).
+    ``score_stages``: EW means in a row that smooth the multi-horizon raw score
+    (each of span ``score_span / score_stages``); ``score_baseline_span``
+    (ticks): divide it by the stream's own slow mean of it (see
+    ``horizon_score``). Both default to the score's first form (one stage, none).
     ``threshold``: the score above which a tick is flagged (needs a score);
     ``false_alarm_rate``: the rate it was calibrated for (information).
     """
@@ -65,6 +69,8 @@ class OutputSpec:
     score_span: int | None = None
     score_scale: tuple[float, ...] = field(default_factory=tuple)
     score_from: int = 1
+    score_stages: int = 1
+    score_baseline_span: int | None = None
     threshold: float | None = None
     false_alarm_rate: float | None = None
 
@@ -121,6 +127,14 @@ class OutputSpec:
             raise ConfigError(
                 "outputs.score_scale: the multi-horizon score needs score_span and horizon 1"
             )
+        for name, plain in (("score_stages", 1), ("score_baseline_span", None)):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ConfigError(f"outputs.{name}: must be a positive integer, got {value!r}")
+            if value != plain and not self.score_scale:
+                raise ConfigError(f"outputs.{name}: only the multi-horizon score has it")
         if isinstance(self.score_from, bool) or not isinstance(self.score_from, int):
             raise ConfigError(f"outputs.score_from: must be an integer, got {self.score_from!r}")
         if not 1 <= self.score_from <= max(1, len(self.score_scale)):
@@ -143,6 +157,16 @@ class OutputSpec:
     def score_horizons(self) -> int:
         """How many forecasts judge each tick: ``len(score_scale)``, or 1 for the residual score."""
         return len(self.score_scale) or 1
+
+    @property
+    def score_warmup(self) -> int:
+        """Ticks before a stream's score stands on its own (not counted when
+        fitting the threshold): the horizons and the smoothing, twice the
+        smoothing when stages or a baseline settle after it."""
+        if self.score_span is None:
+            return 0
+        settle = 2 if self.score_stages > 1 or self.score_baseline_span else 1
+        return self.score_horizons + settle * self.score_span
 
     @property
     def is_classifier(self) -> bool:

@@ -160,7 +160,21 @@ def _score_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--score-span",
         type=int,
-        help="ticks the score is smoothed over (default: 2 x horizons; residual: 100)",
+        help="ticks the score is smoothed over (default: horizons: 1.5 x the series' "
+        "dominant period, measured on the training part; residual: 100)",
+    )
+    group.add_argument(
+        "--score-stages",
+        type=int,
+        default=2,
+        help="horizons: EW means in a row that smooth the raw score, each of span "
+        "--score-span / stages (2)",
+    )
+    group.add_argument(
+        "--score-baseline-span",
+        type=int,
+        help="horizons: divide the smoothed score by the stream's own slow mean of it over "
+        "this many ticks (default: 10 x --score-span; 0: no baseline)",
     )
     group.add_argument(
         "--false-alarm-rate",
@@ -235,6 +249,8 @@ def _train(argv: list[str]) -> int:
         score_span=args.score_span,
         score=args.score,
         score_horizons=args.score_horizons,
+        score_stages=args.score_stages,
+        score_baseline_span=args.score_baseline_span,
         false_alarm_rate=args.false_alarm_rate,
         train_fraction=args.train_fraction,
         max_gap_factor=None if args.allow_gaps else args.max_gap_factor,
@@ -292,6 +308,8 @@ def _evaluate(argv: list[str]) -> int:
         score="horizons" if spec.score_scale else "residual",
         score_horizons=len(spec.score_scale) or 32,
         score_span=spec.score_span,
+        score_stages=spec.score_stages,
+        score_baseline_span=spec.score_baseline_span or 0,
         train_fraction=args.train_fraction,
         target_transform=spec.transform,
         season=args.season if args.season is not None else meta.get("season"),

@@ -55,12 +55,14 @@ def evaluate(
     whole = [slice(start, start + len(s.x)) for s, start in zip(series, starts, strict=True)]
     spec = bundle.outputs
     if false_alarm_rate is not None and spec.score_span is not None:
-        # Not while a stream's state and its smoothed score warm up from zero.
-        warm = spec.score_horizons + spec.score_span
+        # Not while a stream's state and its smoothed score warm up from zero; on a
+        # training part too short for that, its later half.
+        warm = min(spec.score_warmup, min(s.split for s in series) // 2)
         threshold = fit_threshold([scores[w] for w in whole], series, false_alarm_rate, warm)
-        bundle.outputs = spec = replace(
-            spec, threshold=threshold, false_alarm_rate=false_alarm_rate
-        )
+        if math.isfinite(threshold):
+            bundle.outputs = spec = replace(
+                spec, threshold=threshold, false_alarm_rate=false_alarm_rate
+            )
     test = [
         slice(start + s.split, start + len(s.x)) for s, start in zip(series, starts, strict=True)
     ]

@@ -48,6 +48,10 @@ class TrainOptions:
     score_span: int | None = None
     score: str = "auto"
     score_horizons: int = 32
+    #: The multi-horizon score's smoothing stages, and its baseline's span in ticks
+    #: (None: ``BASELINE_SPANS`` x the smoothing span; 0: no baseline).
+    score_stages: int = 2
+    score_baseline_span: int | None = None
     false_alarm_rate: float = 0.01
     max_gap_factor: float | None = 5.0
     missing: str = "error"
@@ -89,6 +93,12 @@ class TrainOptions:
             raise ConfigError(f"score_horizons: must be at least 1, got {self.score_horizons}")
         if self.score_span is not None and self.score_span < 1:
             raise ConfigError(f"score_span: must be at least 1, got {self.score_span}")
+        if self.score_stages < 1:
+            raise ConfigError(f"score_stages: must be at least 1, got {self.score_stages}")
+        if self.score_baseline_span is not None and self.score_baseline_span < 0:
+            raise ConfigError(
+                f"score_baseline_span: must be 0 (none) or more, got {self.score_baseline_span}"
+            )
         if not 0 < self.false_alarm_rate < 1:
             raise ConfigError(
                 f"false_alarm_rate: must lie between 0 and 1, got {self.false_alarm_rate}"

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from streamlstm import Affine, Bundle, ModelConfig, OutputSpec, StreamLSTM
-from streamlstm.training.anomaly import horizon_scale, smoothing_span
+from streamlstm.training.anomaly import baseline_span, horizon_scale, smoothing_span
 from streamlstm.training.evaluation import evaluate
 from streamlstm.training.options import TrainOptions
 from streamlstm.training.series import Series, class_names, prepare
@@ -90,21 +90,27 @@ def _fit(frame: pd.DataFrame, opts: TrainOptions) -> tuple[Bundle, pd.DataFrame]
     target_feature = (
         opts.features.index(opts.target_column) if opts.target_column in opts.features else None
     )
+    span = (
+        None
+        if classes or target_feature is None
+        else opts.score_span or smoothing_span(series, opts.outputs)
+    )
+    multi = opts.outputs > 1 and not classes and span is not None
     outputs = OutputSpec(
         activation="softmax" if classes else "linear",
         transform=opts.target_transform,
         target_feature=None if classes else target_feature,
         horizon=opts.horizon,
         classes=classes or (),
-        score_span=(
-            None
-            if classes or target_feature is None
-            else opts.score_span or smoothing_span(series, opts.outputs)
-        ),
+        score_span=span,
         # Each horizon's residual scale is measured once the model is trained; the
         # score counts the later half of the horizons (best on held-out ECG).
-        score_scale=(1.0,) * opts.outputs if opts.outputs > 1 and not classes else (),
-        score_from=opts.outputs // 2 + 1 if opts.outputs > 1 and not classes else 1,
+        score_scale=(1.0,) * opts.outputs if multi else (),
+        score_from=opts.outputs // 2 + 1 if multi else 1,
+        score_stages=opts.score_stages if multi else 1,
+        score_baseline_span=(
+            baseline_span(opts.score_baseline_span, span) if multi and span is not None else None
+        ),
     )
     device = torch.device(
         "cuda"

@@ -16,7 +16,13 @@ HORIZONS = 4
 SCALE = (0.5, 1.0, 1.5, 2.0)
 
 
-def _scored_bundle(span: int = 6, threshold: float | None = None, first: int = 1) -> Bundle:
+def _scored_bundle(
+    span: int = 6,
+    threshold: float | None = None,
+    first: int = 1,
+    stages: int = 1,
+    baseline: int | None = None,
+) -> Bundle:
     return Bundle.random(
         ModelConfig(input_size=2, hidden_sizes=(8,), head_sizes=(4,), output_size=HORIZONS),
         seed=5,
@@ -25,16 +31,30 @@ def _scored_bundle(span: int = 6, threshold: float | None = None, first: int = 1
             score_span=span,
             score_scale=SCALE,
             score_from=first,
+            score_stages=stages,
+            score_baseline_span=baseline,
             threshold=threshold,
         ),
     )
 
 
-def _reference(bundle: Bundle, x: np.ndarray, span: int, first: int = 1) -> list[float]:
-    """Scores of one stream, written out tick by tick from the definition."""
+def _reference(
+    bundle: Bundle,
+    x: np.ndarray,
+    span: int,
+    first: int = 1,
+    stages: int = 1,
+    baseline: int | None = None,
+) -> list[float]:
+    """Scores of one stream, written out tick by tick from the definition: the
+    raw score, ``stages`` EW means in a row (more than one: plus the raw score
+    weighted ``2 / (span + 1)``), then (with a baseline) divided by
+    the plain weighted mean of the smoothed values so far, weights ``(1 - b) ** age``."""
     forecasts = bundle.predict_sequence(x).astype(np.float64)  # [T, H]: t+1 .. t+H
-    alpha = 2 / (span + 1)
-    mean, count, out = 0.0, 0, []
+    alpha = 2 / (span / stages + 1)
+    means: list[float] = []
+    smoothed: list[float] = []
+    out = []
     for t in range(len(x)):
         if t < HORIZONS:  # a forecast made H ticks earlier does not exist yet
             out.append(math.nan)
@@ -43,16 +63,31 @@ def _reference(bundle: Bundle, x: np.ndarray, span: int, first: int = 1) -> list
             ((float(x[t, 1]) - forecasts[t - k, k - 1]) / SCALE[k - 1]) ** 2
             for k in range(first, HORIZONS + 1)
         ]
-        raw = sum(errors) / len(errors)
-        mean = raw if count == 0 else mean + alpha * (raw - mean)
-        count += 1
-        out.append(math.sqrt(mean))
+        value = raw = sum(errors) / len(errors)
+        for k in range(stages):
+            if len(means) < stages:
+                means.append(value)
+            else:
+                means[k] += alpha * (value - means[k])
+            value = means[k]
+        if stages > 1:
+            value += 2 / (span + 1) * raw
+        smoothed.append(value)
+        if baseline is not None:
+            b = 2 / (baseline + 1)
+            weights = [(1 - b) ** age for age in range(len(smoothed))][::-1]
+            value /= sum(w * v for w, v in zip(weights, smoothed, strict=True)) / sum(weights)
+        out.append(math.sqrt(value))
     return out
 
 
-@pytest.mark.parametrize("first", [1, 3])
-def test_scores_match_the_definition_under_any_batching(first: int) -> None:
-    bundle = _scored_bundle(first=first)
+@pytest.mark.parametrize(
+    ("first", "stages", "baseline"), [(1, 1, None), (3, 1, None), (1, 2, None), (3, 3, 9)]
+)
+def test_scores_match_the_definition_under_any_batching(
+    first: int, stages: int, baseline: int | None
+) -> None:
+    bundle = _scored_bundle(first=first, stages=stages, baseline=baseline)
     rng = np.random.default_rng(first)
     streams = {f"s{k}": rng.normal(0, 1, (40, 2)).astype(np.float32) for k in range(4)}
     labels = rng.permutation([s for s, x in streams.items() for _ in range(len(x))]).tolist()
@@ -63,7 +98,8 @@ def test_scores_match_the_definition_under_any_batching(first: int) -> None:
         seen[s] += 1
     got: dict[str, list[float]] = {s: [math.nan] * len(x) for s, x in streams.items()}
     engine = Engine(bundle)
-    assert engine.store.extra.shape[1] == 2 * HORIZONS + 2
+    # Sums and squares per coming tick, the stages, the count, the baseline.
+    assert engine.store.extra.shape[1] == 2 * HORIZONS + stages + 1 + (baseline is not None)
     position = 0
     while position < len(order):
         cut = order[position : position + int(rng.integers(1, 17))]
@@ -72,11 +108,16 @@ def test_scores_match_the_definition_under_any_batching(first: int) -> None:
         for (s, t), score in zip(cut, result.scores.tolist(), strict=True):
             got[s][t] = score
     for s, x in streams.items():
-        np.testing.assert_allclose(got[s], _reference(bundle, x, 6, first), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            got[s], _reference(bundle, x, 6, first, stages, baseline), rtol=1e-4, atol=1e-6
+        )
 
 
-def test_reset_restarts_the_score_and_restore_continues_it() -> None:
-    bundle = _scored_bundle()
+@pytest.mark.parametrize(("stages", "baseline"), [(1, None), (2, 7)])
+def test_reset_restarts_the_score_and_restore_continues_it(
+    stages: int, baseline: int | None
+) -> None:
+    bundle = _scored_bundle(stages=stages, baseline=baseline)
     x = np.random.default_rng(0).normal(0, 1, (30, 2)).astype(np.float32)
     engine = Engine(bundle)
     first = engine.step(["a"] * 20, x[:20]).scores
@@ -124,6 +165,10 @@ def test_bad_specs_are_refused_by_name() -> None:
         OutputSpec(target_feature=0, score_scale=(1.0, 2.0))
     with pytest.raises(ConfigError, match=r"score_from: must lie in 1 \.\. 2"):
         OutputSpec(target_feature=0, score_span=5, score_scale=(1.0, 2.0), score_from=3)
+    with pytest.raises(ConfigError, match="score_stages: must be a positive integer"):
+        OutputSpec(target_feature=0, score_span=5, score_scale=(1.0, 2.0), score_stages=0)
+    with pytest.raises(ConfigError, match="score_baseline_span: only the multi-horizon score"):
+        OutputSpec(target_feature=0, score_span=5, score_baseline_span=50)
     with pytest.raises(ConfigError, match="threshold: a flag needs an anomaly score"):
         OutputSpec(threshold=1.0)
     with pytest.raises(ConfigError, match="score_scale: 4 horizons for 3 outputs"):
@@ -131,5 +176,12 @@ def test_bad_specs_are_refused_by_name() -> None:
             ModelConfig(input_size=2, hidden_sizes=(8,), output_size=3),
             outputs=OutputSpec(target_feature=1, score_span=5, score_scale=SCALE),
         )
-    spec = OutputSpec(target_feature=1, score_span=5, score_scale=SCALE, threshold=2.0)
+    spec = OutputSpec(
+        target_feature=1,
+        score_span=5,
+        score_scale=SCALE,
+        threshold=2.0,
+        score_stages=2,
+        score_baseline_span=40,
+    )
     assert OutputSpec.from_dict(orjson.loads(orjson.dumps(spec.to_dict()))) == spec

@@ -4,6 +4,8 @@ when anomaly labels are given, its calibrated flag, and the honest evaluation.""
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,14 @@ import torch
 from streamlstm import Bundle, ConfigError, Engine
 from streamlstm.cli import main as cli_main
 from streamlstm.training.series import Series
-from streamlstm.training.train import TrainOptions, _masked_mse, _normal_only, fit, prepare
+from streamlstm.training.train import (
+    TrainOptions,
+    _masked_mse,
+    _normal_only,
+    evaluate,
+    fit,
+    prepare,
+)
 
 SMALL: dict[str, Any] = {"hidden_size": 24, "seq_len": 40, "lr": 3e-3, "progress": False}
 PERIOD = 40
@@ -58,9 +67,11 @@ def test_labels_choose_the_multi_horizon_score_which_sees_shape(
     bundle, _, opts = trained
     assert opts.score == "horizons" and bundle.config.output_size == 12
     spec = bundle.outputs
-    # The later half of the horizons counts; the span is two beats.
+    # The later half of the horizons counts; the span is one and a half beats, in
+    # two stages; the baseline spans ten of those.
     assert len(spec.score_scale) == 12 and spec.score_from == 7
-    assert spec.score_span == 2 * PERIOD
+    assert spec.score_span == int(1.5 * PERIOD) and spec.score_stages == 2
+    assert spec.score_baseline_span == 10 * spec.score_span
     # Later horizons are harder to forecast.
     assert spec.score_scale[-1] > spec.score_scale[0]
     m = bundle.metrics
@@ -117,8 +128,11 @@ def test_cli_reports_the_flag_and_plots_the_score(
     args = ["train", "--data", str(data), "--features", "ecg", "--label-column", "anomaly"]
     args += ["--out", str(out), "--epochs", "1", "--hidden-size", "8", "--num-layers", "1"]
     args += ["--score-horizons", "6", "--false-alarm-rate", "0.05", "--train-fraction", "0.6"]
+    args += ["--score-stages", "3", "--score-baseline-span", "0"]
     assert cli_main(args) == 0
     meta = json.loads((out / "bundle.json").read_text())
+    assert meta["outputs"]["score_stages"] == 3
+    assert meta["outputs"]["score_baseline_span"] is None
     assert meta["outputs"]["false_alarm_rate"] == 0.05
     assert meta["outputs"]["threshold"] == meta["metrics"]["flag_threshold"]
     assert len(meta["outputs"]["score_scale"]) == 6
@@ -144,6 +158,10 @@ def test_bad_score_options_are_clear_errors() -> None:
         TrainOptions(features=("x",), target="y", score="horizons")
     with pytest.raises(ConfigError, match="train_fraction"):
         TrainOptions(features=("x",), train_fraction=1.0)
+    with pytest.raises(ConfigError, match="score_stages: must be at least 1"):
+        TrainOptions(features=("x",), score_stages=0)
+    with pytest.raises(ConfigError, match="score_baseline_span: must be 0"):
+        TrainOptions(features=("x",), score_baseline_span=-5)
     # Without labels the default stays the one-step residual score.
     assert TrainOptions(features=("x",)).score == "residual"
     assert TrainOptions(features=("x",)).score_span == 100
@@ -160,3 +178,19 @@ def test_labeled_targets_of_the_training_part_are_left_out_of_the_loss() -> None
     assert np.argwhere(np.isnan(masked)).tolist() == [[0, 1], [1, 0], [5, 1]]
     loss = _masked_mse(torch.zeros(10, 2), torch.from_numpy(masked))
     assert float(loss) == pytest.approx(float(np.nanmean(masked**2)))
+
+
+def test_a_training_part_shorter_than_the_warmup_still_gets_a_flag(
+    trained: tuple[Bundle, pd.DataFrame, TrainOptions], tmp_path: Path
+) -> None:
+    """A long smoothing on a short series: the threshold comes from the training
+    part's later half rather than from no tick at all (which used to fail)."""
+    bundle, _, opts = trained
+    bundle.save(tmp_path / "m")
+    copy = Bundle.load(tmp_path / "m")
+    series = prepare(_beats(), opts)
+    long = replace(bundle.outputs, score_span=5000, threshold=None, false_alarm_rate=None)
+    assert long.score_warmup > series[0].split
+    copy.outputs = long
+    metrics, _ = evaluate(copy, series, false_alarm_rate=0.01)
+    assert math.isfinite(metrics["flag_threshold"]) and copy.outputs.threshold is not None
