@@ -103,4 +103,11 @@ def _concat(parts: list[StepResult], failures: list[Rejection]) -> StepResult:
             else np.zeros(0, dtype=bool)
         ),
         threshold=next((p.threshold for p in parts if p.threshold is not None), None),
+        flags=(
+            np.concatenate(
+                [p.flags if p.flags is not None and p.flags.size == 1 else _NAN for p in parts]
+            )
+            if any(p.flags is not None for p in parts)
+            else None
+        ),
     )

@@ -27,11 +27,12 @@ from streamlstm.batching import Buffers, Rounds, bucket
 from streamlstm.bundle import Bundle
 from streamlstm.errors import ConfigError
 from streamlstm.event_clock import EventClock
+from streamlstm.flag import AdaptiveFlag
 from streamlstm.horizon_score import HorizonScore
 from streamlstm.kernels import NativeStep, native_available
 from streamlstm.model import HeadRunner
 from streamlstm.outputs import ResidualScore
-from streamlstm.results import F32, I64, Bools, EngineStats, Rejection, StepResult
+from streamlstm.results import F32, F64, I64, Bools, EngineStats, Rejection, StepResult
 from streamlstm.state import Eviction, StateStore
 from streamlstm.tick_checks import column, flags, validate_ticks
 
@@ -110,13 +111,20 @@ class Engine:
             )
         elif spec.score_span is not None:
             self._score = ResidualScore(spec.horizon, spec.score_span)
+        self._flag = None
+        if self._score is not None and spec.threshold_step:
+            assert spec.threshold is not None and spec.false_alarm_rate is not None
+            self._flag = AdaptiveFlag(
+                spec.threshold, spec.false_alarm_rate, spec.threshold_step, self._score.width
+            )
         use_native = native_available() if native is None else native
         self.store = StateStore(
             bundle.config.hidden_sizes,
             max_streams=max_streams,
             idle_ttl_s=idle_ttl_s,
             initial_capacity=initial_capacity,
-            extra_width=self._score.width if self._score else 0,
+            extra_width=(self._score.width if self._score else 0)
+            + (self._flag.width if self._flag else 0),
             native=use_native,
         )
         self._clock = clock
@@ -252,9 +260,9 @@ class Engine:
                 tops = tops.clone()
         y = tops.numpy()
         finished = self.bundle.finish(y, raw)
-        scores = None
+        scores = flagged = None
         if self._score is not None:
-            scores = self._scores(rounds, slots, step_out, raw, finished, r_resets, r_ends)
+            scores, flagged = self._scores(rounds, slots, step_out, raw, finished, r_resets, r_ends)
 
         last = order.last
         # A stream's own time never goes back: a late tick does not make it look idle.
@@ -267,7 +275,9 @@ class Engine:
         if ended:
             self.store.release(ended)
         evictions += self._sweep(now)
-        return self._answer(n, rows, (finished, step_out, scores), rejections, evictions, skipped)
+        return self._answer(
+            n, rows, (finished, step_out, scores, flagged), rejections, evictions, skipped
+        )
 
     def _already_applied(self, held: I64, offs: I64 | None, parts: I64 | None) -> Bools | None:
         """Ticks whose stream's state already reflects their offset (None: no such tick)."""
@@ -289,7 +299,7 @@ class Engine:
         self,
         n: int,
         rows: I64,
-        values: tuple[F32, I64, npt.NDArray[np.float64] | None] | None,
+        values: tuple[F32, I64, F64 | None, F64 | None] | None,
         rejections: list[Rejection],
         evictions: list[Eviction],
         skipped: Bools | None = None,
@@ -297,7 +307,7 @@ class Engine:
         """The result of a call of ``n`` ticks whose accepted ``rows`` gave ``values``."""
         out_size = self.bundle.config.output_size
         if values is not None and rows.size == n:  # nothing rejected: no scatter
-            finished, steps, scores = values
+            finished, steps, scores, flagged = values
             if scores is None:
                 scores = np.full(n, np.nan)
             ready = steps > self.bundle.warmup_steps
@@ -310,10 +320,12 @@ class Engine:
                 evictions,
                 scores,
                 threshold=self.bundle.outputs.threshold,
+                flags=flagged,
             )
         predictions = np.full((n, out_size), np.nan, dtype=np.float32)
         steps = np.zeros(n, dtype=np.int64)
         all_scores = np.full(n, np.nan)
+        all_flags = None if self._flag is None else np.full(n, np.nan)
         accepted = np.zeros(n, dtype=bool)
         accepted[rows] = True
         if values is not None:
@@ -321,6 +333,8 @@ class Engine:
             steps[rows] = values[1]
             if values[2] is not None:
                 all_scores[rows] = values[2]
+            if values[3] is not None and all_flags is not None:
+                all_flags[rows] = values[3]
         ready = steps > self.bundle.warmup_steps
         return StepResult(
             predictions,
@@ -332,6 +346,7 @@ class Engine:
             all_scores,
             np.zeros(0, dtype=bool) if skipped is None else skipped,
             threshold=self.bundle.outputs.threshold,
+            flags=all_flags,
         )
 
     # -- internals ----------------------------------------------------------
@@ -372,12 +387,14 @@ class Engine:
         forecasts: F32,
         resets: Bools,
         ends: Bools,
-    ) -> npt.NDArray[np.float64]:
-        """Anomaly scores of accepted ticks, round by round (a stream's ticks in order)."""
+    ) -> tuple[F64, F64 | None]:
+        """Anomaly scores of accepted ticks, round by round (a stream's ticks in order),
+        and their flags where the threshold adapts per stream (else None)."""
         assert self._score is not None and self.bundle.outputs.target_feature is not None
         values = raw[:, self.bundle.outputs.target_feature]
         extra = self.store.extra
         out = np.empty(slots.size)
+        flagged = None if self._flag is None else np.empty(slots.size)
         for members in rounds:
             sel: Any = slice(None) if members is None else members
             member_slots = slots[sel]
@@ -389,8 +406,10 @@ class Engine:
                 values[sel],
                 forecasts[sel] if self._score.multi else forecasts[sel, 0],
             )
+            if self._flag is not None and flagged is not None:
+                flagged[sel] = self._flag.update(extra, member_slots, out[sel])
             extra[member_slots[ends[sel]]] = 0.0
-        return out
+        return out, flagged
 
     def _sweep(self, now: float) -> list[Eviction]:
         ttl = self.store.idle_ttl_s

@@ -58,7 +58,10 @@ class OutputSpec:
     (ticks): divide it by the stream's own slow mean of it (see
     ``horizon_score``). Both default to the score's first form (one stage, none).
     ``threshold``: the score above which a tick is flagged (needs a score);
-    ``false_alarm_rate``: the rate it was calibrated for (information).
+    ``false_alarm_rate``: the rate it was calibrated for; ``threshold_step``
+    (> 0) lets each stream's threshold follow its own scores toward that rate,
+    starting from ``threshold`` and never below it (``flag.AdaptiveFlag``; 0:
+    the threshold is fixed).
     """
 
     activation: str = "linear"
@@ -73,6 +76,7 @@ class OutputSpec:
     score_baseline_span: int | None = None
     threshold: float | None = None
     false_alarm_rate: float | None = None
+    threshold_step: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
@@ -152,6 +156,15 @@ class OutputSpec:
                 raise ConfigError(f"outputs.{name}: out of range: {value!r}")
         if self.threshold is not None and self.score_span is None:
             raise ConfigError("outputs.threshold: a flag needs an anomaly score (score_span)")
+        step = self.threshold_step
+        if isinstance(step, bool) or not isinstance(step, int | float):
+            raise ConfigError(f"outputs.threshold_step: must be a number, got {step!r}")
+        if not (math.isfinite(step) and step >= 0):
+            raise ConfigError(f"outputs.threshold_step: must be 0 or more, got {step!r}")
+        if step and (self.threshold is None or self.false_alarm_rate is None):
+            raise ConfigError(
+                "outputs.threshold_step: an adaptive flag needs threshold and false_alarm_rate"
+            )
 
     @property
     def score_horizons(self) -> int:

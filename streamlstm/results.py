@@ -10,9 +10,10 @@ import numpy.typing as npt
 from streamlstm.state import Eviction
 from streamlstm.wire import UNDEFINED, Undefined
 
-__all__ = ["F32", "I64", "Bools", "EngineStats", "Rejection", "StepResult"]
+__all__ = ["F32", "F64", "I64", "Bools", "EngineStats", "Rejection", "StepResult"]
 
 F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 Bools = npt.NDArray[np.bool_]
 
@@ -39,7 +40,9 @@ class StepResult:
     ``skipped`` ``[N]`` true for ticks not applied because the stream's state
     already reflects their offset (no state change, no answer; empty when the
     call skipped nothing); ``threshold`` the model's flag threshold (None: the
-    model has none), which ``anomaly`` and ``anomalies`` apply to ``scores``.
+    model has none), which ``anomaly`` and ``anomalies`` apply to ``scores``;
+    ``flags`` float64 ``[N]`` (1, 0, NaN while undefined) instead, where each
+    stream's threshold adapts (``flag.AdaptiveFlag``; None: it is fixed).
     """
 
     predictions: F32
@@ -51,6 +54,7 @@ class StepResult:
     scores: npt.NDArray[np.float64] = field(default_factory=lambda: np.zeros(0))
     skipped: Bools = field(default_factory=lambda: np.zeros(0, dtype=bool))
     threshold: float | None = None
+    flags: F64 | None = None
 
     def anomaly(self, i: int) -> bool | Undefined | None:
         """Whether tick ``i`` is flagged (its score above the threshold), as
@@ -58,6 +62,9 @@ class StepResult:
         None when the model has no threshold."""
         if self.threshold is None or i >= self.scores.size:
             return None
+        if self.flags is not None:
+            flag = float(self.flags[i])
+            return UNDEFINED if flag != flag else flag > 0.5
         score = float(self.scores[i])
         return UNDEFINED if score != score else score > self.threshold
 
@@ -65,6 +72,8 @@ class StepResult:
         """``anomaly`` of every row as float64 ``[N]``: 1.0, 0.0 or NaN (undefined)."""
         if self.threshold is None:
             return np.full(self.scores.size, np.nan)
+        if self.flags is not None:
+            return self.flags
         return np.where(np.isnan(self.scores), np.nan, (self.scores > self.threshold) * 1.0)
 
 

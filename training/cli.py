@@ -183,6 +183,13 @@ def _score_arguments(parser: argparse.ArgumentParser) -> None:
         help="the flag's threshold: exceeded by this fraction of the training part's normal "
         "ticks (0.01)",
     )
+    group.add_argument(
+        "--threshold-step",
+        type=float,
+        default=0.005,
+        help="how fast each stream's threshold follows its own scores toward that rate, "
+        "never below the fitted one: log units a tick (0.005; 0: fixed)",
+    )
 
 
 def _train(argv: list[str]) -> int:
@@ -252,6 +259,7 @@ def _train(argv: list[str]) -> int:
         score_stages=args.score_stages,
         score_baseline_span=args.score_baseline_span,
         false_alarm_rate=args.false_alarm_rate,
+        threshold_step=args.threshold_step,
         train_fraction=args.train_fraction,
         max_gap_factor=None if args.allow_gaps else args.max_gap_factor,
         missing=args.missing,

@@ -12,13 +12,15 @@ import numpy.typing as npt
 import pandas as pd
 from sklearn.metrics import accuracy_score, f1_score
 
-from streamlstm import Bundle, Engine
+from streamlstm import Bundle, Engine, OutputSpec
+from streamlstm.flag import AdaptiveFlag
 from streamlstm.training.anomaly import anomaly_metrics, fit_threshold, residual_z, rolling_z
 from streamlstm.training.series import Series
 
 logger = logging.getLogger(__name__)
 
 F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
 
 
 def evaluate(
@@ -27,6 +29,7 @@ def evaluate(
     *,
     season: int | None = None,
     false_alarm_rate: float | None = None,
+    threshold_step: float = 0.0,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Predictions of every test tick, fed tick by tick through ``Engine.step``.
 
@@ -34,8 +37,10 @@ def evaluate(
     each test tick is answered before the next arrives, as in serving.
     Returns the metrics and a frame of (stream, index, truth, prediction, ...).
     ``false_alarm_rate`` (a model with a score) first calibrates the bundle's
-    flag threshold on the training part's scores (``bundle.outputs`` changes);
-    the frame's ``anomaly`` column is the flag (1, 0, NaN while undefined).
+    flag threshold on the training part's scores (``bundle.outputs`` changes;
+    ``threshold_step`` > 0 lets each stream's threshold adapt from there, see
+    ``flag``); the frame's ``anomaly`` column is the flag (1, 0, NaN while
+    undefined), each stream's replayed from its first tick as the engine flags it.
     """
     # All streams in one call, interleaved by position: a stream's ticks stay
     # in order, and the streams advance together, one batched step per tick.
@@ -61,11 +66,15 @@ def evaluate(
         threshold = fit_threshold([scores[w] for w in whole], series, false_alarm_rate, warm)
         if math.isfinite(threshold):
             bundle.outputs = spec = replace(
-                spec, threshold=threshold, false_alarm_rate=false_alarm_rate
+                spec,
+                threshold=threshold,
+                false_alarm_rate=false_alarm_rate,
+                threshold_step=threshold_step,
             )
     test = [
         slice(start + s.split, start + len(s.x)) for s, start in zip(series, starts, strict=True)
     ]
+    whole_of = {s.stream: w for s, w in zip(series, whole, strict=True)}
     frames = []
     for s, part in zip(series, test, strict=True):
         columns: dict[str, Any] = {"stream": s.stream, "index": np.arange(s.split, len(s.x))}
@@ -80,9 +89,7 @@ def evaluate(
             columns["prediction"] = predictions[part, 0]
             columns["score"] = scores[part]
             if spec.threshold is not None:
-                columns["anomaly"] = np.where(
-                    np.isnan(scores[part]), np.nan, (scores[part] > spec.threshold) * 1.0
-                )
+                columns["anomaly"] = _flags(spec, scores[whole_of[s.stream]])[s.split :]
             if s.labels is not None:
                 columns["label"] = s.labels[s.split :]
         frames.append(pd.DataFrame(columns))
@@ -149,3 +156,13 @@ def _classification_metrics(
         "majority_accuracy": float(np.mean(truth == int(majority.argmax()))),
         "persistence_accuracy": float(np.mean(truth == previous)),
     }
+
+
+def _flags(spec: OutputSpec, scores: F64) -> F64:
+    """One stream's flags over its whole ``scores [T]`` (1, 0, NaN), as the engine gives them."""
+    assert spec.threshold is not None
+    if spec.threshold_step:
+        assert spec.false_alarm_rate is not None
+        flag = AdaptiveFlag(spec.threshold, spec.false_alarm_rate, spec.threshold_step, 0)
+        return flag.run(scores)
+    return np.where(np.isnan(scores), np.nan, (scores > spec.threshold) * 1.0)

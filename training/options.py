@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,9 @@ class TrainOptions:
     score_stages: int = 2
     score_baseline_span: int | None = None
     false_alarm_rate: float = 0.01
+    #: How fast each stream's flag threshold follows its own scores (log units a
+    #: tick; 0: the threshold fitted on the training part stays fixed).
+    threshold_step: float = 0.005
     max_gap_factor: float | None = 5.0
     missing: str = "error"
 
@@ -99,6 +103,8 @@ class TrainOptions:
             raise ConfigError(
                 f"score_baseline_span: must be 0 (none) or more, got {self.score_baseline_span}"
             )
+        if not (math.isfinite(self.threshold_step) and self.threshold_step >= 0):
+            raise ConfigError(f"threshold_step: must be 0 or more, got {self.threshold_step}")
         if not 0 < self.false_alarm_rate < 1:
             raise ConfigError(
                 f"false_alarm_rate: must lie between 0 and 1, got {self.false_alarm_rate}"

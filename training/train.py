@@ -185,7 +185,11 @@ def _fit(frame: pd.DataFrame, opts: TrainOptions) -> tuple[Bundle, pd.DataFrame]
         bundle.outputs = replace(outputs, score_scale=scale)
     torch.set_flush_denormal(False)
     bundle.metrics, predictions = evaluate(
-        bundle, series, season=opts.season, false_alarm_rate=opts.false_alarm_rate
+        bundle,
+        series,
+        season=opts.season,
+        false_alarm_rate=opts.false_alarm_rate,
+        threshold_step=opts.threshold_step,
     )
     return bundle, predictions
 

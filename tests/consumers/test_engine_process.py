@@ -213,6 +213,8 @@ def test_ticks_taken_one_by_one_keep_their_skips_and_the_flag_threshold() -> Non
             scores=np.full(1, 3.0),
             skipped=np.array([int(request.offsets[0]) == 1]),
             threshold=2.0,
+            # A stream whose own threshold has risen: its score of 3 is not flagged.
+            flags=np.array([float(request.stream_ids[0] != "c")]),
         )
 
     request = StepRequest(
@@ -227,6 +229,7 @@ def test_ticks_taken_one_by_one_keep_their_skips_and_the_flag_threshold() -> Non
     result = step_isolated(step, request, outputs=1)
     assert result.skipped.tolist() == [False, True, False]
     assert result.threshold == 2.0 and result.anomaly(0) is True
+    assert result.anomaly(2) is False and result.anomalies().tolist() == [1.0, 1.0, 0.0]
 
 
 def test_a_restore_crosses_through_a_file_and_loads_bitwise(
