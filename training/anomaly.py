@@ -100,8 +100,8 @@ def baseline_span(asked: int | None, span: int) -> int | None:
     """The baseline span ``train`` writes: ``asked`` ticks (0: none), by default
     ``BASELINE_SPANS`` smoothing spans: long enough that an anomaly of a few
     periods barely moves it, short enough to follow a drift of the forecasts'
-    quality over a day of ticks (on the KDD series it halved the flag's false
-    alarms on the test period)."""
+    quality (on two models of the KDD series it cut a fixed threshold's false
+    alarms on the test period by about a third and raised ROC AUC 0.03-0.04)."""
     if asked is None:
         return BASELINE_SPANS * span
     return asked or None
