@@ -229,7 +229,10 @@ def test_random_numbers_parse_to_the_same_bits(monkeypatch: pytest.MonkeyPatch) 
     _same_batches(native, reference)
 
 
-def test_outputs_are_byte_identical_to_encode_prediction(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_outputs_are_byte_identical_to_encode_prediction(
+    monkeypatch: pytest.MonkeyPatch, adaptive: bool
+) -> None:
     rng = np.random.default_rng(3)
     n = 4000
     ids = [f"s-{i}" for i in range(n - 4)] + ['quo"te', "back\\slash", "été", "\ud800"]
@@ -257,7 +260,12 @@ def test_outputs_are_byte_identical_to_encode_prediction(monkeypatch: pytest.Mon
         scores=scores,
         skipped=rng.random(n) < 0.05,
         threshold=0.5,  # "anomaly": true, false or null (a NaN score)
+        # Each stream's own threshold: flags that the fixed one would not give.
+        flags=np.where(np.isnan(scores), np.nan, rng.random(n) < 0.5) if adaptive else None,
     )
+    if adaptive:
+        assert result.flags is not None
+        assert np.any((result.flags == 0) & (scores > 0.5))
 
     def run() -> tuple[tuple[Sink, Sink], Any]:
         sink, many = Sink(), Sink()
@@ -282,6 +290,13 @@ def test_outputs_are_byte_identical_to_encode_prediction(monkeypatch: pytest.Mon
     assert native[1].records == reference[1].records and native[1].sources == reference[1].sources
     assert [r[:3] for r in native[0].records] == [r[:3] for r in reference[0].records]
     assert native_encoded.produced == reference_encoded.produced > 3000
+    # Each output's "anomaly" is its row's flag (the stream's own where it adapts).
+    written = [orjson.loads(r[2]) for r in reference[1].records]
+    flags = result.flags if result.flags is not None else (scores > 0.5) * 1.0
+    assert [out["anomaly"] for out in written] == [
+        None if np.isnan(scores[i]) else bool(flags[i])
+        for i in (out["offset"] - 10 for out in written)
+    ]
     assert reference[1].records[0][2] == orjson.dumps(
         {
             "stream": "s-0",
