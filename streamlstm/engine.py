@@ -27,12 +27,10 @@ from streamlstm.batching import Buffers, Rounds, bucket
 from streamlstm.bundle import Bundle
 from streamlstm.errors import ConfigError
 from streamlstm.event_clock import EventClock
-from streamlstm.flag import AdaptiveFlag
-from streamlstm.horizon_score import HorizonScore
 from streamlstm.kernels import NativeStep, native_available
 from streamlstm.model import HeadRunner
-from streamlstm.outputs import ResidualScore
 from streamlstm.results import F32, F64, I64, Bools, EngineStats, Rejection, StepResult
+from streamlstm.scoring import Scoring
 from streamlstm.state import Eviction, StateStore
 from streamlstm.tick_checks import column, flags, validate_ticks
 
@@ -100,31 +98,14 @@ class Engine:
         self.bundle = bundle
         self.model = bundle.model.eval()
         spec = bundle.outputs
-        self._score: ResidualScore | HorizonScore | None = None
-        if spec.score_scale and spec.score_span is not None:
-            self._score = HorizonScore(
-                spec.score_scale,
-                spec.score_span,
-                spec.score_from,
-                stages=spec.score_stages,
-                baseline_span=spec.score_baseline_span,
-            )
-        elif spec.score_span is not None:
-            self._score = ResidualScore(spec.horizon, spec.score_span)
-        self._flag = None
-        if self._score is not None and spec.threshold_step:
-            assert spec.threshold is not None and spec.false_alarm_rate is not None
-            self._flag = AdaptiveFlag(
-                spec.threshold, spec.false_alarm_rate, spec.threshold_step, self._score.width
-            )
+        self._scoring = Scoring.of(spec)
         use_native = native_available() if native is None else native
         self.store = StateStore(
             bundle.config.hidden_sizes,
             max_streams=max_streams,
             idle_ttl_s=idle_ttl_s,
             initial_capacity=initial_capacity,
-            extra_width=(self._score.width if self._score else 0)
-            + (self._flag.width if self._flag else 0),
+            extra_width=self._scoring.width if self._scoring else 0,
             native=use_native,
         )
         self._clock = clock
@@ -261,8 +242,10 @@ class Engine:
         y = tops.numpy()
         finished = self.bundle.finish(y, raw)
         scores = flagged = None
-        if self._score is not None:
-            scores, flagged = self._scores(rounds, slots, step_out, raw, finished, r_resets, r_ends)
+        if self._scoring is not None:
+            scores, flagged = self._scoring.rounds(
+                self.store.extra, rounds, slots, step_out, raw, finished, r_resets, r_ends
+            )
 
         last = order.last
         # A stream's own time never goes back: a late tick does not make it look idle.
@@ -325,7 +308,9 @@ class Engine:
         predictions = np.full((n, out_size), np.nan, dtype=np.float32)
         steps = np.zeros(n, dtype=np.int64)
         all_scores = np.full(n, np.nan)
-        all_flags = None if self._flag is None else np.full(n, np.nan)
+        all_flags = (
+            None if self._scoring is None or self._scoring.flag is None else np.full(n, np.nan)
+        )
         accepted = np.zeros(n, dtype=bool)
         accepted[rows] = True
         if values is not None:
@@ -377,39 +362,6 @@ class Engine:
                 self.store.h[group.first + j].index_copy_(0, idx, h[j, :batch])
                 self.store.c[group.first + j].index_copy_(0, idx, c[j, :batch])
         return top[:batch]
-
-    def _scores(
-        self,
-        rounds: list[I64 | None],
-        slots: I64,
-        steps: I64,
-        raw: F32,
-        forecasts: F32,
-        resets: Bools,
-        ends: Bools,
-    ) -> tuple[F64, F64 | None]:
-        """Anomaly scores of accepted ticks, round by round (a stream's ticks in order),
-        and their flags where the threshold adapts per stream (else None)."""
-        assert self._score is not None and self.bundle.outputs.target_feature is not None
-        values = raw[:, self.bundle.outputs.target_feature]
-        extra = self.store.extra
-        out = np.empty(slots.size)
-        flagged = None if self._flag is None else np.empty(slots.size)
-        for members in rounds:
-            sel: Any = slice(None) if members is None else members
-            member_slots = slots[sel]
-            extra[member_slots[resets[sel]]] = 0.0
-            out[sel] = self._score.update(
-                extra,
-                member_slots,
-                steps[sel],
-                values[sel],
-                forecasts[sel] if self._score.multi else forecasts[sel, 0],
-            )
-            if self._flag is not None and flagged is not None:
-                flagged[sel] = self._flag.update(extra, member_slots, out[sel])
-            extra[member_slots[ends[sel]]] = 0.0
-        return out, flagged
 
     def _sweep(self, now: float) -> list[Eviction]:
         ttl = self.store.idle_ttl_s
