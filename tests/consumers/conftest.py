@@ -18,10 +18,19 @@ from streamlstm import Engine, StepResult
 
 
 async def send_raw(
-    bootstrap: str, topic: str, messages: Sequence[tuple[bytes | None, bytes | None]], **kwargs: Any
+    bootstrap: str,
+    topic: str,
+    messages: Sequence[tuple[bytes | None, bytes | None]],
+    producer_options: dict[str, Any] | None = None,
+    **kwargs: Any,
 ) -> list[Any]:
     """Send (key, value) pairs; returns their RecordMetadata, in order."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2, max_request_size=4 << 20)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        linger_ms=2,
+        max_request_size=4 << 20,
+        **(producer_options or {}),
+    )
     await producer.start()
     try:
         futures = [await producer.send(topic, value=v, key=k, **kwargs) for k, v in messages]
