@@ -21,6 +21,7 @@ threshold)``, 0 for a new stream.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -62,12 +63,19 @@ class AdaptiveFlag:
         extra[slots, self.column] = np.where(defined, np.maximum(moved, 0.0), excess)
         return np.where(defined, flagged * 1.0, np.nan)
 
-    def run(self, scores: F64) -> F64:
-        """Flags of one stream's scores ``[T]`` in tick order, from a new stream's
+    def replay(self, streams: Sequence[F64]) -> list[F64]:
+        """Flags of each stream's scores ``[T_i]`` in tick order, from new streams'
         state: what the engine flags when the ticks arrive one by one (``train``
-        replays the training part's scores through it)."""
-        extra = np.zeros((1, self.column + 1))
-        slot = np.zeros(1, np.int64)
-        return np.concatenate(
-            [self.update(extra, slot, scores[t : t + 1]) for t in range(scores.size)]
-        )
+        replays the training part through it). The streams advance together, one
+        ``update`` a position, so the cost grows with the longest, not the sum."""
+        extra = np.zeros((len(streams), self.column + 1))
+        lengths = np.array([s.size for s in streams], dtype=np.int64)
+        longest = int(lengths.max(initial=0))
+        scores = np.full((len(streams), longest), np.nan)
+        for i, s in enumerate(streams):
+            scores[i, : s.size] = s
+        flags = np.full_like(scores, np.nan)
+        for t in range(longest):
+            live = np.flatnonzero(lengths > t)
+            flags[live, t] = self.update(extra, live, scores[live, t])
+        return [flags[i, :n] for i, n in enumerate(lengths.tolist())]

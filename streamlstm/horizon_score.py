@@ -18,11 +18,11 @@ hump rather than a decaying edge, so the score follows the last ``span`` ticks
 as a whole (a heartbeat) instead of its latest spike; the tick's own raw score
 is then added with the weight one EW mean of span ``span`` gives it
 (``2 / (span + 1)``), since a hump alone answers a lone spike only ticks
-later. With ``baseline_span``,
-the smoothed raw score is then divided by the stream's own slow EW mean of it
-(span ``baseline_span`` ticks, corrected for its start from zero, this tick
-included): the score says how far a stream stands above its own recent level,
-so a slow drift of the forecasts' quality does not raise every tick's score.
+later. With ``baseline_span``, the smoothed raw score is then divided by the
+stream's own slow EW mean of it (span ``baseline_span`` ticks, corrected for
+its start from zero, this tick included): the score says how far a stream
+stands above its own recent level, so a slow drift of the forecasts' quality
+does not raise every tick's score.
 The score is the square root of the result: about 1 on data like the
 training part (or the stream's own recent past), larger where the series
 stops behaving like it.
@@ -85,7 +85,6 @@ class HorizonScore:
         self.counted = self.horizons - first + 1
         if stages < 1:
             raise ConfigError(f"outputs.score_stages: must be at least 1, got {stages}")
-        self.stages = stages
         # One stage of span ``span`` is the plain EW mean (the score's first form).
         self.alpha = 2.0 / (span / stages + 1.0)
         self.now = 2.0 / (span + 1.0) if stages > 1 else 0.0

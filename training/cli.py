@@ -316,8 +316,6 @@ def _evaluate(argv: list[str]) -> int:
         score="horizons" if spec.score_scale else "residual",
         score_horizons=len(spec.score_scale) or 32,
         score_span=spec.score_span,
-        score_stages=spec.score_stages,
-        score_baseline_span=spec.score_baseline_span or 0,
         train_fraction=args.train_fraction,
         target_transform=spec.transform,
         season=args.season if args.season is not None else meta.get("season"),

@@ -74,9 +74,9 @@ def evaluate(
     test = [
         slice(start + s.split, start + len(s.x)) for s, start in zip(series, starts, strict=True)
     ]
-    whole_of = {s.stream: w for s, w in zip(series, whole, strict=True)}
+    flags = _flags(spec, [scores[w] for w in whole]) if spec.threshold is not None else []
     frames = []
-    for s, part in zip(series, test, strict=True):
+    for k, (s, part) in enumerate(zip(series, test, strict=True)):
         columns: dict[str, Any] = {"stream": s.stream, "index": np.arange(s.split, len(s.x))}
         if bundle.outputs.is_classifier:
             names = np.array(bundle.outputs.classes)
@@ -89,7 +89,7 @@ def evaluate(
             columns["prediction"] = predictions[part, 0]
             columns["score"] = scores[part]
             if spec.threshold is not None:
-                columns["anomaly"] = _flags(spec, scores[whole_of[s.stream]])[s.split :]
+                columns["anomaly"] = flags[k][s.split :]
             if s.labels is not None:
                 columns["label"] = s.labels[s.split :]
         frames.append(pd.DataFrame(columns))
@@ -158,11 +158,11 @@ def _classification_metrics(
     }
 
 
-def _flags(spec: OutputSpec, scores: F64) -> F64:
-    """One stream's flags over its whole ``scores [T]`` (1, 0, NaN), as the engine gives them."""
+def _flags(spec: OutputSpec, scores: list[F64]) -> list[F64]:
+    """Each stream's flags over its whole ``scores [T_i]`` (1, 0, NaN), as the engine gives them."""
     assert spec.threshold is not None
     if spec.threshold_step:
         assert spec.false_alarm_rate is not None
         flag = AdaptiveFlag(spec.threshold, spec.false_alarm_rate, spec.threshold_step, 0)
-        return flag.run(scores)
-    return np.where(np.isnan(scores), np.nan, (scores > spec.threshold) * 1.0)
+        return flag.replay(scores)
+    return [np.where(np.isnan(s), np.nan, (s > spec.threshold) * 1.0) for s in scores]

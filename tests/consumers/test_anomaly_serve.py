@@ -15,7 +15,9 @@ import numpy as np
 from streamlstm import Affine, Bundle, Engine, ModelConfig, OutputSpec
 from streamlstm.consumers.server import Server
 from tests.consumers.conftest import read_all, send_raw
+from tests.consumers.test_durable import _messages
 from tests.consumers.test_serve import _serve_config, _ticks
+from tests.streamlstm.oracle import threshold_levels
 
 THRESHOLD, RATE, STEP = 1.0, 0.2, 0.05
 
@@ -39,17 +41,6 @@ def _scoring_bundle(tmp_path: Path) -> Path:
     return bundle.save(tmp_path / "model")
 
 
-def _levels(scores: list[float]) -> list[float]:
-    """The stream's threshold before each tick, from the flag's definition."""
-    level, out = THRESHOLD, []
-    for s in scores:
-        out.append(level)
-        if not math.isnan(s):
-            up = s > level
-            level = max(THRESHOLD, level * math.exp(STEP * (1 - RATE) if up else -STEP * RATE))
-    return out
-
-
 def test_scores_and_flags_over_kafka_equal_the_engine_replay(
     bootstrap: str, make_topics: Any, tmp_path: Path
 ) -> None:
@@ -57,12 +48,7 @@ def test_scores_and_flags_over_kafka_equal_the_engine_replay(
     model_dir = _scoring_bundle(tmp_path)
     src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=4)
     ticks = _ticks(rng, streams=12, n=900)
-    msgs: list[tuple[bytes | None, bytes | None]] = []
-    for i, (stream, values, reset) in enumerate(ticks):
-        body: dict[str, Any] = {"ts": 1_700_000_000_000 + i, "values": values}
-        if reset:
-            body["reset"] = True
-        msgs.append((stream.encode(), json.dumps(body).encode()))
+    msgs = _messages(ticks, 0)
     config = _serve_config(model_dir, bootstrap, src, out, dlq, state="memory", max_records=97)
 
     async def scenario() -> tuple[list[Any], list[Any]]:
@@ -95,7 +81,7 @@ def test_scores_and_flags_over_kafka_equal_the_engine_replay(
         start = 0
         for k in range(1, len(rows) + 1):
             if k == len(rows) or ticks[rows[k]][2]:
-                levels += _levels(scores[start:k])
+                levels += threshold_levels(scores[start:k], THRESHOLD, RATE, STEP)
                 start = k
         for i, score, level in zip(rows, scores, levels, strict=True):
             body = served[i]

@@ -8,6 +8,7 @@ the C codec and with ``STREAMLSTM_NATIVE=0`` (``wire.decode_tick`` and
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -150,16 +151,17 @@ def _same_batches(a: Batch, b: Batch) -> None:
     assert (a.count, a.next_offsets) == (b.count, b.next_offsets)
 
 
-def test_hostile_records_get_the_same_verdicts_and_reasons(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def _hostile_poll(
+    monkeypatch: pytest.MonkeyPatch, make: Callable[..., Any], partition: int
+) -> tuple[Batch, Batch]:
+    """The hostile corpus as one poll of ("in", ``partition``), each record
+    ``make(offset, key, value)``: decoded by C and by the reference."""
     pairs = list(itertools.product(KEYS, HOSTILE_VALUES))
-    records = {("in", 0): [Rec("in", 0, i, k, v) for i, (k, v) in enumerate(pairs)]}
 
-    def run() -> Batch:
+    def poll() -> Batch:
         batch = decode_poll(
-            records,
-            assigned={("in", 0)},
+            {("in", partition): [make(i, k, v) for i, (k, v) in enumerate(pairs)]},
+            assigned={("in", partition)},
             input_size=1,
             max_value_bytes=64 * 1024,
             received=NOW_MS / 1000.0,
@@ -167,7 +169,13 @@ def test_hostile_records_get_the_same_verdicts_and_reasons(
         assert batch is not None
         return batch
 
-    native, reference = _both(monkeypatch, run)
+    return _both(monkeypatch, poll)
+
+
+def test_hostile_records_get_the_same_verdicts_and_reasons(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    native, reference = _hostile_poll(monkeypatch, lambda i, k, v: Rec("in", 0, i, k, v), 0)
     _same_batches(native, reference)
     # The corpus exercises both verdicts (and the C path takes the common shape).
     assert len(native.ids) > 100 and len(native.bad) > 100
@@ -177,24 +185,8 @@ def test_records_as_read_get_the_verdicts_of_consumer_records(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # What kafka.lean_records hands out: the poll's key says topic and partition.
-    pairs = list(itertools.product(KEYS, HOSTILE_VALUES))
-
-    def run(make: Any) -> Any:
-        def poll() -> Batch:
-            batch = decode_poll(
-                {("in", 4): [make(i, k, v) for i, (k, v) in enumerate(pairs)]},
-                assigned={("in", 4)},
-                input_size=1,
-                max_value_bytes=64 * 1024,
-                received=NOW_MS / 1000.0,
-            )
-            assert batch is not None
-            return batch
-
-        return _both(monkeypatch, poll)
-
-    read = run(Read)
-    consumed = run(lambda i, k, v: Rec("in", 4, i, k, v))
+    read = _hostile_poll(monkeypatch, Read, 4)
+    consumed = _hostile_poll(monkeypatch, lambda i, k, v: Rec("in", 4, i, k, v), 4)
     for batch in (*read, consumed[1]):
         _same_batches(batch, consumed[0])
     assert {(d.record.topic, d.record.partition) for d in read[0].bad} == {("in", 4)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,3 +37,19 @@ def expected_outputs(
         out[seg] = bundle.predict_sequence(x[seg])
         steps[seg] = np.arange(1, len(seg) + 1)
     return out, steps
+
+
+def threshold_levels(
+    scores: Sequence[float], threshold: float, rate: float, step: float
+) -> list[float]:
+    """One stream's adaptive flag threshold before each tick, from its definition in
+    plain floats: a flagged tick (score above it) raises it by ``exp(step (1 - rate))``,
+    another lowers it by ``exp(-step rate)``, never below ``threshold``; a NaN score
+    leaves it. The tick is flagged where its score exceeds the level."""
+    level, out = threshold, []
+    for score in scores:
+        out.append(level)
+        if not math.isnan(score):
+            factor = step * (1 - rate) if score > level else -step * rate
+            level = max(threshold, level * math.exp(factor))
+    return out

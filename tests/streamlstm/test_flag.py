@@ -10,23 +10,10 @@ import math
 import numpy as np
 import pytest
 
-from streamlstm import Bundle, ConfigError, Engine, ModelConfig, OutputSpec, StreamState
+from streamlstm import Bundle, ConfigError, Engine, OutputSpec, StreamState
 from streamlstm.flag import AdaptiveFlag
-
-SCALE = (0.5, 1.0, 1.5, 2.0)
-
-
-def _reference(scores: list[float], threshold: float, rate: float, step: float) -> list[float]:
-    """Flags written out tick by tick from the definition, in plain floats."""
-    level, out = threshold, []
-    for s in scores:
-        if math.isnan(s):
-            out.append(math.nan)
-            continue
-        flagged = s > level
-        out.append(float(flagged))
-        level = max(threshold, level * math.exp(step * (1 - rate) if flagged else -step * rate))
-    return out
+from tests.streamlstm.oracle import threshold_levels
+from tests.streamlstm.test_horizon_score import _scored_bundle
 
 
 def test_flags_follow_the_definition() -> None:
@@ -34,8 +21,11 @@ def test_flags_follow_the_definition() -> None:
     scores = np.exp(rng.normal(0, 0.4, 3000))
     scores[rng.integers(0, 3000, 40)] = np.nan
     flag = AdaptiveFlag(1.5, 0.05, 0.02, column=0)
-    got = flag.run(scores)
-    want = _reference(scores.tolist(), 1.5, 0.05, 0.02)
+    (got,) = flag.replay([scores])
+    levels = threshold_levels(scores.tolist(), 1.5, 0.05, 0.02)
+    want = [
+        math.nan if math.isnan(v) else float(v > t) for v, t in zip(scores, levels, strict=True)
+    ]
     # Flags equal wherever the score does not sit on the threshold's last float bits.
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     assert np.mean(got[~np.isnan(got)] == np.array(want)[~np.isnan(got)]) > 0.999
@@ -48,7 +38,7 @@ def test_a_drifting_stream_flags_about_the_rate_where_a_fixed_threshold_flags_15
     drifted = 1.3 * np.exp(rng.normal(0, 0.2, 40_000))  # the same shape, 30% higher
     scores = np.concatenate([calm, drifted])
     fixed = np.mean(drifted > threshold)
-    adaptive = AdaptiveFlag(threshold, 0.01, 0.005, column=0).run(scores)
+    (adaptive,) = AdaptiveFlag(threshold, 0.01, 0.005, column=0).replay([scores])
     settled = adaptive[30_000:]  # the drifted part, once the threshold has followed it
     assert fixed > 0.1
     assert 0.003 < np.mean(settled) < 0.02
@@ -57,20 +47,7 @@ def test_a_drifting_stream_flags_about_the_rate_where_a_fixed_threshold_flags_15
 
 
 def _bundle(step: float = 0.05) -> Bundle:
-    return Bundle.random(
-        ModelConfig(input_size=2, hidden_sizes=(8,), head_sizes=(4,), output_size=4),
-        seed=5,
-        outputs=OutputSpec(
-            target_feature=1,
-            score_span=6,
-            score_scale=SCALE,
-            score_stages=2,
-            score_baseline_span=30,
-            threshold=1.0,
-            false_alarm_rate=0.2,
-            threshold_step=step,
-        ),
-    )
+    return _scored_bundle(threshold=1.0, stages=2, baseline=30, rate=0.2, step=step)
 
 
 def test_engine_flags_each_stream_as_its_own_replay_under_any_batching() -> None:
@@ -78,7 +55,8 @@ def test_engine_flags_each_stream_as_its_own_replay_under_any_batching() -> None
     spec = bundle.outputs
     assert spec.threshold is not None and spec.false_alarm_rate is not None
     rng = np.random.default_rng(3)
-    streams = {f"s{k}": rng.normal(0, 1, (60, 2)).astype(np.float32) for k in range(4)}
+    # Of several lengths: the replay advances streams of any length together.
+    streams = {f"s{k}": rng.normal(0, 1, (45 + 10 * k, 2)).astype(np.float32) for k in range(4)}
     order = rng.permutation([s for s, x in streams.items() for _ in range(len(x))]).tolist()
     engine = Engine(bundle)
     # The score's columns, then the flag's one.
@@ -99,10 +77,11 @@ def test_engine_flags_each_stream_as_its_own_replay_under_any_batching() -> None
             scores[s][t] = result.scores[i]
             flags[s][t] = result.anomalies()[i]
             assert result.anomaly(i) is not None
-    for s in streams:
-        own = AdaptiveFlag(spec.threshold, spec.false_alarm_rate, spec.threshold_step, 0)
-        np.testing.assert_array_equal(flags[s], own.run(scores[s]))
-        # With a rate of 0.2 the threshold moves: flags differ from the fixed threshold's.
+    own = AdaptiveFlag(spec.threshold, spec.false_alarm_rate, spec.threshold_step, 0)
+    replayed = own.replay([scores[s] for s in streams])
+    for s, again in zip(streams, replayed, strict=True):
+        np.testing.assert_array_equal(flags[s], again)
+    # With a rate of 0.2 the threshold moves: flags differ from the fixed threshold's.
     fixed = np.concatenate([np.where(np.isnan(v), np.nan, v > 1.0) for v in scores.values()])
     moving = np.concatenate(list(flags.values()))
     assert np.nansum(fixed) > np.nansum(moving) > 0

@@ -22,6 +22,8 @@ def _scored_bundle(
     first: int = 1,
     stages: int = 1,
     baseline: int | None = None,
+    rate: float | None = None,
+    step: float = 0.0,
 ) -> Bundle:
     return Bundle.random(
         ModelConfig(input_size=2, hidden_sizes=(8,), head_sizes=(4,), output_size=HORIZONS),
@@ -34,6 +36,8 @@ def _scored_bundle(
             score_stages=stages,
             score_baseline_span=baseline,
             threshold=threshold,
+            false_alarm_rate=rate,
+            threshold_step=step,
         ),
     )
 
