@@ -9,10 +9,11 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from streamlstm.kernels import distinct_held
 from streamlstm.model import LayerGroup
 from streamlstm.results import I64
 
-__all__ = ["Buffers", "Rounds", "bucket", "distinct_held"]
+__all__ = ["Buffers", "Rounds", "bucket"]
 
 
 class Rounds:
@@ -21,31 +22,50 @@ class Rounds:
     ``held`` are the ids' slots in the store (-1 if new). When every id is
     held and the slots are distinct, that settles it without hashing the ids
     again (the common case); otherwise the ids themselves are grouped.
+    ``distinct``: whether that is so, where the caller knows
+    (``StateStore.locate``), else it is found from ``held``.
     """
 
-    def __init__(self, ids: Sequence[str], held: I64) -> None:
+    def __init__(self, ids: Sequence[str], held: I64, distinct: bool | None = None) -> None:
         n = len(ids)
-        self.unique: Sequence[str] = ids if distinct_held(held) else list(dict.fromkeys(ids))
-        if len(self.unique) == n:
+        if distinct is None:
+            distinct = distinct_held(held)
+        if not distinct:
+            if n and held.min() >= 0:
+                # Every id held: its slot names its stream, so no id is hashed again.
+                keys = held
+            else:
+                index: dict[str, int] = {}
+                keys = np.array([index.setdefault(s, len(index)) for s in ids], dtype=np.int64)
+            # Ticks grouped by stream by a stable sort: a group's rows stay in arrival order.
+            order = np.argsort(keys, kind="stable")
+            sorted_keys = keys[order]
+            is_start = np.r_[True, sorted_keys[1:] != sorted_keys[:-1]]
+            starts = np.flatnonzero(is_start)
+            distinct = starts.size == n
+        if distinct:
+            self.unique: Sequence[str] = ids
             self.inverse = np.arange(n, dtype=np.int64)
             self.round_of: I64 | None = None
             self.first = self.inverse
             self.last = self.inverse
             return
-        index = {s: i for i, s in enumerate(self.unique)}
-        inverse = np.array([index[s] for s in ids], dtype=np.int64)
-        # Occurrence number of each tick within its stream, by a stable sort.
-        order = np.argsort(inverse, kind="stable")
-        sorted_inv = inverse[order]
-        starts = np.flatnonzero(np.r_[True, sorted_inv[1:] != sorted_inv[:-1]])
+        # Streams numbered by their first tick (groups are in key order).
+        by_arrival = np.argsort(order[starts])
+        rank = np.empty(starts.size, dtype=np.int64)
+        rank[by_arrival] = np.arange(starts.size)
+        inverse = np.empty(n, dtype=np.int64)
+        inverse[order] = rank[np.cumsum(is_start) - 1]
+        # Occurrence number of each tick within its stream.
         group_start = np.repeat(starts, np.diff(np.r_[starts, n]))
         round_of = np.empty(n, dtype=np.int64)
         round_of[order] = np.arange(n) - group_start
         ends = np.r_[starts[1:], n] - 1
+        self.first = order[starts][by_arrival]
+        self.last = order[ends][by_arrival]
+        self.unique = [ids[i] for i in self.first.tolist()]
         self.inverse = inverse
         self.round_of = round_of
-        self.first = order[starts]
-        self.last = order[ends]
 
     def per_stream_max(self, values: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
         """The largest of each unique stream's ``values`` (one per tick), by ``unique``."""
@@ -95,14 +115,6 @@ class Buffers:
             [t[: math.prod(s)].view(s) for t, s in zip(self._c, shapes, strict=True)],
         )
         return views
-
-
-def distinct_held(held: I64) -> bool:
-    """Whether every slot is a held one (not -1) and none repeats."""
-    if not held.size or held.min() < 0:
-        return False
-    ordered = np.sort(held)
-    return bool((ordered[1:] != ordered[:-1]).all())
 
 
 def bucket(batch: int) -> int:

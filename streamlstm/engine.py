@@ -12,6 +12,7 @@ proceed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -27,7 +28,7 @@ from streamlstm.batching import Buffers, Rounds, bucket
 from streamlstm.bundle import Bundle
 from streamlstm.errors import ConfigError
 from streamlstm.event_clock import EventClock
-from streamlstm.kernels import NativeStep, native_available
+from streamlstm.kernels import NativeStep, distinct_held, native_available
 from streamlstm.model import HeadRunner
 from streamlstm.results import F32, F64, I64, Bools, EngineStats, Rejection, StepResult
 from streamlstm.scoring import Scoring
@@ -180,7 +181,7 @@ class Engine:
         ts = column("timestamps", timestamps, n, np.float64)
         offs = column("offsets", offsets, n, np.int64)
         parts = column("partitions", partitions, n, np.int64)
-        held = self.store.lookup(stream_ids)
+        held, distinct = self.store.locate(stream_ids)
         x, accepted, rejections = validate_ticks(stream_ids, features, ts, held, self._input_size)
         self._counts["rejected"] += len(rejections)
         skipped = self._already_applied(held, offs, parts)
@@ -191,6 +192,7 @@ class Engine:
             rows = np.flatnonzero(accepted)
             ids: Sequence[str] = [stream_ids[i] for i in rows.tolist()]
             held = held[rows]
+            distinct = distinct or distinct_held(held)  # distinct before: still
         else:
             rows = np.arange(n)
             ids = stream_ids
@@ -198,7 +200,7 @@ class Engine:
             return self._answer(n, rows, None, rejections, [], skipped)
         self._counts["ticks"] += int(rows.size)
 
-        order = Rounds(ids, held)
+        order = Rounds(ids, held, distinct)
         times, now = self._event_time.times(ts, rows, order)
         held_u = held[order.first]
         was_held = held_u >= 0  # before acquire fills in the new streams' slots
@@ -207,39 +209,47 @@ class Engine:
         slots = slots_u[order.inverse]
         r_resets = resets_a[rows]
         r_ends = ends_a[rows]
-        self._counts["resets"] += int(r_resets.sum())
-        self._counts["ends"] += int(r_ends.sum())
+        any_reset, any_end = bool(r_resets.any()), bool(r_ends.any())
+        if any_reset:
+            self._counts["resets"] += int(r_resets.sum())
+        if any_end:
+            self._counts["ends"] += int(r_ends.sum())
 
         raw = x[rows] if rows.size != n else x
         scaled = torch.from_numpy(self.bundle.scale_inputs(raw))
         step_out = np.empty(rows.size, dtype=np.int64)
         rounds = order.rounds()
+        steps = self.store.steps
         # Each round's outputs: the head's where the C step runs it, else the top h.
-        with torch.inference_mode():
+        # (The C step makes no autograd graph: inference mode only around torch's.)
+        with contextlib.nullcontext() if self._fused else torch.inference_mode():
             tops = torch.empty(rows.size, self._outputs) if len(rounds) > 1 else None
             for members in rounds:
                 member_slots = slots if members is None else slots[members]
                 sel: Any = slice(None) if members is None else torch.from_numpy(members)
                 rsel: Any = slice(None) if members is None else members
-                reset_here = r_resets[rsel]
-                if reset_here.any():
-                    self.store.zero(member_slots[reset_here], extra=False)
+                if any_reset:
+                    reset_here = r_resets[rsel]
+                    if reset_here.any():
+                        self.store.zero(member_slots[reset_here], extra=False)
                 top = self._advance(member_slots, scaled[sel])
                 if tops is None:
                     tops = top
                 else:
                     tops[sel] = top
-                self.store.steps[member_slots] += 1
-                step_out[rsel] = self.store.steps[member_slots]
-                end_here = r_ends[rsel]
-                if end_here.any():
-                    self.store.zero(member_slots[end_here], extra=False)
+                counted = steps[member_slots] + 1
+                steps[member_slots] = counted
+                step_out[rsel] = counted
+                if any_end:
+                    end_here = r_ends[rsel]
+                    if end_here.any():
+                        self.store.zero(member_slots[end_here], extra=False)
             assert tops is not None
             if not self._fused:
                 tops = self._head(tops)
-            elif len(rounds) == 1:  # a view of the C step's buffer
-                tops = tops.clone()
         y = tops.numpy()
+        if self._fused and len(rounds) == 1:  # a view of the C step's buffer
+            y = y.copy()
         finished = self.bundle.finish(y, raw)
         scores = flagged = None
         if self._scoring is not None:
@@ -254,9 +264,10 @@ class Engine:
         if offs is not None:
             self.store.offsets[slots_u] = offs[rows][last]
             self.store.partitions[slots_u] = -1 if parts is None else parts[rows][last]
-        ended = [order.unique[u] for u in np.flatnonzero(r_ends[last]).tolist()]
-        if ended:
-            self.store.release(ended)
+        if any_end:
+            ended = [order.unique[u] for u in np.flatnonzero(r_ends[last]).tolist()]
+            if ended:
+                self.store.release(ended)
         evictions += self._sweep(now)
         return self._answer(
             n, rows, (finished, step_out, scores, flagged), rejections, evictions, skipped

@@ -122,19 +122,29 @@ class SlotMapping(Protocol):
     def __delitem__(self, key: str, /) -> None: ...
     def get(self, key: str, default: None = None, /) -> int | None: ...
 
-    def lookup(self, ids: Sequence[object], out: I64, /) -> None:
-        """``out[i]`` = the slot of ``ids[i]``, or -1 for anything not held."""
+    def lookup(self, ids: Sequence[object], out: I64, /) -> bool:
+        """``out[i]`` = the slot of ``ids[i]``, or -1 for anything not held; returns
+        whether there are ids, every one held and none twice."""
 
 
 class DictSlotMap(dict[str, int]):
     """The slot map in pure Python: a dict with the batched lookup."""
 
-    def lookup(self, ids: Sequence[object], out: I64, /) -> None:
+    def lookup(self, ids: Sequence[object], out: I64, /) -> bool:
         get: Callable[[object, int], int] = self.get  # type: ignore[assignment]
         try:
             out[:] = np.fromiter(map(get, ids, repeat(-1)), dtype=np.int64, count=len(ids))
         except TypeError:  # an unhashable id is not held; the caller rejects it
             out[:] = [_held_slot(get, s) for s in ids]
+        return distinct_held(out)
+
+
+def distinct_held(held: I64) -> bool:
+    """Whether every slot is a held one (not -1) and none repeats."""
+    if not held.size or held.min() < 0:
+        return False
+    ordered = np.sort(held)
+    return bool((ordered[1:] != ordered[:-1]).all())
 
 
 def _held_slot(get: Callable[[object, int], int], stream_id: object) -> int:

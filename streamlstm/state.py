@@ -131,9 +131,13 @@ class StateStore:
 
     def lookup(self, ids: Sequence[object]) -> I64:
         """The slot of each id, -1 where it is not held (anything not a held string)."""
+        return self.locate(ids)[0]
+
+    def locate(self, ids: Sequence[object]) -> tuple[I64, bool]:
+        """``lookup(ids)``, and whether every id is held and none repeats."""
         out = np.empty(len(ids), dtype=np.int64)
-        self._slot.lookup(ids, out)
-        return out
+        distinct = self._slot.lookup(ids, out)
+        return out, distinct
 
     def acquire(
         self, ids: Sequence[str], times: F64, held: I64 | None = None, *, fill: bool = True

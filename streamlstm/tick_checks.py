@@ -30,8 +30,11 @@ def validate_ticks(
         arr = features
     if arr is not None and arr.ndim == 2 and arr.shape[0] == n:
         if arr.shape[1] == width:
-            with np.errstate(over="ignore"):
+            if arr.dtype == np.float32:
                 x[:] = arr
+            else:
+                with np.errstate(over="ignore"):  # too large for float32: inf, rejected below
+                    x[:] = arr
         else:
             for i in range(n):
                 accepted[i] = False
@@ -50,13 +53,13 @@ def validate_ticks(
             else:
                 accepted[i] = False
                 rejections.append(Rejection(i, "values", reason))
-    with np.errstate(invalid="ignore"):
+    if not np.isfinite(x).all():
         bad = ~np.isfinite(x).all(axis=1) & accepted
-    for i in np.flatnonzero(bad).tolist():
-        accepted[i] = False
-        rejections.append(
-            Rejection(i, "values", "NaN, infinity or out of float32 range is not a value")
-        )
+        for i in np.flatnonzero(bad).tolist():
+            accepted[i] = False
+            rejections.append(
+                Rejection(i, "values", "NaN, infinity or out of float32 range is not a value")
+            )
     # A held id passed this check when its stream was created.
     for i in np.flatnonzero(held < 0).tolist():
         stream_id = stream_ids[i]

@@ -14,9 +14,13 @@ NOT_HELD: list[object] = [None, 3, 2.5, b"s1", ("s1",), ["s1"], {"s1": 1}, ""]
 
 
 def _lookup(slots: SlotMapping, ids: list[object]) -> list[int]:
+    return _located(slots, ids)[0]
+
+
+def _located(slots: SlotMapping, ids: list[object]) -> tuple[list[int], bool]:
     out = np.full(len(ids), 12345, dtype=np.int64)
-    slots.lookup(ids, out)
-    return out.tolist()
+    distinct = slots.lookup(ids, out)
+    return out.tolist(), distinct
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["C", "dict"])
@@ -49,7 +53,15 @@ def test_slot_map_agrees_with_a_dict_through_growth_and_deletions(native: bool) 
             ids: list[object] = [*batch, *NOT_HELD, np.str_(batch[0])]
             want = [reference.get(k, -1) for k in batch] + [-1] * len(NOT_HELD)
             want.append(reference.get(batch[0], -1))
-            assert _lookup(slots, ids) == want
+            assert _located(slots, ids) == (want, False)  # ids not held
+            # Every id held and none twice, in a fresh order each time (so also
+            # against the marks an earlier lookup left); then with one repeat.
+            held: list[object] = [k for k in dict.fromkeys(batch) if k in reference]
+            rnd.shuffle(held)
+            assert _located(slots, held) == ([reference[str(k)] for k in held], bool(held))
+            if held:
+                twice = [*held, "".join(str(rnd.choice(held)))]
+                assert _located(slots, twice)[1] is False
             assert len(slots) == len(reference)
     assert sorted((k, slots[k]) for k in reference) == sorted(reference.items())
     assert _lookup(slots, []) == []
@@ -76,6 +88,10 @@ def test_c_slot_map_rejects_what_is_not_a_str_key_or_a_slot() -> None:
         slots[3] = 1  # type: ignore[index]
     with pytest.raises(ValueError, match="values are slots"):
         slots["a"] = -1
+    with pytest.raises(ValueError, match="values are slots"):
+        slots["a"] = 2**31  # a bucket keeps 32 bits of slot
+    slots["a"] = 2**31 - 1
+    assert slots["a"] == 2**31 - 1
     slots[np.str_("sub")] = 4  # stored as the plain text
     assert slots["sub"] == 4 and slots.get(np.str_("sub")) == 4
     with pytest.raises(ValueError, match="out must be int64 with one item per id"):
