@@ -63,14 +63,26 @@ class RestoreReport:
 
 
 class ChildEngine:
-    """An ``Engine`` with the bookkeeping the daemon needs around it."""
+    """An ``Engine`` with the bookkeeping the daemon needs around it.
 
-    def __init__(self, engine: Engine) -> None:
+    Each stream's input partition and whether its state changed since the last
+    checkpoint are kept by the store, per slot (set as the engine steps, so the
+    bookkeeping here is O(changes), not O(ticks)). ``changelog=False`` (memory
+    state: nothing is checkpointed) keeps no tombstones of removed streams.
+    """
+
+    def __init__(self, engine: Engine, *, changelog: bool = True) -> None:
         self.engine = engine
         self.model_id = engine.bundle.model_id
-        self.partition_of: dict[str, int] = {}
-        self._changed: set[str] = set()
+        self._changelog = changelog
         self._removed: dict[str, int] = {}  # ended or evicted since the last checkpoint
+
+    @property
+    def partition_of(self) -> dict[str, int]:
+        """Each held stream's input partition, as the store keeps it (for inspection)."""
+        store = self.engine.store
+        held = {s: store.slot_of(s) for s in store.stream_ids()}
+        return {s: int(store.partitions[slot]) for s, slot in held.items() if slot is not None}
 
     def step(self, request: StepRequest) -> StepReply:
         engine = self.engine
@@ -90,46 +102,33 @@ class ChildEngine:
             engine.bundle.config.output_size,
         )
         seconds = time.perf_counter() - start
-        partition_of = self.partition_of
-        parts = np.asarray(request.partitions).tolist()  # ints, not NumPy scalars, kept
-        if result.accepted.all():
-            partition_of.update(zip(ids, parts, strict=True))
-            self._changed.update(ids)
-        else:  # a rejected tick made no state, so it must not leave a partition behind
-            accepted = np.flatnonzero(result.accepted).tolist()
-            partition_of.update((ids[i], parts[i]) for i in accepted)
-            self._changed.update(ids[i] for i in accepted)
-        for eviction in result.evictions:
-            self._forget(eviction.stream_id)
-        store = engine.store
-        for i in np.flatnonzero(np.asarray(request.ends, dtype=bool)).tolist():
-            if ids[i] not in store:
-                self._forget(ids[i])
+        if self._changelog:
+            removed = self._removed
+            for eviction in result.evictions:
+                if eviction.state.partition >= 0:
+                    removed[eviction.stream_id] = eviction.state.partition
+            ended = np.asarray(request.ends, dtype=bool) & result.accepted
+            if ended.any():
+                store = engine.store
+                for i in np.flatnonzero(ended).tolist():
+                    if ids[i] not in store:  # not begun again later in the call
+                        removed[ids[i]] = int(request.partitions[i])
         return StepReply(result, engine.stats, seconds)
 
-    def _forget(self, stream: str) -> None:
-        partition = self.partition_of.pop(stream, None)
-        if partition is not None:
-            self._removed[stream] = partition
-        self._changed.discard(stream)
-
     def drop(self, partitions: set[int]) -> int:
-        gone = [s for s, p in self.partition_of.items() if p in partitions]
-        for stream in gone:
-            del self.partition_of[stream]
-            self._changed.discard(stream)
+        store = self.engine.store
+        gone = store.streams_in(partitions)
+        store.release(gone)
         for stream in [s for s, p in self._removed.items() if p in partitions]:
             del self._removed[stream]
-        self.engine.store.release(gone)
         return len(gone)
 
     def checkpoint(self) -> list[tuple[str, int, bytes | None]]:
         """``(stream, partition, state bytes or None for a tombstone)`` of every change."""
-        changed, self._changed = self._changed, set()
         removed, self._removed = self._removed, {}
         store = self.engine.store
-        live = [s for s in changed if s in store]
-        parts = [self.partition_of[s] for s in live]
+        live, held_parts = store.take_changed()
+        parts = held_parts.tolist()
         values = store.encode(live, parts, self.model_id) if live else []
         records: list[tuple[str, int, bytes | None]] = list(zip(live, parts, values, strict=True))
         for stream, partition in removed.items():
@@ -182,7 +181,6 @@ class ChildEngine:
         over = len(blobs) - corrupt - reset - len(arrays.ids)
         arrays.partition[:] = partition
         store.restore_arrays(arrays)
-        self.partition_of.update(dict.fromkeys(arrays.ids, partition))
         return RestoreReport(len(arrays.ids), reset, kept, over, corrupt)
 
 
@@ -264,7 +262,8 @@ def serve(sock: socket.socket, options: dict[str, Any]) -> None:
                 Bundle.load(options["model"]),
                 max_streams=options["max_streams"],
                 idle_ttl_s=options["idle_ttl_s"],
-            )
+            ),
+            changelog=bool(options.get("changelog", True)),
         )
     except Exception as exc:
         _send_error(sock, exc)

@@ -132,7 +132,8 @@ class EngineProcess:
     ``await start()`` returns once the child has loaded the model. Requests
     may overlap (the next batch is sent while one steps); the child answers
     them in order. ``close`` is safe to call twice. If the child dies, every
-    waiting and later request raises ``StreamLSTMError``.
+    waiting and later request raises ``StreamLSTMError``. ``changelog=False``
+    (memory state) keeps no tombstones of ended streams for checkpoints.
     """
 
     def __init__(
@@ -142,10 +143,16 @@ class EngineProcess:
         max_streams: int,
         idle_ttl_s: float | None,
         threads: int = 1,
+        changelog: bool = True,
         start_timeout_s: float = 120.0,
     ) -> None:
         self._bundle = bundle
-        self._options = {"max_streams": max_streams, "idle_ttl_s": idle_ttl_s, "threads": threads}
+        self._options = {
+            "max_streams": max_streams,
+            "idle_ttl_s": idle_ttl_s,
+            "threads": threads,
+            "changelog": changelog,
+        }
         self._start_timeout_s = start_timeout_s
         self._proc: subprocess.Popen[bytes] | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -373,4 +380,5 @@ def default_engine(bundle: Bundle, config: ServeConfig) -> EngineClient:
         max_streams=config.max_streams,
         idle_ttl_s=config.idle_ttl_s,
         threads=config.engine_threads,
+        changelog=config.state == "durable",
     )

@@ -261,6 +261,7 @@ class Engine:
         # A stream's own time never goes back: a late tick does not make it look idle.
         latest = order.per_stream_max(times)
         self.store.last_seen[slots_u] = np.where(was_held, np.fmax(prior, latest), latest)
+        self.store.mark_changed(slots_u)
         if offs is not None:
             self.store.offsets[slots_u] = offs[rows][last]
             self.store.partitions[slots_u] = -1 if parts is None else parts[rows][last]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
@@ -84,6 +84,8 @@ class StateStore:
         #: Other per-stream numbers the engine keeps (zeroed with the state).
         self.extra = np.zeros((cap, extra_width), dtype=np.float64)
         self._last_used: I64 = np.full(cap, _NEVER, dtype=np.int64)
+        #: Slots whose state changed since ``take_changed`` last ran (held ones only).
+        self._changed = np.zeros(cap, dtype=bool)
         self._slot = slot_map(native_available() if native is None else native)
         self._owner: list[str | None] = [None] * cap
         self._free: list[int] = list(range(cap - 1, -1, -1))
@@ -107,6 +109,24 @@ class StateStore:
 
     def stream_ids(self) -> list[str]:
         return [s for s in self._owner if s is not None]
+
+    def streams_in(self, partitions: Collection[int]) -> list[str]:
+        """The held streams whose state reflects ticks of these input partitions."""
+        return self._owners((self._last_used != _NEVER) & np.isin(self.partitions, [*partitions]))
+
+    def mark_changed(self, slots: I64) -> None:
+        """Note that the states at ``slots`` changed (the engine, for each stepped stream)."""
+        self._changed[slots] = True
+
+    def take_changed(self) -> tuple[list[str], I64]:
+        """The streams whose state changed since the last call, and their partitions: a
+        flag per slot, O(capacity) a call where a set of ids cost a hash a tick (a removed
+        stream's flag goes with its slot; its tombstone is the caller's to write)."""
+        changed, self._changed = self._changed, np.zeros_like(self._changed)
+        return self._owners(changed), self.partitions[changed]
+
+    def _owners(self, mask: npt.NDArray[np.bool_]) -> list[str]:
+        return [s for s in (self._owner[i] for i in np.flatnonzero(mask).tolist()) if s is not None]
 
     def raw_bytes_per_stream(self) -> int:
         """Bytes of ``h`` and ``c`` one stream needs, float32, all layers."""
@@ -322,6 +342,7 @@ class StateStore:
         extra[:old] = self.extra
         self.extra = extra
         self._last_used = _grow_array(self._last_used, new_capacity, _NEVER)
+        self._changed = _grow_array(self._changed, new_capacity, False)
         self._owner.extend([None] * (new_capacity - old))
         self._free[:0] = range(new_capacity - 1, old - 1, -1)
 
@@ -341,6 +362,7 @@ class StateStore:
                 self._owner[slot] = None
                 self._free.append(slot)
         self._last_used[slots] = _NEVER
+        self._changed[slots] = False
 
     def _capture(self, slots: I64, reason: EvictionReason) -> list[Eviction]:
         self.eviction_counts[reason] += int(slots.size)

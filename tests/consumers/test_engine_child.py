@@ -97,3 +97,50 @@ def test_a_restore_over_max_streams_keeps_the_most_recently_seen(
     report = small.restore(0, blobs, "reset")
     assert (report.loaded, report.over_capacity) == (5, 3)
     assert set(small.engine.store.stream_ids()) == set(ids[3:])
+
+
+def test_checkpoints_follow_evictions_restores_and_revoked_partitions(
+    make_bundle: BundleFactory,
+) -> None:
+    bundle = make_bundle(input_size=2, output_size=1)
+    child = ChildEngine(Engine(bundle, max_streams=4, idle_ttl_s=60.0))
+    x = np.ones((4, 2))
+    first = _request(["a", "b", "c", "d"], x, [0, 1, 2, 3], part=0)
+    first.timestamps[:] = 1.7e12
+    child.step(first)
+    blobs = {s: v for s, _, v in child.checkpoint() if v is not None}
+    assert set(blobs) == {"a", "b", "c", "d"}
+    # "a" and "b" come back after the TTL (two streams agree on the time): each is
+    # evicted and begins again from zero in the same call, so its new state is
+    # written, not a tombstone; "e" (partition 1) takes the slot of "c" or "d"
+    # (least recently used), and the other, idle past the TTL now, is swept.
+    late = _request(["a", "b", "e"], x[:3], [4, 5, 0], part=0)
+    late.timestamps[:] = 1.7e12 + 120_000
+    late.partitions[2] = 1  # type: ignore[index]
+    reply = child.step(late)
+    evicted = {e.stream_id: e.reason for e in reply.result.evictions}
+    assert sorted(evicted) == ["a", "b", "c", "d"] and evicted["a"] == evicted["b"] == "ttl"
+    records = {s: (p, v) for s, p, v in child.checkpoint()}
+    assert set(records) == {"a", "b", "c", "d", "e"}
+    assert records["c"] == records["d"] == (0, None)  # gone: tombstones
+    state = StreamState.from_bytes(records["a"][1] or b"")
+    assert (state.step, state.offset, state.partition) == (1, 4, 0)
+    assert records["e"][0] == 1
+    assert child.partition_of == {"a": 0, "b": 0, "e": 1}
+    # Partition 0 revoked: its streams leave, none is checkpointed again.
+    assert child.drop({0}) == 2
+    assert child.engine.store.stream_ids() == ["e"]
+    assert child.checkpoint() == []
+    # A restore is not a change: restored states are not written back.
+    assert child.restore(0, {"a": blobs["a"]}, "reset").loaded == 1
+    assert child.checkpoint() == []
+    assert child.partition_of == {"a": 0, "e": 1}
+
+
+def test_memory_state_keeps_no_tombstones(make_bundle: BundleFactory) -> None:
+    bundle = make_bundle(input_size=2, output_size=1)
+    child = ChildEngine(Engine(bundle), changelog=False)
+    for i in range(50):  # sessions that end: none may leave anything behind
+        child.step(_request([f"s{i}"], np.ones((1, 2)), [i], part=0, ends=[True]))
+    assert child.engine.store.stream_ids() == []
+    assert child.checkpoint() == []
