@@ -65,28 +65,27 @@ class RestoreReport:
 class ChildEngine:
     """An ``Engine`` with the bookkeeping the daemon needs around it.
 
-    Each stream's input partition and whether its state changed since the last
-    checkpoint are kept by the store, per slot (set as the engine steps, so the
-    bookkeeping here is O(changes), not O(ticks)). ``changelog=False`` (memory
-    state: nothing is checkpointed) keeps no tombstones of removed streams.
+    Each stream's input partition, whether its state changed since the last
+    checkpoint and which streams left the store are kept by the store as it
+    goes (``StateStore.changes``), so the bookkeeping here is O(changes), not
+    O(ticks). ``changelog=False`` (memory state: nothing is checkpointed)
+    keeps no tombstones of removed streams.
     """
 
     def __init__(self, engine: Engine, *, changelog: bool = True) -> None:
         self.engine = engine
         self.model_id = engine.bundle.model_id
-        self._changelog = changelog
-        self._removed: dict[str, int] = {}  # ended or evicted since the last checkpoint
+        engine.store.changes.tombstones = changelog
 
     @property
     def partition_of(self) -> dict[str, int]:
         """Each held stream's input partition, as the store keeps it (for inspection)."""
         store = self.engine.store
-        held = {s: store.slot_of(s) for s in store.stream_ids()}
-        return {s: int(store.partitions[slot]) for s, slot in held.items() if slot is not None}
+        held = {s: store.partition_of(s) for s in store.stream_ids()}
+        return {s: p for s, p in held.items() if p is not None}
 
     def step(self, request: StepRequest) -> StepReply:
         engine = self.engine
-        ids = request.stream_ids
         start = time.perf_counter()
         result = step_isolated(
             lambda r: engine.step(
@@ -102,37 +101,26 @@ class ChildEngine:
             engine.bundle.config.output_size,
         )
         seconds = time.perf_counter() - start
-        if self._changelog:
-            removed = self._removed
-            for eviction in result.evictions:
-                if eviction.state.partition >= 0:
-                    removed[eviction.stream_id] = eviction.state.partition
-            ended = np.asarray(request.ends, dtype=bool) & result.accepted
-            if ended.any():
-                store = engine.store
-                for i in np.flatnonzero(ended).tolist():
-                    if ids[i] not in store:  # not begun again later in the call
-                        removed[ids[i]] = int(request.partitions[i])
         return StepReply(result, engine.stats, seconds)
 
     def drop(self, partitions: set[int]) -> int:
+        """Release the streams of revoked ``partitions``: their new owner restores them,
+        so they leave no tombstone (nor does anything removed from them before)."""
         store = self.engine.store
         gone = store.streams_in(partitions)
         store.release(gone)
-        for stream in [s for s, p in self._removed.items() if p in partitions]:
-            del self._removed[stream]
+        store.changes.forget_partitions(partitions)
         return len(gone)
 
     def checkpoint(self) -> list[tuple[str, int, bytes | None]]:
         """``(stream, partition, state bytes or None for a tombstone)`` of every change."""
-        removed, self._removed = self._removed, {}
         store = self.engine.store
-        live, held_parts = store.take_changed()
-        parts = held_parts.tolist()
+        live, parts, removed = store.take_changes()
         values = store.encode(live, parts, self.model_id) if live else []
         records: list[tuple[str, int, bytes | None]] = list(zip(live, parts, values, strict=True))
         for stream, partition in removed.items():
-            if stream not in store:
+            # Held again in the same partition: its state (above, if changed) stands.
+            if store.partition_of(stream) != partition:
                 records.append((stream, partition, None))
         return records
 

@@ -28,8 +28,8 @@ class Rounds:
 
     def __init__(self, ids: Sequence[str], held: I64, distinct: bool | None = None) -> None:
         n = len(ids)
-        if distinct is None:
-            distinct = distinct_held(held)
+        if distinct is None or not n:
+            distinct = not n or distinct_held(held)
         if not distinct:
             if n and held.min() >= 0:
                 # Every id held: its slot names its stream, so no id is hashed again.

@@ -192,7 +192,7 @@ class Engine:
             rows = np.flatnonzero(accepted)
             ids: Sequence[str] = [stream_ids[i] for i in rows.tolist()]
             held = held[rows]
-            distinct = distinct or distinct_held(held)  # distinct before: still
+            distinct = distinct or distinct_held(held)  # dropping rows keeps them distinct
         else:
             rows = np.arange(n)
             ids = stream_ids

@@ -4,7 +4,8 @@ Layout: for every LSTM layer ``l`` one ``h`` and one ``c`` tensor of shape
 ``[capacity, H_l]``; a stream owns one row (a *slot*) in all of them. Small
 per-slot arrays hold the step count since reset, the input partition and
 offset of the last tick applied (the engine skips a tick its state already
-reflects), the last time the stream was seen (TTL) and a use counter (LRU).
+reflects), the last time the stream was seen (TTL) and a use counter (LRU);
+``changes`` what changed since the last checkpoint.
 
 Capacity doubles on demand up to ``max_streams``; at the bound the least
 recently used stream is evicted. Nothing is dropped silently: every eviction
@@ -24,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from streamlstm.changes import Changes
 from streamlstm.errors import ConfigError, StateError
 from streamlstm.kernels import native_available, slot_map
 from streamlstm.stream_state import StateArrays, StreamState, encode_many
@@ -84,8 +86,8 @@ class StateStore:
         #: Other per-stream numbers the engine keeps (zeroed with the state).
         self.extra = np.zeros((cap, extra_width), dtype=np.float64)
         self._last_used: I64 = np.full(cap, _NEVER, dtype=np.int64)
-        #: Slots whose state changed since ``take_changed`` last ran (held ones only).
-        self._changed = np.zeros(cap, dtype=bool)
+        #: What changed since the last checkpoint (``take_changes``).
+        self.changes = Changes(cap)
         self._slot = slot_map(native_available() if native is None else native)
         self._owner: list[str | None] = [None] * cap
         self._free: list[int] = list(range(cap - 1, -1, -1))
@@ -107,26 +109,32 @@ class StateStore:
     def slot_of(self, stream_id: str) -> int | None:
         return self._slot.get(stream_id)
 
+    def partition_of(self, stream_id: str) -> int | None:
+        """The input partition a held stream's state reflects (-1: unknown; None: not held)."""
+        slot = self._slot.get(stream_id)
+        return None if slot is None else int(self.partitions[slot])
+
     def stream_ids(self) -> list[str]:
         return [s for s in self._owner if s is not None]
 
     def streams_in(self, partitions: Collection[int]) -> list[str]:
         """The held streams whose state reflects ticks of these input partitions."""
-        return self._owners((self._last_used != _NEVER) & np.isin(self.partitions, [*partitions]))
+        held = (self._last_used != _NEVER) & np.isin(self.partitions, [*partitions])
+        return self._owners(np.flatnonzero(held).tolist())
 
     def mark_changed(self, slots: I64) -> None:
         """Note that the states at ``slots`` changed (the engine, for each stepped stream)."""
-        self._changed[slots] = True
+        self.changes.flags[slots] = True
 
-    def take_changed(self) -> tuple[list[str], I64]:
-        """The streams whose state changed since the last call, and their partitions: a
-        flag per slot, O(capacity) a call where a set of ids cost a hash a tick (a removed
-        stream's flag goes with its slot; its tombstone is the caller's to write)."""
-        changed, self._changed = self._changed, np.zeros_like(self._changed)
-        return self._owners(changed), self.partitions[changed]
+    def take_changes(self) -> tuple[list[str], list[int], dict[str, int]]:
+        """Since the last call: the held streams whose state changed with their partitions,
+        and the removed ones (``changes.tombstones``) with the partition each was in."""
+        flags, removed = self.changes.take()
+        slots = [i for i in np.flatnonzero(flags).tolist() if self._owner[i] is not None]
+        return self._owners(slots), self.partitions[slots].tolist(), removed
 
-    def _owners(self, mask: npt.NDArray[np.bool_]) -> list[str]:
-        return [s for s in (self._owner[i] for i in np.flatnonzero(mask).tolist()) if s is not None]
+    def _owners(self, slots: Sequence[int]) -> list[str]:
+        return [s for s in (self._owner[i] for i in slots) if s is not None]
 
     def raw_bytes_per_stream(self) -> int:
         """Bytes of ``h`` and ``c`` one stream needs, float32, all layers."""
@@ -138,12 +146,9 @@ class StateStore:
         O(streams) because it sizes every id string; meant for benchmarks.
         """
         total = sum(t.numel() * t.element_size() for t in (*self.h, *self.c))
-        total += self.steps.nbytes + self.offsets.nbytes + self.partitions.nbytes
-        total += self.last_seen.nbytes
-        total += self.extra.nbytes
-        total += self._last_used.nbytes
-        total += sys.getsizeof(self._slot) + sys.getsizeof(self._owner)
-        total += sys.getsizeof(self._free)
+        arrays = (self.steps, self.offsets, self.partitions, self.last_seen, self.extra)
+        total += sum(a.nbytes for a in (*arrays, self._last_used, self.changes.flags))
+        total += sum(sys.getsizeof(x) for x in (self._slot, self._owner, self._free))
         total += sum(sys.getsizeof(s) for s in self._owner if s is not None)
         return total
 
@@ -289,9 +294,8 @@ class StateStore:
     # -- internals ----------------------------------------------------------
 
     def reserve(self, count: int) -> None:
-        """Grow now (up to ``max_streams``) so that ``count`` new streams need no growth
-        (``count`` free slots; a no-op where there are): while a restore reads the
-        changelog, the growth costs it no wait."""
+        """Grow now (up to ``max_streams``) so that ``count`` new streams need no growth (a
+        no-op where there are free slots): while a restore reads, growing costs it no wait."""
         if len(self._free) < count and self.capacity < self.max_streams:
             target = self.capacity
             while target - len(self._slot) < count and target < self.max_streams:
@@ -342,7 +346,7 @@ class StateStore:
         extra[:old] = self.extra
         self.extra = extra
         self._last_used = _grow_array(self._last_used, new_capacity, _NEVER)
-        self._changed = _grow_array(self._changed, new_capacity, False)
+        self.changes.grow(new_capacity)
         self._owner.extend([None] * (new_capacity - old))
         self._free[:0] = range(new_capacity - 1, old - 1, -1)
 
@@ -361,17 +365,13 @@ class StateStore:
                 del self._slot[owner]
                 self._owner[slot] = None
                 self._free.append(slot)
+                self.changes.remove(slot, owner, int(self.partitions[slot]))
         self._last_used[slots] = _NEVER
-        self._changed[slots] = False
 
     def _capture(self, slots: I64, reason: EvictionReason) -> list[Eviction]:
         self.eviction_counts[reason] += int(slots.size)
-        owners = [self._owner[s] for s in slots.tolist()]
-        return [
-            Eviction(owner, reason, state)
-            for owner, state in zip(owners, self._states(slots), strict=True)
-            if owner is not None
-        ]
+        pairs = zip([self._owner[s] for s in slots.tolist()], self._states(slots), strict=True)
+        return [Eviction(owner, reason, state) for owner, state in pairs if owner is not None]
 
     def _states(self, slots: I64) -> list[StreamState]:
         idx = torch.from_numpy(slots)

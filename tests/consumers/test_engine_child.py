@@ -144,3 +144,24 @@ def test_memory_state_keeps_no_tombstones(make_bundle: BundleFactory) -> None:
         child.step(_request([f"s{i}"], np.ones((1, 2)), [i], part=0, ends=[True]))
     assert child.engine.store.stream_ids() == []
     assert child.checkpoint() == []
+
+
+def test_a_stream_that_ends_in_one_partition_and_begins_in_another(
+    make_bundle: BundleFactory,
+) -> None:
+    bundle = make_bundle(input_size=2, output_size=1)
+    child = ChildEngine(Engine(bundle))
+    child.step(_request(["s", "t"], np.ones((2, 2)), [0, 1], part=0))
+    child.checkpoint()
+    child.step(_request(["s"], np.ones((1, 2)), [2], part=0, ends=[True]))
+    child.step(_request(["s"], np.ones((1, 2)), [0], part=1))  # the topic was repartitioned
+    child.step(_request(["t"], np.ones((1, 2)), [3], part=0, ends=[True]))
+    child.step(_request(["t"], np.ones((1, 2)), [4], part=0))  # begins again where it was
+    records = {(s, p): v for s, p, v in child.checkpoint()}
+    assert set(records) == {("s", 0), ("s", 1), ("t", 0)}
+    assert records["s", 0] is None and records["s", 1] is not None  # gone from 0, now in 1
+    assert records["t", 0] is not None  # its new state replaces the old, no tombstone
+    # A revoke: what ended in the revoked partition leaves no tombstone either.
+    child.step(_request(["t"], np.ones((1, 2)), [5], part=0, ends=[True]))
+    assert child.drop({0}) == 0
+    assert child.checkpoint() == []

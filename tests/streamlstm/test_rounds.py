@@ -68,3 +68,9 @@ def test_a_caller_that_knows_the_slots_are_distinct_skips_the_check() -> None:
     assert order.round_of is None and list(order.unique) == ids
     values = np.array([3.0, 1.0, 2.0])
     assert order.per_stream_max(values).tolist() == [3.0, 1.0, 2.0]
+
+
+def test_no_ticks_make_no_rounds() -> None:
+    for distinct in (None, False, True):
+        order = Rounds([], np.zeros(0, dtype=np.int64), distinct)
+        assert list(order.unique) == [] and order.first.size == 0 and order.round_of is None
