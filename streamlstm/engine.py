@@ -28,7 +28,7 @@ from streamlstm.batching import Buffers, Rounds, bucket
 from streamlstm.bundle import Bundle
 from streamlstm.errors import ConfigError
 from streamlstm.event_clock import EventClock
-from streamlstm.kernels import NativeStep, distinct_held, native_available
+from streamlstm.kernels import NativeStep, native_available
 from streamlstm.model import HeadRunner
 from streamlstm.results import F32, F64, I64, Bools, EngineStats, Rejection, StepResult
 from streamlstm.scoring import Scoring
@@ -181,7 +181,9 @@ class Engine:
         ts = column("timestamps", timestamps, n, np.float64)
         offs = column("offsets", offsets, n, np.int64)
         parts = column("partitions", partitions, n, np.int64)
-        held, distinct = self.store.locate(stream_ids)
+        held, all_distinct = self.store.locate(stream_ids)
+        # Whether the accepted ticks' streams are all held and distinct (None: Rounds finds out).
+        distinct: bool | None = all_distinct
         x, accepted, rejections = validate_ticks(stream_ids, features, ts, held, self._input_size)
         self._counts["rejected"] += len(rejections)
         skipped = self._already_applied(held, offs, parts)
@@ -192,7 +194,7 @@ class Engine:
             rows = np.flatnonzero(accepted)
             ids: Sequence[str] = [stream_ids[i] for i in rows.tolist()]
             held = held[rows]
-            distinct = distinct or distinct_held(held)  # dropping rows keeps them distinct
+            distinct = all_distinct or None  # rows dropped: repeats may have gone with them
         else:
             rows = np.arange(n)
             ids = stream_ids

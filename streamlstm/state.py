@@ -130,8 +130,8 @@ class StateStore:
         """Since the last call: the held streams whose state changed with their partitions,
         and the removed ones (``changes.tombstones``) with the partition each was in."""
         flags, removed = self.changes.take()
-        slots = [i for i in np.flatnonzero(flags).tolist() if self._owner[i] is not None]
-        return self._owners(slots), self.partitions[slots].tolist(), removed
+        held = [(i, s) for i in np.flatnonzero(flags).tolist() if (s := self._owner[i]) is not None]
+        return [s for _, s in held], [int(self.partitions[i]) for i, _ in held], removed
 
     def _owners(self, slots: Sequence[int]) -> list[str]:
         return [s for s in (self._owner[i] for i in slots) if s is not None]
