@@ -19,9 +19,11 @@ storage) on a free loopback port. Known Tansu 0.6 quirks:
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import time
+from pathlib import Path
 from types import TracebackType
 
 from streamlstm.errors import BrokerError
@@ -29,11 +31,46 @@ from streamlstm.errors import BrokerError
 __all__ = ["TansuBroker", "free_port"]
 
 
+#: Ports handed out by this process: two nodes of one cluster never get the same.
+_GIVEN: set[int] = set()
+_RANDOM = random.SystemRandom()  # a test seeding random must not make two runs pick alike
+
+
 def free_port() -> int:
+    """A loopback port free now, below the kernel's ephemeral range where one is known.
+
+    A port the kernel picks for ``bind(0)`` comes from the ephemeral range, the
+    one outgoing connections take theirs from: in the seconds a JVM broker
+    takes to bind it, another client's connection could take it first (a
+    three-node cluster failed to start once that way in CI).
+    """
+    low = _ephemeral_low()
+    for _ in range(200 if low > 2048 else 0):
+        port = _RANDOM.randrange(max(1024, low - 16384), low)
+        if port not in _GIVEN and _bindable(port):
+            _GIVEN.add(port)
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+        given: int = sock.getsockname()[1]
+    _GIVEN.add(given)
+    return given
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 class TansuBroker:

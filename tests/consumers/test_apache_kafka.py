@@ -26,6 +26,7 @@ from aiokafka.client import AIOKafkaClient
 
 from streamlstm.consumers.devtools.apache_kafka import KAFKA_VERSION, KafkaCluster, kafka_libs
 from streamlstm.consumers.devtools.brokers import local_broker
+from streamlstm.consumers.devtools.tansu import free_port
 from streamlstm.errors import BrokerError
 
 
@@ -222,6 +223,18 @@ def test_a_data_dir_keeps_topics_and_records_across_runs(tmp_path: Path) -> None
             _read_to_end(second.bootstrap, topic, 1, isolation_level="read_uncommitted")
         )
     assert [r.value for r in records] == [b"kept"]
+
+
+def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> None:
+    """Outgoing connections take their ports from the ephemeral range; a broker's port
+    chosen there could be taken in the seconds before the JVM binds it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == len(ports)
+    assert all(1024 <= port < low for port in ports)
+    for port in ports[:5]:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
 
 
 def test_start_failure_names_the_cause(tmp_path: Path) -> None:
