@@ -1,7 +1,13 @@
 """Builds the engine's optional C kernels; everything else is in pyproject.toml.
 
 The extension is optional: where it cannot be compiled (no C compiler, no
-OpenMP), the install goes on and the engine steps through torch alone.
+OpenMP), the install goes on and the engine steps through NumPy alone.
+
+The kernels link OpenBLAS from the ``scipy-openblas32`` wheel, a build
+requirement and a dependency: its ``get_include_dir`` / ``get_lib_dir`` /
+``get_library`` give the header and library to build against, and at run
+time ``streamlstm.kernels`` imports the wheel first, which loads the library
+into the process, so the extension needs no rpath to a build folder.
 """
 
 import platform
@@ -13,6 +19,17 @@ if platform.machine() in ("x86_64", "AMD64"):
     # One clone per instruction set level, chosen at load time (see _kernels.c).
     compile_args.append("-DSL_TARGET_CLONES")
 
+try:
+    import scipy_openblas32 as openblas
+
+    blas = {
+        "include_dirs": [openblas.get_include_dir()],
+        "library_dirs": [openblas.get_lib_dir()],
+        "libraries": [openblas.get_library()],
+    }
+except ImportError:  # no BLAS to link: the extension is left out (optional)
+    blas = {"include_dirs": ["/nonexistent-scipy-openblas32"]}
+
 setup(
     ext_modules=[
         Extension(
@@ -21,6 +38,7 @@ setup(
             extra_compile_args=compile_args,
             extra_link_args=["-fopenmp", "-lm"],
             optional=True,
+            **blas,
         )
     ]
 )

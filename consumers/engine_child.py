@@ -46,6 +46,7 @@ from streamlstm.consumers.engine_process import (
 )
 from streamlstm.consumers.isolation import step_isolated
 from streamlstm.errors import StateError, StreamLSTMError
+from streamlstm.kernels import set_num_threads
 from streamlstm.stream_state import StateArrays, StateBlobs, StreamState, decode_many
 
 __all__ = ["ChildEngine", "InProcessEngine", "RestoreReport"]
@@ -241,9 +242,7 @@ def serve(sock: socket.socket, options: dict[str, Any]) -> None:
     """The child's main: load, then answer requests until told to close."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    import torch
-
-    torch.set_num_threads(int(options["threads"]))
+    set_num_threads(int(options["threads"]))
     try:
         child = ChildEngine(
             Engine(
@@ -256,7 +255,7 @@ def serve(sock: socket.socket, options: dict[str, Any]) -> None:
     except Exception as exc:
         _send_error(sock, exc)
         return
-    gc.freeze()  # the model and torch live as long as the process: no full-collection pauses
+    gc.freeze()  # the model lives as long as the process: no full-collection pauses
     sock.sendall(frame(("ok", child.engine.stats)))
     while True:
         message = _read_frame(sock)

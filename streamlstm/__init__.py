@@ -1,9 +1,13 @@
 """streamlstm: streaming, stateful LSTM inference for real-time series.
 
 The core package is pure and synchronous: it imports no Kafka client and no
-asyncio. The daemon lives in ``consumers``, the training pipeline in
+asyncio, and serving imports no torch (``StreamLSTM``, the torch module that
+training and the offline oracle use, is loaded on first access, and needs the
+``train`` extra). The daemon lives in ``consumers``, the training pipeline in
 ``training``.
 """
+
+import typing as _typing
 
 from streamlstm.bundle import Bundle
 from streamlstm.config import ModelConfig
@@ -12,14 +16,18 @@ from streamlstm.errors import (
     BrokerError,
     BundleError,
     ConfigError,
+    DependencyError,
     InputError,
     StateError,
     StreamLSTMError,
 )
-from streamlstm.model import StreamLSTM
 from streamlstm.outputs import OutputSpec
 from streamlstm.scaling import Affine
 from streamlstm.state import Eviction, StateStore, StreamState
+from streamlstm.weights import ModelWeights
+
+if _typing.TYPE_CHECKING:
+    from streamlstm.model import StreamLSTM
 
 __version__ = "0.1.0"
 
@@ -29,11 +37,13 @@ __all__ = [
     "Bundle",
     "BundleError",
     "ConfigError",
+    "DependencyError",
     "Engine",
     "EngineStats",
     "Eviction",
     "InputError",
     "ModelConfig",
+    "ModelWeights",
     "OutputSpec",
     "Rejection",
     "StateError",
@@ -44,3 +54,19 @@ __all__ = [
     "StreamState",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> _typing.Any:
+    # StreamLSTM is a torch module: imported on first use, so that serving never loads torch.
+    if name == "StreamLSTM":
+        from streamlstm.optional import require_torch
+
+        require_torch("streamlstm.StreamLSTM")
+        from streamlstm.model import StreamLSTM
+
+        return StreamLSTM
+    raise AttributeError(f"module 'streamlstm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "StreamLSTM"})

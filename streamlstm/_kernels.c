@@ -6,8 +6,9 @@
  * in memory. Here the LSTM cell reads c and writes c and h straight at the
  * streams' slots in the store, and writes the new h where the next matrix
  * product reads it; only the h rows are gathered, into the product's input.
- * The matrix products are MKL's: torch's, or, in sl_step, the sgemm_ of the
- * MKL that torch links, called from here (kernels.py finds it).
+ * The matrix products are OpenBLAS's cblas_sgemm, from the scipy-openblas32
+ * wheel (built to be linked against: its symbols carry a scipy_ prefix, and
+ * kernels.py imports the wheel first, which loads the library globally).
  *
  * Built by setup.py as an extension module so that pip compiles it; Python
  * calls the plain C functions (gather, cell, step) through ctypes, and they
@@ -23,6 +24,8 @@
 #endif
 #include <stdint.h>
 #include <string.h>
+
+#include <cblas.h>
 
 /*
  * -ffast-math is a compile flag only (never linked, so it does not change the
@@ -139,17 +142,11 @@ SL_CLONES void sl_lstm_cell(const float *gates, const float *bias, const int64_t
     }
 }
 
-/* A BLAS sgemm_ (Fortran calling convention, column-major, 32-bit ints). */
-typedef void (*sl_sgemm_fn)(const char *, const char *, const int *, const int *, const int *,
-                            const float *, const float *, const int *, const float *, const int *,
-                            const float *, float *, const int *);
-
 /* Matrix products run over at least this many rows (kernels.MIN_ROWS says why). */
 #define SL_MIN_ROWS 16
 
 /* The model as sl_step takes it; kernels.py fills it in once (ctypes). */
 typedef struct {
-    sl_sgemm_fn sgemm;
     int64_t layers;
     const int64_t *hidden;         /* H_l */
     const int64_t *widths;         /* F_l + H_l */
@@ -165,17 +162,17 @@ typedef struct {
 
 enum { SL_ACT_NONE = 0, SL_ACT_RELU = 1, SL_ACT_TANH = 2, SL_ACT_SIGMOID = 3 };
 
-/* Row-major out [m, n] = in [m, k] W [k, n] through the column-major sgemm_. */
-static inline void sl_mm(const sl_model *md, int m, int n, int k, const float *in, int ldi,
-                         const float *w, float *out, int ldo) {
-    const float one = 1.0f, zero = 0.0f;
-    md->sgemm("N", "N", &n, &m, &k, &one, w, &n, in, &ldi, &zero, out, &ldo);
+/* Row-major out [m, n] = in [m, k] W [k, n]. */
+static inline void sl_mm(int m, int n, int k, const float *in, int ldi, const float *w, float *out,
+                         int ldo) {
+    scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, k, 1.0f, in, ldi, w, n,
+                      0.0f, out, ldo);
 }
 
 /*
  * Row-major out [m, n] = in [m, k] W [k, n] for a narrow n, by plain dot
- * products: MKL's path for a product with one or a few columns (a head's
- * output layer) sums a row differently with the number of rows, which would
+ * products: a BLAS's path for a product with one or a few columns (a head's
+ * output layer) may sum a row differently with the number of rows, which would
  * make a stream's prediction depend on what else shares its batch.
  */
 static inline __attribute__((always_inline)) void sl_mm_narrow(int64_t m, int64_t n, int64_t k,
@@ -213,7 +210,7 @@ sl_bias_act(float *out, int64_t m, int64_t w, int64_t ld, const float *bias, int
  * xh is the thread's scratch area. inner: called outside any parallel region,
  * so the gather and the cell share their rows out among threads (their own
  * parallel loops: the outlined body of a loop here would not be cloned for
- * the instruction set), as MKL does its products.
+ * the instruction set).
  */
 static inline __attribute__((always_inline)) void
 sl_chunk(const sl_model *md, float *const *hs, float *const *cs, const int64_t *slots,
@@ -237,7 +234,7 @@ sl_chunk(const sl_model *md, float *const *hs, float *const *cs, const int64_t *
                 if (i + SL_AHEAD < m) sl_prefetch_read(hl + ks[i + SL_AHEAD] * hid, hid);
                 memcpy(xh + i * width + width - hid, hl + ks[i] * hid, (size_t)hid * sizeof(float));
             }
-        sl_mm(md, gm, (int)(4 * hid), (int)width, xh, (int)width, md->weights[l], gates,
+        sl_mm(gm, (int)(4 * hid), (int)width, xh, (int)width, md->weights[l], gates,
               (int)(4 * hid));
         int last = l + 1 == layers;
         float *next = last ? top + start * hid : xh + rows * width;
@@ -267,7 +264,7 @@ sl_chunk(const sl_model *md, float *const *hs, float *const *cs, const int64_t *
         if (w < SL_NARROW)
             sl_mm_narrow(m, w, in_w, in, md->head_weights[j], out);
         else
-            sl_mm(md, gm, (int)w, (int)in_w, in, (int)in_w, md->head_weights[j], out, (int)w);
+            sl_mm(gm, (int)w, (int)in_w, in, (int)in_w, md->head_weights[j], out, (int)w);
         sl_bias_act(out, m, w, w, md->head_bias[j], md->head_act[j]);
         in = out;
         in_w = w;
@@ -277,7 +274,7 @@ sl_chunk(const sl_model *md, float *const *hs, float *const *cs, const int64_t *
 /*
  * The whole recurrent step and the head, chunk by chunk: each thread takes
  * chunks of at most `chunk` rows and runs every layer on them (gather h, the
- * gate product through a single-threaded sgemm_, the cell), then the head,
+ * gate product through a single-threaded cblas_sgemm, the cell), then the head,
  * before its next chunk.
  *
  * Why: layer by layer over the whole batch, the thread pool forks and joins
@@ -295,8 +292,9 @@ sl_chunk(const sl_model *md, float *const *hs, float *const *cs, const int64_t *
  * [x, h], then the gates [rows, 4 max H], where the head's hidden linears
  * take turns in two halves. Rows past the end of a chunk of fewer than
  * SL_MIN_ROWS (n < SL_MIN_ROWS, one chunk) are padding: finite leftovers,
- * computed and ignored. A row's result does not depend on its chunk: MKL computes a row
- * the same way for any number of rows from 12 up, on one thread or two.
+ * computed and ignored. A row's result does not depend on its chunk: OpenBLAS's sgemm
+ * sums a row's products in an order that depends on k alone, not on the number of rows
+ * (tests/streamlstm/test_chunked_step.py checks it for 1 to 1600 rows).
  */
 SL_CLONES void sl_step(const sl_model *md, float *const *hs, float *const *cs,
                        const int64_t *slots, int64_t n, const float *x, float *top, float *y,
@@ -311,7 +309,7 @@ SL_CLONES void sl_step(const sl_model *md, float *const *hs, float *const *cs,
     if (threads <= 1) {
         /*
          * Not even a team of one: libgomp starts fresh threads for a parallel
-         * region nested in another (the loops' and MKL's), on every call.
+         * region nested in another (the gather's and the cell's), on every call.
          */
         for (int64_t k = 0; k < chunks; k++)
             sl_chunk(md, hs, cs, slots, x, top, y, work, rows, k * n / chunks,
@@ -650,6 +648,9 @@ static struct PyModuleDef sl_module = {PyModuleDef_HEAD_INIT, "_kernels",
 
 PyMODINIT_FUNC PyInit__kernels(void) {
     if (PyType_Ready(&SlotMapType) < 0 || sl_codec_init() < 0) return NULL;
+    /* sl_step runs its products on its own threads, one chunk each: OpenBLAS's
+     * own threads would only contend with them. */
+    scipy_openblas_set_num_threads(1);
     PyObject *module = PyModule_Create(&sl_module);
     if (module == NULL) return NULL;
     Py_INCREF(&SlotMapType);

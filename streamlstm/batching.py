@@ -1,19 +1,16 @@
-"""How one call's ticks are batched: rounds of distinct streams, padded bucket sizes, buffers."""
+"""How one call's ticks are batched: rounds of distinct streams, in arrival order."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from streamlstm.kernels import distinct_held
-from streamlstm.model import LayerGroup
 from streamlstm.results import I64
 
-__all__ = ["Buffers", "Rounds", "bucket"]
+__all__ = ["Rounds"]
 
 
 class Rounds:
@@ -83,47 +80,3 @@ class Rounds:
         order = np.argsort(self.round_of, kind="stable")
         bounds = np.searchsorted(self.round_of[order], np.arange(int(self.round_of.max()) + 2))
         return [order[bounds[r] : bounds[r + 1]] for r in range(bounds.size - 1)]
-
-
-class Buffers:
-    """Persistent step inputs: one allocation per tensor, viewed at each bucket size."""
-
-    def __init__(self, groups: Sequence[LayerGroup], width: int) -> None:
-        self._groups = groups
-        self._width = width
-        self._rows = 0
-        self._x = torch.zeros(0)
-        self._h: list[torch.Tensor] = []
-        self._c: list[torch.Tensor] = []
-        self._views: dict[int, tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = {}
-
-    def view(self, bucket: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """``x [bucket, F]`` and per layer group ``h``, ``c`` ``[count, bucket, H]``, contiguous."""
-        views = self._views.get(bucket)
-        if views is not None:
-            return views
-        if bucket > self._rows:
-            self._rows = bucket
-            self._x = torch.zeros(bucket * self._width)
-            self._h = [torch.zeros(g.count * bucket * g.hidden_size) for g in self._groups]
-            self._c = [torch.zeros(g.count * bucket * g.hidden_size) for g in self._groups]
-            self._views.clear()
-        shapes = [(g.count, bucket, g.hidden_size) for g in self._groups]
-        views = self._views[bucket] = (
-            self._x[: bucket * self._width].view(bucket, self._width),
-            [t[: math.prod(s)].view(s) for t, s in zip(self._h, shapes, strict=True)],
-            [t[: math.prod(s)].view(s) for t, s in zip(self._c, shapes, strict=True)],
-        )
-        return views
-
-
-def bucket(batch: int) -> int:
-    """Batch sizes rounded up: 8, 16, 32, 64, then multiples of 64, and past 1024 of 1/16 octave.
-
-    Few shapes (oneDNN caches one primitive per shape) and little padding:
-    a 700-row batch steps 704 rows, where powers of two made it 1024.
-    """
-    if batch <= 64:
-        return max(8, 1 << (batch - 1).bit_length())
-    grain = max(64, 1 << ((batch - 1).bit_length() - 4))
-    return -(-batch // grain) * grain

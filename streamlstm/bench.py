@@ -6,10 +6,14 @@ one process, because the machines are shared and absolute numbers drift:
 * ceiling: a plain ``nn.LSTM`` + head on a ready batch, no state bookkeeping;
 * tutorial: re-running the model over each stream's last 60 ticks, batch 1,
   for every tick (what most hand-written serving code does);
-* roofline: the machine's sgemm peak (a 1024x1024 float32 product with
-  torch's threads, timed alternately too) divided by the model's FLOPs per
-  tick (each layer's gate products and the head's linears; the gates'
-  elementwise work is not counted): the rate no implementation could pass.
+* roofline: the machine's sgemm peak (a 1024x1024 float32 product through
+  NumPy's BLAS on all its threads, timed alternately too) divided by the
+  model's FLOPs per tick (each layer's gate products and the head's linears;
+  the gates' elementwise work is not counted): the rate no implementation
+  could pass.
+
+The ceiling and the tutorial need torch (the ``train`` extra); without it
+they are left out (``None``) and the engine is still timed against the roofline.
 """
 
 from __future__ import annotations
@@ -24,13 +28,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from streamlstm.bundle import Bundle
 from streamlstm.config import ModelConfig
 from streamlstm.engine import Engine
-from streamlstm.kernels import native_available, step_name
+from streamlstm.errors import DependencyError
+from streamlstm.kernels import get_num_threads, native_available, step_name
+from streamlstm.optional import require_torch
 
 __all__ = ["flops_per_tick", "run_engine_bench"]
 
@@ -54,7 +58,13 @@ def _rate(fn: Callable[[], object], items: int, seconds: float) -> float:
             return calls * items / elapsed
 
 
-def _ceiling(config: ModelConfig, batch: int) -> Callable[[], object]:
+def _ceiling(config: ModelConfig, batch: int) -> Callable[[], object] | None:
+    """``nn.LSTM`` and the head on a ready batch (None without torch)."""
+    try:
+        torch = require_torch("the bench's nn.LSTM ceiling")
+    except DependencyError:
+        return None
+    nn = torch.nn
     lstm = nn.LSTM(config.input_size, config.hidden_sizes[0], config.num_layers, batch_first=True)
     head = nn.Sequential(
         nn.Dropout(config.dropout),
@@ -92,18 +102,23 @@ _GEMM = 1024
 
 
 def _sgemm() -> Callable[[], object]:
-    a = torch.randn(_GEMM, _GEMM)
-    b = torch.randn(_GEMM, _GEMM)
-    out = torch.empty(_GEMM, _GEMM)
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((_GEMM, _GEMM), dtype=np.float32)
+    b = rng.standard_normal((_GEMM, _GEMM), dtype=np.float32)
+    out = np.empty((_GEMM, _GEMM), dtype=np.float32)
 
     def run() -> object:
-        return torch.mm(a, b, out=out)
+        return np.matmul(a, b, out=out)
 
     return run
 
 
-def _tutorial_rate(bundle: Bundle, seconds: float) -> float:
-    """Ticks/s of the recompute-the-window way, batch 1."""
+def _tutorial_rate(bundle: Bundle, seconds: float) -> float | None:
+    """Ticks/s of the recompute-the-window way, batch 1 (None without torch)."""
+    try:
+        torch = require_torch("the bench's tutorial baseline")
+    except DependencyError:
+        return None
     window = torch.randn(1, TUTORIAL_WINDOW, bundle.config.input_size)
 
     def one_tick() -> object:
@@ -112,6 +127,14 @@ def _tutorial_rate(bundle: Bundle, seconds: float) -> float:
             return y[:, -1]
 
     return _rate(one_tick, 1, seconds)
+
+
+def _median(values: Sequence[float], digits: int) -> float | None:
+    """The median rounded to ``digits`` (an int for 0), None for no values (no torch)."""
+    if not values:
+        return None
+    median = statistics.median(values)
+    return round(median) if digits == 0 else round(median, digits)
 
 
 def _tick_order(streams: int, count: int, order: str, rng: np.random.Generator) -> list[int]:
@@ -188,22 +211,27 @@ def run_engine_bench(
         for _ in range(repeats):
             # FLOP/s of the product: products/s x 2 N^3.
             peaks.append(_rate(sgemm, 2 * _GEMM**3, seconds))
-            ceiling_rates.append(_rate(ceiling, batch, seconds))
+            if ceiling is not None:
+                ceiling_rates.append(_rate(ceiling, batch, seconds))
             engine_rates.append(_rate(one_batch, batch, seconds))
             bursty_rates.append(_rate(bursty_batch, batch, seconds))
-        ratios = [e / c for e, c in zip(engine_rates, ceiling_rates, strict=True)]
-        bursty_ratios = [e / c for e, c in zip(bursty_rates, ceiling_rates, strict=True)]
+        ratios = [e / c for e, c in zip(engine_rates, ceiling_rates, strict=False)]
+        bursty_ratios = [e / c for e, c in zip(bursty_rates, ceiling_rates, strict=False)]
         per_stream = engine.store.memory_bytes() / max(1, len(engine.store))
         roofline = statistics.median(peaks) / flops
         rows.append(
             {
                 "streams": streams,
                 "engine_ticks_per_s": round(statistics.median(engine_rates)),
-                "ceiling_ticks_per_s": round(statistics.median(ceiling_rates)),
-                "engine_over_ceiling": round(statistics.median(ratios), 3),
-                "engine_over_tutorial": round(statistics.median(engine_rates) / tutorial, 1),
+                "ceiling_ticks_per_s": _median(ceiling_rates, 0),
+                "engine_over_ceiling": _median(ratios, 3),
+                "engine_over_tutorial": (
+                    None
+                    if tutorial is None
+                    else round(statistics.median(engine_rates) / tutorial, 1)
+                ),
                 "iid_engine_ticks_per_s": round(statistics.median(bursty_rates)),
-                "iid_engine_over_ceiling": round(statistics.median(bursty_ratios), 3),
+                "iid_engine_over_ceiling": _median(bursty_ratios, 3),
                 "state_bytes_per_stream": round(per_stream),
                 "state_over_raw": round(per_stream / raw, 3),
                 "sgemm_gflops": round(statistics.median(peaks) / 1e9, 1),
@@ -224,9 +252,9 @@ def run_engine_bench(
             else "residual"
         ),
         "batch": batch,
-        "torch_threads": torch.get_num_threads(),
+        "threads": get_num_threads(),
         "recurrent_step": step_name(native_available()),
-        "tutorial_ticks_per_s": round(tutorial, 1),
+        "tutorial_ticks_per_s": None if tutorial is None else round(tutorial, 1),
         "raw_state_bytes_per_stream": raw,
         "flops_per_tick": flops,
         "results": rows,
@@ -274,15 +302,21 @@ def _rss_child(streams: int, batch: int) -> None:
     )
 
 
+def _fmt(value: float | None, spec: str, width: int = 0) -> str:
+    """``value`` formatted by ``spec``, right-aligned in ``width``; "n/a" for None (no torch)."""
+    text = "n/a" if value is None else format(value, spec)
+    return text.rjust(width)
+
+
 def format_engine_bench(result: dict[str, Any]) -> str:
     lines = [
         f"model: input {result['model']['input_size']}, hidden {result['model']['hidden_sizes']}, "
         f"head {result['model']['head_sizes']}; batch {result['batch']}; "
-        f"torch threads {result['torch_threads']}; recurrent step: {result['recurrent_step']}",
+        f"threads {result['threads']}; recurrent step: {result['recurrent_step']}",
         f"bundle: {result.get('bundle') or 'random weights'}; anomaly score: "
         f"{result.get('score') or 'none'}",
-        f"tutorial recompute (60-tick window, batch 1): {result['tutorial_ticks_per_s']:,.0f} "
-        "ticks/s",
+        "tutorial recompute (60-tick window, batch 1): "
+        f"{_fmt(result['tutorial_ticks_per_s'], ',.0f')} ticks/s",
         f"raw h+c bytes per stream: {result['raw_state_bytes_per_stream']}; "
         f"{result['flops_per_tick']:,} FLOPs per tick (roofline: sgemm peak / that)",
         "ticks in shuffled passes over all streams; 'iid x ceil': each tick's stream drawn "
@@ -295,8 +329,10 @@ def format_engine_bench(result: dict[str, Any]) -> str:
     for row in result["results"]:
         lines.append(
             f"{row['streams']:>9,} {row['engine_ticks_per_s']:>12,} "
-            f"{row['ceiling_ticks_per_s']:>12,} {row['engine_over_ceiling']:>10.3f} "
-            f"{row['engine_over_tutorial']:>11.1f} {row['iid_engine_over_ceiling']:>11.3f} "
+            f"{_fmt(row['ceiling_ticks_per_s'], ',', 12)} "
+            f"{_fmt(row['engine_over_ceiling'], '.3f', 10)} "
+            f"{_fmt(row['engine_over_tutorial'], '.1f', 11)} "
+            f"{_fmt(row['iid_engine_over_ceiling'], '.3f', 11)} "
             f"{row['state_bytes_per_stream']:>9,} "
             f"{row['state_over_raw']:>6.3f} {row['sgemm_gflops']:>8.1f} "
             f"{row['roofline_ticks_per_s']:>10,} {row['engine_over_roofline']:>7.3f}"

@@ -1,8 +1,10 @@
 """The saved model: a directory with ``model.safetensors`` and ``bundle.json``.
 
-Weights are stored with safetensors and read back without unpickling; every
-other fact needed to serve the model (config, feature and target names,
-scalers, warm-up) is plain JSON beside them.
+Weights are stored with safetensors and read back without unpickling, into
+NumPy (serving needs no training framework); every other fact needed to
+serve the model (config, feature and target names, scalers, warm-up) is
+plain JSON beside them. The torch module (``Bundle.model``) is built on
+demand, for training and the offline oracle, where torch is installed.
 """
 
 from __future__ import annotations
@@ -12,19 +14,22 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import load_file, save_file
 
 from streamlstm.config import ModelConfig
 from streamlstm.errors import BundleError, ConfigError, InputError
-from streamlstm.model import StreamLSTM
+from streamlstm.optional import require_torch
 from streamlstm.outputs import OutputSpec
 from streamlstm.scaling import Affine
+from streamlstm.weights import ModelWeights
+
+if TYPE_CHECKING:
+    from streamlstm.model import StreamLSTM
 
 __all__ = ["SCHEMA_VERSION", "Bundle"]
 
@@ -43,13 +48,18 @@ class Bundle:
     ``warmup_steps`` is how many ticks a stream needs before its predictions
     are marked ready. ``outputs`` says what the outputs mean (activation,
     diff transform, classes, anomaly score); the default is plain levels.
+
+    The weights come as ``weights`` (NumPy) or as a torch ``model`` (copied
+    into ``weights`` at construction: later changes to the module are not
+    seen by engines built from this bundle).
     """
 
     def __init__(
         self,
         *,
         config: ModelConfig,
-        model: StreamLSTM,
+        weights: ModelWeights | None = None,
+        model: StreamLSTM | None = None,
         feature_names: Sequence[str] | None = None,
         target_names: Sequence[str] | None = None,
         input_scaler: Affine | None = None,
@@ -61,7 +71,15 @@ class Bundle:
         outputs: OutputSpec | None = None,
     ) -> None:
         self.config = config
-        self.model = model.eval()
+        if (weights is None) == (model is None):
+            raise ConfigError("weights: give either weights or a model, not both or neither")
+        if model is not None:
+            weights = model.weights()
+        assert weights is not None
+        if weights.config != config:
+            raise ConfigError("weights: made for another model config")
+        self.weights = weights
+        self._model = model.eval() if model is not None else None
         self.feature_names = tuple(feature_names or [f"x{i}" for i in range(config.input_size)])
         self.target_names = tuple(target_names or [f"y{i}" for i in range(config.output_size)])
         if len(self.feature_names) != config.input_size:
@@ -95,20 +113,29 @@ class Bundle:
 
     @classmethod
     def random(cls, config: ModelConfig, seed: int = 0, **kwargs: Any) -> Bundle:
-        """A bundle with freshly initialised weights, for tests and benchmarks."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = StreamLSTM(config)
+        """A bundle with freshly initialised weights (NumPy's generator), for tests and
+        benchmarks."""
         kwargs.setdefault("name", f"random-{seed}")
-        return cls(config=config, model=model, **kwargs)
+        return cls(config=config, weights=ModelWeights.random(config, seed), **kwargs)
+
+    @property
+    def model(self) -> StreamLSTM:
+        """The torch module of these weights, in eval mode (built on first use; needs
+        torch, which the ``train`` extra installs)."""
+        if self._model is None:
+            require_torch("Bundle.model")
+            from streamlstm.model import StreamLSTM
+
+            self._model = StreamLSTM.from_weights(self.weights)
+        return self._model
 
     @property
     def model_id(self) -> str:
         """``name@<weights digest>``: tells two versions of one model apart in output."""
         digest = hashlib.sha256()
-        for key, tensor in sorted(self.model.state_dict().items()):
+        for key, array in sorted(self.weights.tensors.items()):
             digest.update(key.encode())
-            digest.update(tensor.detach().contiguous().numpy().tobytes())
+            digest.update(np.ascontiguousarray(array).tobytes())
         return f"{self.name}@{digest.hexdigest()[:12]}"
 
     # -- persistence --------------------------------------------------------
@@ -134,7 +161,7 @@ class Bundle:
         """Write the bundle directory (created if needed); returns its path."""
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        tensors = {k: np.ascontiguousarray(v) for k, v in self.weights.tensors.items()}
         save_file(tensors, str(out / WEIGHTS_FILE))
         # Write-then-rename so a crash never leaves a half-written bundle.json.
         tmp = out / (META_FILE + ".tmp")
@@ -186,13 +213,14 @@ class Bundle:
             tensors = load_file(str(weights_path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise BundleError(f"{weights_path}: unreadable safetensors file ({exc})") from exc
-        model = StreamLSTM(config)
-        _check_tensors(model, tensors, weights_path)
-        model.load_state_dict(tensors)
+        try:
+            weights = ModelWeights(config, tensors)
+        except ConfigError as exc:
+            raise BundleError(f"{weights_path}: {exc}") from exc
         try:
             return cls(
                 config=config,
-                model=model,
+                weights=weights,
                 feature_names=meta.get("features"),
                 target_names=meta.get("targets"),
                 input_scaler=input_scaler,
@@ -225,9 +253,11 @@ class Bundle:
     def predict_sequence(self, x: npt.ArrayLike) -> npt.NDArray[np.float32]:
         """One stream from zero state: ``x [T, F]`` original units -> ``[T, outputs]``.
 
-        Steps one tick at a time through the same recurrent step the engine
-        uses, so it is the reference the engine is tested against.
+        Steps one tick at a time through torch's own ``nn.LSTM`` and head
+        (``Bundle.model``), never through the engine's code, so it is the
+        reference the engine is tested against. Needs torch (the ``train`` extra).
         """
+        torch = require_torch("predict_sequence (the offline oracle)")
         arr = np.asarray(x, dtype=np.float32)
         if arr.ndim != 2 or arr.shape[1] != self.config.input_size:
             raise InputError(
@@ -246,27 +276,3 @@ class Bundle:
                 return np.zeros((0, self.config.output_size), dtype=np.float32)
             y = self.model.head(torch.cat(tops)).numpy()
         return self.finish(y, arr)
-
-
-def _check_tensors(model: StreamLSTM, tensors: Mapping[str, torch.Tensor], path: Path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected)}")
-        raise BundleError(f"{path}: tensors do not match the model config ({'; '.join(parts)})")
-    for key, tensor in expected.items():
-        got = tensors[key]
-        if tuple(got.shape) != tuple(tensor.shape):
-            raise BundleError(
-                f"{path}: tensor {key} has shape {list(got.shape)}, "
-                f"the model config needs {list(tensor.shape)}"
-            )
-        if got.dtype != tensor.dtype:
-            raise BundleError(
-                f"{path}: tensor {key} has dtype {got.dtype}, expected {tensor.dtype}"
-            )

@@ -3,16 +3,15 @@
 A call to ``Engine.step`` takes N ticks of any number of streams. Ticks are
 split into *rounds*: round r holds every stream's (r+1)-th tick of the call, so
 a stream's ticks are applied in order while all streams of a round advance
-together: gather their rows of (h, c) from the store, one recurrent step,
-scatter the rows back. The MLP head then runs once over all N top-layer
-outputs, or, where the C step runs it (``kernels.NativeStep.runs_head``),
-within each round. Rows with bad values are rejected one by one; the rest
-proceed.
+together: one recurrent step of the model and its head over the round's
+streams, their (h, c) rows updated in place in the store, through the C
+kernels (``kernels.NativeStep``) or NumPy (``numpy_step.NumpyStep``). Rows
+with bad values are rejected one by one; the rest proceed. No training
+framework is imported: torch serves only as the oracle the tests compare with.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -22,14 +21,13 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
-from streamlstm.batching import Buffers, Rounds, bucket
+from streamlstm.batching import Rounds
 from streamlstm.bundle import Bundle
 from streamlstm.errors import ConfigError
 from streamlstm.event_clock import EventClock
 from streamlstm.kernels import NativeStep, native_available
-from streamlstm.model import HeadRunner
+from streamlstm.numpy_step import NumpyStep
 from streamlstm.results import F32, F64, I64, Bools, EngineStats, Rejection, StepResult
 from streamlstm.scoring import Scoring
 from streamlstm.state import Eviction, StateStore
@@ -45,7 +43,7 @@ class Engine:
 
     ``max_streams`` bounds memory (LRU eviction beyond it); ``idle_ttl_s``
     forgets streams idle for longer. ``native`` picks the C code (recurrent
-    step and id -> slot map, ``True``), torch and a dict (``False``), or the
+    step and id -> slot map, ``True``), NumPy and a dict (``False``), or the
     C code where it is built (``None``).
 
     **Clocks.** Idle expiry runs on the engine's clock (``clock_s``), which is
@@ -97,7 +95,6 @@ class Engine:
                 "reinstall with a C compiler, or leave native unset"
             )
         self.bundle = bundle
-        self.model = bundle.model.eval()
         spec = bundle.outputs
         self._scoring = Scoring.of(spec)
         use_native = native_available() if native is None else native
@@ -118,16 +115,15 @@ class Engine:
         self._swept_at = -math.inf
         self._next_sweep = -math.inf
         self._counts: Counter[str] = Counter()
-        self._buffers = Buffers(self.model.groups, self._input_size)
-        self._head = HeadRunner(self.model)
-        self._native = NativeStep(self.model, self._head) if use_native else None
-        self._fused = self._native is not None and self._native.runs_head
-        self._outputs = bundle.config.output_size if self._fused else bundle.config.hidden_sizes[-1]
+        self._step: NativeStep | NumpyStep = (
+            NativeStep(bundle.weights) if use_native else NumpyStep(bundle.weights)
+        )
+        self._outputs = bundle.config.output_size
 
     @property
     def native(self) -> bool:
-        """Whether steps go through the C kernels (else through ``nn.LSTM``)."""
-        return self._native is not None
+        """Whether steps go through the C kernels (else through NumPy)."""
+        return isinstance(self._step, NativeStep)
 
     @property
     def clock_s(self) -> float:
@@ -218,40 +214,34 @@ class Engine:
             self._counts["ends"] += int(r_ends.sum())
 
         raw = x[rows] if rows.size != n else x
-        scaled = torch.from_numpy(self.bundle.scale_inputs(raw))
+        scaled = self.bundle.scale_inputs(raw)
         step_out = np.empty(rows.size, dtype=np.int64)
         rounds = order.rounds()
         steps = self.store.steps
-        # Each round's outputs: the head's where the C step runs it, else the top h.
-        # (The C step makes no autograd graph: inference mode only around torch's.)
-        with contextlib.nullcontext() if self._fused else torch.inference_mode():
-            tops = torch.empty(rows.size, self._outputs) if len(rounds) > 1 else None
-            for members in rounds:
-                member_slots = slots if members is None else slots[members]
-                sel: Any = slice(None) if members is None else torch.from_numpy(members)
-                rsel: Any = slice(None) if members is None else members
-                if any_reset:
-                    reset_here = r_resets[rsel]
-                    if reset_here.any():
-                        self.store.zero(member_slots[reset_here], extra=False)
-                top = self._advance(member_slots, scaled[sel])
-                if tops is None:
-                    tops = top
-                else:
-                    tops[sel] = top
-                counted = steps[member_slots] + 1
-                steps[member_slots] = counted
-                step_out[rsel] = counted
-                if any_end:
-                    end_here = r_ends[rsel]
-                    if end_here.any():
-                        self.store.zero(member_slots[end_here], extra=False)
-            assert tops is not None
-            if not self._fused:
-                tops = self._head(tops)
-        y = tops.numpy()
-        if self._fused and len(rounds) == 1:  # a view of the C step's buffer
-            y = y.copy()
+        # Each round's outputs: the head's.
+        y: F32 | None = (
+            np.empty((rows.size, self._outputs), dtype=np.float32) if len(rounds) > 1 else None
+        )
+        for members in rounds:
+            member_slots = slots if members is None else slots[members]
+            sel: Any = slice(None) if members is None else members
+            if any_reset:
+                reset_here = r_resets[sel]
+                if reset_here.any():
+                    self.store.zero(member_slots[reset_here], extra=False)
+            out = self._step(self.store.h, self.store.c, member_slots, scaled[sel])
+            if y is None:
+                y = out.copy()  # may be a view of the step's buffer, which the next call reuses
+            else:
+                y[sel] = out
+            counted = steps[member_slots] + 1
+            steps[member_slots] = counted
+            step_out[sel] = counted
+            if any_end:
+                end_here = r_ends[sel]
+                if end_here.any():
+                    self.store.zero(member_slots[end_here], extra=False)
+        assert y is not None
         finished = self.bundle.finish(y, raw)
         scores = flagged = None
         if self._scoring is not None:
@@ -349,33 +339,6 @@ class Engine:
         )
 
     # -- internals ----------------------------------------------------------
-
-    def _advance(self, slots: I64, x: torch.Tensor) -> torch.Tensor:
-        """One recurrent step for distinct ``slots``: gather, step, scatter.
-
-        The C kernels update the store in place and, where they run the head,
-        return its outputs, not the top layer's ``h`` (see ``kernels``). Through
-        ``nn.LSTM``, the batch is padded to a bucket size in persistent buffers: oneDNN
-        builds a primitive for every new batch shape (~1 ms) and caches it, so
-        the shapes are kept few; a row's result does not depend on the other
-        rows, so padding is free of effect.
-        """
-        if self._native is not None:
-            return self._native(self.store.h, self.store.c, slots, x)
-        idx = torch.from_numpy(slots)
-        batch = int(slots.size)
-        bx, bh, bc = self._buffers.view(bucket(batch))
-        bx[:batch] = x
-        for group, h, c in zip(self.model.groups, bh, bc, strict=True):
-            for j in range(group.count):
-                torch.index_select(self.store.h[group.first + j], 0, idx, out=h[j, :batch])
-                torch.index_select(self.store.c[group.first + j], 0, idx, out=c[j, :batch])
-        top, new_h, new_c = self.model.recurrent_step(bx, bh, bc)
-        for group, h, c in zip(self.model.groups, new_h, new_c, strict=True):
-            for j in range(group.count):
-                self.store.h[group.first + j].index_copy_(0, idx, h[j, :batch])
-                self.store.c[group.first + j].index_copy_(0, idx, c[j, :batch])
-        return top[:batch]
 
     def _sweep(self, now: float) -> list[Eviction]:
         ttl = self.store.idle_ttl_s

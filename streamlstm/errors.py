@@ -2,7 +2,7 @@
 
 Every error the library raises on purpose is a ``StreamLSTMError``; callers that
 want to tell bad configuration from a bad model file or bad input catch the
-subclass. Library errors from torch, safetensors or Kafka are translated at the
+subclass. Library errors from safetensors, torch or Kafka are translated at the
 boundary where they happen (``raise BundleError(...) from exc``).
 """
 
@@ -12,6 +12,7 @@ __all__ = [
     "BrokerError",
     "BundleError",
     "ConfigError",
+    "DependencyError",
     "InputError",
     "StateError",
     "StreamLSTMError",
@@ -24,6 +25,11 @@ class StreamLSTMError(Exception):
 
 class ConfigError(StreamLSTMError, ValueError):
     """A configuration value is invalid; the message names the field."""
+
+
+class DependencyError(StreamLSTMError, ImportError):
+    """A feature needs an optional package that is not installed; the message says which
+    and how to install it (``pip install 'streamlstm[train]'`` for torch)."""
 
 
 class BundleError(StreamLSTMError):

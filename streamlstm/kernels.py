@@ -3,14 +3,17 @@
 Stepping through ``nn.LSTM`` costs, besides the matrix products, a gather of
 every stream's ``h`` and ``c`` rows into a batch and a scatter of the new rows
 back: four passes over state that, at 10k streams, no longer sits in cache.
-Here only ``h`` is gathered, straight into the input of the layer's one
-matrix product (``[x, h] @ [W_ih, W_hh]^T``, torch/MKL); the C cell then reads
-``c`` and writes ``c`` and ``h`` in place at the streams' slots, and the new
-``h`` into the next layer's input. Where torch links MKL, the whole step and
-the head are one C call (``sl_step``) that runs every layer and the head
-chunk by chunk of rows, calling MKL's ``sgemm_`` itself. Results agree with
-``nn.LSTM`` to float32 rounding (the parity tests check the engine on every
-path against the ``nn.LSTM`` oracle).
+Here the whole step and the head are one C call (``sl_step``) that runs every
+layer and the head chunk by chunk of rows: only ``h`` is gathered, straight
+into the input of the layer's one matrix product (``[x, h] @ [W_ih, W_hh]^T``,
+OpenBLAS's ``cblas_sgemm`` from the ``scipy-openblas32`` wheel, linked through
+its public C API); the C cell then reads ``c`` and writes ``c`` and ``h`` in
+place at the streams' slots, and the new ``h`` into the next layer's input.
+Results agree with ``nn.LSTM`` to float32 rounding (the parity tests check
+the engine on every path against the ``nn.LSTM`` oracle).
+
+No training framework is imported here: weights are NumPy arrays
+(``weights.ModelWeights``).
 """
 
 from __future__ import annotations
@@ -21,16 +24,14 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from itertools import repeat
-from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from streamlstm.errors import ConfigError
-from streamlstm.model import HeadRunner, StreamLSTM
+from streamlstm.weights import ModelWeights
 
 __all__ = [
     "DictSlotMap",
@@ -54,12 +55,11 @@ I64 = npt.NDArray[np.int64]
 MIN_ROWS = 16
 
 #: Set to 0 to use no C code even where it is built: the engine steps
-#: through torch and the store maps ids to slots with a dict.
+#: through NumPy and the store maps ids to slots with a dict.
 DISABLE_ENV = "STREAMLSTM_NATIVE"
 
-#: Set to 0 to step layer by layer over the whole batch (torch.mm between
-#: the C gather and cell) even where torch's MKL allows the chunked step.
-CHUNKED_ENV = "STREAMLSTM_CHUNKED"
+#: The C step's threads (default: the CPUs this process may run on).
+THREADS_ENV = "STREAMLSTM_THREADS"
 
 #: Rows per chunk of the chunked step (``sl_step``): a chunk's [x, h] and
 #: gates (0.9 MB for the default model) stay in a core's L2 from product to
@@ -79,19 +79,40 @@ def _load() -> ctypes.CDLL | None:
         return _lib
     _tried = True
     try:
+        # Loads OpenBLAS into the process (RTLD_GLOBAL) before the extension that
+        # links it: the wheel's documented way for a module built against it.
+        importlib.import_module("scipy_openblas32")
         module = importlib.import_module("streamlstm._kernels")
         lib = ctypes.CDLL(str(module.__file__))
     except (ImportError, OSError) as exc:
-        logger.info("C kernels not available (%s); the engine steps through torch", exc)
+        logger.info("C kernels not available (%s); the engine steps through NumPy", exc)
         return None
-    lib.sl_gather.argtypes = [_P, _P, _N, _N, _P, _N, _N, _P, _N]
-    lib.sl_gather.restype = None
-    lib.sl_lstm_cell.argtypes = [_P, _P, _P, _N, _N, _P, _P, _P, _N]
-    lib.sl_lstm_cell.restype = None
     lib.sl_step.argtypes = [_P, _P, _P, _P, _N, _P, _P, _P, _P, _N, _N]
     lib.sl_step.restype = None
     _lib, _module = lib, module
     return lib
+
+
+_threads: int | None = None
+
+
+def set_num_threads(threads: int) -> None:
+    """How many threads the C step runs on (each takes chunks of rows in turn)."""
+    global _threads
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads: must be a positive integer, got {threads!r}")
+    _threads = threads
+
+
+def get_num_threads() -> int:
+    """The C step's threads: ``set_num_threads``'s, else ``STREAMLSTM_THREADS``, else the
+    CPUs this process may run on."""
+    if _threads is not None:
+        return _threads
+    env = os.environ.get(THREADS_ENV, "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def native_available() -> bool:
@@ -108,8 +129,8 @@ def codec_module() -> ModuleType | None:
 
 
 def step_name(native: bool) -> str:
-    """How reports name the recurrent step: ``"C kernels"`` or ``"nn.LSTM"``."""
-    return "C kernels" if native else "nn.LSTM"
+    """How reports name the recurrent step: ``"C kernels"`` or ``"NumPy"``."""
+    return "C kernels" if native else "NumPy"
 
 
 class SlotMapping(Protocol):
@@ -167,33 +188,10 @@ def slot_map(native: bool) -> SlotMapping:
     return DictSlotMap()
 
 
-def _blas_sgemm() -> int | None:
-    """The address of the ``sgemm_`` of the MKL that torch links, or None.
-
-    ``sl_step`` calls it from its own threads, one chunk each; torch offers
-    no way to run a product on one thread from C. Only MKL is taken: it is
-    thread-safe, runs single-threaded inside another parallel region, and
-    computes a row the same way whatever the number of rows from 12 up.
-    """
-    if os.environ.get(CHUNKED_ENV, "1") == "0":
-        return None
-    if not torch.backends.mkl.is_available():  # type: ignore[no-untyped-call]
-        return None
-    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
-        try:
-            lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / name))
-            address: int | None = ctypes.cast(lib.sgemm_, _P).value
-        except (OSError, AttributeError):
-            continue
-        return address
-    return None
-
-
 class _Model(ctypes.Structure):
     """``sl_model`` of ``_kernels.c``: what ``sl_step`` needs of the model."""
 
     _fields_ = [
-        ("sgemm", _P),
         ("layers", _N),
         ("hidden", _P),
         ("widths", _P),
@@ -211,171 +209,106 @@ class _Model(ctypes.Structure):
 #: The head's activations as ``sl_step`` names them (``SL_ACT_*``).
 _ACTIVATIONS = {"": 0, "relu": 1, "tanh": 2, "sigmoid": 3}
 
+F32 = npt.NDArray[np.float32]
+
 
 def _int64s(values: Sequence[int]) -> ctypes.Array[ctypes.c_int64]:
     return (ctypes.c_int64 * len(values))(*values)
 
 
-def _pointers(tensors: Sequence[torch.Tensor]) -> ctypes.Array[ctypes.c_void_p]:
-    return (_P * len(tensors))(*(t.data_ptr() for t in tensors))
+def _pointers(arrays: Sequence[F32]) -> ctypes.Array[ctypes.c_void_p]:
+    return (_P * len(arrays))(*(a.ctypes.data for a in arrays))
 
 
 class NativeStep:
-    """One recurrent step of ``model`` for distinct slots, state updated in place.
+    """One recurrent step and the head of a model for distinct slots, state updated
+    in place: one C call over chunks of rows (``sl_step``, see there why).
 
-    Holds per layer the fused weights ``[F + H, 4H]`` and bias ``[4H]``. Where
-    torch's MKL is at hand, the whole step, and the head when ``head`` gives
-    it, is one C call over chunks of rows (``sl_step``, see there why);
-    otherwise each layer is a gather (C), one ``torch.mm`` and the cell (C)
-    over the whole batch, and the caller runs the head.
+    Holds per layer the fused weights ``[F + H, 4H]`` and bias ``[4H]``, and each
+    head linear's weight ``[in, out]`` (contiguous copies made once).
+    ``chunk``: rows per chunk (0: the whole batch as one chunk, on one thread).
     """
 
-    def __init__(
-        self, model: StreamLSTM, head: HeadRunner | None = None, *, chunk: int | None = None
-    ) -> None:
+    runs_head = True
+
+    def __init__(self, weights: ModelWeights, *, chunk: int | None = None) -> None:
         lib = _load()
         if lib is None:
             raise ConfigError("native: the C kernels are not built")
         self._lib = lib
-        with torch.no_grad():
-            params = model.lstm_weights()
-            self._weights = [
-                torch.cat([w_ih, w_hh], 1).t().contiguous() for w_ih, w_hh, _, _ in params
-            ]
-            self._bias = [(b_ih + b_hh).contiguous() for _, _, b_ih, b_hh in params]
-        self._hidden = list(model.config.hidden_sizes)
-        widths = [model.config.input_size, *self._hidden[:-1]]
+        fused = [layer.fused() for layer in weights.layers]
+        self._weights = [w for w, _ in fused]
+        self._bias = [b for _, b in fused]
+        self._hidden = [layer.hidden_size for layer in weights.layers]
+        widths = [weights.config.input_size, *self._hidden[:-1]]
         self._widths = [w + h for w, h in zip(widths, self._hidden, strict=True)]
-        self._inputs = widths[0]
+        self._head_w = [np.ascontiguousarray(linear.weight.T) for linear in weights.head]
+        self._head_b = [np.ascontiguousarray(linear.bias) for linear in weights.head]
+        self._outputs = int(self._head_w[-1].shape[1])
         self._rows = 0
-        self._xh: list[torch.Tensor] = []
-        self._gates = torch.zeros(0)  # flat: each layer views it [n, 4H] contiguous
-        self._top = torch.zeros(0)
-        self._y = torch.zeros(0)
-        self._work = torch.zeros(0)
-        self._head: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._chunk = CHUNK_ROWS if chunk is None else chunk  # 0: the whole batch as one chunk
-        self._keep: list[ctypes.Array[Any]] = []
-        sgemm = _blas_sgemm()
-        self._model = None if sgemm is None else self._describe(sgemm, head)
-        self._outputs = int(self._head[-1][0].shape[1]) if self.runs_head else self._hidden[-1]
-
-    def _describe(self, sgemm: int, head: HeadRunner | None) -> _Model:
-        linears = [] if head is None else head.linears
-        if any(len(acts) > 1 or (acts and acts[0] not in _ACTIVATIONS) for *_, acts in linears):
-            linears = []  # a head sl_step cannot run: the caller runs it
-        self._head = [(w, b) for w, b, _ in linears]
-        widths = [int(w.shape[1]) for w, _ in self._head]
-        acts = [_ACTIVATIONS[a[0] if a else ""] for *_, a in linears]
+        self._top = np.zeros((0, self._hidden[-1]), dtype=np.float32)
+        self._y = np.zeros((0, self._outputs), dtype=np.float32)
+        self._work = np.zeros(0, dtype=np.float32)
+        self._chunk = CHUNK_ROWS if chunk is None else chunk
+        acts = [_ACTIVATIONS[linear.activation] for linear in weights.head]
+        head_widths = [int(w.shape[1]) for w in self._head_w]
         # The arrays must live as long as the struct that points at them.
-        self._keep = [
+        self._keep: list[ctypes.Array[Any]] = [
             _int64s(self._hidden),
             _int64s(self._widths),
             _pointers(self._weights),
             _pointers(self._bias),
-            _int64s(widths or [0]),
-            _pointers([w for w, _ in self._head]),
-            _pointers([b for _, b in self._head]),
-            _int64s(acts or [0]),
+            _int64s(head_widths),
+            _pointers(self._head_w),
+            _pointers(self._head_b),
+            _int64s(acts),
         ]
         k = [ctypes.cast(a, _P) for a in self._keep]
         # Scratch per row: [x, h] of every layer, then the gates or two head activations.
-        per_row = sum(self._widths) + max([4 * max(self._hidden)] + [2 * w for w in widths])
-        return _Model(
-            sgemm, len(self._hidden), k[0], k[1], k[2], k[3],
-            len(self._head), k[4], k[5], k[6], k[7], per_row,
+        per_row = sum(self._widths) + max([4 * max(self._hidden)] + [2 * w for w in head_widths])
+        self._model = _Model(
+            len(self._hidden), k[0], k[1], k[2], k[3],
+            len(self._head_w), k[4], k[5], k[6], k[7], per_row,
         )  # fmt: skip
-
-    @property
-    def chunked(self) -> bool:
-        """Whether steps run as one C call over chunks of rows (``sl_step``)."""
-        return self._model is not None
-
-    @property
-    def runs_head(self) -> bool:
-        """Whether a step returns the head's outputs ``[n, O]`` (else the top ``h``)."""
-        return self._model is not None and self._model.head_layers > 0
 
     def _grow(self, rows: int) -> None:
         self._rows = rows
-        self._top = torch.zeros(rows, self._hidden[-1])
-        if self._model is not None:
-            self._y = torch.zeros(rows, self._outputs)
-        else:
-            self._xh = [torch.zeros(rows, w) for w in self._widths]
-            self._gates = torch.zeros(rows * 4 * max(self._hidden))
+        self._top = np.zeros((rows, self._hidden[-1]), dtype=np.float32)
+        self._y = np.zeros((rows, self._outputs), dtype=np.float32)
 
-    def __call__(
-        self, h: Sequence[torch.Tensor], c: Sequence[torch.Tensor], slots: I64, x: torch.Tensor
-    ) -> torch.Tensor:
+    def __call__(self, h: Sequence[F32], c: Sequence[F32], slots: I64, x: F32) -> F32:
         """Step ``x [n, F]`` (scaled) for distinct ``slots [n]`` of the stores ``h``, ``c``.
 
-        ``h[l]``, ``c[l]`` are the store's contiguous float32 ``[capacity, H_l]``
-        tensors, updated at ``slots``. Returns the head's outputs ``[n, O]``
-        where ``runs_head``, else the top layer's new ``h [n, H]`` (either a
-        view of a buffer the next call overwrites).
+        ``h[l]``, ``c[l]`` are the store's C-contiguous float32 ``[capacity, H_l]``
+        arrays, updated at ``slots``. Returns the head's outputs ``[n, O]``, a
+        view of a buffer the next call overwrites.
         """
         n = int(slots.size)
         rows = max(n, MIN_ROWS)
         if rows > self._rows:
             self._grow(max(rows, 2 * self._rows))
         slots = np.ascontiguousarray(slots, dtype=np.int64)
-        x = x.float().contiguous()
-        if self._model is None:
-            self._by_layer(h, c, slots, x)
-            return self._top[:n]
+        x = np.ascontiguousarray(x, dtype=np.float32)
         # As sl_step takes them: a chunk of at least 2 * MIN_ROWS rows, a lone one on one thread.
         chunk = max(self._chunk or rows, 2 * MIN_ROWS)
-        threads = torch.get_num_threads() if self._chunk else 1
+        threads = get_num_threads() if self._chunk else 1
         need = threads * chunk * self._model.per_row
-        if self._work.numel() < need:
-            self._work = torch.zeros(max(need, 2 * self._work.numel()))
+        if self._work.size < need:
+            self._work = np.zeros(max(need, 2 * self._work.size), dtype=np.float32)
+        for layer in (*h, *c):
+            if not (layer.dtype == np.float32 and layer.flags.c_contiguous):
+                raise ConfigError("state: h and c must be C-contiguous float32 arrays")
         self._lib.sl_step(
             ctypes.byref(self._model),
             _pointers(h),
             _pointers(c),
             slots.ctypes.data,
             n,
-            x.data_ptr(),
-            self._top.data_ptr(),
-            self._y.data_ptr(),
-            self._work.data_ptr(),
+            x.ctypes.data,
+            self._top.ctypes.data,
+            self._y.ctypes.data,
+            self._work.ctypes.data,
             threads,
             chunk,
         )
-        return self._y[:n] if self.runs_head else self._top[:n]
-
-    def _by_layer(
-        self, h: Sequence[torch.Tensor], c: Sequence[torch.Tensor], slots: I64, x: torch.Tensor
-    ) -> None:
-        n = int(slots.size)
-        rows = max(n, MIN_ROWS)
-        ptr = slots.ctypes.data
-        lib = self._lib
-        layers = len(self._hidden)
-        for layer in range(layers):
-            hidden = self._hidden[layer]
-            xh = self._xh[layer]
-            width = self._widths[layer]
-            # The first layer's input comes from x; a deeper one's, the cell below wrote.
-            inputs = (x.data_ptr(), self._inputs) if layer == 0 else (None, 0)
-            lib.sl_gather(
-                h[layer].data_ptr(), ptr, n, hidden, xh.data_ptr(), width, width - hidden, *inputs
-            )
-            gates = self._gates[: rows * 4 * hidden].view(rows, 4 * hidden)
-            torch.mm(xh[:rows], self._weights[layer], out=gates)
-            if layer + 1 < layers:
-                out, ld = self._xh[layer + 1], self._widths[layer + 1]
-            else:
-                out, ld = self._top, hidden
-            lib.sl_lstm_cell(
-                gates.data_ptr(),
-                self._bias[layer].data_ptr(),
-                ptr,
-                n,
-                hidden,
-                h[layer].data_ptr(),
-                c[layer].data_ptr(),
-                out.data_ptr(),
-                ld,
-            )
+        return self._y[:n]

@@ -1,25 +1,27 @@
-"""The model: stacked LSTM layers and an MLP head, a function of (input, state).
+"""The model as a torch module: stacked LSTM layers and an MLP head, f(input, state).
+
+Training, the importers and the offline oracle (``Bundle.predict_sequence``)
+use it; serving does not (the engine steps from ``weights.ModelWeights``
+through the C kernels or NumPy), so this module is the one place in the core
+that imports torch, and only the ``train`` extra installs it.
 
 Consecutive layers of equal hidden size are held as one multi-layer
-``nn.LSTM`` (a *group*): on CPU, oneDNN then runs the group as one fused
-primitive, row-deterministic across batch sizes (a stream's result does not
-depend on which other streams share its batch). The offline oracle steps
-through it; the engine steps through the C kernels of ``kernels`` where they
-are built, and through here otherwise.
+``nn.LSTM`` (a *group*, ``weights.layer_groups``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from streamlstm.config import ModelConfig
 from streamlstm.errors import ConfigError
+from streamlstm.weights import LayerGroup, ModelWeights, layer_groups
 
-__all__ = ["HeadRunner", "LSTMWeights", "LayerGroup", "State", "StreamLSTM", "layer_groups"]
+__all__ = ["LSTMWeights", "LayerGroup", "State", "StreamLSTM", "layer_groups"]
 
 #: Recurrent state, one ``(h [B, H_l], c [B, H_l])`` pair per LSTM layer.
 State = tuple[tuple[Tensor, Tensor], ...]
@@ -27,26 +29,6 @@ State = tuple[tuple[Tensor, Tensor], ...]
 #: One LSTM layer's weights in PyTorch's layout and gate order (i, f, g, o):
 #: ``(w_ih [4H, F], w_hh [4H, H], b_ih [4H], b_hh [4H])``.
 LSTMWeights = tuple[Tensor, Tensor, Tensor, Tensor]
-
-
-@dataclass(frozen=True)
-class LayerGroup:
-    """Consecutive LSTM layers ``first .. first + count - 1`` of one hidden size."""
-
-    first: int
-    count: int
-    hidden_size: int
-
-
-def layer_groups(hidden_sizes: Sequence[int]) -> tuple[LayerGroup, ...]:
-    groups: list[LayerGroup] = []
-    for layer, size in enumerate(hidden_sizes):
-        if groups and groups[-1].hidden_size == size:
-            last = groups[-1]
-            groups[-1] = LayerGroup(last.first, last.count + 1, size)
-        else:
-            groups.append(LayerGroup(layer, 1, size))
-    return tuple(groups)
 
 
 def _activation(name: str) -> nn.Module:
@@ -177,59 +159,21 @@ class StreamLSTM(nn.Module):
             for _, param, value in targets:
                 param.copy_(value.to(param.dtype))
 
+    @classmethod
+    def from_weights(cls, weights: ModelWeights) -> StreamLSTM:
+        """A module in eval mode holding copies of ``weights``."""
+        model = cls(weights.config)
+        model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.tensors.items()})
+        return model.eval()
+
+    def weights(self) -> ModelWeights:
+        """Copies of the module's parameters as ``ModelWeights`` (what serving steps with)."""
+        return ModelWeights(
+            self.config,
+            {k: np.array(v.detach().cpu().float().numpy()) for k, v in self.state_dict().items()},
+        )
+
     def zero_group_state(self, batch: int) -> tuple[list[Tensor], list[Tensor]]:
         hs = [torch.zeros(g.count, batch, g.hidden_size) for g in self.groups]
         cs = [torch.zeros(g.count, batch, g.hidden_size) for g in self.groups]
         return hs, cs
-
-
-_IN_PLACE = {nn.ReLU: Tensor.relu_, nn.Tanh: Tensor.tanh_, nn.Sigmoid: Tensor.sigmoid_}
-
-
-class HeadRunner:
-    """``model.head`` for inference, into persistent buffers (eval only).
-
-    Computes what ``model.head(x [N, H])`` does in eval mode, with each
-    hidden ``Linear`` as one ``addmm`` into a buffer kept between calls and
-    the activation applied in place: the engine runs the head on every call,
-    and the module's allocations and dispatch cost it about a third more
-    (0.43 against 0.28 ms for 1024 rows of the default model). Holds
-    references to the model's parameters (not copies) and contiguous
-    transposes of the weights, taken when it is built.
-    """
-
-    def __init__(self, model: StreamLSTM) -> None:
-        self._layers: list[tuple[Tensor, Tensor, list[object]]] = []
-        #: Per ``Linear``: its weight ``[in, out]`` (contiguous), bias and the
-        #: names of the activations after it, for code that runs the head itself.
-        self.linears: list[tuple[Tensor, Tensor, list[str]]] = []
-        with torch.no_grad():
-            for module in model.head:
-                if isinstance(module, nn.Linear):
-                    weight = module.weight.t().contiguous()
-                    self._layers.append((weight, module.bias, []))
-                    self.linears.append((weight, module.bias, []))
-                elif type(module) in _IN_PLACE:
-                    self._layers[-1][2].append(_IN_PLACE[type(module)])
-                    self.linears[-1][2].append(type(module).__name__.lower())
-                elif not isinstance(module, nn.Dropout | nn.Identity):  # both no-ops in eval
-                    raise ConfigError(f"head: no inference path for {type(module).__name__}")
-        self._rows = 0
-        self._buffers: list[Tensor] = []
-
-    def __call__(self, x: Tensor) -> Tensor:
-        """``y [N, outputs]`` for ``x [N, H]``, a new tensor."""
-        n = x.shape[0]
-        if n > self._rows:
-            self._rows = max(n, 2 * self._rows)
-            hidden = self._layers[:-1]
-            self._buffers = [torch.empty(self._rows, w.shape[1]) for w, _, _ in hidden]
-        out = x
-        for index, (weight, bias, activations) in enumerate(self._layers):
-            if index < len(self._buffers):
-                out = torch.addmm(bias, out, weight, out=self._buffers[index][:n])
-            else:  # the output layer: a new tensor, so that callers may keep it
-                out = torch.addmm(bias, out, weight)
-            for activation in activations:
-                activation(out)  # type: ignore[operator]
-        return out

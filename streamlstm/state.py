@@ -1,6 +1,6 @@
-"""Per-stream recurrent state: pre-allocated tensors, a slot map, LRU and TTL.
+"""Per-stream recurrent state: pre-allocated arrays, a slot map, LRU and TTL.
 
-Layout: for every LSTM layer ``l`` one ``h`` and one ``c`` tensor of shape
+Layout: for every LSTM layer ``l`` one ``h`` and one ``c`` float32 array of shape
 ``[capacity, H_l]``; a stream owns one row (a *slot*) in all of them. Small
 per-slot arrays hold the step count since reset, the input partition and
 offset of the last tick applied (the engine skips a tick its state already
@@ -23,7 +23,6 @@ from typing import Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
 from streamlstm.changes import Changes
 from streamlstm.errors import ConfigError, StateError
@@ -76,8 +75,8 @@ class StateStore:
         self.max_streams = max_streams
         self.idle_ttl_s = None if idle_ttl_s is None else float(idle_ttl_s)
         cap = max(1, min(initial_capacity, max_streams))
-        self.h = [torch.zeros(cap, size) for size in self.hidden_sizes]
-        self.c = [torch.zeros(cap, size) for size in self.hidden_sizes]
+        self.h = [np.zeros((cap, size), dtype=np.float32) for size in self.hidden_sizes]
+        self.c = [np.zeros((cap, size), dtype=np.float32) for size in self.hidden_sizes]
         self.steps: I64 = np.zeros(cap, dtype=np.int64)
         self.offsets: I64 = np.full(cap, -1, dtype=np.int64)
         #: The input partition of the ticks each slot's state reflects (-1: unknown).
@@ -141,11 +140,11 @@ class StateStore:
         return 2 * 4 * sum(self.hidden_sizes)
 
     def memory_bytes(self) -> int:
-        """Everything this store holds: tensors, per-slot arrays, the id map, the ids.
+        """Everything this store holds: state arrays, per-slot arrays, the id map, the ids.
 
         O(streams) because it sizes every id string; meant for benchmarks.
         """
-        total = sum(t.numel() * t.element_size() for t in (*self.h, *self.c))
+        total = sum(t.nbytes for t in (*self.h, *self.c))
         arrays = (self.steps, self.offsets, self.partitions, self.last_seen, self.extra)
         total += sum(a.nbytes for a in (*arrays, self._last_used, self.changes.flags))
         total += sum(sys.getsizeof(x) for x in (self._slot, self._owner, self._free))
@@ -243,10 +242,9 @@ class StateStore:
     def encode(self, ids: Sequence[str], partitions: Sequence[int], model: str) -> list[bytes]:
         """``snapshot(ids)``'s states as changelog bytes, built at once (``ids`` present)."""
         slots = np.array([self._slot[s] for s in ids], dtype=np.int64)
-        idx = torch.from_numpy(slots)
         return encode_many(
-            h=[t.index_select(0, idx).numpy() for t in self.h],
-            c=[t.index_select(0, idx).numpy() for t in self.c],
+            h=[t[slots] for t in self.h],
+            c=[t[slots] for t in self.c],
             step=self.steps[slots],
             offset=self.offsets[slots],
             last_seen=self.last_seen[slots],
@@ -278,11 +276,10 @@ class StateStore:
             slots, evictions = self.acquire(ids, times, fill=False)
         finally:
             self.idle_ttl_s = saved_ttl
-        # Through NumPy views of the tensors: the columns may be strided, unaligned
-        # views of a restore's buffer (decode_many), which torch cannot wrap.
+        # The columns may be strided, unaligned views of a restore's buffer (decode_many).
         for layer in range(len(self.hidden_sizes)):
-            self.h[layer].numpy()[slots] = states.h[layer]
-            self.c[layer].numpy()[slots] = states.c[layer]
+            self.h[layer][slots] = states.h[layer]
+            self.c[layer][slots] = states.c[layer]
         self.steps[slots] = states.step
         self.offsets[slots] = states.offset
         self.partitions[slots] = states.partition
@@ -329,15 +326,17 @@ class StateStore:
 
     def _grow(self, new_capacity: int) -> None:
         old = self.capacity
-        # One tensor at a time, so the transient peak is one tensor's growth,
+        # One array at a time, so the transient peak is one array's growth,
         # not a second copy of the whole store. Zeros, not empty: the memory is
-        # touched here, so ``reserve`` ahead of a restore takes its page faults.
-        for tensors in (self.h, self.c):
-            for i, tensor in enumerate(tensors):
-                grown = torch.zeros(new_capacity, tensor.shape[1])
-                grown[:old] = tensor
-                tensors[i] = grown
-                del tensor, grown
+        # touched here (np.zeros alone maps it lazily), so ``reserve`` ahead of
+        # a restore takes its page faults.
+        for arrays in (self.h, self.c):
+            for i, array in enumerate(arrays):
+                grown = np.empty((new_capacity, array.shape[1]), dtype=np.float32)
+                grown[:old] = array
+                grown[old:] = 0.0
+                arrays[i] = grown
+                del array, grown
         self.steps = _grow_array(self.steps, new_capacity, 0)
         self.offsets = _grow_array(self.offsets, new_capacity, -1)
         self.partitions = _grow_array(self.partitions, new_capacity, -1)
@@ -351,9 +350,8 @@ class StateStore:
         self._free[:0] = range(new_capacity - 1, old - 1, -1)
 
     def _zero(self, slots: I64, *, extra: bool = True) -> None:
-        idx = torch.from_numpy(slots)
-        for tensor in (*self.h, *self.c):
-            tensor.index_fill_(0, idx, 0.0)
+        for array in (*self.h, *self.c):
+            array[slots] = 0.0
         self.steps[slots] = 0
         if extra:
             self.extra[slots] = 0.0
@@ -374,9 +372,8 @@ class StateStore:
         return [Eviction(owner, reason, state) for owner, state in pairs if owner is not None]
 
     def _states(self, slots: I64) -> list[StreamState]:
-        idx = torch.from_numpy(slots)
-        hs = [t.index_select(0, idx).numpy() for t in self.h]
-        cs = [t.index_select(0, idx).numpy() for t in self.c]
+        hs = [t[slots] for t in self.h]
+        cs = [t[slots] for t in self.c]
         return [
             StreamState(
                 h=tuple(h[i] for h in hs),

@@ -230,7 +230,7 @@ def test_every_tick_answered_once_and_equal_to_the_oracle(
     assert "streamlstm_latency_from_event_seconds" in families
     assert "streamlstm_consumer_lag" in families
     info = families["streamlstm_model_info"].samples[0].labels
-    assert info["recurrent_step"] == ("C kernels" if native_available() else "nn.LSTM")
+    assert info["recurrent_step"] == ("C kernels" if native_available() else "NumPy")
     assert json.loads(summaries[0].value)["instance"] == config.instance_id
 
 

@@ -1,4 +1,4 @@
-"""The C step over chunks of rows (``sl_step``) against the layer-by-layer step and torch."""
+"""The C step over chunks of rows (``sl_step``) against the NumPy step, and its bits."""
 
 from __future__ import annotations
 
@@ -7,23 +7,18 @@ from collections.abc import Iterator
 import numpy as np
 import numpy.typing as npt
 import pytest
-import torch
 
 from streamlstm import Bundle, Engine, ModelConfig, kernels
-from streamlstm.kernels import CHUNKED_ENV, DISABLE_ENV, NativeStep
+from streamlstm.kernels import DISABLE_ENV
 
 
 @pytest.fixture(autouse=True)
-def chunked_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests are of the chunked step: on whatever the environment says."""
+def native_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are of the C step: on whatever the environment says."""
     monkeypatch.delenv(DISABLE_ENV, raising=False)
-    monkeypatch.delenv(CHUNKED_ENV, raising=False)
 
 
-_MISSING = (
-    "no chunked step here: it needs the C kernels (make clean test) and a torch with MKL "
-    "(torch.backends.mkl.is_available())"
-)
+_MISSING = "no C step here: it needs the C kernels built with scipy-openblas32 (make clean test)"
 
 CONFIGS = [
     ModelConfig(input_size=1),
@@ -41,9 +36,8 @@ def chunk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> It
 
 def _chunked(bundle: Bundle, **kwargs: object) -> Engine:
     engine = Engine(bundle, native=True, **kwargs)  # type: ignore[arg-type]
-    # Built with the package, and the CPU torch wheels bundle MKL: a silent
-    # fallback would leave these tests checking the by-layer path instead.
-    assert engine._native is not None and engine._native.chunked, _MISSING
+    # Built with the package: a silent fallback would leave these tests checking NumPy.
+    assert engine.native, _MISSING
     return engine
 
 
@@ -60,12 +54,11 @@ def _batches(
 
 
 @pytest.mark.parametrize("config", CONFIGS)
-def test_chunked_engine_equals_torch_with_repeats_resets_ends_and_bad_rows(
+def test_chunked_engine_equals_numpy_with_repeats_resets_ends_and_bad_rows(
     config: ModelConfig, chunk: int
 ) -> None:
     bundle = Bundle.random(config, seed=4)
     native = _chunked(bundle)
-    assert native._native is not None and native._native.runs_head
     plain = Engine(bundle, native=False)
     rng = np.random.default_rng(0)
     for ids, x in _batches(rng, 600, config.input_size):
@@ -80,17 +73,18 @@ def test_chunked_engine_equals_torch_with_repeats_resets_ends_and_bad_rows(
     for layer in range(config.num_layers):
         for held in (native.store, plain.store):
             assert held.stream_ids() == plain.store.stream_ids()
-        slots_n = [native.store.slot_of(s) for s in plain.store.stream_ids()]
-        slots_p = [plain.store.slot_of(s) for s in plain.store.stream_ids()]
-        torch.testing.assert_close(
+        ids = plain.store.stream_ids()
+        slots_n = np.array([native.store.slot_of(s) for s in ids], dtype=np.int64)
+        slots_p = np.array([plain.store.slot_of(s) for s in ids], dtype=np.int64)
+        np.testing.assert_allclose(
             native.store.h[layer][slots_n], plain.store.h[layer][slots_p], atol=1e-5, rtol=0
         )
-        torch.testing.assert_close(
+        np.testing.assert_allclose(
             native.store.c[layer][slots_n], plain.store.c[layer][slots_p], atol=1e-5, rtol=1e-6
         )
 
 
-def test_chunked_engine_evicts_as_torch_does(chunk: int) -> None:
+def test_chunked_engine_evicts_as_numpy_does(chunk: int) -> None:
     bundle = Bundle.random(CONFIGS[1], seed=2)
     native = _chunked(bundle, max_streams=150)
     plain = Engine(bundle, native=False, max_streams=150)
@@ -106,17 +100,18 @@ def test_chunked_engine_evicts_as_torch_does(chunk: int) -> None:
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_stream_gets_the_same_bits_whatever_shares_its_batch(chunk: int, threads: int) -> None:
-    # Padding to MIN_ROWS keeps MKL's per-row arithmetic fixed, so a stream's
-    # results do not depend on how many streams share its batch or its chunk.
+    # OpenBLAS sums a row's products in an order set by k alone (padded to MIN_ROWS
+    # rows all the same), so a stream's results do not depend on how many streams
+    # share its batch or its chunk: a restored stream continues bit for bit.
     bundle = Bundle.random(CONFIGS[0], seed=0)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(12, 1)).astype(np.float32)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    before = kernels.get_num_threads()
+    kernels.set_num_threads(threads)
     try:
         alone = _chunked(bundle)
         want = np.concatenate([alone.step(["a"], x[t : t + 1]).predictions for t in range(12)])
-        for size in (3, 40, 700):
+        for size in (3, 40, 700, 1599):
             crowd = _chunked(bundle)
             got = []
             for t in range(12):
@@ -125,41 +120,4 @@ def test_a_stream_gets_the_same_bits_whatever_shares_its_batch(chunk: int, threa
                 got.append(crowd.step([*others, "a"], xs).predictions[-1:])
             np.testing.assert_array_equal(np.concatenate(got), want)
     finally:
-        torch.set_num_threads(before)
-
-
-def test_the_switch_turns_the_chunked_step_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    bundle = Bundle.random(CONFIGS[0], seed=0)
-    monkeypatch.setenv(kernels.CHUNKED_ENV, "0")
-    step = NativeStep(bundle.model)
-    assert not step.chunked and not step.runs_head
-    engine = Engine(bundle, native=True)
-    assert engine._native is not None and not engine._native.chunked
-    ids = [f"s{i}" for i in range(50)]
-    x = np.random.default_rng(0).normal(size=(50, 1)).astype(np.float32)
-    np.testing.assert_allclose(
-        engine.step(ids, x).predictions,
-        Engine(bundle, native=False).step(ids, x).predictions,
-        atol=1e-5,
-        rtol=0,
-    )
-
-
-def test_without_a_head_the_chunked_step_returns_the_top_h() -> None:
-    model = Bundle.random(CONFIGS[1], seed=0).model.eval()
-    step = NativeStep(model)
-    assert step.chunked, _MISSING
-    assert not step.runs_head
-    gen = torch.Generator().manual_seed(0)
-    hs = [torch.randn(30, size, generator=gen) for size in (12, 12, 6)]
-    cs = [torch.randn(30, size, generator=gen) for size in (12, 12, 6)]
-    slots = np.arange(0, 30, 3, dtype=np.int64)
-    x = torch.randn(10, 3, generator=gen)
-    with torch.inference_mode():
-        want, _, _ = model.recurrent_step(
-            x,
-            [torch.stack([hs[g.first + j][slots] for j in range(g.count)]) for g in model.groups],
-            [torch.stack([cs[g.first + j][slots] for j in range(g.count)]) for g in model.groups],
-        )
-        got = step(hs, cs, slots, x)
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        kernels.set_num_threads(before)

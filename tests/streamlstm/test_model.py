@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from streamlstm import ConfigError, ModelConfig, StreamLSTM
-from streamlstm.model import HeadRunner
+from streamlstm.numpy_step import run_head
+from streamlstm.weights import ModelWeights, expected_shapes
 from tests.conftest import BundleFactory
 
 
@@ -53,7 +54,7 @@ def test_oracle_agrees_with_whole_sequence_forward(make_bundle: BundleFactory) -
 
 @pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "linear"])
 @pytest.mark.parametrize("head_sizes", [(), (16,), (16, 8)])
-def test_head_runner_computes_what_the_head_does(
+def test_the_numpy_head_computes_what_the_torch_head_does(
     activation: str, head_sizes: tuple[int, ...]
 ) -> None:
     config = ModelConfig(
@@ -64,21 +65,43 @@ def test_head_runner_computes_what_the_head_does(
         output_size=3,
     )
     model = StreamLSTM(config).eval()
-    runner = HeadRunner(model)
+    weights = model.weights()
     gen = torch.Generator().manual_seed(0)
-    kept = []
     with torch.inference_mode():
-        for rows in (5, 40, 3):  # grows its buffers, then reuses them
+        for rows in (5, 40, 3):
             x = torch.randn(rows, 12, generator=gen) * 3
-            got = runner(x)
-            torch.testing.assert_close(got, model.head(x), atol=1e-6, rtol=0)
-            kept.append((got, model.head(x)))
-    for got, want in kept:  # what it returned is not overwritten by later calls
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+            got = run_head(weights.head, x.numpy())
+            np.testing.assert_allclose(got, model.head(x).numpy(), atol=1e-6, rtol=0)
 
 
-def test_head_runner_refuses_a_head_module_it_cannot_run() -> None:
-    model = StreamLSTM(ModelConfig(input_size=1, hidden_sizes=(8,), head_sizes=(4,))).eval()
-    model.head[2] = torch.nn.GELU()  # in place of the ReLU after the first Linear
-    with pytest.raises(ConfigError, match="head: no inference path for GELU"):
-        HeadRunner(model)
+@pytest.mark.parametrize(
+    "config",
+    [
+        ModelConfig(),
+        ModelConfig(input_size=3, hidden_sizes=(12, 12, 6), head_sizes=(16, 8), output_size=3),
+        ModelConfig(input_size=2, hidden_sizes=(7,), head_sizes=(), head_activation="linear"),
+    ],
+)
+def test_numpy_weights_name_and_shape_every_tensor_as_the_torch_module(
+    config: ModelConfig,
+) -> None:
+    # Serving reads model.safetensors into ModelWeights without torch; training
+    # writes it from StreamLSTM.state_dict(): the two must agree name for name.
+    model = StreamLSTM(config)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected_shapes(config)
+    weights = model.weights()
+    back = StreamLSTM.from_weights(weights)
+    for key, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    assert [lin.activation for lin in weights.head][-1] == ""
+
+
+def test_numpy_weights_refuse_a_wrong_shape_or_dtype() -> None:
+    config = ModelConfig(input_size=1, hidden_sizes=(8,), head_sizes=(4,))
+    tensors = dict(ModelWeights.random(config).tensors)
+    tensors["head.3.bias"] = np.zeros(2, np.float32)
+    with pytest.raises(ConfigError, match=r"tensor head.3.bias has shape \[2\]"):
+        ModelWeights(config, tensors)
+    tensors["head.3.bias"] = np.zeros(1, np.float64)
+    with pytest.raises(ConfigError, match=r"tensor head\.3\.bias has dtype float64"):
+        ModelWeights(config, tensors)
