@@ -160,7 +160,11 @@ def test_keras_tutorial_model_matches_keras(tmp_path: Path) -> None:
     assert bundle.input_scaler is None and bundle.target_scaler is None
     assert bundle.warmup_steps == WINDOW
     got = np.array([bundle.predict_sequence(w)[-1, 0] for w in x])
-    np.testing.assert_allclose(got, expected, atol=1e-4)
+    # Random weights of scale 0.3 over 60 steps make float32 ill-conditioned:
+    # against the same model run in float64, Keras (torch backend, Keras 3.15)
+    # was off by 1.0e-4 on window 0 and predict_sequence by 2.4e-5. A wrong
+    # weight mapping moves answers by 1e-1, so 5e-4 still tells them apart.
+    np.testing.assert_allclose(got, expected, atol=5e-4, rtol=0)
 
 
 def test_keras_functional_sequence_model_with_softmax(tmp_path: Path) -> None:
