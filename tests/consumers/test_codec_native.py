@@ -8,6 +8,7 @@ the C codec and with ``STREAMLSTM_NATIVE=0`` (``wire.decode_tick`` and
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -336,3 +337,52 @@ def test_well_formed_ticks_never_take_the_per_tick_path(monkeypatch: pytest.Monk
     )
     assert batch is not None and len(batch.ids) == 1001
     assert calls == [b"odd"]  # only the tick with an unexpected field went the slow way
+
+
+# -- the C functions themselves, with arguments no caller in the daemon passes -------------
+
+
+def _native() -> Any:
+    native = codec_module()
+    assert native is not None, "the C codec is not built: pip install -e . (or make venv)"
+    return native
+
+
+def _encode_args(ids: list[Any], rows: list[int], outputs: int = 1) -> list[Any]:
+    """encode_predictions' arguments for ``len(ids)`` answered ticks, no event times."""
+    n = len(ids)
+    return [
+        ids,
+        np.array(rows, dtype=np.int64),
+        np.full(n, np.nan),
+        orjson.dumps(np.zeros(n * outputs), option=orjson.OPT_SERIALIZE_NUMPY),
+        outputs,
+        np.zeros(n, dtype=np.int64),
+        np.zeros(n, dtype=np.bool_),
+        np.zeros(n, dtype=np.int64),
+        np.arange(n, dtype=np.int64),
+        None,
+        None,
+        b'"m"',
+    ]
+
+
+def test_rows_left_to_python_keep_their_references_to_none() -> None:
+    # An id that is not text leaves its row to Python: value None. Each None the C code
+    # puts in a list must be a reference it took, or every poll with such a row frees one
+    # reference to None too many (Python 3.11: "deallocating None" after a long run).
+    native = _native()
+    ids: list[Any] = [7, b"bytes", "\ud800"]  # not str; not str; not UTF-8-encodable
+    ok = _encode_args(ids, [0, 1, 2, 0])
+    out_of_range = _encode_args(ids, [0, 1, 2, 3])  # the last row fails after three Nones
+    calls = 2000
+    before = sys.getrefcount(None)
+    for _ in range(calls):
+        keys, values, stamps = native.encode_predictions(*ok)
+        assert values == [None] * 4 and stamps == [None] * 4
+        assert keys == [None, None, None, None]
+        del keys, values, stamps
+        with pytest.raises(IndexError):
+            native.encode_predictions(*out_of_range)
+    drift = sys.getrefcount(None) - before
+    assert abs(drift) < calls // 10, f"None's refcount moved by {drift} over {calls} calls"
