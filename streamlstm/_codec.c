@@ -401,11 +401,12 @@ static PyObject *codec_decode_ticks(PyObject *self, PyObject *args) {
         if (PyBytes_CheckExact(value) && PyBytes_GET_SIZE(value) <= max_value &&
             (key == Py_None || PyBytes_CheckExact(key))) {
             /* id points into key's or value's bytes: both held until the text is made */
-            decode_one(PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value),
-                       key == Py_None ? NULL : PyBytes_AS_STRING(key),
-                       key == Py_None ? 0 : PyBytes_GET_SIZE(key), &lim,
-                       (double *)features->buf + i * input_size, (double *)ts->buf + i, flag,
-                       &id, &id_len);
+            if (!decode_one(PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value),
+                            key == Py_None ? NULL : PyBytes_AS_STRING(key),
+                            key == Py_None ? 0 : PyBytes_GET_SIZE(key), &lim,
+                            (double *)features->buf + i * input_size, (double *)ts->buf + i,
+                            flag, &id, &id_len))
+                *flag = 0; /* a tick refused halfway may have set its reset or end bit */
         }
         PyObject *text = *flag & 1 ? PyUnicode_DecodeASCII(id, id_len, NULL) /* checked ASCII */
                                    : Py_NewRef(Py_None);

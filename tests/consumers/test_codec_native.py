@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamlstm import StepResult, wire
+from streamlstm import ConfigError, StepResult, kernels, wire
 from streamlstm.consumers import codec
 from streamlstm.consumers.codec import Batch, decode_poll, encode_outputs
 from streamlstm.kernels import CODEC_PATH_ENV, DISABLE_ENV, codec_module
@@ -629,3 +629,14 @@ def test_any_outputs_are_the_bytes_of_the_reference(
     with pytest.MonkeyPatch.context() as monkeypatch:
         native, reference = _both(monkeypatch, run)
     assert native == reference
+
+
+def test_a_codec_path_that_names_no_build_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The sanitizer run must not pass on the in-place build because its own was not found.
+    monkeypatch.setattr(kernels, "_codec_tried", False)
+    monkeypatch.setattr(kernels, "_codec", None)
+    monkeypatch.setenv(CODEC_PATH_ENV, str(tmp_path / "_codec.so"))
+    with pytest.raises(ConfigError, match="no extension module"):
+        codec_module()
