@@ -1,7 +1,8 @@
-"""Builds the engine's optional C kernels; everything else is in pyproject.toml.
+"""Builds the optional C extensions; everything else is in pyproject.toml.
 
-The extension is optional: where it cannot be compiled (no C compiler, no
-OpenMP), the install goes on and the engine steps through NumPy alone.
+Both are optional: where one cannot be compiled (no C compiler, no OpenMP),
+the install goes on and the engine steps through NumPy alone (``_kernels``),
+the daemon decodes and encodes through wire.py (``_codec``).
 
 The kernels link OpenBLAS from the ``scipy-openblas32`` wheel, a build
 requirement and a dependency: its ``get_include_dir`` / ``get_lib_dir`` /
@@ -34,11 +35,22 @@ setup(
     ext_modules=[
         Extension(
             "streamlstm._kernels",
-            sources=["streamlstm/_kernels.c", "streamlstm/_codec.c"],
+            sources=["streamlstm/_kernels.c"],
             extra_compile_args=compile_args,
             extra_link_args=["-fopenmp", "-lm"],
             optional=True,
             **blas,
-        )
+        ),
+        # The codec parses untrusted Kafka bytes: a module of its own, without the
+        # kernels' -ffast-math (which lets the compiler assume away the NaN and range
+        # checks it makes) and without OpenMP. `make test-sanitize` builds it again with
+        # ASan and UBSan.
+        Extension(
+            "streamlstm._codec",
+            sources=["streamlstm/_codec.c"],
+            extra_compile_args=["-O2"],
+            extra_link_args=["-lm"],
+            optional=True,
+        ),
     ]
 )

@@ -1,7 +1,7 @@
 /*
- * The daemon's per-poll wire work, part of the _kernels extension (see
- * streamlstm/native_codec.py): a poll's records to the step request's arrays,
- * and a step's results to output records, in one call each.
+ * The daemon's per-poll wire work, the extension module streamlstm._codec
+ * (loaded by streamlstm.kernels.codec_module): a poll's records to the step
+ * request's arrays, and a step's results to output records, in one call each.
  *
  * Why: decoding a tick through orjson and the checks of wire.decode_tick,
  * and encoding a prediction through a dict and orjson.dumps, cost the
@@ -15,9 +15,12 @@
  * encoder writes only what it is sure orjson writes the same way (floats
  * whose repr is plain decimal) and leaves the rest to wire.encode_prediction.
  *
- * Compiled with the extension's -ffast-math, under which the compiler may
- * assume no NaN or infinity: finiteness is read from the bits, never from
- * isfinite().
+ * It reads untrusted bytes, so it is a module of its own, built without the
+ * kernels' -ffast-math (under which the compiler may assume that no value is
+ * NaN or infinite, and drop exactly the checks this file makes); `make
+ * test-sanitize` runs its tests against an ASan/UBSan build. Every read of
+ * input bytes is bounded by the cursor's end, every size product is checked,
+ * and every array argument is checked for its type, size and alignment.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -33,6 +36,7 @@
 /* A number token longer than this goes to Python (and strtod never sees it). */
 #define CODEC_MAX_NUMBER 64
 
+/* From the bits: right whatever floating-point flags the file is compiled with. */
 static int codec_finite(double x) {
     uint64_t bits;
     memcpy(&bits, &x, sizeof bits);
@@ -245,15 +249,77 @@ static int decode_one(const char *data, Py_ssize_t size, const char *key, Py_ssi
     return 1;
 }
 
-/* A contiguous, writable buffer of exactly `bytes` bytes. */
-static int out_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t bytes) {
-    if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return 0;
-    if (view->len != bytes) {
-        PyBuffer_Release(view);
-        PyErr_SetString(PyExc_ValueError, "decode_ticks: an output array has the wrong size");
+/* ---- arguments ---------------------------------------------------------- */
+
+/* *out = a * b; 0 with OverflowError where the product does not fit a Py_ssize_t
+ * (a batch that large is a caller's bug: never wrap around to a small size). */
+static int mul_size(Py_ssize_t a, Py_ssize_t b, Py_ssize_t *out, const char *func) {
+    if (a < 0 || b < 0 || (a != 0 && b > PY_SSIZE_T_MAX / a)) {
+        PyErr_Format(PyExc_OverflowError, "%s: the arrays' size (%zd x %zd) overflows", func, a,
+                     b);
         return 0;
     }
+    *out = a * b;
     return 1;
+}
+
+/* The element type an array argument must have: one of `codes` (struct module
+ * format characters), each item `itemsize` bytes. */
+typedef struct {
+    const char *codes, *name;
+    Py_ssize_t itemsize;
+} Kind;
+
+static const Kind K_F64 = {"d", "float64", 8};
+/* int64 is 'q', or 'l' where long is 64 bits (numpy's int64 on LP64): itemsize decides. */
+static const Kind K_I64 = {"ql", "int64", 8};
+static const Kind K_U8 = {"B", "uint8", 1};
+static const Kind K_I8 = {"b", "int8", 1};
+/* ready is read as a byte, nonzero true: bool or uint8. */
+static const Kind K_READY = {"?B", "bool", 1};
+
+/* Whether a buffer's format is one of the kind's codes, in native byte order. */
+static int format_is(const char *format, const Kind *kind) {
+    if (format == NULL) format = "B"; /* PEP 3118: no format means unsigned bytes */
+    if (*format == '@' || *format == '=' || *format == (PY_LITTLE_ENDIAN ? '<' : '>')) format++;
+    return format[0] != '\0' && format[1] == '\0' && strchr(kind->codes, format[0]) != NULL;
+}
+
+/*
+ * obj's buffer as `count` items of `kind` (count -1: any number), C-contiguous and
+ * aligned for the item, writable where asked; 0 with TypeError (wrong type) or
+ * ValueError (wrong size, misaligned) naming the argument. view->obj is NULL unless
+ * the view is held, so that PyBuffer_Release on every view is always right.
+ */
+static int get_array(PyObject *obj, Py_buffer *view, int writable, const Kind *kind,
+                     Py_ssize_t count, const char *func, const char *arg) {
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(obj, view, flags) < 0) {
+        view->obj = NULL;
+        return 0;
+    }
+    if (view->itemsize != kind->itemsize || !format_is(view->format, kind)) {
+        PyErr_Format(PyExc_TypeError, "%s: %s must be a %s array, not format '%s' (itemsize %zd)",
+                     func, arg, kind->name, view->format ? view->format : "B", view->itemsize);
+        goto fail;
+    }
+    if (count >= 0 && view->len / kind->itemsize != count) {
+        PyErr_Format(PyExc_ValueError, "%s: %s has %zd items, not %zd", func, arg,
+                     view->len / kind->itemsize, count);
+        goto fail;
+    }
+    if (view->len % kind->itemsize || (uintptr_t)view->buf % (uintptr_t)kind->itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s: %s is not aligned for %s", func, arg, kind->name);
+        goto fail;
+    }
+    return 1;
+fail:
+    PyBuffer_Release(view); /* sets view->obj to NULL */
+    return 0;
+}
+
+static void release_all(Py_buffer *views, int count) {
+    for (int k = 0; k < count; k++) PyBuffer_Release(&views[k]); /* a no-op where obj is NULL */
 }
 
 static int64_t attr_int(PyObject *record, PyObject *name, int *ok) {
@@ -270,15 +336,19 @@ static int64_t attr_int(PyObject *record, PyObject *name, int *ok) {
 
 static PyObject *s_key, *s_value, *s_offset;
 
+/* ---- decoding ----------------------------------------------------------- */
+
 /*
  * decode_ticks(records, input_size, max_value_bytes, max_id_bytes, min_ts_ms, latest_ms,
  *              features, ts, flags, offsets) -> list
- * Row i of the float64/uint8/int64 arrays answers records[i]; the list holds the
- * tick's stream id, or None where wire.decode_tick must decide (flags bit 0 clear).
- * A record is anything with offset, key and value (aiokafka's ConsumerRecord or the
- * record its batch reads): its partition is the caller's to fill in.
+ * Row i of features (float64 [n, input_size]), ts (float64), flags (uint8) and offsets
+ * (int64) answers records[i]; the list holds the tick's stream id, or None where
+ * wire.decode_tick must decide (flags bit 0 clear). A record is anything with offset,
+ * key and value (aiokafka's ConsumerRecord or the record its batch reads): its partition
+ * is the caller's to fill in.
  */
 static PyObject *codec_decode_ticks(PyObject *self, PyObject *args) {
+    static const char func[] = "decode_ticks";
     PyObject *records, *o_features, *o_ts, *o_flags, *o_offsets;
     Py_ssize_t input_size, max_value, max_id;
     double min_ts, latest;
@@ -289,66 +359,67 @@ static PyObject *codec_decode_ticks(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "decode_ticks: input_size must be at least 1");
         return NULL;
     }
-    Py_ssize_t n = PyList_GET_SIZE(records);
-    Py_buffer features, ts, flags, offsets;
-    if (!out_buffer(o_features, &features, n * input_size * (Py_ssize_t)sizeof(double)))
-        return NULL;
-    if (!out_buffer(o_ts, &ts, n * (Py_ssize_t)sizeof(double))) goto fail_ts;
-    if (!out_buffer(o_flags, &flags, n)) goto fail_flags;
-    if (!out_buffer(o_offsets, &offsets, n * (Py_ssize_t)sizeof(int64_t))) goto fail_offsets;
-    PyObject *ids = PyList_New(n);
+    Py_ssize_t n = PyList_GET_SIZE(records), cells;
+    if (!mul_size(n, input_size, &cells, func)) return NULL;
+    Py_buffer views[4];
+    memset(views, 0, sizeof views);
+    Py_buffer *features = &views[0], *ts = &views[1], *flags = &views[2], *offsets = &views[3];
+    PyObject *ids = NULL;
+    if (!get_array(o_features, features, 1, &K_F64, cells, func, "features") ||
+        !get_array(o_ts, ts, 1, &K_F64, n, func, "ts") ||
+        /* uint8, not bool: the flags are bits (2: reset, 4: end), not 0 or 1 */
+        !get_array(o_flags, flags, 1, &K_U8, n, func, "flags") ||
+        !get_array(o_offsets, offsets, 1, &K_I64, n, func, "offsets"))
+        goto fail;
+    ids = PyList_New(n);
     if (ids == NULL) goto fail;
     Limits lim = {input_size, max_id, min_ts, latest};
     for (Py_ssize_t i = 0; i < n; i++) {
+        /* The attribute reads below may run Python code (a property, __getattr__) that
+         * changes the list: check its size at each record, and hold the record itself,
+         * which the list's reference no longer keeps alive once it is changed. */
+        if (PyList_GET_SIZE(records) != n) {
+            PyErr_SetString(PyExc_RuntimeError, "decode_ticks: records changed size during the call");
+            goto fail;
+        }
         PyObject *record = PyList_GET_ITEM(records, i);
+        Py_INCREF(record);
         int ok = 1;
-        ((int64_t *)offsets.buf)[i] = attr_int(record, s_offset, &ok);
-        if (!ok) goto fail_ids;
-        PyObject *key = PyObject_GetAttr(record, s_key);
-        if (key == NULL) goto fail_ids;
-        PyObject *value = PyObject_GetAttr(record, s_value);
+        ((int64_t *)offsets->buf)[i] = attr_int(record, s_offset, &ok);
+        PyObject *key = ok ? PyObject_GetAttr(record, s_key) : NULL;
+        PyObject *value = key != NULL ? PyObject_GetAttr(record, s_value) : NULL;
+        Py_DECREF(record);
         if (value == NULL) {
-            Py_DECREF(key);
-            goto fail_ids;
+            Py_XDECREF(key);
+            goto fail;
         }
         const char *id = NULL;
         Py_ssize_t id_len = 0;
-        uint8_t *flag = (uint8_t *)flags.buf + i;
+        uint8_t *flag = (uint8_t *)flags->buf + i;
         *flag = 0;
+        ((double *)ts->buf)[i] = NAN;
         if (PyBytes_CheckExact(value) && PyBytes_GET_SIZE(value) <= max_value &&
             (key == Py_None || PyBytes_CheckExact(key))) {
-            decode_one(PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value),
-                       key == Py_None ? NULL : PyBytes_AS_STRING(key),
-                       key == Py_None ? 0 : PyBytes_GET_SIZE(key), &lim,
-                       (double *)features.buf + i * input_size, (double *)ts.buf + i, flag, &id,
-                       &id_len);
+            /* id points into key's or value's bytes: both held until the text is made */
+            if (!decode_one(PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value),
+                            key == Py_None ? NULL : PyBytes_AS_STRING(key),
+                            key == Py_None ? 0 : PyBytes_GET_SIZE(key), &lim,
+                            (double *)features->buf + i * input_size, (double *)ts->buf + i,
+                            flag, &id, &id_len))
+                *flag = 0; /* a tick refused halfway may have set its reset or end bit */
         }
-        PyObject *text = Py_None;
-        Py_INCREF(Py_None);
-        if (*flag & 1) {
-            Py_DECREF(Py_None);
-            text = PyUnicode_DecodeASCII(id, id_len, NULL); /* printable ASCII, checked */
-        }
+        PyObject *text = *flag & 1 ? PyUnicode_DecodeASCII(id, id_len, NULL) /* checked ASCII */
+                                   : Py_NewRef(Py_None);
         Py_DECREF(key);
         Py_DECREF(value);
-        if (text == NULL) goto fail_ids;
-        PyList_SET_ITEM(ids, i, text);
+        if (text == NULL) goto fail;
+        PyList_SET_ITEM(ids, i, text); /* steals text */
     }
-    PyBuffer_Release(&offsets);
-    PyBuffer_Release(&flags);
-    PyBuffer_Release(&ts);
-    PyBuffer_Release(&features);
+    release_all(views, 4);
     return ids;
-fail_ids:
-    Py_DECREF(ids);
 fail:
-    PyBuffer_Release(&offsets);
-fail_offsets:
-    PyBuffer_Release(&flags);
-fail_flags:
-    PyBuffer_Release(&ts);
-fail_ts:
-    PyBuffer_Release(&features);
+    Py_XDECREF(ids); /* a list with NULL items past i frees what it holds */
+    release_all(views, 4);
     return NULL;
 }
 
@@ -359,8 +430,10 @@ typedef struct {
     Py_ssize_t len, cap;
 } Out;
 
+/* Room for `more` bytes; 0 where there is no memory (or the size would overflow). */
 static int out_reserve(Out *o, Py_ssize_t more) {
-    if (o->len + more <= o->cap) return 1;
+    if (more <= o->cap - o->len) return 1;
+    if (more > PY_SSIZE_T_MAX / 2 - o->len) return 0;
     Py_ssize_t cap = (o->len + more) * 2;
     char *data = PyMem_Realloc(o->data, (size_t)cap);
     if (data == NULL) return 0;
@@ -370,6 +443,7 @@ static int out_reserve(Out *o, Py_ssize_t more) {
 }
 
 static int out_write(Out *o, const char *s, Py_ssize_t n) {
+    if (n == 0) return 1; /* o->data may still be NULL: memcpy(NULL, ...) is undefined */
     if (!out_reserve(o, n)) return 0;
     memcpy(o->data + o->len, s, (size_t)n);
     o->len += n;
@@ -406,7 +480,7 @@ static int out_float(Out *o, double x) {
 
 /* A stream id as a JSON string (orjson escapes only '"', '\\' and C0; C0 goes to Python). */
 static int out_id(Out *o, const char *s, Py_ssize_t n) {
-    if (!out_reserve(o, 2 * n + 2)) return 0;
+    if (n > PY_SSIZE_T_MAX / 2 - 1 || !out_reserve(o, 2 * n + 2)) return 0;
     char *d = o->data + o->len;
     *d++ = '"';
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -433,14 +507,21 @@ typedef struct {
 } Tokens;
 
 /* The tokens of a flat JSON array of numbers as orjson writes one (no spaces; numbers
- * and null never hold ',' or ']'); 0 unless there are exactly `count`. */
+ * and null never hold ',' or ']'): 1 when there are exactly `count`, 0 when not, -1
+ * with MemoryError when there is no memory for the table. */
 static int split_tokens(const char *text, Py_ssize_t size, Py_ssize_t count, Tokens *t) {
     t->text = text;
-    t->start = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(count ? count : 1));
-    t->len = PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)(count ? count : 1));
-    if (t->start == NULL || t->len == NULL) return 0;
     if (size < 2 || text[0] != '[' || text[size - 1] != ']') return 0;
     if (count == 0) return size == 2;
+    /* Each token is a byte at least, and each but the last has its ',': a count this
+     * text cannot hold is refused before it sizes an allocation. */
+    if (count > (size - 1) / 2) return 0;
+    t->start = PyMem_New(Py_ssize_t, (size_t)count); /* NULL where the size overflows */
+    t->len = PyMem_New(Py_ssize_t, (size_t)count);
+    if (t->start == NULL || t->len == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
     Py_ssize_t k = 0, begin = 1;
     for (Py_ssize_t i = 1; i < size; i++) {
         if (text[i] != ',' && text[i] != ']') continue;
@@ -504,33 +585,19 @@ static int encode_one(Out *o, const Results *r, Py_ssize_t i, const char *id, Py
 }
 #undef PUT
 
-static int in_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t bytes, int optional) {
-    if (optional && obj == Py_None) {
-        view->obj = NULL;
-        view->buf = NULL;
-        return 1;
-    }
-    if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS) < 0) return 0;
-    if (view->len != bytes) {
-        PyBuffer_Release(view);
-        PyErr_SetString(PyExc_ValueError, "encode_predictions: an array has the wrong size");
-        return 0;
-    }
-    return 1;
-}
-
 /*
  * encode_predictions(ids, rows, ts, predictions_json, outputs, steps, ready, partitions,
  *                    offsets, scores_json, anomaly, model_json) -> (keys, values, timestamps)
  * For each row index in rows (int64): the output key (the id's UTF-8), the value
  * (None: wire.encode_prediction must write it) and the timestamp (int ms or None).
- * predictions_json is orjson's flat array of the [n, outputs] predictions as float64,
- * scores_json (or None) that of the scores: orjson writes every float, exactly as it
- * writes them in encode_prediction. anomaly (int8: -1 absent, 0 false, 1 true, 2 null)
- * may be None (absent);
- * model_json is the model name as orjson writes it.
+ * ts (float64), steps, partitions, offsets (int64), ready (bool) and anomaly (int8)
+ * have one item per id. predictions_json is orjson's flat array of the [n, outputs]
+ * predictions as float64, scores_json (or None) that of the scores: orjson writes every
+ * float, exactly as it writes them in encode_prediction. anomaly (-1 absent, 0 false,
+ * 1 true, 2 null) may be None (absent); model_json is the model name as orjson writes it.
  */
 static PyObject *codec_encode_predictions(PyObject *self, PyObject *args) {
+    static const char func[] = "encode_predictions";
     PyObject *ids, *o_rows, *o_ts, *o_steps, *o_ready, *o_parts, *o_offs, *o_scores, *o_anom;
     const char *model, *preds;
     Py_ssize_t model_len, preds_len, outputs;
@@ -538,55 +605,52 @@ static PyObject *codec_encode_predictions(PyObject *self, PyObject *args) {
                           &preds_len, &outputs, &o_steps, &o_ready, &o_parts, &o_offs,
                           &o_scores, &o_anom, &model, &model_len))
         return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(ids);
-    Py_buffer rows_v, ts_v, steps_v, ready_v, parts_v, offs_v, anom_v;
-    Py_buffer *views[7] = {&rows_v, &ts_v, &steps_v, &ready_v, &parts_v, &offs_v, &anom_v};
-    int got = 0;
+    Py_ssize_t n = PyList_GET_SIZE(ids), count;
+    Py_buffer views[7];
+    memset(views, 0, sizeof views);
+    Py_buffer *rows_v = &views[0], *ts_v = &views[1], *steps_v = &views[2], *ready_v = &views[3],
+              *parts_v = &views[4], *offs_v = &views[5], *anom_v = &views[6];
     PyObject *result = NULL, *keys = NULL, *values = NULL, *stamps = NULL;
     Out out = {NULL, 0, 0};
     Results r;
     memset(&r, 0, sizeof r);
-    if (PyObject_GetBuffer(o_rows, &rows_v, PyBUF_C_CONTIGUOUS) < 0) return NULL;
-    got = 1;
-    if (rows_v.len % (Py_ssize_t)sizeof(int64_t)) {
-        PyErr_SetString(PyExc_ValueError, "encode_predictions: rows must be int64");
-        goto done;
+    if (outputs < 0) {
+        PyErr_SetString(PyExc_ValueError, "encode_predictions: outputs must not be negative");
+        return NULL;
     }
-    Py_ssize_t m = rows_v.len / (Py_ssize_t)sizeof(int64_t);
-    Py_ssize_t e = (Py_ssize_t)sizeof(int64_t), d = (Py_ssize_t)sizeof(double);
-    if (!in_buffer(o_ts, &ts_v, n * d, 0)) goto done;
-    got++;
-    if (!in_buffer(o_steps, &steps_v, n * e, 0)) goto done;
-    got++;
-    if (!in_buffer(o_ready, &ready_v, n, 0)) goto done;
-    got++;
-    if (!in_buffer(o_parts, &parts_v, n * e, 0)) goto done;
-    got++;
-    if (!in_buffer(o_offs, &offs_v, n * e, 0)) goto done;
-    got++;
-    if (!in_buffer(o_anom, &anom_v, n, 1)) goto done;
-    got++;
-    if (outputs < 0 || !split_tokens(preds, preds_len, n * outputs, &r.predictions)) {
-        if (!PyErr_Occurred())
+    if (!mul_size(n, outputs, &count, func)) return NULL;
+    if (!get_array(o_rows, rows_v, 0, &K_I64, -1, func, "rows") ||
+        !get_array(o_ts, ts_v, 0, &K_F64, n, func, "ts") ||
+        !get_array(o_steps, steps_v, 0, &K_I64, n, func, "steps") ||
+        !get_array(o_ready, ready_v, 0, &K_READY, n, func, "ready") ||
+        !get_array(o_parts, parts_v, 0, &K_I64, n, func, "partitions") ||
+        !get_array(o_offs, offs_v, 0, &K_I64, n, func, "offsets") ||
+        (o_anom != Py_None && !get_array(o_anom, anom_v, 0, &K_I8, n, func, "anomaly")))
+        goto done;
+    Py_ssize_t m = rows_v->len / (Py_ssize_t)sizeof(int64_t);
+    int split = split_tokens(preds, preds_len, count, &r.predictions);
+    if (split != 1) {
+        if (split == 0)
             PyErr_SetString(PyExc_ValueError, "encode_predictions: predictions do not match");
         goto done;
     }
     if (o_scores != Py_None) {
-        if (!PyBytes_Check(o_scores) ||
-            !split_tokens(PyBytes_AS_STRING(o_scores), PyBytes_GET_SIZE(o_scores), n,
-                          &r.scores)) {
-            if (!PyErr_Occurred())
+        split = PyBytes_Check(o_scores) ? split_tokens(PyBytes_AS_STRING(o_scores),
+                                                       PyBytes_GET_SIZE(o_scores), n, &r.scores)
+                                        : 0;
+        if (split != 1) {
+            if (split == 0)
                 PyErr_SetString(PyExc_ValueError, "encode_predictions: scores do not match");
             goto done;
         }
         r.has_scores = 1;
     }
-    r.ts = ts_v.buf;
-    r.steps = steps_v.buf;
-    r.partitions = parts_v.buf;
-    r.offsets = offs_v.buf;
-    r.ready = ready_v.buf;
-    r.anomaly = anom_v.buf;
+    r.ts = ts_v->buf;
+    r.steps = steps_v->buf;
+    r.partitions = parts_v->buf;
+    r.offsets = offs_v->buf;
+    r.ready = ready_v->buf;
+    r.anomaly = anom_v->buf; /* NULL where anomaly is None */
     r.outputs = outputs;
     r.model = model;
     r.model_len = model_len;
@@ -595,52 +659,66 @@ static PyObject *codec_encode_predictions(PyObject *self, PyObject *args) {
     stamps = PyList_New(m);
     if (keys == NULL || values == NULL || stamps == NULL) goto done;
     for (Py_ssize_t j = 0; j < m; j++) {
-        int64_t i = ((const int64_t *)rows_v.buf)[j];
+        int64_t i = ((const int64_t *)rows_v->buf)[j];
         if (i < 0 || i >= n) {
             PyErr_SetString(PyExc_IndexError, "encode_predictions: a row is out of range");
             goto done;
         }
-        Py_ssize_t id_len;
-        PyObject *key = NULL, *value = Py_None, *stamp = Py_None;
-        const char *id = PyUnicode_Check(PyList_GET_ITEM(ids, i))
-                             ? PyUnicode_AsUTF8AndSize(PyList_GET_ITEM(ids, i), &id_len)
-                             : NULL;
-        if (id == NULL) {
-            PyErr_Clear(); /* not text (a lone surrogate): Python decides */
-            key = Py_None;
-            Py_INCREF(Py_None);
-        } else {
-            key = PyBytes_FromStringAndSize(id, id_len);
-            if (key == NULL) goto done;
-            int ok = encode_one(&out, &r, i, id, id_len);
-            if (ok == 0) {
-                Py_DECREF(key);
-                PyErr_NoMemory();
-                goto done;
-            }
-            if (ok == 1) value = PyBytes_FromStringAndSize(out.data, out.len);
-            else Py_INCREF(Py_None);
-            if (value == NULL) {
-                Py_DECREF(key);
-                goto done;
-            }
-        }
-        double ts = r.ts[i];
-        if (codec_finite(ts) && fabs(ts) < 9.2e18) stamp = PyLong_FromLongLong((long long)ts);
-        else Py_INCREF(Py_None);
-        if (stamp == NULL) {
-            Py_DECREF(key);
-            Py_DECREF(value);
+        /* Nothing in this loop runs Python code, but the lists above were made with the
+         * collector on (a finalizer may change ids): the arrays are sized for n ids. */
+        if (PyList_GET_SIZE(ids) != n) {
+            PyErr_SetString(PyExc_RuntimeError, "encode_predictions: ids changed size");
             goto done;
         }
+        /* Held: id points into the string's UTF-8 while the record is made. */
+        PyObject *item = Py_NewRef(PyList_GET_ITEM(ids, i));
+        PyObject *key = NULL, *value = NULL, *stamp = NULL;
+        const char *id = NULL;
+        Py_ssize_t id_len = 0;
+        if (PyUnicode_Check(item)) {
+            id = PyUnicode_AsUTF8AndSize(item, &id_len);
+            if (id == NULL) {
+                /* A lone surrogate has no UTF-8: Python writes that record (a dead
+                 * letter). Any other error (no memory) is the caller's. */
+                if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) goto row_failed;
+                PyErr_Clear();
+            }
+        }
+        if (id == NULL) { /* not text: Python decides, key and value alike */
+            key = Py_NewRef(Py_None);
+            value = Py_NewRef(Py_None);
+        } else {
+            key = PyBytes_FromStringAndSize(id, id_len);
+            if (key == NULL) goto row_failed;
+            int ok = encode_one(&out, &r, (Py_ssize_t)i, id, id_len);
+            if (ok == 0) {
+                PyErr_NoMemory();
+                goto row_failed;
+            }
+            value = ok == 1 ? PyBytes_FromStringAndSize(out.data, out.len) : Py_NewRef(Py_None);
+            if (value == NULL) goto row_failed;
+        }
+        double ts = r.ts[i];
+        /* below 2^63 (9.22e18): the cast is defined */
+        stamp = codec_finite(ts) && fabs(ts) < 9.2e18 ? PyLong_FromLongLong((long long)ts)
+                                                       : Py_NewRef(Py_None);
+        if (stamp == NULL) goto row_failed;
+        Py_DECREF(item);
+        /* Each steals its reference: key, value and stamp are all new ones. */
         PyList_SET_ITEM(keys, j, key);
         PyList_SET_ITEM(values, j, value);
         PyList_SET_ITEM(stamps, j, stamp);
+        continue;
+    row_failed:
+        Py_DECREF(item);
+        Py_XDECREF(key);
+        Py_XDECREF(value);
+        Py_XDECREF(stamp);
+        goto done;
     }
     result = PyTuple_Pack(3, keys, values, stamps);
 done:
-    for (int k = 0; k < got; k++)
-        if (views[k]->obj != NULL) PyBuffer_Release(views[k]);
+    release_all(views, 7);
     PyMem_Free(r.predictions.start);
     PyMem_Free(r.predictions.len);
     PyMem_Free(r.scores.start);
@@ -652,7 +730,7 @@ done:
     return result;
 }
 
-PyMethodDef sl_codec_methods[] = {
+static PyMethodDef codec_methods[] = {
     {"decode_ticks", codec_decode_ticks, METH_VARARGS,
      "A poll's records to step arrays; None where wire.decode_tick decides."},
     {"encode_predictions", codec_encode_predictions, METH_VARARGS,
@@ -660,9 +738,16 @@ PyMethodDef sl_codec_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-int sl_codec_init(void) {
-    s_key = PyUnicode_InternFromString("key");
-    s_value = PyUnicode_InternFromString("value");
-    s_offset = PyUnicode_InternFromString("offset");
-    return s_key && s_value && s_offset ? 0 : -1;
+static struct PyModuleDef codec_module = {
+    PyModuleDef_HEAD_INIT, "_codec",
+    "The daemon's per-poll decode and encode (streamlstm/_codec.c).", -1, codec_methods};
+
+PyMODINIT_FUNC PyInit__codec(void) {
+    /* Interned once per process: a second load of the module (a test's other build)
+     * keeps them. */
+    if (s_key == NULL && (s_key = PyUnicode_InternFromString("key")) == NULL) return NULL;
+    if (s_value == NULL && (s_value = PyUnicode_InternFromString("value")) == NULL) return NULL;
+    if (s_offset == NULL && (s_offset = PyUnicode_InternFromString("offset")) == NULL)
+        return NULL;
+    return PyModule_Create(&codec_module);
 }

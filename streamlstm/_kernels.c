@@ -637,17 +637,14 @@ static PyTypeObject SlotMapType = {
     .tp_as_mapping = &SlotMap_as_mapping,
 };
 
-/* The daemon's per-poll decode and encode (_codec.c). */
-extern PyMethodDef sl_codec_methods[];
-int sl_codec_init(void);
-
+/* The daemon's codec is a module of its own (_codec.c), built without -ffast-math. */
 static struct PyModuleDef sl_module = {PyModuleDef_HEAD_INIT, "_kernels",
-                                       "C kernels of the engine (called through ctypes), "
-                                       "the store's SlotMap and the daemon's codec.",
-                                       -1, sl_codec_methods};
+                                       "C kernels of the engine (called through ctypes) "
+                                       "and the store's SlotMap.",
+                                       -1, NULL};
 
 PyMODINIT_FUNC PyInit__kernels(void) {
-    if (PyType_Ready(&SlotMapType) < 0 || sl_codec_init() < 0) return NULL;
+    if (PyType_Ready(&SlotMapType) < 0) return NULL;
     /* sl_step runs its products on its own threads, one chunk each: OpenBLAS's
      * own threads would only contend with them. */
     scipy_openblas_set_num_threads(1);

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
+import pytest
 
 from streamlstm import StepResult
 from streamlstm.consumers.codec import Batch, decode_poll, encode_outputs
+from streamlstm.kernels import DISABLE_ENV, codec_module
+
+
+@pytest.fixture(autouse=True)
+def _the_c_codec_is_built() -> None:
+    # These polls parse untrusted bytes through the C codec where it is built; a build
+    # that silently failed would leave them testing wire.py alone. Only an explicit
+    # STREAMLSTM_NATIVE=0 runs them without it.
+    if os.environ.get(DISABLE_ENV) != "0":
+        assert codec_module() is not None, (
+            "streamlstm._codec is not built: reinstall with a C compiler (make clean test)"
+        )
 
 
 @dataclass(frozen=True)

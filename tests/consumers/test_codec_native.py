@@ -8,18 +8,25 @@ the C codec and with ``STREAMLSTM_NATIVE=0`` (``wire.decode_tick`` and
 from __future__ import annotations
 
 import itertools
+import math
+import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from streamlstm import StepResult, wire
+from streamlstm import ConfigError, StepResult, kernels, wire
 from streamlstm.consumers import codec
 from streamlstm.consumers.codec import Batch, decode_poll, encode_outputs
-from streamlstm.kernels import DISABLE_ENV, codec_module
+from streamlstm.kernels import CODEC_PATH_ENV, DISABLE_ENV, codec_module
 from tests.consumers.test_codec import Read, Rec, Sink
+from tests.streamlstm import test_fuzz_codec as fuzz
 
 NOW_MS = 1_764_000_000_000
 
@@ -336,3 +343,300 @@ def test_well_formed_ticks_never_take_the_per_tick_path(monkeypatch: pytest.Monk
     )
     assert batch is not None and len(batch.ids) == 1001
     assert calls == [b"odd"]  # only the tick with an unexpected field went the slow way
+
+
+# -- the C functions themselves, with arguments no caller in the daemon passes -------------
+
+
+def _native() -> Any:
+    native = codec_module()
+    assert native is not None, "the C codec is not built: pip install -e . (or make venv)"
+    return native
+
+
+def _encode_args(ids: list[Any], rows: list[int], outputs: int = 1) -> list[Any]:
+    """encode_predictions' arguments for ``len(ids)`` answered ticks, no event times."""
+    n = len(ids)
+    return [
+        ids,
+        np.array(rows, dtype=np.int64),
+        np.full(n, np.nan),
+        orjson.dumps(np.zeros(n * outputs), option=orjson.OPT_SERIALIZE_NUMPY),
+        outputs,
+        np.zeros(n, dtype=np.int64),
+        np.zeros(n, dtype=np.bool_),
+        np.zeros(n, dtype=np.int64),
+        np.arange(n, dtype=np.int64),
+        None,
+        None,
+        b'"m"',
+    ]
+
+
+def test_rows_left_to_python_keep_their_references_to_none() -> None:
+    # An id that is not text leaves its row to Python: value None. Each None the C code
+    # puts in a list must be a reference it took, or every poll with such a row frees one
+    # reference to None too many (Python 3.11: "deallocating None" after a long run).
+    native = _native()
+    ids: list[Any] = [7, b"bytes", "\ud800"]  # not str; not str; not UTF-8-encodable
+    ok = _encode_args(ids, [0, 1, 2, 0])
+    out_of_range = _encode_args(ids, [0, 1, 2, 3])  # the last row fails after three Nones
+    calls = 2000
+    before = sys.getrefcount(None)
+    for _ in range(calls):
+        keys, values, stamps = native.encode_predictions(*ok)
+        assert values == [None] * 4 and stamps == [None] * 4
+        assert keys == [None, None, None, None]
+        del keys, values, stamps
+        with pytest.raises(IndexError):
+            native.encode_predictions(*out_of_range)
+    drift = sys.getrefcount(None) - before
+    assert abs(drift) < calls // 10, f"None's refcount moved by {drift} over {calls} calls"
+
+
+def test_the_codec_loaded_is_the_one_asked_for() -> None:
+    # `make test-sanitize` sets STREAMLSTM_CODEC_PATH to its ASan/UBSan build: every test
+    # here must run on that build, not on the in-place one.
+    path = os.environ.get(CODEC_PATH_ENV)
+    loaded = Path(_native().__file__).resolve()
+    if path:
+        assert loaded == Path(path).resolve()
+    else:
+        assert loaded.parent == Path(codec.__file__).resolve().parent.parent / "streamlstm"
+
+
+def _decode_args(records: list[Any], input_size: int = 1) -> list[Any]:
+    n = len(records)
+    return [
+        records,
+        input_size,
+        4096,
+        wire.MAX_STREAM_ID_BYTES,
+        wire.MIN_TS_MS,
+        NOW_MS + 1000.0,
+        np.zeros((n, input_size)),
+        np.zeros(n),
+        np.zeros(n, dtype=np.uint8),
+        np.zeros(n, dtype=np.int64),
+    ]
+
+
+_RECORDS = [Rec("in", 0, i, b"k", b'{"values": [1.5]}') for i in range(3)]
+
+
+@pytest.mark.parametrize(
+    ("position", "array", "error", "match"),
+    [
+        (6, np.zeros((3, 1), dtype=np.float32), TypeError, "features must be a float64"),
+        (7, np.zeros(3, dtype=np.int64), TypeError, "ts must be a float64"),
+        # bool would take the flag bits 2 and 4 as values no bool has
+        (8, np.zeros(3, dtype=np.bool_), TypeError, "flags must be a uint8"),
+        (9, np.zeros(3, dtype=np.uint64), TypeError, "offsets must be a int64"),
+        (9, np.zeros(3, dtype=np.int32), TypeError, "offsets must be a int64"),
+        (9, np.zeros(3, dtype=">i8"), TypeError, "offsets must be a int64"),
+        (6, np.zeros((3, 2)), ValueError, "features has 6 items, not 3"),
+        (7, np.zeros(4), ValueError, "ts has 4 items, not 3"),
+        (7, np.zeros(3)[::-1], ValueError, "contiguous"),
+        (7, np.frombuffer(bytearray(25), offset=1), ValueError, "not aligned"),
+        (8, b"\0\0\0", BufferError, "writable"),
+    ],
+)
+def test_decode_ticks_checks_each_array_by_type_and_size(
+    position: int, array: Any, error: type[Exception], match: str
+) -> None:
+    args = _decode_args(list(_RECORDS))
+    args[position] = array
+    with pytest.raises(error, match=match):
+        _native().decode_ticks(*args)
+
+
+def test_decode_ticks_accepts_its_own_arrays() -> None:
+    # The check above fails for the right reason: the same call with the right arrays works.
+    args = _decode_args(list(_RECORDS))
+    assert _native().decode_ticks(*args) == ["k", "k", "k"]
+    assert args[6].tolist() == [[1.5]] * 3 and args[8].tolist() == [1, 1, 1]
+    assert args[9].tolist() == [0, 1, 2]
+
+
+def test_sizes_that_overflow_are_refused_not_wrapped() -> None:
+    native = _native()
+    # 4 records x 2^62 values per row: the byte count wraps to 0 in 64 bits.
+    args = _decode_args([_RECORDS[0]] * 4)
+    args[1] = 2**62
+    with pytest.raises(OverflowError, match="decode_ticks: the arrays' size"):
+        native.decode_ticks(*args)
+    ids = ["a", "b"]
+    args = _encode_args(ids, [0, 1])
+    args[4] = 2**62 + 1  # outputs: 2 x (2^62 + 1) predictions overflows
+    with pytest.raises(OverflowError, match="encode_predictions: the arrays' size"):
+        native.encode_predictions(*args)
+    args[4] = 2**40  # fits, but far more numbers than the text holds: refused before sizing
+    with pytest.raises(ValueError, match="predictions do not match"):
+        native.encode_predictions(*args)
+
+
+@pytest.mark.parametrize(
+    ("position", "array", "error", "match"),
+    [
+        (1, np.array([0, 1], dtype=np.int32), TypeError, "rows must be a int64"),
+        (1, np.array([0.0, 1.0]), TypeError, "rows must be a int64"),
+        (2, np.zeros(2, dtype=np.float32), TypeError, "ts must be a float64"),
+        (2, np.zeros(3), ValueError, "ts has 3 items, not 2"),
+        (5, np.zeros(2, dtype=np.uint64), TypeError, "steps must be a int64"),
+        (6, np.zeros(2, dtype=np.int64), TypeError, "ready must be a bool"),
+        (7, np.zeros(1, dtype=np.int64), ValueError, "partitions has 1 items, not 2"),
+        (8, np.zeros(2, dtype=np.float64), TypeError, "offsets must be a int64"),
+        (10, np.zeros(2, dtype=np.uint8), TypeError, "anomaly must be a int8"),
+        (10, np.zeros(3, dtype=np.int8), ValueError, "anomaly has 3 items, not 2"),
+        (8, np.frombuffer(bytearray(17), dtype=np.int64, offset=1), ValueError, "not aligned"),
+    ],
+)
+def test_encode_predictions_checks_each_array_by_type_and_size(
+    position: int, array: Any, error: type[Exception], match: str
+) -> None:
+    args = _encode_args(["a", "b"], [0, 1])
+    assert _native().encode_predictions(*args)[0] == [b"a", b"b"]
+    args[position] = array
+    with pytest.raises(error, match=match):
+        _native().encode_predictions(*args)
+
+
+class _Hostile:
+    """A record whose attributes run Python code: ``action`` when ``key`` is read."""
+
+    def __init__(self, offset: int, action: Callable[[], None]) -> None:
+        self.offset = offset
+        self.value = b'{"values": [2.5], "stream": "s"}'
+        self._action = action
+
+    @property
+    def key(self) -> bytes | None:
+        self._action()
+        return None
+
+
+def test_a_record_that_changes_the_list_cannot_free_what_decode_ticks_reads() -> None:
+    # The list held the only reference to each record; reading one's key clears the list.
+    # The record must outlive its attribute reads, and the rows past it are never read.
+    records: list[Any] = []
+    records += [_Hostile(i, records.clear) for i in range(3)]
+    args = _decode_args(records)
+    with pytest.raises(RuntimeError, match="records changed size"):
+        _native().decode_ticks(*args)
+    assert records == []
+
+
+def test_a_record_that_swaps_itself_out_is_still_read_whole() -> None:
+    # Same size, other records: the call goes on with the record it holds.
+    records: list[Any] = []
+
+    def swap() -> None:
+        records[0] = Rec("in", 0, 99, b"x", b"{}")
+
+    records += [_Hostile(5, swap)]
+    args = _decode_args(records)
+    assert _native().decode_ticks(*args) == ["s"]
+    assert args[9].tolist() == [5]
+
+
+# -- property: any bytes, C and the reference agree ----------------------------------------
+
+_VALUES = st.one_of(fuzz.values_bytes, st.sampled_from(HOSTILE_VALUES))
+_KEYS = st.one_of(fuzz.keys, st.sampled_from(KEYS))
+
+
+@settings(
+    max_examples=fuzz.EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(st.lists(st.tuples(_KEYS, _VALUES), min_size=1, max_size=12), st.integers(1, 3))
+def test_any_poll_gets_the_verdicts_of_the_reference(
+    pairs: list[tuple[bytes | None, bytes | None]], input_size: int
+) -> None:
+    msgs = [Rec("in", 2, i, k, v) for i, (k, v) in enumerate(pairs)]
+
+    def poll() -> Batch:
+        batch = decode_poll(
+            {("in", 2): msgs},
+            assigned={("in", 2)},
+            input_size=input_size,
+            max_value_bytes=256,
+            received=NOW_MS / 1000.0,
+        )
+        assert batch is not None
+        return batch
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        native, reference = _both(monkeypatch, poll)
+    _same_batches(native, reference)
+
+
+TIMES = [float(NOW_MS), NOW_MS + 0.25, 2.0**53, 2.0**53 + 2.0, 1e-5, 0.0, -0.0]
+_FLOATS = st.one_of(
+    st.floats(width=32),
+    st.sampled_from([0.0, -0.0, 1e-4, 9.999e-5, 1e16, 3e38, 1e-45, math.nan, math.inf]),
+)
+
+
+@settings(max_examples=fuzz.EXAMPLES, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(fuzz.stream_ids, st.text(min_size=1)),
+            st.lists(_FLOATS, min_size=2, max_size=2),
+            # event times as decoded: NaN (None) or finite, within int64 milliseconds
+            st.one_of(st.none(), st.floats(-(2.0**62), 2.0**62), st.sampled_from(TIMES)),
+            st.one_of(st.none(), st.floats(allow_nan=True)),
+        ),
+        min_size=1,
+        max_size=10,
+    ),
+)
+def test_any_outputs_are_the_bytes_of_the_reference(
+    rows: list[tuple[str, list[float], float | None, float | None]],
+) -> None:
+    n = len(rows)
+    msgs = [Rec("in", i % 2, i, None, b"{}") for i in range(n)]
+    batch = Batch(received=0.0, ids=[r[0] for r in rows], records=msgs, count=n)
+    batch.values = np.zeros((n, 1))
+    batch.ts = np.array([math.nan if r[2] is None else r[2] for r in rows])
+    batch.offsets = np.arange(n, dtype=np.int64)
+    batch.partitions = np.array([m.partition for m in msgs], dtype=np.int64)
+    scores = np.array([math.nan if r[3] is None else r[3] for r in rows])
+    result = StepResult(
+        np.array([r[1] for r in rows], dtype=np.float32),
+        np.arange(n, dtype=np.int64),
+        np.arange(n) % 2 == 0,
+        np.ones(n, dtype=bool),
+        scores=scores,
+        threshold=0.0,
+    )
+
+    def run() -> tuple[list[Any], list[Any]]:
+        sink = Sink()
+        encode_outputs(
+            batch,
+            result,
+            sink,
+            output_topic="out",
+            dlq_topic="dlq",
+            model_id="m\u2028",
+            has_score=True,
+        )
+        return sink.on("out"), [(r[1], r[2]) for r in sink.on("dlq")]
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        native, reference = _both(monkeypatch, run)
+    assert native == reference
+
+
+def test_a_codec_path_that_names_no_build_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The sanitizer run must not pass on the in-place build because its own was not found.
+    monkeypatch.setattr(kernels, "_codec_tried", False)
+    monkeypatch.setattr(kernels, "_codec", None)
+    monkeypatch.setenv(CODEC_PATH_ENV, str(tmp_path / "_codec.so"))
+    with pytest.raises(ConfigError, match="no extension module"):
+        codec_module()
