@@ -24,9 +24,15 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from streamlstm.consumers.devtools.apache_kafka import KafkaCluster
 from tests.consumers.conftest import await_answers, read_all, send_raw, start_serve
-from tests.consumers.test_durable import _messages, check_against_oracle
-from tests.consumers.test_robustness import _engine_child
-from tests.consumers.test_serve import _bundle, _committed, _serve_cmd, _ticks
+from tests.helpers.serving import (
+    check_against_oracle,
+    committed_offsets,
+    engine_child_pid,
+    random_ticks,
+    saved_bundle,
+    serve_cmd,
+    tick_messages,
+)
 
 
 # Durable state needs what Tansu lacks (topic configs, compaction, exact end offsets):
@@ -83,10 +89,10 @@ def test_kill_9_of_the_daemon_and_of_its_engine_loses_no_tick_and_doubles_none(
     bootstrap: str, make_topics: Any, tmp_path: Path, guarantee: str
 ) -> None:
     rng = np.random.default_rng(77)
-    model_dir = _bundle(tmp_path)
+    model_dir = saved_bundle(tmp_path)
     src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=4)
     group = f"g-{uuid.uuid4().hex[:8]}"
-    cmd = _serve_cmd(model_dir, bootstrap, src, out, dlq, group)
+    cmd = serve_cmd(model_dir, bootstrap, src, out, dlq, group)
     # Static membership: a restarted instance takes its partitions back at once.
     cmd += ["--state", "durable", "--commit-interval-ms", "250", "--group-instance-id", "chaos"]
     cmd += ["--guarantee", guarantee]
@@ -94,17 +100,17 @@ def test_kill_9_of_the_daemon_and_of_its_engine_loses_no_tick_and_doubles_none(
     metas: list[Any] = []
     kills = ["daemon", "engine", "daemon", "daemon", "engine"]
     for round_, victim in enumerate(kills):
-        wave = _ticks(rng, streams=120, n=1500)
+        wave = random_ticks(rng, streams=120, n=1500)
         proc = start_serve(cmd, tmp_path / f"serve-{round_}.log")[0]
         try:
             # The producer keeps sending while the kill comes (mid-stream, mid-checkpoint).
             sent: list[Any] = []
             sender = threading.Thread(
-                target=_send_slowly, args=(bootstrap, src, _messages(wave, len(ticks)), sent)
+                target=_send_slowly, args=(bootstrap, src, tick_messages(wave, len(ticks)), sent)
             )
             sender.start()
             time.sleep(float(rng.uniform(0.5, 2.5)))
-            target = proc.pid if victim == "daemon" else _engine_child(proc.pid)
+            target = proc.pid if victim == "daemon" else engine_child_pid(proc.pid)
             os.kill(target, signal.SIGKILL)
             sender.join()
             metas += sent
@@ -127,7 +133,7 @@ def test_kill_9_of_the_daemon_and_of_its_engine_loses_no_tick_and_doubles_none(
     ends: dict[int, int] = {}
     for meta in metas:
         ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
-    assert asyncio.run(_committed(bootstrap, group, src)) == ends
+    assert asyncio.run(committed_offsets(bootstrap, group, src)) == ends
 
 
 @GUARANTEES
@@ -135,17 +141,17 @@ def test_a_group_scaling_out_and_in_with_a_kill_moves_every_stream_with_its_stat
     bootstrap: str, make_topics: Any, tmp_path: Path, guarantee: str
 ) -> None:
     rng = np.random.default_rng(78)
-    model_dir = _bundle(tmp_path)
+    model_dir = saved_bundle(tmp_path)
     src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=6)
     group = f"g-{uuid.uuid4().hex[:8]}"
-    cmd = _serve_cmd(model_dir, bootstrap, src, out, dlq, group)
+    cmd = serve_cmd(model_dir, bootstrap, src, out, dlq, group)
     cmd += ["--state", "durable", "--commit-interval-ms", "250", "--guarantee", guarantee]
     ticks: list[tuple[str, list[float], bool]] = []
     metas: list[Any] = []
 
     def wave(n: int = 1200) -> threading.Thread:
-        batch = _ticks(rng, streams=90, n=n)
-        messages = _messages(batch, len(ticks))
+        batch = random_ticks(rng, streams=90, n=n)
+        messages = tick_messages(batch, len(ticks))
         ticks.extend(batch)
         sent: list[Any] = []
         thread = threading.Thread(target=_send_slowly, args=(bootstrap, src, messages, sent))
@@ -199,7 +205,7 @@ def test_a_broker_node_killed_and_restarted_mid_stream_loses_nothing(
     tmp_path: Path, guarantee: str
 ) -> None:
     rng = np.random.default_rng(79)
-    model_dir = _bundle(tmp_path)
+    model_dir = saved_bundle(tmp_path)
     suffix = uuid.uuid4().hex[:6]
     src, out, dlq = f"ticks-{suffix}", f"preds-{suffix}", f"dlq-{suffix}"
     with KafkaCluster(nodes=3) as cluster:
@@ -215,15 +221,15 @@ def test_a_broker_node_killed_and_restarted_mid_stream_loses_nothing(
 
         asyncio.run(create())
         group = f"g-{uuid.uuid4().hex[:8]}"
-        cmd = _serve_cmd(model_dir, bootstrap, src, out, dlq, group)
+        cmd = serve_cmd(model_dir, bootstrap, src, out, dlq, group)
         cmd += ["--state", "durable", "--commit-interval-ms", "250"]
         cmd += ["--changelog-replication-factor", "3", "--guarantee", guarantee]
         proc = start_serve(cmd, tmp_path / "serve.log")[0]
-        ticks = _ticks(rng, streams=60, n=2000)
+        ticks = random_ticks(rng, streams=60, n=2000)
         metas: list[Any] = []
         try:
             sender = threading.Thread(
-                target=_send_slowly, args=(bootstrap, src, _messages(ticks, 0), metas)
+                target=_send_slowly, args=(bootstrap, src, tick_messages(ticks, 0), metas)
             )
             sender.start()
             time.sleep(0.8)

@@ -19,7 +19,7 @@ from streamlstm import StepResult, wire
 from streamlstm.consumers import codec
 from streamlstm.consumers.codec import Batch, decode_poll, encode_outputs
 from streamlstm.kernels import DISABLE_ENV, codec_module
-from tests.consumers.test_codec import Read, Rec, Sink
+from tests.helpers.codec_records import Read, Rec, Sink
 
 NOW_MS = 1_764_000_000_000
 
