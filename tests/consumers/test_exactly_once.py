@@ -50,6 +50,7 @@ def test_exactly_once_needs_durable_state() -> None:
     assert config().state == "durable" and config().guarantee == "at-least-once"
 
 
+@pytest.mark.broker  # starts Tansu itself
 def test_exactly_once_is_refused_at_start_up_on_a_broker_without_transactions(
     tmp_path: Path,
 ) -> None:
