@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -24,14 +25,18 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from streamlstm.consumers.devtools.apache_kafka import KafkaCluster
 from tests.consumers.conftest import await_answers, read_all, send_raw, start_serve
+from tests.helpers.polling import wait_for
 from tests.helpers.serving import (
     check_against_oracle,
     committed_offsets,
+    end_offsets,
     engine_child_pid,
     random_ticks,
     saved_bundle,
+    scraped_total,
     serve_cmd,
     tick_messages,
+    wait_consumed,
 )
 
 
@@ -64,15 +69,29 @@ def _send_slowly(
         time.sleep(0.1)
 
 
+def _holds_partitions(log: Path) -> bool:
+    """The daemon logging to ``log`` was last assigned some partitions."""
+    assigned = re.findall(r"partitions assigned: \[(.*)\]", log.read_text(errors="replace"))
+    return bool(assigned and assigned[-1])
+
+
 GUARANTEES = pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
 
 
-def _read_answers(bootstrap: str, topic: str, metas: list[Any], guarantee: str) -> list[Any]:
-    """Wait until every tick is answered, then every answer (only the committed ones in
+def _read_answers(
+    bootstrap: str, topic: str, metas: list[Any], guarantee: str, group: str, src: str
+) -> list[Any]:
+    """Wait until every tick is answered and the group committed them all (nothing is
+    answered again after that), then every answer (only the committed ones in
     exactly-once mode: what a read_committed consumer sees)."""
     isolation = "read_committed" if guarantee == "exactly-once" else "read_uncommitted"
     await_answers(bootstrap, topic, metas, timeout_s=180, isolation_level=isolation)
-    time.sleep(1.0)
+    ends = end_offsets(metas)
+
+    def committed() -> bool:
+        return asyncio.run(committed_offsets(bootstrap, group, src, max(ends) + 1)) == ends
+
+    wait_for(committed, 60, f"the commit of {ends}")
     return asyncio.run(read_all(bootstrap, topic, 10**9, timeout_s=5, isolation_level=isolation))
 
 
@@ -101,7 +120,7 @@ def test_kill_9_of_the_daemon_and_of_its_engine_loses_no_tick_and_doubles_none(
     kills = ["daemon", "engine", "daemon", "daemon", "engine"]
     for round_, victim in enumerate(kills):
         wave = random_ticks(rng, streams=120, n=1500)
-        proc = start_serve(cmd, tmp_path / f"serve-{round_}.log")[0]
+        proc, port = start_serve(cmd, tmp_path / f"serve-{round_}.log")
         try:
             # The producer keeps sending while the kill comes (mid-stream, mid-checkpoint).
             sent: list[Any] = []
@@ -109,7 +128,9 @@ def test_kill_9_of_the_daemon_and_of_its_engine_loses_no_tick_and_doubles_none(
                 target=_send_slowly, args=(bootstrap, src, tick_messages(wave, len(ticks)), sent)
             )
             sender.start()
-            time.sleep(float(rng.uniform(0.5, 2.5)))
+            # Mid-stream: once this daemon has consumed a random number of ticks.
+            at = int(rng.integers(100, 1200))
+            wait_consumed(port, at)
             target = proc.pid if victim == "daemon" else engine_child_pid(proc.pid)
             os.kill(target, signal.SIGKILL)
             sender.join()
@@ -123,7 +144,7 @@ def test_kill_9_of_the_daemon_and_of_its_engine_loses_no_tick_and_doubles_none(
             proc.wait()
     final = start_serve(cmd, tmp_path / "serve-final.log")[0]
     try:
-        outputs = _read_answers(bootstrap, out, metas, guarantee)
+        outputs = _read_answers(bootstrap, out, metas, guarantee, group, src)
     finally:
         final.send_signal(signal.SIGTERM)
         final.wait(timeout=60)
@@ -166,12 +187,14 @@ def test_a_group_scaling_out_and_in_with_a_kill_moves_every_stream_with_its_stat
         wave().join()
         # Scale out to three while ticks flow: partitions move, with their streams' state.
         sending = wave()
-        members["b"] = start_serve(cmd, tmp_path / "b.log")[0]
+        members["b"], port_b = start_serve(cmd, tmp_path / "b.log")
         members["c"] = start_serve(cmd, tmp_path / "c.log")[0]
         sending.join()
-        time.sleep(3.0)
+        logs = [tmp_path / f"{member}.log" for member in "abc"]
+        wait_for(lambda: all(map(_holds_partitions, logs)), 90, "every member's partitions")
+        before = scraped_total(port_b, "streamlstm_ticks_consumed")
         sending = wave()
-        time.sleep(0.7)
+        wait_consumed(port_b, before + 1)  # b is killed while it serves the new wave
         os.kill(members["b"].pid, signal.SIGKILL)  # its partitions go on from the changelog
         members.pop("b").wait(timeout=60)
         sending.join()
@@ -182,7 +205,7 @@ def test_a_group_scaling_out_and_in_with_a_kill_moves_every_stream_with_its_stat
         for thread, sent in waves:
             thread.join()
             metas += sent
-        outputs = _read_answers(bootstrap, out, metas, guarantee)
+        outputs = _read_answers(bootstrap, out, metas, guarantee, group, src)
     finally:
         for proc in members.values():
             proc.send_signal(signal.SIGTERM)
@@ -237,7 +260,7 @@ def test_a_broker_node_killed_and_restarted_mid_stream_loses_nothing(
             time.sleep(3.0)
             cluster.restart(2)
             sender.join()
-            outputs = _read_answers(bootstrap, out, metas, guarantee)
+            outputs = _read_answers(bootstrap, out, metas, guarantee, group, src)
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -27,10 +27,11 @@ from tests.consumers.conftest import (
     send_raw,
     start_serve,
 )
-from tests.helpers.polling import wait_for
+from tests.helpers.polling import await_for, wait_for
 from tests.helpers.serving import (
     EPOCH_MS,
     committed_offsets,
+    end_offsets,
     engine_child_pid,
     http_get,
     oracle_predictions,
@@ -38,6 +39,7 @@ from tests.helpers.serving import (
     saved_bundle,
     serve_cmd,
     serve_config,
+    wait_consumed,
 )
 
 NOW_MS = int(time.time() * 1000)
@@ -90,7 +92,8 @@ def test_hostile_messages_become_dead_letters_and_every_tick_equals_the_oracle(
             metas = await send_raw(bootstrap, src, msgs)
             outputs = await read_all(bootstrap, out, len(ticks), timeout_s=90)
             dead = await read_all(bootstrap, dlq, len(HOSTILE), timeout_s=30)
-            await asyncio.sleep(1.0)
+            # Every message went through to its commit, the daemon still healthy after.
+            await _await_committed(bootstrap, config.group_id, src, metas)
             assert server.healthy()
             server.request_stop()
             await server.wait()
@@ -127,6 +130,18 @@ def test_hostile_messages_become_dead_letters_and_every_tick_equals_the_oracle(
     assert committed == ends
 
 
+async def _await_committed(
+    bootstrap: str, group: str, topic: str, metas: list[Any], partitions: int = 4
+) -> None:
+    """Until the group has committed every one of the sent records (``metas``)."""
+    ends = end_offsets(metas)
+
+    async def committed() -> bool:
+        return await committed_offsets(bootstrap, group, topic, partitions) == ends
+
+    await await_for(committed, 60, f"the commit of {ends}")
+
+
 def _fields(valid: list[bool], hostile_at: dict[int, tuple[Any, Any, str]]) -> list[str]:
     """The expected field of each message (empty for valid ones), in send order."""
     order = iter(field for _, (_, _, field) in sorted(hostile_at.items()))
@@ -143,6 +158,14 @@ def _zombie(pid: int) -> bool:
 def _source(msg: Any) -> tuple[int, int]:
     body = json.loads(msg.value)
     return body["partition"], body["offset"]
+
+
+#: What the daemon logs when a step outlives --step-timeout-s.
+STEP_TIMED_OUT = "the engine did not answer a step within --step-timeout-s"
+
+
+def _log(path: Path) -> str:
+    return path.read_text(errors="replace")
 
 
 def _health(port: int) -> int:
@@ -176,6 +199,8 @@ def test_a_wedged_engine_fails_health_and_exits_and_a_restart_answers_every_tick
         metas += asyncio.run(send_raw(bootstrap, src, msgs[200:]))
         waited = wait_for(lambda: _health(port) != 200, 60, "/healthz to fail")
         assert waited <= step_timeout_s + 10
+        # It failed for the wedged step, not for anything else.
+        wait_for(lambda: STEP_TIMED_OUT in _log(tmp_path / "first.log"), 30, "the step timeout")
         first.wait(timeout=60)
         assert first.returncode != 0
     finally:
@@ -202,7 +227,7 @@ def test_a_second_signal_exits_at_once_without_committing(
     cmd += ["--step-timeout-s", "300", "--shutdown-timeout-s", "120"]
     # Memory mode commits each answered poll (durable state only at checkpoints).
     cmd += ["--state", "memory"]
-    proc, _ = start_serve(cmd, tmp_path / "serve.log")
+    proc, port = start_serve(cmd, tmp_path / "serve.log")
     try:
         body = json.dumps({"values": [1.0, 2.0], "ts": EPOCH_MS}).encode()
         asyncio.run(send_raw(bootstrap, src, [(b"s", body)]))
@@ -210,9 +235,11 @@ def test_a_second_signal_exits_at_once_without_committing(
         child = engine_child_pid(proc.pid)
         os.kill(child, signal.SIGSTOP)  # the next step never ends
         asyncio.run(send_raw(bootstrap, src, [(b"s", body)] * 5))
-        time.sleep(2.0)
+        # All six consumed: the five are in a step sent to the stopped child.
+        wait_consumed(port, 6)
         proc.send_signal(signal.SIGTERM)  # waits for the wedged step (up to 120 s)
-        time.sleep(1.0)
+        draining = "SIGTERM: finishing in-flight work"
+        wait_for(lambda: draining in _log(tmp_path / "serve.log"), 30, "the first SIGTERM")
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
@@ -340,7 +367,7 @@ def test_records_the_broker_refuses_are_delivered_another_way_and_nothing_stops(
             metas = await send_raw(bootstrap, src, msgs)
             outputs = await read_all(bootstrap, out, 200, timeout_s=60)
             dead = await read_all(bootstrap, dlq, 4, timeout_s=30)
-            await asyncio.sleep(1.0)
+            await _await_committed(bootstrap, config.group_id, src, metas, partitions=2)
             assert server.healthy()
             server.request_stop()
             await server.wait()

@@ -23,10 +23,12 @@ from streamlstm.consumers.server import Server
 from streamlstm.consumers.settings import ServeConfig
 from streamlstm.kernels import native_available
 from tests.consumers.conftest import read_all, send_raw
+from tests.helpers.polling import await_for
 from tests.helpers.serving import (
     EPOCH_MS,
     committed_offsets,
     http_get,
+    metric_total,
     oracle_predictions,
     random_ticks,
     saved_bundle,
@@ -71,6 +73,15 @@ def _messages(
     return msgs, valid
 
 
+async def _counted(port: int, predictions: int, dead_letters: int) -> bool:
+    """/metrics counts at least these many acknowledged predictions and dead letters."""
+    _, page = await http_get(port, "/metrics")
+    return (
+        metric_total(page, "streamlstm_predictions_produced") >= predictions
+        and metric_total(page, "streamlstm_dead_letters") >= dead_letters
+    )
+
+
 def test_every_tick_answered_once_and_equal_to_the_oracle(
     bootstrap: str, make_topics: Any, tmp_path: Path
 ) -> None:
@@ -95,7 +106,11 @@ def test_every_tick_answered_once_and_equal_to_the_oracle(
             metas = await send_raw(bootstrap, src, msgs)
             outputs = await read_all(bootstrap, out, len(ticks), timeout_s=90)
             dead = await read_all(bootstrap, dlq, len(BAD), timeout_s=30)
-            await asyncio.sleep(1.0)  # commits of the last batch, one summary
+            # The counters count acknowledged sends, which a reader can see first.
+            await await_for(
+                lambda: _counted(server.metrics_port, len(ticks), len(BAD)), 30, "/metrics"
+            )
+            assert await read_all(bootstrap, metrics_topic, 1, timeout_s=30)  # one summary
             status, _ = await http_get(server.metrics_port, "/readyz")
             assert status == 200
             assert (await http_get(server.metrics_port, "/healthz"))[0] == 200

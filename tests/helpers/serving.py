@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from streamlstm import Affine, Bundle, ModelConfig
 from streamlstm.consumers.settings import ServeConfig
 from tests.conftest import default_state
+from tests.helpers.polling import wait_for
 from tests.streamlstm.oracle import expected_outputs
 
 #: A plausible event time (epoch ms, Nov 2023): times in seconds are refused.
@@ -214,3 +215,9 @@ def check_against_oracle(
             assert abs(body["prediction"][0] - float(want[i, 0])) <= 1e-5, (key, body, want[i])
             assert body["step"] == int(steps[i]), (key, body["step"], steps[i])
     return by_tick
+
+
+def wait_consumed(port: int, ticks: float, timeout_s: float = 60) -> None:
+    """Until the daemon's /metrics counts ``ticks`` consumed messages (or more)."""
+    name = "streamlstm_ticks_consumed"
+    wait_for(lambda: scraped_total(port, name) >= ticks, timeout_s, f"{ticks:g} ticks consumed")
