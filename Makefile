@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint typecheck pytest test-sanitize demo bench clean deploy-tools deploy-check
+.PHONY: venv test test-unit lint typecheck pytest test-sanitize demo bench clean deploy-tools deploy-check
 
 venv: $(STAMP)
 
@@ -24,6 +24,11 @@ typecheck: $(STAMP)
 
 pytest: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The tests that need no broker, no Java and no deploy tools (marker `unit`, set by
+# tests/conftest.py): a few minutes on two cores. `make test` runs these and the rest.
+test-unit: $(STAMP)
+	$(BIN)/pytest -m unit $(PYTEST_ARGS)
 
 # deploy-tools installs what tests/deploy needs (and runs deploy/'s static checks)
 # before pytest collects every test, tests/deploy and the `cluster` ones included.

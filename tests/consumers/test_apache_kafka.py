@@ -202,6 +202,7 @@ def test_pause_and_resume(kafka: KafkaCluster) -> None:
     asyncio.run(main())
 
 
+@pytest.mark.broker  # starts Apache Kafka (or Maven) itself
 def test_a_data_dir_keeps_topics_and_records_across_runs(tmp_path: Path) -> None:
     """``data_dir`` given: stop() keeps it, and a new cluster on it (new ports) has the data."""
     topic = _name("kept")
@@ -237,6 +238,7 @@ def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> Non
             sock.bind(("127.0.0.1", port))
 
 
+@pytest.mark.broker  # starts Apache Kafka (or Maven) itself
 def test_start_failure_names_the_cause(tmp_path: Path) -> None:
     """A node that cannot start raises BrokerError with its log's tail (here: port taken)."""
     with socket.socket() as taken:
@@ -258,6 +260,7 @@ def test_missing_java_is_named(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
         local_broker("auto", nodes=3)
 
 
+@pytest.mark.broker  # starts Apache Kafka (or Maven) itself
 def test_jars_download_once_into_the_cache(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -24,9 +25,19 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from streamlstm.consumers.devtools.apache_kafka import KafkaCluster
 from tests.consumers.conftest import await_answers, read_all, send_raw, start_serve
-from tests.consumers.test_durable import _messages, check_against_oracle
-from tests.consumers.test_robustness import _engine_child
-from tests.consumers.test_serve import _bundle, _committed, _serve_cmd, _ticks
+from tests.helpers.polling import wait_for
+from tests.helpers.serving import (
+    check_against_oracle,
+    committed_offsets,
+    end_offsets,
+    engine_child_pid,
+    random_ticks,
+    saved_bundle,
+    scraped_total,
+    serve_cmd,
+    tick_messages,
+    wait_consumed,
+)
 
 
 # Durable state needs what Tansu lacks (topic configs, compaction, exact end offsets):
@@ -58,15 +69,29 @@ def _send_slowly(
         time.sleep(0.1)
 
 
+def _holds_partitions(log: Path) -> bool:
+    """The daemon logging to ``log`` was last assigned some partitions."""
+    assigned = re.findall(r"partitions assigned: \[(.*)\]", log.read_text(errors="replace"))
+    return bool(assigned and assigned[-1])
+
+
 GUARANTEES = pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
 
 
-def _read_answers(bootstrap: str, topic: str, metas: list[Any], guarantee: str) -> list[Any]:
-    """Wait until every tick is answered, then every answer (only the committed ones in
+def _read_answers(
+    bootstrap: str, topic: str, metas: list[Any], guarantee: str, group: str, src: str
+) -> list[Any]:
+    """Wait until every tick is answered and the group committed them all (nothing is
+    answered again after that), then every answer (only the committed ones in
     exactly-once mode: what a read_committed consumer sees)."""
     isolation = "read_committed" if guarantee == "exactly-once" else "read_uncommitted"
     await_answers(bootstrap, topic, metas, timeout_s=180, isolation_level=isolation)
-    time.sleep(1.0)
+    ends = end_offsets(metas)
+
+    def committed() -> bool:
+        return asyncio.run(committed_offsets(bootstrap, group, src, max(ends) + 1)) == ends
+
+    wait_for(committed, 60, f"the commit of {ends}")
     return asyncio.run(read_all(bootstrap, topic, 10**9, timeout_s=5, isolation_level=isolation))
 
 
@@ -83,10 +108,10 @@ def test_kill_9_of_the_daemon_and_of_its_engine_loses_no_tick_and_doubles_none(
     bootstrap: str, make_topics: Any, tmp_path: Path, guarantee: str
 ) -> None:
     rng = np.random.default_rng(77)
-    model_dir = _bundle(tmp_path)
+    model_dir = saved_bundle(tmp_path)
     src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=4)
     group = f"g-{uuid.uuid4().hex[:8]}"
-    cmd = _serve_cmd(model_dir, bootstrap, src, out, dlq, group)
+    cmd = serve_cmd(model_dir, bootstrap, src, out, dlq, group)
     # Static membership: a restarted instance takes its partitions back at once.
     cmd += ["--state", "durable", "--commit-interval-ms", "250", "--group-instance-id", "chaos"]
     cmd += ["--guarantee", guarantee]
@@ -94,17 +119,19 @@ def test_kill_9_of_the_daemon_and_of_its_engine_loses_no_tick_and_doubles_none(
     metas: list[Any] = []
     kills = ["daemon", "engine", "daemon", "daemon", "engine"]
     for round_, victim in enumerate(kills):
-        wave = _ticks(rng, streams=120, n=1500)
-        proc = start_serve(cmd, tmp_path / f"serve-{round_}.log")[0]
+        wave = random_ticks(rng, streams=120, n=1500)
+        proc, port = start_serve(cmd, tmp_path / f"serve-{round_}.log")
         try:
             # The producer keeps sending while the kill comes (mid-stream, mid-checkpoint).
             sent: list[Any] = []
             sender = threading.Thread(
-                target=_send_slowly, args=(bootstrap, src, _messages(wave, len(ticks)), sent)
+                target=_send_slowly, args=(bootstrap, src, tick_messages(wave, len(ticks)), sent)
             )
             sender.start()
-            time.sleep(float(rng.uniform(0.5, 2.5)))
-            target = proc.pid if victim == "daemon" else _engine_child(proc.pid)
+            # Mid-stream: once this daemon has consumed a random number of ticks.
+            at = int(rng.integers(100, 1200))
+            wait_consumed(port, at)
+            target = proc.pid if victim == "daemon" else engine_child_pid(proc.pid)
             os.kill(target, signal.SIGKILL)
             sender.join()
             metas += sent
@@ -117,7 +144,7 @@ def test_kill_9_of_the_daemon_and_of_its_engine_loses_no_tick_and_doubles_none(
             proc.wait()
     final = start_serve(cmd, tmp_path / "serve-final.log")[0]
     try:
-        outputs = _read_answers(bootstrap, out, metas, guarantee)
+        outputs = _read_answers(bootstrap, out, metas, guarantee, group, src)
     finally:
         final.send_signal(signal.SIGTERM)
         final.wait(timeout=60)
@@ -127,7 +154,7 @@ def test_kill_9_of_the_daemon_and_of_its_engine_loses_no_tick_and_doubles_none(
     ends: dict[int, int] = {}
     for meta in metas:
         ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
-    assert asyncio.run(_committed(bootstrap, group, src)) == ends
+    assert asyncio.run(committed_offsets(bootstrap, group, src)) == ends
 
 
 @GUARANTEES
@@ -135,17 +162,17 @@ def test_a_group_scaling_out_and_in_with_a_kill_moves_every_stream_with_its_stat
     bootstrap: str, make_topics: Any, tmp_path: Path, guarantee: str
 ) -> None:
     rng = np.random.default_rng(78)
-    model_dir = _bundle(tmp_path)
+    model_dir = saved_bundle(tmp_path)
     src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=6)
     group = f"g-{uuid.uuid4().hex[:8]}"
-    cmd = _serve_cmd(model_dir, bootstrap, src, out, dlq, group)
+    cmd = serve_cmd(model_dir, bootstrap, src, out, dlq, group)
     cmd += ["--state", "durable", "--commit-interval-ms", "250", "--guarantee", guarantee]
     ticks: list[tuple[str, list[float], bool]] = []
     metas: list[Any] = []
 
     def wave(n: int = 1200) -> threading.Thread:
-        batch = _ticks(rng, streams=90, n=n)
-        messages = _messages(batch, len(ticks))
+        batch = random_ticks(rng, streams=90, n=n)
+        messages = tick_messages(batch, len(ticks))
         ticks.extend(batch)
         sent: list[Any] = []
         thread = threading.Thread(target=_send_slowly, args=(bootstrap, src, messages, sent))
@@ -160,12 +187,14 @@ def test_a_group_scaling_out_and_in_with_a_kill_moves_every_stream_with_its_stat
         wave().join()
         # Scale out to three while ticks flow: partitions move, with their streams' state.
         sending = wave()
-        members["b"] = start_serve(cmd, tmp_path / "b.log")[0]
+        members["b"], port_b = start_serve(cmd, tmp_path / "b.log")
         members["c"] = start_serve(cmd, tmp_path / "c.log")[0]
         sending.join()
-        time.sleep(3.0)
+        logs = [tmp_path / f"{member}.log" for member in "abc"]
+        wait_for(lambda: all(map(_holds_partitions, logs)), 90, "every member's partitions")
+        before = scraped_total(port_b, "streamlstm_ticks_consumed")
         sending = wave()
-        time.sleep(0.7)
+        wait_consumed(port_b, before + 1)  # b is killed while it serves the new wave
         os.kill(members["b"].pid, signal.SIGKILL)  # its partitions go on from the changelog
         members.pop("b").wait(timeout=60)
         sending.join()
@@ -176,7 +205,7 @@ def test_a_group_scaling_out_and_in_with_a_kill_moves_every_stream_with_its_stat
         for thread, sent in waves:
             thread.join()
             metas += sent
-        outputs = _read_answers(bootstrap, out, metas, guarantee)
+        outputs = _read_answers(bootstrap, out, metas, guarantee, group, src)
     finally:
         for proc in members.values():
             proc.send_signal(signal.SIGTERM)
@@ -199,7 +228,7 @@ def test_a_broker_node_killed_and_restarted_mid_stream_loses_nothing(
     tmp_path: Path, guarantee: str
 ) -> None:
     rng = np.random.default_rng(79)
-    model_dir = _bundle(tmp_path)
+    model_dir = saved_bundle(tmp_path)
     suffix = uuid.uuid4().hex[:6]
     src, out, dlq = f"ticks-{suffix}", f"preds-{suffix}", f"dlq-{suffix}"
     with KafkaCluster(nodes=3) as cluster:
@@ -215,15 +244,15 @@ def test_a_broker_node_killed_and_restarted_mid_stream_loses_nothing(
 
         asyncio.run(create())
         group = f"g-{uuid.uuid4().hex[:8]}"
-        cmd = _serve_cmd(model_dir, bootstrap, src, out, dlq, group)
+        cmd = serve_cmd(model_dir, bootstrap, src, out, dlq, group)
         cmd += ["--state", "durable", "--commit-interval-ms", "250"]
         cmd += ["--changelog-replication-factor", "3", "--guarantee", guarantee]
         proc = start_serve(cmd, tmp_path / "serve.log")[0]
-        ticks = _ticks(rng, streams=60, n=2000)
+        ticks = random_ticks(rng, streams=60, n=2000)
         metas: list[Any] = []
         try:
             sender = threading.Thread(
-                target=_send_slowly, args=(bootstrap, src, _messages(ticks, 0), metas)
+                target=_send_slowly, args=(bootstrap, src, tick_messages(ticks, 0), metas)
             )
             sender.start()
             time.sleep(0.8)
@@ -231,7 +260,7 @@ def test_a_broker_node_killed_and_restarted_mid_stream_loses_nothing(
             time.sleep(3.0)
             cluster.restart(2)
             sender.join()
-            outputs = _read_answers(bootstrap, out, metas, guarantee)
+            outputs = _read_answers(bootstrap, out, metas, guarantee, group, src)
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
         finally:
             proc.send_signal(signal.SIGTERM)

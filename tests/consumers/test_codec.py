@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 from streamlstm import StepResult
 from streamlstm.consumers.codec import Batch, decode_poll, encode_outputs
 from streamlstm.kernels import DISABLE_ENV, codec_module
+from tests.helpers.codec_records import Read, Rec, Sink
 
 
 @pytest.fixture(autouse=True)
@@ -25,43 +25,6 @@ def _the_c_codec_is_built() -> None:
         assert codec_module() is not None, (
             "streamlstm._codec is not built: reinstall with a C compiler (make clean test)"
         )
-
-
-@dataclass(frozen=True)
-class Rec:
-    """A consumed record as aiokafka gives it (the fields the codec reads)."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp: int = 1_700_000_000_000
-    headers: tuple[tuple[str, bytes], ...] = ()
-
-
-@dataclass
-class Sink:
-    records: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]], int | None]] = (
-        field(default_factory=list)
-    )
-    sources: list[int] = field(default_factory=list)  # the input partition of each record
-
-    def __call__(
-        self,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        headers: Any,
-        timestamp_ms: int | None,
-        *,
-        source: int,
-    ) -> None:
-        self.records.append((topic, key, value, list(headers), timestamp_ms))
-        self.sources.append(source)
-
-    def on(self, topic: str) -> list[Any]:
-        return [r for r in self.records if r[0] == topic]
 
 
 def _result(n: int, outputs: int = 1) -> StepResult:
@@ -211,18 +174,6 @@ def test_predictions_sent_at_once_name_their_input_partitions_too() -> None:
         ("out", b"y", 5),
     ]
     assert [(r[0], s) for r, s in zip(sink.records, sink.sources, strict=True)] == [("dlq", 2)]
-
-
-@dataclass(frozen=True)
-class Read:
-    """A record as aiokafka's record batch reads it (``kafka.lean_records``): no topic, no
-    partition; those are the poll's key."""
-
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp: int = 1_700_000_000_000
-    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 def test_records_without_topic_and_partition_take_them_from_the_poll() -> None:

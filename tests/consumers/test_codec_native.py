@@ -25,8 +25,8 @@ from streamlstm import ConfigError, StepResult, kernels, wire
 from streamlstm.consumers import codec
 from streamlstm.consumers.codec import Batch, decode_poll, encode_outputs
 from streamlstm.kernels import CODEC_PATH_ENV, DISABLE_ENV, codec_module
-from tests.consumers.test_codec import Read, Rec, Sink
-from tests.streamlstm import test_fuzz_codec as fuzz
+from tests.helpers import fuzz_strategies as fuzz
+from tests.helpers.codec_records import Read, Rec, Sink
 
 NOW_MS = 1_764_000_000_000
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,13 @@ from aiokafka.admin import AIOKafkaAdminClient
 from streamlstm import Bundle, StreamState
 from streamlstm.consumers.server import Server
 from tests.consumers.conftest import read_all, send_raw
-from tests.consumers.test_serve import EPOCH_MS, _bundle, _serve_config, _ticks
-from tests.streamlstm.oracle import expected_outputs
+from tests.helpers.serving import (
+    check_against_oracle,
+    random_ticks,
+    saved_bundle,
+    serve_config,
+    tick_messages,
+)
 
 
 # Durable state needs what Tansu lacks (topic configs, compaction, exact end offsets):
@@ -32,52 +36,14 @@ def make_topics(make_kafka_topics: Callable[..., list[str]]) -> Callable[..., li
     return make_kafka_topics
 
 
-def _messages(
-    ticks: list[tuple[str, list[float], bool]], start: int
-) -> list[tuple[bytes | None, bytes | None]]:
-    return [
-        (s.encode(), json.dumps({"values": v, "ts": EPOCH_MS + start + i, "reset": r}).encode())
-        for i, (s, v, r) in enumerate(ticks)
-    ]
-
-
-def check_against_oracle(
-    model_dir: Path,
-    ticks: list[tuple[str, list[float], bool]],
-    metas: list[Any],
-    outputs: list[Any],
-) -> dict[tuple[int, int], list[dict[str, Any]]]:
-    """Every tick answered; every answer (repeats included) equals the oracle over the whole
-    history of its stream; returns the answers by (partition, offset)."""
-    bundle = Bundle.load(model_dir)
-    want, steps = expected_outputs(
-        bundle,
-        [t[0] for t in ticks],
-        np.array([t[1] for t in ticks], np.float32),
-        [t[2] for t in ticks],
-    )
-    by_tick: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
-    for msg in outputs:
-        body = json.loads(msg.value)
-        by_tick[(body["partition"], body["offset"])].append(body)
-    index = {(m.partition, m.offset): i for i, m in enumerate(metas)}
-    assert set(by_tick) == set(index), "a tick without a prediction, or one for no tick"
-    for key, answers in by_tick.items():
-        i = index[key]
-        for body in answers:
-            assert abs(body["prediction"][0] - float(want[i, 0])) <= 1e-5, (key, body, want[i])
-            assert body["step"] == int(steps[i]), (key, body["step"], steps[i])
-    return by_tick
-
-
 def test_a_clean_stop_and_start_continues_every_stream(
     bootstrap: str, make_topics: Any, tmp_path: Path
 ) -> None:
     rng = np.random.default_rng(31)
-    model_dir = _bundle(tmp_path)
+    model_dir = saved_bundle(tmp_path)
     src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=4)
-    first, second = _ticks(rng, streams=80, n=800), _ticks(rng, streams=80, n=800)
-    config = _serve_config(
+    first, second = random_ticks(rng, streams=80, n=800), random_ticks(rng, streams=80, n=800)
+    config = serve_config(
         model_dir, bootstrap, src, out, dlq, state="durable", commit_interval_ms=200
     )
 
@@ -85,7 +51,7 @@ def test_a_clean_stop_and_start_continues_every_stream(
         metas: list[Any] = []
         for ticks, start in ((first, 0), (second, len(first))):
             async with Server(config) as server:
-                metas += await send_raw(bootstrap, src, _messages(ticks, start))
+                metas += await send_raw(bootstrap, src, tick_messages(ticks, start))
                 got = await read_all(bootstrap, out, len(metas), timeout_s=60)
                 assert len(got) >= len(metas)
                 server.request_stop()

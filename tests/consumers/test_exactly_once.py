@@ -16,8 +16,14 @@ from streamlstm.consumers.server import Server
 from streamlstm.consumers.settings import ServeConfig
 from streamlstm.errors import BrokerError, ConfigError
 from tests.consumers.conftest import read_all, send_raw
-from tests.consumers.test_durable import _messages, check_against_oracle
-from tests.consumers.test_serve import _bundle, _committed, _serve_config, _ticks
+from tests.helpers.serving import (
+    check_against_oracle,
+    committed_offsets,
+    random_ticks,
+    saved_bundle,
+    serve_config,
+    tick_messages,
+)
 
 
 @pytest.fixture
@@ -44,12 +50,13 @@ def test_exactly_once_needs_durable_state() -> None:
     assert config().state == "durable" and config().guarantee == "at-least-once"
 
 
+@pytest.mark.broker  # starts Tansu itself
 def test_exactly_once_is_refused_at_start_up_on_a_broker_without_transactions(
     tmp_path: Path,
 ) -> None:
-    model_dir = _bundle(tmp_path)
+    model_dir = saved_bundle(tmp_path)
     with TansuBroker() as broker:
-        config = _serve_config(
+        config = serve_config(
             model_dir,
             broker.bootstrap,
             "ticks",
@@ -72,10 +79,10 @@ def test_each_tick_and_dead_letter_is_seen_once_by_read_committed_and_state_cont
     bootstrap: str, make_topics: Any, tmp_path: Path
 ) -> None:
     rng = np.random.default_rng(41)
-    model_dir = _bundle(tmp_path)
+    model_dir = saved_bundle(tmp_path)
     src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=4)
-    first, second = _ticks(rng, streams=60, n=700), _ticks(rng, streams=60, n=700)
-    config = _serve_config(
+    first, second = random_ticks(rng, streams=60, n=700), random_ticks(rng, streams=60, n=700)
+    config = serve_config(
         model_dir,
         bootstrap,
         src,
@@ -92,7 +99,7 @@ def test_each_tick_and_dead_letter_is_seen_once_by_read_committed_and_state_cont
         committed = 0.0
         for ticks, start in ((first, 0), (second, len(first))):
             async with Server(config) as server:
-                metas += await send_raw(bootstrap, src, _messages(ticks, start))
+                metas += await send_raw(bootstrap, src, tick_messages(ticks, start))
                 await send_raw(bootstrap, src, bad)
                 got: list[Any] = []
                 for _ in range(60):
@@ -126,7 +133,7 @@ def test_each_tick_and_dead_letter_is_seen_once_by_read_committed_and_state_cont
     polled = asyncio.run(read_all(bootstrap, src, 10**9, timeout_s=3))
     for msg in polled:
         ends[msg.partition] = max(ends.get(msg.partition, 0), msg.offset + 1)
-    assert asyncio.run(_committed(bootstrap, config.group_id, src)) == ends
+    assert asyncio.run(committed_offsets(bootstrap, config.group_id, src)) == ends
 
 
 def test_a_zombie_is_fenced_by_the_next_owner_of_its_partition(
@@ -134,9 +141,9 @@ def test_a_zombie_is_fenced_by_the_next_owner_of_its_partition(
 ) -> None:
     # The transactional.id is per input partition, so whoever takes partition p next
     # fences the producer of p's previous owner: a zombie cannot commit any more.
-    model_dir = _bundle(tmp_path)
+    model_dir = saved_bundle(tmp_path)
     src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=1)
-    config = _serve_config(
+    config = serve_config(
         model_dir, bootstrap, src, out, dlq, state="durable", guarantee="exactly-once"
     )
     zombie_id = f"{config.transactional_id_prefix}-{src}-0"
@@ -148,7 +155,9 @@ def test_a_zombie_is_fenced_by_the_next_owner_of_its_partition(
             await zombie.begin_transaction()
             await zombie.send_and_wait(out, b'{"zombie": true}', key=b"z")
             async with Server(config) as server:
-                await send_raw(bootstrap, src, _messages(_ticks(np.random.default_rng(5), 3, 5), 0))
+                await send_raw(
+                    bootstrap, src, tick_messages(random_ticks(np.random.default_rng(5), 3, 5), 0)
+                )
                 for _ in range(30):
                     got = await read_all(
                         bootstrap, out, 5, timeout_s=1, isolation_level="read_committed"

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import time
 import uuid
 from collections import defaultdict
@@ -28,15 +27,19 @@ from tests.consumers.conftest import (
     send_raw,
     start_serve,
 )
-from tests.consumers.test_serve import (
+from tests.helpers.polling import await_for, wait_for
+from tests.helpers.serving import (
     EPOCH_MS,
-    _bundle,
-    _committed,
-    _expected,
-    _http_get,
-    _serve_cmd,
-    _serve_config,
-    _ticks,
+    committed_offsets,
+    end_offsets,
+    engine_child_pid,
+    http_get,
+    oracle_predictions,
+    random_ticks,
+    saved_bundle,
+    serve_cmd,
+    serve_config,
+    wait_consumed,
 )
 
 NOW_MS = int(time.time() * 1000)
@@ -66,9 +69,9 @@ def test_hostile_messages_become_dead_letters_and_every_tick_equals_the_oracle(
     bootstrap: str, make_topics: Any, tmp_path: Path
 ) -> None:
     rng = np.random.default_rng(23)
-    model_dir = _bundle(tmp_path)
+    model_dir = saved_bundle(tmp_path)
     src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=4)
-    ticks = _ticks(rng, streams=60, n=600)
+    ticks = random_ticks(rng, streams=60, n=600)
     msgs: list[tuple[bytes | None, bytes | None]] = []
     valid: list[bool] = []
     hostile_at = dict(
@@ -82,21 +85,22 @@ def test_hostile_messages_become_dead_letters_and_every_tick_equals_the_oracle(
         body = {"stream": stream, "ts": EPOCH_MS + i, "values": values, "reset": reset}
         msgs.append((stream.encode(), json.dumps(body).encode()))
         valid.append(True)
-    config = _serve_config(model_dir, bootstrap, src, out, dlq, max_records=100)
+    config = serve_config(model_dir, bootstrap, src, out, dlq, max_records=100)
 
     async def scenario() -> tuple[list[Any], list[Any], list[Any], dict[int, int]]:
         async with Server(config) as server:
             metas = await send_raw(bootstrap, src, msgs)
             outputs = await read_all(bootstrap, out, len(ticks), timeout_s=90)
             dead = await read_all(bootstrap, dlq, len(HOSTILE), timeout_s=30)
-            await asyncio.sleep(1.0)
+            # Every message went through to its commit, the daemon still healthy after.
+            await _await_committed(bootstrap, config.group_id, src, metas)
             assert server.healthy()
             server.request_stop()
             await server.wait()
-        return metas, outputs, dead, await _committed(bootstrap, config.group_id, src)
+        return metas, outputs, dead, await committed_offsets(bootstrap, config.group_id, src)
 
     metas, outputs, dead, committed = asyncio.run(scenario())
-    expected = _expected(model_dir, ticks, metas, valid)
+    expected = oracle_predictions(model_dir, ticks, metas, valid)
     got: dict[tuple[int, int], list[float]] = defaultdict(list)
     for msg in outputs:
         body = json.loads(msg.value)
@@ -126,6 +130,18 @@ def test_hostile_messages_become_dead_letters_and_every_tick_equals_the_oracle(
     assert committed == ends
 
 
+async def _await_committed(
+    bootstrap: str, group: str, topic: str, metas: list[Any], partitions: int = 4
+) -> None:
+    """Until the group has committed every one of the sent records (``metas``)."""
+    ends = end_offsets(metas)
+
+    async def committed() -> bool:
+        return await committed_offsets(bootstrap, group, topic, partitions) == ends
+
+    await await_for(committed, 60, f"the commit of {ends}")
+
+
 def _fields(valid: list[bool], hostile_at: dict[int, tuple[Any, Any, str]]) -> list[str]:
     """The expected field of each message (empty for valid ones), in send order."""
     order = iter(field for _, (_, _, field) in sorted(hostile_at.items()))
@@ -144,24 +160,17 @@ def _source(msg: Any) -> tuple[int, int]:
     return body["partition"], body["offset"]
 
 
-def _engine_child(pid: int) -> int:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-    children = [int(p) for p in out.stdout.split()]
-    assert len(children) == 1, children
-    return children[0]
+#: What the daemon logs when a step outlives --step-timeout-s.
+STEP_TIMED_OUT = "the engine did not answer a step within --step-timeout-s"
 
 
-def _wait_for(predicate: Any, timeout_s: float, what: str) -> float:
-    start = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - start < timeout_s, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return time.monotonic() - start
+def _log(path: Path) -> str:
+    return path.read_text(errors="replace")
 
 
 def _health(port: int) -> int:
     try:
-        return asyncio.run(_http_get(port, "/healthz"))[0]
+        return asyncio.run(http_get(port, "/healthz"))[0]
     except OSError:
         return 0
 
@@ -171,25 +180,27 @@ def test_a_wedged_engine_fails_health_and_exits_and_a_restart_answers_every_tick
     bootstrap: str, make_topics: Any, tmp_path: Path, step_timeout_s: float
 ) -> None:
     rng = np.random.default_rng(8)
-    model_dir = _bundle(tmp_path)
+    model_dir = saved_bundle(tmp_path)
     src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=2)
-    ticks = _ticks(rng, streams=20, n=400)
+    ticks = random_ticks(rng, streams=20, n=400)
     msgs = [
         (s.encode(), json.dumps({"values": v, "ts": EPOCH_MS + i}).encode())
         for i, (s, v, _) in enumerate(ticks)
     ]
     group = f"g-{uuid.uuid4().hex[:8]}"
-    cmd = _serve_cmd(model_dir, bootstrap, src, out, dlq, group)
+    cmd = serve_cmd(model_dir, bootstrap, src, out, dlq, group)
     cmd += ["--step-timeout-s", str(step_timeout_s)]
     first, port = start_serve(cmd, tmp_path / "first.log")
     try:
         metas = asyncio.run(send_raw(bootstrap, src, msgs[:200]))
         assert len(asyncio.run(read_all(bootstrap, out, 200, timeout_s=60))) == 200
-        child = _engine_child(first.pid)
+        child = engine_child_pid(first.pid)
         os.kill(child, signal.SIGSTOP)
         metas += asyncio.run(send_raw(bootstrap, src, msgs[200:]))
-        waited = _wait_for(lambda: _health(port) != 200, 60, "/healthz to fail")
+        waited = wait_for(lambda: _health(port) != 200, 60, "/healthz to fail")
         assert waited <= step_timeout_s + 10
+        # It failed for the wedged step, not for anything else.
+        wait_for(lambda: STEP_TIMED_OUT in _log(tmp_path / "first.log"), 30, "the step timeout")
         first.wait(timeout=60)
         assert first.returncode != 0
     finally:
@@ -209,24 +220,26 @@ def test_a_wedged_engine_fails_health_and_exits_and_a_restart_answers_every_tick
 def test_a_second_signal_exits_at_once_without_committing(
     bootstrap: str, make_topics: Any, tmp_path: Path
 ) -> None:
-    model_dir = _bundle(tmp_path)
+    model_dir = saved_bundle(tmp_path)
     src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=1)
     group = f"g-{uuid.uuid4().hex[:8]}"
-    cmd = _serve_cmd(model_dir, bootstrap, src, out, dlq, group)
+    cmd = serve_cmd(model_dir, bootstrap, src, out, dlq, group)
     cmd += ["--step-timeout-s", "300", "--shutdown-timeout-s", "120"]
     # Memory mode commits each answered poll (durable state only at checkpoints).
     cmd += ["--state", "memory"]
-    proc, _ = start_serve(cmd, tmp_path / "serve.log")
+    proc, port = start_serve(cmd, tmp_path / "serve.log")
     try:
         body = json.dumps({"values": [1.0, 2.0], "ts": EPOCH_MS}).encode()
         asyncio.run(send_raw(bootstrap, src, [(b"s", body)]))
         assert len(asyncio.run(read_all(bootstrap, out, 1, timeout_s=60))) == 1
-        child = _engine_child(proc.pid)
+        child = engine_child_pid(proc.pid)
         os.kill(child, signal.SIGSTOP)  # the next step never ends
         asyncio.run(send_raw(bootstrap, src, [(b"s", body)] * 5))
-        time.sleep(2.0)
+        # All six consumed: the five are in a step sent to the stopped child.
+        wait_consumed(port, 6)
         proc.send_signal(signal.SIGTERM)  # waits for the wedged step (up to 120 s)
-        time.sleep(1.0)
+        draining = "SIGTERM: finishing in-flight work"
+        wait_for(lambda: draining in _log(tmp_path / "serve.log"), 30, "the first SIGTERM")
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         started = time.monotonic()
@@ -234,21 +247,21 @@ def test_a_second_signal_exits_at_once_without_committing(
         assert time.monotonic() - started < 5
         assert proc.returncode == 128 + signal.SIGTERM
         # The stopped engine child went with it (it could not notice the socket close).
-        _wait_for(lambda: not Path(f"/proc/{child}").exists() or _zombie(child), 10, "the child")
+        wait_for(lambda: not Path(f"/proc/{child}").exists() or _zombie(child), 10, "the child")
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
     # The first tick was committed; the five after it were not answered, so not committed.
-    assert asyncio.run(_committed(bootstrap, group, src, partitions=1)) == {0: 1}
+    assert asyncio.run(committed_offsets(bootstrap, group, src, partitions=1)) == {0: 1}
 
 
 def test_an_instance_without_partitions_is_ready(
     bootstrap: str, make_topics: Any, tmp_path: Path
 ) -> None:
-    model_dir = _bundle(tmp_path)
+    model_dir = saved_bundle(tmp_path)
     src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=1)
-    config = _serve_config(model_dir, bootstrap, src, out, dlq)
+    config = serve_config(model_dir, bootstrap, src, out, dlq)
 
     async def scenario() -> None:
         async with Server(config) as a, Server(config) as b:
@@ -258,7 +271,7 @@ def test_an_instance_without_partitions_is_ready(
                 await asyncio.sleep(0.2)
             assert sorted(a.assignment() + b.assignment()) == [0]
             for server in (a, b):
-                assert (await _http_get(server.metrics_port, "/readyz"))[0] == 200
+                assert (await http_get(server.metrics_port, "/readyz"))[0] == 200
                 server.request_stop()
                 await server.wait()
 
@@ -275,9 +288,9 @@ def test_a_tick_whose_step_fails_is_a_dead_letter_and_the_rest_of_its_batch_goes
     bootstrap: str, make_topics: Any, tmp_path: Path
 ) -> None:
     rng = np.random.default_rng(4)
-    model_dir = _bundle(tmp_path)
+    model_dir = saved_bundle(tmp_path)
     src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=2)
-    ticks = _ticks(rng, streams=30, n=300)
+    ticks = random_ticks(rng, streams=30, n=300)
     msgs: list[tuple[bytes | None, bytes | None]] = []
     valid: list[bool] = []
     boom = json.dumps({"values": [1.0, 2.0], "ts": EPOCH_MS}).encode()
@@ -289,7 +302,7 @@ def test_a_tick_whose_step_fails_is_a_dead_letter_and_the_rest_of_its_batch_goes
         msgs.append((stream.encode(), json.dumps(body).encode()))
         valid.append(True)
     booms = len(valid) - sum(valid)
-    config = _serve_config(model_dir, bootstrap, src, out, dlq, max_records=64)
+    config = serve_config(model_dir, bootstrap, src, out, dlq, max_records=64)
 
     async def scenario() -> tuple[list[Any], list[Any], list[Any]]:
         async with Server(config, engine=_fragile) as server:
@@ -302,7 +315,7 @@ def test_a_tick_whose_step_fails_is_a_dead_letter_and_the_rest_of_its_batch_goes
         return metas, outputs, dead
 
     metas, outputs, dead = asyncio.run(scenario())
-    expected = _expected(model_dir, ticks, metas, valid)
+    expected = oracle_predictions(model_dir, ticks, metas, valid)
     got = {_source(m): json.loads(m.value)["prediction"][0] for m in outputs}
     assert len(outputs) == len(ticks) and set(got) == set(expected)
     assert max(abs(got[k] - v) for k, v in expected.items()) <= 1e-5
@@ -320,7 +333,7 @@ def test_records_the_broker_refuses_are_delivered_another_way_and_nothing_stops(
     bootstrap, make_topics = kafka_bootstrap, make_kafka_topics
     # The output topic refuses time stamps over a minute ahead (Kafka 4 refuses those over
     # an hour ahead by default); the dead-letter topic refuses records over 4 KiB.
-    model_dir = _bundle(tmp_path)
+    model_dir = saved_bundle(tmp_path)
     (src,) = make_topics("ticks", partitions=2)
     suffix = uuid.uuid4().hex[:6]
     out, dlq = f"preds-{suffix}", f"dlq-{suffix}"
@@ -347,18 +360,18 @@ def test_records_the_broker_refuses_are_delivered_another_way_and_nothing_stops(
         msgs.append((f"s{i % 7}".encode(), json.dumps({"values": [0.1, i], "ts": ts}).encode()))
         if i % 50 == 9:
             msgs.append((b"big", huge))
-    config = _serve_config(model_dir, bootstrap, src, out, dlq, max_records=64)
+    config = serve_config(model_dir, bootstrap, src, out, dlq, max_records=64)
 
     async def scenario() -> tuple[list[Any], list[Any], list[Any], dict[int, int]]:
         async with Server(config) as server:
             metas = await send_raw(bootstrap, src, msgs)
             outputs = await read_all(bootstrap, out, 200, timeout_s=60)
             dead = await read_all(bootstrap, dlq, 4, timeout_s=30)
-            await asyncio.sleep(1.0)
+            await _await_committed(bootstrap, config.group_id, src, metas, partitions=2)
             assert server.healthy()
             server.request_stop()
             await server.wait()
-        committed = await _committed(bootstrap, config.group_id, src, partitions=2)
+        committed = await committed_offsets(bootstrap, config.group_id, src, partitions=2)
         return metas, outputs, dead, committed
 
     metas, outputs, dead, committed = asyncio.run(scenario())

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections import defaultdict
@@ -16,41 +15,26 @@ from typing import Any
 
 import numpy as np
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamlstm import Affine, BrokerError, Bundle, BundleError, ModelConfig
+from streamlstm import BrokerError, BundleError
 from streamlstm.consumers.server import Server
 from streamlstm.consumers.settings import ServeConfig
 from streamlstm.kernels import native_available
-from tests.conftest import default_state
 from tests.consumers.conftest import read_all, send_raw
-from tests.streamlstm.oracle import expected_outputs
-
-
-def _bundle(tmp_path: Path) -> Path:
-    cfg = ModelConfig(input_size=2, hidden_sizes=(16, 16), head_sizes=(8,), output_size=1)
-    bundle = Bundle.random(
-        cfg,
-        seed=3,
-        input_scaler=Affine.from_min_max([-10.0, 0.0], [10.0, 100.0]),
-        target_scaler=Affine.from_min_max([0.0], [5.0]),
-    )
-    return bundle.save(tmp_path / "model")
-
-
-def _ticks(rng: np.random.Generator, streams: int, n: int) -> list[tuple[str, list[float], bool]]:
-    out = []
-    for _ in range(n):
-        stream = f"sensor-{int(rng.integers(0, streams))}"
-        values = [float(rng.normal() * 5), float(rng.uniform(0, 100))]
-        out.append((stream, values, bool(rng.random() < 0.02)))
-    return out
-
-
-#: A plausible event time (epoch ms, Nov 2023): times in seconds are refused.
-EPOCH_MS = 1_700_000_000_000
+from tests.helpers.polling import await_for
+from tests.helpers.serving import (
+    EPOCH_MS,
+    committed_offsets,
+    http_get,
+    metric_total,
+    oracle_predictions,
+    random_ticks,
+    saved_bundle,
+    serve_cmd,
+    serve_config,
+)
 
 BAD: list[tuple[bytes | None, bytes | None, str]] = [
     (b"sensor-1", b"{not json", "value"),
@@ -89,63 +73,12 @@ def _messages(
     return msgs, valid
 
 
-async def _committed(bootstrap: str, group: str, topic: str, partitions: int = 4) -> dict[int, int]:
-    # OffsetFetch through a consumer that never joins: the admin client's
-    # list_consumer_group_offsets does not decode Tansu's answer.
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False
-    )
-    await consumer.start()
-    try:
-        out = {}
-        for p in range(partitions):
-            offset = await consumer.committed(TopicPartition(topic, p))
-            if offset is not None:
-                out[p] = offset
-        return out
-    finally:
-        await consumer.stop()
-
-
-async def _http_get(port: int, path: str) -> tuple[int, str]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.0\r\n\r\n".encode())
-    await writer.drain()
-    data = (await reader.read()).decode()
-    writer.close()
-    head, _, body = data.partition("\r\n\r\n")
-    return int(head.split()[1]), body
-
-
-def _expected(
-    bundle_dir: Path,
-    ticks: list[tuple[str, list[float], bool]],
-    metas: list[Any],
-    valid_mask: list[bool],
-) -> dict[tuple[int, int], float]:
-    """(partition, offset) of every valid tick -> the oracle's prediction."""
-    bundle = Bundle.load(bundle_dir)
-    valid = [meta for meta, ok in zip(metas, valid_mask, strict=True) if ok]
-    assert len(valid) == len(ticks)
-    ids = [t[0] for t in ticks]
-    x = np.array([t[1] for t in ticks], np.float32)
-    want, _ = expected_outputs(bundle, ids, x, [t[2] for t in ticks])
-    return {(meta.partition, meta.offset): float(want[i, 0]) for i, meta in enumerate(valid)}
-
-
-def _serve_config(
-    model_dir: Path, bootstrap: str, src: str, out: str, dlq: str, **overrides: Any
-) -> ServeConfig:
-    """A config for ``src -> out`` in a fresh group, metrics on a free port."""
-    return ServeConfig(
-        model=str(model_dir),
-        bootstrap_servers=bootstrap,
-        input_topic=src,
-        output_topic=out,
-        dlq_topic=dlq,
-        group_id=f"g-{uuid.uuid4().hex[:8]}",
-        metrics_port=0,
-        **{"state": default_state(), **overrides},
+async def _counted(port: int, predictions: int, dead_letters: int) -> bool:
+    """/metrics counts at least these many acknowledged predictions and dead letters."""
+    _, page = await http_get(port, "/metrics")
+    return (
+        metric_total(page, "streamlstm_predictions_produced") >= predictions
+        and metric_total(page, "streamlstm_dead_letters") >= dead_letters
     )
 
 
@@ -153,11 +86,11 @@ def test_every_tick_answered_once_and_equal_to_the_oracle(
     bootstrap: str, make_topics: Any, tmp_path: Path
 ) -> None:
     rng = np.random.default_rng(11)
-    model_dir = _bundle(tmp_path)
+    model_dir = saved_bundle(tmp_path)
     src, out, dlq, metrics_topic = make_topics("ticks", "preds", "dlq", "metrics", partitions=4)
-    ticks = _ticks(rng, streams=300, n=2500)
+    ticks = random_ticks(rng, streams=300, n=2500)
     msgs, valid_mask = _messages(ticks, rng)
-    config = _serve_config(
+    config = serve_config(
         model_dir,
         bootstrap,
         src,
@@ -173,20 +106,24 @@ def test_every_tick_answered_once_and_equal_to_the_oracle(
             metas = await send_raw(bootstrap, src, msgs)
             outputs = await read_all(bootstrap, out, len(ticks), timeout_s=90)
             dead = await read_all(bootstrap, dlq, len(BAD), timeout_s=30)
-            await asyncio.sleep(1.0)  # commits of the last batch, one summary
-            status, _ = await _http_get(server.metrics_port, "/readyz")
+            # The counters count acknowledged sends, which a reader can see first.
+            await await_for(
+                lambda: _counted(server.metrics_port, len(ticks), len(BAD)), 30, "/metrics"
+            )
+            assert await read_all(bootstrap, metrics_topic, 1, timeout_s=30)  # one summary
+            status, _ = await http_get(server.metrics_port, "/readyz")
             assert status == 200
-            assert (await _http_get(server.metrics_port, "/healthz"))[0] == 200
-            _, text = await _http_get(server.metrics_port, "/metrics")
+            assert (await http_get(server.metrics_port, "/healthz"))[0] == 200
+            _, text = await http_get(server.metrics_port, "/metrics")
             server.request_stop()
             await server.wait()
         summaries = await read_all(bootstrap, metrics_topic, 1, timeout_s=10)
-        committed = await _committed(bootstrap, config.group_id, src)
+        committed = await committed_offsets(bootstrap, config.group_id, src)
         return metas, outputs, dead, committed, text, summaries
 
     metas, outputs, dead, committed, text, summaries = asyncio.run(scenario())
 
-    expected = _expected(model_dir, ticks, metas, valid_mask)
+    expected = oracle_predictions(model_dir, ticks, metas, valid_mask)
     got: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
     kafka_default = DefaultPartitioner()
     for msg in outputs:
@@ -237,10 +174,10 @@ def test_every_tick_answered_once_and_equal_to_the_oracle(
 def test_a_rebalance_hands_over_partitions_and_their_streams_restart(
     bootstrap: str, make_topics: Any, tmp_path: Path
 ) -> None:
-    model_dir = _bundle(tmp_path)
+    model_dir = saved_bundle(tmp_path)
     src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=4)
     # Memory mode: a moved partition's streams restart from zero (durable: test_chaos).
-    config = _serve_config(model_dir, bootstrap, src, out, dlq, max_records=50, state="memory")
+    config = serve_config(model_dir, bootstrap, src, out, dlq, max_records=50, state="memory")
     streams = [f"sensor-{i}" for i in range(40)]
     rng = np.random.default_rng(5)
 
@@ -297,49 +234,20 @@ def test_a_rebalance_hands_over_partitions_and_their_streams_restart(
         assert body["step"] == (round_ if meta.partition in moved else 3 + round_), key
 
 
-def _serve_cmd(
-    model_dir: Path, bootstrap: str, src: str, out: str, dlq: str, group: str
-) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "streamlstm.cli",
-        "serve",
-        "--model",
-        str(model_dir),
-        "--bootstrap-servers",
-        bootstrap,
-        "--input-topic",
-        src,
-        "--output-topic",
-        out,
-        "--dlq-topic",
-        dlq,
-        "--group-id",
-        group,
-        "--metrics-port",
-        "0",
-        "--max-records",
-        "64",
-        "--state",  # a later --state of the caller's wins
-        default_state(),
-    ]
-
-
 def test_sigterm_commits_what_was_answered_and_restart_skips_nothing(
     bootstrap: str, make_topics: Any, tmp_path: Path
 ) -> None:
     rng = np.random.default_rng(5)
-    model_dir = _bundle(tmp_path)
+    model_dir = saved_bundle(tmp_path)
     src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=4)
-    ticks = _ticks(rng, streams=200, n=4000)
+    ticks = random_ticks(rng, streams=200, n=4000)
     msgs = [
         (s.encode(), json.dumps({"values": v, "ts": 1_700_000_000_000 + i}).encode())
         for i, (s, v, _) in enumerate(ticks)
     ]
     metas = asyncio.run(send_raw(bootstrap, src, msgs))
     group = f"g-{uuid.uuid4().hex[:8]}"
-    cmd = _serve_cmd(model_dir, bootstrap, src, out, dlq, group)
+    cmd = serve_cmd(model_dir, bootstrap, src, out, dlq, group)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     first = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
@@ -352,7 +260,7 @@ def test_sigterm_commits_what_was_answered_and_restart_skips_nothing(
     _, err = first.communicate(timeout=60)
     assert first.returncode == 0, err[-3000:]
 
-    committed = asyncio.run(_committed(bootstrap, group, src))
+    committed = asyncio.run(committed_offsets(bootstrap, group, src))
     answered = {
         (json.loads(m.value)["partition"], json.loads(m.value)["offset"])
         for m in asyncio.run(read_all(bootstrap, out, len(ticks), timeout_s=5))
@@ -378,11 +286,11 @@ def test_sigterm_commits_what_was_answered_and_restart_skips_nothing(
     ends: dict[int, int] = {}
     for meta in metas:
         ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
-    assert asyncio.run(_committed(bootstrap, group, src)) == ends
+    assert asyncio.run(committed_offsets(bootstrap, group, src)) == ends
 
 
 def test_startup_errors_are_clear(bootstrap: str, make_topics: Any, tmp_path: Path) -> None:
-    model_dir = _bundle(tmp_path)
+    model_dir = saved_bundle(tmp_path)
     (src,) = make_topics("ticks")
     base = dict(
         model=str(model_dir),

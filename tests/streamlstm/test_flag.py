@@ -12,8 +12,8 @@ import pytest
 
 from streamlstm import Bundle, ConfigError, Engine, OutputSpec, StreamState
 from streamlstm.flag import AdaptiveFlag
+from tests.helpers.scoring import horizon_scored_bundle
 from tests.streamlstm.oracle import threshold_levels
-from tests.streamlstm.test_horizon_score import _scored_bundle
 
 
 def test_flags_follow_the_definition() -> None:
@@ -47,7 +47,7 @@ def test_a_drifting_stream_flags_about_the_rate_where_a_fixed_threshold_flags_15
 
 
 def _bundle(step: float = 0.05) -> Bundle:
-    return _scored_bundle(threshold=1.0, stages=2, baseline=30, rate=0.2, step=step)
+    return horizon_scored_bundle(threshold=1.0, stages=2, baseline=30, rate=0.2, step=step)
 
 
 def test_engine_flags_each_stream_as_its_own_replay_under_any_batching() -> None:

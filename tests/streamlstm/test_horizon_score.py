@@ -11,35 +11,7 @@ import pytest
 
 from streamlstm import Bundle, ConfigError, Engine, ModelConfig, OutputSpec, StreamState
 from streamlstm.wire import UNDEFINED, Undefined, encode_prediction
-
-HORIZONS = 4
-SCALE = (0.5, 1.0, 1.5, 2.0)
-
-
-def _scored_bundle(
-    span: int = 6,
-    threshold: float | None = None,
-    first: int = 1,
-    stages: int = 1,
-    baseline: int | None = None,
-    rate: float | None = None,
-    step: float = 0.0,
-) -> Bundle:
-    return Bundle.random(
-        ModelConfig(input_size=2, hidden_sizes=(8,), head_sizes=(4,), output_size=HORIZONS),
-        seed=5,
-        outputs=OutputSpec(
-            target_feature=1,
-            score_span=span,
-            score_scale=SCALE,
-            score_from=first,
-            score_stages=stages,
-            score_baseline_span=baseline,
-            threshold=threshold,
-            false_alarm_rate=rate,
-            threshold_step=step,
-        ),
-    )
+from tests.helpers.scoring import HORIZONS, SCALE, horizon_scored_bundle
 
 
 def _reference(
@@ -91,7 +63,7 @@ def _reference(
 def test_scores_match_the_definition_under_any_batching(
     first: int, stages: int, baseline: int | None
 ) -> None:
-    bundle = _scored_bundle(first=first, stages=stages, baseline=baseline)
+    bundle = horizon_scored_bundle(first=first, stages=stages, baseline=baseline)
     rng = np.random.default_rng(first)
     streams = {f"s{k}": rng.normal(0, 1, (40, 2)).astype(np.float32) for k in range(4)}
     labels = rng.permutation([s for s, x in streams.items() for _ in range(len(x))]).tolist()
@@ -121,7 +93,7 @@ def test_scores_match_the_definition_under_any_batching(
 def test_reset_restarts_the_score_and_restore_continues_it(
     stages: int, baseline: int | None
 ) -> None:
-    bundle = _scored_bundle(stages=stages, baseline=baseline)
+    bundle = horizon_scored_bundle(stages=stages, baseline=baseline)
     x = np.random.default_rng(0).normal(0, 1, (30, 2)).astype(np.float32)
     engine = Engine(bundle)
     first = engine.step(["a"] * 20, x[:20]).scores
@@ -137,9 +109,9 @@ def test_reset_restarts_the_score_and_restore_continues_it(
 
 def test_the_flag_is_the_score_above_the_threshold_and_reaches_the_output() -> None:
     x = np.random.default_rng(2).normal(0, 1, (30, 2)).astype(np.float32)
-    scores = Engine(_scored_bundle()).step(["a"] * 30, x).scores
+    scores = Engine(horizon_scored_bundle()).step(["a"] * 30, x).scores
     threshold = float(np.nanmedian(scores))
-    result = Engine(_scored_bundle(threshold=threshold)).step(["a"] * 30, x)
+    result = Engine(horizon_scored_bundle(threshold=threshold)).step(["a"] * 30, x)
     np.testing.assert_array_equal(result.scores, scores)
     expected = [math.nan if math.isnan(s) else float(s > threshold) for s in scores.tolist()]
     np.testing.assert_array_equal(result.anomalies(), expected)
@@ -147,7 +119,7 @@ def test_the_flag_is_the_score_above_the_threshold_and_reaches_the_output() -> N
     assert result.anomaly(0) is UNDEFINED
     flagged = int(np.nanargmax(scores))
     assert result.anomaly(flagged) is True
-    assert Engine(_scored_bundle()).step(["a"], x[:1]).anomaly(0) is None
+    assert Engine(horizon_scored_bundle()).step(["a"], x[:1]).anomaly(0) is None
 
     def encoded(anomaly: bool | Undefined | None) -> dict[str, object]:
         message = encode_prediction(

@@ -1,0 +1,1 @@
+"""What several test modules share (test modules import helpers from here, never each other)."""
