@@ -64,6 +64,9 @@ logger = logging.getLogger(__name__)
 FRAME_LENGTH = struct.Struct("!Q")
 #: What the child runs (``python -m``): the engine's side of the socket.
 _CHILD_MODULE = "streamlstm.consumers.engine_child"
+#: How often ``close`` looks whether the child has exited, and how long a killed one gets.
+_EXIT_POLL_S = 0.02
+_KILLED_EXIT_S = 5.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -263,19 +266,27 @@ class EngineProcess:
             self._proc.kill()
 
     async def close(self, timeout_s: float = 10.0) -> None:
+        """Ask the child to exit; kill it if it has not within ``timeout_s`` (0: at once).
+        Never blocks the event loop, however stopped or wedged the child is."""
         writer, proc = self._writer, self._proc
         self._writer = self._proc = None
         if writer is not None:
             with contextlib.suppress(OSError):  # already gone
                 writer.write(frame(("close",)))
             writer.close()
-        if proc is not None:
-            try:
-                await asyncio.to_thread(proc.wait, timeout_s)
-            except subprocess.TimeoutExpired:
+        # Polled from the loop, not waited on in a thread: a wait with no deadline on a
+        # child that never exits (stopped, or stuck in the kernel) would hold a worker
+        # thread that asyncio.run joins at exit, and the daemon with it.
+        if proc is not None and not await _exited(proc, timeout_s):
+            if timeout_s > 0:
                 logger.warning("engine process did not exit in %.0f s; killing it", timeout_s)
-                proc.kill()
-                await asyncio.to_thread(proc.wait)
+            proc.kill()
+            if not await _exited(proc, _KILLED_EXIT_S):
+                logger.error(
+                    "engine process %d did not exit %.0f s after SIGKILL; leaving it",
+                    proc.pid,
+                    _KILLED_EXIT_S,
+                )
         if self._reader_task is not None:
             self._reader_task.cancel()
         self._fail(StreamLSTMError("engine process is closed"))
@@ -330,6 +341,17 @@ class EngineProcess:
             future = self._waiting.popleft()
             if not future.done():
                 future.set_exception(self._error)
+
+
+async def _exited(proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """Whether ``proc`` exits (and is reaped) within ``timeout_s``, polled without blocking."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while proc.poll() is None:
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(_EXIT_POLL_S)
+    return True
 
 
 def pack_step(request: StepRequest) -> tuple[Any, ...]:

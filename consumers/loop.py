@@ -108,6 +108,10 @@ class PollLoop:
         self._clock = clock
         self._pending: collections.deque[_InFlight] = collections.deque()
         self._failed = False
+        #: A step or checkpoint outlived ``step_timeout_s``: the engine is taken as wedged.
+        #: Set the moment the deadline passes (``/healthz`` fails then), even where the loop
+        #: is awaiting something else and only meets the timed-out step later.
+        self.wedged = False
         #: Durable state: when the next checkpoint is due (clock seconds).
         self._checkpoint_due = clock() + config.commit_interval_ms / 1000.0
         #: Per TopicPartition: the offset after the last tick sent to the engine (its state
@@ -209,6 +213,7 @@ class PollLoop:
         try:
             return await asyncio.wait_for(step, timeout)
         except TimeoutError:
+            self.wedged = True
             raise StreamLSTMError(
                 f"the engine did not answer a step within --step-timeout-s {timeout:g} s; "
                 "it is taken as wedged and the daemon stops (uncommitted ticks are read again)"

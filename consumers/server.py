@@ -146,9 +146,23 @@ class Server:
         return sorted(tp.partition for tp in consumer.assignment() if tp.topic == topic)
 
     def healthy(self) -> bool:
-        """The loop has not failed and the engine process is alive (``/healthz``)."""
-        loop_ok = self._task is not None and not (self._task.done() and self._task.exception())
-        return loop_ok and self._failure is None and self._engine is not None and self._engine.alive
+        """The loop has not failed, no step outlived ``--step-timeout-s``, and the engine
+        process is alive (``/healthz``).
+
+        Called by the HTTP handler on the event loop, so it only reads flags: it must
+        answer at once while the engine is stopped, wedged or being killed.
+        """
+        task = self._task
+        # A cancelled task (a shutdown that timed out) has no exception() to ask for: it raises.
+        loop_ok = task is not None and not (task.done() and (task.cancelled() or task.exception()))
+        wedged = self._loop is not None and self._loop.wedged
+        return (
+            loop_ok
+            and not wedged
+            and self._failure is None
+            and self._engine is not None
+            and self._engine.alive
+        )
 
     @property
     def _engine_pid(self) -> int:
@@ -353,10 +367,14 @@ class Server:
             await self._durable.close()
         if self._producer is not None:
             await stop_client(self._producer)
+        if self._engine is not None:
+            # Asked to exit, then killed: a wedged child gets the same grace (it may be slow
+            # rather than stopped), polled without blocking the loop meanwhile.
+            await self._engine.close()
+        # Last: until the process exits, /healthz answers (503 once anything failed) rather
+        # than refusing connections, which a probe cannot tell from a hung daemon.
         if self._http is not None:
             await self._http.stop()
-        if self._engine is not None:
-            await self._engine.close()
         logger.info("stopped after %d ticks", self.reporter.totals["ticks"])
 
     async def __aenter__(self) -> Server:
