@@ -11,8 +11,10 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml setup.py streamlstm/_kernels.c streamlstm/_codec.c constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch is pinned to the CPU build through the constraints file.
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	# Built against the venv's own OpenBLAS (no build isolation): the kernels' rpath then
+	# names a folder that stays (an isolated build's is deleted after the install).
+	$(BIN)/pip install --quiet -c constraints.txt setuptools scipy-openblas32
+	$(BIN)/pip install --quiet -c constraints.txt --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
 lint: $(STAMP)

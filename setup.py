@@ -27,9 +27,16 @@ try:
         "include_dirs": [openblas.get_include_dir()],
         "library_dirs": [openblas.get_lib_dir()],
         "libraries": [openblas.get_library()],
+        # Found at run time without the wheel imported first: beside an installed
+        # streamlstm (site-packages/scipy_openblas32/lib), else where it was built against.
+        "extra_link_args": [
+            "-Wl,-rpath,$ORIGIN/../scipy_openblas32/lib",
+            f"-Wl,-rpath,{openblas.get_lib_dir()}",
+        ],
     }
 except ImportError:  # no BLAS to link: the extension is left out (optional)
-    blas = {"include_dirs": ["/nonexistent-scipy-openblas32"]}
+    blas = {"include_dirs": ["/nonexistent-scipy-openblas32"], "extra_link_args": []}
+blas["extra_link_args"] = ["-fopenmp", "-lm", *blas["extra_link_args"]]
 
 setup(
     ext_modules=[
@@ -37,7 +44,6 @@ setup(
             "streamlstm._kernels",
             sources=["streamlstm/_kernels.c"],
             extra_compile_args=compile_args,
-            extra_link_args=["-fopenmp", "-lm"],
             optional=True,
             **blas,
         ),

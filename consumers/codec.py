@@ -162,7 +162,7 @@ def decode_poll(
     Records of partitions no longer in ``assigned`` (revoked while the poll
     waited) are left out: their new owner reads them. A record's topic and
     partition are its key's: the records themselves may not carry them (see
-    ``kafka.lean_records``).
+    ``aiokafka_internals.lean_records``).
     """
     msgs: list[Any] = []
     sources: list[Any] = []
@@ -250,7 +250,7 @@ def decode_poll(
 @dataclass(frozen=True, slots=True)
 class Consumed:
     """A consumed record with its topic and partition, for one that came without
-    (``kafka.lean_records``): what a dead letter reads."""
+    (``aiokafka_internals.lean_records``): what a dead letter reads."""
 
     topic: str
     partition: int

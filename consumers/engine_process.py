@@ -64,8 +64,7 @@ logger = logging.getLogger(__name__)
 FRAME_LENGTH = struct.Struct("!Q")
 #: What the child runs (``python -m``): the engine's side of the socket.
 _CHILD_MODULE = "streamlstm.consumers.engine_child"
-#: How often ``close`` looks whether the child has exited, and how long a killed one gets.
-_EXIT_POLL_S = 0.02
+#: How long ``close`` gives a killed child to exit.
 _KILLED_EXIT_S = 5.0
 
 
@@ -266,8 +265,7 @@ class EngineProcess:
             self._proc.kill()
 
     async def close(self, timeout_s: float = 10.0) -> None:
-        """Ask the child to exit; kill it if it has not within ``timeout_s`` (0: at once).
-        Never blocks the event loop, however stopped or wedged the child is."""
+        """Ask the child to exit, kill it after ``timeout_s`` (0: at once); never blocks."""
         writer, proc = self._writer, self._proc
         self._writer = self._proc = None
         if writer is not None:
@@ -282,11 +280,7 @@ class EngineProcess:
                 logger.warning("engine process did not exit in %.0f s; killing it", timeout_s)
             proc.kill()
             if not await _exited(proc, _KILLED_EXIT_S):
-                logger.error(
-                    "engine process %d did not exit %.0f s after SIGKILL; leaving it",
-                    proc.pid,
-                    _KILLED_EXIT_S,
-                )
+                logger.error("engine process %d did not exit after SIGKILL; leaving it", proc.pid)
         if self._reader_task is not None:
             self._reader_task.cancel()
         self._fail(StreamLSTMError("engine process is closed"))
@@ -343,14 +337,14 @@ class EngineProcess:
                 future.set_exception(self._error)
 
 
-async def _exited(proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
+async def _exited(proc: subprocess.Popen[bytes], timeout_s: float, poll_s: float = 0.02) -> bool:
     """Whether ``proc`` exits (and is reaped) within ``timeout_s``, polled without blocking."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while proc.poll() is None:
         if loop.time() >= deadline:
             return False
-        await asyncio.sleep(_EXIT_POLL_S)
+        await asyncio.sleep(poll_s)
     return True
 
 

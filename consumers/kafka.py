@@ -7,7 +7,6 @@ at run time (acknowledgements, commits) where they happen.
 
 from __future__ import annotations
 
-import collections
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -17,6 +16,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from aiokafka.helpers import create_ssl_context
 
+from streamlstm.consumers.aiokafka_internals import lean_records, probe
 from streamlstm.consumers.settings import ServeConfig
 from streamlstm.errors import BrokerError
 
@@ -25,7 +25,6 @@ __all__ = [
     "client_options",
     "committed_offset",
     "ensure_topics",
-    "lean_records",
     "partitions_of",
     "publish",
     "start_client",
@@ -64,50 +63,6 @@ def client_options(
     return options
 
 
-def _as_read(tp: Any, record: Any) -> Any:
-    return record
-
-
-class _LeanResults(collections.OrderedDict[Any, Any]):
-    """The fetcher's buffer of fetched partitions (``Fetcher._records``), each partition's
-    records handed out as aiokafka read them (see ``lean_records``)."""
-
-    def __setitem__(self, tp: Any, result: Any) -> None:
-        partition_records = getattr(result, "_partition_records", None)
-        if partition_records is not None and hasattr(partition_records, "_consumer_record"):
-            # An instance attribute wins over the class's method, for this buffer only.
-            partition_records._consumer_record = _as_read
-        super().__setitem__(tp, result)
-
-
-def lean_records(consumer: AIOKafkaConsumer) -> bool:
-    """Make a started consumer's ``getmany`` hand out the records as aiokafka's record
-    batch reads them, not as ``ConsumerRecord``; True when it took.
-
-    Building a ``ConsumerRecord`` costs about 0.8 µs of CPU a record (a
-    Python call and an 11-field dataclass), the largest single cost of the
-    daemon's parent at 10k ticks/s. The records read keep ``offset``,
-    ``timestamp``, ``key``, ``value`` and ``headers`` but have no ``topic``
-    or ``partition``: those are ``getmany``'s keys (the codec reads them
-    there). Only the conversion is skipped: transactions (aborted batches,
-    control records), CRC checks and positions stay aiokafka's. On an
-    aiokafka whose fetcher is laid out otherwise, nothing changes (False),
-    and records stay ``ConsumerRecord``; the codec takes both.
-    """
-    fetcher = getattr(consumer, "_fetcher", None)
-    buffered = getattr(fetcher, "_records", None)
-    if not isinstance(buffered, collections.OrderedDict) or (
-        getattr(fetcher, "_key_deserializer", None) or getattr(fetcher, "_value_deserializer", None)
-    ):
-        return False
-    if not isinstance(buffered, _LeanResults):
-        lean = _LeanResults()
-        for tp, result in buffered.items():  # fetched before this call
-            lean[tp] = result
-        fetcher._records = lean  # type: ignore[union-attr]
-    return True
-
-
 async def start_client(
     client: AIOKafkaConsumer | AIOKafkaProducer, bootstrap: str, *, lean: bool = False
 ) -> None:
@@ -124,8 +79,10 @@ async def start_client(
             f"cannot reach Kafka at {bootstrap}: {exc}; check --bootstrap-servers and the "
             "security settings"
         ) from exc
-    if lean and isinstance(client, AIOKafkaConsumer) and not lean_records(client):
-        logger.info("this aiokafka's fetcher is laid out otherwise: records stay ConsumerRecord")
+    if lean and isinstance(client, AIOKafkaConsumer):
+        await probe()  # once per process; logs which way each fast path goes
+        if not lean_records(client):
+            logger.info("this consumer's records stay ConsumerRecord (lean_records not taken)")
 
 
 async def stop_client(client: AIOKafkaConsumer | AIOKafkaProducer) -> None:

@@ -19,6 +19,8 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
+from streamlstm.consumers.aiokafka_internals import raw_append, seal
+
 __all__ = ["Box", "OutRecord", "Outbox", "partition_of"]
 
 Headers = Sequence[tuple[str, bytes]]
@@ -113,7 +115,8 @@ class Outbox:
         count = len(parts)
         known = _known.setdefault(count, {})
         opened = self._open
-        # Per open batch of this call: the record batch's own append (see ``_raw_append``).
+        # Per open batch of this call: the record batch's own append, where that fast
+        # path is engaged (``aiokafka_internals.raw_append``); None: the public append.
         raws: dict[int, Any] = {}
         for key, value, stamp in zip(keys, values, timestamps_ms, strict=True):
             if key is None:
@@ -129,14 +132,15 @@ class Outbox:
             builder, records = entry
             raw = raws.get(partition, _UNSEEN)
             if raw is _UNSEEN:
-                raw = raws[partition] = _raw_append(builder, len(records))
+                raw = raws[partition] = raw_append(builder, len(records))
             if raw is None:
                 appended = builder.append(key=key, value=value, timestamp=stamp, headers=[])
             else:
                 appended = raw(len(records), stamp, key, value, _NO_HEADERS)
             if appended is None:
                 # Full: queue it as it is; an empty batch always takes one message.
-                _seal(builder, records, raw)
+                if raw is not None:
+                    seal(builder, len(records))
                 builder.close()  # as its own append closes it when full
                 self._ready.append((topic, partition, builder, records))
                 builder, records = opened[(topic, partition)] = (self._producer.create_batch(), [])
@@ -144,7 +148,9 @@ class Outbox:
                 raws.pop(partition)  # looked up again with the next record
             records.append((topic, partition, key, value, (), stamp))
         for partition, raw in raws.items():
-            _seal(*opened[(topic, partition)], raw)
+            if raw is not None:
+                builder, records = opened[(topic, partition)]
+                seal(builder, len(records))
 
     async def send(self) -> list[asyncio.Future[Any]]:
         """Queue every batch, in order per partition; waits only for room in the queue."""
@@ -159,36 +165,6 @@ class Outbox:
 #: Headers of every ``add_many`` record: none (the record batch only reads them).
 _NO_HEADERS: list[tuple[str, bytes]] = []
 _UNSEEN = object()
-
-
-def _raw_append(builder: Any, appended: int) -> Any:
-    """The append of the record batch inside aiokafka's ``BatchBuilder``, or None.
-
-    ``BatchBuilder.append`` is a Python method (keyword arguments, a serializer
-    check, an offset count) around the record batch's C ``append``: ~0.3 µs a
-    record, half of what a poll's output cost to queue. Where the builder is
-    laid out as in aiokafka 0.11-0.14 (``_builder``, ``_relative_offset``, no
-    serializers, still open), ``add_many`` calls the inner append itself with
-    the record's offset in the batch, and ``_seal`` leaves the builder's
-    count as its own append would. Anything else: None, and the public
-    ``append`` is used.
-    """
-    inner = getattr(builder, "_builder", None)
-    if (
-        inner is None
-        or getattr(builder, "_closed", True) is not False
-        or getattr(builder, "_relative_offset", None) != appended
-        or getattr(builder, "_key_serializer", None) is not None
-        or getattr(builder, "_value_serializer", None) is not None
-    ):
-        return None
-    return getattr(inner, "append", None)
-
-
-def _seal(builder: Any, records: list[OutRecord], raw: Any) -> None:
-    """After ``raw`` appends: the builder counts its records as its own append does."""
-    if raw is not None:
-        builder._relative_offset = len(records)
 
 
 class Box(Protocol):

@@ -27,6 +27,7 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from prometheus_client import CollectorRegistry
 
 from streamlstm import Bundle, EngineStats
+from streamlstm.consumers import aiokafka_internals
 from streamlstm.consumers.committer import Committer
 from streamlstm.consumers.durability import Durability
 from streamlstm.consumers.engine_process import (
@@ -152,17 +153,11 @@ class Server:
         Called by the HTTP handler on the event loop, so it only reads flags: it must
         answer at once while the engine is stopped, wedged or being killed.
         """
-        task = self._task
+        task, engine = self._task, self._engine
         # A cancelled task (a shutdown that timed out) has no exception() to ask for: it raises.
         loop_ok = task is not None and not (task.done() and (task.cancelled() or task.exception()))
         wedged = self._loop is not None and self._loop.wedged
-        return (
-            loop_ok
-            and not wedged
-            and self._failure is None
-            and self._engine is not None
-            and self._engine.alive
-        )
+        return loop_ok and not wedged and self._failure is None and bool(engine and engine.alive)
 
     @property
     def _engine_pid(self) -> int:
@@ -227,20 +222,15 @@ class Server:
         )
         # Exactly-once: this one publishes metrics only (outside any transaction).
         self._producer = await self._kafka.producer(**producing)
+        # aiokafka's internals, checked on batches as this producer makes them (logged once).
+        await aiokafka_internals.probe(self._producer)
         self._partitions = await partitions_of(
             self._producer, [cfg.input_topic, cfg.output_topic, str(cfg.dlq_topic)]
         )
         await durable.prepare(self._producer, self._partitions)
+        # Sticky: membership changes move few partitions (and so few streams' state).
         self._consumer = self._kafka.consumer(
-            group_id=cfg.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset=cfg.auto_offset_reset,
-            max_partition_fetch_bytes=cfg.max_request_bytes,
-            fetch_max_wait_ms=cfg.fetch_max_wait_ms,
-            group_instance_id=cfg.group_instance_id,
-            isolation_level=cfg.isolation_level,
-            # Membership changes move few partitions (and so few streams' state).
-            partition_assignment_strategy=(StickyPartitionAssignor,),
+            **cfg.consumer_settings(), partition_assignment_strategy=(StickyPartitionAssignor,)
         )
         self.reporter.watch(self._consumer)
         self._loop = PollLoop(

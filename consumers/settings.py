@@ -157,6 +157,18 @@ class ServeConfig:
             "compression_type": self.compression_type,
         }
 
+    def consumer_settings(self) -> dict[str, Any]:
+        """The input consumer's settings but the connection's and the assignor."""
+        return {
+            "group_id": self.group_id,
+            "enable_auto_commit": False,  # the committer commits, after the output is acked
+            "auto_offset_reset": self.auto_offset_reset,
+            "max_partition_fetch_bytes": self.max_request_bytes,
+            "fetch_max_wait_ms": self.fetch_max_wait_ms,
+            "group_instance_id": self.group_instance_id,
+            "isolation_level": self.isolation_level,
+        }
+
 
 def _base_type(annotation: Any) -> type:
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:

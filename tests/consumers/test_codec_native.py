@@ -191,7 +191,7 @@ def test_hostile_records_get_the_same_verdicts_and_reasons(
 def test_records_as_read_get_the_verdicts_of_consumer_records(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # What kafka.lean_records hands out: the poll's key says topic and partition.
+    # What aiokafka_internals.lean_records hands out: the poll's key says topic and partition.
     read = _hostile_poll(monkeypatch, Read, 4)
     consumed = _hostile_poll(monkeypatch, lambda i, k, v: Rec("in", 4, i, k, v), 4)
     for batch in (*read, consumed[1]):

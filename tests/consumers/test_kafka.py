@@ -1,4 +1,4 @@
-"""The network boundary's lean consumer (``kafka.lean_records``) against a real broker."""
+"""The lean consumer (``aiokafka_internals.lean_records``) against a real broker."""
 
 from __future__ import annotations
 

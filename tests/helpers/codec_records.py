@@ -21,8 +21,8 @@ class Rec:
 
 @dataclass(frozen=True)
 class Read:
-    """A record as aiokafka's record batch reads it (``kafka.lean_records``): no topic, no
-    partition; those are the poll's key."""
+    """A record as aiokafka's record batch reads it (``aiokafka_internals.lean_records``):
+    no topic, no partition; those are the poll's key."""
 
     offset: int
     key: bytes | None
