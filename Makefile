@@ -4,7 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-unit lint typecheck pytest test-sanitize demo bench clean deploy-tools deploy-check
+.PHONY: venv test test-unit lint typecheck pytest test-sanitize demo bench clean deploy-tools \
+	deploy-check test-container
 
 venv: $(STAMP)
 
@@ -85,3 +86,14 @@ deploy-tools: $(STAMP)
 
 deploy-check: deploy-tools
 	$(BIN)/pytest tests/deploy -v
+
+# The serving image built and run (tests/deploy/test_container.py, marker `deploy`):
+# deploy/container/dockerd.sh installs docker.io and debootstrap and starts dockerd
+# (needs root), the test builds the debootstrap base image (cached) and the image,
+# then serves on Apache Kafka in a container; dockerd.sh stop removes the test's
+# containers and stops the dockerd it started, whatever the outcome. `make test`
+# runs the same test (tests/deploy is in the suite; its fixture starts dockerd too).
+test-container: $(STAMP)
+	trap 'bash deploy/container/dockerd.sh stop' EXIT; \
+	bash deploy/container/dockerd.sh start \
+	&& $(BIN)/pytest -m deploy tests/deploy/test_container.py -v -s $(PYTEST_ARGS)
