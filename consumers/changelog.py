@@ -28,7 +28,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
-from streamlstm.consumers.engine_process import EngineClient, Reserving, Spooling
+from streamlstm.consumers.engine_process import EngineClient
+from streamlstm.consumers.engine_protocol import Change
 from streamlstm.consumers.outbox import Box
 from streamlstm.consumers.spool import Spool
 from streamlstm.errors import BrokerError
@@ -280,7 +281,7 @@ class Changelog:
         exactly-once mode each partition's transactional producer)."""
         self._outbox = outbox
 
-    async def write(self, records: list[tuple[str, int, bytes | None]]) -> list[Any]:
+    async def write(self, records: list[Change]) -> list[Any]:
         """Queue one checkpoint's records; returns their acknowledgement futures."""
         assert self._outbox is not None, "attach an outbox first"
         outbox = self._outbox()
@@ -302,15 +303,13 @@ class Changelog:
     async def restore(self, partitions: list[int]) -> None:
         """Read the partitions' states to their ends and load them into the engine."""
         engine = self._engine
-        spooling = engine if isinstance(engine, Spooling) else None
         reserving: list[asyncio.Future[None]] = []
 
         def on_streams(count: int) -> None:
             # The engine makes room as the read goes (growing the store after it
             # cost a 100k restore ~0.2 s of page faults); by the streams read, not
             # by the records ahead, which an uncompacted changelog has many more of.
-            if isinstance(engine, Reserving):
-                reserving.append(asyncio.ensure_future(engine.reserve(count)))
+            reserving.append(asyncio.ensure_future(engine.reserve(count)))
 
         try:
             every = await read_partitions(
@@ -319,24 +318,24 @@ class Changelog:
                 partitions,
                 isolation_level=self._isolation,
                 on_streams=on_streams,
-                spool=None if spooling is None else spooling.spool,
+                spool=engine.spool,
             )
         finally:
             for future in reserving:
                 await future
         try:
-            await self._load(every, spooling)
+            await self._load(every)
         finally:
             for restored in every:
                 if restored.spool is not None:
                     await restored.spool.close()
 
-    async def _load(self, every: list[Restored], spooling: Spooling | None) -> None:
+    async def _load(self, every: list[Restored]) -> None:
         for restored in every:
             partition = restored.partition
             started = time.perf_counter()
-            if restored.spool is not None and spooling is not None:
-                report = await spooling.restore_spooled(
+            if restored.spool is not None:
+                report = await self._engine.restore_spooled(
                     partition, restored.spool, restored.rows, self._policy
                 )
             else:

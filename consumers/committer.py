@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streamlstm.consumers.codec import Batch, Encoded
+from streamlstm.consumers.engine_protocol import Change
 from streamlstm.errors import BrokerError
 
 __all__ = ["Checkpoint", "Committer", "Sent"]
@@ -56,7 +57,7 @@ CommitFn = Callable[[dict[Any, int]], Awaitable[None]]
 #: ``rescue(records, error)``: deliver a refused batch's records another way, or raise.
 RescueFn = Callable[[list[Any], BaseException], Awaitable[None]]
 #: ``(stream, input partition, state bytes or None)``: one changelog record.
-ChangelogRecord = tuple[str, int, bytes | None]
+ChangelogRecord = Change  # a state, or None: a tombstone
 #: ``write(records)``: queue changelog records, return their acknowledgement futures.
 WriteFn = Callable[[list[ChangelogRecord]], Awaitable[list[asyncio.Future[Any]]]]
 

@@ -31,36 +31,41 @@ import sys
 import time
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from streamlstm import Bundle, Engine, EngineStats
-from streamlstm.consumers.engine_process import (
-    FRAME_LENGTH,
+from streamlstm.consumers.engine_protocol import (
+    Change,
+    ChangesReply,
+    Close,
+    Drop,
+    DropReply,
+    ErrorReply,
+    Reply,
+    Request,
+    Reserve,
+    ReserveReply,
+    Restore,
+    RestoreReply,
+    RestoreReport,
+    StartReply,
+    Step,
     StepReply,
     StepRequest,
+    TakeChanges,
     frame,
-    unpack_step,
+    read_frame,
 )
 from streamlstm.consumers.isolation import step_isolated
+from streamlstm.consumers.spool import Spool
 from streamlstm.errors import StateError, StreamLSTMError
 from streamlstm.kernels import set_num_threads
 from streamlstm.stream_state import StateArrays, StateBlobs, StreamState, decode_many
 
 __all__ = ["ChildEngine", "InProcessEngine", "RestoreReport"]
-
-
-@dataclass(frozen=True)
-class RestoreReport:
-    """What a ``restore`` loaded, and what it left out (each counted)."""
-
-    loaded: int
-    reset_model_changed: int  # made by another model: the stream starts again
-    kept_model_changed: int  # made by another, compatible model, kept (keep-if-compatible)
-    over_capacity: int  # past max_streams: the least recently seen were left out
-    corrupt: int
 
 
 class ChildEngine:
@@ -85,7 +90,8 @@ class ChildEngine:
         held = {s: store.partition_of(s) for s in store.stream_ids()}
         return {s: p for s, p in held.items() if p is not None}
 
-    def step(self, request: StepRequest) -> StepReply:
+    def step(self, request: StepRequest, *, with_evictions: bool = True) -> StepReply:
+        """``Engine.step``; ``with_evictions=False`` leaves out the evicted states."""
         engine = self.engine
         start = time.perf_counter()
         result = step_isolated(
@@ -102,6 +108,8 @@ class ChildEngine:
             engine.bundle.config.output_size,
         )
         seconds = time.perf_counter() - start
+        if not with_evictions and result.evictions:
+            result = replace(result, evictions=[])
         return StepReply(result, engine.stats, seconds)
 
     def drop(self, partitions: set[int]) -> int:
@@ -113,16 +121,16 @@ class ChildEngine:
         store.changes.forget_partitions(partitions)
         return len(gone)
 
-    def checkpoint(self) -> list[tuple[str, int, bytes | None]]:
-        """``(stream, partition, state bytes or None for a tombstone)`` of every change."""
+    def checkpoint(self) -> list[Change]:
+        """Every change since the last checkpoint: a state, or None for a tombstone."""
         store = self.engine.store
         live, parts, removed = store.take_changes()
         values = store.encode(live, parts, self.model_id) if live else []
-        records: list[tuple[str, int, bytes | None]] = list(zip(live, parts, values, strict=True))
+        records = [Change(*change) for change in zip(live, parts, values, strict=True)]
         for stream, partition in removed.items():
             # Held again in the same partition: its state (above, if changed) stands.
             if store.partition_of(stream) != partition:
-                records.append((stream, partition, None))
+                records.append(Change(stream, partition, None))
         return records
 
     def reserve(self, streams: int) -> None:
@@ -188,6 +196,10 @@ class InProcessEngine:
     def alive(self) -> bool:
         return True
 
+    @property
+    def pid(self) -> int | None:
+        return None  # this process
+
     async def start(self) -> EngineStats:
         self.stats = self.child.engine.stats
         return self.stats
@@ -202,16 +214,29 @@ class InProcessEngine:
         self.stats = self.child.engine.stats
         return count
 
-    async def checkpoint(self) -> list[tuple[str, int, bytes | None]]:
+    async def checkpoint(self) -> list[Change]:
         return self.child.checkpoint()
 
     async def reserve(self, streams: int) -> None:
         self.child.reserve(streams)
 
-    async def restore(self, partition: int, states: dict[str, bytes], policy: str) -> Any:
+    async def restore(self, partition: int, states: dict[str, bytes], policy: str) -> RestoreReport:
         report = self.child.restore(partition, states, policy)
         self.stats = self.child.engine.stats
         return report
+
+    def spool(self, expected_records: int) -> Spool:
+        return Spool(expected_records)
+
+    async def restore_spooled(
+        self, partition: int, spool: Spool, rows: dict[str, int], policy: str
+    ) -> RestoreReport:
+        report = restore_spooled(self.child, await spool.restore(partition, rows, policy))
+        self.stats = self.child.engine.stats
+        return report
+
+    def kill(self) -> None:
+        return None  # nothing of its own to kill
 
     async def close(self, timeout_s: float = 10.0) -> None:
         return None
@@ -256,46 +281,45 @@ def serve(sock: socket.socket, options: dict[str, Any]) -> None:
         _send_error(sock, exc)
         return
     gc.freeze()  # the model lives as long as the process: no full-collection pauses
-    sock.sendall(frame(("ok", child.engine.stats)))
+    sock.sendall(frame(StartReply(child.engine.stats)))
     while True:
-        message = _read_frame(sock)
-        if message is None or message[0] == "close":
+        message = read_frame(sock)
+        if message is None or isinstance(message, Close):
             return  # closed, or the parent is gone
         try:
-            kind = message[0]
-            if kind == "step":
-                reply: Any = child.step(unpack_step(message[1:]))
-            elif kind == "checkpoint":
-                reply = child.checkpoint()
-            elif kind == "restore":
-                reply = (_restore(child, *message[1:]), child.engine.stats)
-            elif kind == "reserve":
-                child.reserve(message[1])
-                reply = None
-            elif kind == "drop":
-                reply = (child.drop(set(message[1])), child.engine.stats)
-            else:
-                raise StreamLSTMError(f"engine process: unknown request {kind!r}")
+            reply = answer(child, message)
         except Exception as exc:
             _send_error(sock, exc)
             continue
-        sock.sendall(frame(("ok", reply)))
+        sock.sendall(frame(reply))
 
 
-def _restore(
-    child: ChildEngine,
-    partition: int,
-    ids: list[str],
-    path: str,
-    lengths: bytes,
-    rows: bytes,
-    policy: str,
-) -> RestoreReport:
+def answer(child: ChildEngine, message: Request | Reply) -> Reply:
+    """The reply to one request (raises what the request raised)."""
+    match message:
+        case Step():
+            return child.step(message.request(), with_evictions=message.with_evictions)
+        case TakeChanges():
+            return ChangesReply(child.checkpoint())
+        case Restore():
+            report = restore_spooled(child, message)
+            return RestoreReply(report, child.engine.stats)
+        case Reserve(streams=streams):
+            child.reserve(streams)
+            return ReserveReply(child.engine.stats)
+        case Drop(partitions=partitions):
+            count = child.drop(set(partitions))
+            return DropReply(count, child.engine.stats)
+    raise StreamLSTMError(f"engine process: {type(message).__name__} is not a request")
+
+
+def restore_spooled(child: ChildEngine, message: Restore) -> RestoreReport:
     """``restore`` from the parent's file of states laid end to end (``Spool``), mapped
     (not read); stream ``ids[i]``'s state is record ``rows[i]`` of the file."""
-    sizes = np.frombuffer(lengths, dtype=np.int64)
+    sizes = np.frombuffer(message.lengths, dtype=np.int64)
     ends = np.cumsum(sizes, dtype=np.int64)
-    index = np.frombuffer(rows, dtype=np.int64)
+    index = np.frombuffer(message.rows, dtype=np.int64)
+    ids, path = message.ids, message.path
     data = np.zeros(0, dtype=np.uint8)
     if ids and ends[-1]:
         with open(path, "rb") as file:
@@ -309,31 +333,11 @@ def _restore(
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     blobs = StateBlobs(ids, data, (ends - sizes)[index], ends[index])
-    return child.restore(partition, blobs, policy)
+    return child.restore(message.partition, blobs, message.policy)
 
 
 #: Fault the mapping in at once (one call, not a page fault per 4 KiB read).
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
-
-
-def _read_frame(sock: socket.socket) -> Any:
-    header = _read_exactly(sock, FRAME_LENGTH.size)
-    if header is None:
-        return None
-    body = _read_exactly(sock, FRAME_LENGTH.unpack(header)[0])
-    return None if body is None else pickle.loads(body)
-
-
-def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
-    buf = bytearray(size)
-    view = memoryview(buf)
-    got = 0
-    while got < size:
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            return None
-        got += n
-    return bytes(buf)
 
 
 def _send_error(sock: socket.socket, exc: Exception) -> None:
@@ -341,7 +345,7 @@ def _send_error(sock: socket.socket, exc: Exception) -> None:
         pickle.loads(pickle.dumps(exc))
     except Exception:  # one that does not survive the trip goes as text, traceback included
         exc = StreamLSTMError(f"engine process: {''.join(traceback.format_exception(exc))}")
-    sock.sendall(frame(("error", exc)))
+    sock.sendall(frame(ErrorReply(exc)))
 
 
 if __name__ == "__main__":

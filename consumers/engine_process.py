@@ -12,10 +12,8 @@ file), owns the ``Engine`` and the map of which input partition each stream
 last ticked on, and answers requests one at a time, in order. It ignores
 SIGINT and SIGTERM (a Ctrl-C reaches the whole process group; the parent
 decides when the engine stops) and exits when the parent closes the socket
-or dies. Frames are an 8-byte length and a pickle, between this process and
-the child it started. A step request goes as a few flat objects (``pack_step``:
-the ids as one string, every per-tick field as one array), and its reply holds
-arrays too: pickling either costs no Python object per tick.
+or dies. The messages, one dataclass per request and per reply, and their
+frames are ``engine_protocol``'s, which both sides import.
 """
 
 from __future__ import annotations
@@ -28,19 +26,35 @@ import logging
 import os
 import pickle
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, TypeVar
 
-import numpy as np
-import numpy.typing as npt
-
-from streamlstm import Bundle, EngineStats, StepResult
+from streamlstm import Bundle, EngineStats
+from streamlstm.consumers.engine_protocol import (
+    FRAME_LENGTH,
+    Change,
+    ChangesReply,
+    Close,
+    Drop,
+    DropReply,
+    ErrorReply,
+    Reply,
+    Request,
+    Reserve,
+    ReserveReply,
+    RestoreReply,
+    RestoreReport,
+    StartReply,
+    Step,
+    StepReply,
+    StepRequest,
+    TakeChanges,
+    frame,
+)
 from streamlstm.consumers.settings import ServeConfig
 from streamlstm.consumers.spool import Spool
 from streamlstm.errors import StreamLSTMError
@@ -49,45 +63,20 @@ __all__ = [
     "EngineClient",
     "EngineFactory",
     "EngineProcess",
-    "Reserving",
-    "Spooling",
     "StepReply",
     "StepRequest",
     "default_engine",
-    "pack_step",
-    "unpack_step",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: A frame: this length, then a pickle (between this process and the child it started).
-FRAME_LENGTH = struct.Struct("!Q")
 #: What the child runs (``python -m``): the engine's side of the socket.
 _CHILD_MODULE = "streamlstm.consumers.engine_child"
 #: How long ``close`` gives a killed child to exit.
 _KILLED_EXIT_S = 5.0
 
 
-@dataclass(frozen=True, eq=False)
-class StepRequest:
-    """One ``Engine.step`` call (see its arguments) and each tick's input partition."""
-
-    stream_ids: list[str]
-    features: npt.NDArray[np.float64]
-    resets: Sequence[bool] | npt.NDArray[np.bool_]
-    ends: Sequence[bool] | npt.NDArray[np.bool_]
-    timestamps: npt.NDArray[np.float64]
-    offsets: Sequence[int] | npt.NDArray[np.int64]
-    partitions: Sequence[int] | npt.NDArray[np.int64]
-
-
-@dataclass(frozen=True, eq=False)
-class StepReply:
-    """One step's result, the engine's figures after it, and its compute time (seconds)."""
-
-    result: StepResult
-    stats: EngineStats
-    seconds: float
+_R = TypeVar("_R", bound=Reply)
 
 
 class EngineClient(Protocol):
@@ -101,31 +90,33 @@ class EngineClient(Protocol):
 
     @property
     def alive(self) -> bool: ...
+    @property
+    def pid(self) -> int | None:
+        """The engine's own process, or None where it runs in this one."""
+
     async def start(self) -> EngineStats: ...
     async def step(self, request: StepRequest) -> StepReply: ...
     async def drop_partitions(self, partitions: Sequence[int]) -> int: ...
-    async def checkpoint(self) -> list[tuple[str, int, bytes | None]]: ...
-    async def restore(self, partition: int, states: dict[str, bytes], policy: str) -> Any: ...
-    async def close(self, timeout_s: float = 10.0) -> None: ...
+    async def checkpoint(self) -> list[Change]: ...
+    async def reserve(self, streams: int) -> None:
+        """Room for ``streams`` more streams, made now: the store grows (and its memory is
+        faulted in) while the changelog is read, not after."""
 
+    async def restore(
+        self, partition: int, states: dict[str, bytes], policy: str
+    ) -> RestoreReport: ...
+    def spool(self, expected_records: int) -> Spool:
+        """Somewhere to put a restore's states as they are read (``restore_spooled``)."""
 
-@runtime_checkable
-class Reserving(Protocol):
-    """An engine client that can make room ahead of a restore: the store grows (and its
-    memory is faulted in) while the changelog is read, not after."""
-
-    async def reserve(self, streams: int) -> None: ...
-
-
-@runtime_checkable
-class Spooling(Protocol):
-    """An engine client that takes a restore's states in a ``Spool``, written as they
-    are read, rather than in a dict after the read (``EngineProcess``)."""
-
-    def spool(self, expected_records: int) -> Spool: ...
     async def restore_spooled(
         self, partition: int, spool: Spool, rows: dict[str, int], policy: str
-    ) -> Any: ...
+    ) -> RestoreReport:
+        """``restore`` of the states in ``spool``: stream s's is record ``rows[s]``."""
+
+    def kill(self) -> None:
+        """Stop the engine at once (an exit that skips ``close``)."""
+
+    async def close(self, timeout_s: float = 10.0) -> None: ...
 
 
 class EngineProcess:
@@ -159,7 +150,7 @@ class EngineProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
-        self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._waiting: collections.deque[asyncio.Future[Reply]] = collections.deque()
         self._error: StreamLSTMError | None = None
         #: The engine's figures as of its last reply (None until started).
         self.stats: EngineStats | None = None
@@ -193,7 +184,7 @@ class EngineProcess:
             ready = self._expect()  # the child's first frame, sent unasked once loaded
             self._reader_task = asyncio.create_task(self._read(reader), name="streamlstm-engine")
             try:
-                stats = await asyncio.wait_for(ready, self._start_timeout_s)
+                started = await asyncio.wait_for(ready, self._start_timeout_s)
             except TimeoutError:
                 await self.close()
                 raise StreamLSTMError(
@@ -202,37 +193,34 @@ class EngineProcess:
             except BaseException:
                 await self.close()
                 raise
-        assert isinstance(stats, EngineStats)
-        self.stats = stats
-        return stats
+        if not isinstance(started, StartReply):
+            raise StreamLSTMError(f"engine process: {started!r} where StartReply was due")
+        self.stats = started.stats
+        return started.stats
 
     async def step(self, request: StepRequest) -> StepReply:
         """``Engine.step`` in the child; it also remembers each stream's partition."""
-        reply = await self._request(("step", *pack_step(request)))
-        assert isinstance(reply, StepReply)
+        reply = await self._request(Step.of(request), StepReply)
         self.stats = reply.stats
         return reply
 
     async def drop_partitions(self, partitions: Sequence[int]) -> int:
         """Forget every stream whose last tick came from ``partitions``; returns how many."""
-        count, self.stats = await self._request(("drop", list(partitions)))
-        return int(count)
+        reply = await self._request(Drop(tuple(partitions)), DropReply)
+        self.stats = reply.stats
+        return reply.count
 
-    async def checkpoint(self) -> list[tuple[str, int, bytes | None]]:
-        """States changed since the last checkpoint, as of every step asked for before it.
-
-        ``(stream, input partition, StreamState bytes, or None for a tombstone)``.
-        """
-        records = await self._request(("checkpoint",))
-        assert isinstance(records, list)
-        return records
+    async def checkpoint(self) -> list[Change]:
+        """States changed since the last checkpoint, as of every step asked for before it
+        (None for a stream's state: a tombstone)."""
+        return (await self._request(TakeChanges(), ChangesReply)).changes
 
     async def reserve(self, streams: int) -> None:
-        """Make room for ``streams`` more streams now (see ``Reserving``)."""
-        await self._request(("reserve", streams))
+        """Make room for ``streams`` more streams now."""
+        self.stats = (await self._request(Reserve(streams), ReserveReply)).stats
 
-    async def restore(self, partition: int, states: dict[str, bytes], policy: str) -> Any:
-        """Load one changelog partition's states (``engine_child.RestoreReport``)."""
+    async def restore(self, partition: int, states: dict[str, bytes], policy: str) -> RestoreReport:
+        """Load one changelog partition's states."""
         spool = Spool(len(states))
         try:
             spool.add(list(states.values()))
@@ -242,21 +230,20 @@ class EngineProcess:
             await spool.close()
 
     def spool(self, expected_records: int) -> Spool:
-        """Somewhere to put states as they are read (see ``Spooling``)."""
+        """Somewhere to put states as they are read."""
         return Spool(expected_records)
 
     async def restore_spooled(
         self, partition: int, spool: Spool, rows: dict[str, int], policy: str
-    ) -> Any:
+    ) -> RestoreReport:
         """``restore`` of the states in ``spool``: stream s's is record ``rows[s]``.
 
         The child maps the file: the states cross no socket and no pickle.
         """
-        lengths = await spool.written()
-        index = np.fromiter(rows.values(), np.int64, len(rows)).tobytes()
-        message = ("restore", partition, list(rows), spool.path, lengths.tobytes(), index, policy)
-        report, self.stats = await self._request(message)
-        return report
+        message = await spool.restore(partition, rows, policy)
+        reply = await self._request(message, RestoreReply)
+        self.stats = reply.stats
+        return reply.report
 
     def kill(self) -> None:
         """SIGKILL the child at once (a daemon exiting without its shutdown: a stopped or
@@ -270,7 +257,7 @@ class EngineProcess:
         self._writer = self._proc = None
         if writer is not None:
             with contextlib.suppress(OSError):  # already gone
-                writer.write(frame(("close",)))
+                writer.write(frame(Close()))
             writer.close()
         # Polled from the loop, not waited on in a thread: a wait with no deadline on a
         # child that never exits (stopped, or stuck in the kernel) would hold a worker
@@ -287,12 +274,14 @@ class EngineProcess:
 
     # -- internals ----------------------------------------------------------
 
-    def _expect(self) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    def _expect(self) -> asyncio.Future[Reply]:
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiting.append(future)
         return future
 
-    async def _request(self, message: tuple[Any, ...]) -> Any:
+    async def _request(self, message: Request, expected: type[_R]) -> _R:
+        """Send ``message``; its reply, which must be an ``expected`` (an ``ErrorReply``
+        raises the child's error here)."""
         if self._error is not None:
             raise self._error
         if self._writer is None:
@@ -303,23 +292,27 @@ class EngineProcess:
             await self._writer.drain()
         except ConnectionError as exc:
             self._fail(self._died(exc))
-        return await future
+        reply = await future
+        if not isinstance(reply, expected):
+            raise StreamLSTMError(f"engine process: {type(reply).__name__} to {message!r}")
+        return reply
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
                 (size,) = FRAME_LENGTH.unpack(await reader.readexactly(FRAME_LENGTH.size))
-                status, payload = pickle.loads(await reader.readexactly(size))
+                # Our own child, on a socketpair nobody else holds.
+                reply: Reply = pickle.loads(await reader.readexactly(size))
                 if not self._waiting:
                     logger.error("engine process sent a reply nobody asked for")
                     continue
                 future = self._waiting.popleft()
                 if future.done():
                     continue  # its caller was cancelled
-                if status == "error":
-                    future.set_exception(payload)
+                if isinstance(reply, ErrorReply):
+                    future.set_exception(reply.error)
                 else:
-                    future.set_result(payload)
+                    future.set_result(reply)
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             self._fail(self._died(exc))
 
@@ -346,43 +339,6 @@ async def _exited(proc: subprocess.Popen[bytes], timeout_s: float, poll_s: float
             return False
         await asyncio.sleep(poll_s)
     return True
-
-
-def pack_step(request: StepRequest) -> tuple[Any, ...]:
-    """A step request as a few flat objects for the socket: the ids as one string joined by
-    NUL (which no stream id holds: ``wire`` refuses control characters) and every per-tick
-    field as one array, so pickling it costs no object per tick. ``unpack_step`` undoes it."""
-    ids: str | list[str] = "\0".join(request.stream_ids)
-    if ids.count("\0") != max(len(request.stream_ids) - 1, 0) or not request.stream_ids:
-        ids = list(request.stream_ids)  # an id with a NUL (never from the wire), or none
-    return (
-        ids,
-        np.asarray(request.features),
-        np.asarray(request.resets, dtype=bool),
-        np.asarray(request.ends, dtype=bool),
-        np.asarray(request.timestamps, dtype=np.float64),
-        np.asarray(request.offsets, dtype=np.int64),
-        np.asarray(request.partitions, dtype=np.int64),
-    )
-
-
-def unpack_step(fields: Sequence[Any]) -> StepRequest:
-    """The ``StepRequest`` that ``pack_step`` flattened."""
-    ids, features, resets, ends, timestamps, offsets, partitions = fields
-    return StepRequest(
-        ids.split("\0") if isinstance(ids, str) else ids,
-        features,
-        resets,
-        ends,
-        timestamps,
-        offsets,
-        partitions,
-    )
-
-
-def frame(obj: object) -> bytes:
-    payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    return FRAME_LENGTH.pack(len(payload)) + payload
 
 
 #: ``factory(bundle, config)``: the engine client the server starts and closes.

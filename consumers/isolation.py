@@ -24,7 +24,7 @@ from streamlstm.engine import Rejection
 from streamlstm.errors import StreamLSTMError
 
 if TYPE_CHECKING:  # engine_process imports this module
-    from streamlstm.consumers.engine_process import StepRequest
+    from streamlstm.consumers.engine_protocol import StepRequest
 
 __all__ = ["step_isolated"]
 

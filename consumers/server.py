@@ -33,7 +33,6 @@ from streamlstm.consumers.durability import Durability
 from streamlstm.consumers.engine_process import (
     EngineClient,
     EngineFactory,
-    EngineProcess,
     default_engine,
 )
 from streamlstm.consumers.http import HttpEndpoints
@@ -161,8 +160,7 @@ class Server:
 
     @property
     def _engine_pid(self) -> int:
-        engine = self._engine
-        return engine.pid if isinstance(engine, EngineProcess) else 0
+        return (self._engine.pid if self._engine is not None else None) or 0
 
     def engine_stats(self) -> EngineStats:
         """The engine's figures as of its last reply (the collector reads them at scrape time)."""
@@ -186,7 +184,7 @@ class Server:
             }
         )
         self.registry.register(EngineCollector(self.engine_stats, self.reporter.lag))
-        if isinstance(self._engine, EngineProcess):
+        if self._engine.pid is not None:  # its own process
             self.metrics.watch_engine_process(self.registry, lambda: self._engine_pid)
         producing = cfg.producer_settings()
         durable = self._durable = Durability(
@@ -317,7 +315,7 @@ class Server:
 
     def kill_engine(self) -> None:
         """Kill the engine child at once (an exit that skips ``stop``)."""
-        if isinstance(self._engine, EngineProcess):
+        if self._engine is not None:
             self._engine.kill()
 
     def request_stop(self) -> None:

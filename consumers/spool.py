@@ -17,6 +17,8 @@ import tempfile
 import numpy as np
 import numpy.typing as npt
 
+from streamlstm.consumers.engine_protocol import Restore
+
 __all__ = ["Spool"]
 
 
@@ -51,6 +53,13 @@ class Spool:
         if self._writing is not None:
             await self._writing
         return np.array(self._lengths, dtype=np.int64)
+
+    async def restore(self, partition: int, rows: dict[str, int], policy: str) -> Restore:
+        """The ``Restore`` of these states (once all are written): stream s's is record
+        ``rows[s]``."""
+        lengths = await self.written()
+        index = np.fromiter(rows.values(), np.int64, len(rows)).tobytes()
+        return Restore(partition, list(rows), self.path, lengths.tobytes(), index, policy)
 
     async def close(self) -> None:
         """Remove the file (after its last write: the thread still holds the descriptor)."""

@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 
 from streamlstm import Bundle, EngineStats, StepResult
-from streamlstm.consumers.engine_process import EngineFactory, StepReply, StepRequest
+from streamlstm.consumers.engine_process import EngineFactory
+from streamlstm.consumers.engine_protocol import Change, RestoreReport, StepReply, StepRequest
 from streamlstm.consumers.settings import ServeConfig
+from streamlstm.consumers.spool import Spool
 
 __all__ = ["Passthrough", "Watched", "broker_pids", "cpu_per_tick", "cpu_seconds", "report"]
 
@@ -30,6 +32,10 @@ class Passthrough:
     def alive(self) -> bool:
         return True
 
+    @property
+    def pid(self) -> int | None:
+        return None
+
     async def start(self) -> EngineStats:
         self.stats = EngineStats(0, 0, 0, 0, 0, 0, 0, {})
         return self.stats
@@ -44,10 +50,24 @@ class Passthrough:
     async def drop_partitions(self, partitions: Sequence[int]) -> int:
         return 0
 
-    async def checkpoint(self) -> list[tuple[str, int, bytes | None]]:
+    async def checkpoint(self) -> list[Change]:
         return []
 
-    async def restore(self, partition: int, states: dict[str, bytes], policy: str) -> Any:
+    async def reserve(self, streams: int) -> None:
+        return None
+
+    async def restore(self, partition: int, states: dict[str, bytes], policy: str) -> RestoreReport:
+        return RestoreReport(0, 0, 0, 0, 0)  # holds no state: --state memory only
+
+    def spool(self, expected_records: int) -> Spool:
+        return Spool(expected_records)
+
+    async def restore_spooled(
+        self, partition: int, spool: Spool, rows: dict[str, int], policy: str
+    ) -> RestoreReport:
+        return RestoreReport(0, 0, 0, 0, 0)
+
+    def kill(self) -> None:
         return None
 
     async def close(self, timeout_s: float = 10.0) -> None:

@@ -6,7 +6,7 @@ import pickle
 
 import numpy as np
 
-from streamlstm.consumers.engine_process import StepRequest, pack_step, unpack_step
+from streamlstm.consumers.engine_protocol import Step, StepRequest
 
 
 def _request(ids: list[str]) -> StepRequest:
@@ -23,14 +23,16 @@ def _request(ids: list[str]) -> StepRequest:
 
 
 def _round_trip(request: StepRequest) -> StepRequest:
-    return unpack_step(pickle.loads(pickle.dumps(pack_step(request), protocol=5)))
+    step: Step = pickle.loads(pickle.dumps(Step.of(request), protocol=5))
+    return step.request()
 
 
 def test_a_step_request_crosses_as_one_string_and_arrays() -> None:
     request = _request([f"s-{i}" for i in range(1000)] + ["été", "a b", 'q"'])
-    packed = pack_step(request)
-    assert isinstance(packed[0], str)
-    assert all(isinstance(field, np.ndarray) for field in packed[1:])
+    packed = Step.of(request)
+    assert isinstance(packed.ids, str)
+    fields = ("features", "resets", "ends", "timestamps", "offsets", "partitions")
+    assert all(isinstance(getattr(packed, name), np.ndarray) for name in fields)
     back = _round_trip(request)
     assert back.stream_ids == request.stream_ids
     for name in ("features", "resets", "ends", "timestamps", "offsets", "partitions"):

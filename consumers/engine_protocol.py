@@ -1,0 +1,265 @@
+"""The messages between the daemon and its engine process, imported by both sides.
+
+One frozen dataclass per request (``Step``, ``TakeChanges``, ``Restore``,
+``Reserve``, ``Drop``, ``Close``) and one per reply (``StartReply``,
+``StepReply``, ``ChangesReply``, ``RestoreReply``, ``ReserveReply``, ``DropReply``,
+``ErrorReply``). The child answers requests one at a time, in the order they
+came, with exactly one reply each (``ErrorReply`` for any request that raised);
+it sends ``StartReply`` (or ``ErrorReply``) once, unasked, when the model is loaded.
+
+A frame is an 8-byte length and a pickle of one message, on the Unix socket
+between the daemon and the child it started (never a file, never from
+anyone else). A step travels as a few flat objects (``Step.of``: the ids as
+one string, every per-tick field as one array), and its reply holds arrays
+too, so pickling either costs no Python object per tick. Evicted streams'
+states stay in the child unless a step asks for them (``with_evictions``):
+the daemon does not read them.
+"""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from streamlstm import EngineStats, StepResult
+
+__all__ = [
+    "FRAME_LENGTH",
+    "Change",
+    "ChangesReply",
+    "Close",
+    "Drop",
+    "DropReply",
+    "ErrorReply",
+    "Reply",
+    "Request",
+    "Reserve",
+    "ReserveReply",
+    "Restore",
+    "RestoreReply",
+    "RestoreReport",
+    "StartReply",
+    "Step",
+    "StepReply",
+    "StepRequest",
+    "TakeChanges",
+    "frame",
+    "read_frame",
+]
+
+#: A frame: this length, then a pickle of one message.
+FRAME_LENGTH = struct.Struct("!Q")
+
+Ints = Sequence[int] | npt.NDArray[np.int64]
+Bools = Sequence[bool] | npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True, eq=False)
+class StepRequest:
+    """One ``Engine.step`` call (see its arguments) and each tick's input partition."""
+
+    stream_ids: list[str]
+    features: npt.NDArray[np.float64]
+    resets: Bools
+    ends: Bools
+    timestamps: npt.NDArray[np.float64]
+    offsets: Ints
+    partitions: Ints
+
+
+# -- requests ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Step:
+    """A ``StepRequest`` flattened for the socket: ``ids`` joined by NUL (which no stream
+    id from the wire holds: ``wire`` refuses control characters), or a list where one
+    does; every per-tick field one array."""
+
+    ids: str | list[str]
+    features: npt.NDArray[np.float64]
+    resets: npt.NDArray[np.bool_]
+    ends: npt.NDArray[np.bool_]
+    timestamps: npt.NDArray[np.float64]
+    offsets: npt.NDArray[np.int64]
+    partitions: npt.NDArray[np.int64]
+    #: Send the evicted streams' states back (``StepResult.evictions``); else left empty.
+    with_evictions: bool = False
+
+    @classmethod
+    def of(cls, request: StepRequest, *, with_evictions: bool = False) -> Step:
+        ids: str | list[str] = "\0".join(request.stream_ids)
+        if ids.count("\0") != max(len(request.stream_ids) - 1, 0) or not request.stream_ids:
+            ids = list(request.stream_ids)  # an id with a NUL (never from the wire), or none
+        return cls(
+            ids,
+            np.asarray(request.features),
+            np.asarray(request.resets, dtype=bool),
+            np.asarray(request.ends, dtype=bool),
+            np.asarray(request.timestamps, dtype=np.float64),
+            np.asarray(request.offsets, dtype=np.int64),
+            np.asarray(request.partitions, dtype=np.int64),
+            with_evictions,
+        )
+
+    def request(self) -> StepRequest:
+        """The ``StepRequest`` that ``of`` flattened."""
+        ids = self.ids.split("\0") if isinstance(self.ids, str) else self.ids
+        return StepRequest(
+            ids,
+            self.features,
+            self.resets,
+            self.ends,
+            self.timestamps,
+            self.offsets,
+            self.partitions,
+        )
+
+
+@dataclass(frozen=True)
+class TakeChanges:
+    """The states changed since the last checkpoint, as of every step asked for before."""
+
+
+@dataclass(frozen=True)
+class Restore:
+    """Load one changelog partition's states from the daemon's spool file (``Spool``):
+    stream ``ids[i]``'s state is record ``rows[i]``; ``lengths`` are the records' byte
+    lengths, in file order (both int64, as bytes)."""
+
+    partition: int
+    ids: list[str]
+    path: str
+    lengths: bytes
+    rows: bytes
+    policy: str
+
+
+@dataclass(frozen=True)
+class Reserve:
+    """Make room for ``streams`` more streams now (ahead of a restore)."""
+
+    streams: int
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Forget the streams whose last tick came from ``partitions`` (no tombstones)."""
+
+    partitions: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Close:
+    """Exit after answering everything before."""
+
+
+Request = Step | TakeChanges | Restore | Reserve | Drop | Close
+
+
+# -- replies -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartReply:
+    """The model is loaded: the engine's figures at the start."""
+
+    stats: EngineStats
+
+
+@dataclass(frozen=True, eq=False)
+class StepReply:
+    """One step's result, the engine's figures after it, and its compute time (seconds)."""
+
+    result: StepResult
+    stats: EngineStats
+    seconds: float
+
+
+class Change(NamedTuple):
+    """One stream's change since the last checkpoint: its state, or None (a tombstone)."""
+
+    stream: str
+    partition: int
+    state: bytes | None
+
+
+@dataclass(frozen=True)
+class ChangesReply:
+    changes: list[Change]
+
+
+@dataclass(frozen=True)
+class RestoreReport:
+    """What a restore loaded, and what it left out (each counted)."""
+
+    loaded: int
+    reset_model_changed: int  # made by another model: the stream starts again
+    kept_model_changed: int  # made by another, compatible model, kept (keep-if-compatible)
+    over_capacity: int  # past max_streams: the least recently seen were left out
+    corrupt: int
+
+
+@dataclass(frozen=True)
+class RestoreReply:
+    report: RestoreReport
+    stats: EngineStats
+
+
+@dataclass(frozen=True)
+class ReserveReply:
+    stats: EngineStats
+
+
+@dataclass(frozen=True)
+class DropReply:
+    count: int
+    stats: EngineStats
+
+
+@dataclass(frozen=True)
+class ErrorReply:
+    """The request raised ``error`` (one that survives pickling; see ``engine_child``)."""
+
+    error: Exception
+
+
+Reply = StartReply | StepReply | ChangesReply | RestoreReply | ReserveReply | DropReply | ErrorReply
+
+
+# -- frames ------------------------------------------------------------------
+
+
+def frame(message: Request | Reply) -> bytes:
+    """One message as it goes on the socket."""
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return FRAME_LENGTH.pack(len(payload)) + payload
+
+
+def read_frame(sock: socket.socket) -> Request | Reply | None:
+    """The next message from a blocking socket; None once the other side has closed."""
+    header = _read_exactly(sock, FRAME_LENGTH.size)
+    if header is None:
+        return None
+    body = _read_exactly(sock, FRAME_LENGTH.unpack(header)[0])
+    # Our own child or parent, on a socketpair nobody else holds.
+    return None if body is None else pickle.loads(body)
+
+
+def _read_exactly(sock: socket.socket, size: int) -> bytes | None:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            return None
+        got += n
+    return bytes(buf)
