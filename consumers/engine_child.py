@@ -61,7 +61,7 @@ from streamlstm.consumers.engine_protocol import (
 )
 from streamlstm.consumers.isolation import step_isolated
 from streamlstm.consumers.spool import Spool
-from streamlstm.errors import StateError, StreamLSTMError
+from streamlstm.errors import BundleError, StateError, StreamLSTMError
 from streamlstm.kernels import set_num_threads
 from streamlstm.stream_state import StateArrays, StateBlobs, StreamState, decode_many
 
@@ -269,9 +269,16 @@ def serve(sock: socket.socket, options: dict[str, Any]) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     set_num_threads(int(options["threads"]))
     try:
+        bundle = Bundle.load(options["model"])
+        expected = options.get("model_id")
+        if expected is not None and bundle.model_id != expected:
+            raise BundleError(
+                f"{options['model']}: changed after the daemon read it (now {bundle.model_id}, "
+                f"read as {expected}); restart to serve the new model"
+            )
         child = ChildEngine(
             Engine(
-                Bundle.load(options["model"]),
+                bundle,
                 max_streams=options["max_streams"],
                 idle_ttl_s=options["idle_ttl_s"],
             ),

@@ -167,15 +167,13 @@ class EngineProcess:
 
     async def start(self) -> EngineStats:
         parent, child = socket.socketpair()
-        with tempfile.TemporaryDirectory(prefix="streamlstm-engine-") as tmp:
-            # The child reads weights from safetensors, as from any bundle directory.
-            model_dir = self._bundle.save(Path(tmp) / "model")
-            options = json.dumps({**self._options, "model": str(model_dir)})
+        with contextlib.ExitStack() as cleanup:
+            options = {**self._options, **self._model_options(cleanup)}
             with child:
                 # A fresh interpreter: not fork (the parent has threads) and not
                 # multiprocessing's spawn (it re-runs the caller's main script).
                 self._proc = subprocess.Popen(
-                    [sys.executable, "-m", _CHILD_MODULE, str(child.fileno()), options],
+                    [sys.executable, "-m", _CHILD_MODULE, str(child.fileno()), json.dumps(options)],
                     pass_fds=[child.fileno()],
                     # The parent's import path, as multiprocessing's spawn passes it on.
                     env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
@@ -197,6 +195,16 @@ class EngineProcess:
             raise StreamLSTMError(f"engine process: {started!r} where StartReply was due")
         self.stats = started.stats
         return started.stats
+
+    def _model_options(self, cleanup: contextlib.ExitStack) -> dict[str, str]:
+        """Where the child loads the model: the bundle's own directory, checked there
+        against this bundle's id (the files may change after they were read), or a copy
+        in a temporary directory (``cleanup`` removes it) for a bundle made in memory."""
+        bundle = self._bundle
+        if bundle.source is not None:
+            return {"model": str(bundle.source), "model_id": bundle.model_id}
+        tmp = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="streamlstm-engine-"))
+        return {"model": str(bundle.save(Path(tmp) / "model"))}
 
     async def step(self, request: StepRequest) -> StepReply:
         """``Engine.step`` in the child; it also remembers each stream's partition."""

@@ -108,6 +108,8 @@ class Bundle:
         self.name = name
         self.training: dict[str, Any] = dict(training or {})
         self.metrics: dict[str, Any] = dict(metrics or {})
+        #: The directory ``load`` read this bundle from (None: made in memory).
+        self.source: Path | None = None
 
     # -- construction -------------------------------------------------------
 
@@ -218,7 +220,7 @@ class Bundle:
         except ConfigError as exc:
             raise BundleError(f"{weights_path}: {exc}") from exc
         try:
-            return cls(
+            bundle = cls(
                 config=config,
                 weights=weights,
                 feature_names=meta.get("features"),
@@ -233,6 +235,8 @@ class Bundle:
             )
         except ConfigError as exc:
             raise BundleError(f"{meta_path}: {exc}") from exc
+        bundle.source = root.resolve()
+        return bundle
 
     # -- the offline oracle -------------------------------------------------
 

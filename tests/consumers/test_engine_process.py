@@ -264,3 +264,35 @@ def test_a_restore_crosses_through_a_file_and_loads_bitwise(
         assert list(tmp_path.iterdir()) == []
 
     run(check)
+
+
+def test_the_child_loads_the_bundle_from_its_own_directory(tmp_path: Path) -> None:
+    saved = Bundle.load(_bundle().save(tmp_path / "m"))
+    assert saved.source == (tmp_path / "m").resolve()
+
+    async def main() -> None:
+        proc = EngineProcess(saved, max_streams=8, idle_ttl_s=None)
+        await proc.start()
+        try:
+            children = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+            assert str(tmp_path / "m").encode() in b" ".join(children)  # no temporary copy
+        finally:
+            await proc.close()
+
+    asyncio.run(main())
+
+
+def test_a_bundle_changed_on_disk_after_it_was_read_is_refused(tmp_path: Path) -> None:
+    read = Bundle.load(_bundle().save(tmp_path / "m"))
+    other = Bundle.random(ModelConfig(input_size=2, hidden_sizes=(16, 8)), seed=4)
+    other.save(tmp_path / "m")  # a deploy writes the directory while the daemon starts
+
+    async def main() -> None:
+        proc = EngineProcess(read, max_streams=8, idle_ttl_s=None)
+        try:
+            with pytest.raises(StreamLSTMError, match="changed after the daemon read it"):
+                await proc.start()
+        finally:
+            await proc.close()
+
+    asyncio.run(main())
