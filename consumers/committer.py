@@ -19,10 +19,11 @@ crash anywhere before re-reads it: output is at-least-once, nothing is lost.
   commit, now up to ``commit_every_s`` of them.
 
 With durable state (``durable=True``) offsets are committed only at
-checkpoints, in the order of ../shared/design.md ("Durable state"): the loop
-asks the engine for the states changed since the last checkpoint, as of the
-last batch k it sent (requests are answered in order), and queues them here
-behind the polls up to k. The committer then, in order:
+checkpoints, in the order of docs/durability.md ("The checkpoint protocol",
+whose steps 3-5 are the committer's): the loop asks the engine for the
+states changed since the last checkpoint, as of the last batch k it sent
+(requests are answered in order), and queues them here behind the polls up
+to k. The committer then, in order:
 
 1. waits until every output of the polls up to k is acknowledged;
 2. produces the states (and tombstones) to the changelog, waits for acks;

@@ -1,6 +1,6 @@
 """``StreamState``: one stream's state detached from the store, and its versioned bytes.
 
-The bytes are what the changelog topic holds (see ../shared/design.md,
+The bytes are what the changelog topic holds (see docs/durability.md,
 "Durable state"): little-endian, a magic and a format version first, so a
 newer reader takes older states. Version 3: header (magic, version, layers,
 step, offset, last_seen), each layer's size, then ``h`` and ``c`` per layer

@@ -74,9 +74,9 @@ def smoothing_span(series: Sequence[Series], horizons: int) -> int:
     ``2 H .. MAX_SPAN``; ``4 H`` when there is none. Streams vote by median.
 
     Measured with the default two stages and baseline (test ROC AUC on three
-    models of the MIT-BIH excerpt, two of the KDD series; README): 1.5 periods
-    was the best of 0.5 .. 3 on both kinds of series; one stage of two periods,
-    the score's first form, was 0.03-0.08 below on the ECG.
+    models of the MIT-BIH excerpt, two of the KDD series; docs/anomaly-scores.md):
+    1.5 periods was the best of 0.5 .. 3 on both kinds of series; one stage of
+    two periods, the score's first form, was 0.03-0.08 below on the ECG.
     """
     periods = []
     for s in series:
