@@ -2,7 +2,8 @@
 
 One poll, in order:
 
-1. ``getmany`` up to ``max_records`` records; the codec decodes and
+1. ``getmany`` up to ``max_records`` records (with ``--latency-target-ms``, as many
+   as ``batch_sizing.BatchSizer`` chose); the codec decodes and
    validates the whole poll; bad records are set aside for the dead-letter
    topic.
 2. Submit the batch to the engine, which steps in a child process (see
@@ -31,6 +32,7 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaConsumer
 
 from streamlstm import StepResult
+from streamlstm.consumers.batch_sizing import BatchSizer
 from streamlstm.consumers.codec import Batch, decode_poll, encode_outputs
 from streamlstm.consumers.committer import Checkpoint, Committer, Sent
 from streamlstm.consumers.engine_process import EngineClient, StepRequest
@@ -117,6 +119,14 @@ class PollLoop:
         #: Per TopicPartition: the offset after the last tick sent to the engine (its state
         #: reflects everything before). The rebalance handler compares it with the group's.
         self.applied: dict[Any, int] = {}
+        #: --latency-target-ms: sizes each poll from the measured steps, latencies and
+        #: queue. None: every poll asks for max_records.
+        target = config.latency_target_ms
+        self._sizer = BatchSizer(target / 1000.0, config.max_records) if target else None
+        #: Polls handed to the committer, until their sends are done (the sizer's latencies).
+        self._unacked: collections.deque[Sent] = collections.deque()
+        self._shown_limit = config.max_records
+        metrics.poll_batch_target.set(config.max_records)
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Poll until ``stopping`` is set, then send and commit what is in flight."""
@@ -124,9 +134,12 @@ class PollLoop:
         try:
             while not stopping.is_set():
                 self._committer.check()
+                limit = self._poll_limit()
                 records = await consumer.getmany(
-                    timeout_ms=0 if self._pending else 100, max_records=self.config.max_records
+                    timeout_ms=0 if self._pending else 100, max_records=limit
                 )
+                if self._sizer is not None:
+                    self._sizer.polled(sum(map(len, records.values())), limit)
                 async with self._lock:
                     batch = self._decode(records) if records else None
                     if batch is not None:
@@ -144,6 +157,24 @@ class PollLoop:
             logger.exception("serving loop failed")
             self.abandon()
             raise
+
+    def _poll_limit(self) -> int:
+        """``max_records`` for the next poll; feeds the sizer the polls acknowledged since."""
+        sizer = self._sizer
+        if sizer is None:
+            return self.config.max_records
+        unacked = self._unacked
+        # In poll order: the committer acknowledges in that order too. A poll whose sends
+        # failed (rescued or fatal) is done all the same, and has no latency to learn from.
+        while unacked and all(f.done() for f in unacked[0].sends):
+            sent = unacked.popleft()
+            if sent.acknowledged() and sent.acked_at:
+                sizer.acknowledged(len(sent.batch.ids), sent.acked_at - sent.batch.received)
+        limit = sizer.limit
+        if limit != self._shown_limit:
+            self._shown_limit = limit
+            self._metrics.poll_batch_target.set(limit)
+        return limit
 
     def abandon(self) -> None:
         """After a failure: drop the batches in flight (never sent, so never committed)."""
@@ -228,6 +259,8 @@ class PollLoop:
                 self._metrics.skipped.inc(int(result.skipped.sum()))
             self._metrics.batch_size.observe(len(batch.ids))
             self._metrics.step_seconds.observe(seconds)
+            if self._sizer is not None:
+                self._sizer.stepped(len(batch.ids), seconds)
         outbox = self._outbox()
         encoded = encode_outputs(
             batch,
@@ -245,3 +278,5 @@ class PollLoop:
         sends = await outbox.send()
         sent = Sent(sends, batch, encoded, clock=self._clock, batches=outbox.batches)
         await self._committer.submit(sent)
+        if self._sizer is not None:
+            self._unacked.append(sent)

@@ -39,6 +39,10 @@ class ServeConfig:
     metrics_port: int = 9464
     metrics_interval_s: float = 10.0
     max_records: int = 1024
+    #: Daemon-added latency p99 to keep under (ms): each poll's size is then chosen from
+    #: the measured step times and the queue, up to max_records (consumers/batch_sizing.py).
+    #: None: every poll asks for max_records.
+    latency_target_ms: float | None = None
     max_unacked_batches: int = 8
     engine_threads: int = 1
     max_streams: int = 1_000_000
@@ -129,6 +133,9 @@ class ServeConfig:
         for name in ("metrics_interval_s", "shutdown_timeout_s", "step_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive")
+        # Written so that NaN fails too.
+        if self.latency_target_ms is not None and not self.latency_target_ms > 0:
+            raise ConfigError("latency_target_ms: must be positive")
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError("metrics_port: must be 0..65535 (0 picks a free port)")
         if self.auto_offset_reset not in ("earliest", "latest"):

@@ -12,7 +12,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -140,6 +147,11 @@ class ServeMetrics:
             "streamlstm_batch_size",
             "Ticks per engine step",
             buckets=(1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096),
+            registry=registry,
+        )
+        self.poll_batch_target = Gauge(
+            "streamlstm_poll_batch_target_records",
+            "Records a poll asks for: --max-records, or what --latency-target-ms sized",
             registry=registry,
         )
         self.step_seconds = Histogram(

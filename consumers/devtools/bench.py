@@ -10,6 +10,11 @@ a producer in a separate process pacing ticks at half the measured maximum
 generator and the broker alone cost; the daemon-added latency (receipt of a
 poll to the acknowledgement of its predictions) what the daemon adds.
 
+With ``--latency-target-ms T``, the engine runs a third way in the drains and
+the latency runs, its polls sized by ``serve --latency-target-ms T`` rather
+than fixed at ``--max-records``: its maximum and its p99 beside the fixed
+polls' (same rates, same machine, taking turns).
+
 Beside each figure, the CPU each process spent per tick (daemon parent,
 engine child, broker, load generator; utime + stime from /proc): on a shared
 machine, throughput says little without it.
@@ -19,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import sys
@@ -29,33 +33,34 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import orjson
-from aiokafka import AIOKafkaConsumer
 
 from streamlstm import Bundle, ModelConfig
+from streamlstm.consumers.devtools.bench_load import (
+    WARMUP_S,
+    figures,
+    start_generator,
+    transport_latency,
+)
 from streamlstm.consumers.devtools.bench_report import (
     Passthrough,
     Watched,
     broker_pids,
     cpu_per_tick,
     cpu_seconds,
+    mean_step,
     report,
 )
 from streamlstm.consumers.devtools.bench_state import run_restore_bench
 from streamlstm.consumers.devtools.brokers import describe, local_broker
-from streamlstm.consumers.devtools.replay import encode_ticks, replay
+from streamlstm.consumers.devtools.replay import replay
 from streamlstm.consumers.engine_process import (
     EngineFactory,
     default_engine,
 )
-from streamlstm.consumers.kafka import client_options, ensure_topics, start_client
 from streamlstm.consumers.server import Server
 from streamlstm.consumers.settings import ServeConfig
 
 __all__ = ["main"]
-
-#: Seconds of paced load before latencies count.
-WARMUP_S = 2.0
 
 
 def _progress(message: str) -> None:
@@ -131,7 +136,7 @@ async def _latency(
     async with Server(config, bundle=bundle, engine=watched) as server:
         while not server.ready():
             await asyncio.sleep(0.05)
-        proc = await _start_generator(
+        proc = await start_generator(
             config.bootstrap_servers, config.input_topic, streams, rate, seconds
         )
         pids = watched.pids(others)
@@ -144,94 +149,20 @@ async def _latency(
         cpu["load_generator"] = round(float(out.split()[-1]) * 1e6 / max(ticks, 1), 2)
         pairs = np.concatenate(list(server.recent_event_latency))
         added = np.concatenate(list(server.reporter.recent_daemon_latency))
+        steps = mean_step(server.registry)
         server.request_stop()
         await server.wait()
-    figures = _figures(rate, pairs)
-    daemon = _figures(rate, added)
-    figures.update(daemon_p50_ms=daemon["p50_ms"], daemon_p99_ms=daemon["p99_ms"])
-    return {**figures, "cpu_us_per_tick": cpu}
+    measured = figures(rate, pairs)
+    daemon = figures(rate, added)
+    measured.update(daemon_p50_ms=daemon["p50_ms"], daemon_p99_ms=daemon["p99_ms"])
+    return {**measured, "mean_step_ticks": steps, "cpu_us_per_tick": cpu}
 
 
-async def _transport_latency(
-    bootstrap: str, streams: int, rate: float, seconds: float
-) -> dict[str, float]:
-    """Latency from event time to a plain consumer's receipt, paced as ``_latency``."""
-    topic = f"bench-transport-{uuid.uuid4().hex[:6]}"
-    options = client_options(bootstrap)
-    await ensure_topics(options, [topic], create=True, partitions=4)
-    consumer = AIOKafkaConsumer(
-        topic,
-        **options,
-        group_id=f"bench-{uuid.uuid4().hex[:8]}",
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        fetch_max_wait_ms=ServeConfig.fetch_max_wait_ms,  # as the daemon's consumer
-    )
-    await start_client(consumer, bootstrap)
-    try:
-        while not consumer.assignment():
-            await asyncio.sleep(0.05)
-        proc = await _start_generator(bootstrap, topic, streams, rate, seconds)
-        pairs: list[tuple[float, float]] = []
-        waiting = asyncio.ensure_future(proc.wait())
-        idle_since = None
-        while idle_since is None or time.monotonic() - idle_since < 1.0:
-            records = await consumer.getmany(timeout_ms=100, max_records=1024)
-            now = time.time()
-            for messages in records.values():
-                pairs.extend((now, now - orjson.loads(m.value)["ts"] / 1000.0) for m in messages)
-            if waiting.done() and not records and idle_since is None:
-                idle_since = time.monotonic()
-            elif records:
-                idle_since = None
-        await waiting
-    finally:
-        await consumer.stop()
-    return _figures(rate, np.array(pairs))
-
-
-async def _start_generator(
-    bootstrap: str, topic: str, streams: int, rate: float, seconds: float
-) -> asyncio.subprocess.Process:
-    """The paced load generator (``_paced``) in a separate process, warm-up included."""
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "streamlstm.consumers.devtools.bench",
-        "_paced",
-        bootstrap,
-        topic,
-        str(streams),
-        str(rate),
-        str(WARMUP_S + seconds),
-        stdout=asyncio.subprocess.PIPE,
-    )
-
-
-def _figures(rate: float, pairs: np.ndarray) -> dict[str, float]:
-    """Percentiles of ``pairs [N, 2]`` (receive time, latency; seconds), the warm-up left out."""
-    latencies_ms = pairs[pairs[:, 0] >= pairs[:, 0].min() + WARMUP_S, 1] * 1e3
-    return {
-        "rate_ticks_per_s": rate,
-        "warmup_s": WARMUP_S,
-        "ticks": int(latencies_ms.size),
-        "p50_ms": round(float(np.percentile(latencies_ms, 50)), 2),
-        "p99_ms": round(float(np.percentile(latencies_ms, 99)), 2),
-    }
-
-
-def _paced(bootstrap: str, topic: str, streams: int, rate: float, seconds: float) -> None:
-    count = int(rate * seconds)
-    rng = np.random.default_rng(1)
-    ids = [f"stream-{i}" for i in rng.integers(0, streams, count).tolist()]
-    values = rng.standard_normal((count, 1))
-    # Encoded before the clock starts, so that the generator takes as little as it
-    # can of the CPU the daemon it measures shares: a send only stamps and queues.
-    encoded = encode_ticks(ids, values)
-    gc.freeze()
-    start = time.process_time()
-    asyncio.run(replay(bootstrap, topic, ids, values, None, rate=rate, encoded=encoded))
-    print(time.process_time() - start, flush=True)  # CPU seconds spent sending
+def _targeted(latency_target_ms: float | None) -> list[tuple[str, EngineFactory, dict[str, Any]]]:
+    """The engine with its polls sized for ``--latency-target-ms``, where one is given."""
+    if latency_target_ms is None:
+        return []
+    return [("engine_target", default_engine, {"latency_target_ms": latency_target_ms})]
 
 
 def run_kafka_bench(
@@ -245,12 +176,14 @@ def run_kafka_bench(
     drains: int = 2,
     restore_streams: int = 0,
     broker_pids: Sequence[int] = (),
+    latency_target_ms: float | None = None,
 ) -> dict[str, Any]:
     bundle = Bundle.random(ModelConfig(input_size=1), seed=0)
     result: dict[str, Any] = {
         "streams": streams,
         "ticks": ticks,
         "max_records": max_records,
+        "latency_target_ms": latency_target_ms,
         # The daemon, the broker and the load generator share these (see the module docstring).
         "cpu_cores": os.cpu_count(),
     }
@@ -258,7 +191,32 @@ def run_kafka_bench(
     src = f"bench-in-{uuid.uuid4().hex[:6]}"
     _progress(f"filling {src} with {ticks} ticks of {streams} streams")
     _prefill(bootstrap, src, streams, ticks, seed=0)
-    # The best of ``drains`` rounds, the two kinds taking turns: a drain of
+    others = {"broker": list(broker_pids)} if broker_pids else {}
+    rates = _drains(result, bootstrap, src, bundle, drains, others, latency_target_ms)
+    if restore_streams:
+        _progress(f"restore: {restore_streams} streams from one changelog partition")
+        result.update(run_restore_bench(bootstrap, bundle, restore_streams))
+    half = rates["engine"] / 2
+    # At --latency-rate where given (a rate that runs can compare), and at half the maximum.
+    paced = [("", latency_rate), ("half_max_", half)] if latency_rate else [("", half)]
+    for label, rate in paced:
+        _latencies(result, label, rate, bootstrap, bundle, latency_seconds, others)
+    result["latency_rate_is_half_max"] = latency_rate is None
+    return result
+
+
+def _drains(
+    result: dict[str, Any],
+    bootstrap: str,
+    src: str,
+    bundle: Bundle,
+    drains: int,
+    others: dict[str, list[int]],
+    latency_target_ms: float | None,
+) -> dict[str, float]:
+    """Each kind's best drain of ``src`` into ``result``; the best rates."""
+    ticks, max_records = result["ticks"], result["max_records"]
+    # The best of ``drains`` rounds, the kinds taking turns: a drain of
     # 100k ticks lasts about a second, and one disturbed by the machine's other
     # tenants once measured the engine at 0.60x where undisturbed rounds gave 0.79-0.85x.
     # "durable" is the engine with durable state: checkpoints to a changelog every second.
@@ -266,12 +224,12 @@ def run_kafka_bench(
     kinds: list[tuple[str, EngineFactory, dict[str, Any]]] = [
         ("passthrough", Passthrough, {}),
         ("engine", default_engine, {}),
+        *_targeted(latency_target_ms),
         ("durable", default_engine, durable),
         ("exactly_once", default_engine, {**durable, "guarantee": "exactly-once"}),
     ]
     runs: dict[str, list[float]] = {name: [] for name, _, _ in kinds}
     drain_cpu: dict[str, dict[str, float]] = {}
-    others = {"broker": list(broker_pids)} if broker_pids else {}
     for round_ in range(1, drains + 1):
         for name, kind, overrides in kinds:
             out = f"bench-out-{name}-{uuid.uuid4().hex[:6]}"
@@ -284,36 +242,50 @@ def run_kafka_bench(
     rates = {name: max(each) for name, each in runs.items()}
     result["drain_cpu_us_per_tick"] = drain_cpu
     result["drains"] = {name: [round(r) for r in each] for name, each in runs.items()}
-    result["passthrough_ticks_per_s"] = round(rates["passthrough"])
-    result["engine_ticks_per_s"] = round(rates["engine"])
-    result["engine_over_passthrough"] = round(rates["engine"] / rates["passthrough"], 3)
-    result["durable_ticks_per_s"] = round(rates["durable"])
-    result["durable_over_engine"] = round(rates["durable"] / rates["engine"], 3)
-    result["exactly_once_ticks_per_s"] = round(rates["exactly_once"])
-    result["exactly_once_over_engine"] = round(rates["exactly_once"] / rates["engine"], 3)
-    if restore_streams:
-        _progress(f"restore: {restore_streams} streams from one changelog partition")
-        result.update(run_restore_bench(bootstrap, bundle, restore_streams))
-    half = rates["engine"] / 2
-    # At --latency-rate where given (a rate that runs can compare), and at half the maximum.
-    paced = [("", latency_rate), ("half_max_", half)] if latency_rate else [("", half)]
-    for label, rate in paced:
-        # The passthrough at the same rate shows what the generator, the broker and
-        # the loop cost on this machine; the difference is the engine's.
-        for name, kind in (("engine", default_engine), ("passthrough", Passthrough)):
-            src, out = f"bench-lat-{uuid.uuid4().hex[:6]}", f"bench-lat-out-{uuid.uuid4().hex[:6]}"
-            _progress(f"{name} latency: {rate:.0f} ticks/s for {latency_seconds:.0f} s")
-            # The server creates its topics (create_topics=True) before the paced producer.
-            config = _config(bootstrap, src, out, max_records)
-            result[f"{label}{name}_latency"] = asyncio.run(
-                _latency(kind, config, bundle, streams, rate, latency_seconds, others)
-            )
-        _progress(f"transport latency (no daemon): {rate:.0f} ticks/s for {latency_seconds:.0f} s")
-        result[f"{label}transport_latency"] = asyncio.run(
-            _transport_latency(bootstrap, streams, rate, latency_seconds)
+    for name, over in (
+        ("passthrough", None),
+        ("engine", "passthrough"),
+        ("engine_target", "engine"),
+        ("durable", "engine"),
+        ("exactly_once", "engine"),
+    ):
+        if name in rates:
+            result[f"{name}_ticks_per_s"] = round(rates[name])
+        if name in rates and over is not None:
+            result[f"{name}_over_{over}"] = round(rates[name] / rates[over], 3)
+    return rates
+
+
+def _latencies(
+    result: dict[str, Any],
+    label: str,
+    rate: float,
+    bootstrap: str,
+    bundle: Bundle,
+    seconds: float,
+    others: dict[str, list[int]],
+) -> None:
+    """The latency runs at ``rate`` into ``result`` (keys prefixed ``label``)."""
+    # The passthrough at the same rate shows what the generator, the broker and
+    # the loop cost on this machine; the difference is the engine's.
+    kinds = [
+        ("engine", default_engine, {}),
+        *_targeted(result["latency_target_ms"]),
+        ("passthrough", Passthrough, {}),
+    ]
+    streams, max_records = result["streams"], result["max_records"]
+    for name, kind, overrides in kinds:
+        src, out = f"bench-lat-{uuid.uuid4().hex[:6]}", f"bench-lat-out-{uuid.uuid4().hex[:6]}"
+        _progress(f"{name} latency: {rate:.0f} ticks/s for {seconds:.0f} s")
+        # The server creates its topics (create_topics=True) before the paced producer.
+        config = _config(bootstrap, src, out, max_records, **overrides)
+        result[f"{label}{name}_latency"] = asyncio.run(
+            _latency(kind, config, bundle, streams, rate, seconds, others)
         )
-    result["latency_rate_is_half_max"] = latency_rate is None
-    return result
+    _progress(f"transport latency (no daemon): {rate:.0f} ticks/s for {seconds:.0f} s")
+    result[f"{label}transport_latency"] = asyncio.run(
+        transport_latency(bootstrap, streams, rate, seconds)
+    )
 
 
 def main(argv: Sequence[str]) -> int:
@@ -350,10 +322,18 @@ def main(argv: Sequence[str]) -> int:
         default=100_000,
         help="streams restored from a changelog for the restore speed (0 skips it)",
     )
+    parser.add_argument(
+        "--latency-target-ms",
+        type=float,
+        help="also run the engine with serve's --latency-target-ms (drains and latency), "
+        "beside the fixed --max-records",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(list(argv))
     if args.drains < 1:
         parser.error("--drains: must be at least 1")
+    if args.latency_target_ms is not None and not args.latency_target_ms > 0:
+        parser.error("--latency-target-ms: must be positive")
     broker = None if args.bootstrap_servers else local_broker(args.broker).start()
     try:
         if broker is not None:
@@ -369,6 +349,7 @@ def main(argv: Sequence[str]) -> int:
             drains=args.drains,
             restore_streams=args.restore_streams,
             broker_pids=broker_pids(broker, bootstrap),
+            latency_target_ms=args.latency_target_ms,
         )
         result["broker"] = describe(broker) if broker is not None else args.bootstrap_servers
     finally:
@@ -382,7 +363,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 7 and sys.argv[1] == "_paced":
-        _paced(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6]))
-    else:
-        sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

@@ -1,5 +1,5 @@
 """``bench kafka``'s helpers: the passthrough engine, CPU per tick of each process (from
-/proc), and the report."""
+/proc), the mean step, and the report."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from prometheus_client import CollectorRegistry
 
 from streamlstm import Bundle, EngineStats, StepResult
 from streamlstm.consumers.engine_process import EngineFactory
@@ -15,7 +16,15 @@ from streamlstm.consumers.engine_protocol import Change, RestoreReport, StepRepl
 from streamlstm.consumers.settings import ServeConfig
 from streamlstm.consumers.spool import Spool
 
-__all__ = ["Passthrough", "Watched", "broker_pids", "cpu_per_tick", "cpu_seconds", "report"]
+__all__ = [
+    "Passthrough",
+    "Watched",
+    "broker_pids",
+    "cpu_per_tick",
+    "cpu_seconds",
+    "mean_step",
+    "report",
+]
 
 
 class Passthrough:
@@ -118,6 +127,13 @@ def cpu_per_tick(
     }
 
 
+def mean_step(registry: CollectorRegistry) -> float:
+    """Ticks per engine step so far, from a daemon's ``streamlstm_batch_size`` histogram."""
+    total = registry.get_sample_value("streamlstm_batch_size_sum") or 0.0
+    count = registry.get_sample_value("streamlstm_batch_size_count") or 0.0
+    return round(total / count, 1) if count else 0.0
+
+
 def broker_pids(broker: Any, bootstrap: str) -> list[int]:
     """The broker's processes: those of the local broker started, else those listening on
     the bootstrap ports on this machine (none for a remote broker)."""
@@ -166,14 +182,19 @@ def report(result: dict[str, Any], drains: int) -> str:
         f"the broker ({result['broker']}) and the load generator",
         f"best of {drains} drains of the filled topic each (CPU us per tick of each process):",
     ]
+    target = result.get("latency_target_ms")
     for name, label in (
         ("passthrough", "passthrough (no inference)"),
         ("engine", "engine end to end"),
+        ("engine_target", f"engine, --latency-target-ms {target:g}" if target else ""),
         ("durable", "durable state, at-least-once (1 s checkpoints)"),
         ("exactly_once", "durable state, exactly-once (1 s transactions)"),
     ):
+        if f"{name}_ticks_per_s" not in result:
+            continue
         ratio = {
             "engine": f" ({result['engine_over_passthrough']:.3f} x passthrough)",
+            "engine_target": f" ({result.get('engine_target_over_engine', 0):.3f} x fixed)",
             "durable": f" ({result['durable_over_engine']:.3f} x memory-only)",
             "exactly_once": f" ({result['exactly_once_over_engine']:.3f} x memory-only)",
         }.get(name, "")
@@ -193,11 +214,14 @@ def report(result: dict[str, Any], drains: int) -> str:
             f"latency at {lat['rate_ticks_per_s']:,.0f} ticks/s ({what}, after a "
             f"{lat['warmup_s']:.0f} s warm-up): event time to ack / daemon-added (receipt to ack)"
         )
-        for name in ("engine", "passthrough"):
+        for name in ("engine", "engine_target", "passthrough"):
+            if f"{label}{name}_latency" not in result:
+                continue
             r = result[f"{label}{name}_latency"]
             lines.append(
-                f"  {name}: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms / daemon p50 "
-                f"{r['daemon_p50_ms']} ms, p99 {r['daemon_p99_ms']} ms over {r['ticks']:,} ticks"
+                f"  {name.replace('_', ', ')}: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms / daemon "
+                f"p50 {r['daemon_p50_ms']} ms, p99 {r['daemon_p99_ms']} ms over {r['ticks']:,} "
+                f"ticks, {r['mean_step_ticks']:g} a step"
             )
             lines.append(f"    CPU: {_cpu_line(r['cpu_us_per_tick'])}")
         wire = result[f"{label}transport_latency"]
@@ -205,4 +229,31 @@ def report(result: dict[str, Any], drains: int) -> str:
             f"  transport (generator -> broker -> consumer, no daemon): p50 {wire['p50_ms']} ms, "
             f"p99 {wire['p99_ms']} ms over {wire['ticks']:,} ticks"
         )
+    if target:
+        lines += _target_lines(result, target)
     return "\n".join(lines)
+
+
+def _ratio(new: float, old: float) -> str:
+    return f"{new / old:.2f} x" if old else "n/a"
+
+
+def _target_lines(result: dict[str, Any], target: float) -> list[str]:
+    """``--latency-target-ms``: the targeted engine beside the fixed polls, figure by figure."""
+    fixed, sized = result["engine_ticks_per_s"], result["engine_target_ticks_per_s"]
+    lines = [
+        f"--latency-target-ms {target:g} against fixed polls of {result['max_records']} "
+        "(targeted / fixed):",
+        f"  maximum: {sized:,} / {fixed:,} ticks/s ({_ratio(sized, fixed)})",
+    ]
+    for label in ("", "half_max_"):
+        if f"{label}engine_target_latency" not in result:
+            continue
+        a, b = result[f"{label}engine_target_latency"], result[f"{label}engine_latency"]
+        lines.append(
+            f"  at {a['rate_ticks_per_s']:,.0f} ticks/s: daemon-added p99 {a['daemon_p99_ms']} / "
+            f"{b['daemon_p99_ms']} ms ({_ratio(a['daemon_p99_ms'], b['daemon_p99_ms'])}), end to "
+            f"end p99 {a['p99_ms']} / {b['p99_ms']} ms ({_ratio(a['p99_ms'], b['p99_ms'])}), "
+            f"{a['mean_step_ticks']:g} / {b['mean_step_ticks']:g} ticks a step"
+        )
+    return lines

@@ -10,6 +10,8 @@ from collections.abc import Callable
 
 import pytest
 
+from streamlstm.consumers.devtools.bench_report import report
+
 
 # Durable state needs what Tansu lacks (topic configs, compaction, exact end offsets):
 # these tests run on Apache Kafka even when the suite runs on Tansu.
@@ -47,6 +49,8 @@ def test_bench_kafka_json_has_every_figure(bootstrap: str) -> None:
             "2",
             "--restore-streams",
             "500",
+            "--latency-target-ms",
+            "20",
             "--json",
         ],
         capture_output=True,
@@ -61,7 +65,7 @@ def test_bench_kafka_json_has_every_figure(bootstrap: str) -> None:
     ratio = result["engine_ticks_per_s"] / result["passthrough_ticks_per_s"]
     assert abs(result["engine_over_passthrough"] - ratio) < 0.01
     # Two drains per kind, and the best of each is the figure.
-    for name in ("passthrough", "engine", "durable", "exactly_once"):
+    for name in ("passthrough", "engine", "engine_target", "durable", "exactly_once"):
         assert len(result["drains"][name]) == 2
         assert result[f"{name}_ticks_per_s"] == max(result["drains"][name])
     durable = result["durable_ticks_per_s"] / result["engine_ticks_per_s"]
@@ -98,3 +102,15 @@ def test_bench_kafka_json_has_every_figure(bootstrap: str) -> None:
     }
     assert all(us >= 0 for us in result["drain_cpu_us_per_tick"]["engine"].values())
     assert "[bench kafka]" in proc.stderr  # progress goes to stderr
+    # --latency-target-ms: the engine sized for it, beside the fixed polls, at the same rates.
+    assert result["latency_target_ms"] == 20
+    sized = result["engine_target_ticks_per_s"] / result["engine_ticks_per_s"]
+    assert abs(result["engine_target_over_engine"] - sized) < 0.01
+    for label in ("", "half_max_"):
+        fixed, lat = result[f"{label}engine_latency"], result[f"{label}engine_target_latency"]
+        assert lat["rate_ticks_per_s"] == fixed["rate_ticks_per_s"]
+        assert 0 < lat["daemon_p50_ms"] <= lat["daemon_p99_ms"] <= lat["p99_ms"] + 1
+        assert 1 <= lat["mean_step_ticks"] <= 64 and 1 <= fixed["mean_step_ticks"] <= 64
+    text = report({**result, "broker": "test"}, 2)
+    assert "--latency-target-ms 20 against fixed polls of 64 (targeted / fixed):" in text
+    assert f"maximum: {result['engine_target_ticks_per_s']:,} / " in text

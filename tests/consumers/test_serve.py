@@ -16,16 +16,19 @@ from typing import Any
 import numpy as np
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamlstm import BrokerError, BundleError
+from streamlstm.consumers.batch_sizing import FLOOR
 from streamlstm.consumers.server import Server
 from streamlstm.consumers.settings import ServeConfig
 from streamlstm.kernels import native_available
-from tests.consumers.conftest import read_all, send_raw
-from tests.helpers.polling import await_for
+from tests.consumers.conftest import read_all, send_raw, start_serve
+from tests.helpers.polling import await_for, wait_for
 from tests.helpers.serving import (
     EPOCH_MS,
+    check_against_oracle,
     committed_offsets,
     http_get,
     metric_total,
@@ -34,6 +37,7 @@ from tests.helpers.serving import (
     saved_bundle,
     serve_cmd,
     serve_config,
+    tick_messages,
 )
 
 BAD: list[tuple[bytes | None, bytes | None, str]] = [
@@ -311,3 +315,52 @@ def test_startup_errors_are_clear(bootstrap: str, make_topics: Any, tmp_path: Pa
     with pytest.raises(BrokerError, match="cannot reach Kafka"):
         asyncio.run(start(bootstrap_servers="127.0.0.1:1"))
     asyncio.run(start(create_topics=True))  # creates the missing output topic
+
+
+def _scraped(port: int) -> dict[str, Metric]:
+    status, text = asyncio.run(http_get(port, "/metrics"))
+    assert status == 200
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def _steps_over_floor(families: dict[str, Metric]) -> float:
+    """Engine steps of more than ``FLOOR`` ticks so far."""
+    samples = {
+        (s.name, s.labels.get("le")): s.value for s in families["streamlstm_batch_size"].samples
+    }
+    return (
+        samples[("streamlstm_batch_size_count", None)]
+        - samples[("streamlstm_batch_size_bucket", f"{float(FLOOR)}")]
+    )
+
+
+def test_a_latency_target_sizes_the_polls_and_every_tick_is_answered(
+    bootstrap: str, make_topics: Any, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(21)
+    model_dir = saved_bundle(tmp_path)
+    src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=4)
+    first, second = random_ticks(rng, 200, 2000), random_ticks(rng, 200, 2000)
+    cmd = serve_cmd(model_dir, bootstrap, src, out, dlq, f"g-{uuid.uuid4().hex[:8]}")
+    # A target no poll can meet: idle, the size falls to the floor; a burst of ticks
+    # fills the polls, which grow it again.
+    cmd += ["--max-records", "512", "--latency-target-ms", "0.01"]
+    proc, port = start_serve(cmd, tmp_path / "serve.log")
+    gauge = "streamlstm_poll_batch_target_records"
+    try:
+        metas = asyncio.run(send_raw(bootstrap, src, tick_messages(first, 0)))
+        assert len(asyncio.run(read_all(bootstrap, out, len(first), timeout_s=90))) >= len(first)
+        wait_for(lambda: _scraped(port)[gauge].samples[0].value == FLOOR, 60, "the floor")
+        before = _steps_over_floor(_scraped(port))
+        metas += asyncio.run(send_raw(bootstrap, src, tick_messages(second, len(first))))
+        outputs = asyncio.run(read_all(bootstrap, out, len(metas), timeout_s=90))
+        families = _scraped(port)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
+    answers = check_against_oracle(model_dir, first + second, metas, outputs)
+    assert all(len(each) == 1 for each in answers.values())
+    # The burst filled the floor's polls: they grew (up to --max-records).
+    assert _steps_over_floor(families) > before
+    assert FLOOR <= families[gauge].samples[0].value <= 512

@@ -57,3 +57,19 @@ def test_password_never_in_repr() -> None:
     cfg = parse_serve_args([*REQUIRED, "--sasl-plain-password", "hunter2"], {})
     assert cfg.sasl_plain_password == "hunter2"
     assert "hunter2" not in repr(cfg)
+
+
+def test_latency_target_from_flag_env_or_toml_and_off_by_default(tmp_path: Path) -> None:
+    assert parse_serve_args(REQUIRED, {}).latency_target_ms is None
+    toml = tmp_path / "serve.toml"
+    toml.write_text("latency_target_ms = 15\n")
+    assert parse_serve_args([*REQUIRED, "--config", str(toml)], {}).latency_target_ms == 15.0
+    env = {"STREAMLSTM_LATENCY_TARGET_MS": "12.5"}
+    assert parse_serve_args(REQUIRED, env).latency_target_ms == 12.5
+    cfg = parse_serve_args([*REQUIRED, "--latency-target-ms", "8"], env)
+    assert cfg.latency_target_ms == 8.0
+    for bad in ("0", "-3", "nan"):
+        with pytest.raises(ConfigError, match="latency_target_ms: must be positive"):
+            parse_serve_args([*REQUIRED, "--latency-target-ms", bad], {})
+    with pytest.raises(ConfigError, match="latency_target_ms: 'soon' is not a valid float"):
+        parse_serve_args([*REQUIRED, "--latency-target-ms", "soon"], {})
