@@ -6,8 +6,9 @@ until the new assignment is known: Kafka's eager rebalance revokes every
 partition from every member, and most come straight back to the same
 instance, with nobody reading them between. On the assignment that follows,
 the streams of partitions that did not come back are dropped from memory
-(until durable state lands, a moved partition's streams restart from zero
-state on their new owner).
+(with ``--state durable`` their new owner restores them from the changelog;
+with ``--state memory`` they start again from zero state there), and the
+partitions that are new here are restored before they are served.
 
 aiokafka logs and swallows an exception raised in a listener; here such an
 exception marks the daemon failed instead (``on_error``), so that a drain
