@@ -17,6 +17,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,20 @@ from streamlstm.tick_checks import column, flags, validate_ticks
 __all__ = ["Engine", "EngineStats", "Rejection", "StepResult"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class _Admitted:
+    """A call's ticks that go on to be stepped (``rows`` of the call), what the store
+    knows of their streams, and what was left out on the way."""
+
+    rows: I64
+    ids: Sequence[str]
+    held: I64  # each row's slot, -1 for a stream not held
+    distinct: bool | None  # all held and none twice (None: not known)
+    x: F32  # every tick's features, rejected ones included
+    rejections: list[Rejection]
+    skipped: Bools | None
 
 
 class Engine:
@@ -177,93 +192,114 @@ class Engine:
         ts = column("timestamps", timestamps, n, np.float64)
         offs = column("offsets", offsets, n, np.int64)
         parts = column("partitions", partitions, n, np.int64)
-        held, all_distinct = self.store.locate(stream_ids)
-        # Whether the accepted ticks' streams are all held and distinct (None: Rounds finds out).
-        distinct: bool | None = all_distinct
-        x, accepted, rejections = validate_ticks(stream_ids, features, ts, held, self._input_size)
-        self._counts["rejected"] += len(rejections)
-        skipped = self._already_applied(held, offs, parts)
-        if skipped is not None:
-            accepted &= ~skipped
-            self._counts["skipped"] += int(skipped.sum())
-        if rejections or skipped is not None:
-            rows = np.flatnonzero(accepted)
-            ids: Sequence[str] = [stream_ids[i] for i in rows.tolist()]
-            held = held[rows]
-            distinct = all_distinct or None  # rows dropped: repeats may have gone with them
-        else:
-            rows = np.arange(n)
-            ids = stream_ids
+        admitted = self._admit(stream_ids, features, ts, offs, parts)
+        rows = admitted.rows
         if not rows.size:
-            return self._answer(n, rows, None, rejections, [], skipped)
+            return self._answer(n, rows, None, admitted.rejections, [], admitted.skipped)
         self._counts["ticks"] += int(rows.size)
-
-        order = Rounds(ids, held, distinct)
+        order = Rounds(admitted.ids, admitted.held, admitted.distinct)
         times, now = self._event_time.times(ts, rows, order)
-        held_u = held[order.first]
-        was_held = held_u >= 0  # before acquire fills in the new streams' slots
-        prior = self.store.last_seen[held_u]  # meaningful only where was_held
+        # The streams' own last-seen times before acquire stamps them (see _record).
+        held_u = admitted.held[order.first]
+        seen_before = (held_u >= 0, self.store.last_seen[held_u])
         slots_u, evictions = self.store.acquire(order.unique, times[order.first], held_u)
-        slots = slots_u[order.inverse]
-        r_resets = resets_a[rows]
-        r_ends = ends_a[rows]
-        any_reset, any_end = bool(r_resets.any()), bool(r_ends.any())
-        if any_reset:
-            self._counts["resets"] += int(r_resets.sum())
-        if any_end:
-            self._counts["ends"] += int(r_ends.sum())
-
-        raw = x[rows] if rows.size != n else x
-        scaled = self.bundle.scale_inputs(raw)
-        step_out = np.empty(rows.size, dtype=np.int64)
-        rounds = order.rounds()
-        steps = self.store.steps
-        # Each round's outputs: the head's.
-        y: F32 | None = (
-            np.empty((rows.size, self._outputs), dtype=np.float32) if len(rounds) > 1 else None
-        )
-        for members in rounds:
-            member_slots = slots if members is None else slots[members]
-            sel: Any = slice(None) if members is None else members
-            if any_reset:
-                reset_here = r_resets[sel]
-                if reset_here.any():
-                    self.store.zero(member_slots[reset_here], extra=False)
-            out = self._step(self.store.h, self.store.c, member_slots, scaled[sel])
-            if y is None:
-                y = out.copy()  # may be a view of the step's buffer, which the next call reuses
-            else:
-                y[sel] = out
-            counted = steps[member_slots] + 1
-            steps[member_slots] = counted
-            step_out[sel] = counted
-            if any_end:
-                end_here = r_ends[sel]
-                if end_here.any():
-                    self.store.zero(member_slots[end_here], extra=False)
-        assert y is not None
+        r_resets, r_ends = resets_a[rows], ends_a[rows]
+        self._counts["resets"] += int(r_resets.sum())
+        self._counts["ends"] += int(r_ends.sum())
+        raw = admitted.x[rows] if rows.size != n else admitted.x
+        rounds, slots = order.rounds(), slots_u[order.inverse]
+        y, step_out = self._recur(rounds, slots, raw, r_resets, r_ends)
         finished = self.bundle.finish(y, raw)
         scores = flagged = None
         if self._scoring is not None:
             scores, flagged = self._scoring.rounds(
                 self.store.extra, rounds, slots, step_out, raw, finished, r_resets, r_ends
             )
-
-        last = order.last
-        # A stream's own time never goes back: a late tick does not make it look idle.
-        latest = order.per_stream_max(times)
-        self.store.last_seen[slots_u] = np.where(was_held, np.fmax(prior, latest), latest)
-        self.store.mark_changed(slots_u)
-        if offs is not None:
-            self.store.offsets[slots_u] = offs[rows][last]
-            self.store.partitions[slots_u] = -1 if parts is None else parts[rows][last]
-        if any_end:
-            ended = [order.unique[u] for u in np.flatnonzero(r_ends[last]).tolist()]
-            if ended:
-                self.store.release(ended)
+        self._record(order, slots_u, times, seen_before, offs, parts, rows)
+        if r_ends.any():
+            ended = [order.unique[u] for u in np.flatnonzero(r_ends[order.last]).tolist()]
+            self.store.release(ended)
         evictions += self._sweep(now)
         return self._answer(
-            n, rows, (finished, step_out, scores, flagged), rejections, evictions, skipped
+            n, rows, (finished, step_out, scores, flagged), admitted.rejections, evictions,
+            admitted.skipped,
+        )  # fmt: skip
+
+    def _admit(
+        self,
+        stream_ids: Sequence[str],
+        features: npt.ArrayLike | Sequence[Sequence[Any]],
+        ts: F64 | None,
+        offs: I64 | None,
+        parts: I64 | None,
+    ) -> _Admitted:
+        """The ticks that go on to be stepped: valid ones (the rest are rejected one by
+        one) that the skip rule does not skip."""
+        held, all_distinct = self.store.locate(stream_ids)
+        x, accepted, rejections = validate_ticks(stream_ids, features, ts, held, self._input_size)
+        self._counts["rejected"] += len(rejections)
+        skipped = self._already_applied(held, offs, parts)
+        if skipped is not None:
+            accepted &= ~skipped
+            self._counts["skipped"] += int(skipped.sum())
+        if not rejections and skipped is None:
+            rows = np.arange(len(stream_ids))
+            return _Admitted(rows, stream_ids, held, all_distinct, x, rejections, skipped)
+        rows = np.flatnonzero(accepted)
+        ids = [stream_ids[i] for i in rows.tolist()]
+        # Rows dropped: repeats may have gone with them (None: Rounds finds out).
+        return _Admitted(rows, ids, held[rows], all_distinct or None, x, rejections, skipped)
+
+    def _recur(
+        self, rounds: list[I64 | None], slots: I64, raw: F32, resets: Bools, ends: Bools
+    ) -> tuple[F32, I64]:
+        """The recurrent step and head, round by round (``Rounds.rounds``): each row's
+        output ``[rows, O]`` and its stream's step count after it; ``slots`` holds each
+        row's slot."""
+        scaled = self.bundle.scale_inputs(raw)
+        step_out = np.empty(slots.size, dtype=np.int64)
+        # The head's outputs: one buffer where there are several rounds.
+        y: F32 | None = (
+            np.empty((slots.size, self._outputs), dtype=np.float32) if len(rounds) > 1 else None
+        )
+        any_reset, any_end = bool(resets.any()), bool(ends.any())
+        for members in rounds:
+            sel: Any = slice(None) if members is None else members
+            member_slots = slots[sel]
+            if any_reset and resets[sel].any():
+                self.store.zero(member_slots[resets[sel]], extra=False)
+            out = self._step(self.store.h, self.store.c, member_slots, scaled[sel])
+            if y is None:
+                y = out.copy()  # may be a view of the step's buffer, which the next call reuses
+            else:
+                y[sel] = out
+            step_out[sel] = self.store.count_steps(member_slots)
+            if any_end and ends[sel].any():
+                self.store.zero(member_slots[ends[sel]], extra=False)
+        assert y is not None
+        return y, step_out
+
+    def _record(
+        self,
+        order: Rounds,
+        slots_u: I64,
+        times: F64,
+        seen_before: tuple[Bools, F64],
+        offs: I64 | None,
+        parts: I64 | None,
+        rows: I64,
+    ) -> None:
+        """What the call did to each stream besides h, c and its count, through the store
+        (which marks each changed): when it was last seen, which offset it reflects."""
+        was_held, prior = seen_before
+        # A stream's own time never goes back: a late tick does not make it look idle.
+        latest = order.per_stream_max(times)
+        last = order.last
+        self.store.record_step(
+            slots_u,
+            last_seen=np.where(was_held, np.fmax(prior, latest), latest),
+            offsets=None if offs is None else offs[rows][last],
+            partitions=None if offs is None or parts is None else parts[rows][last],
         )
 
     def _already_applied(self, held: I64, offs: I64 | None, parts: I64 | None) -> Bools | None:

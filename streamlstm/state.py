@@ -121,8 +121,23 @@ class StateStore:
         held = (self._last_used != _NEVER) & np.isin(self.partitions, [*partitions])
         return self._owners(np.flatnonzero(held).tolist())
 
-    def mark_changed(self, slots: I64) -> None:
-        """Note that the states at ``slots`` changed (the engine, for each stepped stream)."""
+    def count_steps(self, slots: I64) -> I64:
+        """One more tick applied at each of the distinct ``slots``; their new counts."""
+        counted = self.steps[slots] + 1
+        self.steps[slots] = counted
+        return counted
+
+    def record_step(
+        self, slots: I64, *, last_seen: F64, offsets: I64 | None, partitions: I64 | None
+    ) -> None:
+        """A step's effects on the distinct ``slots`` besides ``h``, ``c`` and the counts:
+        when each stream was last seen, the input offset (and partition: -1 for None) its
+        state reflects where offsets are known; and each is marked changed for the next
+        checkpoint, here, so that no caller can write a state and forget to."""
+        self.last_seen[slots] = last_seen
+        if offsets is not None:
+            self.offsets[slots] = offsets
+            self.partitions[slots] = -1 if partitions is None else partitions
         self.changes.flags[slots] = True
 
     def take_changes(self) -> tuple[list[str], list[int], dict[str, int]]:

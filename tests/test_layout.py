@@ -1,4 +1,5 @@
-"""The house: one installed namespace, small modules, the daemon apart from its tools."""
+"""The house: one installed namespace, short functions, no import cycles, the daemon apart
+from its tools."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pkgutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Collection
 from pathlib import Path
 
 import streamlstm
@@ -73,12 +75,108 @@ def test_every_module_has_one_name_and_none_is_top_level_but_streamlstm() -> Non
     assert out.stdout.strip() == "[None, None]", out.stdout + out.stderr
 
 
-def test_no_module_over_400_lines() -> None:
-    paths = {p.resolve() for tree in TREES for p in (ROOT / tree).rglob("*.py")}
-    assert len(paths) > 30
-    for path in paths:
-        lines = len(path.read_text().splitlines())
-        assert lines <= 400, f"{path.relative_to(ROOT)} has {lines} lines"
+#: A function's body (its docstring aside) fits on a screen: this many lines.
+SCREEN_LINES = 60
+#: Functions known to be longer, each at most as long as it is now: they may only
+#: shrink, and leave this list once they fit. New code gets no entry.
+TOO_LONG = {
+    "training/train.py:_fit": 124,
+    "streamlstm/metrics.py:__init__": 114,
+    "consumers/server.py:start": 107,
+    "training/cli.py:_train": 85,
+    "consumers/codec.py:decode_poll": 81,
+    "consumers/devtools/bench.py:main": 71,
+    "training/cli.py:_import": 70,
+    "streamlstm/bench.py:run_engine_bench": 70,
+    "training/evaluation.py:evaluate": 69,
+    "training/keras_import.py:import_keras": 62,
+    "training/keras_import.py:_keras_layers": 62,
+    "consumers/devtools/replay.py:replay": 61,
+}
+
+
+def _sources() -> dict[str, Path]:
+    """Every module of the three trees by its one name (the symlinks not followed)."""
+    out = {}
+    for tree in TREES:
+        for path in (ROOT / tree).rglob("*.py"):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if path.resolve() != path or (parts[0] == "streamlstm" and len(parts) > 2):
+                continue  # streamlstm/consumers and streamlstm/training are the symlinks
+            parts = parts[1:] if parts[0] == "streamlstm" else parts
+            out[".".join(["streamlstm", *[p for p in parts if p != "__init__"]])] = path
+    return out
+
+
+def _body_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    body = node.body
+    first = body[0]
+    if len(body) > 1 and isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+        first = body[1]  # the docstring does not count
+    return (node.end_lineno or first.lineno) - first.lineno + 1
+
+
+def test_functions_fit_on_a_screen() -> None:
+    # A module's length says little (a table of small functions reads well, one long
+    # function does not); a function that fits on a screen can be read at once.
+    seen = set()
+    for path in _sources().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                key = f"{path.relative_to(ROOT)}:{node.name}"
+                limit = TOO_LONG.get(key, SCREEN_LINES)
+                seen.add(key)
+                assert _body_lines(node) <= limit, f"{key}: {_body_lines(node)} lines > {limit}"
+    assert set(TOO_LONG) <= seen, f"gone, so drop from TOO_LONG: {set(TOO_LONG) - seen}"
+
+
+def _module_imports(path: Path, name: str, known: Collection[str]) -> set[str]:
+    """The modules of ``known`` that ``name`` imports when it is imported: its top-level
+    imports, not those in functions (run later) or under ``if TYPE_CHECKING``."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for statement in ast.parse(path.read_text()).body:
+        if isinstance(statement, ast.If) and "TYPE_CHECKING" in ast.unparse(statement.test):
+            continue
+        for node in _walk_outside_functions(statement):
+            if isinstance(node, ast.Import):
+                found |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    kept = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(kept + ([node.module] if node.module else []))
+                found |= {base, *(f"{base}.{alias.name}" for alias in node.names)}
+    return (found & set(known)) - {name}
+
+
+def _walk_outside_functions(node: ast.AST) -> list[ast.AST]:
+    """``node`` and what it holds, but not the bodies of functions (run later, if ever)."""
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+        return []
+    found = [node]
+    for child in ast.iter_child_nodes(node):
+        found += _walk_outside_functions(child)
+    return found
+
+
+def test_no_import_cycles() -> None:
+    # A cycle makes import order matter and hides which module is the lower layer.
+    sources = _sources()
+    assert len(sources) > 50
+    graph = {name: _module_imports(path, name, sources) for name, path in sources.items()}
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, "import cycle: " + " -> ".join((*path[path.index(name) :], name))
+        if name in done:
+            return
+        for imported in sorted(graph[name]):
+            visit(imported, (*path, name))
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, ())
 
 
 def test_the_daemon_imports_no_dev_tool_and_no_training_code() -> None:
