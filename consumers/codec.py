@@ -26,14 +26,14 @@ import numpy as np
 import numpy.typing as npt
 
 from streamlstm import StepResult
-from streamlstm.errors import InputError
-from streamlstm.kernels import codec_module
-from streamlstm.wire import (
+from streamlstm.consumers.native_codec import codec_module
+from streamlstm.consumers.wire import (
     DEFAULT_MAX_FUTURE_MS,
     MAX_STREAM_ID_BYTES,
     MIN_TS_MS,
     decode_tick,
 )
+from streamlstm.errors import InputError
 
 __all__ = [
     "Batch",

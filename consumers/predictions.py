@@ -11,8 +11,8 @@ import orjson
 
 from streamlstm import StepResult
 from streamlstm.consumers.codec import Batch, DeadLetter
-from streamlstm.kernels import codec_module
-from streamlstm.wire import encode_prediction
+from streamlstm.consumers.native_codec import codec_module
+from streamlstm.consumers.wire import encode_prediction
 
 __all__ = ["predictions"]
 

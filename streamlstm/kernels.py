@@ -38,7 +38,6 @@ __all__ = [
     "DictSlotMap",
     "NativeStep",
     "SlotMapping",
-    "codec_module",
     "native_available",
     "slot_map",
     "step_name",
@@ -69,15 +68,10 @@ CHUNK_ROWS = 256
 
 _P = ctypes.c_void_p
 _N = ctypes.c_int64
-#: The path of a build of the codec (``streamlstm._codec``) to load instead of the
-#: installed one: ``make test-sanitize`` points it at its ASan/UBSan build.
-CODEC_PATH_ENV = "STREAMLSTM_CODEC_PATH"
 
 _lib: ctypes.CDLL | None = None
 _module: ModuleType | None = None
 _tried = False
-_codec: ModuleType | None = None
-_codec_tried = False
 
 
 def _load() -> ctypes.CDLL | None:
@@ -125,37 +119,6 @@ def get_num_threads() -> int:
 def native_available() -> bool:
     """Whether the C kernels were built and ``STREAMLSTM_NATIVE`` does not turn them off."""
     return os.environ.get(DISABLE_ENV, "1") != "0" and _load() is not None
-
-
-def _load_codec() -> ModuleType | None:
-    global _codec, _codec_tried
-    if _codec_tried:
-        return _codec
-    _codec_tried = True
-    path = os.environ.get(CODEC_PATH_ENV)
-    if path:
-        # Asked for one build: any failure to load it is an error, never a silent
-        # fallback to the in-place build or to wire.py (the tests would pass on those).
-        spec = importlib.util.spec_from_file_location("streamlstm._codec", path)
-        if spec is None or spec.loader is None or not os.path.isfile(path):
-            raise ConfigError(f"{CODEC_PATH_ENV}: no extension module at {path!r}")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _codec = module
-        return _codec
-    try:
-        _codec = importlib.import_module("streamlstm._codec")
-    except ImportError as exc:
-        logger.info("C codec not available (%s); records go through wire.py", exc)
-    return _codec
-
-
-def codec_module() -> ModuleType | None:
-    """The daemon's C codec (``decode_ticks``, ``encode_predictions`` of ``_codec.c``), or
-    None where the extension is not built or ``STREAMLSTM_NATIVE=0`` turns it off."""
-    if os.environ.get(DISABLE_ENV, "1") == "0":
-        return None
-    return _load_codec()
 
 
 def step_name(native: bool) -> str:

@@ -2,20 +2,41 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
 from streamlstm.state import Eviction
-from streamlstm.wire import UNDEFINED, Undefined
 
-__all__ = ["F32", "F64", "I64", "Bools", "EngineStats", "Rejection", "StepResult"]
+__all__ = [
+    "F32",
+    "F64",
+    "I64",
+    "UNDEFINED",
+    "Bools",
+    "EngineStats",
+    "Rejection",
+    "StepResult",
+    "Undefined",
+]
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 Bools = npt.NDArray[np.bool_]
+
+
+class Undefined(enum.Enum):
+    """``StepResult.anomaly``: the model flags, but not this tick yet (its score is not
+    yet defined; the daemon writes it as null)."""
+
+    UNDEFINED = "undefined"
+
+
+#: The flag of a tick whose score is not yet defined: written as null.
+UNDEFINED = Undefined.UNDEFINED
 
 
 @dataclass(frozen=True)

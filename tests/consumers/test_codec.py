@@ -12,7 +12,8 @@ import pytest
 
 from streamlstm import StepResult
 from streamlstm.consumers.codec import Batch, decode_poll, encode_outputs
-from streamlstm.kernels import DISABLE_ENV, codec_module
+from streamlstm.consumers.native_codec import codec_module
+from streamlstm.kernels import DISABLE_ENV
 from tests.helpers.codec_records import Read, Rec, Sink
 
 
@@ -23,7 +24,7 @@ def _the_c_codec_is_built() -> None:
     # STREAMLSTM_NATIVE=0 runs them without it.
     if os.environ.get(DISABLE_ENV) != "0":
         assert codec_module() is not None, (
-            "streamlstm._codec is not built: reinstall with a C compiler (make clean test)"
+            "streamlstm.consumers._codec is not built: reinstall with a C compiler (make clean)"
         )
 
 

@@ -21,10 +21,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamlstm import ConfigError, StepResult, kernels, wire
-from streamlstm.consumers import codec
+from streamlstm import ConfigError, StepResult
+from streamlstm.consumers import codec, native_codec, wire
 from streamlstm.consumers.codec import Batch, decode_poll, encode_outputs
-from streamlstm.kernels import CODEC_PATH_ENV, DISABLE_ENV, codec_module
+from streamlstm.consumers.native_codec import CODEC_PATH_ENV, codec_module
+from streamlstm.kernels import DISABLE_ENV
 from tests.helpers import fuzz_strategies as fuzz
 from tests.helpers.codec_records import Read, Rec, Sink
 
@@ -402,7 +403,7 @@ def test_the_codec_loaded_is_the_one_asked_for() -> None:
     if path:
         assert loaded == Path(path).resolve()
     else:
-        assert loaded.parent == Path(codec.__file__).resolve().parent.parent / "streamlstm"
+        assert loaded.parent == Path(codec.__file__).resolve().parent  # beside the daemon
 
 
 def _decode_args(records: list[Any], input_size: int = 1) -> list[Any]:
@@ -635,8 +636,8 @@ def test_a_codec_path_that_names_no_build_is_an_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # The sanitizer run must not pass on the in-place build because its own was not found.
-    monkeypatch.setattr(kernels, "_codec_tried", False)
-    monkeypatch.setattr(kernels, "_codec", None)
+    monkeypatch.setattr(native_codec, "_codec_tried", False)
+    monkeypatch.setattr(native_codec, "_codec", None)
     monkeypatch.setenv(CODEC_PATH_ENV, str(tmp_path / "_codec.so"))
     with pytest.raises(ConfigError, match="no extension module"):
         codec_module()

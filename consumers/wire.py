@@ -14,7 +14,6 @@ hold, the answer is that tick or an ``InputError``, never another exception.
 
 from __future__ import annotations
 
-import enum
 import json
 import math
 import re
@@ -26,6 +25,7 @@ from typing import NamedTuple
 import orjson
 
 from streamlstm.errors import InputError
+from streamlstm.results import UNDEFINED, Undefined
 
 __all__ = [
     "DEFAULT_MAX_FUTURE_MS",
@@ -324,16 +324,6 @@ def encode_prediction(
     except orjson.JSONEncodeError as exc:
         field = "stream" if _not_text(stream) else "model" if _not_text(model) else "prediction"
         raise InputError(field, f"cannot be written as JSON ({exc})") from exc
-
-
-class Undefined(enum.Enum):
-    """``encode_prediction(anomaly=UNDEFINED)``: the model flags, but not this tick yet."""
-
-    UNDEFINED = "undefined"
-
-
-#: The flag of a tick whose score is not yet defined: written as null.
-UNDEFINED = Undefined.UNDEFINED
 
 
 def _json_ts(ts: float | None) -> float | int | None:
