@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml setup.py streamlstm/_kernels.c consumers/_codec.c const
 	$(BIN)/pip install --quiet --upgrade pip
 	# Built against the venv's own OpenBLAS (no build isolation): the kernels' rpath then
 	# names a folder that stays (an isolated build's is deleted after the install).
-	$(BIN)/pip install --quiet -c constraints.txt setuptools scipy-openblas32
+	$(BIN)/pip install --quiet --upgrade -c constraints.txt 'setuptools>=77' 'scipy-openblas32>=0.3.27'
 	$(BIN)/pip install --quiet -c constraints.txt --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
