@@ -404,7 +404,8 @@ def build() -> dash_m.Dashboard:
             timeseries(
                 "Batch size",
                 "short",
-                "Ticks per engine step: mean and 99th percentile.",
+                "Ticks per engine step: mean and 99th percentile; and the records each poll "
+                "asks for (--max-records, or what --latency-target-ms sizes it to).",
                 query(
                     f"sum by (instance) (rate(streamlstm_batch_size_sum{rate}))"
                     f" / sum by (instance) (rate(streamlstm_batch_size_count{rate}))",
@@ -414,6 +415,10 @@ def build() -> dash_m.Dashboard:
                     "histogram_quantile(0.99, sum by (instance, le) "
                     f"(rate(streamlstm_batch_size_bucket{rate})))",
                     "{{instance}} p99",
+                ),
+                query(
+                    f"max by (instance) (streamlstm_poll_batch_target_records{{{SEL}}})",
+                    "{{instance}} poll asks",
                 ),
             )
         )
