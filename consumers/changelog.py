@@ -30,10 +30,10 @@ from aiokafka.errors import KafkaError
 
 from streamlstm.consumers.engine_process import EngineClient
 from streamlstm.consumers.engine_protocol import Change
+from streamlstm.consumers.metrics import ServeMetrics
 from streamlstm.consumers.outbox import Box
 from streamlstm.consumers.spool import Spool
 from streamlstm.errors import BrokerError
-from streamlstm.metrics import ServeMetrics
 
 __all__ = ["Changelog", "Restored", "ensure_changelog", "read_partitions"]
 

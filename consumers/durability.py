@@ -21,10 +21,10 @@ from aiokafka import AIOKafkaProducer
 from streamlstm.consumers.changelog import Changelog, ensure_changelog
 from streamlstm.consumers.engine_process import EngineClient
 from streamlstm.consumers.kafka import KafkaClients
+from streamlstm.consumers.metrics import ServeMetrics
 from streamlstm.consumers.outbox import Box, Outbox
 from streamlstm.consumers.settings import ServeConfig
 from streamlstm.consumers.transactions import PartitionOutbox, Transactions
-from streamlstm.metrics import ServeMetrics
 
 __all__ = ["Durability"]
 

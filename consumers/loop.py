@@ -36,10 +36,10 @@ from streamlstm.consumers.batch_sizing import BatchSizer
 from streamlstm.consumers.codec import Batch, decode_poll, encode_outputs
 from streamlstm.consumers.committer import Checkpoint, Committer, Sent
 from streamlstm.consumers.engine_process import EngineClient, StepRequest
+from streamlstm.consumers.metrics import ServeMetrics
 from streamlstm.consumers.outbox import Box
 from streamlstm.consumers.settings import ServeConfig
 from streamlstm.errors import StreamLSTMError
-from streamlstm.metrics import ServeMetrics
 
 __all__ = ["Model", "PollLoop", "settle_collector"]
 

@@ -21,8 +21,8 @@ import numpy.typing as npt
 
 from streamlstm import EngineStats
 from streamlstm.consumers.committer import Sent
+from streamlstm.consumers.metrics import ServeMetrics
 from streamlstm.errors import BrokerError
-from streamlstm.metrics import ServeMetrics
 
 __all__ = ["Reporter"]
 

@@ -27,9 +27,9 @@ from aiokafka.errors import (
     RecordTooLargeError,
 )
 
+from streamlstm.consumers.metrics import ServeMetrics
 from streamlstm.consumers.outbox import Outbox, OutRecord
 from streamlstm.errors import BrokerError
-from streamlstm.metrics import ServeMetrics
 
 __all__ = ["PER_RECORD_ERRORS", "Rescuer"]
 

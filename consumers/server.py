@@ -45,13 +45,13 @@ from streamlstm.consumers.kafka import (
     stop_client,
 )
 from streamlstm.consumers.loop import Model, PollLoop, settle_collector
+from streamlstm.consumers.metrics import EngineCollector, ServeMetrics
 from streamlstm.consumers.rebalance import RebalanceHandler
 from streamlstm.consumers.reporting import Reporter
 from streamlstm.consumers.rescue import PER_RECORD_ERRORS, Rescuer
 from streamlstm.consumers.settings import ServeConfig
 from streamlstm.errors import BrokerError
 from streamlstm.kernels import step_name
-from streamlstm.metrics import EngineCollector, ServeMetrics
 
 __all__ = ["Server"]
 

@@ -30,9 +30,9 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from streamlstm.consumers.kafka import KafkaClients, stop_client
+from streamlstm.consumers.metrics import ServeMetrics
 from streamlstm.consumers.outbox import Headers, Outbox
 from streamlstm.errors import BrokerError
-from streamlstm.metrics import ServeMetrics
 
 __all__ = ["PartitionOutbox", "Transactions"]
 

@@ -27,8 +27,8 @@ from streamlstm import Bundle, ModelConfig, StreamState
 from streamlstm.consumers.changelog import Changelog, ensure_changelog
 from streamlstm.consumers.engine_process import EngineProcess
 from streamlstm.consumers.kafka import client_options, start_client
+from streamlstm.consumers.metrics import ServeMetrics
 from streamlstm.consumers.outbox import Outbox
-from streamlstm.metrics import ServeMetrics
 
 __all__ = ["run_restore_bench"]
 

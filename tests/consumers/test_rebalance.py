@@ -8,9 +8,9 @@ from typing import Any
 from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
+from streamlstm.consumers.metrics import ServeMetrics
 from streamlstm.consumers.rebalance import RebalanceHandler
 from streamlstm.consumers.reporting import Reporter
-from streamlstm.metrics import ServeMetrics
 
 TOPIC = "ticks"
 

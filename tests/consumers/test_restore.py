@@ -21,7 +21,7 @@ from streamlstm.consumers import spool
 from streamlstm.consumers.changelog import Changelog
 from streamlstm.consumers.engine_child import ChildEngine, InProcessEngine
 from streamlstm.consumers.engine_process import EngineProcess, StepRequest
-from streamlstm.metrics import ServeMetrics
+from streamlstm.consumers.metrics import ServeMetrics
 from tests.conftest import BundleFactory
 
 
