@@ -23,7 +23,7 @@ from streamlstm.errors import (
 )
 from streamlstm.outputs import OutputSpec
 from streamlstm.scaling import Affine
-from streamlstm.state import Eviction, StateStore, StreamState
+from streamlstm.store import Eviction, StateStore, StreamState
 from streamlstm.weights import ModelWeights
 
 if _typing.TYPE_CHECKING:

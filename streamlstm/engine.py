@@ -31,7 +31,7 @@ from streamlstm.kernels import NativeStep, native_available
 from streamlstm.numpy_step import NumpyStep
 from streamlstm.results import F32, F64, I64, Bools, EngineStats, Rejection, StepResult
 from streamlstm.scoring import Scoring
-from streamlstm.state import Eviction, StateStore
+from streamlstm.store import Eviction, StateStore
 from streamlstm.tick_checks import column, flags, validate_ticks
 
 __all__ = ["Engine", "EngineStats", "Rejection", "StepResult"]

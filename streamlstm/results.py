@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from streamlstm.state import Eviction
+from streamlstm.store import Eviction
 
 __all__ = [
     "F32",
