@@ -11,7 +11,7 @@ __all__ = ["Changes"]
 
 
 class Changes:
-    """A flag per slot whose state changed, and the partition of each stream removed.
+    """A changed mark per slot, and the partition of each stream removed.
 
     The store marks the slots the engine steps and reports every stream it
     removes (ended, evicted for room or idleness, released at a revoke); a
@@ -22,16 +22,16 @@ class Changes:
     """
 
     def __init__(self, capacity: int) -> None:
-        self.flags: npt.NDArray[np.bool_] = np.zeros(capacity, dtype=bool)
+        self.changed: npt.NDArray[np.bool_] = np.zeros(capacity, dtype=bool)
         self.removed: dict[str, int] = {}
         self.tombstones = False
 
     def grow(self, capacity: int) -> None:
-        self.flags = np.concatenate([self.flags, np.zeros(capacity - self.flags.size, bool)])
+        self.changed = np.concatenate([self.changed, np.zeros(capacity - self.changed.size, bool)])
 
     def remove(self, slot: int, stream: str, partition: int) -> None:
         """``stream`` left ``slot``; its record in ``partition`` (if known) must go."""
-        self.flags[slot] = False
+        self.changed[slot] = False
         if self.tombstones and partition >= 0:
             self.removed[stream] = partition
 
@@ -40,7 +40,7 @@ class Changes:
         self.removed = {s: p for s, p in self.removed.items() if p not in partitions}
 
     def take(self) -> tuple[npt.NDArray[np.bool_], dict[str, int]]:
-        """The flags and removals so far, both cleared."""
-        flags, self.flags = self.flags, np.zeros_like(self.flags)
+        """The changed marks and removals so far, both cleared."""
+        changed, self.changed = self.changed, np.zeros_like(self.changed)
         removed, self.removed = self.removed, {}
-        return flags, removed
+        return changed, removed

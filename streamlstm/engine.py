@@ -32,7 +32,7 @@ from streamlstm.numpy_step import NumpyStep
 from streamlstm.results import F32, F64, I64, Bools, EngineStats, Rejection, StepResult
 from streamlstm.scoring import Scoring
 from streamlstm.store import Eviction, StateStore
-from streamlstm.tick_checks import column, flags, validate_ticks
+from streamlstm.tick_checks import bool_column, column, validate_ticks
 
 __all__ = ["Engine", "EngineStats", "Rejection", "StepResult"]
 
@@ -187,8 +187,8 @@ class Engine:
         ticks read again, exactly those are skipped.
         """
         n = len(stream_ids)
-        resets_a = flags("resets", resets, n)
-        ends_a = flags("ends", ends, n)
+        resets_a = bool_column("resets", resets, n)
+        ends_a = bool_column("ends", ends, n)
         ts = column("timestamps", timestamps, n, np.float64)
         offs = column("offsets", offsets, n, np.int64)
         parts = column("partitions", partitions, n, np.int64)

@@ -138,13 +138,14 @@ class StateStore:
         if offsets is not None:
             self.offsets[slots] = offsets
             self.partitions[slots] = -1 if partitions is None else partitions
-        self.changes.flags[slots] = True
+        self.changes.changed[slots] = True
 
     def take_changes(self) -> tuple[list[str], list[int], dict[str, int]]:
         """Since the last call: the held streams whose state changed with their partitions,
         and the removed ones (``changes.tombstones``) with the partition each was in."""
-        flags, removed = self.changes.take()
-        held = [(i, s) for i in np.flatnonzero(flags).tolist() if (s := self._owner[i]) is not None]
+        changed, removed = self.changes.take()
+        slots = np.flatnonzero(changed).tolist()
+        held = [(i, s) for i in slots if (s := self._owner[i]) is not None]
         return [s for _, s in held], [int(self.partitions[i]) for i, _ in held], removed
 
     def _owners(self, slots: Sequence[int]) -> list[str]:
@@ -161,7 +162,7 @@ class StateStore:
         """
         total = sum(t.nbytes for t in (*self.h, *self.c))
         arrays = (self.steps, self.offsets, self.partitions, self.last_seen, self.extra)
-        total += sum(a.nbytes for a in (*arrays, self._last_used, self.changes.flags))
+        total += sum(a.nbytes for a in (*arrays, self._last_used, self.changes.changed))
         total += sum(sys.getsizeof(x) for x in (self._slot, self._owner, self._free))
         total += sum(sys.getsizeof(s) for s in self._owner if s is not None)
         return total

@@ -11,7 +11,7 @@ import numpy.typing as npt
 from streamlstm.errors import InputError
 from streamlstm.results import F32, I64, Bools, Rejection
 
-__all__ = ["column", "flags", "validate_ticks"]
+__all__ = ["bool_column", "column", "validate_ticks"]
 
 
 def validate_ticks(
@@ -86,7 +86,7 @@ def _row_problem(row: object, width: int) -> str | None:
     return None
 
 
-def flags(name: str, values: Any, n: int) -> Bools:
+def bool_column(name: str, values: Any, n: int) -> Bools:
     if values is None:
         return np.zeros(n, dtype=bool)
     arr = np.asarray(values, dtype=bool)
