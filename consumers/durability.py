@@ -9,16 +9,26 @@ partition p causes (prediction, dead letter, changelog state) and p's
 offsets go in one transaction of p's own producer (``transactions``), the
 loop waits for each checkpoint's commit, and a refused record fails the
 daemon rather than being sent again outside the transaction.
+
+``strategy`` picks which of ``checkpoint.py``'s strategies the committer's
+checkpoints follow.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 
 from streamlstm.consumers.changelog import Changelog, ensure_changelog
+from streamlstm.consumers.checkpoint import (
+    AtLeastOnce,
+    CommitFn,
+    ExactlyOnce,
+    MemoryOnly,
+    Strategy,
+)
 from streamlstm.consumers.engine_process import EngineClient
 from streamlstm.consumers.kafka import KafkaClients
 from streamlstm.consumers.outbox import Box, Outbox
@@ -27,8 +37,6 @@ from streamlstm.consumers.transactions import PartitionOutbox, Transactions
 from streamlstm.metrics import ServeMetrics
 
 __all__ = ["Durability"]
-
-CommitFn = Callable[[dict[Any, int]], Awaitable[None]]
 
 
 class Durability:
@@ -94,19 +102,17 @@ class Durability:
             return lambda: Outbox(producer, partitions)
         return lambda: PartitionOutbox(transactions, partitions, self._clock)
 
-    def commit(
+    def strategy(
         self, offsets_commit: CommitFn, committed: Callable[[dict[Any, int]], None]
-    ) -> CommitFn:
-        """How input offsets are committed: by the consumer, or inside the transactions."""
-        transactions = self.transactions
+    ) -> Strategy:
+        """How each checkpoint commits: ``offsets_commit`` is the consumer's commit, and
+        ``committed`` hears of offsets committed inside the transactions."""
+        changelog, transactions = self.changelog, self.transactions
+        if changelog is None:
+            return MemoryOnly(offsets_commit)
         if transactions is None:
-            return offsets_commit
-
-        async def commit(offsets: dict[Any, int]) -> None:
-            await transactions.commit(offsets)
-            committed(offsets)
-
-        return commit
+            return AtLeastOnce(changelog.write, offsets_commit, changelog.checkpointed)
+        return ExactlyOnce(changelog.write, transactions.commit, committed, changelog.checkpointed)
 
     async def restore(self, partitions: list[int]) -> None:
         """Newly held partitions: fence their previous owner, then read their changelog."""

@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from streamlstm import Bundle, EngineStats
 from streamlstm.consumers import aiokafka_internals
+from streamlstm.consumers.checkpoint import MemoryOnly
 from streamlstm.consumers.committer import Committer
 from streamlstm.consumers.durability import Durability
 from streamlstm.consumers.engine_process import (
@@ -94,7 +95,10 @@ class Server:
         self._rebalance: RebalanceHandler | None = None
         self._durable: Durability | None = None
         self._committer = Committer(
-            self._commit, max_unacked=1, on_acked=self.reporter.acknowledged
+            MemoryOnly(self._commit),
+            max_unacked=1,
+            interval_s=config.commit_interval_ms / 1000.0,
+            on_acked=self.reporter.acknowledged,
         )  # replaced at start, once the engine is known
         self._failure: BaseException | None = None
         self._partitions: dict[str, list[int]] = {}
@@ -195,17 +199,14 @@ class Server:
             clock=self._clock,
             producer_settings=producing,
         )
-        changelog = durable.changelog
         self._committer = Committer(
-            durable.commit(self._commit, self.reporter.committed),
+            durable.strategy(self._commit, self.reporter.committed),
             max_unacked=cfg.max_unacked_batches,
+            interval_s=cfg.commit_interval_ms / 1000.0,
             on_acked=self.reporter.acknowledged,
-            write_changelog=changelog.write if changelog else None,
-            on_checkpoint=changelog.checkpointed if changelog else lambda c, s: None,
             # In a transaction a refused record fails it whole: nothing to rescue.
             rescue=None if durable.exactly_once else self._rescue_records,
             per_record=PER_RECORD_ERRORS,
-            commit_every_s=cfg.commit_interval_ms / 1000.0,  # memory state (durable: checkpoints)
         )
         # Before the consumer joins: a rebalance waits on the committer.
         self._committer.start()
