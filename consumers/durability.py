@@ -16,10 +16,10 @@ checkpoints follow.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from streamlstm.consumers.changelog import Changelog, ensure_changelog
 from streamlstm.consumers.checkpoint import (
@@ -33,6 +33,7 @@ from streamlstm.consumers.engine_process import EngineClient
 from streamlstm.consumers.kafka import KafkaClients
 from streamlstm.consumers.outbox import Box, Outbox
 from streamlstm.consumers.settings import ServeConfig
+from streamlstm.consumers.tasks import PartitionTasks
 from streamlstm.consumers.transactions import PartitionOutbox, Transactions
 from streamlstm.metrics import ServeMetrics
 
@@ -54,6 +55,7 @@ class Durability:
     ) -> None:
         self.config = config
         self._clients = clients
+        self._engine = engine
         self._clock = clock
         self.changelog: Changelog | None = None
         self.transactions: Transactions | None = None
@@ -113,6 +115,22 @@ class Durability:
         if transactions is None:
             return AtLeastOnce(changelog.write, offsets_commit, changelog.checkpointed)
         return ExactlyOnce(changelog.write, transactions.commit, committed, changelog.checkpointed)
+
+    def partition_tasks(
+        self, committed: Callable[[TopicPartition], Awaitable[int | None]]
+    ) -> PartitionTasks:
+        """The input partitions' tasks: restored from the changelog (durable state),
+        their streams and producers dropped when they move away or come back stale."""
+        return PartitionTasks(
+            self.config.input_topic,
+            drop=self._drop,
+            committed=committed,
+            restore=self.restore if self.changelog is not None else None,
+        )
+
+    async def _drop(self, partitions: list[int]) -> int:
+        await self.release(partitions)
+        return await self._engine.drop_partitions(partitions)
 
     async def restore(self, partitions: list[int]) -> None:
         """Newly held partitions: fence their previous owner, then read their changelog."""

@@ -38,6 +38,7 @@ from streamlstm.consumers.engine_process import EngineClient, StepRequest
 from streamlstm.consumers.engine_protocol import Change
 from streamlstm.consumers.outbox import Box
 from streamlstm.consumers.settings import ServeConfig
+from streamlstm.consumers.tasks import PartitionTasks
 from streamlstm.errors import StreamLSTMError
 from streamlstm.metrics import ServeMetrics
 
@@ -95,6 +96,7 @@ class PollLoop:
         outbox: Callable[[], Box],
         engine: EngineClient,
         committer: Committer,
+        tasks: PartitionTasks,
         metrics: ServeMetrics,
         lock: asyncio.Lock,
         clock: Callable[[], float],
@@ -114,9 +116,8 @@ class PollLoop:
         #: Set the moment the deadline passes (``/healthz`` fails then), even where the loop
         #: is awaiting something else and only meets the timed-out step later.
         self.wedged = False
-        #: Per TopicPartition: the offset after the last tick sent to the engine (its state
-        #: reflects everything before). The rebalance handler compares it with the group's.
-        self.applied: dict[Any, int] = {}
+        #: Each partition's task hears the offset after the last tick sent to the engine.
+        self._tasks = tasks
         #: --latency-target-ms: sizes each poll from the measured steps, latencies and
         #: queue. None: every poll asks for max_records.
         target = config.latency_target_ms
@@ -216,7 +217,7 @@ class PollLoop:
         return batch
 
     def _begin(self, batch: Batch) -> _InFlight:
-        self.applied.update(batch.next_offsets)
+        self._tasks.applied(batch.next_offsets)
         return _InFlight(batch, asyncio.ensure_future(self._step(batch)))
 
     async def _step(self, batch: Batch) -> tuple[StepResult | None, float]:

@@ -232,6 +232,7 @@ class Server:
             **cfg.consumer_settings(), partition_assignment_strategy=(StickyPartitionAssignor,)
         )
         self.reporter.watch(self._consumer)
+        tasks = durable.partition_tasks(self._committed)
         self._loop = PollLoop(
             cfg,
             model=Model(
@@ -243,11 +244,18 @@ class Server:
             outbox=durable.outboxes(self._producer, self._partitions),
             engine=self._engine,
             committer=self._committer,
+            tasks=tasks,
             metrics=self.metrics,
             lock=self._lock,
             clock=self._clock,
         )
-        self._rebalance = self._rebalance_handler(self._loop)
+        self._rebalance = RebalanceHandler(
+            lock=self._lock,
+            drain=self._loop.drain,
+            tasks=tasks,
+            reporter=self.reporter,
+            on_error=self._fail,
+        )
         self._consumer.subscribe([cfg.input_topic], listener=self._rebalance)
         await start_client(self._consumer, cfg.bootstrap_servers, lean=True)
         self._http = HttpEndpoints(
@@ -275,26 +283,6 @@ class Server:
             cfg.output_topic,
             cfg.dlq_topic,
             cfg.group_id,
-        )
-
-    def _rebalance_handler(self, loop: PollLoop) -> RebalanceHandler:
-        durable = self._durable
-
-        async def drop(partitions: list[int]) -> int:
-            if self._durable is not None:
-                await self._durable.release(partitions)
-            return 0 if self._engine is None else await self._engine.drop_partitions(partitions)
-
-        return RebalanceHandler(
-            input_topic=self.config.input_topic,
-            lock=self._lock,
-            drain=loop.drain,
-            drop_partitions=drop,
-            reporter=self.reporter,
-            on_error=self._fail,
-            applied=loop.applied,
-            committed=self._committed,
-            restore=durable.restore if durable and durable.changelog else None,
         )
 
     async def _rescue_records(self, records: list[Any], error: BaseException) -> None:
