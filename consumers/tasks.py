@@ -27,7 +27,8 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
-from streamlstm.errors import StreamLSTMError
+from streamlstm.consumers.transactions import PartitionTransaction
+from streamlstm.errors import BrokerError, StreamLSTMError
 
 __all__ = ["IllegalTransition", "PartitionTask", "PartitionTasks", "TaskState"]
 
@@ -61,6 +62,9 @@ class PartitionTask:
         self.state = state
         #: The offset after the last tick sent to the engine; None: none since it was held.
         self.applied: int | None = None
+        #: Exactly-once: the partition's transactional producer, from its restore (which
+        #: starts it, fencing the previous owner's) until the task closes (which aborts it).
+        self.transaction: PartitionTransaction | None = None
 
     @property
     def partition(self) -> int:
@@ -73,6 +77,14 @@ class PartitionTask:
                 "transition of a partition task"
             )
         self.state = state
+
+    async def close(self) -> None:
+        """Closed for good: what its transaction holds is aborted (read again by the next
+        owner), and its producer stopped."""
+        self.to(TaskState.CLOSED)
+        transaction, self.transaction = self.transaction, None
+        if transaction is not None:
+            await transaction.abort()
 
     async def stale(self, committed: Callable[[TopicPartition], Awaitable[int | None]]) -> bool:
         """Held again, but the group's committed offset is not where this state left it.
@@ -106,7 +118,7 @@ class PartitionTasks:
         *,
         drop: Callable[[list[int]], Awaitable[int]],
         committed: Callable[[TopicPartition], Awaitable[int | None]],
-        restore: Callable[[list[int]], Awaitable[None]] | None = None,
+        restore: Callable[[list[PartitionTask]], Awaitable[None]] | None = None,
     ) -> None:
         self._topic = input_topic
         self._drop = drop
@@ -119,6 +131,17 @@ class PartitionTasks:
 
     def get(self, tp: TopicPartition) -> PartitionTask | None:
         return self._tasks.get(tp)
+
+    def transaction(self, partition: int) -> PartitionTransaction:
+        """Exactly-once: the open transaction of a partition held, for records it causes."""
+        task = self._tasks.get(TopicPartition(self._topic, partition))
+        if task is None or task.transaction is None:
+            raise BrokerError(f"no transactional producer for input partition {partition}")
+        return task.transaction
+
+    def transactions(self) -> dict[int, PartitionTransaction]:
+        """Exactly-once: every held partition's open transaction."""
+        return {task.partition: task.transaction for task in self if task.transaction is not None}
 
     def applied(self, next_offsets: Mapping[Any, int]) -> None:
         """A batch went to the engine: each partition's state reflects it up to these."""
@@ -160,8 +183,8 @@ class PartitionTasks:
     async def _close(self, moved: list[PartitionTask], stale: list[PartitionTask]) -> None:
         gone = moved + stale
         for task in gone:
-            task.to(TaskState.CLOSED)
             del self._tasks[task.tp]
+            await task.close()
         if not gone:
             return
         count = await self._drop(sorted(task.partition for task in gone))
@@ -174,8 +197,17 @@ class PartitionTasks:
 
     async def _restore_new(self) -> None:
         """Durable state: what this instance does not hold comes from the changelog."""
-        new = [task for task in self if task.state is TaskState.RESTORING]
+        new = sorted(
+            (task for task in self if task.state is TaskState.RESTORING),
+            key=lambda task: task.partition,
+        )
         if new and self._restore is not None:
-            await self._restore(sorted(task.partition for task in new))
+            await self._restore(new)
         for task in new:
             task.to(TaskState.RUNNING)
+
+    async def close_all(self) -> None:
+        """At shutdown: every task closed (transactions aborted; the engine goes too)."""
+        for task in self:
+            del self._tasks[task.tp]
+            await task.close()

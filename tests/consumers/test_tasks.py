@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 import pytest
 from aiokafka import TopicPartition
 
 from streamlstm.consumers.tasks import IllegalTransition, PartitionTask, PartitionTasks, TaskState
+from streamlstm.consumers.transactions import PartitionTransaction
+from streamlstm.errors import BrokerError
 
 TOPIC = "ticks"
 R, U, V, C = TaskState.RESTORING, TaskState.RUNNING, TaskState.REVOKED, TaskState.CLOSED
@@ -57,8 +60,8 @@ def test_an_assignment_restores_new_tasks_before_they_run_and_keeps_those_that_c
         async def committed(tp: TopicPartition) -> int | None:
             return 5
 
-        async def restore(parts: list[int]) -> None:
-            restored.append(parts)
+        async def restore(new: list[PartitionTask]) -> None:
+            restored.append([task.partition for task in new])
             states_at_restore.extend(t.state for t in tasks)
 
         tasks = PartitionTasks(TOPIC, drop=drop, committed=committed, restore=restore)
@@ -75,5 +78,46 @@ def test_an_assignment_restores_new_tasks_before_they_run_and_keeps_those_that_c
         assert {t.partition: t.state for t in tasks} == {0: U, 1: U, 2: U}
         task0 = tasks.get(TopicPartition(TOPIC, 0))
         assert task0 is not None and task0.applied == 5
+
+    asyncio.run(scenario())
+
+
+class FakeTransaction:
+    """Stands in for a partition's transactional producer: records its abort."""
+
+    def __init__(self, partition: int, log: list[str]) -> None:
+        self.partition = partition
+        self.log = log
+
+    async def abort(self) -> None:
+        self.log.append(f"abort {self.partition}")
+
+
+def test_a_task_that_moves_away_aborts_its_transaction_before_its_streams_are_dropped() -> None:
+    async def scenario() -> None:
+        log: list[str] = []
+
+        async def drop(parts: list[int]) -> int:
+            log.append(f"drop {parts}")
+            return 0
+
+        async def committed(tp: TopicPartition) -> int | None:
+            return None
+
+        async def restore(new: list[PartitionTask]) -> None:
+            for task in new:  # exactly-once: the restore starts each task's transaction
+                task.transaction = cast(PartitionTransaction, FakeTransaction(task.partition, log))
+
+        tasks = PartitionTasks(TOPIC, drop=drop, committed=committed, restore=restore)
+        await tasks.assign([TopicPartition(TOPIC, p) for p in (0, 1)])
+        assert sorted(tasks.transactions()) == [0, 1]
+        tasks.revoke([TopicPartition(TOPIC, p) for p in (0, 1)])
+        await tasks.assign([TopicPartition(TOPIC, 0)])
+        assert log == ["abort 1", "drop [1]"]
+        assert sorted(tasks.transactions()) == [0]
+        with pytest.raises(BrokerError, match="no transactional producer for input partition 1"):
+            tasks.transaction(1)
+        await tasks.close_all()
+        assert log[-1] == "abort 0" and not tasks.transactions()
 
     asyncio.run(scenario())
