@@ -42,9 +42,13 @@ __all__ = [
     "WriteFn",
 ]
 
-#: ``commit(offsets)``: commit ``{TopicPartition: next offset}``; raises ``BrokerError``
-#: when the daemon must stop.
-CommitFn = Callable[[dict[Any, int]], Awaitable[None]]
+#: ``commit(offsets)``: commit ``{TopicPartition: next offset}``; True once committed,
+#: False where the group moved on (a rebalance: the partitions' new owner reads them
+#: again); raises ``BrokerError`` when the daemon must stop.
+CommitFn = Callable[[dict[Any, int]], Awaitable[bool]]
+#: ``on_committed(offsets)``: offsets are committed, however the strategy committed them
+#: (the one place the reporter hears of commits).
+CommittedHook = Callable[[dict[Any, int]], None]
 #: ``write(records)``: queue changelog records, return their acknowledgement futures.
 WriteFn = Callable[[list[Change]], Awaitable[list[asyncio.Future[Any]]]]
 #: ``on_checkpoint(checkpoint, seconds)``: a durable checkpoint is committed.
@@ -100,33 +104,52 @@ class Checkpoint:
         await self.strategy.commit(self)
 
 
-class MemoryOnly:
+class _Offsets:
+    """What every strategy does last: commit the offsets, and say so once committed."""
+
+    def __init__(self, commit: CommitFn, on_committed: CommittedHook) -> None:
+        self._commit = commit
+        self._on_committed = on_committed
+
+    async def _commit_offsets(self, offsets: dict[Any, int]) -> None:
+        if offsets and await self._commit(offsets):
+            self._on_committed(offsets)
+
+
+class MemoryOnly(_Offsets):
     """``--state memory``: acknowledged offsets committed at most once an interval."""
 
     takes_changes = False
     waits_for_commit = False
 
-    def __init__(self, commit: CommitFn) -> None:
-        self._commit = commit
+    def __init__(
+        self, commit: CommitFn, on_committed: CommittedHook = lambda offsets: None
+    ) -> None:
+        super().__init__(commit, on_committed)
 
     def first_due(self, now: float, interval_s: float) -> float:
         # "At most once an interval": nothing was committed yet, so the first is due.
         return now
 
     async def commit(self, checkpoint: Checkpoint) -> None:
-        if checkpoint.offsets:
-            await self._commit(checkpoint.offsets)
+        await self._commit_offsets(checkpoint.offsets)
 
 
-class AtLeastOnce:
+class AtLeastOnce(_Offsets):
     """``--state durable``: the changes to the changelog, acknowledged, then the offsets."""
 
     takes_changes = True
     waits_for_commit = False
 
-    def __init__(self, write: WriteFn, commit: CommitFn, on_checkpoint: CheckpointHook) -> None:
+    def __init__(
+        self,
+        write: WriteFn,
+        commit: CommitFn,
+        on_committed: CommittedHook,
+        on_checkpoint: CheckpointHook,
+    ) -> None:
+        super().__init__(commit, on_committed)
         self._write = write
-        self._commit = commit
         self._on_checkpoint = on_checkpoint
 
     def first_due(self, now: float, interval_s: float) -> float:
@@ -140,27 +163,14 @@ class AtLeastOnce:
                 raise BrokerError(
                     f"changelog not acknowledged, offsets not committed: {exc!r}"
                 ) from exc
-        if checkpoint.offsets:
-            await self._commit(checkpoint.offsets)
+        await self._commit_offsets(checkpoint.offsets)
         self._on_checkpoint(checkpoint, time.perf_counter() - checkpoint.started)
 
 
 class ExactlyOnce(AtLeastOnce):
-    """``--guarantee exactly-once``: as ``AtLeastOnce``, but the changelog records went
-    to each input partition's transaction (``write``), and the offsets are committed by
-    committing those transactions (``commit_transactions``); the loop waits for it."""
+    """``--guarantee exactly-once``: as ``AtLeastOnce``, but ``write`` sends the changelog
+    records into each input partition's transaction, and ``commit`` commits the offsets
+    by committing those transactions; closing the checkpoint waits for it, so that no
+    later poll's output joins them."""
 
     waits_for_commit = True
-
-    def __init__(
-        self,
-        write: WriteFn,
-        commit_transactions: CommitFn,
-        on_committed: Callable[[dict[Any, int]], None],
-        on_checkpoint: CheckpointHook,
-    ) -> None:
-        async def commit(offsets: dict[Any, int]) -> None:
-            await commit_transactions(offsets)
-            on_committed(offsets)
-
-        super().__init__(write, commit, on_checkpoint)

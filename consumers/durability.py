@@ -28,6 +28,7 @@ from streamlstm.consumers.changelog import Changelog, ensure_changelog
 from streamlstm.consumers.checkpoint import (
     AtLeastOnce,
     CommitFn,
+    CommittedHook,
     ExactlyOnce,
     MemoryOnly,
     Strategy,
@@ -110,21 +111,21 @@ class Durability:
             return lambda: Outbox(producer, partitions)
         return lambda: PartitionOutbox(self._transaction, partitions, self._clock)
 
-    def strategy(
-        self, offsets_commit: CommitFn, committed: Callable[[dict[Any, int]], None]
-    ) -> Strategy:
-        """How each checkpoint commits: ``offsets_commit`` is the consumer's commit, and
-        ``committed`` hears of offsets committed inside the transactions."""
+    def strategy(self, offsets_commit: CommitFn, on_committed: CommittedHook) -> Strategy:
+        """How each checkpoint commits: ``offsets_commit`` is the consumer's commit (or,
+        exactly-once, the transactions'); ``on_committed`` hears of every commit."""
         changelog, transactions = self.changelog, self.transactions
         if changelog is None:
-            return MemoryOnly(offsets_commit)
+            return MemoryOnly(offsets_commit, on_committed)
+        write, checkpointed = changelog.write, changelog.checkpointed
         if transactions is None:
-            return AtLeastOnce(changelog.write, offsets_commit, changelog.checkpointed)
+            return AtLeastOnce(write, offsets_commit, on_committed, checkpointed)
 
-        async def commit(offsets: dict[Any, int]) -> None:
+        async def commit(offsets: dict[Any, int]) -> bool:
             await transactions.commit(self._held(), offsets)
+            return True
 
-        return ExactlyOnce(changelog.write, commit, committed, changelog.checkpointed)
+        return ExactlyOnce(write, commit, on_committed, checkpointed)
 
     def _held(self) -> Mapping[int, PartitionTransaction]:
         return {} if self.tasks is None else self.tasks.transactions()

@@ -95,7 +95,7 @@ class Server:
         self._rebalance: RebalanceHandler | None = None
         self._durable: Durability | None = None
         self._committer = Committer(
-            MemoryOnly(self._commit),
+            MemoryOnly(self._commit, self.reporter.committed),
             max_unacked=1,
             interval_s=config.commit_interval_ms / 1000.0,
             on_acked=self.reporter.acknowledged,
@@ -372,7 +372,7 @@ class Server:
 
     # -- callbacks ---------------------------------------------------------
 
-    async def _commit(self, offsets: dict[Any, int]) -> None:
+    async def _commit(self, offsets: dict[Any, int]) -> bool:
         consumer = self._consumer
         assert consumer is not None
         try:
@@ -381,7 +381,7 @@ class Server:
             # The group moved on; the partitions' new owner re-reads from the
             # last commit (output is at-least-once).
             logger.warning("commit failed after a rebalance; %s will be re-read", offsets)
-            return
+            return False
         except KafkaError as exc:
             raise BrokerError(f"offsets not committed (they will be re-read): {exc}") from exc
-        self.reporter.committed(offsets)
+        return True

@@ -34,8 +34,9 @@ class Broker:
             future.set_result(None)
         return [future]
 
-    async def commit(self, offsets: dict[Any, int]) -> None:
+    async def commit(self, offsets: dict[Any, int]) -> bool:
         self.log.append(("commit", dict(offsets)))
+        return True
 
     def checkpointed(self, checkpoint: Checkpoint, seconds: float) -> None:
         self.log.append(("checkpointed", seconds >= 0))
@@ -67,7 +68,8 @@ def _changes(*streams: str) -> Any:
 def test_durable_checkpoints_wait_for_the_output_then_the_changelog_then_commit() -> None:
     async def scenario() -> None:
         broker = Broker()
-        strategy = AtLeastOnce(broker.write, broker.commit, broker.checkpointed)
+        reported: list[dict[Any, int]] = []
+        strategy = AtLeastOnce(broker.write, broker.commit, reported.append, broker.checkpointed)
         now = [0.0]
         committer = Committer(strategy, max_unacked=8, interval_s=1.0, clock=lambda: now[0])
         committer.start()
@@ -86,6 +88,7 @@ def test_durable_checkpoints_wait_for_the_output_then_the_changelog_then_commit(
         await committer.drain()
         # The changes before the offsets they go with; the second poll waits for its own.
         assert broker.log == [("write", ["a"]), ("commit", {TP: 10}), ("checkpointed", True)]
+        assert reported == [{TP: 10}]
         await committer.stop()
         assert broker.log[-1] == ("checkpointed", True)  # a stop commits nothing more
 
@@ -97,7 +100,7 @@ def test_a_changelog_write_that_fails_commits_nothing() -> None:
         broker = Broker()
         broker.fail_changelog = True
         committer = Committer(
-            AtLeastOnce(broker.write, broker.commit, broker.checkpointed),
+            AtLeastOnce(broker.write, broker.commit, lambda offsets: None, broker.checkpointed),
             max_unacked=8,
             interval_s=1.0,
         )
@@ -158,6 +161,27 @@ def test_memory_state_takes_no_changes_and_commits_alone_when_due() -> None:
         _ack(sent)
         await _settle()
         assert broker.log == [("commit", {TP: 3})]
+        await committer.stop()
+
+    asyncio.run(scenario())
+
+
+def test_only_offsets_the_group_took_are_reported_as_committed() -> None:
+    async def scenario() -> None:
+        reported: list[dict[Any, int]] = []
+        answers = [False, True]
+
+        async def commit(offsets: dict[Any, int]) -> bool:
+            return answers.pop(0)  # first: the group moved on (a rebalance)
+
+        committer = Committer(MemoryOnly(commit, reported.append), max_unacked=8, interval_s=0.0)
+        committer.start()
+        for offset in (4, 6):
+            sent = _sent(offset)
+            await committer.submit(sent)
+            _ack(sent)
+            await committer.drain()
+        assert reported == [{TP: 6}]
         await committer.stop()
 
     asyncio.run(scenario())

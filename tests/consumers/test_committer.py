@@ -20,8 +20,9 @@ class Commits:
     def __init__(self) -> None:
         self.calls: list[dict[Any, int]] = []
 
-    async def __call__(self, offsets: dict[Any, int]) -> None:
+    async def __call__(self, offsets: dict[Any, int]) -> bool:
         self.calls.append(dict(offsets))
+        return True
 
     @property
     def last(self) -> dict[Any, int]:
@@ -155,7 +156,7 @@ def test_a_failed_commit_fails_the_committer() -> None:
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
 
-        async def commit(offsets: dict[Any, int]) -> None:
+        async def commit(offsets: dict[Any, int]) -> bool:
             raise BrokerError("offsets not committed: group coordinator gone")
 
         committer = Committer(MemoryOnly(commit), max_unacked=4, interval_s=0.0)
