@@ -2,74 +2,47 @@
 
 The serving loop queues each poll's output with ``submit`` and goes on to the
 next poll; the committer, in order, waits until every send of a poll is
-acknowledged by the broker and then commits the poll's input offsets (polls
-acknowledged meanwhile share one commit). A tick is done only then, so a
-crash anywhere before re-reads it: output is at-least-once, nothing is lost.
+acknowledged by the broker and then gives the poll's offsets to the open
+``Checkpoint`` (``checkpoint.py``), which commits them as its strategy says:
+memory state once its interval is due, durable state when the loop closes it
+with the engine's changes (queued here behind the polls those changes
+reflect). A tick is done only then, so a crash anywhere before re-reads it:
+output is at-least-once, nothing is lost.
 
 - A failed send stops the commits: the committer fails, ``submit`` and
   ``drain`` raise its error (the daemon fails and exits non-zero), and the
-  offsets of that poll and every later one stay uncommitted. Polls
-  acknowledged before the failure are still committed.
-- ``stop`` commits the polls already acknowledged and leaves the rest.
-- ``commit_every_s`` (memory state): a commit at most that often; acknowledged
-  polls wait for the next one (``drain`` and ``stop`` commit them at once).
-  Each commit is a request the daemon and the broker pay for; one a poll at
-  ~100 polls/s cost both CPU that the ticks needed. At-least-once holds all
-  the same: a crash re-reads (and answers again) the ticks since the last
-  commit, now up to ``commit_every_s`` of them.
-
-With durable state (``durable=True``) offsets are committed only at
-checkpoints, in the order of docs/durability.md ("The checkpoint protocol",
-whose steps 3-5 are the committer's): the loop asks the engine for the
-states changed since the last checkpoint, as of the last batch k it sent
-(requests are answered in order), and queues them here behind the polls up
-to k. The committer then, in order:
-
-1. waits until every output of the polls up to k is acknowledged;
-2. produces the states (and tombstones) to the changelog, waits for acks;
-3. commits the input offsets through poll k.
-
-A crash before 2 completes replays the ticks after the last commit onto the
-previous checkpoint (outputs again, with equal values); a crash between 2 and
-3 restores states that already reflect some replayed ticks, which the engine
-skips by offset (their outputs were acknowledged in 1).
+  offsets of that poll and every later one stay uncommitted. With memory
+  state the polls acknowledged before the failure are still committed.
+- ``stop`` commits the polls already acknowledged (memory state; with
+  durable state only a checkpoint commits) and leaves the rest.
+- One commit an interval, at most: each is a request the daemon and the
+  broker pay for; one a poll at ~100 polls/s cost both CPU that the ticks
+  needed. At-least-once holds all the same: a crash re-reads (and answers
+  again) the ticks since the last commit, now up to an interval of them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from streamlstm.consumers.checkpoint import Checkpoint, Strategy
 from streamlstm.consumers.codec import Batch, Encoded
 from streamlstm.consumers.engine_protocol import Change
 from streamlstm.errors import BrokerError
 
-__all__ = ["Checkpoint", "Committer", "Sent"]
+__all__ = ["Committer", "Sent"]
 
 logger = logging.getLogger(__name__)
 
-#: ``commit(offsets)``: commit ``{TopicPartition: next offset}``; raises ``BrokerError``
-#: when the daemon must stop.
-CommitFn = Callable[[dict[Any, int]], Awaitable[None]]
 #: ``rescue(records, error)``: deliver a refused batch's records another way, or raise.
 RescueFn = Callable[[list[Any], BaseException], Awaitable[None]]
-#: ``(stream, input partition, state bytes or None)``: one changelog record.
-ChangelogRecord = Change  # a state, or None: a tombstone
-#: ``write(records)``: queue changelog records, return their acknowledgement futures.
-WriteFn = Callable[[list[ChangelogRecord]], Awaitable[list[asyncio.Future[Any]]]]
-
-
-@dataclass(eq=False)
-class Checkpoint:
-    """The states changed up to a poll, to write before that poll's offsets are committed."""
-
-    records: list[ChangelogRecord]
-    started: float  # perf_counter when the engine was asked
-    reported: bool = field(default=False, init=False)
 
 
 @dataclass(eq=False)
@@ -108,37 +81,29 @@ class Committer:
 
     def __init__(
         self,
-        commit: CommitFn,
+        strategy: Strategy,
         *,
         max_unacked: int,
+        interval_s: float,
         on_acked: Callable[[Sent], None] = lambda sent: None,
-        write_changelog: WriteFn | None = None,
-        on_checkpoint: Callable[[Checkpoint, float], None] = lambda checkpoint, seconds: None,
         rescue: RescueFn | None = None,
         per_record: tuple[type[BaseException], ...] = (),
-        commit_every_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._commit = commit
-        self._commit_every_s = commit_every_s
+        self._strategy = strategy
+        self._interval_s = interval_s
         self._clock = clock
-        self._commit_due = 0.0  # clock seconds
         self._committing = asyncio.Lock()
         self._on_acked_hook = on_acked
-        self._write = write_changelog
-        self._on_checkpoint = on_checkpoint
         self._rescue = rescue
         self._per_record = per_record
         self._queue: asyncio.Queue[Sent | Checkpoint] = asyncio.Queue(max_unacked)
         self._group: list[Sent | Checkpoint] = []  # taken from the queue, not yet committed
         self._task: asyncio.Task[None] | None = None
-        #: Acknowledged, not yet committed (durable: until the next checkpoint).
-        self._offsets: dict[Any, int] = {}
-
-    @property
-    def durable(self) -> bool:
-        """Offsets are committed at checkpoints only."""
-        return self._write is not None
+        first = Checkpoint(strategy, strategy.first_due(clock(), interval_s))
+        #: Oldest first: the one acknowledged polls go to, then those closed behind it;
+        #: the last is the open one, whose deadline is the one timer.
+        self._checkpoints: collections.deque[Checkpoint] = collections.deque([first])
 
     def start(self) -> None:
         if self._task is None:
@@ -158,6 +123,26 @@ class Committer:
             raise task.exception()  # type: ignore[misc]
         raise BrokerError("the committer stopped")
 
+    def due(self) -> bool:
+        """The open checkpoint wants the engine's changes now (the loop then ``close``s it)."""
+        return self._strategy.takes_changes and self._checkpoints[-1].is_due(self._clock())
+
+    async def close(self, changes: Callable[[], Awaitable[list[Change]]]) -> None:
+        """Close the open checkpoint behind the polls submitted so far, with the engine's
+        ``changes`` as of the last of them, and open the next; waits for its commit where
+        the strategy says so. Without a change set (memory) it closes as it comes due."""
+        if not self._strategy.takes_changes:
+            return
+        closing = self._checkpoints[-1]
+        await closing.take(changes)
+        opened = Checkpoint(self._strategy, math.inf)  # started once this one is queued
+        self._checkpoints.append(opened)
+        await self.submit(closing)
+        if self._strategy.waits_for_commit:
+            # Until it commits: a later poll's output must not join it.
+            await self.drain()
+        opened.due = self._clock() + self._interval_s
+
     async def submit(self, sent: Sent | Checkpoint) -> None:
         """Queue a poll (or a checkpoint after the polls it covers); waits while
         ``max_unacked`` items wait. Raises if the committer failed."""
@@ -170,8 +155,7 @@ class Committer:
     async def drain(self) -> None:
         """Until every poll submitted so far is acknowledged and committed."""
         await self._race(self._queue.join())
-        if not self.durable:
-            await self._commit_offsets()  # what ``commit_every_s`` held back
+        await self._commit_alone(due=False)  # what the interval held back (memory state)
 
     async def stop(self) -> None:
         """Commit the polls already acknowledged, in order; drop the rest. Safe twice."""
@@ -185,22 +169,21 @@ class Committer:
         self._group = []
         failed = task.done() and not task.cancelled() and task.exception() is not None
         task.cancel()
-        if failed or self.durable:
+        if failed or self._strategy.takes_changes:
             # The failed poll and everything after it stay uncommitted; with durable
             # state only a checkpoint commits (offsets past the changelog's states
             # would skip ticks from state after a restore).
             return
-        offsets = dict(self._offsets)
+        checkpoint = self._checkpoints[0]
         for sent in pending:
             if not isinstance(sent, Sent) or not sent.acknowledged():
                 break
             self._on_acked(sent)
-            offsets.update(sent.offsets)
-        if offsets:
-            try:
-                await self._commit(offsets)
-            except BrokerError:
-                logger.warning("could not commit acknowledged offsets at stop", exc_info=True)
+            checkpoint.acknowledge(sent.offsets)
+        try:
+            await checkpoint.commit()
+        except BrokerError:
+            logger.warning("could not commit acknowledged offsets at stop", exc_info=True)
 
     def _on_acked(self, sent: Sent) -> None:
         if not sent.reported:
@@ -234,38 +217,41 @@ class Committer:
                 self._group = []
 
     async def _next(self) -> Sent | Checkpoint:
-        """The next queued item; offsets held back are committed when they come due first."""
-        if not self._offsets or self.durable:
+        """The next queued item; a checkpoint that commits alone does when it comes due."""
+        wait = self._alone_in_s()
+        if wait is None:
             return await self._queue.get()
         try:
-            return await asyncio.wait_for(
-                self._queue.get(), max(self._commit_due - self._clock(), 0.0)
-            )
+            return await asyncio.wait_for(self._queue.get(), wait)
         except TimeoutError:
-            await self._commit_offsets()
+            await self._commit_alone(due=True)
             return await self._queue.get()
+
+    def _alone_in_s(self) -> float | None:
+        """Seconds until the acknowledged offsets are committed alone; None: not so."""
+        checkpoint = self._checkpoints[0]
+        if self._strategy.takes_changes or not checkpoint.offsets:
+            return None
+        return max(checkpoint.due - self._clock(), 0.0)
 
     async def _commit_group(self, group: Iterable[Sent | Checkpoint]) -> None:
         for item in group:
             if isinstance(item, Checkpoint):
-                await self._checkpoint(item)
+                await self._commit_closed(item)
                 continue
-            if not self.durable and self._offsets and self._clock() >= self._commit_due:
-                await self._commit_offsets()  # due: not held back behind this poll's acks
+            await self._commit_alone(due=True)  # due: not held back behind this poll's acks
             try:
                 await self._acknowledged(item)
             except Exception as exc:
-                if self._offsets and not self.durable:  # acknowledged before the failure
-                    await self._commit_offsets()
+                await self._commit_alone(due=False)  # acknowledged before the failure
                 if isinstance(exc, BrokerError):
                     raise
                 raise BrokerError(
                     f"output not acknowledged, offsets not committed: {exc!r}"
                 ) from exc
             self._on_acked(item)
-            self._offsets.update(item.offsets)
-        if not self.durable and self._clock() >= self._commit_due:
-            await self._commit_offsets()
+            self._checkpoints[0].acknowledge(item.offsets)
+        await self._commit_alone(due=True)
 
     async def _acknowledged(self, sent: Sent) -> None:
         """Until every send of ``sent`` is acknowledged; a batch refused for one record's
@@ -282,23 +268,22 @@ class Committer:
             except self._per_record as exc:
                 await self._rescue(records, exc)
 
-    async def _checkpoint(self, checkpoint: Checkpoint) -> None:
-        """Steps 2 and 3 above (step 1 is the order of the queue)."""
-        assert self._write is not None
-        if checkpoint.records:
-            try:
-                await asyncio.gather(*await self._write(checkpoint.records))
-            except Exception as exc:
-                raise BrokerError(
-                    f"changelog not acknowledged, offsets not committed: {exc!r}"
-                ) from exc
-        await self._commit_offsets()
-        self._on_checkpoint(checkpoint, time.perf_counter() - checkpoint.started)
+    async def _commit_closed(self, checkpoint: Checkpoint) -> None:
+        """A checkpoint the loop closed: every poll before it is acknowledged by now."""
+        assert checkpoint is self._checkpoints[0], "checkpoints commit in order"
+        await checkpoint.commit()
+        self._checkpoints.popleft()
 
-    async def _commit_offsets(self) -> None:
+    async def _commit_alone(self, *, due: bool) -> None:
+        """Memory state: commit the acknowledged offsets (``due``: only if the interval
+        has passed) and open the next interval. Durable state: nothing."""
         # Held while committing: ``drain`` must not return while a commit is on its way.
         async with self._committing:
-            if self._offsets:
-                offsets, self._offsets = self._offsets, {}
-                self._commit_due = self._clock() + self._commit_every_s
-                await self._commit(offsets)
+            checkpoint = self._checkpoints[0]
+            if self._strategy.takes_changes or not checkpoint.offsets:
+                return
+            if due and not checkpoint.is_due(self._clock()):
+                return
+            opened = Checkpoint(self._strategy, self._clock() + self._interval_s)
+            self._checkpoints[0] = opened
+            await checkpoint.commit()

@@ -9,6 +9,12 @@ partition p causes (prediction, dead letter, changelog state) and p's
 offsets go in one transaction of p's own producer (``transactions``), the
 loop waits for each checkpoint's commit, and a refused record fails the
 daemon rather than being sent again outside the transaction.
+
+``strategy`` picks which of ``checkpoint.py``'s strategies the committer's
+checkpoints follow; ``partition_tasks`` makes the input partitions' tasks
+(``tasks.py``), whose restore is here: each new task's transactional
+producer started first (fencing the previous owner's), then the changelog
+read.
 """
 
 from __future__ import annotations
@@ -16,19 +22,27 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 from streamlstm.consumers.changelog import Changelog, ensure_changelog
+from streamlstm.consumers.checkpoint import (
+    AtLeastOnce,
+    CommitFn,
+    CommittedHook,
+    ExactlyOnce,
+    MemoryOnly,
+    Strategy,
+)
 from streamlstm.consumers.engine_process import EngineClient
 from streamlstm.consumers.kafka import KafkaClients
 from streamlstm.consumers.metrics import ServeMetrics
 from streamlstm.consumers.outbox import Box, Outbox
 from streamlstm.consumers.settings import ServeConfig
-from streamlstm.consumers.transactions import PartitionOutbox, Transactions
+from streamlstm.consumers.tasks import PartitionTask, PartitionTasks
+from streamlstm.consumers.transactions import PartitionOutbox, PartitionTransaction, Transactions
+from streamlstm.errors import BrokerError
 
 __all__ = ["Durability"]
-
-CommitFn = Callable[[dict[Any, int]], Awaitable[None]]
 
 
 class Durability:
@@ -46,9 +60,12 @@ class Durability:
     ) -> None:
         self.config = config
         self._clients = clients
+        self._engine = engine
         self._clock = clock
         self.changelog: Changelog | None = None
         self.transactions: Transactions | None = None
+        #: The input partitions' tasks (``partition_tasks``), which own their transactions.
+        self.tasks: PartitionTasks | None = None
         if config.state == "durable":
             self.changelog = Changelog(
                 clients.options,
@@ -92,34 +109,58 @@ class Durability:
         transactions = self.transactions
         if transactions is None:
             return lambda: Outbox(producer, partitions)
-        return lambda: PartitionOutbox(transactions, partitions, self._clock)
+        return lambda: PartitionOutbox(self._transaction, partitions, self._clock)
 
-    def commit(
-        self, offsets_commit: CommitFn, committed: Callable[[dict[Any, int]], None]
-    ) -> CommitFn:
-        """How input offsets are committed: by the consumer, or inside the transactions."""
-        transactions = self.transactions
+    def strategy(self, offsets_commit: CommitFn, on_committed: CommittedHook) -> Strategy:
+        """How each checkpoint commits: ``offsets_commit`` is the consumer's commit (or,
+        exactly-once, the transactions'); ``on_committed`` hears of every commit."""
+        changelog, transactions = self.changelog, self.transactions
+        if changelog is None:
+            return MemoryOnly(offsets_commit, on_committed)
+        write, checkpointed = changelog.write, changelog.checkpointed
         if transactions is None:
-            return offsets_commit
+            return AtLeastOnce(write, offsets_commit, on_committed, checkpointed)
 
-        async def commit(offsets: dict[Any, int]) -> None:
-            await transactions.commit(offsets)
-            committed(offsets)
+        async def commit(offsets: dict[Any, int]) -> bool:
+            await transactions.commit(self._held(), offsets)
+            return True
 
-        return commit
+        return ExactlyOnce(write, commit, on_committed, checkpointed)
 
-    async def restore(self, partitions: list[int]) -> None:
-        """Newly held partitions: fence their previous owner, then read their changelog."""
-        if self.transactions is not None:
-            await self.transactions.open(partitions)
+    def _held(self) -> Mapping[int, PartitionTransaction]:
+        return {} if self.tasks is None else self.tasks.transactions()
+
+    def _transaction(self, partition: int) -> PartitionTransaction:
+        if self.tasks is None:
+            raise BrokerError(f"no transactional producer for input partition {partition}")
+        return self.tasks.transaction(partition)
+
+    def partition_tasks(
+        self, committed: Callable[[TopicPartition], Awaitable[int | None]]
+    ) -> PartitionTasks:
+        """The input partitions' tasks: restored from the changelog (durable state),
+        their streams and producers dropped when they move away or come back stale."""
+        self.tasks = PartitionTasks(
+            self.config.input_topic,
+            drop=self._engine.drop_partitions,
+            committed=committed,
+            restore=self.restore if self.changelog is not None else None,
+        )
+        return self.tasks
+
+    async def restore(self, tasks: list[PartitionTask]) -> None:
+        """Newly held partitions: fence their previous owner (each task's transaction is
+        started first), then read their changelog."""
+        transactions = self.transactions
+        if transactions is not None:
+            opening = [task for task in tasks if task.transaction is None]
+            opened = await transactions.open([task.partition for task in opening])
+            for task in opening:
+                task.transaction = opened[task.partition]
         if self.changelog is not None:
-            await self.changelog.restore(partitions)
-
-    async def release(self, partitions: list[int]) -> None:
-        """Partitions this instance no longer holds (their state is dropped elsewhere)."""
-        if self.transactions is not None:
-            await self.transactions.close(partitions)
+            await self.changelog.restore([task.partition for task in tasks])
 
     async def close(self) -> None:
-        if self.transactions is not None:
-            await self.transactions.close_all()
+        """At shutdown: the tasks' open transactions aborted, their producers stopped."""
+        if self.tasks is not None:
+            await self.tasks.close_all()

@@ -24,7 +24,6 @@ import asyncio
 import collections
 import gc
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -34,11 +33,13 @@ from aiokafka import AIOKafkaConsumer
 from streamlstm import StepResult
 from streamlstm.consumers.batch_sizing import BatchSizer
 from streamlstm.consumers.codec import Batch, decode_poll, encode_outputs
-from streamlstm.consumers.committer import Checkpoint, Committer, Sent
+from streamlstm.consumers.committer import Committer, Sent
 from streamlstm.consumers.engine_process import EngineClient, StepRequest
+from streamlstm.consumers.engine_protocol import Change
 from streamlstm.consumers.metrics import ServeMetrics
 from streamlstm.consumers.outbox import Box
 from streamlstm.consumers.settings import ServeConfig
+from streamlstm.consumers.tasks import PartitionTasks
 from streamlstm.errors import StreamLSTMError
 
 __all__ = ["Model", "PollLoop", "settle_collector"]
@@ -95,6 +96,7 @@ class PollLoop:
         outbox: Callable[[], Box],
         engine: EngineClient,
         committer: Committer,
+        tasks: PartitionTasks,
         metrics: ServeMetrics,
         lock: asyncio.Lock,
         clock: Callable[[], float],
@@ -114,11 +116,8 @@ class PollLoop:
         #: Set the moment the deadline passes (``/healthz`` fails then), even where the loop
         #: is awaiting something else and only meets the timed-out step later.
         self.wedged = False
-        #: Durable state: when the next checkpoint is due (clock seconds).
-        self._checkpoint_due = clock() + config.commit_interval_ms / 1000.0
-        #: Per TopicPartition: the offset after the last tick sent to the engine (its state
-        #: reflects everything before). The rebalance handler compares it with the group's.
-        self.applied: dict[Any, int] = {}
+        #: Each partition's task hears the offset after the last tick sent to the engine.
+        self._tasks = tasks
         #: --latency-target-ms: sizes each poll from the measured steps, latencies and
         #: queue. None: every poll asks for max_records.
         target = config.latency_target_ms
@@ -147,7 +146,7 @@ class PollLoop:
                     # Keep one batch stepping while the previous one is produced.
                     while len(self._pending) > (1 if batch is not None else 0):
                         await self._send(self._pending.popleft())
-                    if self._committer.durable and self._clock() >= self._checkpoint_due:
+                    if self._committer.due():
                         await self._checkpoint()
             async with self._lock:
                 await self.drain()
@@ -186,27 +185,24 @@ class PollLoop:
         """Send every stepped batch, then wait until all are acknowledged and committed."""
         if self._failed:
             return  # what is not acknowledged stays uncommitted; it is read again
-        while self._pending:
-            await self._send(self._pending.popleft())
-        if self._committer.durable:
-            await self._checkpoint()
+        await self._checkpoint()
         await self._committer.drain()
 
     async def _checkpoint(self) -> None:
-        """Queue the states changed since the last checkpoint behind the polls they reflect.
+        """Close the open checkpoint behind the polls it covers (see ``checkpoint.py``).
 
         Every stepped batch is sent first, so the checkpoint covers exactly the
-        polls queued before it (the engine answers in request order).
+        polls queued before it, and the engine's changes (asked for by the
+        committer, where the checkpoint takes them) are as of the last of them:
+        the engine answers in request order.
         """
         while self._pending:
             await self._send(self._pending.popleft())
-        started = time.perf_counter()
-        records = await self._deadline(self._engine.checkpoint())
-        await self._committer.submit(Checkpoint(records, started))
-        if self.config.guarantee == "exactly-once":
-            # Until the transactions commit: a later poll's output must not join them.
-            await self._committer.drain()
-        self._checkpoint_due = self._clock() + self.config.commit_interval_ms / 1000.0
+        await self._committer.close(self._changes)
+
+    async def _changes(self) -> list[Change]:
+        """The states changed since the last checkpoint, and tombstones."""
+        return await self._deadline(self._engine.checkpoint())
 
     def _decode(self, records: dict[Any, list[Any]]) -> Batch | None:
         batch = decode_poll(
@@ -221,7 +217,7 @@ class PollLoop:
         return batch
 
     def _begin(self, batch: Batch) -> _InFlight:
-        self.applied.update(batch.next_offsets)
+        self._tasks.applied(batch.next_offsets)
         return _InFlight(batch, asyncio.ensure_future(self._step(batch)))
 
     async def _step(self, batch: Batch) -> tuple[StepResult | None, float]:

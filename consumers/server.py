@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 
 from streamlstm import Bundle, EngineStats
 from streamlstm.consumers import aiokafka_internals
+from streamlstm.consumers.checkpoint import MemoryOnly
 from streamlstm.consumers.committer import Committer
 from streamlstm.consumers.durability import Durability
 from streamlstm.consumers.engine_process import (
@@ -46,10 +47,12 @@ from streamlstm.consumers.kafka import (
 )
 from streamlstm.consumers.loop import Model, PollLoop, settle_collector
 from streamlstm.consumers.metrics import EngineCollector, ServeMetrics
+from streamlstm.consumers.outbox import Box
 from streamlstm.consumers.rebalance import RebalanceHandler
 from streamlstm.consumers.reporting import Reporter
 from streamlstm.consumers.rescue import PER_RECORD_ERRORS, Rescuer
 from streamlstm.consumers.settings import ServeConfig
+from streamlstm.consumers.tasks import PartitionTasks
 from streamlstm.errors import BrokerError
 from streamlstm.kernels import step_name
 
@@ -94,7 +97,10 @@ class Server:
         self._rebalance: RebalanceHandler | None = None
         self._durable: Durability | None = None
         self._committer = Committer(
-            self._commit, max_unacked=1, on_acked=self.reporter.acknowledged
+            MemoryOnly(self._commit, self.reporter.committed),
+            max_unacked=1,
+            interval_s=config.commit_interval_ms / 1000.0,
+            on_acked=self.reporter.acknowledged,
         )  # replaced at start, once the engine is known
         self._failure: BaseException | None = None
         self._partitions: dict[str, list[int]] = {}
@@ -173,19 +179,7 @@ class Server:
         self._started = True
         cfg = self.config
         bundle = self._bundle = self._bundle or Bundle.load(cfg.model)
-        self._engine = self._engine_factory(bundle, cfg)
-        started = await self._engine.start()
-        self.metrics.model_info.info(
-            {
-                "model": bundle.model_id,
-                "inputs": str(bundle.config.input_size),
-                "outputs": str(bundle.config.output_size),
-                "recurrent_step": step_name(started.native),
-            }
-        )
-        self.registry.register(EngineCollector(self.engine_stats, self.reporter.lag))
-        if self._engine.pid is not None:  # its own process
-            self.metrics.watch_engine_process(self.registry, lambda: self._engine_pid)
+        self._engine = await self._start_engine(bundle)
         producing = cfg.producer_settings()
         durable = self._durable = Durability(
             cfg,
@@ -195,78 +189,38 @@ class Server:
             clock=self._clock,
             producer_settings=producing,
         )
-        changelog = durable.changelog
         self._committer = Committer(
-            durable.commit(self._commit, self.reporter.committed),
+            durable.strategy(self._commit, self.reporter.committed),
             max_unacked=cfg.max_unacked_batches,
+            interval_s=cfg.commit_interval_ms / 1000.0,
             on_acked=self.reporter.acknowledged,
-            write_changelog=changelog.write if changelog else None,
-            on_checkpoint=changelog.checkpointed if changelog else lambda c, s: None,
             # In a transaction a refused record fails it whole: nothing to rescue.
             rescue=None if durable.exactly_once else self._rescue_records,
             per_record=PER_RECORD_ERRORS,
-            commit_every_s=cfg.commit_interval_ms / 1000.0,  # memory state (durable: checkpoints)
         )
         # Before the consumer joins: a rebalance waits on the committer.
         self._committer.start()
-        topics = [cfg.input_topic, cfg.output_topic, str(cfg.dlq_topic)]
-        if cfg.metrics_topic:
-            topics.append(cfg.metrics_topic)
-        await self._kafka.ensure_topics(
-            topics,
-            create=cfg.create_topics,
-            partitions=cfg.topic_partitions,
-            replication_factor=cfg.topic_replication_factor,
-        )
-        # Exactly-once: this one publishes metrics only (outside any transaction).
-        self._producer = await self._kafka.producer(**producing)
-        # aiokafka's internals, checked on batches as this producer makes them (logged once).
-        await aiokafka_internals.probe(self._producer)
-        self._partitions = await partitions_of(
-            self._producer, [cfg.input_topic, cfg.output_topic, str(cfg.dlq_topic)]
-        )
+        self._producer = await self._start_producer(producing)
         await durable.prepare(self._producer, self._partitions)
         # Sticky: membership changes move few partitions (and so few streams' state).
         self._consumer = self._kafka.consumer(
             **cfg.consumer_settings(), partition_assignment_strategy=(StickyPartitionAssignor,)
         )
         self.reporter.watch(self._consumer)
-        self._loop = PollLoop(
-            cfg,
-            model=Model(
-                model_id=bundle.model_id,
-                input_size=bundle.config.input_size,
-                has_score=bundle.outputs.score_span is not None,
-            ),
-            consumer=self._consumer,
-            outbox=durable.outboxes(self._producer, self._partitions),
-            engine=self._engine,
-            committer=self._committer,
-            metrics=self.metrics,
-            lock=self._lock,
-            clock=self._clock,
+        tasks = durable.partition_tasks(self._committed)
+        self._loop = self._poll_loop(
+            bundle, self._consumer, durable.outboxes(self._producer, self._partitions), tasks
         )
-        self._rebalance = self._rebalance_handler(self._loop)
+        self._rebalance = RebalanceHandler(
+            lock=self._lock,
+            drain=self._loop.drain,
+            tasks=tasks,
+            reporter=self.reporter,
+            on_error=self._fail,
+        )
         self._consumer.subscribe([cfg.input_topic], listener=self._rebalance)
         await start_client(self._consumer, cfg.bootstrap_servers, lean=True)
-        self._http = HttpEndpoints(
-            self.registry,
-            ready=self.ready,
-            healthy=self.healthy,
-            host=cfg.metrics_host,
-            port=cfg.metrics_port,
-        )
-        await self._http.start()
-        settle_collector()
-        self._task = asyncio.create_task(self._loop.run(self._stopping), name="streamlstm-serve")
-        self._summary_task = asyncio.create_task(
-            self.reporter.run_summaries(
-                cfg.metrics_interval_s,
-                self.engine_stats,
-                partial(publish, self._producer, cfg.metrics_topic) if cfg.metrics_topic else None,
-            ),
-            name="streamlstm-summary",
-        )
+        await self._start_serving(self._loop, self._producer)
         logger.info(
             "serving %s: %s -> %s (dead letters: %s, group %s)",
             bundle.model_id,
@@ -276,24 +230,85 @@ class Server:
             cfg.group_id,
         )
 
-    def _rebalance_handler(self, loop: PollLoop) -> RebalanceHandler:
-        durable = self._durable
-
-        async def drop(partitions: list[int]) -> int:
-            if self._durable is not None:
-                await self._durable.release(partitions)
-            return 0 if self._engine is None else await self._engine.drop_partitions(partitions)
-
-        return RebalanceHandler(
-            input_topic=self.config.input_topic,
+    def _poll_loop(
+        self,
+        bundle: Bundle,
+        consumer: AIOKafkaConsumer,
+        outbox: Callable[[], Box],
+        tasks: PartitionTasks,
+    ) -> PollLoop:
+        assert self._engine is not None and self._committer is not None
+        return PollLoop(
+            self.config,
+            model=Model(
+                model_id=bundle.model_id,
+                input_size=bundle.config.input_size,
+                has_score=bundle.outputs.score_span is not None,
+            ),
+            consumer=consumer,
+            outbox=outbox,
+            engine=self._engine,
+            committer=self._committer,
+            tasks=tasks,
+            metrics=self.metrics,
             lock=self._lock,
-            drain=loop.drain,
-            drop_partitions=drop,
-            reporter=self.reporter,
-            on_error=self._fail,
-            applied=loop.applied,
-            committed=self._committed,
-            restore=durable.restore if durable and durable.changelog else None,
+            clock=self._clock,
+        )
+
+    async def _start_engine(self, bundle: Bundle) -> EngineClient:
+        """The engine, started, and the metrics that describe it."""
+        engine = self._engine_factory(bundle, self.config)
+        started = await engine.start()
+        self.metrics.model_info.info(
+            {
+                "model": bundle.model_id,
+                "inputs": str(bundle.config.input_size),
+                "outputs": str(bundle.config.output_size),
+                "recurrent_step": step_name(started.native),
+            }
+        )
+        self.registry.register(EngineCollector(self.engine_stats, self.reporter.lag))
+        if engine.pid is not None:  # its own process
+            self.metrics.watch_engine_process(self.registry, lambda: self._engine_pid)
+        return engine
+
+    async def _start_producer(self, producing: dict[str, Any]) -> AIOKafkaProducer:
+        """The topics checked (or made), then the producer, and the partitions it sees."""
+        cfg = self.config
+        topics = [cfg.input_topic, cfg.output_topic, str(cfg.dlq_topic)]
+        await self._kafka.ensure_topics(
+            [*topics, *([cfg.metrics_topic] if cfg.metrics_topic else [])],
+            create=cfg.create_topics,
+            partitions=cfg.topic_partitions,
+            replication_factor=cfg.topic_replication_factor,
+        )
+        # Exactly-once: this one publishes metrics only (outside any transaction).
+        producer = await self._kafka.producer(**producing)
+        # aiokafka's internals, checked on batches as this producer makes them (logged once).
+        await aiokafka_internals.probe(producer)
+        self._partitions = await partitions_of(producer, topics)
+        return producer
+
+    async def _start_serving(self, loop: PollLoop, producer: AIOKafkaProducer) -> None:
+        """The HTTP endpoints, the poll loop's task and the summaries'."""
+        cfg = self.config
+        self._http = HttpEndpoints(
+            self.registry,
+            ready=self.ready,
+            healthy=self.healthy,
+            host=cfg.metrics_host,
+            port=cfg.metrics_port,
+        )
+        await self._http.start()
+        settle_collector()
+        self._task = asyncio.create_task(loop.run(self._stopping), name="streamlstm-serve")
+        self._summary_task = asyncio.create_task(
+            self.reporter.run_summaries(
+                cfg.metrics_interval_s,
+                self.engine_stats,
+                partial(publish, producer, cfg.metrics_topic) if cfg.metrics_topic else None,
+            ),
+            name="streamlstm-summary",
         )
 
     async def _rescue_records(self, records: list[Any], error: BaseException) -> None:
@@ -383,7 +398,7 @@ class Server:
 
     # -- callbacks ---------------------------------------------------------
 
-    async def _commit(self, offsets: dict[Any, int]) -> None:
+    async def _commit(self, offsets: dict[Any, int]) -> bool:
         consumer = self._consumer
         assert consumer is not None
         try:
@@ -392,7 +407,7 @@ class Server:
             # The group moved on; the partitions' new owner re-reads from the
             # last commit (output is at-least-once).
             logger.warning("commit failed after a rebalance; %s will be re-read", offsets)
-            return
+            return False
         except KafkaError as exc:
             raise BrokerError(f"offsets not committed (they will be re-read): {exc}") from exc
-        self.reporter.committed(offsets)
+        return True

@@ -7,12 +7,15 @@ exactly-once did: the producer that writes what input partition p caused has
 a producer with that id, which fences the old one and aborts its open
 transaction before the new owner reads p's changelog or input.
 
-Each producer is always inside a transaction. Per commit interval and
+Each producer (a ``PartitionTransaction``) belongs to its partition's task
+(``tasks.py``): started by the task's restore, aborted and stopped when the
+task closes. Each is always inside a transaction. Per commit interval and
 partition, its transaction holds the predictions and dead letters of p's
 ticks, the changelog records of p's streams, and p's input offsets (sent with
-``send_offsets_to_transaction``); it commits, and the next begins. The poll
-loop waits for the commit before it sends more, so that no later poll's
-output joins a transaction whose offsets do not cover it.
+``send_offsets_to_transaction``); it commits, and the next begins. Closing a
+checkpoint waits for the commit (``checkpoint.ExactlyOnce``) before the poll
+loop sends more, so that no later poll's output joins a transaction whose
+offsets do not cover it.
 
 ``PartitionOutbox`` is the ``Outbox`` of this mode: it routes each record to
 the producer of the input partition it answers (the codec's ``source``).
@@ -23,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -34,7 +37,7 @@ from streamlstm.consumers.metrics import ServeMetrics
 from streamlstm.consumers.outbox import Headers, Outbox
 from streamlstm.errors import BrokerError
 
-__all__ = ["PartitionOutbox", "Transactions"]
+__all__ = ["PartitionOutbox", "PartitionTransaction", "Transactions"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +47,60 @@ logger = logging.getLogger(__name__)
 _MAX_AHEAD_MS = 3_600_000 - 60_000
 
 
+class PartitionTransaction:
+    """Input partition p's transactional producer, always inside a transaction; owned by
+    p's task (``tasks.py``) from its restore until the partition is closed."""
+
+    def __init__(
+        self, partition: int, producer: AIOKafkaProducer, *, group: str, metrics: ServeMetrics
+    ) -> None:
+        self.partition = partition
+        self._producer = producer
+        self._group = group
+        self._metrics = metrics
+        #: The open transaction holds records (an abort of it is counted).
+        self.dirty = False
+
+    def producer(self) -> AIOKafkaProducer:
+        """The producer, for records that go in this transaction."""
+        self.dirty = True
+        return self._producer
+
+    async def commit(self, offset: tuple[TopicPartition, int] | None) -> None:
+        """The partition's offsets into its transaction, commit, begin the next."""
+        producer = self._producer
+        if offset is not None:
+            tp, next_offset = offset
+            await producer.send_offsets_to_transaction({tp: next_offset}, self._group)
+        await producer.commit_transaction()
+        if self.dirty or offset is not None:
+            self._metrics.transactions.labels("committed").inc()
+        self.dirty = False
+        await producer.begin_transaction()
+
+    async def abort(self) -> None:
+        """Abort what is open and stop the producer (the partition is no longer held)."""
+        if self.dirty:
+            logger.warning(
+                "partition %d: aborting a transaction with records (read again later)",
+                self.partition,
+            )
+        try:
+            await asyncio.wait_for(self._producer.abort_transaction(), 10.0)
+            if self.dirty:
+                self._metrics.transactions.labels("aborted").inc()
+        except (KafkaError, AssertionError, TimeoutError):
+            # Fenced, or already failed: the broker aborts it (or the next owner does).
+            logger.debug(
+                "abort of partition %d's transaction failed", self.partition, exc_info=True
+            )
+        self.dirty = False
+        await stop_client(self._producer)
+
+
 class Transactions:
-    """The transactional producers of the input partitions this instance holds."""
+    """Starts (and so fences) the input partitions' transactional producers; commits the
+    transactions of the partitions held, all together."""
 
     def __init__(
         self,
@@ -65,16 +120,9 @@ class Transactions:
         self._metrics = metrics
         self._settings = dict(producer_settings)
         self._timeout_s = timeout_s
-        self._producers: dict[int, AIOKafkaProducer] = {}
-        #: Partitions whose open transaction holds records (an abort of one is counted).
-        self._dirty: set[int] = set()
 
     def transactional_id(self, partition: int) -> str:
         return f"{self._prefix}-{self._topic}-{partition}"
-
-    @property
-    def partitions(self) -> list[int]:
-        return sorted(self._producers)
 
     async def probe(self, instance_id: str) -> None:
         """Fail at start-up, clearly, on a broker without transactions."""
@@ -92,26 +140,31 @@ class Transactions:
         finally:
             await stop_client(producer)
 
-    async def open(self, partitions: Sequence[int]) -> None:
+    async def open(self, partitions: Sequence[int]) -> dict[int, PartitionTransaction]:
         """Start (and so fence the previous owner of) each partition's producer, in a
-        transaction; before its changelog is read, so no zombie's transaction is left open."""
-        new = [p for p in partitions if p not in self._producers]
+        transaction; before its changelog is read, so no zombie's transaction is left open.
+        If any fails, those started are stopped again and the error raised."""
         started = time.perf_counter()
-        producers = await asyncio.gather(*(self._start(p) for p in new), return_exceptions=True)
-        failed = None
-        for p, producer in zip(new, producers, strict=True):
-            if isinstance(producer, BaseException):
-                failed = failed or producer
-            else:
-                self._producers[p] = producer
+        producers = await asyncio.gather(
+            *(self._start(p) for p in partitions), return_exceptions=True
+        )
+        opened = {
+            p: PartitionTransaction(p, producer, group=self._group, metrics=self._metrics)
+            for p, producer in zip(partitions, producers, strict=True)
+            if not isinstance(producer, BaseException)
+        }
+        failed = next((p for p in producers if isinstance(p, BaseException)), None)
         if failed is not None:
+            for transaction in opened.values():
+                await transaction.abort()
             raise BrokerError(f"cannot start transactional producers: {failed!r}") from failed
-        if new:
+        if opened:
             logger.info(
                 "transactional producers for partitions %s ready in %.2f s",
-                new,
+                list(opened),
                 time.perf_counter() - started,
             )
+        return opened
 
     async def _start(self, partition: int) -> AIOKafkaProducer:
         producer = AIOKafkaProducer(
@@ -131,40 +184,13 @@ class Transactions:
         await producer.start()
         await producer.begin_transaction()
 
-    def producer(self, partition: int) -> AIOKafkaProducer:
-        """Partition ``partition``'s producer, for records that go in its transaction."""
-        try:
-            producer = self._producers[partition]
-            self._dirty.add(partition)
-            return producer
-        except KeyError:
-            raise BrokerError(
-                f"no transactional producer for input partition {partition}"
-            ) from None
-
-    async def commit(self, offsets: Mapping[Any, int]) -> None:
-        """Per partition: its offsets into its transaction, commit, begin the next."""
-        mine = {tp.partition: (tp, o) for tp, o in offsets.items() if tp.topic == self._topic}
-        await self._each(self._commit_one, mine)
-
-    async def _commit_one(self, partition: int, offset: tuple[TopicPartition, int] | None) -> None:
-        producer = self._producers[partition]
-        if offset is not None:
-            tp, next_offset = offset
-            await producer.send_offsets_to_transaction({tp: next_offset}, self._group)
-        await producer.commit_transaction()
-        if partition in self._dirty or offset is not None:
-            self._metrics.transactions.labels("committed").inc()
-        self._dirty.discard(partition)
-        await producer.begin_transaction()
-
-    async def _each(
-        self,
-        step: Callable[[int, tuple[TopicPartition, int] | None], Awaitable[None]],
-        by_partition: Mapping[int, tuple[TopicPartition, int]],
+    async def commit(
+        self, held: Mapping[int, PartitionTransaction], offsets: Mapping[Any, int]
     ) -> None:
+        """Every held partition's transaction, with its offsets where it has some."""
+        mine = {tp.partition: (tp, o) for tp, o in offsets.items() if tp.topic == self._topic}
         results = await asyncio.gather(
-            *(step(p, by_partition.get(p)) for p in list(self._producers)),
+            *(transaction.commit(mine.get(p)) for p, transaction in held.items()),
             return_exceptions=True,
         )
         for result in results:
@@ -174,41 +200,17 @@ class Transactions:
                     f"read_committed consumers and its input is read again): {result!r}"
                 ) from result
 
-    async def close(self, partitions: Sequence[int]) -> None:
-        """Abort what is open and stop the producers of partitions this instance lost."""
-        for partition in partitions:
-            producer = self._producers.pop(partition, None)
-            if producer is None:
-                continue
-            if partition in self._dirty:
-                logger.warning(
-                    "partition %d: aborting a transaction with records (read again later)",
-                    partition,
-                )
-            try:
-                await asyncio.wait_for(producer.abort_transaction(), 10.0)
-                if partition in self._dirty:
-                    self._metrics.transactions.labels("aborted").inc()
-            except (KafkaError, AssertionError, TimeoutError):
-                # Fenced, or already failed: the broker aborts it (or the next owner does).
-                logger.debug("abort of partition %d's transaction failed", partition, exc_info=True)
-            self._dirty.discard(partition)
-            await stop_client(producer)
-
-    async def close_all(self) -> None:
-        await self.close(list(self._producers))
-
 
 class PartitionOutbox:
     """An ``Outbox`` per input partition, each with that partition's producer."""
 
     def __init__(
         self,
-        transactions: Transactions,
+        transaction: Callable[[int], PartitionTransaction],
         partitions: Mapping[str, Sequence[int]],
         clock: Callable[[], float],
     ) -> None:
-        self._transactions = transactions
+        self._transaction = transaction
         self._partitions = partitions
         self._clock = clock
         self._boxes: dict[int, Outbox] = {}
@@ -253,7 +255,7 @@ class PartitionOutbox:
     def _box(self, source: int) -> Outbox:
         box = self._boxes.get(source)
         if box is None:
-            producer = self._transactions.producer(source)
+            producer = self._transaction(source).producer()
             box = self._boxes[source] = Outbox(producer, self._partitions)
         return box
 

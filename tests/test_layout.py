@@ -82,7 +82,6 @@ SCREEN_LINES = 60
 TOO_LONG = {
     "training/train.py:_fit": 124,
     "consumers/metrics.py:__init__": 114,
-    "consumers/server.py:start": 107,
     "training/cli.py:_train": 85,
     "consumers/codec.py:decode_poll": 81,
     "consumers/devtools/bench.py:main": 71,

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from streamlstm.consumers.checkpoint import MemoryOnly
 from streamlstm.consumers.codec import Batch, Encoded
 from streamlstm.consumers.committer import Committer, Sent
 from streamlstm.errors import BrokerError
@@ -19,8 +20,9 @@ class Commits:
     def __init__(self) -> None:
         self.calls: list[dict[Any, int]] = []
 
-    async def __call__(self, offsets: dict[Any, int]) -> None:
+    async def __call__(self, offsets: dict[Any, int]) -> bool:
         self.calls.append(dict(offsets))
+        return True
 
     @property
     def last(self) -> dict[Any, int]:
@@ -51,7 +53,9 @@ def test_polls_are_committed_in_order_after_their_acknowledgements() -> None:
         loop = asyncio.get_running_loop()
         commits = Commits()
         acked: list[Sent] = []
-        committer = Committer(commits, max_unacked=8, on_acked=acked.append)
+        committer = Committer(
+            MemoryOnly(commits), max_unacked=8, interval_s=0.0, on_acked=acked.append
+        )
         committer.start()
         first, second, third = (_sent(loop, {("t", 0): n}) for n in (10, 20, 30))
         for sent in (first, second, third):
@@ -77,7 +81,7 @@ def test_a_failed_send_stops_commits_and_fails_the_daemon() -> None:
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         commits = Commits()
-        committer = Committer(commits, max_unacked=8)
+        committer = Committer(MemoryOnly(commits), max_unacked=8, interval_s=0.0)
         committer.start()
         good, bad, later = (_sent(loop, {("t", 1): n}) for n in (5, 9, 12))
         for sent in (good, bad, later):
@@ -104,7 +108,9 @@ def test_stop_commits_the_acknowledged_polls_and_nothing_after_a_gap() -> None:
         loop = asyncio.get_running_loop()
         commits = Commits()
         acked: list[Sent] = []
-        committer = Committer(commits, max_unacked=8, on_acked=acked.append)
+        committer = Committer(
+            MemoryOnly(commits), max_unacked=8, interval_s=0.0, on_acked=acked.append
+        )
         committer.start()
         polls = [_sent(loop, {("t", 2): n, ("t", 3): n + 100}) for n in (1, 2, 3, 4)]
         for sent in polls:
@@ -126,7 +132,7 @@ def test_submit_waits_for_room_and_the_queue_bounds_unacknowledged_polls() -> No
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         commits = Commits()
-        committer = Committer(commits, max_unacked=1)
+        committer = Committer(MemoryOnly(commits), max_unacked=1, interval_s=0.0)
         committer.start()
         first, second, third = (_sent(loop, {("t", 0): n}) for n in (1, 2, 3))
         await committer.submit(first)
@@ -150,10 +156,10 @@ def test_a_failed_commit_fails_the_committer() -> None:
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
 
-        async def commit(offsets: dict[Any, int]) -> None:
+        async def commit(offsets: dict[Any, int]) -> bool:
             raise BrokerError("offsets not committed: group coordinator gone")
 
-        committer = Committer(commit, max_unacked=4)
+        committer = Committer(MemoryOnly(commit), max_unacked=4, interval_s=0.0)
         committer.start()
         sent = _sent(loop, {("t", 0): 1})
         await committer.submit(sent)
@@ -170,7 +176,9 @@ def test_commits_wait_for_commit_every_s_and_never_pass_an_unacknowledged_poll()
         loop = asyncio.get_running_loop()
         commits = Commits()
         now = [100.0]
-        committer = Committer(commits, max_unacked=8, commit_every_s=1.0, clock=lambda: now[0])
+        committer = Committer(
+            MemoryOnly(commits), max_unacked=8, interval_s=1.0, clock=lambda: now[0]
+        )
         committer.start()
         first, second, third, fourth = (_sent(loop, {("t", 0): n}) for n in (10, 20, 30, 40))
         await committer.submit(first)

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from streamlstm.consumers.metrics import ServeMetrics
 from streamlstm.consumers.rebalance import RebalanceHandler
 from streamlstm.consumers.reporting import Reporter
+from streamlstm.consumers.tasks import PartitionTasks
 
 TOPIC = "ticks"
 
@@ -21,8 +22,16 @@ class Fakes:
         self.dropped: list[list[int]] = []
         self.drains = 0
         self.errors: list[BaseException] = []
-        self.applied: dict[Any, int] = {}
+        self.tasks = PartitionTasks(TOPIC, drop=self.drop, committed=self.read_committed)
         self.fail_drain = False
+
+    def apply(self, applied: dict[Any, int]) -> None:
+        """Ticks up to these offsets went to the engine (the loop's part)."""
+        self.tasks.applied(applied)
+
+    def applied(self) -> set[Any]:
+        """The partitions whose state in memory reflects some of their ticks."""
+        return {task.tp for task in self.tasks if task.applied is not None}
 
     async def drain(self) -> None:
         self.drains += 1
@@ -38,14 +47,11 @@ class Fakes:
 
     def handler(self) -> RebalanceHandler:
         return RebalanceHandler(
-            input_topic=TOPIC,
             lock=asyncio.Lock(),
             drain=self.drain,
-            drop_partitions=self.drop,
+            tasks=self.tasks,
             reporter=Reporter(ServeMetrics(CollectorRegistry()), instance_id="i", clock=lambda: 0),
             on_error=self.errors.append,
-            applied=self.applied,
-            committed=self.read_committed,
         )
 
 
@@ -56,13 +62,13 @@ def tps(*parts: int) -> list[TopicPartition]:
 def test_partitions_that_come_back_in_step_keep_their_state_and_moved_ones_are_dropped() -> None:
     async def scenario() -> None:
         fakes = Fakes(committed={0: 10, 1: 20, 2: 30})
-        fakes.applied.update({tps(0)[0]: 10, tps(1)[0]: 20, tps(2)[0]: 30})
+        fakes.apply({tps(0)[0]: 10, tps(1)[0]: 20, tps(2)[0]: 30})
         handler = fakes.handler()
         await handler.on_partitions_revoked(tps(0, 1, 2))
         assert fakes.drains == 1
         await handler.on_partitions_assigned(tps(0, 2))
         assert fakes.dropped == [[1]]
-        assert set(fakes.applied) == set(tps(0, 2))
+        assert fakes.applied() == set(tps(0, 2))
         assert handler.joined and not fakes.errors
 
     asyncio.run(scenario())
@@ -74,12 +80,12 @@ def test_a_partition_whose_group_offset_moved_on_comes_back_without_its_state() 
         # (a session expiry). Partition 1: this instance's commit failed, so the state
         # is ahead of the group's offset and the ticks between would be applied twice.
         fakes = Fakes(committed={0: 55, 1: 17, 3: None})
-        fakes.applied.update({tps(0)[0]: 40, tps(1)[0]: 20, tps(2)[0]: 8})
+        fakes.apply({tps(0)[0]: 40, tps(1)[0]: 20, tps(2)[0]: 8})
         handler = fakes.handler()
         # Partition 2: the group has no commit at all, yet this instance holds state.
         await handler.on_partitions_assigned(tps(0, 1, 2, 3))
         assert fakes.dropped == [[0, 1, 2]]
-        assert not fakes.applied
+        assert not fakes.applied()
         # Nothing applied from partition 3: nothing to compare, nothing dropped.
 
     asyncio.run(scenario())
