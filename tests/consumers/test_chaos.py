@@ -36,6 +36,7 @@ from tests.helpers.serving import (
     scraped_total,
     serve_cmd,
     tick_messages,
+    wait_checkpointed,
     wait_consumed,
 )
 
@@ -128,9 +129,16 @@ def test_kill_9_of_the_daemon_and_of_its_engine_loses_no_tick_and_doubles_none(
                 target=_send_slowly, args=(bootstrap, src, tick_messages(wave, len(ticks)), sent)
             )
             sender.start()
-            # Mid-stream: once this daemon has consumed a random number of ticks.
+            # Mid-stream: once this daemon has consumed a random number of ticks and
+            # committed a checkpoint of its own (killed before its first, a restart that
+            # replays its backlog faster than it checkpoints would replay it again each
+            # round, and nothing would move), then anywhere in the next two checkpoint
+            # intervals, mid-checkpoint included: a jitter that places the fault, the
+            # oracle below decides the outcome.
             at = int(rng.integers(100, 1200))
             wait_consumed(port, at)
+            wait_checkpointed(port)
+            time.sleep(float(rng.uniform(0.0, 0.5)))
             target = proc.pid if victim == "daemon" else engine_child_pid(proc.pid)
             os.kill(target, signal.SIGKILL)
             sender.join()

@@ -217,6 +217,13 @@ def check_against_oracle(
     return by_tick
 
 
+def wait_checkpointed(port: int, checkpoints: float = 1, timeout_s: float = 60) -> None:
+    """Until the daemon's /metrics counts ``checkpoints`` durable checkpoints committed."""
+    name = "streamlstm_checkpoints"
+    what = f"{checkpoints:g} checkpoints"
+    wait_for(lambda: scraped_total(port, name) >= checkpoints, timeout_s, what)
+
+
 def wait_consumed(port: int, ticks: float, timeout_s: float = 60) -> None:
     """Until the daemon's /metrics counts ``ticks`` consumed messages (or more)."""
     name = "streamlstm_ticks_consumed"
