@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import importlib
-import importlib.util
 import logging
 import os
 from collections.abc import Callable, Sequence

@@ -28,7 +28,7 @@ from tests.consumers.conftest import (
     send_raw,
     start_serve,
 )
-from tests.helpers.polling import await_for, wait_for
+from tests.helpers.polling import await_for, poll_until, wait_for
 from tests.helpers.serving import (
     EPOCH_MS,
     committed_offsets,
@@ -196,9 +196,10 @@ def _probe_health_until_exit(
         sent = time.monotonic()
         status = _health(port)
         if status == 0:
-            closing = _wait_for_or_none(
+            closing = poll_until(
                 lambda: proc.poll() is not None or "stopped after" in log.read_text("latin-1"),
                 1.0,
+                interval_s=0.02,
             )
             assert closing is not None, (
                 f"/healthz gave no answer within 1 s (probe {len(probes) + 1}) while the "
@@ -208,16 +209,6 @@ def _probe_health_until_exit(
         probes.append((time.monotonic(), status))
         time.sleep(max(0.0, sent + 0.1 - time.monotonic()))
     return probes
-
-
-def _wait_for_or_none(predicate: Any, timeout_s: float) -> float | None:
-    """``wait_for`` that says None instead of failing when ``timeout_s`` passes."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start >= timeout_s:
-            return None
-        time.sleep(0.02)
-    return time.monotonic() - start
 
 
 @pytest.mark.parametrize("step_timeout_s", [3.0])

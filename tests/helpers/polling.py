@@ -7,13 +7,24 @@ import time
 from collections.abc import Awaitable, Callable
 
 
-def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> float:
-    """Poll ``predicate`` every 0.1 s until it holds; fails after ``timeout_s``. The wait."""
+def poll_until(
+    predicate: Callable[[], bool], timeout_s: float, interval_s: float = 0.1
+) -> float | None:
+    """Poll ``predicate`` every ``interval_s`` until it holds: the wait, or None once
+    ``timeout_s`` has passed without it."""
     start = time.monotonic()
     while not predicate():
-        assert time.monotonic() - start < timeout_s, f"timed out waiting for {what}"
-        time.sleep(0.1)
+        if time.monotonic() - start >= timeout_s:
+            return None
+        time.sleep(interval_s)
     return time.monotonic() - start
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str) -> float:
+    """``poll_until`` that fails after ``timeout_s``. The wait."""
+    waited = poll_until(predicate, timeout_s)
+    assert waited is not None, f"timed out waiting for {what}"
+    return waited
 
 
 async def await_for(predicate: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> float:
