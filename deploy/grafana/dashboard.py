@@ -39,15 +39,18 @@ def query(expr: str, legend: str = "", ref: str = "A") -> prom_b.Dataquery:
     return prom_b.Dataquery().expr(expr).legend_format(legend or "__auto").ref_id(ref)
 
 
-def timeseries(title: str, unit: str, description: str, *queries: prom_b.Dataquery) -> ts_b.Panel:
+def timeseries(
+    title: str,
+    unit: str,
+    description: str,
+    *queries: prom_b.Dataquery,
+    minimum: float | None = 0,
+) -> ts_b.Panel:
+    panel = ts_b.Panel().title(title).description(description).datasource(DATASOURCE).unit(unit)
+    if minimum is not None:  # None: the axis follows the data (values below 0)
+        panel = panel.min(minimum)
     panel = (
-        ts_b.Panel()
-        .title(title)
-        .description(description)
-        .datasource(DATASOURCE)
-        .unit(unit)
-        .min(0)
-        .height(8)
+        panel.height(8)
         .span(12)
         .fill_opacity(10)
         .legend(
@@ -78,9 +81,10 @@ def stat(title: str, unit: str, description: str, expr: str) -> stat_b.Panel:
     )
 
 
-def quantiles(metric: str, by: str = "") -> list[prom_b.Dataquery]:
+def quantiles(metric: str, by: str = "", legend: str = "") -> list[prom_b.Dataquery]:
+    """p50, p90 and p99 of a histogram, per `by` (labels); `legend` prefixes their names."""
     group = f"{by}, le" if by else "le"
-    prefix = "{{" + by + "}} " if by else ""
+    prefix = f"{legend} " if legend else "{{" + by + "}} " if by else ""
     return [
         query(
             f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket{{{SEL}}}[{RATE}])))",
@@ -90,8 +94,39 @@ def quantiles(metric: str, by: str = "") -> list[prom_b.Dataquery]:
     ]
 
 
+def threshold_lines(*steps: tuple[float | None, str]) -> dash_b.ThresholdsConfig:
+    """Thresholds drawn as lines on a time series: (value, colour), the first value None."""
+    return (
+        dash_b.ThresholdsConfig()
+        .mode(dash_m.ThresholdsMode.ABSOLUTE)
+        .steps([dash_m.Threshold(value=value, color=color) for value, color in steps])
+    )
+
+
+def mean(metric: str, by: str) -> str:
+    """rate(sum) / rate(count) of a histogram, per `by`: its mean over the rate interval."""
+    rate = f"{{{SEL}}}[{RATE}]"
+    return (
+        f"(sum by ({by}) (rate({metric}_sum{rate})) / sum by ({by}) (rate({metric}_count{rate})))"
+    )
+
+
+#: The model-quality series are per (job, horizon, target): one model per job.
+FORECAST = "job, horizon, target"
+BASELINE = "job, horizon, target, baseline"
+FORECAST_LEGEND = "{{target}} h={{horizon}}"
+#: Thresholds of the model-quality alerts (deploy/prometheus/rules), drawn on the panels.
+DEGRADED_K = 1.5
+ANOMALY_M = 5
+
+
 def build() -> dash_m.Dashboard:
     rate = f"{{{SEL}}}[{RATE}]"
+    model_mae = mean("streamlstm_forecast_abs_error", FORECAST)
+    baseline_mae = mean("streamlstm_forecast_baseline_abs_error", BASELINE)
+    training_mae = f"max by ({FORECAST}) (streamlstm_model_training_mae{{{SEL}}})"
+    training_baseline_mae = f"max by ({BASELINE}) (streamlstm_model_training_baseline_mae{{{SEL}}})"
+    false_alarm_rate = f"max by (job) (streamlstm_anomaly_false_alarm_rate{{{SEL}}})"
     builder = (
         dash_b.Dashboard("streamlstm")
         .uid(UID)
@@ -212,6 +247,117 @@ def build() -> dash_m.Dashboard:
                 "Tick event time (`ts`) to prediction acknowledged; ticks without `ts` "
                 "are not counted.",
                 *quantiles("streamlstm_latency_from_event_seconds"),
+            )
+        )
+        .with_row(dash_b.Row("Model quality"))
+        .with_panel(
+            timeseries(
+                "Forecast MAE vs training MAE",
+                "short",
+                "Mean absolute error of the served forecasts (a forecast made `horizon` ticks "
+                "ago against the truth now), in the target's units, per horizon; the test MAE "
+                "`streamlstm train` reported for the model; and the level "
+                f"StreamlstmForecastDegraded alerts at ({DEGRADED_K}x the training MAE, over 1h "
+                "for 30m).",
+                query(model_mae, f"{FORECAST_LEGEND} live"),
+                query(training_mae, f"{FORECAST_LEGEND} training"),
+                query(f"{DEGRADED_K} * {training_mae}", f"{FORECAST_LEGEND} alert level"),
+            )
+        )
+        .with_panel(
+            timeseries(
+                "Skill vs baselines",
+                "percentunit",
+                "1 - MAE / baseline MAE, live and at training, against each naive baseline "
+                "train compares with (persistence, seasonal): 100% is perfect, 0 no better than "
+                "the baseline, below 0 worse.",
+                query(
+                    # `group_right ()`: a bare `group_right (` would read the right
+                    # side's parenthesis as the label list.
+                    f"1 - ({model_mae} / on ({FORECAST}) group_right () {baseline_mae})",
+                    f"{FORECAST_LEGEND} vs {{{{baseline}}}} live",
+                ),
+                query(
+                    f"1 - ({training_mae} / on ({FORECAST}) group_right {training_baseline_mae})",
+                    f"{FORECAST_LEGEND} vs {{{{baseline}}}} training",
+                ),
+                minimum=None,
+            )
+        )
+        .with_panel(
+            timeseries(
+                "Forecast RMSE",
+                "short",
+                "Root mean squared error of the served forecasts and of the baselines, in the "
+                "target's units; well above the MAE: a few large errors.",
+                query(
+                    f"sqrt(sum by ({FORECAST}) (rate(streamlstm_forecast_squared_error_sum_total"
+                    f"{rate})) / sum by ({FORECAST}) (rate(streamlstm_forecast_abs_error_count"
+                    f"{rate})))",
+                    f"{FORECAST_LEGEND} live",
+                ),
+                query(
+                    f"sqrt(sum by ({BASELINE}) (rate("
+                    f"streamlstm_forecast_baseline_squared_error_sum_total{rate}))"
+                    f" / sum by ({BASELINE}) (rate("
+                    f"streamlstm_forecast_baseline_abs_error_count{rate})))",
+                    f"{FORECAST_LEGEND} {{{{baseline}}}}",
+                ),
+            )
+        )
+        .with_panel(
+            timeseries(
+                "Absolute error quantiles",
+                "short",
+                "Quantiles of the served forecasts' absolute error, from the histogram (within "
+                "its buckets).",
+                *quantiles("streamlstm_forecast_abs_error", FORECAST, FORECAST_LEGEND),
+            )
+        )
+        .with_panel(
+            timeseries(
+                "Input drift (z) per feature",
+                "none",
+                "(Recent mean of each input feature over the served streams - training mean) "
+                "/ training sd, per instance; StreamlstmInputDrift alerts past +-2 for 15m.",
+                query(f"streamlstm_input_drift_z{{{SEL}}}", "{{feature}} {{instance}}"),
+                minimum=None,
+            )
+            .thresholds(threshold_lines((None, "red"), (-2, "green"), (2, "red")))
+            .thresholds_style(
+                common_b.GraphThresholdsStyleConfig().mode(common_m.GraphTresholdsStyleMode.DASHED)
+            )
+        )
+        .with_panel(
+            timeseries(
+                "Input spread per feature",
+                "none",
+                "Recent standard deviation of each input feature over the served streams / its "
+                "training sd, per instance: 1 is as in training.",
+                query(f"streamlstm_input_std_ratio{{{SEL}}}", "{{feature}} {{instance}}"),
+            )
+        )
+        .with_panel(
+            timeseries(
+                "Anomaly rate vs configured false-alarm rate",
+                "percentunit",
+                "Scored ticks flagged as anomalous; the flag's configured false-alarm rate; and "
+                f"the level StreamlstmAnomalyRateHigh alerts at ({ANOMALY_M}x, over 15m for 15m).",
+                query(
+                    f"sum by (job) (rate(streamlstm_anomalies_total{rate}))"
+                    f" / sum by (job) (rate(streamlstm_anomaly_score_count{rate}))",
+                    "{{job}} flagged",
+                ),
+                query(false_alarm_rate, "{{job}} configured"),
+                query(f"{ANOMALY_M} * {false_alarm_rate}", "{{job}} alert level"),
+            )
+        )
+        .with_panel(
+            timeseries(
+                "Anomaly score quantiles",
+                "none",
+                "Quantiles of the anomaly scores of scored ticks, from the histogram.",
+                *quantiles("streamlstm_anomaly_score"),
             )
         )
         .with_row(dash_b.Row("Kafka"))
