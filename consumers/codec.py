@@ -17,6 +17,7 @@ reference: verdicts, reasons and output bytes are theirs either way
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -125,6 +126,17 @@ class Batch:
     bad: list[DeadLetter] = field(default_factory=list)
     #: Per (topic, partition): the offset after the poll's last record there.
     next_offsets: dict[Any, int] = field(default_factory=dict)
+
+    def gap_streams(self) -> list[str]:
+        """The streams (named by their keys) of the refused records: holes in their
+        histories, which the engine's quality figures must not pair a forecast across."""
+        out = []
+        for letter in self.bad:
+            key = getattr(letter.record, "key", None)
+            if isinstance(key, bytes) and key:
+                with contextlib.suppress(UnicodeDecodeError):
+                    out.append(key.decode())
+        return out
 
     def features(self) -> F64:
         """``[N, input_size]`` float64: the valid ticks' values."""

@@ -63,6 +63,7 @@ from streamlstm.consumers.isolation import step_isolated
 from streamlstm.consumers.spool import Spool
 from streamlstm.errors import BundleError, StateError, StreamLSTMError
 from streamlstm.kernels import set_num_threads
+from streamlstm.quality import QualityConfig
 from streamlstm.stream_state import StateArrays, StateBlobs, StreamState, decode_many
 
 __all__ = ["ChildEngine", "InProcessEngine", "RestoreReport"]
@@ -103,6 +104,7 @@ class ChildEngine:
                 timestamps=r.timestamps,
                 offsets=r.offsets,
                 partitions=r.partitions,
+                gaps=r.gaps,
             ),
             request,
             engine.bundle.config.output_size,
@@ -281,6 +283,7 @@ def serve(sock: socket.socket, options: dict[str, Any]) -> None:
                 bundle,
                 max_streams=options["max_streams"],
                 idle_ttl_s=options["idle_ttl_s"],
+                quality=QualityConfig(drift_window_ticks=int(options["drift_window_ticks"])),
             ),
             changelog=bool(options.get("changelog", True)),
         )

@@ -138,6 +138,7 @@ class EngineProcess:
         threads: int = 1,
         changelog: bool = True,
         start_timeout_s: float = 120.0,
+        drift_window_ticks: int = 10_000,
     ) -> None:
         self._bundle = bundle
         self._options = {
@@ -145,6 +146,7 @@ class EngineProcess:
             "idle_ttl_s": idle_ttl_s,
             "threads": threads,
             "changelog": changelog,
+            "drift_window_ticks": drift_window_ticks,
         }
         self._start_timeout_s = start_timeout_s
         self._proc: subprocess.Popen[bytes] | None = None
@@ -361,4 +363,5 @@ def default_engine(bundle: Bundle, config: ServeConfig) -> EngineClient:
         idle_ttl_s=config.idle_ttl_s,
         threads=config.engine_threads,
         changelog=config.state == "durable",
+        drift_window_ticks=config.drift_window_ticks,
     )

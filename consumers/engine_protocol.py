@@ -72,6 +72,8 @@ class StepRequest:
     timestamps: npt.NDArray[np.float64]
     offsets: Ints
     partitions: Ints
+    #: Streams with a record refused before the engine (``Engine.step``'s ``gaps``).
+    gaps: Sequence[str] = ()
 
 
 # -- requests ----------------------------------------------------------------
@@ -92,6 +94,7 @@ class Step:
     partitions: npt.NDArray[np.int64]
     #: Send the evicted streams' states back (``StepResult.evictions``); else left empty.
     with_evictions: bool = False
+    gaps: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, request: StepRequest, *, with_evictions: bool = False) -> Step:
@@ -107,6 +110,7 @@ class Step:
             np.asarray(request.offsets, dtype=np.int64),
             np.asarray(request.partitions, dtype=np.int64),
             with_evictions,
+            tuple(request.gaps),
         )
 
     def request(self) -> StepRequest:
@@ -120,6 +124,7 @@ class Step:
             self.timestamps,
             self.offsets,
             self.partitions,
+            self.gaps,
         )
 
 

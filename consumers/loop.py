@@ -221,7 +221,8 @@ class PollLoop:
         return _InFlight(batch, asyncio.ensure_future(self._step(batch)))
 
     async def _step(self, batch: Batch) -> tuple[StepResult | None, float]:
-        if not batch.ids:
+        gaps = batch.gap_streams()
+        if not batch.ids and not gaps:
             return None, 0.0
         request = StepRequest(
             stream_ids=batch.ids,
@@ -231,9 +232,11 @@ class PollLoop:
             timestamps=batch.timestamps(),
             offsets=batch.offsets,
             partitions=batch.partitions,
+            gaps=gaps,
         )
         reply = await self._deadline(self._engine.step(request))
-        return reply.result, reply.seconds
+        # Refused records alone: stepped only to mark their streams' gaps, nothing to send.
+        return (reply.result if batch.ids else None), reply.seconds
 
     async def _deadline(self, step: Awaitable[_T]) -> _T:
         timeout = self.config.step_timeout_s

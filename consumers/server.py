@@ -48,6 +48,7 @@ from streamlstm.consumers.kafka import (
 from streamlstm.consumers.loop import Model, PollLoop, settle_collector
 from streamlstm.consumers.metrics import EngineCollector, ServeMetrics
 from streamlstm.consumers.outbox import Box
+from streamlstm.consumers.quality_metrics import QualityCollector
 from streamlstm.consumers.rebalance import RebalanceHandler
 from streamlstm.consumers.reporting import Reporter
 from streamlstm.consumers.rescue import PER_RECORD_ERRORS, Rescuer
@@ -268,6 +269,7 @@ class Server:
             }
         )
         self.registry.register(EngineCollector(self.engine_stats, self.reporter.lag))
+        self.registry.register(QualityCollector(lambda: self.engine_stats().quality))
         if engine.pid is not None:  # its own process
             self.metrics.watch_engine_process(self.registry, lambda: self._engine_pid)
         return engine

@@ -47,6 +47,9 @@ class ServeConfig:
     engine_threads: int = 1
     max_streams: int = 1_000_000
     idle_ttl_s: float | None = None
+    #: Input drift (streamlstm_input_drift_z): the span, in ticks of all streams, of the
+    #: exponentially weighted mean and variance compared with the training data.
+    drift_window_ticks: int = 10_000
     max_value_bytes: int = 64 * 1024
     linger_ms: int = 0
     fetch_max_wait_ms: int = 10
@@ -125,6 +128,7 @@ class ServeConfig:
             "dlq_max_record_bytes",
             "changelog_replication_factor",
             "commit_interval_ms",
+            "drift_window_ticks",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")

@@ -29,6 +29,7 @@ from streamlstm.errors import ConfigError
 from streamlstm.event_clock import EventClock
 from streamlstm.kernels import NativeStep, native_available
 from streamlstm.numpy_step import NumpyStep
+from streamlstm.quality import Quality, QualityConfig, QualityReport
 from streamlstm.results import F32, F64, I64, Bools, EngineStats, Rejection, StepResult
 from streamlstm.scoring import Scoring
 from streamlstm.store import Eviction, StateStore
@@ -95,6 +96,7 @@ class Engine:
         clock: Callable[[], float] = time.time,
         native: bool | None = None,
         max_clock_skew_s: float = 60.0,
+        quality: QualityConfig | None = None,
     ) -> None:
         if not (
             isinstance(max_clock_skew_s, int | float)
@@ -112,13 +114,15 @@ class Engine:
         self.bundle = bundle
         spec = bundle.outputs
         self._scoring = Scoring.of(spec)
+        scoring_width = self._scoring.width if self._scoring else 0
+        self._quality = Quality.of(bundle, quality or QualityConfig(), scoring_width)
         use_native = native_available() if native is None else native
         self.store = StateStore(
             bundle.config.hidden_sizes,
             max_streams=max_streams,
             idle_ttl_s=idle_ttl_s,
             initial_capacity=initial_capacity,
-            extra_width=self._scoring.width if self._scoring else 0,
+            extra_width=scoring_width + (self._quality.width if self._quality else 0),
             native=use_native,
         )
         self._clock = clock
@@ -146,6 +150,13 @@ class Engine:
         return self._event_time.now_s
 
     @property
+    def quality(self) -> QualityReport | None:
+        """The model's live quality figures so far (None: ``QualityConfig(enabled=False)``):
+        realized forecast errors against the naive baselines, input drift, anomaly
+        rates. Totals only grow; ``later.since(earlier)`` gives a span's figures."""
+        return self._quality.report() if self._quality is not None else None
+
+    @property
     def stats(self) -> EngineStats:
         return EngineStats(
             active_streams=len(self.store),
@@ -158,6 +169,7 @@ class Engine:
             evictions=dict(self.store.eviction_counts),
             native=self.native,
             skipped=self._counts["skipped"],
+            quality=self.quality,
         )
 
     def step(
@@ -170,6 +182,7 @@ class Engine:
         timestamps: Sequence[float] | npt.NDArray[np.float64] | None = None,
         offsets: Sequence[int] | npt.NDArray[np.int64] | None = None,
         partitions: Sequence[int] | npt.NDArray[np.int64] | None = None,
+        gaps: Sequence[str] = (),
     ) -> StepResult:
         """Apply N ticks: ``features [N, F]`` in original units, row i of ``stream_ids[i]``.
 
@@ -185,6 +198,11 @@ class Engine:
         skipped: no state change, no answer, ``skipped[i]`` set and counted.
         After a restore from a checkpoint that already reflects some of the
         ticks read again, exactly those are skipped.
+
+        ``gaps``: streams that lost a tick somewhere among this call's (refused
+        before it came here); with the streams of rejected rows, no forecast of
+        theirs made before or during the call is judged against a later truth
+        (``quality``).
         """
         n = len(stream_ids)
         resets_a = bool_column("resets", resets, n)
@@ -195,6 +213,7 @@ class Engine:
         admitted = self._admit(stream_ids, features, ts, offs, parts)
         rows = admitted.rows
         if not rows.size:
+            self._gaps_without_ticks(gaps, admitted.rejections, stream_ids)
             return self._answer(n, rows, None, admitted.rejections, [], admitted.skipped)
         self._counts["ticks"] += int(rows.size)
         order = Rounds(admitted.ids, admitted.held, admitted.distinct)
@@ -208,6 +227,7 @@ class Engine:
         self._counts["ends"] += int(r_ends.sum())
         raw = admitted.x[rows] if rows.size != n else admitted.x
         rounds, slots = order.rounds(), slots_u[order.inverse]
+        gapped = self._gaps_before(gaps, admitted.rejections, stream_ids, order, slots_u)
         y, step_out = self._recur(rounds, slots, raw, r_resets, r_ends)
         finished = self.bundle.finish(y, raw)
         scores = flagged = None
@@ -215,6 +235,14 @@ class Engine:
             scores, flagged = self._scoring.rounds(
                 self.store.extra, rounds, slots, step_out, raw, finished, r_resets, r_ends
             )
+        if self._quality is not None:
+            self._quality.rounds(
+                self.store.extra, rounds, slots, step_out, raw, finished, r_resets, r_ends
+            )
+            if scores is not None:
+                self._quality.scored(scores, flagged)
+            if gapped.size:
+                self._quality.mark_gaps(self.store.extra, gapped, self.store.steps[gapped])
         self._record(order, slots_u, times, seen_before, offs, parts, rows)
         if r_ends.any():
             ended = [order.unique[u] for u in np.flatnonzero(r_ends[order.last]).tolist()]
@@ -301,6 +329,48 @@ class Engine:
             offsets=None if offs is None else offs[rows][last],
             partitions=None if offs is None or parts is None else parts[rows][last],
         )
+
+    def _gap_ids(
+        self, gaps: Sequence[str], rejections: list[Rejection], stream_ids: Sequence[str]
+    ) -> set[str]:
+        """Streams with a hole among this call's ticks: named, or with a rejected row."""
+        if self._quality is None or self._quality.errors is None:
+            return set()
+        ids = {stream_ids[r.index] for r in rejections}
+        return {s for s in (*gaps, *ids) if isinstance(s, str)}
+
+    def _gaps_before(
+        self,
+        gaps: Sequence[str],
+        rejections: list[Rejection],
+        stream_ids: Sequence[str],
+        order: Rounds,
+        slots_u: I64,
+    ) -> I64:
+        """Mark the streams with a hole in this call before it is stepped: none of this
+        call's ticks is paired with a forecast made before them or during the call.
+        Returns their slots (held ones), to be marked again once stepped."""
+        wanted = self._gap_ids(gaps, rejections, stream_ids)
+        if not wanted:
+            return np.zeros(0, dtype=np.int64)
+        assert self._quality is not None
+        ticks = np.bincount(order.inverse, minlength=len(order.unique))
+        index = [u for u, s in enumerate(order.unique) if s in wanted]
+        stepped = slots_u[index]
+        self._quality.mark_gaps(self.store.extra, stepped, self.store.steps[stepped] + ticks[index])
+        others = self.store.lookup(sorted(wanted - {order.unique[u] for u in index}))
+        return np.concatenate([stepped, others[others >= 0]])
+
+    def _gaps_without_ticks(
+        self, gaps: Sequence[str], rejections: list[Rejection], stream_ids: Sequence[str]
+    ) -> None:
+        """``_gaps_before`` for a call with nothing to step."""
+        wanted = self._gap_ids(gaps, rejections, stream_ids)
+        if wanted:
+            assert self._quality is not None
+            slots = self.store.lookup(sorted(wanted))
+            slots = slots[slots >= 0]
+            self._quality.mark_gaps(self.store.extra, slots, self.store.steps[slots])
 
     def _already_applied(self, held: I64, offs: I64 | None, parts: I64 | None) -> Bools | None:
         """Ticks whose stream's state already reflects their offset (None: no such tick)."""

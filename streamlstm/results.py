@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from streamlstm.quality.report import QualityReport
 from streamlstm.store import Eviction
 
 __all__ = [
@@ -112,3 +113,5 @@ class EngineStats:
     native: bool = False
     #: Ticks not applied: their stream's state already reflected their offset.
     skipped: int = 0
+    #: The model's live quality figures (``Engine.quality``; None: not measured).
+    quality: QualityReport | None = None

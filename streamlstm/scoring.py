@@ -1,7 +1,8 @@
 """A model's anomaly score and flag over the state store's ``extra`` columns.
 
 The score (``outputs.ResidualScore`` or ``horizon_score.HorizonScore``) keeps
-its columns first, then the adaptive flag (``flag.AdaptiveFlag``) its one;
+its columns first, then the adaptive flag (``flag.AdaptiveFlag``) its one
+(``width`` in all; the live quality figures' columns follow, see ``quality``);
 ``Scoring.of`` builds what a bundle's ``OutputSpec`` asks for (None: no score).
 """
 
@@ -69,7 +70,7 @@ class Scoring:
         for members in rounds:
             sel: Any = slice(None) if members is None else members
             member_slots = slots[sel]
-            extra[member_slots[resets[sel]]] = 0.0
+            extra[member_slots[resets[sel]], : self.width] = 0.0
             out[sel] = self.score.update(
                 extra,
                 member_slots,
@@ -79,5 +80,5 @@ class Scoring:
             )
             if self.flag is not None and flagged is not None:
                 flagged[sel] = self.flag.update(extra, member_slots, out[sel])
-            extra[member_slots[ends[sel]]] = 0.0
+            extra[member_slots[ends[sel]], : self.width] = 0.0
         return out, flagged

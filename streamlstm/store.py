@@ -299,9 +299,16 @@ class StateStore:
         self.steps[slots] = states.step
         self.offsets[slots] = states.offset
         self.partitions[slots] = states.partition
-        width = self.extra.shape[1]
-        # State saved by a model without these columns starts them from zero.
-        self.extra[slots] = states.extra if states.extra.shape[1] == width else 0.0
+        width, saved = self.extra.shape[1], states.extra.shape[1]
+        # The columns are laid out score first, quality after (see ``quality``): a state
+        # saved with another count (before quality was measured, or with it on where
+        # it is off now) keeps the leading columns both have and starts the rest at zero.
+        if saved == width:
+            self.extra[slots] = states.extra
+        else:
+            both = min(saved, width)
+            self.extra[slots, :both] = states.extra[:, :both]
+            self.extra[slots, both:] = 0.0
         return evictions
 
     # -- internals ----------------------------------------------------------

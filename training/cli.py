@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from streamlstm import Bundle
@@ -47,9 +47,17 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _print_metrics(metrics: dict[str, object]) -> None:
-    print(f"{'metric':<28} value")
+def _print_metrics(metrics: Mapping[str, object], prefix: str = "") -> None:
+    """One line per figure; a horizon's figures (``horizons``) as ``h6_mae`` and so on,
+    after the model's own horizon's (printed once, at the top level)."""
+    if not prefix:
+        print(f"{'metric':<28} value")
     for key, value in metrics.items():
+        if key == "horizons" and isinstance(value, Mapping):
+            for h, figures in list(value.items())[1:]:
+                _print_metrics(figures, f"h{h}_")
+            continue
+        key = prefix + key
         print(f"{key:<28} {value:.6g}" if isinstance(value, float) else f"{key:<28} {value}")
 
 

@@ -14,6 +14,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from streamlstm import Bundle, Engine, OutputSpec
 from streamlstm.flag import AdaptiveFlag
+from streamlstm.quality import HorizonQuality, QualityConfig, QualityReport
 from streamlstm.training.anomaly import anomaly_metrics, fit_threshold, residual_z, rolling_z
 from streamlstm.training.series import Series
 
@@ -42,20 +43,12 @@ def evaluate(
     ``flag``); the frame's ``anomaly`` column is the flag (1, 0, NaN while
     undefined), each stream's replayed from its first tick as the engine flags it.
     """
-    # All streams in one call, interleaved by position: a stream's ticks stay
-    # in order, and the streams advance together, one batched step per tick.
-    engine = Engine(bundle, max_streams=max(1, len(series)))
+    engine = Engine(
+        bundle, max_streams=max(1, len(series)), quality=QualityConfig(season=season or 0)
+    )
+    stepped = _Stepped(engine, series)
+    predictions, scores = stepped.predictions, stepped.scores
     lengths = np.array([len(s.x) for s in series])
-    which = np.concatenate([np.full(n, k) for k, n in enumerate(lengths)])
-    position = np.concatenate([np.arange(n) for n in lengths])
-    order = np.lexsort((which, position))
-    ids = [series[k].stream for k in which[order].tolist()]
-    x = np.concatenate([s.x for s in series])[order]
-    result = engine.step(ids, x)
-    predictions = np.empty((len(order), bundle.config.output_size), dtype=np.float32)
-    predictions[order] = result.predictions
-    scores = np.empty(len(order))
-    scores[order] = result.scores
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
     whole = [slice(start, start + len(s.x)) for s, start in zip(series, starts, strict=True)]
     spec = bundle.outputs
@@ -96,7 +89,11 @@ def evaluate(
     frame = pd.concat(frames, ignore_index=True)
     if bundle.outputs.is_classifier:
         return _classification_metrics(bundle, series, predictions, test), frame
-    metrics = _forecast_metrics(bundle, series, frame, season)
+    metrics = (
+        stepped.forecast_metrics()
+        if stepped.horizons
+        else _forecast_metrics(bundle, series, frame, season)
+    )
     if "label" in frame:
         one_step = [predictions[w, 0].astype(np.float64) for w in whole]
         test_of = [slice(s.split, len(s.x)) for s in series]
@@ -113,6 +110,88 @@ def evaluate(
         }
         metrics.update(anomaly_metrics(frame, baselines, spec.threshold))
     return metrics, frame
+
+
+class _Stepped:
+    """Every tick of every series through one engine, and the engine's quality figures.
+
+    All streams go in a few calls, interleaved by position: a stream's ticks
+    stay in order and the streams advance together, one batched step per
+    tick. The engine judges its forecasts of each tracked horizon ``h`` as
+    their truths arrive (``Engine.quality``); a call ends where the truths of
+    test forecasts begin (position ``split + h``), and the rows after a
+    series' last forecast (``Series.tail``) bring the last truths. So the test
+    figures are what the engine reports while the test part is served, as a
+    live daemon reports them (``forecast_metrics``).
+    """
+
+    def __init__(self, engine: Engine, series: list[Series]) -> None:
+        quality = engine.quality
+        self.horizons = [q.horizon for q in quality.horizons] if quality is not None else []
+        rows = [np.concatenate([s.x, s.tail]) if s.tail.size else s.x for s in series]
+        outputs = engine.bundle.config.output_size
+        total = sum(len(r) for r in rows)
+        predictions = np.empty((total, outputs), dtype=np.float32)
+        scores = np.empty(total)
+        starts = np.concatenate([[0], np.cumsum([len(r) for r in rows])[:-1]]).astype(np.int64)
+        self.at: dict[int, QualityReport | None] = {}
+        done = [0] * len(series)
+        for h in [*sorted(set(self.horizons)), None]:
+            stop = [
+                len(r) if h is None else min(s.split + h, len(r))
+                for s, r in zip(series, rows, strict=True)
+            ]
+            where = np.concatenate(
+                [np.arange(a, b) + st for a, b, st in zip(done, stop, starts, strict=True)]
+            ).astype(np.int64)
+            position = np.concatenate([np.arange(a, b) for a, b in zip(done, stop, strict=True)])
+            which = np.concatenate(
+                [np.full(b - a, k) for k, (a, b) in enumerate(zip(done, stop, strict=True))]
+            )
+            order = np.lexsort((which, position))
+            if order.size:
+                result = engine.step(
+                    [series[k].stream for k in which[order].tolist()],
+                    np.concatenate(rows)[where[order]],
+                )
+                predictions[where[order]] = result.predictions
+                scores[where[order]] = result.scores
+            done = stop
+            if h is not None:
+                self.at[h] = engine.quality
+        self.final = engine.quality
+        keep = np.concatenate(
+            [np.arange(len(s.x)) + st for s, st in zip(series, starts, strict=True)]
+        ).astype(np.int64)
+        self.predictions, self.scores = predictions[keep], scores[keep]
+
+    def forecast_metrics(self) -> dict[str, Any]:
+        """The test part's errors per tracked horizon (``horizons``, by horizon), and
+        the model's own horizon's at the top level: ``mae``, ``rmse``, and each
+        naive baseline's (``persistence_mae``, ``rmse_over_persistence``, ...);
+        ``train_mae`` is the training part's (the histogram buckets' scale)."""
+        assert self.final is not None
+        per: dict[str, dict[str, Any]] = {}
+        for k, h in enumerate(self.horizons):
+            before = self.at[h]
+            assert before is not None
+            test = self.final.horizons[k].since(before.horizons[k])
+            per[str(h)] = _horizon_figures(test, before.horizons[k])
+        return {**per[str(self.horizons[0])], "horizons": per}
+
+
+def _horizon_figures(test: HorizonQuality, train: HorizonQuality) -> dict[str, Any]:
+    figures: dict[str, Any] = {
+        "test_ticks": test.model.count,
+        "rmse": test.model.rms,
+        "mae": test.model.mean,
+        "train_mae": train.model.mean,
+    }
+    for name, base in test.baselines.items():
+        figures[f"{name}_rmse"] = base.rms
+        figures[f"{name}_mae"] = base.mean
+        figures[f"rmse_over_{name}"] = test.model.rms / base.rms if base.rms else math.nan
+    return figures
 
 
 def _forecast_metrics(

@@ -27,7 +27,9 @@ class Series:
     for a multi-horizon scoring model) or the class
     index of tick t (classification); ``level [T + horizon]`` is the target
     column itself (for baselines); ``labels [T]`` the optional 0/1 anomaly
-    labels of a forecasting series.
+    labels of a forecasting series; ``tail [shift, F]`` the inputs after the
+    last forecast's tick, which bring the last forecasts' truths (evaluation
+    steps them, as a live daemon would).
     """
 
     stream: str
@@ -36,6 +38,7 @@ class Series:
     split: int  # first test index
     level: F32 = field(default_factory=lambda: np.zeros(0, np.float32))
     labels: npt.NDArray[np.int64] | None = None
+    tail: F32 = field(default_factory=lambda: np.zeros((0, 0), np.float32))
 
 
 def prepare(
@@ -85,7 +88,7 @@ def prepare(
                 [level[opts.horizon + j : n + opts.horizon + j] for j in range(opts.outputs)], 1
             )
             anomalies = None if lab is None else lab[:n]
-            out.append(Series(str(stream), x[:n], y, split, level, anomalies))
+            out.append(Series(str(stream), x[:n], y, split, level, anomalies, x[n:]))
     return out
 
 

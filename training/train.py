@@ -178,6 +178,7 @@ def _fit(frame: pd.DataFrame, opts: TrainOptions) -> tuple[Bundle, pd.DataFrame]
             "history": history,
             "seed": opts.seed,
             "streams": len(series),
+            "inputs": input_statistics(series),
         },
     )
     if outputs.score_scale:
@@ -192,6 +193,13 @@ def _fit(frame: pd.DataFrame, opts: TrainOptions) -> tuple[Bundle, pd.DataFrame]
         threshold_step=opts.threshold_step,
     )
     return bundle, predictions
+
+
+def input_statistics(series: list[Series]) -> dict[str, list[float]]:
+    """Each feature's mean and standard deviation over the training parts, in original
+    units: what the serving engine measures input drift against (``quality``)."""
+    x = np.concatenate([s.x[: s.split] for s in series]).astype(np.float64)
+    return {"mean": x.mean(axis=0).tolist(), "std": x.std(axis=0).tolist()}
 
 
 def _target_names(opts: TrainOptions) -> tuple[str, ...]:

@@ -12,8 +12,12 @@ import pytest
 
 from streamlstm import Bundle, ConfigError, Engine, OutputSpec, StreamState
 from streamlstm.flag import AdaptiveFlag
+from streamlstm.quality import QualityConfig
 from tests.helpers.scoring import horizon_scored_bundle
 from tests.streamlstm.oracle import threshold_levels
+
+#: The score's columns alone (the live quality figures' would follow them).
+NO_QUALITY = QualityConfig(enabled=False)
 
 
 def test_flags_follow_the_definition() -> None:
@@ -58,7 +62,7 @@ def test_engine_flags_each_stream_as_its_own_replay_under_any_batching() -> None
     # Of several lengths: the replay advances streams of any length together.
     streams = {f"s{k}": rng.normal(0, 1, (45 + 10 * k, 2)).astype(np.float32) for k in range(4)}
     order = rng.permutation([s for s, x in streams.items() for _ in range(len(x))]).tolist()
-    engine = Engine(bundle)
+    engine = Engine(bundle, quality=NO_QUALITY)
     # The score's columns, then the flag's one.
     assert engine.store.extra.shape[1] == 2 * 4 + 2 + 1 + 1 + 1
     seen = dict.fromkeys(streams, 0)
@@ -90,7 +94,7 @@ def test_engine_flags_each_stream_as_its_own_replay_under_any_batching() -> None
 def test_reset_restarts_the_threshold_and_restore_continues_it() -> None:
     bundle = _bundle()
     x = np.random.default_rng(4).normal(0, 1, (80, 2)).astype(np.float32)
-    engine = Engine(bundle)
+    engine = Engine(bundle, quality=NO_QUALITY)
     first = engine.step(["a"] * 50, x[:50]).anomalies()
     assert engine.store.extra[engine.store.slot_of("a"), -1] > 0  # the threshold rose
     saved = StreamState.from_bytes(engine.store.snapshot(["a"])["a"].to_bytes())

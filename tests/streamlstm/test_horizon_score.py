@@ -11,7 +11,11 @@ import pytest
 
 from streamlstm import Bundle, ConfigError, Engine, ModelConfig, OutputSpec, StreamState
 from streamlstm.consumers.wire import UNDEFINED, Undefined, encode_prediction
+from streamlstm.quality import QualityConfig
 from tests.helpers.scoring import HORIZONS, SCALE, horizon_scored_bundle
+
+#: The score's columns alone (the live quality figures' would follow them).
+NO_QUALITY = QualityConfig(enabled=False)
 
 
 def _reference(
@@ -73,7 +77,7 @@ def test_scores_match_the_definition_under_any_batching(
         order.append((s, seen[s]))
         seen[s] += 1
     got: dict[str, list[float]] = {s: [math.nan] * len(x) for s, x in streams.items()}
-    engine = Engine(bundle)
+    engine = Engine(bundle, quality=NO_QUALITY)
     # Sums and squares per coming tick, the stages, the count, the baseline.
     assert engine.store.extra.shape[1] == 2 * HORIZONS + stages + 1 + (baseline is not None)
     position = 0

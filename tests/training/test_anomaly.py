@@ -156,7 +156,12 @@ def test_cli_reports_the_flag_and_plots_the_score(
     assert meta["outputs"]["threshold"] == meta["metrics"]["flag_threshold"]
     assert len(meta["outputs"]["score_scale"]) == 6
     assert meta["targets"][:2] == ["ecg+1", "ecg+2"]
-    assert meta["metrics"]["test_ticks"] == int((1200 - 6) * 0.4 + 1)
+    # Horizon 1's test figures judge every forecast from the first test tick on whose
+    # truth is in the data: all of them but the last row's (the rows after the last
+    # 6-ahead forecast bring truths and make forecasts of their own).
+    split = int((1200 - 6) * 0.6)
+    assert meta["metrics"]["test_ticks"] == 1200 - split - 1
+    assert meta["metrics"]["horizons"]["6"]["test_ticks"] == 1200 - split - 6
     assert (out / "plots" / "scores.png").stat().st_size > 0
     capsys.readouterr()
     # ``evaluate`` replays the saved bundle with its own score and threshold.

@@ -1,0 +1,171 @@
+"""Realized forecast errors: each forecast judged when the tick it targeted arrives.
+
+A forecaster whose target is one of its inputs (``OutputSpec.target_feature``)
+sees its truth on the same stream: the forecast made ``h`` ticks ago for this
+tick meets this tick's target value. Per stream, the state store's ``extra``
+columns keep what that needs, so it is reset, evicted, snapshotted,
+changelogged and restored with ``(h, c)``:
+
+- column 0, the *gap step* ``g``: the stream's step count at or before which
+  its history has a hole (a refused tick); a forecast made at step ``s - h``
+  meets the truth at step ``s`` only when ``s - h > g``, so a reset (the step
+  count starts again and ``g`` is zeroed), an end or a gap never pairs a
+  forecast with the wrong truth;
+- a ring of the last ``R`` target values (``R``: the longest horizon or
+  season), for the naive baselines: persistence (the value ``h`` ticks before
+  the truth) and, where ``train`` used one, seasonal persistence (the value
+  one season before);
+- per tracked horizon ``h``, a ring of the last ``h`` forecasts of it.
+
+Tracked horizons: the model's (``OutputSpec.horizon``), and for a
+multi-horizon model (``score_scale``, outputs 1 .. H ticks ahead) also H.
+Ring slots are the step count modulo the ring's length: O(1) per tick.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from streamlstm.outputs import OutputSpec
+from streamlstm.quality.report import HorizonQuality, Tally
+
+__all__ = ["RealizedErrors", "error_buckets"]
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+
+#: Bucket bounds are the training MAE times these: 1/8 .. 16, in half-octaves.
+_LADDER = tuple(2.0 ** (k / 2) for k in range(-6, 9))
+
+
+def error_buckets(scale: float) -> tuple[float, ...]:
+    """Histogram bounds (target units) around a typical absolute error ``scale``."""
+    if not (math.isfinite(scale) and scale > 0):
+        scale = 1.0
+    return tuple(float(f"{scale * f:.3g}") for f in _LADDER)
+
+
+@dataclass(frozen=True)
+class _Horizon:
+    output: int  # the model output that forecasts it
+    horizon: int
+    ring: int  # first column of its forecast ring (relative)
+    model: Tally
+    baselines: dict[str, tuple[int, Tally]]  # name -> (lag in ticks, tally)
+
+
+class RealizedErrors:
+    """Realized errors of a forecaster's tracked horizons and of the naive baselines.
+
+    ``first_column`` is where its columns start in the store's ``extra``;
+    ``season`` (ticks) adds seasonal persistence; ``metrics`` is the bundle's
+    training report (bucket scale and training figures).
+    """
+
+    def __init__(
+        self,
+        spec: OutputSpec,
+        *,
+        outputs: int,
+        target: str,
+        first_column: int,
+        season: int | None,
+        metrics: Mapping[str, Any],
+    ) -> None:
+        assert spec.target_feature is not None and not spec.is_classifier
+        self.target_feature = spec.target_feature
+        self.target = target
+        self.base = first_column
+        pairs = [(0, spec.horizon)]
+        if spec.score_scale and outputs > 1:
+            pairs.append((outputs - 1, spec.horizon + outputs - 1))
+        self._levels = max([h for _, h in pairs] + [season or 0])
+        column = 1 + self._levels
+        self._tracked: list[_Horizon] = []
+        for output, horizon in pairs:
+            figures = _training_figures(metrics, horizon, first=not self._tracked)
+            bounds = error_buckets(figures.get("train_mae", figures.get("mae", math.nan)))
+            lags = {"persistence": horizon} | ({f"seasonal_{season}": season} if season else {})
+            self._tracked.append(
+                _Horizon(
+                    output,
+                    horizon,
+                    column,
+                    Tally(bounds),
+                    {name: (lag, Tally(bounds)) for name, lag in lags.items()},
+                )
+            )
+            column += horizon
+        self.width = column
+        self._metrics = metrics
+
+    def update(self, extra: F64, slots: I64, steps: I64, values: F32, forecasts: F32) -> None:
+        """One round of distinct streams: their ``slots``, step counts after this tick,
+        target values ``[n]`` (the truth) and forecasts ``[n, O]`` in target units."""
+        cols = extra[slots, self.base : self.base + self.width]
+        n = slots.size
+        rows = np.arange(n)
+        s = steps
+        g = cols[:, 0]
+        truth = values.astype(np.float64)
+        levels = cols[:, 1 : 1 + self._levels]
+        for tracked in self._tracked:
+            h = tracked.horizon
+            ring = cols[:, tracked.ring : tracked.ring + h]
+            where = s % h
+            paired = s - h > g
+            made = ring[rows, where]
+            tracked.model.add(np.abs(made[paired] - truth[paired]))
+            for lag, tally in tracked.baselines.values():
+                ok = paired & (s - lag > g)
+                naive = levels[rows, (s - lag) % self._levels]
+                tally.add(np.abs(naive[ok] - truth[ok]))
+            ring[rows, where] = forecasts[:, tracked.output]
+        levels[rows, s % self._levels] = truth
+        extra[slots, self.base : self.base + self.width] = cols
+
+    def clear(self, extra: F64, slots: I64) -> None:
+        """Forget the streams' history (a reset before their tick)."""
+        extra[slots, self.base : self.base + self.width] = 0.0
+
+    def mark_gap(self, extra: F64, slots: I64, step: I64) -> None:
+        """No forecast made at or before ``step`` meets a truth after it (a hole in the
+        streams' history after that step)."""
+        column = extra[:, self.base]
+        column[slots] = np.maximum(column[slots], step)
+
+    def report(self) -> tuple[HorizonQuality, ...]:
+        out = []
+        for tracked in self._tracked:
+            figures = _training_figures(self._metrics, tracked.horizon, first=tracked.output == 0)
+            out.append(
+                HorizonQuality(
+                    tracked.horizon,
+                    self.target,
+                    tracked.model.totals(),
+                    {name: tally.totals() for name, (_, tally) in tracked.baselines.items()},
+                    float(figures.get("mae", math.nan)),
+                    {
+                        name: float(figures[f"{name}_mae"])
+                        for name in tracked.baselines
+                        if f"{name}_mae" in figures
+                    },
+                )
+            )
+        return tuple(out)
+
+
+def _training_figures(metrics: Mapping[str, Any], horizon: int, *, first: bool) -> dict[str, Any]:
+    """What ``train`` reported for ``horizon``: its entry in ``metrics["horizons"]``, or
+    for the model's own horizon the report's top-level figures (older bundles)."""
+    per = metrics.get("horizons")
+    if isinstance(per, Mapping) and isinstance(per.get(str(horizon)), Mapping):
+        return dict(per[str(horizon)])
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float)} if first else {}

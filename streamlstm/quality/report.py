@@ -1,0 +1,154 @@
+"""What the engine knows of its model's quality: running totals, immutable snapshots.
+
+``ErrorTotals`` is a histogram with its count, sum and sum of squares (of
+absolute forecast errors in target units, or of anomaly scores);
+``QualityReport`` gathers every figure of one engine. Totals only grow, like
+Prometheus counters: the figures of a span of ticks are ``later.since(earlier)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["ErrorTotals", "HorizonQuality", "QualityReport", "Tally"]
+
+F64 = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, eq=False)
+class ErrorTotals:
+    """A histogram of values: ``counts[i]`` of those in ``(bounds[i-1], bounds[i]]``,
+    the last of those above every bound; their ``count``, ``total`` and
+    ``squares`` (sum of squares)."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    count: int = 0
+    total: float = 0.0
+    squares: float = 0.0
+
+    @property
+    def mean(self) -> float:
+        """The mean value (the MAE of absolute errors); NaN without values."""
+        return self.total / self.count if self.count else math.nan
+
+    @property
+    def rms(self) -> float:
+        """The root mean square (the RMSE of errors); NaN without values."""
+        return math.sqrt(self.squares / self.count) if self.count else math.nan
+
+    def since(self, earlier: ErrorTotals) -> ErrorTotals:
+        """The figures of the values added after ``earlier`` (a snapshot of the same totals)."""
+        return ErrorTotals(
+            self.bounds,
+            tuple(a - b for a, b in zip(self.counts, earlier.counts, strict=True)),
+            self.count - earlier.count,
+            self.total - earlier.total,
+            self.squares - earlier.squares,
+        )
+
+
+class Tally:
+    """The running form of ``ErrorTotals``: ``add`` takes a whole array at once."""
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = np.asarray(sorted(bounds), dtype=np.float64)
+        self._counts = np.zeros(self.bounds.size + 1, dtype=np.int64)
+        self._sums = np.zeros(2)  # sum, sum of squares
+
+    def add(self, values: F64) -> None:
+        if not values.size:
+            return
+        # side="left": a value equal to a bound falls in that bound's bucket (le).
+        counts = np.bincount(
+            np.searchsorted(self.bounds, values, side="left"), minlength=self._counts.size
+        )
+        self._counts += counts
+        self._sums += (float(values.sum()), float(np.dot(values, values)))
+
+    def totals(self) -> ErrorTotals:
+        counts = self._counts.tolist()
+        total, squares = self._sums.tolist()
+        return ErrorTotals(tuple(self.bounds.tolist()), tuple(counts), sum(counts), total, squares)
+
+
+@dataclass(frozen=True, eq=False)
+class HorizonQuality:
+    """The realized errors of forecasts ``horizon`` ticks ahead of ``target``: the
+    model's, and each naive baseline's by name (``persistence``, ``seasonal_24``).
+
+    ``training_mae`` and ``training_baselines`` are what ``train`` measured on
+    the test part for this horizon (NaN / empty when the bundle does not say).
+    """
+
+    horizon: int
+    target: str
+    model: ErrorTotals
+    baselines: Mapping[str, ErrorTotals]
+    training_mae: float = math.nan
+    training_baselines: Mapping[str, float] = field(default_factory=dict)
+
+    def since(self, earlier: HorizonQuality) -> HorizonQuality:
+        return HorizonQuality(
+            self.horizon,
+            self.target,
+            self.model.since(earlier.model),
+            {k: v.since(earlier.baselines[k]) for k, v in self.baselines.items()},
+            self.training_mae,
+            self.training_baselines,
+        )
+
+    @property
+    def skill(self) -> dict[str, float]:
+        """1 - model MAE / baseline MAE, per baseline (NaN without errors)."""
+        out = {}
+        for name, base in self.baselines.items():
+            out[name] = 1.0 - self.model.mean / base.mean if base.mean else math.nan
+        return out
+
+
+@dataclass(frozen=True, eq=False)
+class QualityReport:
+    """One engine's model-quality figures (``Engine.quality``).
+
+    ``horizons``: realized forecast errors (empty for a classifier, or a
+    model whose target is not one of its inputs, which never sees its truth).
+    ``drift_z[f]``: how far the recent inputs' exponentially weighted mean
+    (over ``drift_window_ticks`` ticks of all streams) sits from the training
+    mean of ``features[f]``, in training standard deviations;
+    ``std_ratio[f]`` the recent standard deviation over the training one
+    (both NaN before any tick, or when the bundle holds no training
+    statistics). ``scores``: the anomaly scores of scored ticks (None: the
+    model has no score); ``anomalies`` the ticks flagged; ``false_alarm_rate``
+    the rate the flag was calibrated for (None: no flag).
+    """
+
+    horizons: tuple[HorizonQuality, ...]
+    features: tuple[str, ...]
+    drift_z: tuple[float, ...]
+    std_ratio: tuple[float, ...]
+    drift_window_ticks: int
+    scores: ErrorTotals | None = None
+    anomalies: int = 0
+    false_alarm_rate: float | None = None
+
+    def since(self, earlier: QualityReport) -> QualityReport:
+        """Counts and sums of the ticks after ``earlier``; drift as it stands now."""
+        scores = self.scores
+        if scores is not None and earlier.scores is not None:
+            scores = scores.since(earlier.scores)
+        return QualityReport(
+            tuple(a.since(b) for a, b in zip(self.horizons, earlier.horizons, strict=True)),
+            self.features,
+            self.drift_z,
+            self.std_ratio,
+            self.drift_window_ticks,
+            scores,
+            self.anomalies - earlier.anomalies,
+            self.false_alarm_rate,
+        )
