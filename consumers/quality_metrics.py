@@ -29,7 +29,8 @@ __all__ = ["QualityCollector"]
 
 def _buckets(totals: ErrorTotals) -> list[tuple[str, float]]:
     """Cumulative ``le`` buckets, ``+Inf`` last."""
-    out, running = [], 0
+    out: list[tuple[str, float]] = []
+    running = 0
     for bound, count in zip(totals.bounds, totals.counts, strict=False):
         running += count
         out.append((repr(float(bound)), running))

@@ -130,3 +130,30 @@ def test_nothing_of_the_test_period_steers_training() -> None:
     assert a.training["history"] == b.training["history"]
     for key, value in a.model.state_dict().items():
         assert torch.equal(value, b.model.state_dict()[key]), key
+
+
+def test_recorded_figures_are_every_test_forecast_against_its_truth(
+    trained: tuple[Bundle, pd.DataFrame, TrainOptions],
+) -> None:
+    """The report's MAE, RMSE and persistence figures (the engine's own quality totals
+    over the test part) equal each test forecast paired by hand with its target."""
+    bundle, frame, opts = trained
+    engine = Engine(bundle)
+    errors, naive, inputs = [], [], []
+    for series in prepare(frame, opts):
+        out = engine.step([series.stream] * len(series.x), series.x).predictions[:, 0]
+        t = np.arange(series.split, len(series.x))
+        errors.append(out[t].astype(np.float64) - series.y[t, 0])
+        naive.append(series.level[t].astype(np.float64) - series.y[t, 0])
+        inputs.append(series.x[: series.split])
+    err, nai = np.concatenate(errors), np.concatenate(naive)
+    metrics = bundle.metrics
+    assert metrics["test_ticks"] == err.size
+    assert metrics["mae"] == pytest.approx(np.mean(np.abs(err)), rel=1e-6)
+    assert metrics["rmse"] == pytest.approx(np.sqrt(np.mean(err**2)), rel=1e-6)
+    assert metrics["persistence_mae"] == pytest.approx(np.mean(np.abs(nai)), rel=1e-9)
+    assert metrics["horizons"][str(opts.horizon)]["mae"] == metrics["mae"]
+    # What serving measures drift against: the training parts' own statistics.
+    x = np.concatenate(inputs).astype(np.float64)
+    assert bundle.training["inputs"]["mean"] == pytest.approx(x.mean(axis=0).tolist())
+    assert bundle.training["inputs"]["std"] == pytest.approx(x.std(axis=0).tolist())
