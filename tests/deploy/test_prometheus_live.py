@@ -21,6 +21,9 @@ interval, loading deploy/prometheus/rules. Then, through the HTTP API:
   (the rules see a committed rate above 0), at-least-once exports both
   outcomes at 0; no aborted transaction, StreamlstmTransactionsAborted is not
   pending;
+- the model's quality series (a forecaster that flags, with training figures and
+  statistics) feed the quality rules and panels; the served level moves three
+  training sds up and StreamlstmInputDrift goes pending;
 - after the daemon stops, StreamlstmInstanceDown goes pending.
 
 It fails (never skips) when prometheus is not installed.
@@ -46,7 +49,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from streamlstm import Bundle, ModelConfig
+from streamlstm import Bundle, ModelConfig, OutputSpec
 from tests.deploy.conftest import DEPLOY, tool
 
 RULES = DEPLOY / "prometheus" / "rules"
@@ -58,6 +61,22 @@ NOT_EXPOSED: dict[str, str] = {}
 VARIABLES = {"$__rate_interval": "1m", "$job": "streamlstm", "$instance": ".*"}
 METRIC = re.compile(r"(?<![:\w$])((?:streamlstm|process)_[a-z0-9_]+|up)(?![:\w(])")
 VALID = 40
+#: The input drift's window (ticks), and a level shift of three training sds.
+DRIFT_WINDOW, SHIFT = 20, 3 * 0.12
+
+
+def forecaster_with_a_flag() -> Bundle:
+    """A model with every quality series: it forecasts its input (so it sees its
+    truth), scores and flags ticks, and carries training figures and statistics
+    (the ticks sent lie around the training mean; ``SHIFT`` moves them 3 sd up)."""
+    config = ModelConfig(input_size=1, hidden_sizes=(8,), head_sizes=(4,), output_size=1)
+    return Bundle.random(
+        config,
+        seed=0,
+        outputs=OutputSpec(target_feature=0, score_span=5, threshold=1.5, false_alarm_rate=0.05),
+        training={"inputs": {"mean": [0.7], "std": [0.12]}},
+        metrics={"horizons": {"1": {"mae": 0.05, "persistence_mae": 0.01}}},
+    )
 
 
 def _free_port() -> int:
@@ -116,6 +135,14 @@ class Prom:
         return None if status == 200 and reply["status"] == "success" else str(reply)
 
 
+def _alert_in(name: str, prom: Prom, state: str | None = None) -> bool:
+    """Whether alert ``name`` is pending or firing (in ``state``, where given)."""
+    return any(
+        a["labels"]["alertname"] == name and state in (None, a["state"])
+        for a in prom.api("alerts")["alerts"]
+    )
+
+
 def _metrics(expr: str) -> set[str]:
     return set(METRIC.findall(expr))
 
@@ -149,14 +176,14 @@ def _variable_queries() -> list[tuple[str, str, str]]:
     return found
 
 
-async def _send_ticks(bootstrap: str, topic: str) -> None:
+async def _send_ticks(bootstrap: str, topic: str, shift: float = 0.0) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     await producer.start()
     try:
         now_ms = int(time.time() * 1000)
         for i in range(VALID):
             stream = f"s{i % 4}"
-            tick = {"stream": stream, "ts": now_ms + i, "values": [0.5 + i / 100]}
+            tick = {"stream": stream, "ts": now_ms + i, "values": [0.5 + i / 100 + shift]}
             await producer.send(topic, key=stream.encode(), value=json.dumps(tick).encode())
         await producer.send(topic, key=b"s1", value=b"not json")
         await producer.send(topic, key=b"s2", value=b'{"stream": "s2", "values": [1, 2]}')
@@ -183,7 +210,7 @@ def guarantee(request: pytest.FixtureRequest) -> str:
 
 
 #: The daemon's process, its metrics port, and a function that sends the ticks again.
-Daemon = tuple[subprocess.Popen[bytes], int, Callable[[], None]]
+Daemon = tuple[subprocess.Popen[bytes], int, Callable[..., None]]
 
 
 @pytest.fixture
@@ -191,8 +218,7 @@ def daemon(
     bootstrap: str, make_topics: Callable[..., list[str]], guarantee: str, tmp_path: Path
 ) -> Iterator[Daemon]:
     model = tmp_path / "model"
-    config = ModelConfig(input_size=1, hidden_sizes=(8,), head_sizes=(4,), output_size=1)
-    Bundle.random(config, seed=0).save(model)
+    forecaster_with_a_flag().save(model)
     ticks, predictions = make_topics("ticks", "predictions", partitions=2)
     port = _free_port()
     log = (tmp_path / "daemon.log").open("wb")
@@ -224,6 +250,8 @@ def daemon(
         "500",
         "--guarantee",
         guarantee,
+        "--drift-window-ticks",
+        str(DRIFT_WINDOW),
     ]
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -244,9 +272,9 @@ def daemon(
 
         _wait("predictions and dead letters", answered, 60, proc)
 
-        def feed() -> None:
+        def feed(shift: float = 0.0) -> None:
             nonlocal sent
-            asyncio.run(_send_ticks(bootstrap, ticks))
+            asyncio.run(_send_ticks(bootstrap, ticks, shift))
             sent += 1
             _wait("predictions of the ticks sent again", answered, 60, proc)
 
@@ -401,6 +429,20 @@ def test_rules_and_dashboard_against_a_live_daemon(
         a["labels"]["alertname"] == "StreamlstmTransactionsAborted"
         for a in prom.api("alerts")["alerts"]
     )
+
+    # The served level moves three training sds up: within the drift window the EW
+    # mean crosses the alert's line, and StreamlstmInputDrift goes pending.
+    assert not _alert_in("StreamlstmInputDrift", prom)
+    feed(SHIFT)
+    _wait(
+        "StreamlstmInputDrift to go pending",
+        lambda: _alert_in("StreamlstmInputDrift", prom, "pending"),
+        30,
+        proc,
+        prom_proc,
+    )
+    drift = prom.query('max by (feature) (streamlstm_input_drift_z{job="streamlstm"})')
+    assert [s["metric"]["feature"] for s in drift] == ["x0"] and float(drift[0]["value"][1]) > 2
 
     # The daemon goes away: the instance-down alert goes pending (its `for` is 2m).
     proc.send_signal(signal.SIGTERM)
