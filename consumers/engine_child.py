@@ -283,7 +283,10 @@ def serve(sock: socket.socket, options: dict[str, Any]) -> None:
                 bundle,
                 max_streams=options["max_streams"],
                 idle_ttl_s=options["idle_ttl_s"],
-                quality=QualityConfig(drift_window_ticks=int(options["drift_window_ticks"])),
+                quality=QualityConfig(
+                    enabled=bool(options["quality"]),
+                    drift_window_ticks=int(options["drift_window_ticks"]),
+                ),
             ),
             changelog=bool(options.get("changelog", True)),
         )

@@ -139,6 +139,7 @@ class EngineProcess:
         changelog: bool = True,
         start_timeout_s: float = 120.0,
         drift_window_ticks: int = 10_000,
+        quality: bool = True,
     ) -> None:
         self._bundle = bundle
         self._options = {
@@ -147,6 +148,7 @@ class EngineProcess:
             "threads": threads,
             "changelog": changelog,
             "drift_window_ticks": drift_window_ticks,
+            "quality": quality,
         }
         self._start_timeout_s = start_timeout_s
         self._proc: subprocess.Popen[bytes] | None = None
@@ -364,4 +366,5 @@ def default_engine(bundle: Bundle, config: ServeConfig) -> EngineClient:
         threads=config.engine_threads,
         changelog=config.state == "durable",
         drift_window_ticks=config.drift_window_ticks,
+        quality=config.quality_metrics == "on",
     )

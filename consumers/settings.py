@@ -50,6 +50,9 @@ class ServeConfig:
     #: Input drift (streamlstm_input_drift_z): the span, in ticks of all streams, of the
     #: exponentially weighted mean and variance compared with the training data.
     drift_window_ticks: int = 10_000
+    #: "on": measure the model's live quality (realized errors, drift, anomaly rates; see
+    #: docs/model-quality.md); "off": not at all (no per-stream columns, no series).
+    quality_metrics: str = "on"
     max_value_bytes: int = 64 * 1024
     linger_ms: int = 0
     fetch_max_wait_ms: int = 10
@@ -115,6 +118,8 @@ class ServeConfig:
             )
         if self.transactional_id_prefix is None:
             object.__setattr__(self, "transactional_id_prefix", self.group_id)
+        if self.quality_metrics not in ("on", "off"):
+            raise ConfigError("quality_metrics: must be on or off")
         if self.on_model_change not in ("reset", "keep-if-compatible"):
             raise ConfigError("on_model_change: must be reset or keep-if-compatible")
         for name in (

@@ -35,6 +35,8 @@ from streamlstm.engine import Engine
 from streamlstm.errors import DependencyError
 from streamlstm.kernels import get_num_threads, native_available, step_name
 from streamlstm.optional import require_torch
+from streamlstm.outputs import OutputSpec
+from streamlstm.quality import QualityConfig
 
 __all__ = ["flops_per_tick", "run_engine_bench"]
 
@@ -153,10 +155,27 @@ def _tick_order(streams: int, count: int, order: str, rng: np.random.Generator) 
     return out[:count]
 
 
+def bench_bundle(seed: int = 0) -> Bundle:
+    """The benches' model: the default shape, random weights, forecasting its one input
+    (so the live quality figures are measured, as for a served forecaster: realized
+    errors, persistence, input drift against the training statistics it carries)."""
+    return Bundle.random(
+        ModelConfig(input_size=1),
+        seed=seed,
+        outputs=OutputSpec(target_feature=0),
+        training={"inputs": {"mean": [0.0], "std": [1.0]}},
+    )
+
+
 def _engine_run(
-    bundle: Bundle, streams: int, batch: int, order: str, rng: np.random.Generator
+    bundle: Bundle,
+    streams: int,
+    batch: int,
+    order: str,
+    rng: np.random.Generator,
+    quality: QualityConfig | None = None,
 ) -> tuple[Engine, Callable[[], object]]:
-    engine = Engine(bundle, max_streams=streams)
+    engine = Engine(bundle, max_streams=streams, quality=quality)
     ids = [f"stream-{i}" for i in range(streams)]
     width = bundle.config.input_size
     for start in range(0, streams, batch):  # every stream active before timing
@@ -193,7 +212,7 @@ def run_engine_bench(
 ) -> dict[str, Any]:
     """Engine ticks/s of the default model's shape (random weights), or of the
     bundle at ``model`` (its score and flag computed on every tick, as served)."""
-    bundle = Bundle.load(model) if model else Bundle.random(ModelConfig(input_size=1), seed=seed)
+    bundle = Bundle.load(model) if model else bench_bundle(seed)
     config = bundle.config
     rng = np.random.default_rng(seed)
     raw = 2 * 4 * sum(config.hidden_sizes)
@@ -207,8 +226,12 @@ def run_engine_bench(
         _progress(f"{streams} streams: filling state, then timing engine and ceiling alternately")
         engine, one_batch = _engine_run(bundle, streams, batch, "shuffled", rng)
         _, bursty_batch = _engine_run(bundle, streams, batch, "iid", rng)
-        engine_rates, bursty_rates, ceiling_rates, peaks = [], [], [], []
+        _, plain_batch = _engine_run(
+            bundle, streams, batch, "shuffled", rng, QualityConfig(enabled=False)
+        )
+        engine_rates, bursty_rates, ceiling_rates, peaks, plain_rates = [], [], [], [], []
         for _ in range(repeats):
+            plain_rates.append(_rate(plain_batch, batch, seconds))
             # FLOP/s of the product: products/s x 2 N^3.
             peaks.append(_rate(sgemm, 2 * _GEMM**3, seconds))
             if ceiling is not None:
@@ -230,6 +253,10 @@ def run_engine_bench(
                     if tutorial is None
                     else round(statistics.median(engine_rates) / tutorial, 1)
                 ),
+                "no_quality_ticks_per_s": round(statistics.median(plain_rates)),
+                "engine_over_no_quality": _median(
+                    [e / p for e, p in zip(engine_rates, plain_rates, strict=True)], 3
+                ),
                 "iid_engine_ticks_per_s": round(statistics.median(bursty_rates)),
                 "iid_engine_over_ceiling": _median(bursty_ratios, 3),
                 "state_bytes_per_stream": round(per_stream),
@@ -239,7 +266,7 @@ def run_engine_bench(
                 "engine_over_roofline": round(statistics.median(engine_rates) / roofline, 3),
             }
         )
-        del engine, one_batch, bursty_batch
+        del engine, one_batch, bursty_batch, plain_batch
     spec = bundle.outputs
     result: dict[str, Any] = {
         "model": config.to_dict(),
@@ -320,11 +347,11 @@ def format_engine_bench(result: dict[str, Any]) -> str:
         f"raw h+c bytes per stream: {result['raw_state_bytes_per_stream']}; "
         f"{result['flops_per_tick']:,} FLOPs per tick (roofline: sgemm peak / that)",
         "ticks in shuffled passes over all streams; 'iid x ceil': each tick's stream drawn "
-        "independently (bursty)",
+        "independently (bursty); 'x no-qual': over the engine without live quality figures",
         "",
         f"{'streams':>9} {'engine t/s':>12} {'ceiling t/s':>12} {'x ceiling':>10} "
         f"{'x tutorial':>11} {'iid x ceil':>11} {'B/stream':>9} {'x raw':>6} "
-        f"{'GFLOP/s':>8} {'roofline':>10} {'x roof':>7}",
+        f"{'GFLOP/s':>8} {'roofline':>10} {'x roof':>7} {'x no-qual':>10}",
     ]
     for row in result["results"]:
         lines.append(
@@ -335,7 +362,8 @@ def format_engine_bench(result: dict[str, Any]) -> str:
             f"{_fmt(row['iid_engine_over_ceiling'], '.3f', 11)} "
             f"{row['state_bytes_per_stream']:>9,} "
             f"{row['state_over_raw']:>6.3f} {row['sgemm_gflops']:>8.1f} "
-            f"{row['roofline_ticks_per_s']:>10,} {row['engine_over_roofline']:>7.3f}"
+            f"{row['roofline_ticks_per_s']:>10,} {row['engine_over_roofline']:>7.3f} "
+            f"{_fmt(row.get('engine_over_no_quality'), '.3f', 10)}"
         )
     if "rss" in result:
         rss = result["rss"]

@@ -10,6 +10,10 @@ a producer in a separate process pacing ticks at half the measured maximum
 generator and the broker alone cost; the daemon-added latency (receipt of a
 poll to the acknowledgement of its predictions) what the daemon adds.
 
+The engine runs with its live quality figures (the bench model forecasts its
+input, so they are measured) and once more without (``--quality-metrics off``):
+``engine_over_engine_no_quality`` is what they cost end to end.
+
 With ``--latency-target-ms T``, the engine runs a third way in the drains and
 the latency runs, its polls sized by ``serve --latency-target-ms T`` rather
 than fixed at ``--max-records``: its maximum and its p99 beside the fixed
@@ -34,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from streamlstm import Bundle, ModelConfig
+from streamlstm import Bundle
+from streamlstm.bench import bench_bundle
 from streamlstm.consumers.devtools.bench_load import (
     WARMUP_S,
     figures,
@@ -178,7 +183,7 @@ def run_kafka_bench(
     broker_pids: Sequence[int] = (),
     latency_target_ms: float | None = None,
 ) -> dict[str, Any]:
-    bundle = Bundle.random(ModelConfig(input_size=1), seed=0)
+    bundle = bench_bundle(0)
     result: dict[str, Any] = {
         "streams": streams,
         "ticks": ticks,
@@ -224,6 +229,7 @@ def _drains(
     kinds: list[tuple[str, EngineFactory, dict[str, Any]]] = [
         ("passthrough", Passthrough, {}),
         ("engine", default_engine, {}),
+        ("engine_no_quality", default_engine, {"quality_metrics": "off"}),
         *_targeted(latency_target_ms),
         ("durable", default_engine, durable),
         ("exactly_once", default_engine, {**durable, "guarantee": "exactly-once"}),
@@ -245,6 +251,8 @@ def _drains(
     for name, over in (
         ("passthrough", None),
         ("engine", "passthrough"),
+        ("engine", "engine_no_quality"),
+        ("engine_no_quality", "passthrough"),
         ("engine_target", "engine"),
         ("durable", "engine"),
         ("exactly_once", "engine"),

@@ -186,6 +186,7 @@ def report(result: dict[str, Any], drains: int) -> str:
     for name, label in (
         ("passthrough", "passthrough (no inference)"),
         ("engine", "engine end to end"),
+        ("engine_no_quality", "engine without live quality figures (--quality-metrics off)"),
         ("engine_target", f"engine, --latency-target-ms {target:g}" if target else ""),
         ("durable", "durable state, at-least-once (1 s checkpoints)"),
         ("exactly_once", "durable state, exactly-once (1 s transactions)"),
@@ -193,7 +194,8 @@ def report(result: dict[str, Any], drains: int) -> str:
         if f"{name}_ticks_per_s" not in result:
             continue
         ratio = {
-            "engine": f" ({result['engine_over_passthrough']:.3f} x passthrough)",
+            "engine": f" ({result['engine_over_passthrough']:.3f} x passthrough, "
+            f"{result['engine_over_engine_no_quality']:.3f} x without quality)",
             "engine_target": f" ({result.get('engine_target_over_engine', 0):.3f} x fixed)",
             "durable": f" ({result['durable_over_engine']:.3f} x memory-only)",
             "exactly_once": f" ({result['exactly_once_over_engine']:.3f} x memory-only)",

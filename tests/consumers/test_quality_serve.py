@@ -51,7 +51,9 @@ def _scrape(server: Server) -> Samples:
     }
 
 
-def _mean_over(before: Samples, after: Samples, name: str, labels: dict[str, str]) -> tuple:
+def _mean_over(
+    before: Samples, after: Samples, name: str, labels: dict[str, str]
+) -> tuple[float, float]:
     key = tuple(sorted(labels.items()))
     count = after[(f"{name}_count", key)] - before.get((f"{name}_count", key), 0.0)
     total = after[(f"{name}_sum", key)] - before.get((f"{name}_sum", key), 0.0)
