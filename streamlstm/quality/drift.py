@@ -22,6 +22,7 @@ from streamlstm.errors import ConfigError
 __all__ = ["InputDrift"]
 
 F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
 
 
 class InputDrift:
@@ -36,21 +37,31 @@ class InputDrift:
         self._keep = 1.0 - 2.0 / (window_ticks + 1.0)
         self._moments = np.zeros((2, self.mean.size))  # EW sums of x and x^2
         self._weight = 0.0  # their total weight: 1 - keep^ticks
+        self._cache: dict[int, tuple[F64, float, float]] = {}
 
     def update(self, x: F32) -> None:
         """Take ticks ``x [n, F]`` (original units), in arrival order."""
         n = x.shape[0]
         if not n:
             return
-        keep = self._keep
-        # Tick i of n weighs (1 - keep) * keep^(n - 1 - i); older sums decay by keep^n.
-        weights = (1.0 - keep) * keep ** np.arange(n - 1, -1, -1, dtype=np.float64)
+        weights, decay, total = self._weights(n)
         values = x.astype(np.float64)
-        decay = keep**n
         self._moments *= decay
         self._moments[0] += weights @ values
         self._moments[1] += weights @ (values * values)
-        self._weight = self._weight * decay + float(weights.sum())
+        self._weight = self._weight * decay + total
+
+    def _weights(self, n: int) -> tuple[F64, float, float]:
+        """Tick i of n weighs (1 - keep) * keep^(n - 1 - i); older sums decay by keep^n.
+        Calls mostly repeat a few sizes: each size's weights are computed once."""
+        cached = self._cache.get(n)
+        if cached is None:
+            keep = self._keep
+            weights = (1.0 - keep) * keep ** np.arange(n - 1, -1, -1, dtype=np.float64)
+            cached = (weights, keep**n, float(weights.sum()))
+            if len(self._cache) < 64:
+                self._cache[n] = cached
+        return cached
 
     def figures(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """(z, sd ratio) per feature; NaN before any tick and for a constant training feature."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["ErrorTotals", "HorizonQuality", "QualityReport", "Tally"]
+__all__ = ["ErrorTotals", "HorizonQuality", "QualityReport", "TallyGroup"]
 
 F64 = npt.NDArray[np.float64]
 
@@ -53,28 +53,39 @@ class ErrorTotals:
         )
 
 
-class Tally:
-    """The running form of ``ErrorTotals``: ``add`` takes a whole array at once."""
+class TallyGroup:
+    """``k`` running ``ErrorTotals`` with the same bounds, fed together:
+    ``add(values [k, n])`` takes row ``i`` into tally ``i``; NaN marks a value that is
+    not there (a forecast without its truth).
 
-    def __init__(self, bounds: Sequence[float]) -> None:
-        self.bounds = np.asarray(sorted(bounds), dtype=np.float64)
-        self._counts = np.zeros(self.bounds.size + 1, dtype=np.int64)
-        self._sums = np.zeros(2)  # sum, sum of squares
+    Each row is sorted once (NaN last) and the bounds are looked up in it: the
+    cumulative counts (Prometheus' ``le``) come straight out, faster than
+    placing each value among the bounds.
+    """
+
+    def __init__(self, bounds: Sequence[float], k: int = 1) -> None:
+        self.bounds = np.asarray([*sorted(bounds), math.inf], dtype=np.float64)
+        self.k = k
+        self._cumulative = np.zeros((k, self.bounds.size), dtype=np.int64)
+        self._sums = np.zeros((k, 2))  # sum, sum of squares
 
     def add(self, values: F64) -> None:
-        if not values.size:
-            return
-        # side="left": a value equal to a bound falls in that bound's bucket (le).
-        counts = np.bincount(
-            np.searchsorted(self.bounds, values, side="left"), minlength=self._counts.size
-        )
-        self._counts += counts
-        self._sums += (float(values.sum()), float(np.dot(values, values)))
+        ordered = np.sort(values, axis=1)
+        for i in range(self.k):
+            row = ordered[i]
+            # side="right": a value equal to a bound counts in it (le); NaN is above inf.
+            cumulative = np.searchsorted(row, self.bounds, side="right")
+            present = row[: cumulative[-1]]
+            self._cumulative[i] += cumulative
+            self._sums[i, 0] += float(present.sum())
+            self._sums[i, 1] += float(np.dot(present, present))
 
-    def totals(self) -> ErrorTotals:
-        counts = self._counts.tolist()
-        total, squares = self._sums.tolist()
-        return ErrorTotals(tuple(self.bounds.tolist()), tuple(counts), sum(counts), total, squares)
+    def totals(self, i: int = 0) -> ErrorTotals:
+        counts = np.diff(self._cumulative[i], prepend=0).tolist()
+        total, squares = self._sums[i].tolist()
+        return ErrorTotals(
+            tuple(self.bounds[:-1].tolist()), tuple(counts), sum(counts), total, squares
+        )
 
 
 @dataclass(frozen=True, eq=False)

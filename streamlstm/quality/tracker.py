@@ -19,7 +19,7 @@ from streamlstm.bundle import Bundle
 from streamlstm.errors import ConfigError
 from streamlstm.quality.drift import InputDrift
 from streamlstm.quality.errors import RealizedErrors
-from streamlstm.quality.report import QualityReport, Tally
+from streamlstm.quality.report import QualityReport, TallyGroup
 
 __all__ = ["Quality", "QualityConfig"]
 
@@ -80,14 +80,14 @@ class Quality:
         self.features = bundle.feature_names
         self.drift = _drift(bundle, config.drift_window_ticks)
         self.window_ticks = config.drift_window_ticks
-        self.scores: Tally | None = None
+        self.scores: TallyGroup | None = None
         self.threshold = spec.threshold
         self.false_alarm_rate = spec.false_alarm_rate if spec.threshold is not None else None
         if spec.score_span is not None:
             bounds = set(SCORE_BUCKETS) | (
                 {spec.threshold} if spec.threshold is not None else set()
             )
-            self.scores = Tally(sorted(bounds))
+            self.scores = TallyGroup(sorted(bounds))
         self.anomalies = 0
 
     @classmethod
@@ -128,7 +128,7 @@ class Quality:
         if self.scores is None:
             return
         defined = scores[~np.isnan(scores)]
-        self.scores.add(defined)
+        self.scores.add(defined[None, :])
         if flagged is not None:
             self.anomalies += int(np.count_nonzero(flagged == 1.0))
         elif self.threshold is not None:
