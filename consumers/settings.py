@@ -24,6 +24,17 @@ __all__ = ["ServeConfig", "parse_serve_args"]
 ENV_PREFIX = "STREAMLSTM_"
 
 
+#: The settings that take one of a few words.
+_CHOICES = {
+    "state": ("durable", "memory"),
+    "guarantee": ("at-least-once", "exactly-once"),
+    "quality_metrics": ("on", "off"),
+    "on_model_change": ("reset", "keep-if-compatible"),
+    "auto_offset_reset": ("earliest", "latest"),
+    "isolation_level": ("read_committed", "read_uncommitted"),
+}
+
+
 @dataclass(frozen=True, kw_only=True)
 class ServeConfig:
     model: str
@@ -107,10 +118,9 @@ class ServeConfig:
         if self.changelog_topic is None:
             name = f"{self.group_id}-{self.input_topic}-changelog"
             object.__setattr__(self, "changelog_topic", name)
-        if self.state not in ("durable", "memory"):
-            raise ConfigError("state: must be durable or memory")
-        if self.guarantee not in ("at-least-once", "exactly-once"):
-            raise ConfigError("guarantee: must be at-least-once or exactly-once")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}: must be {' or '.join(allowed)}")
         if self.guarantee == "exactly-once" and self.state != "durable":
             raise ConfigError(
                 "guarantee: exactly-once needs --state durable (the state must commit "
@@ -118,10 +128,6 @@ class ServeConfig:
             )
         if self.transactional_id_prefix is None:
             object.__setattr__(self, "transactional_id_prefix", self.group_id)
-        if self.quality_metrics not in ("on", "off"):
-            raise ConfigError("quality_metrics: must be on or off")
-        if self.on_model_change not in ("reset", "keep-if-compatible"):
-            raise ConfigError("on_model_change: must be reset or keep-if-compatible")
         for name in (
             "max_records",
             "max_unacked_batches",
@@ -147,10 +153,6 @@ class ServeConfig:
             raise ConfigError("latency_target_ms: must be positive")
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError("metrics_port: must be 0..65535 (0 picks a free port)")
-        if self.auto_offset_reset not in ("earliest", "latest"):
-            raise ConfigError("auto_offset_reset: must be earliest or latest")
-        if self.isolation_level not in ("read_committed", "read_uncommitted"):
-            raise ConfigError("isolation_level: must be read_committed or read_uncommitted")
         if self.dlq_max_record_bytes > self.max_request_bytes // 2:
             raise ConfigError("dlq_max_record_bytes: must be at most half of max_request_bytes")
         if self.compression_type not in (None, "gzip", "snappy", "lz4", "zstd"):

@@ -200,6 +200,81 @@ def _engine_run(
     return engine, one_batch
 
 
+def _alternately(
+    blocks: dict[str, tuple[Callable[[], object], int] | None], repeats: int, seconds: float
+) -> dict[str, list[float]]:
+    """Each block's rate (items/s, a block being a call and the items it does), timed
+    in turns ``repeats`` times; None leaves a block out."""
+    rates: dict[str, list[float]] = {name: [] for name, b in blocks.items() if b is not None}
+    for _ in range(repeats):
+        for name, block in blocks.items():
+            if block is not None:
+                rates[name].append(_rate(block[0], block[1], seconds))
+    return rates
+
+
+def _streams_row(
+    bundle: Bundle,
+    streams: int,
+    *,
+    batch: int,
+    repeats: int,
+    seconds: float,
+    rng: np.random.Generator,
+    ceiling: Callable[[], object] | None,
+    sgemm: Callable[[], object],
+    tutorial: float | None,
+) -> dict[str, Any]:
+    """One row of ``run_engine_bench``: the engine at ``streams`` streams beside its
+    baselines, timed in turns."""
+    raw = 2 * 4 * sum(bundle.config.hidden_sizes)
+    flops = flops_per_tick(bundle.config)
+    _progress(f"{streams} streams: filling state, then timing engine and ceiling alternately")
+    engine, one_batch = _engine_run(bundle, streams, batch, "shuffled", rng)
+    _, bursty_batch = _engine_run(bundle, streams, batch, "iid", rng)
+    _, plain_batch = _engine_run(
+        bundle, streams, batch, "shuffled", rng, QualityConfig(enabled=False)
+    )
+    timed = _alternately(
+        {
+            "plain": (plain_batch, batch),
+            # FLOP/s of the product: products/s x 2 N^3.
+            "peak": (sgemm, 2 * _GEMM**3),
+            "ceiling": None if ceiling is None else (ceiling, batch),
+            "engine": (one_batch, batch),
+            "iid": (bursty_batch, batch),
+        },
+        repeats,
+        seconds,
+    )
+    engine_rates, bursty_rates, plain_rates = timed["engine"], timed["iid"], timed["plain"]
+    ceiling_rates, peaks = timed.get("ceiling", []), timed["peak"]
+    ratios = [e / c for e, c in zip(engine_rates, ceiling_rates, strict=False)]
+    bursty_ratios = [e / c for e, c in zip(bursty_rates, ceiling_rates, strict=False)]
+    per_stream = engine.store.memory_bytes() / max(1, len(engine.store))
+    roofline = statistics.median(peaks) / flops
+    return {
+        "streams": streams,
+        "engine_ticks_per_s": round(statistics.median(engine_rates)),
+        "ceiling_ticks_per_s": _median(ceiling_rates, 0),
+        "engine_over_ceiling": _median(ratios, 3),
+        "engine_over_tutorial": (
+            None if tutorial is None else round(statistics.median(engine_rates) / tutorial, 1)
+        ),
+        "no_quality_ticks_per_s": round(statistics.median(plain_rates)),
+        "engine_over_no_quality": _median(
+            [e / p for e, p in zip(engine_rates, plain_rates, strict=True)], 3
+        ),
+        "iid_engine_ticks_per_s": round(statistics.median(bursty_rates)),
+        "iid_engine_over_ceiling": _median(bursty_ratios, 3),
+        "state_bytes_per_stream": round(per_stream),
+        "state_over_raw": round(per_stream / raw, 3),
+        "sgemm_gflops": round(statistics.median(peaks) / 1e9, 1),
+        "roofline_ticks_per_s": round(roofline),
+        "engine_over_roofline": round(statistics.median(engine_rates) / roofline, 3),
+    }
+
+
 def run_engine_bench(
     *,
     stream_counts: Sequence[int] = (1_000, 10_000, 100_000),
@@ -221,52 +296,20 @@ def run_engine_bench(
     flops = flops_per_tick(config)
     _progress("timing the tutorial-style recompute (60-tick window, batch 1)")
     tutorial = _tutorial_rate(bundle, seconds)
-    rows = []
-    for streams in stream_counts:
-        _progress(f"{streams} streams: filling state, then timing engine and ceiling alternately")
-        engine, one_batch = _engine_run(bundle, streams, batch, "shuffled", rng)
-        _, bursty_batch = _engine_run(bundle, streams, batch, "iid", rng)
-        _, plain_batch = _engine_run(
-            bundle, streams, batch, "shuffled", rng, QualityConfig(enabled=False)
+    rows = [
+        _streams_row(
+            bundle,
+            streams,
+            batch=batch,
+            repeats=repeats,
+            seconds=seconds,
+            rng=rng,
+            ceiling=ceiling,
+            sgemm=sgemm,
+            tutorial=tutorial,
         )
-        engine_rates, bursty_rates, ceiling_rates, peaks, plain_rates = [], [], [], [], []
-        for _ in range(repeats):
-            plain_rates.append(_rate(plain_batch, batch, seconds))
-            # FLOP/s of the product: products/s x 2 N^3.
-            peaks.append(_rate(sgemm, 2 * _GEMM**3, seconds))
-            if ceiling is not None:
-                ceiling_rates.append(_rate(ceiling, batch, seconds))
-            engine_rates.append(_rate(one_batch, batch, seconds))
-            bursty_rates.append(_rate(bursty_batch, batch, seconds))
-        ratios = [e / c for e, c in zip(engine_rates, ceiling_rates, strict=False)]
-        bursty_ratios = [e / c for e, c in zip(bursty_rates, ceiling_rates, strict=False)]
-        per_stream = engine.store.memory_bytes() / max(1, len(engine.store))
-        roofline = statistics.median(peaks) / flops
-        rows.append(
-            {
-                "streams": streams,
-                "engine_ticks_per_s": round(statistics.median(engine_rates)),
-                "ceiling_ticks_per_s": _median(ceiling_rates, 0),
-                "engine_over_ceiling": _median(ratios, 3),
-                "engine_over_tutorial": (
-                    None
-                    if tutorial is None
-                    else round(statistics.median(engine_rates) / tutorial, 1)
-                ),
-                "no_quality_ticks_per_s": round(statistics.median(plain_rates)),
-                "engine_over_no_quality": _median(
-                    [e / p for e, p in zip(engine_rates, plain_rates, strict=True)], 3
-                ),
-                "iid_engine_ticks_per_s": round(statistics.median(bursty_rates)),
-                "iid_engine_over_ceiling": _median(bursty_ratios, 3),
-                "state_bytes_per_stream": round(per_stream),
-                "state_over_raw": round(per_stream / raw, 3),
-                "sgemm_gflops": round(statistics.median(peaks) / 1e9, 1),
-                "roofline_ticks_per_s": round(roofline),
-                "engine_over_roofline": round(statistics.median(engine_rates) / roofline, 3),
-            }
-        )
-        del engine, one_batch, bursty_batch, plain_batch
+        for streams in stream_counts
+    ]
     spec = bundle.outputs
     result: dict[str, Any] = {
         "model": config.to_dict(),

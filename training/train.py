@@ -12,6 +12,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -166,20 +167,7 @@ def _fit(frame: pd.DataFrame, opts: TrainOptions) -> tuple[Bundle, pd.DataFrame]
         target_scaler=target_affine,
         warmup_steps=opts.burn_in,
         outputs=outputs,
-        training={
-            "task": opts.task,
-            "mode": opts.mode,
-            "seq_len": opts.seq_len,
-            "horizon": opts.horizon,
-            "score": opts.score if outputs.score_span is not None else None,
-            "target_transform": opts.target_transform,
-            "season": opts.season,
-            "epochs_run": len(history),
-            "history": history,
-            "seed": opts.seed,
-            "streams": len(series),
-            "inputs": input_statistics(series),
-        },
+        training=_training_facts(opts, outputs, history, series),
     )
     if outputs.score_scale:
         scale = horizon_scale(bundle, series, opts.burn_in)
@@ -193,6 +181,26 @@ def _fit(frame: pd.DataFrame, opts: TrainOptions) -> tuple[Bundle, pd.DataFrame]
         threshold_step=opts.threshold_step,
     )
     return bundle, predictions
+
+
+def _training_facts(
+    opts: TrainOptions, outputs: OutputSpec, history: list[dict[str, float]], series: list[Series]
+) -> dict[str, Any]:
+    """What the bundle records of how it was trained (``Bundle.training``)."""
+    return {
+        "task": opts.task,
+        "mode": opts.mode,
+        "seq_len": opts.seq_len,
+        "horizon": opts.horizon,
+        "score": opts.score if outputs.score_span is not None else None,
+        "target_transform": opts.target_transform,
+        "season": opts.season,
+        "epochs_run": len(history),
+        "history": history,
+        "seed": opts.seed,
+        "streams": len(series),
+        "inputs": input_statistics(series),
+    }
 
 
 def input_statistics(series: list[Series]) -> dict[str, list[float]]:
