@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import mmap
 import os
 import pickle
@@ -30,7 +31,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -63,10 +64,14 @@ from streamlstm.consumers.isolation import step_isolated
 from streamlstm.consumers.spool import Spool
 from streamlstm.errors import BundleError, StateError, StreamLSTMError
 from streamlstm.kernels import set_num_threads
-from streamlstm.quality import QualityConfig
+from streamlstm.quality import QualityConfig, StreamError
 from streamlstm.stream_state import StateArrays, StateBlobs, StreamState, decode_many
 
 __all__ = ["ChildEngine", "InProcessEngine", "RestoreReport"]
+
+
+#: How many of the worst streams by recent error the daemon logs with each summary.
+WORST_STREAMS = 5
 
 
 class ChildEngine:
@@ -79,10 +84,31 @@ class ChildEngine:
     keeps no tombstones of removed streams.
     """
 
-    def __init__(self, engine: Engine, *, changelog: bool = True) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        changelog: bool = True,
+        worst_interval_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.engine = engine
         self.model_id = engine.bundle.model_id
         engine.store.changes.tombstones = changelog
+        self._worst_interval_s = worst_interval_s
+        self._clock = clock
+        self._worst: tuple[StreamError, ...] = ()
+        self._worst_at = -math.inf
+
+    @property
+    def stats(self) -> EngineStats:
+        """The engine's figures, with its worst streams by recent error as of at most
+        ``worst_interval_s`` ago (ranking every held stream is O(streams): not per step)."""
+        now = self._clock()
+        if now - self._worst_at >= self._worst_interval_s:
+            self._worst = tuple(self.engine.worst_streams(WORST_STREAMS))
+            self._worst_at = now
+        return replace(self.engine.stats, worst_streams=self._worst)
 
     @property
     def partition_of(self) -> dict[str, int]:
@@ -112,7 +138,7 @@ class ChildEngine:
         seconds = time.perf_counter() - start
         if not with_evictions and result.evictions:
             result = replace(result, evictions=[])
-        return StepReply(result, engine.stats, seconds)
+        return StepReply(result, self.stats, seconds)
 
     def drop(self, partitions: set[int]) -> int:
         """Release the streams of revoked ``partitions``: their new owner restores them,
@@ -203,7 +229,7 @@ class InProcessEngine:
         return None  # this process
 
     async def start(self) -> EngineStats:
-        self.stats = self.child.engine.stats
+        self.stats = self.child.stats
         return self.stats
 
     async def step(self, request: StepRequest) -> StepReply:
@@ -213,7 +239,7 @@ class InProcessEngine:
 
     async def drop_partitions(self, partitions: Sequence[int]) -> int:
         count = self.child.drop(set(partitions))
-        self.stats = self.child.engine.stats
+        self.stats = self.child.stats
         return count
 
     async def checkpoint(self) -> list[Change]:
@@ -224,7 +250,7 @@ class InProcessEngine:
 
     async def restore(self, partition: int, states: dict[str, bytes], policy: str) -> RestoreReport:
         report = self.child.restore(partition, states, policy)
-        self.stats = self.child.engine.stats
+        self.stats = self.child.stats
         return report
 
     def spool(self, expected_records: int) -> Spool:
@@ -234,7 +260,7 @@ class InProcessEngine:
         self, partition: int, spool: Spool, rows: dict[str, int], policy: str
     ) -> RestoreReport:
         report = restore_spooled(self.child, await spool.restore(partition, rows, policy))
-        self.stats = self.child.engine.stats
+        self.stats = self.child.stats
         return report
 
     def kill(self) -> None:
@@ -289,12 +315,13 @@ def serve(sock: socket.socket, options: dict[str, Any]) -> None:
                 ),
             ),
             changelog=bool(options.get("changelog", True)),
+            worst_interval_s=float(options["worst_interval_s"]),
         )
     except Exception as exc:
         _send_error(sock, exc)
         return
     gc.freeze()  # the model lives as long as the process: no full-collection pauses
-    sock.sendall(frame(StartReply(child.engine.stats)))
+    sock.sendall(frame(StartReply(child.stats)))
     while True:
         message = read_frame(sock)
         if message is None or isinstance(message, Close):
@@ -316,13 +343,13 @@ def answer(child: ChildEngine, message: Request | Reply) -> Reply:
             return ChangesReply(child.checkpoint())
         case Restore():
             report = restore_spooled(child, message)
-            return RestoreReply(report, child.engine.stats)
+            return RestoreReply(report, child.stats)
         case Reserve(streams=streams):
             child.reserve(streams)
-            return ReserveReply(child.engine.stats)
+            return ReserveReply(child.stats)
         case Drop(partitions=partitions):
             count = child.drop(set(partitions))
-            return DropReply(count, child.engine.stats)
+            return DropReply(count, child.stats)
     raise StreamLSTMError(f"engine process: {type(message).__name__} is not a request")
 
 

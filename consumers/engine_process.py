@@ -140,6 +140,7 @@ class EngineProcess:
         start_timeout_s: float = 120.0,
         drift_window_ticks: int = 10_000,
         quality: bool = True,
+        worst_interval_s: float = 10.0,
     ) -> None:
         self._bundle = bundle
         self._options = {
@@ -149,6 +150,7 @@ class EngineProcess:
             "changelog": changelog,
             "drift_window_ticks": drift_window_ticks,
             "quality": quality,
+            "worst_interval_s": worst_interval_s,
         }
         self._start_timeout_s = start_timeout_s
         self._proc: subprocess.Popen[bytes] | None = None
@@ -367,4 +369,5 @@ def default_engine(bundle: Bundle, config: ServeConfig) -> EngineClient:
         changelog=config.state == "durable",
         drift_window_ticks=config.drift_window_ticks,
         quality=config.quality_metrics == "on",
+        worst_interval_s=config.metrics_interval_s,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -132,6 +133,7 @@ class Reporter:
             "active_streams": stats.active_streams,
             "evictions": stats.evictions,
             "lag": {str(p): v for (_, p), v in self.lag().items()},
+            "worst_streams": [dataclasses.asdict(w) for w in stats.worst_streams],
         }
 
     async def run_summaries(
@@ -155,6 +157,15 @@ class Reporter:
                 summary["latency_ms_p50"],
                 summary["latency_ms_p99"],
             )
+            if summary["worst_streams"]:
+                logger.info(
+                    "worst streams by recent absolute error (naive forecast's beside): %s",
+                    ", ".join(
+                        f"{w['stream']} {w['recent_abs_error']:.4g} "
+                        f"({w['recent_baseline_abs_error']:.4g})"
+                        for w in summary["worst_streams"]
+                    ),
+                )
             if publish is not None:
                 try:
                     await publish(self.instance_id.encode(), json.dumps(summary).encode())

@@ -29,7 +29,7 @@ from streamlstm.errors import ConfigError
 from streamlstm.event_clock import EventClock
 from streamlstm.kernels import NativeStep, native_available
 from streamlstm.numpy_step import NumpyStep
-from streamlstm.quality import Quality, QualityConfig, QualityReport
+from streamlstm.quality import Quality, QualityConfig, QualityReport, StreamError
 from streamlstm.results import F32, F64, I64, Bools, EngineStats, Rejection, StepResult
 from streamlstm.scoring import Scoring
 from streamlstm.store import Eviction, StateStore
@@ -155,6 +155,26 @@ class Engine:
         realized forecast errors against the naive baselines, input drift, anomaly
         rates. Totals only grow; ``later.since(earlier)`` gives a span's figures."""
         return self._quality.report() if self._quality is not None else None
+
+    def worst_streams(self, k: int = 5) -> list[StreamError]:
+        """The ``k`` held streams with the largest recent absolute error (the first
+        tracked horizon's, exponentially weighted over each stream's own last ticks),
+        worst first: which streams to look at, which no Prometheus label may name.
+        Empty where the model's forecasts are not judged (``quality``)."""
+        errors = self._quality.errors if self._quality is not None else None
+        if errors is None or k < 1:
+            return []
+        slots, ids = self.store.held()
+        steps = self.store.steps[slots]
+        recent = errors.recent(self.store.extra, slots, steps)
+        judged = np.flatnonzero(~np.isnan(recent[:, 0]))
+        if judged.size > k:
+            judged = judged[np.argpartition(-recent[judged, 0], k - 1)[:k]]
+        judged = judged[np.argsort(-recent[judged, 0], kind="stable")]
+        return [
+            StreamError(ids[i], float(recent[i, 0]), float(recent[i, 1]), int(steps[i]))
+            for i in judged.tolist()
+        ]
 
     @property
     def stats(self) -> EngineStats:

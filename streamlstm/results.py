@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from streamlstm.quality.report import QualityReport
+from streamlstm.quality.report import QualityReport, StreamError
 from streamlstm.store import Eviction
 
 __all__ = [
@@ -115,3 +115,6 @@ class EngineStats:
     skipped: int = 0
     #: The model's live quality figures (``Engine.quality``; None: not measured).
     quality: QualityReport | None = None
+    #: The worst streams by recent error, where the holder ranks them (the daemon's
+    #: engine child, now and then: ``Engine.worst_streams``); empty otherwise.
+    worst_streams: tuple[StreamError, ...] = ()

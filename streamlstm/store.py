@@ -116,6 +116,11 @@ class StateStore:
     def stream_ids(self) -> list[str]:
         return [s for s in self._owner if s is not None]
 
+    def held(self) -> tuple[I64, list[str]]:
+        """The slots of every held stream, and their ids (in that order)."""
+        slots = np.flatnonzero(self._last_used != _NEVER)
+        return slots, [self._owner[i] or "" for i in slots.tolist()]
+
     def streams_in(self, partitions: Collection[int]) -> list[str]:
         """The held streams whose state reflects ticks of these input partitions."""
         held = (self._last_used != _NEVER) & np.isin(self.partitions, [*partitions])

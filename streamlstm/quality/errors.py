@@ -15,7 +15,11 @@ changelogged and restored with ``(h, c)``:
   season), for the naive baselines: persistence (the value ``h`` ticks before
   the truth) and, where ``train`` used one, seasonal persistence (the value
   one season before);
-- per tracked horizon ``h``, a ring of the last ``h`` forecasts of it.
+- per tracked horizon ``h``, a ring of the last ``h`` forecasts of it;
+- the stream's recent absolute error of the first tracked horizon and its
+  naive forecast's (exponentially weighted over ``RECENT_SPAN_TICKS`` of its
+  own ticks, starting at its first judged forecast): what ranks the worst
+  streams (``Engine.worst_streams``), which no Prometheus label may name.
 
 Tracked horizons: the model's (``OutputSpec.horizon``), and for a
 multi-horizon model (``score_scale``, outputs 1 .. H ticks ahead) also H.
@@ -40,6 +44,11 @@ __all__ = ["RealizedErrors", "error_buckets"]
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
+Bools = npt.NDArray[np.bool_]
+
+#: The span (ticks of one stream) of its recent errors (``Engine.worst_streams``).
+RECENT_SPAN_TICKS = 100
+_RECENT_ALPHA = 2.0 / (RECENT_SPAN_TICKS + 1.0)
 
 #: Bucket bounds are the training MAE times these: 1/8 .. 16, in half-octaves.
 _LADDER = tuple(2.0 ** (k / 2) for k in range(-6, 9))
@@ -105,7 +114,8 @@ class RealizedErrors:
                 )
             )
             column += horizon
-        self.width = column
+        self._recent = column  # the recent errors' two columns
+        self.width = column + 2
         self._metrics = metrics
 
     def update(self, extra: F64, slots: I64, steps: I64, values: F32, forecasts: F32) -> None:
@@ -136,6 +146,8 @@ class RealizedErrors:
                     errors[k, s - lag <= g] = np.nan
             errors[:, ~paired] = np.nan
             tracked.tallies.add(np.abs(errors, out=errors))
+            if tracked is self._tracked[0]:
+                self._follow(cols, errors[:2], s - h == g + 1)
             if h == 1:
                 ring[:, 0] = forecasts[:, tracked.output]
             else:
@@ -145,6 +157,23 @@ class RealizedErrors:
         else:
             levels[rows, s % size] = truth
         put_rows(extra, slots, rows_of)
+
+    def _follow(self, cols: F64, errors: F64, first: Bools) -> None:
+        """Each stream's recent errors (model's, naive's) after this tick's ``errors
+        [2, n]`` (NaN: none judged); ``first``: its first judged forecast since its
+        history (re)started, where the average starts."""
+        recent = cols[:, self._recent : self._recent + 2]
+        moved = recent + _RECENT_ALPHA * (errors.T - recent)
+        judged = ~np.isnan(errors[0])
+        recent[:] = np.where(judged[:, None], np.where(first[:, None], errors.T, moved), recent)
+
+    def recent(self, extra: F64, slots: I64, steps: I64) -> F64:
+        """``[n, 2]``: the streams' recent absolute errors, the model's and the naive
+        forecast's; NaN for a stream without a judged forecast since its history began."""
+        out = extra[slots, self.base + self._recent : self.base + self._recent + 2].copy()
+        unjudged = steps - self._tracked[0].horizon <= extra[slots, self.base]
+        out[unjudged] = np.nan
+        return out
 
     def clear(self, extra: F64, slots: I64) -> None:
         """Forget the streams' history (a reset before their tick)."""

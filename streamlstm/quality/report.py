@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["ErrorTotals", "HorizonQuality", "QualityReport", "TallyGroup"]
+__all__ = ["ErrorTotals", "HorizonQuality", "QualityReport", "StreamError", "TallyGroup"]
 
 F64 = npt.NDArray[np.float64]
 
@@ -121,6 +121,18 @@ class HorizonQuality:
         for name, base in self.baselines.items():
             out[name] = 1.0 - self.model.mean / base.mean if base.mean else math.nan
         return out
+
+
+@dataclass(frozen=True)
+class StreamError:
+    """One stream's recent absolute error (``Engine.worst_streams``): the model's and
+    its naive forecast's, exponentially weighted over its own last ticks, and the
+    ticks since its state last started from zero."""
+
+    stream: str
+    recent_abs_error: float
+    recent_baseline_abs_error: float
+    steps: int
 
 
 @dataclass(frozen=True, eq=False)

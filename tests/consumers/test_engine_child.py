@@ -165,3 +165,27 @@ def test_a_stream_that_ends_in_one_partition_and_begins_in_another(
     child.step(_request(["t"], np.ones((1, 2)), [5], part=0, ends=[True]))
     assert child.drop({0}) == 0
     assert child.checkpoint() == []
+
+
+def test_the_worst_streams_ride_with_the_stats_refreshed_at_most_each_interval() -> None:
+    from streamlstm import Bundle, ModelConfig, OutputSpec
+
+    bundle = Bundle.random(
+        ModelConfig(input_size=1, hidden_sizes=(4,), output_size=1),
+        outputs=OutputSpec(target_feature=0),
+    )
+    now = [0.0]
+    child = ChildEngine(Engine(bundle), worst_interval_s=10.0, clock=lambda: now[0])
+    assert child.stats.worst_streams == ()  # ranked at once: nothing held yet
+    ramp = np.arange(8, dtype=np.float64)[:, None]
+    child.step(_request(["calm"] * 8, ramp, list(range(8)), part=0))
+    assert (
+        child.step(
+            _request(["wild"] * 8, ramp * 50, list(range(8, 16)), part=0)
+        ).stats.worst_streams
+        == ()
+    )
+    now[0] = 10.0
+    worst = child.stats.worst_streams
+    assert [w.stream for w in worst] == ["wild", "calm"]
+    assert worst == tuple(child.engine.worst_streams(5))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -77,3 +79,20 @@ def test_a_model_that_cannot_be_judged_exports_nothing() -> None:
     engine = Engine(plain)
     engine.step(["a"], np.zeros((1, 2), np.float32))
     assert _samples(engine) == {}
+
+
+def test_the_summary_names_the_worst_streams() -> None:
+    from prometheus_client import CollectorRegistry as Registry
+
+    from streamlstm.consumers.metrics import ServeMetrics
+    from streamlstm.consumers.reporting import Reporter
+    from streamlstm.quality import StreamError
+
+    reporter = Reporter(ServeMetrics(Registry()), instance_id="i", clock=lambda: 1.0)
+    bundle = Bundle.random(ModelConfig(input_size=1, hidden_sizes=(4,), output_size=1))
+    stats = Engine(bundle).stats
+    worst = (StreamError("pump-7", 2.5, 0.5, 40),)
+    summary = reporter.summary(replace(stats, worst_streams=worst), 1.0, {})
+    assert summary["worst_streams"] == [
+        {"stream": "pump-7", "recent_abs_error": 2.5, "recent_baseline_abs_error": 0.5, "steps": 40}
+    ]

@@ -273,3 +273,31 @@ def test_the_report_tells_spans_apart() -> None:
     span = last.since(first)
     assert span.horizons[0].model.count == last.horizons[0].model.count - (10 - H)
     assert math.isnan(first.since(first).horizons[0].model.mean)
+
+
+def test_the_worst_streams_are_ranked_by_their_own_recent_error() -> None:
+    rng = np.random.default_rng(9)
+    calm = _streams(rng, [60])["s0"]
+    wild = calm.copy()
+    wild[:, TARGET] += 50  # far off what the model forecasts
+    engine = Engine(_forecaster())
+    out = {}
+    for name, x in (("calm", calm), ("wild", wild), ("new", calm[:2])):
+        out[name] = engine.step([name] * len(x), x).predictions[:, 0]
+    worst = engine.worst_streams(5)
+    assert [w.stream for w in worst] == ["wild", "calm"]  # "new" has no judged forecast
+    assert engine.worst_streams(1) == worst[:1]
+    # The recent error is the EW mean (span 100, from the first) of the stream's errors.
+    alpha = 2 / 101
+    errors = np.abs(out["wild"][: 60 - H].astype(np.float64) - wild[H:, TARGET])
+    naive = np.abs(wild[: 60 - H, TARGET].astype(np.float64) - wild[H:, TARGET])
+    for series, got in (
+        (errors, worst[0].recent_abs_error),
+        (naive, worst[0].recent_baseline_abs_error),
+    ):
+        ew = series[0]
+        for e in series[1:]:
+            ew += alpha * (e - ew)
+        assert got == pytest.approx(ew, rel=1e-9)
+    assert worst[0].steps == 60
+    assert Engine(Bundle.random(ModelConfig(input_size=1, hidden_sizes=(4,)))).worst_streams() == []
