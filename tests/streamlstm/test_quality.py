@@ -250,12 +250,12 @@ def test_nothing_is_measured_where_the_model_cannot_be_judged() -> None:
     [({"season": -1}, "season"), ({"drift_window_ticks": 0}, "drift_window_ticks")],
 )
 def test_bad_quality_configs_are_refused_by_name(kwargs: dict[str, int], field: str) -> None:
-    with pytest.raises(ConfigError, match=f"quality.{field}"):
+    with pytest.raises(ConfigError, match=rf"quality\.{field}"):
         QualityConfig(**kwargs)  # type: ignore[arg-type]
 
 
 def test_bad_training_statistics_are_refused_by_name() -> None:
-    with pytest.raises(ConfigError, match="training.inputs"):
+    with pytest.raises(ConfigError, match=r"training\.inputs"):
         Engine(_forecaster(inputs={"mean": [0.0], "std": [1.0]}))
     with pytest.raises(ConfigError, match="training input statistics"):
         InputDrift([0.0, 1.0], [1.0], 10)
