@@ -6,11 +6,14 @@ tick meets this tick's target value. Per stream, the state store's ``extra``
 columns keep what that needs, so it is reset, evicted, snapshotted,
 changelogged and restored with ``(h, c)``:
 
-- column 0, the *gap step* ``g``: the stream's step count at or before which
-  its history has a hole (a refused tick); a forecast made at step ``s - h``
-  meets the truth at step ``s`` only when ``s - h > g``, so a reset (the step
-  count starts again and ``g`` is zeroed), an end or a gap never pairs a
-  forecast with the wrong truth;
+- column 0, the *start*: the first step whose forecast may be judged. A
+  forecast made at step ``s - h`` meets the truth at step ``s`` only when
+  ``s - h >= start``. A hole in the history after step ``g`` (a refused
+  tick) moves the start to ``g + 1``; a reset or an end zeroes it, and a zero
+  start becomes the step of the stream's next tick: so a fresh stream, one
+  restored from a state saved without these columns (an older daemon's, or
+  with the figures off) and one that starts again all begin at a known point,
+  and no forecast is ever paired with the wrong truth;
 - a ring of the last ``R`` target values (``R``: the longest horizon or
   season), for the naive baselines: persistence (the value ``h`` ticks before
   the truth) and, where ``train`` used one, seasonal persistence (the value
@@ -124,7 +127,10 @@ class RealizedErrors:
         # Whole rows: numpy gathers and scatters them far faster than a block of columns.
         rows_of = extra.take(slots, axis=0)
         cols = rows_of[:, self.base : self.base + self.width]
-        s, g = steps, cols[:, 0]
+        s = steps
+        # A zero start (fresh, reset, or restored without these columns): this tick.
+        start = np.where(cols[:, 0] == 0.0, s, cols[:, 0])
+        cols[:, 0] = start
         truth = values.astype(np.float64)
         size = self._levels
         levels = cols[:, 1 : 1 + size]
@@ -133,7 +139,7 @@ class RealizedErrors:
             h = tracked.horizon
             ring = cols[:, tracked.ring : tracked.ring + h]
             where = s % h
-            paired = s - h > g
+            paired = s - h >= start
             errors = np.empty((1 + len(tracked.lags), slots.size))
             # h == 1 (the common case): each ring is one column, no gather.
             errors[0] = (ring[:, 0] if h == 1 else ring[rows, where]) - truth
@@ -143,11 +149,11 @@ class RealizedErrors:
                 )
                 errors[k] = naive - truth
                 if lag != h:  # a longer lag (a season) needs a longer history
-                    errors[k, s - lag <= g] = np.nan
+                    errors[k, s - lag < start] = np.nan
             errors[:, ~paired] = np.nan
             tracked.tallies.add(np.abs(errors, out=errors))
             if tracked is self._tracked[0]:
-                self._follow(cols, errors[:2], s - h == g + 1)
+                self._follow(cols, errors[:2], s - h == start)
             if h == 1:
                 ring[:, 0] = forecasts[:, tracked.output]
             else:
@@ -171,7 +177,8 @@ class RealizedErrors:
         """``[n, 2]``: the streams' recent absolute errors, the model's and the naive
         forecast's; NaN for a stream without a judged forecast since its history began."""
         out = extra[slots, self.base + self._recent : self.base + self._recent + 2].copy()
-        unjudged = steps - self._tracked[0].horizon <= extra[slots, self.base]
+        start = extra[slots, self.base]
+        unjudged = (start == 0.0) | (steps - self._tracked[0].horizon < start)
         out[unjudged] = np.nan
         return out
 
@@ -183,7 +190,7 @@ class RealizedErrors:
         """No forecast made at or before ``step`` meets a truth after it (a hole in the
         streams' history after that step)."""
         column = extra[:, self.base]
-        column[slots] = np.maximum(column[slots], step)
+        column[slots] = np.maximum(column[slots], step + 1)
 
     def report(self) -> tuple[HorizonQuality, ...]:
         out = []

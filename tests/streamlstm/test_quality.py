@@ -301,3 +301,22 @@ def test_the_worst_streams_are_ranked_by_their_own_recent_error() -> None:
         assert got == pytest.approx(ew, rel=1e-9)
     assert worst[0].steps == 60
     assert Engine(Bundle.random(ModelConfig(input_size=1, hidden_sizes=(4,)))).worst_streams() == []
+
+
+def test_a_state_saved_without_the_quality_columns_starts_them_at_its_next_tick() -> None:
+    """An older daemon's changelog (or one with the figures off) holds no forecasts: the
+    first judged forecast is the first one made after the restore."""
+    rng = np.random.default_rng(10)
+    x = _streams(rng, [50])["s0"]
+    old = Engine(_forecaster(), quality=QualityConfig(enabled=False))
+    old.step(["s0"] * 30, x[:30])
+    saved = StreamState.from_bytes(old.store.snapshot(["s0"])["s0"].to_bytes())
+    assert saved.extra == ()
+    new = Engine(_forecaster())
+    new.store.restore({"s0": saved})
+    out = new.step(["s0"] * 20, x[30:]).predictions[:, 0]
+    errors = np.abs(out[: 20 - H].astype(np.float64) - x[30 + H :, TARGET])
+    report = new.quality
+    assert report is not None
+    assert report.horizons[0].model.count == errors.size
+    assert report.horizons[0].model.total == pytest.approx(errors.sum(), rel=1e-12)
