@@ -334,7 +334,40 @@ static int64_t attr_int(PyObject *record, PyObject *name, int *ok) {
     return value;
 }
 
-static PyObject *s_key, *s_value, *s_offset;
+static PyObject *s_key, *s_value, *s_offset, *s_headers, *s_control;
+
+/* 1 where the record carries the control header ("streamlstm-control": wire.control_of
+ * and wire.decode_tick decide), or headers laid out otherwise than a sequence of
+ * (str, value) tuples (they decide too); 0 where it carries none; -1 with an exception
+ * set. No Python code runs while the headers are looked through: only exact str keys
+ * are compared. */
+static int has_control(PyObject *record) {
+    PyObject *headers = PyObject_GetAttr(record, s_headers);
+    if (headers == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError)) return -1;
+        PyErr_Clear(); /* a record without headers is a tick */
+        return 0;
+    }
+    int found = 0;
+    if (headers != Py_None) {
+        if (!PyList_CheckExact(headers) && !PyTuple_CheckExact(headers)) {
+            found = 1;
+        } else {
+            Py_ssize_t n = PySequence_Fast_GET_SIZE(headers);
+            PyObject **items = PySequence_Fast_ITEMS(headers);
+            for (Py_ssize_t i = 0; i < n && !found; i++) {
+                PyObject *item = items[i];
+                if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2 ||
+                    !PyUnicode_CheckExact(PyTuple_GET_ITEM(item, 0)))
+                    found = 1;
+                else if (PyUnicode_Compare(PyTuple_GET_ITEM(item, 0), s_control) == 0)
+                    found = 1;
+            }
+        }
+    }
+    Py_DECREF(headers);
+    return found;
+}
 
 /* ---- decoding ----------------------------------------------------------- */
 
@@ -388,9 +421,11 @@ static PyObject *codec_decode_ticks(PyObject *self, PyObject *args) {
         ((int64_t *)offsets->buf)[i] = attr_int(record, s_offset, &ok);
         PyObject *key = ok ? PyObject_GetAttr(record, s_key) : NULL;
         PyObject *value = key != NULL ? PyObject_GetAttr(record, s_value) : NULL;
+        int control = value != NULL ? has_control(record) : -1;
         Py_DECREF(record);
-        if (value == NULL) {
+        if (control < 0) {
             Py_XDECREF(key);
+            Py_XDECREF(value);
             goto fail;
         }
         const char *id = NULL;
@@ -398,7 +433,7 @@ static PyObject *codec_decode_ticks(PyObject *self, PyObject *args) {
         uint8_t *flag = (uint8_t *)flags->buf + i;
         *flag = 0;
         ((double *)ts->buf)[i] = NAN;
-        if (PyBytes_CheckExact(value) && PyBytes_GET_SIZE(value) <= max_value &&
+        if (!control && PyBytes_CheckExact(value) && PyBytes_GET_SIZE(value) <= max_value &&
             (key == Py_None || PyBytes_CheckExact(key))) {
             /* id points into key's or value's bytes: both held until the text is made */
             if (!decode_one(PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value),
@@ -747,6 +782,10 @@ PyMODINIT_FUNC PyInit__codec(void) {
      * keeps them. */
     if (s_key == NULL && (s_key = PyUnicode_InternFromString("key")) == NULL) return NULL;
     if (s_value == NULL && (s_value = PyUnicode_InternFromString("value")) == NULL) return NULL;
+    if (s_headers == NULL && (s_headers = PyUnicode_InternFromString("headers")) == NULL)
+        return NULL;
+    if (s_control == NULL && (s_control = PyUnicode_InternFromString("streamlstm-control")) == NULL)
+        return NULL;
     if (s_offset == NULL && (s_offset = PyUnicode_InternFromString("offset")) == NULL)
         return NULL;
     return PyModule_Create(&codec_module);

@@ -32,8 +32,11 @@ from streamlstm.consumers.wire import (
     DEFAULT_MAX_FUTURE_MS,
     MAX_STREAM_ID_BYTES,
     MIN_TS_MS,
+    control_of,
     decode_tick,
+    encode_control_ack,
 )
+from streamlstm.control import Control
 from streamlstm.errors import InputError
 
 __all__ = [
@@ -126,6 +129,10 @@ class Batch:
     bad: list[DeadLetter] = field(default_factory=list)
     #: Per (topic, partition): the offset after the poll's last record there.
     next_offsets: dict[Any, int] = field(default_factory=dict)
+    #: Control records (``wire.CONTROL_HEADER``), each placed among the ticks.
+    controls: list[Control] = field(default_factory=list)
+    #: The consumed record of each control (for its acknowledgement).
+    control_records: list[Any] = field(default_factory=list)
 
     def gap_streams(self) -> list[str]:
         """The streams (named by their keys) of the refused records: holes in their
@@ -159,6 +166,7 @@ class Encoded:
     produced: int
     dead: list[DeadLetter]
     event_times: npt.NDArray[np.float64]  # seconds, of the answered ticks that carried one
+    acknowledged: int = 0  # controls applied, each answered on the output topic
 
 
 def decode_poll(
@@ -218,11 +226,16 @@ def decode_poll(
         ids = [None] * n
         offsets[:] = [msg.offset for msg in msgs]
     bad: list[DeadLetter] = []
+    found: list[tuple[int, str, str]] = []  # controls: (row, stream, op)
     valid = (flags & 1).astype(bool)
     if not valid.all():
         for i in np.flatnonzero(~valid).tolist():
             msg = msgs[i]
             try:
+                op = control_of(msg.key, getattr(msg, "headers", None))
+                if op is not None:
+                    found.append((i, msg.key.decode(), op))
+                    continue
                 tick = decode_tick(
                     msg.key,
                     msg.value,
@@ -236,6 +249,8 @@ def decode_poll(
             ids[i], values[i], valid[i] = tick.stream, tick.values, True
             ts[i] = np.nan if tick.ts is None else tick.ts
             flags[i] = 1 | (2 if tick.reset else 0) | (4 if tick.end else 0)
+    controls = _place(found, valid, offsets, partitions)
+    control_records = [consumed(msgs[i], sources[i]) for i, _, _ in found]
     if not valid.all():
         keep = valid.tolist()
         msgs = [msg for msg, ok in zip(msgs, keep, strict=True) if ok]
@@ -256,7 +271,23 @@ def decode_poll(
         count=n,
         bad=bad,
         next_offsets=next_offsets,
+        controls=controls,
+        control_records=control_records,
     )
+
+
+def _place(
+    found: list[tuple[int, str, str]], valid: Bools, offsets: I64, partitions: I64
+) -> list[Control]:
+    """The controls at rows ``found`` of a poll, each after the valid ticks before it."""
+    if not found:
+        return []
+    counts = valid.astype(np.int64)
+    before: I64 = np.cumsum(counts) - counts
+    return [
+        Control(stream, op, int(partitions[i]), int(offsets[i]), int(before[i]))
+        for i, stream, op in found
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +364,7 @@ def encode_outputs(
     has_score: bool,
     dlq_max_record_bytes: int = 1_040_000,
     many: ManySink | None = None,
+    controls_applied: Sequence[bool] = (),
 ) -> Encoded:
     """Send one prediction per answered tick and one dead letter per refused record to ``sink``
     (the predictions to ``many`` at once, where given).
@@ -358,8 +390,27 @@ def encode_outputs(
         produced = len(values)
     for letter in dead:
         add_dead_letter(sink, dlq_topic, letter, dlq_max_record_bytes)
+    acknowledged = _acknowledge(batch, controls_applied, sink, output_topic)
     event_times = event_ts[np.isfinite(event_ts)] / 1000.0
-    return Encoded(produced, dead, event_times)
+    return Encoded(produced, dead, event_times, acknowledged)
+
+
+def _acknowledge(batch: Batch, applied: Sequence[bool], sink: Sink, topic: str) -> int:
+    """One acknowledgement per applied control, keyed by its stream; a control skipped
+    by the skip rule was acknowledged when it was applied."""
+    count = 0
+    for control, record, done in zip(batch.controls, batch.control_records, applied, strict=True):
+        if done:
+            value = encode_control_ack(
+                stream=control.stream,
+                op=control.op,
+                partition=control.partition,
+                offset=control.offset,
+            )
+            stamp = getattr(record, "timestamp", None)
+            sink(topic, control.stream.encode(), value, (), stamp, source=control.partition)
+            count += 1
+    return count
 
 
 def add_dead_letter(sink: Sink, dlq_topic: str, letter: DeadLetter, max_bytes: int) -> None:

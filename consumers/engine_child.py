@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from streamlstm import Bundle, Engine, EngineStats
+from streamlstm import Bundle, Engine, EngineStats, StepResult
 from streamlstm.consumers.engine_protocol import (
     Change,
     ChangesReply,
@@ -60,7 +60,7 @@ from streamlstm.consumers.engine_protocol import (
     frame,
     read_frame,
 )
-from streamlstm.consumers.isolation import step_isolated
+from streamlstm.consumers.isolation import concat_results, slice_request, step_isolated
 from streamlstm.consumers.spool import Spool
 from streamlstm.errors import BundleError, StateError, StreamLSTMError
 from streamlstm.kernels import set_num_threads
@@ -118,27 +118,56 @@ class ChildEngine:
         return {s: p for s, p in held.items() if p is not None}
 
     def step(self, request: StepRequest, *, with_evictions: bool = True) -> StepReply:
-        """``Engine.step``; ``with_evictions=False`` leaves out the evicted states."""
-        engine = self.engine
+        """``Engine.step``, with the request's controls applied among its ticks in order;
+        ``with_evictions=False`` leaves out the evicted states."""
         start = time.perf_counter()
-        result = step_isolated(
-            lambda r: engine.step(
-                r.stream_ids,
-                r.features,
-                resets=r.resets,
-                ends=r.ends,
-                timestamps=r.timestamps,
-                offsets=r.offsets,
-                partitions=r.partitions,
-                gaps=r.gaps,
-            ),
-            request,
-            engine.bundle.config.output_size,
-        )
+        applied: tuple[bool, ...] = ()
+        if request.controls:
+            result, applied = self._with_controls(request)
+        else:
+            result = step_isolated(self._step, request, self.engine.bundle.config.output_size)
         seconds = time.perf_counter() - start
         if not with_evictions and result.evictions:
             result = replace(result, evictions=[])
-        return StepReply(result, self.stats, seconds)
+        return StepReply(result, self.stats, seconds, applied)
+
+    def _step(self, r: StepRequest) -> StepResult:
+        return self.engine.step(
+            r.stream_ids,
+            r.features,
+            resets=r.resets,
+            ends=r.ends,
+            timestamps=r.timestamps,
+            offsets=r.offsets,
+            partitions=r.partitions,
+            gaps=r.gaps,
+        )
+
+    def _with_controls(self, request: StepRequest) -> tuple[StepResult, tuple[bool, ...]]:
+        """The ticks stepped in slices between the controls, each control applied at its
+        place (``Control.before``): one stream's ticks and controls in offset order."""
+        outputs = self.engine.bundle.config.output_size
+        parts: list[tuple[int, StepResult]] = []
+        applied = []
+        done, n = 0, len(request.stream_ids)
+        for control in [*request.controls, None]:
+            until = n if control is None else min(max(control.before, done), n)
+            if until > done:
+                part = slice_request(request, done, until)
+                parts.append((until - done, step_isolated(self._step, part, outputs)))
+                done = until
+            if control is not None:
+                applied.append(
+                    self.engine.control(
+                        control.stream,
+                        control.op,
+                        offset=control.offset,
+                        partition=control.partition,
+                    )
+                )
+        if not parts:
+            parts.append((0, self._step(slice_request(request, 0, 0))))
+        return concat_results(parts), tuple(applied)
 
     def drop(self, partitions: set[int]) -> int:
         """Release the streams of revoked ``partitions``: their new owner restores them,

@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from streamlstm import EngineStats, StepResult
+from streamlstm.control import Control
 
 __all__ = [
     "FRAME_LENGTH",
@@ -74,6 +75,8 @@ class StepRequest:
     partitions: Ints
     #: Streams with a record refused before the engine (``Engine.step``'s ``gaps``).
     gaps: Sequence[str] = ()
+    #: Controls of streams' state (``Engine.control``), each among the ticks.
+    controls: Sequence[Control] = ()
 
 
 # -- requests ----------------------------------------------------------------
@@ -95,6 +98,7 @@ class Step:
     #: Send the evicted streams' states back (``StepResult.evictions``); else left empty.
     with_evictions: bool = False
     gaps: tuple[str, ...] = ()
+    controls: tuple[Control, ...] = ()
 
     @classmethod
     def of(cls, request: StepRequest, *, with_evictions: bool = False) -> Step:
@@ -111,6 +115,7 @@ class Step:
             np.asarray(request.partitions, dtype=np.int64),
             with_evictions,
             tuple(request.gaps),
+            tuple(request.controls),
         )
 
     def request(self) -> StepRequest:
@@ -125,6 +130,7 @@ class Step:
             self.offsets,
             self.partitions,
             self.gaps,
+            self.controls,
         )
 
 
@@ -181,11 +187,14 @@ class StartReply:
 
 @dataclass(frozen=True, eq=False)
 class StepReply:
-    """One step's result, the engine's figures after it, and its compute time (seconds)."""
+    """One step's result, the engine's figures after it, and its compute time (seconds);
+    ``controls_applied[i]``: whether the request's control i was applied (False: its
+    stream's state already reflected it, the skip rule)."""
 
     result: StepResult
     stats: EngineStats
     seconds: float
+    controls_applied: tuple[bool, ...] = ()
 
 
 class Change(NamedTuple):

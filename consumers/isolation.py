@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 
 from streamlstm import StepResult
 from streamlstm.engine import Rejection
@@ -26,7 +27,7 @@ from streamlstm.errors import StreamLSTMError
 if TYPE_CHECKING:  # engine_process imports this module
     from streamlstm.consumers.engine_protocol import StepRequest
 
-__all__ = ["step_isolated"]
+__all__ = ["concat_results", "slice_request", "step_isolated"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,29 +46,30 @@ def step_isolated(
             len(request.stream_ids),
             exc_info=True,
         )
-    parts: list[StepResult] = []
+    parts: list[tuple[int, StepResult]] = []
     failures: list[Rejection] = []
     for i in range(len(request.stream_ids)):
-        one = dataclasses.replace(
-            request,
-            stream_ids=request.stream_ids[i : i + 1],
-            features=request.features[i : i + 1],
-            resets=request.resets[i : i + 1],
-            ends=request.ends[i : i + 1],
-            timestamps=request.timestamps[i : i + 1],
-            offsets=request.offsets[i : i + 1],
-            partitions=request.partitions[i : i + 1],
-        )
         try:
-            parts.append(step(one))
+            parts.append((1, step(slice_request(request, i, i + 1))))
         except Exception as exc:
             failures.append(Rejection(i, "engine", f"step failed: {exc!r}"))
-            parts.append(_refused(outputs))
-    return _concat(parts, failures)
+            parts.append((1, _refused(outputs)))
+    return concat_results(parts, failures)
 
 
-_NAN = np.full(1, np.nan)
-_NOT = np.zeros(1, dtype=bool)
+def slice_request(request: StepRequest, start: int, stop: int) -> StepRequest:
+    """The ticks ``start:stop`` of a request (its gaps and no controls)."""
+    return dataclasses.replace(
+        request,
+        stream_ids=request.stream_ids[start:stop],
+        features=request.features[start:stop],
+        resets=request.resets[start:stop],
+        ends=request.ends[start:stop],
+        timestamps=request.timestamps[start:stop],
+        offsets=request.offsets[start:stop],
+        partitions=request.partitions[start:stop],
+        controls=(),
+    )
 
 
 def _refused(outputs: int) -> StepResult:
@@ -81,33 +83,46 @@ def _refused(outputs: int) -> StepResult:
     )
 
 
-def _concat(parts: list[StepResult], failures: list[Rejection]) -> StepResult:
-    """One call's result from one-tick results, in order."""
+def concat_results(
+    parts: list[tuple[int, StepResult]], failures: Sequence[Rejection] = ()
+) -> StepResult:
+    """One call's result from the results of its consecutive slices, each with its size
+    (``failures``: rejections of rows of the whole call, added as they are)."""
+    starts = np.cumsum([0] + [size for size, _ in parts]).tolist()
     rejections = [
-        Rejection(i, r.field, r.reason) for i, part in enumerate(parts) for r in part.rejections
+        Rejection(start + r.index, r.field, r.reason)
+        for start, (_, part) in zip(starts, parts, strict=False)
+        for r in part.rejections
     ]
+
+    def column(name: str, blank: Callable[[int], Any]) -> Any:
+        values = [getattr(p, name) for _, p in parts]
+        return np.concatenate(
+            [
+                v if v is not None and v.shape[:1] == (size,) else blank(size)
+                for (size, _), v in zip(parts, values, strict=True)
+            ]
+        )
+
+    nothing = not any(p.skipped.size for _, p in parts)
     return StepResult(
-        np.concatenate([p.predictions for p in parts]),
-        np.concatenate([p.steps for p in parts]),
-        np.concatenate([p.ready for p in parts]),
-        np.concatenate([p.accepted for p in parts]),
-        rejections=sorted(rejections + failures, key=lambda r: r.index),
-        evictions=[e for p in parts for e in p.evictions],
-        scores=np.concatenate(
-            [p.scores if p.scores.size == 1 else np.full(1, np.nan) for p in parts]
-        ),
+        column("predictions", lambda n: np.zeros((n, 0), np.float32)),
+        column("steps", lambda n: np.zeros(n, np.int64)),
+        column("ready", lambda n: np.zeros(n, bool)),
+        column("accepted", lambda n: np.zeros(n, bool)),
+        rejections=sorted([*rejections, *failures], key=lambda r: r.index),
+        evictions=[e for _, p in parts for e in p.evictions],
+        scores=column("scores", lambda n: np.full(n, np.nan)),
         # A tick whose stream's state already reflected it stays unanswered here too.
-        skipped=(
-            np.concatenate([p.skipped if p.skipped.size == 1 else _NOT for p in parts])
-            if any(p.skipped.size for p in parts)
-            else np.zeros(0, dtype=bool)
-        ),
-        threshold=next((p.threshold for p in parts if p.threshold is not None), None),
+        skipped=np.zeros(0, dtype=bool) if nothing else column("skipped", _nots),
+        threshold=next((p.threshold for _, p in parts if p.threshold is not None), None),
         flags=(
-            np.concatenate(
-                [p.flags if p.flags is not None and p.flags.size == 1 else _NAN for p in parts]
-            )
-            if any(p.flags is not None for p in parts)
+            column("flags", lambda n: np.full(n, np.nan))
+            if any(p.flags is not None for _, p in parts)
             else None
         ),
     )
+
+
+def _nots(n: int) -> npt.NDArray[np.bool_]:
+    return np.zeros(n, dtype=bool)

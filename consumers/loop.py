@@ -81,7 +81,8 @@ class Model:
 @dataclass
 class _InFlight:
     batch: Batch
-    step: asyncio.Future[tuple[StepResult | None, float]]
+    #: The step's result (None: no ticks), its seconds, which controls it applied.
+    step: asyncio.Future[tuple[StepResult | None, float, tuple[bool, ...]]]
 
 
 class PollLoop:
@@ -220,10 +221,10 @@ class PollLoop:
         self._tasks.applied(batch.next_offsets)
         return _InFlight(batch, asyncio.ensure_future(self._step(batch)))
 
-    async def _step(self, batch: Batch) -> tuple[StepResult | None, float]:
+    async def _step(self, batch: Batch) -> tuple[StepResult | None, float, tuple[bool, ...]]:
         gaps = batch.gap_streams()
-        if not batch.ids and not gaps:
-            return None, 0.0
+        if not batch.ids and not gaps and not batch.controls:
+            return None, 0.0, ()
         request = StepRequest(
             stream_ids=batch.ids,
             features=batch.features(),
@@ -233,10 +234,11 @@ class PollLoop:
             offsets=batch.offsets,
             partitions=batch.partitions,
             gaps=gaps,
+            controls=batch.controls,
         )
         reply = await self._deadline(self._engine.step(request))
-        # Refused records alone: stepped only to mark their streams' gaps, nothing to send.
-        return (reply.result if batch.ids else None), reply.seconds
+        # Refused records and controls alone: no tick answered.
+        return (reply.result if batch.ids else None), reply.seconds, reply.controls_applied
 
     async def _deadline(self, step: Awaitable[_T]) -> _T:
         timeout = self.config.step_timeout_s
@@ -252,7 +254,9 @@ class PollLoop:
     async def _send(self, inflight: _InFlight) -> None:
         cfg = self.config
         batch = inflight.batch
-        result, seconds = await inflight.step
+        result, seconds, applied = await inflight.step
+        for control, done in zip(batch.controls, applied, strict=True):
+            self._metrics.controls.labels(control.op, "applied" if done else "skipped").inc()
         if result is not None:
             if result.skipped.size:
                 self._metrics.skipped.inc(int(result.skipped.sum()))
@@ -271,6 +275,7 @@ class PollLoop:
             has_score=self._model.has_score,
             dlq_max_record_bytes=cfg.dlq_max_record_bytes,
             many=outbox.add_many,
+            controls_applied=applied,
         )
         for letter in encoded.dead:
             self._metrics.dead_letters.labels(letter.field).inc()

@@ -179,6 +179,15 @@ class ServeMetrics:
         registry.register(self.latency_event)
         registry.register(self.latency_receive)
         self.model_info = Info("streamlstm_model", "The model being served", registry=registry)
+        self.controls = Counter(
+            "streamlstm_control_records",
+            "Control records (reset, delete) by outcome: applied, or skipped as already applied",
+            ["op", "outcome"],
+            registry=registry,
+        )
+        for op in ("reset", "delete"):
+            for outcome in ("applied", "skipped"):
+                self.controls.labels(op, outcome)
         self.skipped = Counter(
             "streamlstm_ticks_skipped",
             "Ticks not applied because the stream's state already reflected their offset",

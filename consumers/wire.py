@@ -148,6 +148,30 @@ def _parse(value: bytes) -> object:
         raise InputError("value", "not valid JSON (nested too deeply)") from exc
 
 
+#: The header that makes an input record a control of its stream's state (``control``).
+CONTROL_HEADER = "streamlstm-control"
+
+
+def control_of(key: bytes | None, headers: Sequence[tuple[str, bytes]] | None) -> str | None:
+    """The control an input record carries (``reset`` or ``delete``), or None for a
+    tick. A control names its stream by its key alone (its value is ignored); raises
+    ``InputError`` for a control header with another value, or a key that is no
+    stream id."""
+    values = [v for k, v in headers or () if k == CONTROL_HEADER]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise InputError("headers", f"{CONTROL_HEADER} given {len(values)} times")
+    op = values[0]
+    if op not in (b"reset", b"delete"):
+        shown = op[:40] if isinstance(op, bytes) else type(op).__name__
+        raise InputError("headers", f"{CONTROL_HEADER} must be reset or delete, got {shown!r}")
+    if not key:
+        raise InputError("key", "a control names its stream by the message key: missing")
+    _key_id(key, MAX_STREAM_ID_BYTES)
+    return op.decode()
+
+
 def _short(exc: Exception) -> str:
     text = str(exc)
     return text if len(text) <= 200 else text[:200] + "..."
@@ -278,6 +302,12 @@ def _flag(obj: dict[str, object], name: str) -> bool:
     if not isinstance(raw, bool):
         raise InputError(name, f"expected true or false, got {type(raw).__name__}")
     return raw
+
+
+def encode_control_ack(*, stream: str, op: str, partition: int, offset: int) -> bytes:
+    """The output record that says a control was applied (keyed by its stream):
+    ``{"stream", "control", "partition", "offset"}``, the control's input position."""
+    return orjson.dumps({"stream": stream, "control": op, "partition": partition, "offset": offset})
 
 
 def encode_prediction(

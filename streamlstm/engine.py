@@ -25,6 +25,7 @@ import numpy.typing as npt
 
 from streamlstm.batching import Rounds
 from streamlstm.bundle import Bundle
+from streamlstm.control import apply_control
 from streamlstm.errors import ConfigError
 from streamlstm.event_clock import EventClock
 from streamlstm.kernels import NativeStep, native_available
@@ -155,6 +156,15 @@ class Engine:
         realized forecast errors against the naive baselines, input drift, anomaly
         rates. Totals only grow; ``later.since(earlier)`` gives a span's figures."""
         return self._quality.report() if self._quality is not None else None
+
+    def control(self, stream: str, op: str, *, offset: int = -1, partition: int = -1) -> bool:
+        """Apply a control to one stream's state, in order with its ticks: ``reset``
+        zeroes it, ``delete`` frees it (see ``control``). ``offset`` and ``partition``
+        are the control's input position, for the skip rule: False where the state
+        already reflects it (nothing changed)."""
+        applied = apply_control(self.store, stream, op, offset=offset, partition=partition)
+        self._counts[f"control_{op}"] += applied
+        return applied
 
     def worst_streams(self, k: int = 5) -> list[StreamError]:
         """The ``k`` held streams with the largest recent absolute error (the first

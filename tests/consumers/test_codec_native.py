@@ -641,3 +641,51 @@ def test_a_codec_path_that_names_no_build_is_an_error(
     monkeypatch.setenv(CODEC_PATH_ENV, str(tmp_path / "_codec.so"))
     with pytest.raises(ConfigError, match="no extension module"):
         codec_module()
+
+
+CONTROL_CASES: list[tuple[bytes | None, Any]] = [
+    (b"s1", (("streamlstm-control", b"reset"),)),
+    (b"s2", [("trace", b"x"), ("streamlstm-control", b"delete")]),
+    (b"s3", (("streamlstm-control", b"pause"),)),  # no such control: a dead letter
+    (b"s4", (("streamlstm-control", b"reset"), ("streamlstm-control", b"reset"))),
+    (None, (("streamlstm-control", b"reset"),)),  # names no stream
+    (b"\xff", (("streamlstm-control", b"delete"),)),
+    (b"s5", (("other", b"reset"),)),  # any other header: a tick like any other
+    (b"s6", [["streamlstm-control", b"reset"]]),  # laid out oddly: wire reads it all the same
+    (b"s7", (("streamlstm-control", "reset"),)),  # a str value is no control
+]
+
+
+def test_control_records_are_placed_among_the_ticks_the_same_with_and_without_c(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tick = b'{"values": [1.0]}'
+    msgs = [Rec("in", 0, 0, b"t", tick)]
+    for i, (key, headers) in enumerate(CONTROL_CASES, start=1):
+        # A control's value is ignored: a tick's here, which the C codec must not take.
+        msgs.append(Rec("in", 0, 2 * i - 1, key, tick, headers=headers))  # type: ignore[arg-type]
+        msgs.append(Rec("in", 0, 2 * i, b"t", tick))
+
+    def poll() -> Batch:
+        batch = decode_poll(
+            {("in", 0): msgs}, assigned={("in", 0)}, input_size=1, max_value_bytes=99, received=0
+        )
+        assert batch is not None
+        return batch
+
+    native, reference = _both(monkeypatch, poll)
+    _same_batches(native, reference)
+    assert native.controls == reference.controls
+    assert [(c.stream, c.op, c.offset, c.before) for c in native.controls] == [
+        ("s1", "reset", 1, 1),
+        ("s2", "delete", 3, 2),
+        ("s6", "reset", 15, 9),
+    ]
+    refused = {d.record.offset: (d.field, d.reason) for d in native.bad}
+    assert refused[5] == ("headers", "streamlstm-control must be reset or delete, got b'pause'")
+    assert refused[7] == ("headers", "streamlstm-control given 2 times")
+    assert refused[9][0] == "key" and refused[11][0] == "key"
+    # Another header leaves a tick.
+    assert 13 in {r.offset for r in native.records}
+    assert refused[17][0] == "headers" and 15 not in refused
+    assert [r.offset for r in native.control_records] == [1, 3, 15]
