@@ -663,7 +663,7 @@ def test_control_records_are_placed_among_the_ticks_the_same_with_and_without_c(
     msgs = [Rec("in", 0, 0, b"t", tick)]
     for i, (key, headers) in enumerate(CONTROL_CASES, start=1):
         # A control's value is ignored: a tick's here, which the C codec must not take.
-        msgs.append(Rec("in", 0, 2 * i - 1, key, tick, headers=headers))  # type: ignore[arg-type]
+        msgs.append(Rec("in", 0, 2 * i - 1, key, tick, headers=headers))
         msgs.append(Rec("in", 0, 2 * i, b"t", tick))
 
     def poll() -> Batch:
