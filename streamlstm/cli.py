@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": (_TRAINING, "evaluate a bundle on a data file through the serving engine"),
     "import": (_TRAINING, "import a PyTorch state dict or a Keras 3 .keras model"),
     "serve": (_DAEMON, "run the Kafka inference daemon"),
+    "streams": (
+        f"{_DAEMON[:-4]}.streams_cli",
+        "reset or delete one stream's state (a control record)",
+    ),
     "produce": (f"{_DEVTOOLS}.replay", "replay a data file as ticks onto a topic"),
     "tail": (f"{_DEVTOOLS}.replay", "print messages from a topic as they arrive"),
     "broker": (f"{_DEVTOOLS}.brokers", "a local broker (Apache Kafka or Tansu) until Ctrl-C"),

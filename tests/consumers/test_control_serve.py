@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -187,3 +188,39 @@ def test_a_reset_survives_a_kill_9_between_its_acknowledgement_and_the_next_chec
         assert len(acks) == 1 and all(len(v) == 1 for v in by_tick.values())
     else:
         assert len(acks) == 2  # answered again after the kill, from the same place
+
+
+def test_the_streams_command_sends_a_control_and_waits_for_its_acknowledgement(
+    bootstrap: str, make_topics: Any, tmp_path: Path
+) -> None:
+    model_dir = saved_bundle(tmp_path)
+    src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=2)
+    config = serve_config(model_dir, bootstrap, src, out, dlq, state="memory")
+    command = [sys.executable, "-m", "streamlstm.cli", "streams"]
+    where = ["--input-topic", src, "--bootstrap-servers", bootstrap]
+
+    async def run(*argv: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            *command, *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
+        stdout, stderr = await proc.communicate()
+        assert proc.returncode is not None
+        return proc.returncode, stdout.decode(), stderr.decode()
+
+    async def scenario() -> tuple[tuple[int, str, str], tuple[int, str, str]]:
+        async with Server(config) as server:
+            await send_raw(bootstrap, src, tick_messages([("pump", [1.0, 2.0], False)], 0))
+            await read_all(bootstrap, out, 1, timeout_s=30)
+            waited = await run("reset", "pump", *where, "--output-topic", out, "--wait-s", "30")
+            server.request_stop()
+            await server.wait()
+        # Nobody serves now: sent, not acknowledged in time.
+        late = await run("delete", "pump", *where, "--output-topic", out, "--wait-s", "2")
+        return waited, late
+
+    waited, late = asyncio.run(scenario())
+    assert waited[0] == 0, waited
+    sent, ack = map(json.loads, waited[1].splitlines())
+    assert sent["sent"] == "reset" and ack["control"] == "reset" and ack["stream"] == "pump"
+    assert (ack["partition"], ack["offset"]) == (sent["partition"], sent["offset"])
+    assert late[0] == 3 and "not acknowledged within 2 s" in late[2]
