@@ -32,6 +32,7 @@ from streamlstm.consumers.wire import (
     DEFAULT_MAX_FUTURE_MS,
     MAX_STREAM_ID_BYTES,
     MIN_TS_MS,
+    Tick,
     control_of,
     decode_tick,
     encode_control_ack,
@@ -200,12 +201,7 @@ def decode_poll(
     ts = np.empty(n, dtype=np.float64)
     flags = np.zeros(n, dtype=np.uint8)  # bit 0: valid; 1: reset; 2: end
     offsets = np.empty(n, dtype=np.int64)
-    partitions = np.empty(n, dtype=np.int64)
-    start = 0
-    for tp in next_offsets:  # in the order of msgs: one span per partition
-        count = len(records[tp])
-        partitions[start : start + count] = tp[1]  # (topic, partition), as TopicPartition
-        start += count
+    partitions = _partitions(records, next_offsets, n)
     native = codec_module()
     ids: list[str | None]
     if native is not None:
@@ -232,19 +228,12 @@ def decode_poll(
         for i in np.flatnonzero(~valid).tolist():
             msg = msgs[i]
             try:
-                op = control_of(msg.key, getattr(msg, "headers", None))
-                if op is not None:
-                    found.append((i, msg.key.decode(), op))
-                    continue
-                tick = decode_tick(
-                    msg.key,
-                    msg.value,
-                    input_size=input_size,
-                    max_value_bytes=max_value_bytes,
-                    now_ms=now_ms,
-                )
+                tick = _decide(msg, input_size, max_value_bytes, now_ms)
             except InputError as exc:
                 bad.append(DeadLetter(consumed(msg, sources[i]), exc.field, exc.reason))
+                continue
+            if isinstance(tick, str):
+                found.append((i, msg.key.decode(), tick))
                 continue
             ids[i], values[i], valid[i] = tick.stream, tick.values, True
             ts[i] = np.nan if tick.ts is None else tick.ts
@@ -273,6 +262,28 @@ def decode_poll(
         next_offsets=next_offsets,
         controls=controls,
         control_records=control_records,
+    )
+
+
+def _partitions(records: Mapping[Any, Sequence[Any]], taken: Mapping[Any, int], n: int) -> I64:
+    """Each taken record's partition, in the order they were gathered: one span each."""
+    partitions = np.empty(n, dtype=np.int64)
+    start = 0
+    for tp in taken:
+        count = len(records[tp])
+        partitions[start : start + count] = tp[1]  # (topic, partition), as TopicPartition
+        start += count
+    return partitions
+
+
+def _decide(msg: Any, input_size: int, max_value_bytes: int, now_ms: float) -> Tick | str:
+    """A record the C codec left to Python: a control (its op) or a tick; raises
+    ``InputError`` for one that is neither."""
+    op = control_of(msg.key, getattr(msg, "headers", None))
+    if op is not None:
+        return op
+    return decode_tick(
+        msg.key, msg.value, input_size=input_size, max_value_bytes=max_value_bytes, now_ms=now_ms
     )
 
 

@@ -193,6 +193,10 @@ class ServeMetrics:
             "Ticks not applied because the stream's state already reflected their offset",
             registry=registry,
         )
+        self._durability(registry)
+
+    def _durability(self, registry: CollectorRegistry) -> None:
+        """Checkpoints, restores and transactions (durable state; 0 in memory mode)."""
         self.checkpoints = Counter(
             "streamlstm_checkpoints",
             "Checkpoints completed (changelog, then offsets)",

@@ -24,14 +24,14 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from streamlstm.consumers.devtools.apache_kafka import KafkaCluster
-from tests.consumers.conftest import await_answers, read_all, send_raw, start_serve
+from tests.consumers.conftest import send_raw, start_serve
 from tests.helpers.polling import wait_for
 from tests.helpers.serving import (
     check_against_oracle,
     committed_offsets,
-    end_offsets,
     engine_child_pid,
     random_ticks,
+    read_answers,
     saved_bundle,
     scraped_total,
     serve_cmd,
@@ -77,23 +77,6 @@ def _holds_partitions(log: Path) -> bool:
 
 
 GUARANTEES = pytest.mark.parametrize("guarantee", ["at-least-once", "exactly-once"])
-
-
-def _read_answers(
-    bootstrap: str, topic: str, metas: list[Any], guarantee: str, group: str, src: str
-) -> list[Any]:
-    """Wait until every tick is answered and the group committed them all (nothing is
-    answered again after that), then every answer (only the committed ones in
-    exactly-once mode: what a read_committed consumer sees)."""
-    isolation = "read_committed" if guarantee == "exactly-once" else "read_uncommitted"
-    await_answers(bootstrap, topic, metas, timeout_s=180, isolation_level=isolation)
-    ends = end_offsets(metas)
-
-    def committed() -> bool:
-        return asyncio.run(committed_offsets(bootstrap, group, src, max(ends) + 1)) == ends
-
-    wait_for(committed, 60, f"the commit of {ends}")
-    return asyncio.run(read_all(bootstrap, topic, 10**9, timeout_s=5, isolation_level=isolation))
 
 
 def _check_repeats(guarantee: str, by_tick: dict[Any, list[Any]], ticks: int) -> None:
@@ -152,7 +135,7 @@ def test_kill_9_of_the_daemon_and_of_its_engine_loses_no_tick_and_doubles_none(
             proc.wait()
     final = start_serve(cmd, tmp_path / "serve-final.log")[0]
     try:
-        outputs = _read_answers(bootstrap, out, metas, guarantee, group, src)
+        outputs = read_answers(bootstrap, out, metas, guarantee, group, src)
     finally:
         final.send_signal(signal.SIGTERM)
         final.wait(timeout=60)
@@ -213,7 +196,7 @@ def test_a_group_scaling_out_and_in_with_a_kill_moves_every_stream_with_its_stat
         for thread, sent in waves:
             thread.join()
             metas += sent
-        outputs = _read_answers(bootstrap, out, metas, guarantee, group, src)
+        outputs = read_answers(bootstrap, out, metas, guarantee, group, src)
     finally:
         for proc in members.values():
             proc.send_signal(signal.SIGTERM)
@@ -268,7 +251,7 @@ def test_a_broker_node_killed_and_restarted_mid_stream_loses_nothing(
             time.sleep(3.0)
             cluster.restart(2)
             sender.join()
-            outputs = _read_answers(bootstrap, out, metas, guarantee, group, src)
+            outputs = read_answers(bootstrap, out, metas, guarantee, group, src)
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -19,12 +19,12 @@ import pytest
 
 from streamlstm.consumers.server import Server
 from tests.consumers.conftest import read_all, send_raw, start_serve
-from tests.consumers.test_chaos import _read_answers
 from tests.helpers.polling import wait_for
 from tests.helpers.serving import (
     Tick,
     check_against_oracle,
     random_ticks,
+    read_answers,
     saved_bundle,
     serve_cmd,
     serve_config,
@@ -171,7 +171,7 @@ def test_a_reset_survives_a_kill_9_between_its_acknowledgement_and_the_next_chec
     proc = start_serve(cmd, tmp_path / "serve-2.log")[0]
     try:
         metas += asyncio.run(send_raw(bootstrap, src, tick_messages(last, 80), STRONG))
-        outputs = _read_answers(bootstrap, out, metas, guarantee, group, src)
+        outputs = read_answers(bootstrap, out, metas, guarantee, group, src)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from streamlstm import Affine, Bundle, ModelConfig
 from streamlstm.consumers.settings import ServeConfig
 from tests.conftest import default_state
+from tests.consumers.conftest import await_answers, read_all
 from tests.helpers.polling import wait_for
 from tests.streamlstm.oracle import expected_outputs
 
@@ -228,3 +229,20 @@ def wait_consumed(port: int, ticks: float, timeout_s: float = 60) -> None:
     """Until the daemon's /metrics counts ``ticks`` consumed messages (or more)."""
     name = "streamlstm_ticks_consumed"
     wait_for(lambda: scraped_total(port, name) >= ticks, timeout_s, f"{ticks:g} ticks consumed")
+
+
+def read_answers(
+    bootstrap: str, topic: str, metas: list[Any], guarantee: str, group: str, src: str
+) -> list[Any]:
+    """Wait until every tick is answered and the group committed them all (nothing is
+    answered again after that), then every answer (only the committed ones in
+    exactly-once mode: what a read_committed consumer sees)."""
+    isolation = "read_committed" if guarantee == "exactly-once" else "read_uncommitted"
+    await_answers(bootstrap, topic, metas, timeout_s=180, isolation_level=isolation)
+    ends = end_offsets(metas)
+
+    def committed() -> bool:
+        return asyncio.run(committed_offsets(bootstrap, group, src, max(ends) + 1)) == ends
+
+    wait_for(committed, 60, f"the commit of {ends}")
+    return asyncio.run(read_all(bootstrap, topic, 10**9, timeout_s=5, isolation_level=isolation))
