@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py streamlstm/_kernels.c consumers/_codec.c constraints.txt
+$(STAMP): pyproject.toml setup.py streamlstm/_kernels.c consumers/codec/_codec.c constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# Built against the venv's own OpenBLAS (no build isolation): the kernels' rpath then
@@ -37,7 +37,7 @@ test-unit: $(STAMP)
 # before pytest collects every test, tests/deploy and the `cluster` ones included.
 test: lint typecheck deploy-tools pytest test-sanitize
 
-# The codec (consumers/_codec.c) parses untrusted Kafka bytes: its tests run again
+# The codec (consumers/codec/_codec.c) parses untrusted Kafka bytes: its tests run again
 # against a build with AddressSanitizer and UBSan, in its own folder (the installed
 # build is left alone), loaded through STREAMLSTM_CODEC_PATH. The interpreter is not
 # instrumented, so the ASan runtime is preloaded; PYTHONMALLOC=malloc lets ASan see the
@@ -55,14 +55,14 @@ test-sanitize: $(STAMP)
 	rm -rf $(SAN_DIR) && mkdir -p $(SAN_DIR)
 	$(SAN_CC) $(SAN_FLAGS) -Wall -fPIC -shared \
 		-I"$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
-		consumers/_codec.c -lm -o $(SAN_DIR)/_codec.so
+		consumers/codec/_codec.c -lm -o $(SAN_DIR)/_codec.so
 	so="$(CURDIR)/$(SAN_DIR)/_codec.so"; report="$(CURDIR)/$(SAN_DIR)/report"; \
 	export STREAMLSTM_CODEC_PATH="$$so" PYTHONMALLOC=malloc \
 		PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" \
 		LD_PRELOAD="$$($(SAN_CC) -print-file-name=libasan.so) $$($(SAN_CC) -print-file-name=libubsan.so)" \
 		ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:log_path=$$report" \
 		UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:log_path=$$report"; \
-	loaded=$$($(BIN)/python -c 'from streamlstm.consumers.native_codec import codec_module; print(codec_module().__file__)'); \
+	loaded=$$($(BIN)/python -c 'from streamlstm.consumers.codec.native import codec_module; print(codec_module().__file__)'); \
 	echo "codec under test: $$loaded"; \
 	test "$$loaded" = "$$so" || { echo "test-sanitize: not the sanitized build"; exit 1; }; \
 	$(BIN)/python -m pytest -p no:cacheprovider $(SAN_TESTS); status=$$?; \

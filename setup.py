@@ -2,7 +2,7 @@
 
 Both are optional: where one cannot be compiled (no C compiler, no OpenMP),
 the install goes on and the engine steps through NumPy alone (``_kernels``),
-the daemon decodes and encodes through wire.py (``consumers/_codec.c``).
+the daemon decodes and encodes through wire.py (``consumers/codec/_codec.c``).
 
 The kernels link OpenBLAS from the ``scipy-openblas32`` wheel, a build
 requirement and a dependency: its ``get_include_dir`` / ``get_lib_dir`` /
@@ -52,8 +52,8 @@ setup(
         # checks it makes) and without OpenMP. `make test-sanitize` builds it again with
         # ASan and UBSan.
         Extension(
-            "streamlstm.consumers._codec",
-            sources=["consumers/_codec.c"],
+            "streamlstm.consumers.codec._codec",
+            sources=["consumers/codec/_codec.c"],
             extra_compile_args=["-O2"],
             extra_link_args=["-lm"],
             optional=True,

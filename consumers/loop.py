@@ -7,7 +7,7 @@ One poll, in order:
    validates the whole poll; bad records are set aside for the dead-letter
    topic.
 2. Submit the batch to the engine, which steps in a child process (see
-   ``engine_process`` for why not a thread). The event loop stays free for
+   ``engine.process`` for why not a thread). The event loop stays free for
    heartbeats and fetches, and decodes the next poll meanwhile.
 3. When the step is done: the codec encodes one prediction per answered
    tick and one dead letter per refused record into an ``Outbox``, which
@@ -32,14 +32,14 @@ from aiokafka import AIOKafkaConsumer
 
 from streamlstm import StepResult
 from streamlstm.consumers.batch_sizing import BatchSizer
-from streamlstm.consumers.codec import Batch, decode_poll, encode_outputs
-from streamlstm.consumers.committer import Committer, Sent
-from streamlstm.consumers.engine_process import EngineClient, StepRequest
-from streamlstm.consumers.engine_protocol import Change
-from streamlstm.consumers.metrics import ServeMetrics
-from streamlstm.consumers.outbox import Box
+from streamlstm.consumers.codec.poll import Batch, decode_poll, encode_outputs
+from streamlstm.consumers.durability.committer import Committer, Sent
+from streamlstm.consumers.durability.tasks import PartitionTasks
+from streamlstm.consumers.engine.process import EngineClient, StepRequest
+from streamlstm.consumers.engine.protocol import Change
+from streamlstm.consumers.kafka.outbox import Box
+from streamlstm.consumers.observability.metrics import ServeMetrics
 from streamlstm.consumers.settings import ServeConfig
-from streamlstm.consumers.tasks import PartitionTasks
 from streamlstm.errors import StreamLSTMError
 
 __all__ = ["Model", "PollLoop", "settle_collector"]

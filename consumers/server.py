@@ -27,17 +27,18 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from prometheus_client import CollectorRegistry
 
 from streamlstm import Bundle, EngineStats
-from streamlstm.consumers import aiokafka_internals
-from streamlstm.consumers.checkpoint import MemoryOnly
-from streamlstm.consumers.committer import Committer
-from streamlstm.consumers.durability import Durability
-from streamlstm.consumers.engine_process import (
+from streamlstm.consumers.durability.checkpoint import MemoryOnly
+from streamlstm.consumers.durability.committer import Committer
+from streamlstm.consumers.durability.modes import Durability
+from streamlstm.consumers.durability.rebalance import RebalanceHandler
+from streamlstm.consumers.durability.tasks import PartitionTasks
+from streamlstm.consumers.engine.process import (
     EngineClient,
     EngineFactory,
     default_engine,
 )
-from streamlstm.consumers.http import HttpEndpoints
-from streamlstm.consumers.kafka import (
+from streamlstm.consumers.kafka import internals as aiokafka_internals
+from streamlstm.consumers.kafka.clients import (
     KafkaClients,
     committed_offset,
     partitions_of,
@@ -45,15 +46,14 @@ from streamlstm.consumers.kafka import (
     start_client,
     stop_client,
 )
+from streamlstm.consumers.kafka.outbox import Box
+from streamlstm.consumers.kafka.rescue import PER_RECORD_ERRORS, Rescuer
 from streamlstm.consumers.loop import Model, PollLoop, settle_collector
-from streamlstm.consumers.metrics import EngineCollector, ServeMetrics
-from streamlstm.consumers.outbox import Box
-from streamlstm.consumers.quality_metrics import QualityCollector
-from streamlstm.consumers.rebalance import RebalanceHandler
-from streamlstm.consumers.reporting import Reporter
-from streamlstm.consumers.rescue import PER_RECORD_ERRORS, Rescuer
+from streamlstm.consumers.observability.http import HttpEndpoints
+from streamlstm.consumers.observability.metrics import EngineCollector, ServeMetrics
+from streamlstm.consumers.observability.quality import QualityCollector
+from streamlstm.consumers.observability.reporting import Reporter
 from streamlstm.consumers.settings import ServeConfig
-from streamlstm.consumers.tasks import PartitionTasks
 from streamlstm.errors import BrokerError
 from streamlstm.kernels import step_name
 

@@ -81,9 +81,9 @@ SCREEN_LINES = 60
 #: shrink, and leave this list once they fit. New code gets no entry.
 TOO_LONG = {
     "training/train.py:_fit": 112,
-    "consumers/metrics.py:__init__": 66,
+    "consumers/observability/metrics.py:__init__": 66,
     "training/cli.py:_train": 85,
-    "consumers/codec.py:decode_poll": 78,
+    "consumers/codec/poll.py:decode_poll": 78,
     "consumers/devtools/bench.py:main": 71,
     "training/cli.py:_import": 70,
     "training/evaluation.py:evaluate": 69,

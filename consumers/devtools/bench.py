@@ -58,7 +58,7 @@ from streamlstm.consumers.devtools.bench_report import (
 from streamlstm.consumers.devtools.bench_state import run_restore_bench
 from streamlstm.consumers.devtools.brokers import describe, local_broker
 from streamlstm.consumers.devtools.replay import replay
-from streamlstm.consumers.engine_process import (
+from streamlstm.consumers.engine.process import (
     EngineFactory,
     default_engine,
 )

@@ -18,7 +18,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer
 
 from streamlstm.consumers.devtools.replay import encode_ticks, replay
-from streamlstm.consumers.kafka import client_options, ensure_topics, start_client
+from streamlstm.consumers.kafka.clients import client_options, ensure_topics, start_client
 from streamlstm.consumers.settings import ServeConfig
 
 __all__ = ["WARMUP_S", "figures", "start_generator", "transport_latency"]

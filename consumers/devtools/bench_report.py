@@ -11,10 +11,10 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from streamlstm import Bundle, EngineStats, StepResult
-from streamlstm.consumers.engine_process import EngineFactory
-from streamlstm.consumers.engine_protocol import Change, RestoreReport, StepReply, StepRequest
+from streamlstm.consumers.engine.process import EngineFactory
+from streamlstm.consumers.engine.protocol import Change, RestoreReport, StepReply, StepRequest
+from streamlstm.consumers.engine.spool import Spool
 from streamlstm.consumers.settings import ServeConfig
-from streamlstm.consumers.spool import Spool
 
 __all__ = [
     "Passthrough",

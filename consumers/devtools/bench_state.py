@@ -24,11 +24,11 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from streamlstm import Bundle, ModelConfig, StreamState
-from streamlstm.consumers.changelog import Changelog, ensure_changelog
-from streamlstm.consumers.engine_process import EngineProcess
-from streamlstm.consumers.kafka import client_options, start_client
-from streamlstm.consumers.metrics import ServeMetrics
-from streamlstm.consumers.outbox import Outbox
+from streamlstm.consumers.durability.changelog import Changelog, ensure_changelog
+from streamlstm.consumers.engine.process import EngineProcess
+from streamlstm.consumers.kafka.clients import client_options, start_client
+from streamlstm.consumers.kafka.outbox import Outbox
+from streamlstm.consumers.observability.metrics import ServeMetrics
 
 __all__ = ["run_restore_bench"]
 

@@ -11,7 +11,7 @@ import argparse
 import os
 from typing import Any
 
-from streamlstm.consumers.kafka import client_options
+from streamlstm.consumers.kafka.clients import client_options
 
 __all__ = ["SECURITY_SETTINGS", "add_connection_arguments", "connection_options"]
 

@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from streamlstm.consumers.devtools.apache_kafka import KafkaCluster
 from streamlstm.consumers.devtools.brokers import describe, local_broker
 from streamlstm.consumers.devtools.tansu import free_port
-from streamlstm.consumers.kafka import client_options, ensure_topics
+from streamlstm.consumers.kafka.clients import client_options, ensure_topics
 from streamlstm.consumers.server import Server
 from streamlstm.consumers.settings import ServeConfig
 from streamlstm.training.train import TrainOptions

@@ -18,8 +18,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from streamlstm import Bundle
 from streamlstm.consumers.devtools.connection import add_connection_arguments, connection_options
-from streamlstm.consumers.kafka import client_options, ensure_topics, partitions_of, start_client
-from streamlstm.consumers.outbox import Outbox
+from streamlstm.consumers.kafka.clients import (
+    client_options,
+    ensure_topics,
+    partitions_of,
+    start_client,
+)
+from streamlstm.consumers.kafka.outbox import Outbox
 from streamlstm.training.data import numeric_columns, read_table, require_columns, time_values
 
 __all__ = ["Encoded", "encode_ticks", "main", "produce_main", "replay", "tail_main"]

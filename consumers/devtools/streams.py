@@ -21,8 +21,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from streamlstm.consumers.codec.wire import CONTROL_HEADER, MAX_STREAM_ID_BYTES
 from streamlstm.consumers.devtools.connection import add_connection_arguments, connection_options
-from streamlstm.consumers.wire import CONTROL_HEADER, MAX_STREAM_ID_BYTES
 
 __all__ = ["main"]
 

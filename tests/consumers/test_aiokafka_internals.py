@@ -1,4 +1,4 @@
-"""The fenced aiokafka internals (``consumers/aiokafka_internals.py``): each fast path is
+"""The fenced aiokafka internals (``consumers/kafka/internals.py``): each fast path is
 engaged on the pinned aiokafka, gives what the public API gives, and falls back to it when
 turned off or when aiokafka's objects are not laid out as checked."""
 
@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from streamlstm.consumers import aiokafka_internals as internals
-from streamlstm.consumers import outbox as outbox_module
-from streamlstm.consumers.outbox import Outbox
+from streamlstm.consumers.kafka import internals
+from streamlstm.consumers.kafka import outbox as outbox_module
+from streamlstm.consumers.kafka.outbox import Outbox
 
 
 @pytest.fixture(autouse=True)

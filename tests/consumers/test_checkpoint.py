@@ -8,10 +8,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from streamlstm.consumers.checkpoint import AtLeastOnce, Checkpoint, ExactlyOnce, MemoryOnly
-from streamlstm.consumers.codec import Batch, Encoded
-from streamlstm.consumers.committer import Committer, Sent
-from streamlstm.consumers.engine_protocol import Change
+from streamlstm.consumers.codec.poll import Batch, Encoded
+from streamlstm.consumers.durability.checkpoint import (
+    AtLeastOnce,
+    Checkpoint,
+    ExactlyOnce,
+    MemoryOnly,
+)
+from streamlstm.consumers.durability.committer import Committer, Sent
+from streamlstm.consumers.engine.protocol import Change
 from streamlstm.errors import BrokerError
 
 TP = ("t", 0)

@@ -11,8 +11,8 @@ import orjson
 import pytest
 
 from streamlstm import StepResult
-from streamlstm.consumers.codec import Batch, decode_poll, encode_outputs
-from streamlstm.consumers.native_codec import codec_module
+from streamlstm.consumers.codec.native import codec_module
+from streamlstm.consumers.codec.poll import Batch, decode_poll, encode_outputs
 from streamlstm.kernels import DISABLE_ENV
 from tests.helpers.codec_records import Read, Rec, Sink
 
@@ -24,7 +24,8 @@ def _the_c_codec_is_built() -> None:
     # STREAMLSTM_NATIVE=0 runs them without it.
     if os.environ.get(DISABLE_ENV) != "0":
         assert codec_module() is not None, (
-            "streamlstm.consumers._codec is not built: reinstall with a C compiler (make clean)"
+            "streamlstm.consumers.codec._codec is not built: reinstall with a C compiler "
+            "(make clean)"
         )
 
 

@@ -22,9 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamlstm import ConfigError, StepResult
-from streamlstm.consumers import codec, native_codec, wire
-from streamlstm.consumers.codec import Batch, decode_poll, encode_outputs
-from streamlstm.consumers.native_codec import CODEC_PATH_ENV, codec_module
+from streamlstm.consumers.codec import native as native_codec
+from streamlstm.consumers.codec import poll as codec
+from streamlstm.consumers.codec import wire
+from streamlstm.consumers.codec.native import CODEC_PATH_ENV, codec_module
+from streamlstm.consumers.codec.poll import Batch, decode_poll, encode_outputs
 from streamlstm.kernels import DISABLE_ENV
 from tests.helpers import fuzz_strategies as fuzz
 from tests.helpers.codec_records import Read, Rec, Sink
@@ -192,7 +194,7 @@ def test_hostile_records_get_the_same_verdicts_and_reasons(
 def test_records_as_read_get_the_verdicts_of_consumer_records(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # What aiokafka_internals.lean_records hands out: the poll's key says topic and partition.
+    # What kafka.internals.lean_records hands out: the poll's key says topic and partition.
     read = _hostile_poll(monkeypatch, Read, 4)
     consumed = _hostile_poll(monkeypatch, lambda i, k, v: Rec("in", 4, i, k, v), 4)
     for batch in (*read, consumed[1]):

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from streamlstm.consumers.checkpoint import MemoryOnly
-from streamlstm.consumers.codec import Batch, Encoded
-from streamlstm.consumers.committer import Committer, Sent
+from streamlstm.consumers.codec.poll import Batch, Encoded
+from streamlstm.consumers.durability.checkpoint import MemoryOnly
+from streamlstm.consumers.durability.committer import Committer, Sent
 from streamlstm.errors import BrokerError
 
 

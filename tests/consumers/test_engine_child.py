@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from streamlstm import Engine, StreamState
-from streamlstm.consumers.engine_child import ChildEngine
-from streamlstm.consumers.engine_process import StepRequest
+from streamlstm.consumers.engine.child import ChildEngine
+from streamlstm.consumers.engine.process import StepRequest
 from tests.conftest import BundleFactory
 
 

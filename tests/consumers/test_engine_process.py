@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 from streamlstm import Bundle, Engine, InputError, ModelConfig, StepResult, StreamLSTMError
-from streamlstm.consumers import spool
-from streamlstm.consumers.engine_child import ChildEngine
-from streamlstm.consumers.engine_process import EngineProcess, StepRequest
-from streamlstm.consumers.isolation import step_isolated
+from streamlstm.consumers.engine import spool
+from streamlstm.consumers.engine.child import ChildEngine
+from streamlstm.consumers.engine.isolation import step_isolated
+from streamlstm.consumers.engine.process import EngineProcess, StepRequest
 from tests.conftest import BundleFactory
 from tests.consumers.conftest import FragileEngine
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from streamlstm import Bundle, Engine, ModelConfig, StreamLSTMError
-from streamlstm.consumers.engine_child import ChildEngine, answer
-from streamlstm.consumers.engine_process import EngineProcess
-from streamlstm.consumers.engine_protocol import (
+from streamlstm.consumers.engine.child import ChildEngine, answer
+from streamlstm.consumers.engine.process import EngineProcess
+from streamlstm.consumers.engine.protocol import (
     ChangesReply,
     Drop,
     DropReply,

@@ -19,7 +19,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 
 from streamlstm import Bundle, Engine, InputError, ModelConfig
-from streamlstm.consumers.wire import decode_tick, encode_prediction
+from streamlstm.consumers.codec.wire import decode_tick, encode_prediction
 from tests.helpers.fuzz_strategies import EXAMPLES, NOW_MS, messages
 
 FIELDS = {"value", "values", "key", "stream", "ts", "reset", "end"}

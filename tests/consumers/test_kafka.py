@@ -1,4 +1,4 @@
-"""The lean consumer (``aiokafka_internals.lean_records``) against a real broker."""
+"""The lean consumer (``kafka.internals.lean_records``) against a real broker."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
-from streamlstm.consumers.kafka import client_options, ensure_topics, start_client
+from streamlstm.consumers.kafka.clients import client_options, ensure_topics, start_client
 
 
 async def _read(bootstrap: str, topic: str, count: int, *, lean: bool) -> dict[Any, list[Any]]:

@@ -9,7 +9,7 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
-from streamlstm.consumers.outbox import Outbox, partition_of
+from streamlstm.consumers.kafka.outbox import Outbox, partition_of
 
 
 def test_partition_of_matches_the_default_partitioner() -> None:

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamlstm import Affine, Bundle, Engine, ModelConfig, OutputSpec
-from streamlstm.consumers.quality_metrics import QualityCollector
+from streamlstm.consumers.observability.quality import QualityCollector
 
 
 def _samples(engine: Engine) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -84,8 +84,8 @@ def test_a_model_that_cannot_be_judged_exports_nothing() -> None:
 def test_the_summary_names_the_worst_streams() -> None:
     from prometheus_client import CollectorRegistry as Registry
 
-    from streamlstm.consumers.metrics import ServeMetrics
-    from streamlstm.consumers.reporting import Reporter
+    from streamlstm.consumers.observability.metrics import ServeMetrics
+    from streamlstm.consumers.observability.reporting import Reporter
     from streamlstm.quality import StreamError
 
     reporter = Reporter(ServeMetrics(Registry()), instance_id="i", clock=lambda: 1.0)

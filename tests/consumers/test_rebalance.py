@@ -8,10 +8,10 @@ from typing import Any
 from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
-from streamlstm.consumers.metrics import ServeMetrics
-from streamlstm.consumers.rebalance import RebalanceHandler
-from streamlstm.consumers.reporting import Reporter
-from streamlstm.consumers.tasks import PartitionTasks
+from streamlstm.consumers.durability.rebalance import RebalanceHandler
+from streamlstm.consumers.durability.tasks import PartitionTasks
+from streamlstm.consumers.observability.metrics import ServeMetrics
+from streamlstm.consumers.observability.reporting import Reporter
 
 TOPIC = "ticks"
 

@@ -16,12 +16,12 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry
 
 from streamlstm import Engine, StreamState
-from streamlstm.consumers import changelog as changelog_module
-from streamlstm.consumers import spool
-from streamlstm.consumers.changelog import Changelog
-from streamlstm.consumers.engine_child import ChildEngine, InProcessEngine
-from streamlstm.consumers.engine_process import EngineProcess, StepRequest
-from streamlstm.consumers.metrics import ServeMetrics
+from streamlstm.consumers.durability import changelog as changelog_module
+from streamlstm.consumers.durability.changelog import Changelog
+from streamlstm.consumers.engine import spool
+from streamlstm.consumers.engine.child import ChildEngine, InProcessEngine
+from streamlstm.consumers.engine.process import EngineProcess, StepRequest
+from streamlstm.consumers.observability.metrics import ServeMetrics
 from tests.conftest import BundleFactory
 
 

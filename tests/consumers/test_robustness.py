@@ -18,7 +18,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from streamlstm import Bundle
-from streamlstm.consumers.engine_child import ChildEngine, InProcessEngine
+from streamlstm.consumers.engine.child import ChildEngine, InProcessEngine
 from streamlstm.consumers.server import Server
 from streamlstm.consumers.settings import ServeConfig
 from tests.consumers.conftest import (

@@ -6,7 +6,7 @@ import pickle
 
 import numpy as np
 
-from streamlstm.consumers.engine_protocol import Step, StepRequest
+from streamlstm.consumers.engine.protocol import Step, StepRequest
 
 
 def _request(ids: list[str]) -> StepRequest:

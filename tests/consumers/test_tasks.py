@@ -8,8 +8,13 @@ from typing import cast
 import pytest
 from aiokafka import TopicPartition
 
-from streamlstm.consumers.tasks import IllegalTransition, PartitionTask, PartitionTasks, TaskState
-from streamlstm.consumers.transactions import PartitionTransaction
+from streamlstm.consumers.durability.tasks import (
+    IllegalTransition,
+    PartitionTask,
+    PartitionTasks,
+    TaskState,
+)
+from streamlstm.consumers.durability.transactions import PartitionTransaction
 from streamlstm.errors import BrokerError
 
 TOPIC = "ticks"

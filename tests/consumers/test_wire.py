@@ -3,7 +3,7 @@ import json
 import pytest
 
 from streamlstm import InputError
-from streamlstm.consumers.wire import decode_tick, encode_prediction
+from streamlstm.consumers.codec.wire import decode_tick, encode_prediction
 
 
 def test_decodes_the_documented_message() -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from streamlstm import InputError
-from streamlstm.consumers.wire import (
+from streamlstm.consumers.codec.wire import (
     DEFAULT_MAX_FUTURE_MS,
     MAX_STREAM_ID_BYTES,
     MIN_TS_MS,

@@ -21,7 +21,7 @@ class Rec:
 
 @dataclass(frozen=True)
 class Read:
-    """A record as aiokafka's record batch reads it (``aiokafka_internals.lean_records``):
+    """A record as aiokafka's record batch reads it (``kafka.internals.lean_records``):
     no topic, no partition; those are the poll's key."""
 
     offset: int

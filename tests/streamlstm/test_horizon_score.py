@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from streamlstm import Bundle, ConfigError, Engine, ModelConfig, OutputSpec, StreamState
-from streamlstm.consumers.wire import UNDEFINED, Undefined, encode_prediction
+from streamlstm.consumers.codec.wire import UNDEFINED, Undefined, encode_prediction
 from streamlstm.quality import QualityConfig
 from tests.helpers.scoring import HORIZONS, SCALE, horizon_scored_bundle
 

@@ -43,7 +43,8 @@ def test_serving_never_imports_torch(tmp_path: Path) -> None:
     code = _WITHOUT_TORCH + (
         "import numpy as np\n"
         "import streamlstm, streamlstm.cli, streamlstm.bench\n"
-        "from streamlstm.consumers import server, engine_child, cli\n"
+        "from streamlstm.consumers import server, cli\n"
+        "from streamlstm.consumers.engine import child\n"
         "from streamlstm import Bundle, Engine, ModelConfig, DependencyError\n"
         f"path = Bundle.random(ModelConfig(input_size=2), seed=1).save({str(tmp_path)!r})\n"
         "engine = Engine(Bundle.load(path))\n"

@@ -32,9 +32,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamlstm.consumers.checkpoint import Checkpoint, Strategy
-from streamlstm.consumers.codec import Batch, Encoded
-from streamlstm.consumers.engine_protocol import Change
+from streamlstm.consumers.codec.poll import Batch, Encoded
+from streamlstm.consumers.durability.checkpoint import Checkpoint, Strategy
+from streamlstm.consumers.engine.protocol import Change
 from streamlstm.errors import BrokerError
 
 __all__ = ["Committer", "Sent"]

@@ -17,7 +17,7 @@ import tempfile
 import numpy as np
 import numpy.typing as npt
 
-from streamlstm.consumers.engine_protocol import Restore
+from streamlstm.consumers.engine.protocol import Restore
 
 __all__ = ["Spool"]
 

@@ -240,7 +240,7 @@ class DropReply:
 
 @dataclass(frozen=True)
 class ErrorReply:
-    """The request raised ``error`` (one that survives pickling; see ``engine_child``)."""
+    """The request raised ``error`` (one that survives pickling; see ``engine.child``)."""
 
     error: Exception
 

@@ -25,8 +25,8 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from aiokafka import ConsumerRebalanceListener, TopicPartition
 
-from streamlstm.consumers.reporting import Reporter
-from streamlstm.consumers.tasks import PartitionTasks
+from streamlstm.consumers.durability.tasks import PartitionTasks
+from streamlstm.consumers.observability.reporting import Reporter
 
 __all__ = ["RebalanceHandler"]
 

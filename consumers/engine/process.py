@@ -13,7 +13,7 @@ last ticked on, and answers requests one at a time, in order. It ignores
 SIGINT and SIGTERM (a Ctrl-C reaches the whole process group; the parent
 decides when the engine stops) and exits when the parent closes the socket
 or dies. The messages, one dataclass per request and per reply, and their
-frames are ``engine_protocol``'s, which both sides import.
+frames are ``engine.protocol``'s, which both sides import.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from streamlstm import Bundle, EngineStats
-from streamlstm.consumers.engine_protocol import (
+from streamlstm.consumers.engine.protocol import (
     FRAME_LENGTH,
     Change,
     ChangesReply,
@@ -55,8 +55,8 @@ from streamlstm.consumers.engine_protocol import (
     TakeChanges,
     frame,
 )
+from streamlstm.consumers.engine.spool import Spool
 from streamlstm.consumers.settings import ServeConfig
-from streamlstm.consumers.spool import Spool
 from streamlstm.errors import StreamLSTMError
 
 __all__ = [
@@ -71,7 +71,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: What the child runs (``python -m``): the engine's side of the socket.
-_CHILD_MODULE = "streamlstm.consumers.engine_child"
+_CHILD_MODULE = "streamlstm.consumers.engine.child"
 #: How long ``close`` gives a killed child to exit.
 _KILLED_EXIT_S = 5.0
 

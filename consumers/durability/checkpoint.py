@@ -29,7 +29,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
-from streamlstm.consumers.engine_protocol import Change
+from streamlstm.consumers.engine.protocol import Change
 from streamlstm.errors import BrokerError
 
 __all__ = [

@@ -27,8 +27,8 @@ from aiokafka.errors import (
     RecordTooLargeError,
 )
 
-from streamlstm.consumers.metrics import ServeMetrics
-from streamlstm.consumers.outbox import Outbox, OutRecord
+from streamlstm.consumers.kafka.outbox import Outbox, OutRecord
+from streamlstm.consumers.observability.metrics import ServeMetrics
 from streamlstm.errors import BrokerError
 
 __all__ = ["PER_RECORD_ERRORS", "Rescuer"]

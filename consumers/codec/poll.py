@@ -27,8 +27,8 @@ import numpy as np
 import numpy.typing as npt
 
 from streamlstm import StepResult
-from streamlstm.consumers.native_codec import codec_module
-from streamlstm.consumers.wire import (
+from streamlstm.consumers.codec.native import codec_module
+from streamlstm.consumers.codec.wire import (
     DEFAULT_MAX_FUTURE_MS,
     MAX_STREAM_ID_BYTES,
     MIN_TS_MS,
@@ -183,7 +183,7 @@ def decode_poll(
     Records of partitions no longer in ``assigned`` (revoked while the poll
     waited) are left out: their new owner reads them. A record's topic and
     partition are its key's: the records themselves may not carry them (see
-    ``aiokafka_internals.lean_records``).
+    ``kafka.internals.lean_records``).
     """
     msgs: list[Any] = []
     sources: list[Any] = []
@@ -304,7 +304,7 @@ def _place(
 @dataclass(frozen=True, slots=True)
 class Consumed:
     """A consumed record with its topic and partition, for one that came without
-    (``aiokafka_internals.lean_records``): what a dead letter reads."""
+    (``kafka.internals.lean_records``): what a dead letter reads."""
 
     topic: str
     partition: int
@@ -389,7 +389,7 @@ def encode_outputs(
     if result is not None:
         event_ts = event_ts[result.accepted]
         # Imported here: predictions builds on this module's Batch and DeadLetter.
-        from streamlstm.consumers.predictions import predictions
+        from streamlstm.consumers.codec.predictions import predictions
 
         keys, values, stamps, rows = predictions(batch, result, model_id, has_score, dead)
         sources = batch.partitions[rows].tolist()

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
-from streamlstm.consumers.aiokafka_internals import raw_append, seal
+from streamlstm.consumers.kafka.internals import raw_append, seal
 
 __all__ = ["Box", "OutRecord", "Outbox", "partition_of"]
 
@@ -116,7 +116,7 @@ class Outbox:
         known = _known.setdefault(count, {})
         opened = self._open
         # Per open batch of this call: the record batch's own append, where that fast
-        # path is engaged (``aiokafka_internals.raw_append``); None: the public append.
+        # path is engaged (``kafka.internals.raw_append``); None: the public append.
         raws: dict[int, Any] = {}
         for key, value, stamp in zip(keys, values, timestamps_ms, strict=True):
             if key is None:

@@ -24,8 +24,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaProducer, TopicPartition
 
-from streamlstm.consumers.changelog import Changelog, ensure_changelog
-from streamlstm.consumers.checkpoint import (
+from streamlstm.consumers.durability.changelog import Changelog, ensure_changelog
+from streamlstm.consumers.durability.checkpoint import (
     AtLeastOnce,
     CommitFn,
     CommittedHook,
@@ -33,13 +33,17 @@ from streamlstm.consumers.checkpoint import (
     MemoryOnly,
     Strategy,
 )
-from streamlstm.consumers.engine_process import EngineClient
-from streamlstm.consumers.kafka import KafkaClients
-from streamlstm.consumers.metrics import ServeMetrics
-from streamlstm.consumers.outbox import Box, Outbox
+from streamlstm.consumers.durability.tasks import PartitionTask, PartitionTasks
+from streamlstm.consumers.durability.transactions import (
+    PartitionOutbox,
+    PartitionTransaction,
+    Transactions,
+)
+from streamlstm.consumers.engine.process import EngineClient
+from streamlstm.consumers.kafka.clients import KafkaClients
+from streamlstm.consumers.kafka.outbox import Box, Outbox
+from streamlstm.consumers.observability.metrics import ServeMetrics
 from streamlstm.consumers.settings import ServeConfig
-from streamlstm.consumers.tasks import PartitionTask, PartitionTasks
-from streamlstm.consumers.transactions import PartitionOutbox, PartitionTransaction, Transactions
 from streamlstm.errors import BrokerError
 
 __all__ = ["Durability"]

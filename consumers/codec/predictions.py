@@ -10,9 +10,9 @@ import numpy.typing as npt
 import orjson
 
 from streamlstm import StepResult
-from streamlstm.consumers.codec import Batch, DeadLetter
-from streamlstm.consumers.native_codec import codec_module
-from streamlstm.consumers.wire import encode_prediction
+from streamlstm.consumers.codec.native import codec_module
+from streamlstm.consumers.codec.poll import Batch, DeadLetter
+from streamlstm.consumers.codec.wire import encode_prediction
 
 __all__ = ["predictions"]
 

@@ -21,8 +21,8 @@ import numpy as np
 import numpy.typing as npt
 
 from streamlstm import EngineStats
-from streamlstm.consumers.committer import Sent
-from streamlstm.consumers.metrics import ServeMetrics
+from streamlstm.consumers.durability.committer import Sent
+from streamlstm.consumers.observability.metrics import ServeMetrics
 from streamlstm.errors import BrokerError
 
 __all__ = ["Reporter"]

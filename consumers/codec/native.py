@@ -1,4 +1,4 @@
-"""Loading the daemon's C codec (``consumers/_codec.c``, ``streamlstm.consumers._codec``).
+"""Loading the daemon's C codec (``_codec.c`` here: ``streamlstm.consumers.codec._codec``).
 
 The codec parses untrusted Kafka bytes, so it is an extension of its own,
 built without the kernels' ``-ffast-math``; ``make test-sanitize`` builds it
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 #: The path of a build of the codec to load instead of the installed one.
 CODEC_PATH_ENV = "STREAMLSTM_CODEC_PATH"
-_NAME = "streamlstm.consumers._codec"
+_NAME = "streamlstm.consumers.codec._codec"
 
 _codec: ModuleType | None = None
 _codec_tried = False

@@ -24,8 +24,8 @@ from streamlstm import StepResult
 from streamlstm.engine import Rejection
 from streamlstm.errors import StreamLSTMError
 
-if TYPE_CHECKING:  # engine_process imports this module
-    from streamlstm.consumers.engine_protocol import StepRequest
+if TYPE_CHECKING:  # engine.process imports this module
+    from streamlstm.consumers.engine.protocol import StepRequest
 
 __all__ = ["concat_results", "slice_request", "step_isolated"]
 

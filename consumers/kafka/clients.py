@@ -16,7 +16,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from aiokafka.helpers import create_ssl_context
 
-from streamlstm.consumers.aiokafka_internals import lean_records, probe
+from streamlstm.consumers.kafka.internals import lean_records, probe
 from streamlstm.consumers.settings import ServeConfig
 from streamlstm.errors import BrokerError
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from aiokafka import TopicPartition
 
-from streamlstm.consumers.transactions import PartitionTransaction
+from streamlstm.consumers.durability.transactions import PartitionTransaction
 from streamlstm.errors import BrokerError, StreamLSTMError
 
 __all__ = ["IllegalTransition", "PartitionTask", "PartitionTasks", "TaskState"]

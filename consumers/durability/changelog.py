@@ -28,11 +28,11 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
-from streamlstm.consumers.engine_process import EngineClient
-from streamlstm.consumers.engine_protocol import Change
-from streamlstm.consumers.metrics import ServeMetrics
-from streamlstm.consumers.outbox import Box
-from streamlstm.consumers.spool import Spool
+from streamlstm.consumers.engine.process import EngineClient
+from streamlstm.consumers.engine.protocol import Change
+from streamlstm.consumers.engine.spool import Spool
+from streamlstm.consumers.kafka.outbox import Box
+from streamlstm.consumers.observability.metrics import ServeMetrics
 from streamlstm.errors import BrokerError
 
 __all__ = ["Changelog", "Restored", "ensure_changelog", "read_partitions"]

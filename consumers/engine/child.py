@@ -1,6 +1,6 @@
 """The engine's side of the socket: the child process that holds every stream's state.
 
-``python -m streamlstm.consumers.engine_child FD OPTIONS`` (started by
+``python -m streamlstm.consumers.engine.child FD OPTIONS`` (started by
 ``EngineProcess``) loads the model, then answers requests one at a time, in
 the order they came:
 
@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 
 from streamlstm import Bundle, Engine, EngineStats, StepResult
-from streamlstm.consumers.engine_protocol import (
+from streamlstm.consumers.engine.isolation import concat_results, slice_request, step_isolated
+from streamlstm.consumers.engine.protocol import (
     Change,
     ChangesReply,
     Close,
@@ -60,8 +61,7 @@ from streamlstm.consumers.engine_protocol import (
     frame,
     read_frame,
 )
-from streamlstm.consumers.isolation import concat_results, slice_request, step_isolated
-from streamlstm.consumers.spool import Spool
+from streamlstm.consumers.engine.spool import Spool
 from streamlstm.errors import BundleError, StateError, StreamLSTMError
 from streamlstm.kernels import set_num_threads
 from streamlstm.quality import QualityConfig, StreamError
@@ -419,6 +419,6 @@ def _send_error(sock: socket.socket, exc: Exception) -> None:
 
 if __name__ == "__main__":
     # Through the module's own name, so that what it pickles names importable classes.
-    from streamlstm.consumers import engine_child
+    from streamlstm.consumers.engine import child as engine_child
 
     engine_child.serve(socket.socket(fileno=int(sys.argv[1])), json.loads(sys.argv[2]))

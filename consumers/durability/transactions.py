@@ -32,9 +32,9 @@ from typing import Any
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from streamlstm.consumers.kafka import KafkaClients, stop_client
-from streamlstm.consumers.metrics import ServeMetrics
-from streamlstm.consumers.outbox import Headers, Outbox
+from streamlstm.consumers.kafka.clients import KafkaClients, stop_client
+from streamlstm.consumers.kafka.outbox import Headers, Outbox
+from streamlstm.consumers.observability.metrics import ServeMetrics
 from streamlstm.errors import BrokerError
 
 __all__ = ["PartitionOutbox", "PartitionTransaction", "Transactions"]

@@ -1,0 +1,1 @@
+"""The wire format and the per-poll codec: records to step requests, results to records."""

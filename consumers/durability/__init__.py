@@ -1,0 +1,1 @@
+"""Durable state and delivery: checkpoints, partition tasks, commits, changelog, transactions."""

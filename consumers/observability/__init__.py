@@ -1,0 +1,1 @@
+"""What the daemon tells: Prometheus metrics, live model quality, summaries, HTTP endpoints."""
