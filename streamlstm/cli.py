@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import": (_TRAINING, "import a PyTorch state dict or a Keras 3 .keras model"),
     "serve": (_DAEMON, "run the Kafka inference daemon"),
     "streams": (
-        f"{_DAEMON[:-4]}.streams_cli",
+        f"{_DEVTOOLS}.streams",
         "reset or delete one stream's state (a control record)",
     ),
     "produce": (f"{_DEVTOOLS}.replay", "replay a data file as ticks onto a topic"),
