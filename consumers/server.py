@@ -179,7 +179,8 @@ class Server:
             return
         self._started = True
         cfg = self.config
-        bundle = self._bundle = self._bundle or Bundle.load(cfg.model)
+        # bundle.json alone: the engine child reads the weights, this process never does.
+        bundle = self._bundle = self._bundle or Bundle.load(cfg.model, lazy_weights=True)
         self._engine = await self._start_engine(bundle)
         producing = cfg.producer_settings()
         durable = self._durable = Durability(

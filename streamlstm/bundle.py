@@ -51,7 +51,8 @@ class Bundle:
 
     The weights come as ``weights`` (NumPy) or as a torch ``model`` (copied
     into ``weights`` at construction: later changes to the module are not
-    seen by engines built from this bundle).
+    seen by engines built from this bundle), or are read from
+    ``weights_file`` on first use (``load(..., lazy_weights=True)``).
     """
 
     def __init__(
@@ -69,16 +70,21 @@ class Bundle:
         training: Mapping[str, Any] | None = None,
         metrics: Mapping[str, Any] | None = None,
         outputs: OutputSpec | None = None,
+        weights_file: Path | None = None,
     ) -> None:
         self.config = config
-        if (weights is None) == (model is None):
+        given = (weights is not None) + (model is not None) + (weights_file is not None)
+        if given != 1 and not (given == 2 and weights is not None and weights_file is not None):
             raise ConfigError("weights: give either weights or a model, not both or neither")
         if model is not None:
             weights = model.weights()
-        assert weights is not None
-        if weights.config != config:
+        if weights is not None and weights.config != config:
             raise ConfigError("weights: made for another model config")
-        self.weights = weights
+        self._weights: ModelWeights | None = weights
+        #: The file the weights are read from on first use, where none were given.
+        self._weights_file = weights_file
+        #: The ``model_id`` bundle.json states (None: computed from the weights).
+        self._stated_id: str | None = None
         self._model = model.eval() if model is not None else None
         self.feature_names = tuple(feature_names or [f"x{i}" for i in range(config.input_size)])
         self.target_names = tuple(target_names or [f"y{i}" for i in range(config.output_size)])
@@ -132,13 +138,46 @@ class Bundle:
         return self._model
 
     @property
+    def weights(self) -> ModelWeights:
+        """The model's weights (NumPy); read from the bundle's file on first use where
+        ``load`` was told to leave them (``lazy_weights``)."""
+        if self._weights is None:
+            assert self._weights_file is not None
+            self._weights = _read_weights(self._weights_file, self.config)
+            self._check_stated_id()
+        return self._weights
+
+    @property
+    def weights_loaded(self) -> bool:
+        """Whether the weights are in memory (False until first use where ``load`` left
+        them, ``lazy_weights``)."""
+        return self._weights is not None
+
+    @property
     def model_id(self) -> str:
-        """``name@<weights digest>``: tells two versions of one model apart in output."""
+        """``name@<weights digest>``: tells two versions of one model apart in output.
+
+        A bundle saved by this version states it in bundle.json, so a process that
+        never steps (the daemon's parent) knows it without reading the weights; a
+        process that reads them checks the statement (``load``)."""
+        if self._weights is None and self._stated_id is not None:
+            return self._stated_id
+        return self._digest()
+
+    def _digest(self) -> str:
         digest = hashlib.sha256()
         for key, array in sorted(self.weights.tensors.items()):
             digest.update(key.encode())
             digest.update(np.ascontiguousarray(array).tobytes())
         return f"{self.name}@{digest.hexdigest()[:12]}"
+
+    def _check_stated_id(self) -> None:
+        if self._stated_id is not None and self._stated_id != self._digest():
+            raise BundleError(
+                f"{self._weights_file}: the weights are not those bundle.json names "
+                f"({self._stated_id}; they are {self._digest()}): the bundle was changed "
+                "in part, or by hand"
+            )
 
     # -- persistence --------------------------------------------------------
 
@@ -157,6 +196,7 @@ class Bundle:
             "outputs": self.outputs.to_dict(),
             "training": self.training,
             "metrics": self.metrics,
+            "model_id": self.model_id,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -172,12 +212,16 @@ class Bundle:
         return out
 
     @classmethod
-    def load(cls, path: str | Path) -> Bundle:
+    def load(cls, path: str | Path, *, lazy_weights: bool = False) -> Bundle:
         """Load a bundle directory; never unpickles.
 
         Raises ``BundleError`` naming the problem for a missing directory or
         file, unreadable JSON, an unknown schema version, a corrupt weights
-        file, or tensors that do not match the config.
+        file, tensors that do not match the config, or weights that are not
+        the ones bundle.json names (``model_id``). ``lazy_weights`` reads only
+        bundle.json now and the weights on first use (``weights``), where the
+        same checks apply: for a process that describes a model and never
+        steps it (the daemon's parent).
         """
         root = Path(path)
         if not root.is_dir():
@@ -211,18 +255,15 @@ class Bundle:
             raise BundleError(f"{meta_path}: missing field {exc}") from exc
         except ConfigError as exc:
             raise BundleError(f"{meta_path}: {exc}") from exc
-        try:
-            tensors = load_file(str(weights_path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise BundleError(f"{weights_path}: unreadable safetensors file ({exc})") from exc
-        try:
-            weights = ModelWeights(config, tensors)
-        except ConfigError as exc:
-            raise BundleError(f"{weights_path}: {exc}") from exc
+        stated = meta.get("model_id")
+        if stated is not None and not isinstance(stated, str):
+            raise BundleError(f"{meta_path}: model_id must be a string")
+        weights = None if lazy_weights else _read_weights(weights_path, config)
         try:
             bundle = cls(
                 config=config,
                 weights=weights,
+                weights_file=weights_path,
                 feature_names=meta.get("features"),
                 target_names=meta.get("targets"),
                 input_scaler=input_scaler,
@@ -236,6 +277,9 @@ class Bundle:
         except ConfigError as exc:
             raise BundleError(f"{meta_path}: {exc}") from exc
         bundle.source = root.resolve()
+        bundle._stated_id = stated
+        if not lazy_weights:
+            bundle._check_stated_id()
         return bundle
 
     # -- the offline oracle -------------------------------------------------
@@ -280,3 +324,15 @@ class Bundle:
                 return np.zeros((0, self.config.output_size), dtype=np.float32)
             y = self.model.head(torch.cat(tops)).numpy()
         return self.finish(y, arr)
+
+
+def _read_weights(path: Path, config: ModelConfig) -> ModelWeights:
+    """A bundle's weights file, read without unpickling and checked against its config."""
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleError(f"{path}: unreadable safetensors file ({exc})") from exc
+    try:
+        return ModelWeights(config, tensors)
+    except ConfigError as exc:
+        raise BundleError(f"{path}: {exc}") from exc

@@ -119,6 +119,8 @@ def test_every_tick_answered_once_and_equal_to_the_oracle(
             assert status == 200
             assert (await http_get(server.metrics_port, "/healthz"))[0] == 200
             _, text = await http_get(server.metrics_port, "/metrics")
+            # The parent read bundle.json only: the weights live in the engine child.
+            assert not server.bundle.weights_loaded
             server.request_stop()
             await server.wait()
         summaries = await read_all(bootstrap, metrics_topic, 1, timeout_s=10)

@@ -112,3 +112,36 @@ def test_random_is_reproducible() -> None:
         Bundle.random(cfg, seed=3).predict_sequence(x),
         Bundle.random(cfg, seed=4).predict_sequence(x),
     )
+
+
+def test_lazy_weights_are_read_on_first_use_and_checked_against_bundle_json(
+    make_bundle: BundleFactory, tmp_path: Path
+) -> None:
+    bundle = make_bundle()
+    path = bundle.save(tmp_path / "m")
+    assert json.loads((path / "bundle.json").read_text())["model_id"] == bundle.model_id
+    lazy = Bundle.load(path, lazy_weights=True)
+    assert not lazy.weights_loaded and lazy.model_id == bundle.model_id  # from bundle.json
+    assert not lazy.weights_loaded
+    np.testing.assert_array_equal(
+        lazy.weights.tensors["lstm.0.weight_ih_l0"], bundle.weights.tensors["lstm.0.weight_ih_l0"]
+    )
+    assert lazy.weights_loaded and lazy.model_id == bundle.model_id
+    # Weights swapped under a bundle.json that names others: refused, eager or lazy.
+    other = make_bundle(seed=9)
+    other.save(tmp_path / "other")
+    (path / "model.safetensors").write_bytes(
+        (tmp_path / "other" / "model.safetensors").read_bytes()
+    )
+    with pytest.raises(BundleError, match=r"not those bundle\.json names"):
+        Bundle.load(path)
+    late = Bundle.load(path, lazy_weights=True)
+    with pytest.raises(BundleError, match=r"not those bundle\.json names"):
+        late.weights  # noqa: B018
+    # A bundle.json without model_id (an older save) is computed from the weights.
+    meta = json.loads((path / "bundle.json").read_text())
+    del meta["model_id"]
+    (path / "bundle.json").write_text(json.dumps(meta))
+    assert Bundle.load(path, lazy_weights=True).model_id == other.model_id.replace(
+        other.name, meta["name"]
+    )
