@@ -50,7 +50,7 @@ from streamlstm.consumers.kafka.outbox import Box
 from streamlstm.consumers.kafka.rescue import PER_RECORD_ERRORS, Rescuer
 from streamlstm.consumers.loop import Model, PollLoop, settle_collector
 from streamlstm.consumers.observability.http import HttpEndpoints
-from streamlstm.consumers.observability.metrics import EngineCollector, ServeMetrics
+from streamlstm.consumers.observability.metrics import EngineStatsCollector, ServeMetrics
 from streamlstm.consumers.observability.quality import QualityCollector
 from streamlstm.consumers.observability.reporting import Reporter
 from streamlstm.consumers.settings import ServeConfig
@@ -269,7 +269,7 @@ class Server:
                 "recurrent_step": step_name(started.native),
             }
         )
-        self.registry.register(EngineCollector(self.engine_stats, self.reporter.lag))
+        self.registry.register(EngineStatsCollector(self.engine_stats, self.reporter.lag))
         self.registry.register(QualityCollector(lambda: self.engine_stats().quality))
         if engine.pid is not None:  # its own process
             self.metrics.watch_engine_process(self.registry, lambda: self._engine_pid)

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 
 from streamlstm import Bundle, ModelConfig, StreamState
 from streamlstm.consumers.durability.changelog import Changelog, ensure_changelog
-from streamlstm.consumers.engine.process import EngineProcess
+from streamlstm.consumers.engine.process import ProcessClient
 from streamlstm.consumers.kafka.clients import client_options, start_client
 from streamlstm.consumers.kafka.outbox import Outbox
 from streamlstm.consumers.observability.metrics import ServeMetrics
@@ -70,7 +70,7 @@ async def _fill(bootstrap: str, topic: str, bundle: Bundle, streams: int) -> int
 
 
 async def _restore(bootstrap: str, topic: str, bundle: Bundle, streams: int) -> dict[str, Any]:
-    engine = EngineProcess(bundle, max_streams=max(streams, 1024), idle_ttl_s=None)
+    engine = ProcessClient(bundle, max_streams=max(streams, 1024), idle_ttl_s=None)
     await engine.start()
     try:
         metrics = ServeMetrics(CollectorRegistry())

@@ -1,7 +1,7 @@
 """The engine's side of the socket: the child process that holds every stream's state.
 
 ``python -m streamlstm.consumers.engine.child FD OPTIONS`` (started by
-``EngineProcess``) loads the model, then answers requests one at a time, in
+``ProcessClient``) loads the model, then answers requests one at a time, in
 the order they came:
 
 - ``step``: ``Engine.step`` (a failing step is taken again tick by tick, see
@@ -67,14 +67,14 @@ from streamlstm.kernels import set_num_threads
 from streamlstm.quality import QualityConfig, StreamError
 from streamlstm.stream_state import StateArrays, StateBlobs, StreamState, decode_many
 
-__all__ = ["ChildEngine", "InProcessEngine", "RestoreReport"]
+__all__ = ["EngineHost", "InProcessClient", "RestoreReport"]
 
 
 #: How many of the worst streams by recent error the daemon logs with each summary.
 WORST_STREAMS = 5
 
 
-class ChildEngine:
+class EngineHost:
     """An ``Engine`` with the bookkeeping the daemon needs around it.
 
     Each stream's input partition, whether its state changed since the last
@@ -238,14 +238,14 @@ class ChildEngine:
         return RestoreReport(len(arrays.ids), reset, kept, over, corrupt)
 
 
-class InProcessEngine:
-    """An ``EngineClient`` that runs a ``ChildEngine`` in this process (tests, embedding).
+class InProcessClient:
+    """An ``EngineClient`` that runs an ``EngineHost`` in this process (tests, embedding).
 
     The same bookkeeping and answers as the child process, without its
     isolation: each request runs to its end before the next.
     """
 
-    def __init__(self, child: ChildEngine) -> None:
+    def __init__(self, child: EngineHost) -> None:
         self.child = child
         self.stats: EngineStats | None = None
 
@@ -333,7 +333,7 @@ def serve(sock: socket.socket, options: dict[str, Any]) -> None:
                 f"{options['model']}: changed after the daemon read it (now {bundle.model_id}, "
                 f"read as {expected}); restart to serve the new model"
             )
-        child = ChildEngine(
+        child = EngineHost(
             Engine(
                 bundle,
                 max_streams=options["max_streams"],
@@ -363,7 +363,7 @@ def serve(sock: socket.socket, options: dict[str, Any]) -> None:
         sock.sendall(frame(reply))
 
 
-def answer(child: ChildEngine, message: Request | Reply) -> Reply:
+def answer(child: EngineHost, message: Request | Reply) -> Reply:
     """The reply to one request (raises what the request raised)."""
     match message:
         case Step():
@@ -382,7 +382,7 @@ def answer(child: ChildEngine, message: Request | Reply) -> Reply:
     raise StreamLSTMError(f"engine process: {type(message).__name__} is not a request")
 
 
-def restore_spooled(child: ChildEngine, message: Restore) -> RestoreReport:
+def restore_spooled(child: EngineHost, message: Restore) -> RestoreReport:
     """``restore`` from the parent's file of states laid end to end (``Spool``), mapped
     (not read); stream ``ids[i]``'s state is record ``rows[i]`` of the file."""
     sizes = np.frombuffer(message.lengths, dtype=np.int64)

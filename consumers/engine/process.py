@@ -62,7 +62,7 @@ from streamlstm.errors import StreamLSTMError
 __all__ = [
     "EngineClient",
     "EngineFactory",
-    "EngineProcess",
+    "ProcessClient",
     "StepReply",
     "StepRequest",
     "default_engine",
@@ -80,7 +80,7 @@ _R = TypeVar("_R", bound=Reply)
 
 
 class EngineClient(Protocol):
-    """What the daemon needs of its engine; ``EngineProcess`` is the real one.
+    """What the daemon needs of its engine; ``ProcessClient`` is the real one.
 
     Requests are answered in the order they are made, so a reply always
     reflects every earlier request.
@@ -119,7 +119,7 @@ class EngineClient(Protocol):
     async def close(self, timeout_s: float = 10.0) -> None: ...
 
 
-class EngineProcess:
+class ProcessClient:
     """``Engine(bundle, max_streams=..., idle_ttl_s=...)`` in a child process.
 
     ``await start()`` returns once the child has loaded the model. Requests
@@ -361,7 +361,7 @@ EngineFactory = Callable[[Bundle, ServeConfig], EngineClient]
 
 def default_engine(bundle: Bundle, config: ServeConfig) -> EngineClient:
     """The engine in a child process of its own."""
-    return EngineProcess(
+    return ProcessClient(
         bundle,
         max_streams=config.max_streams,
         idle_ttl_s=config.idle_ttl_s,

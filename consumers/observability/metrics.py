@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 
 from streamlstm.engine import EngineStats
 
-__all__ = ["BulkHistogram", "EngineCollector", "ServeMetrics"]
+__all__ = ["BulkHistogram", "EngineStatsCollector", "ServeMetrics"]
 
 LATENCY_BUCKETS = (
     0.001,
@@ -81,7 +81,7 @@ class BulkHistogram(Collector):
         yield family
 
 
-class EngineCollector(Collector):
+class EngineStatsCollector(Collector):
     """Engine figures and consumer lag, read when Prometheus scrapes."""
 
     def __init__(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from streamlstm import Engine, StreamState
-from streamlstm.consumers.engine.child import ChildEngine
+from streamlstm.consumers.engine.child import EngineHost
 from streamlstm.consumers.engine.process import StepRequest
 from tests.conftest import BundleFactory
 
@@ -29,7 +29,7 @@ def test_a_checkpoint_holds_the_changed_streams_and_tombstones_once(
     make_bundle: BundleFactory,
 ) -> None:
     bundle = make_bundle(input_size=2, output_size=1)
-    child = ChildEngine(Engine(bundle))
+    child = EngineHost(Engine(bundle))
     x = np.ones((3, 2))
     child.step(_request(["a", "b", "c"], x, [0, 1, 2], part=3))
     records = {s: (p, v) for s, p, v in child.checkpoint()}
@@ -48,11 +48,11 @@ def test_restored_streams_continue_as_if_never_moved(make_bundle: BundleFactory)
     rng = np.random.default_rng(1)
     ids = [f"s{i % 6}" for i in range(24)]
     x = rng.normal(size=(24, 2))
-    first = ChildEngine(Engine(bundle))
+    first = EngineHost(Engine(bundle))
     first.step(_request(ids[:12], x[:12], list(range(12)), part=1))
     blobs = {s: v for s, _, v in first.checkpoint() if v is not None}
     rest = first.step(_request(ids[12:], x[12:], list(range(12, 24)), part=1)).result
-    second = ChildEngine(Engine(bundle))
+    second = EngineHost(Engine(bundle))
     report = second.restore(1, blobs, "reset")
     assert (report.loaded, report.reset_model_changed, report.corrupt) == (6, 0, 0)
     # The last commit was earlier than the checkpoint: ticks 8..11 are read again.
@@ -69,16 +69,16 @@ def test_states_of_another_model_follow_the_policy_and_corrupt_ones_are_counted(
     new = make_bundle(input_size=2, output_size=1, seed=2)
     other_shape = make_bundle(input_size=2, output_size=1, hidden_sizes=(4,), seed=3)
     assert old.model_id != new.model_id
-    writer = ChildEngine(Engine(old))
+    writer = EngineHost(Engine(old))
     writer.step(_request(["a", "b"], np.ones((2, 2)), [0, 1], part=0))
     blobs = {s: v for s, _, v in writer.checkpoint() if v is not None}
-    assert ChildEngine(Engine(new)).restore(0, blobs, "reset").reset_model_changed == 2
-    kept = ChildEngine(Engine(new)).restore(0, blobs, "keep-if-compatible")
+    assert EngineHost(Engine(new)).restore(0, blobs, "reset").reset_model_changed == 2
+    kept = EngineHost(Engine(new)).restore(0, blobs, "keep-if-compatible")
     assert (kept.loaded, kept.kept_model_changed) == (2, 2)
-    shaped = ChildEngine(Engine(other_shape)).restore(0, blobs, "keep-if-compatible")
+    shaped = EngineHost(Engine(other_shape)).restore(0, blobs, "keep-if-compatible")
     assert (shaped.loaded, shaped.reset_model_changed) == (0, 2)
     broken = {**blobs, "c": b"SLST\x03 not a state"}
-    report = ChildEngine(Engine(old)).restore(0, broken, "reset")
+    report = EngineHost(Engine(old)).restore(0, broken, "reset")
     assert (report.loaded, report.corrupt) == (2, 1)
 
 
@@ -86,14 +86,14 @@ def test_a_restore_over_max_streams_keeps_the_most_recently_seen(
     make_bundle: BundleFactory,
 ) -> None:
     bundle = make_bundle(input_size=2, output_size=1)
-    writer = ChildEngine(Engine(bundle))
+    writer = EngineHost(Engine(bundle))
     ids = [f"s{i}" for i in range(8)]
     for i, stream in enumerate(ids):  # s7 is seen last
         request = _request([stream], np.ones((1, 2)), [i], part=0)
         request.timestamps[:] = 1.7e12 + 1000 * i
         writer.step(request)
     blobs = {s: v for s, _, v in writer.checkpoint() if v is not None}
-    small = ChildEngine(Engine(bundle, max_streams=5))
+    small = EngineHost(Engine(bundle, max_streams=5))
     report = small.restore(0, blobs, "reset")
     assert (report.loaded, report.over_capacity) == (5, 3)
     assert set(small.engine.store.stream_ids()) == set(ids[3:])
@@ -103,7 +103,7 @@ def test_checkpoints_follow_evictions_restores_and_revoked_partitions(
     make_bundle: BundleFactory,
 ) -> None:
     bundle = make_bundle(input_size=2, output_size=1)
-    child = ChildEngine(Engine(bundle, max_streams=4, idle_ttl_s=60.0))
+    child = EngineHost(Engine(bundle, max_streams=4, idle_ttl_s=60.0))
     x = np.ones((4, 2))
     first = _request(["a", "b", "c", "d"], x, [0, 1, 2, 3], part=0)
     first.timestamps[:] = 1.7e12
@@ -139,7 +139,7 @@ def test_checkpoints_follow_evictions_restores_and_revoked_partitions(
 
 def test_memory_state_keeps_no_tombstones(make_bundle: BundleFactory) -> None:
     bundle = make_bundle(input_size=2, output_size=1)
-    child = ChildEngine(Engine(bundle), changelog=False)
+    child = EngineHost(Engine(bundle), changelog=False)
     for i in range(50):  # sessions that end: none may leave anything behind
         child.step(_request([f"s{i}"], np.ones((1, 2)), [i], part=0, ends=[True]))
     assert child.engine.store.stream_ids() == []
@@ -150,7 +150,7 @@ def test_a_stream_that_ends_in_one_partition_and_begins_in_another(
     make_bundle: BundleFactory,
 ) -> None:
     bundle = make_bundle(input_size=2, output_size=1)
-    child = ChildEngine(Engine(bundle))
+    child = EngineHost(Engine(bundle))
     child.step(_request(["s", "t"], np.ones((2, 2)), [0, 1], part=0))
     child.checkpoint()
     child.step(_request(["s"], np.ones((1, 2)), [2], part=0, ends=[True]))
@@ -175,7 +175,7 @@ def test_the_worst_streams_ride_with_the_stats_refreshed_at_most_each_interval()
         outputs=OutputSpec(target_feature=0),
     )
     now = [0.0]
-    child = ChildEngine(Engine(bundle), worst_interval_s=10.0, clock=lambda: now[0])
+    child = EngineHost(Engine(bundle), worst_interval_s=10.0, clock=lambda: now[0])
     assert not child.stats.worst_streams  # ranked at once: nothing held yet
     ramp = np.arange(8, dtype=np.float64)[:, None]
     child.step(_request(["calm"] * 8, ramp, list(range(8)), part=0))

@@ -13,9 +13,9 @@ import pytest
 
 from streamlstm import Bundle, Engine, InputError, ModelConfig, StepResult, StreamLSTMError
 from streamlstm.consumers.engine import spool
-from streamlstm.consumers.engine.child import ChildEngine
+from streamlstm.consumers.engine.child import EngineHost
 from streamlstm.consumers.engine.isolation import step_isolated
-from streamlstm.consumers.engine.process import EngineProcess, StepRequest
+from streamlstm.consumers.engine.process import ProcessClient, StepRequest
 from tests.conftest import BundleFactory
 from tests.consumers.conftest import FragileEngine
 
@@ -24,11 +24,11 @@ def _bundle() -> Bundle:
     return Bundle.random(ModelConfig(input_size=2, hidden_sizes=(16, 8)), seed=3)
 
 
-def run(factory: Callable[[EngineProcess], Coroutine[Any, Any, None]]) -> None:
+def run(factory: Callable[[ProcessClient], Coroutine[Any, Any, None]]) -> None:
     """Start a child for ``_bundle()``, run ``factory(proc)``, always close it."""
 
     async def main() -> None:
-        proc = EngineProcess(_bundle(), max_streams=64, idle_ttl_s=None)
+        proc = ProcessClient(_bundle(), max_streams=64, idle_ttl_s=None)
         await proc.start()
         try:
             await factory(proc)
@@ -59,7 +59,7 @@ def test_overlapping_steps_match_an_in_process_engine() -> None:
     local = Engine(_bundle(), max_streams=64)
     expected = [local.step(**b) for b in batches]
 
-    async def check(proc: EngineProcess) -> None:
+    async def check(proc: ProcessClient) -> None:
         # All requests in flight at once: replies must come back in order.
         replies = await asyncio.gather(
             *(proc.step(StepRequest(**b, partitions=[0] * len(b["stream_ids"]))) for b in batches)
@@ -76,7 +76,7 @@ def test_overlapping_steps_match_an_in_process_engine() -> None:
 
 
 def test_drop_partitions_forgets_only_their_streams() -> None:
-    async def check(proc: EngineProcess) -> None:
+    async def check(proc: ProcessClient) -> None:
         features = np.zeros((4, 2))
         flags = [False] * 4
         ts = np.zeros(4)
@@ -93,7 +93,7 @@ def test_drop_partitions_forgets_only_their_streams() -> None:
 
 
 def test_rejected_ticks_leave_no_partition_behind() -> None:
-    async def check(proc: EngineProcess) -> None:
+    async def check(proc: ProcessClient) -> None:
         features = np.array([[0.0, 0.0], [np.nan, 0.0], [0.0, 0.0]])
         flags = [False] * 3
         reply = await proc.step(
@@ -110,7 +110,7 @@ def test_rejected_ticks_leave_no_partition_behind() -> None:
 
 
 def test_an_engine_error_crosses_back_with_its_type_and_the_child_goes_on() -> None:
-    async def check(proc: EngineProcess) -> None:
+    async def check(proc: ProcessClient) -> None:
         with pytest.raises(InputError) as info:
             await proc.step(
                 StepRequest(
@@ -134,7 +134,7 @@ def test_an_engine_error_crosses_back_with_its_type_and_the_child_goes_on() -> N
 
 def test_the_child_outlives_sigint_and_sigterm() -> None:
     # Ctrl-C and some supervisors signal the whole process group; the parent decides.
-    async def check(proc: EngineProcess) -> None:
+    async def check(proc: ProcessClient) -> None:
         assert proc._proc is not None
         proc._proc.send_signal(signal.SIGINT)
         proc._proc.send_signal(signal.SIGTERM)
@@ -146,7 +146,7 @@ def test_the_child_outlives_sigint_and_sigterm() -> None:
 
 
 def test_a_dead_child_fails_waiting_and_later_calls() -> None:
-    async def check(proc: EngineProcess) -> None:
+    async def check(proc: ProcessClient) -> None:
         assert proc._proc is not None and proc.alive
         proc._proc.send_signal(signal.SIGKILL)
         proc._proc.wait()
@@ -160,7 +160,7 @@ def test_a_dead_child_fails_waiting_and_later_calls() -> None:
 
 def test_a_bad_engine_setting_fails_start_with_the_engines_error() -> None:
     async def main() -> None:
-        proc = EngineProcess(_bundle(), max_streams=0, idle_ttl_s=None)
+        proc = ProcessClient(_bundle(), max_streams=0, idle_ttl_s=None)
         with pytest.raises(StreamLSTMError, match="max_streams"):
             await proc.start()
         await proc.close()
@@ -183,7 +183,7 @@ def test_the_child_takes_a_failed_step_again_tick_by_tick_in_order(
         offsets=list(range(6)),
         partitions=[0] * 6,
     )
-    child = ChildEngine(FragileEngine(bundle))
+    child = EngineHost(FragileEngine(bundle))
     reply = child.step(request)
     result = reply.result
     assert result.accepted.tolist() == [True, True, False, True, True, True]
@@ -245,16 +245,16 @@ def test_a_restore_crosses_through_a_file_and_loads_bitwise(
         x = rng.standard_normal((40, 2))
         return StepRequest(ids, x, no, no, np.zeros(40), list(range(start, start + 40)), [3] * 40)
 
-    writer = ChildEngine(Engine(_bundle()))
+    writer = EngineHost(Engine(_bundle()))
     writer.step(request(0))
     blobs = {s: v for s, _, v in writer.checkpoint() if v is not None}
     mixed = {"broken": b"SLST\x03 not a state", "s0": blobs["s0"]}
     then = request(40)
-    local = ChildEngine(Engine(_bundle(), max_streams=64))
+    local = EngineHost(Engine(_bundle(), max_streams=64))
     want = local.restore(3, blobs, "reset"), local.restore(4, mixed, "reset")
     expected = local.step(then).result.predictions
 
-    async def check(proc: EngineProcess) -> None:
+    async def check(proc: ProcessClient) -> None:
         got = await proc.restore(3, blobs, "reset"), await proc.restore(4, mixed, "reset")
         assert got == want
         assert (got[0].loaded, got[1].loaded, got[1].corrupt) == (40, 1, 1)
@@ -271,7 +271,7 @@ def test_the_child_loads_the_bundle_from_its_own_directory(tmp_path: Path) -> No
     assert saved.source == (tmp_path / "m").resolve()
 
     async def main() -> None:
-        proc = EngineProcess(saved, max_streams=8, idle_ttl_s=None)
+        proc = ProcessClient(saved, max_streams=8, idle_ttl_s=None)
         await proc.start()
         try:
             children = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
@@ -288,7 +288,7 @@ def test_a_bundle_changed_on_disk_after_it_was_read_is_refused(tmp_path: Path) -
     other.save(tmp_path / "m")  # a deploy writes the directory while the daemon starts
 
     async def main() -> None:
-        proc = EngineProcess(read, max_streams=8, idle_ttl_s=None)
+        proc = ProcessClient(read, max_streams=8, idle_ttl_s=None)
         try:
             with pytest.raises(StreamLSTMError, match="changed after the daemon read it"):
                 await proc.start()

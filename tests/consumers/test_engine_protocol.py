@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from streamlstm import Bundle, Engine, ModelConfig, StreamLSTMError
-from streamlstm.consumers.engine.child import ChildEngine, answer
-from streamlstm.consumers.engine.process import EngineProcess
+from streamlstm.consumers.engine.child import EngineHost, answer
+from streamlstm.consumers.engine.process import ProcessClient
 from streamlstm.consumers.engine.protocol import (
     ChangesReply,
     Drop,
@@ -44,7 +44,7 @@ def _request(ids: list[str], offset: int = 0) -> StepRequest:
 
 
 def test_each_request_has_its_own_reply_type() -> None:
-    child = ChildEngine(Engine(_bundle(), max_streams=8))
+    child = EngineHost(Engine(_bundle(), max_streams=8))
     assert isinstance(answer(child, Step.of(_request(["a", "b"]))), StepReply)
     changes = answer(child, TakeChanges())
     assert isinstance(changes, ChangesReply)
@@ -59,7 +59,7 @@ def test_each_request_has_its_own_reply_type() -> None:
 
 
 def test_evicted_states_cross_back_only_when_asked() -> None:
-    child = ChildEngine(Engine(_bundle(), max_streams=2))
+    child = EngineHost(Engine(_bundle(), max_streams=2))
     answer(child, Step.of(_request(["a", "b"])))
     quiet = answer(child, Step.of(_request(["c"], 2)))  # evicts a
     assert isinstance(quiet, StepReply) and quiet.result.evictions == []
@@ -71,7 +71,7 @@ def test_evicted_states_cross_back_only_when_asked() -> None:
 
 def test_a_step_reply_over_the_socket_holds_no_evicted_state() -> None:
     async def main() -> tuple[int, int]:
-        engine = EngineProcess(_bundle(), max_streams=64, idle_ttl_s=None)
+        engine = ProcessClient(_bundle(), max_streams=64, idle_ttl_s=None)
         await engine.start()
         try:
             await engine.step(_request([f"s{i}" for i in range(64)]))

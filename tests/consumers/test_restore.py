@@ -19,15 +19,15 @@ from streamlstm import Engine, StreamState
 from streamlstm.consumers.durability import changelog as changelog_module
 from streamlstm.consumers.durability.changelog import Changelog
 from streamlstm.consumers.engine import spool
-from streamlstm.consumers.engine.child import ChildEngine, InProcessEngine
-from streamlstm.consumers.engine.process import EngineProcess, StepRequest
+from streamlstm.consumers.engine.child import EngineHost, InProcessClient
+from streamlstm.consumers.engine.process import ProcessClient, StepRequest
 from streamlstm.consumers.observability.metrics import ServeMetrics
 from tests.conftest import BundleFactory
 
 
 def _states(bundle: Any, ids: list[str], part: int, offset: int) -> dict[str, bytes]:
     """Checkpointed state bytes of ``ids`` after one tick each (distinct values per call)."""
-    child = ChildEngine(Engine(bundle))
+    child = EngineHost(Engine(bundle))
     n = len(ids)
     x = np.random.default_rng(offset).standard_normal((n, 2))
     no = [False] * n
@@ -103,7 +103,7 @@ def test_the_last_committed_record_of_each_stream_is_loaded_and_the_rest_counted
     (topic,) = make_kafka_topics("changelog", partitions=2)
     records, loaded = _fill(kafka_bootstrap, topic, bundle)
     monkeypatch.setattr(changelog_module, "_PROGRESS_S", 0.0)  # a progress line per fetch
-    engine = InProcessEngine(ChildEngine(Engine(bundle, max_streams=64)))
+    engine = InProcessClient(EngineHost(Engine(bundle, max_streams=64)))
     registry = CollectorRegistry()
     changelog = Changelog(
         {"bootstrap_servers": kafka_bootstrap},
@@ -164,14 +164,14 @@ def test_the_engine_process_takes_the_states_through_a_spool_with_the_same_outco
     x = np.random.default_rng(3).standard_normal((len(ids), 2))
     parts = [StreamState.from_bytes(loaded[s]).partition for s in ids]
     then = StepRequest(ids, x, no, no, np.zeros(len(ids)), [1000] * len(ids), parts)
-    local = ChildEngine(Engine(bundle, max_streams=64))
+    local = EngineHost(Engine(bundle, max_streams=64))
     for part in (0, 1):
         local.restore(part, {s: v for s, v in loaded.items() if (s == "f") == part}, "reset")
     want = local.step(then).result.predictions
     registry = CollectorRegistry()
 
     async def main() -> None:
-        proc = EngineProcess(bundle, max_streams=64, idle_ttl_s=None)
+        proc = ProcessClient(bundle, max_streams=64, idle_ttl_s=None)
         await proc.start()
         try:
             changelog = Changelog(

@@ -18,7 +18,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from streamlstm import Bundle
-from streamlstm.consumers.engine.child import ChildEngine, InProcessEngine
+from streamlstm.consumers.engine.child import EngineHost, InProcessClient
 from streamlstm.consumers.server import Server
 from streamlstm.consumers.settings import ServeConfig
 from tests.consumers.conftest import (
@@ -327,10 +327,10 @@ def test_an_instance_without_partitions_is_ready(
     asyncio.run(scenario())
 
 
-def _fragile(bundle: Bundle, config: ServeConfig) -> InProcessEngine:
-    # The child's own code (ChildEngine), in process: a failed step is taken again
+def _fragile(bundle: Bundle, config: ServeConfig) -> InProcessClient:
+    # The child's own code (EngineHost), in process: a failed step is taken again
     # tick by tick before the answer, as in the engine's child process.
-    return InProcessEngine(ChildEngine(FragileEngine(bundle, max_streams=config.max_streams)))
+    return InProcessClient(EngineHost(FragileEngine(bundle, max_streams=config.max_streams)))
 
 
 def test_a_tick_whose_step_fails_is_a_dead_letter_and_the_rest_of_its_batch_goes_on(
