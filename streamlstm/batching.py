@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -10,7 +11,7 @@ import numpy.typing as npt
 from streamlstm.kernels import distinct_held
 from streamlstm.results import I64
 
-__all__ = ["Rounds"]
+__all__ = ["Rounds", "each_round"]
 
 
 class Rounds:
@@ -80,3 +81,11 @@ class Rounds:
         order = np.argsort(self.round_of, kind="stable")
         bounds = np.searchsorted(self.round_of[order], np.arange(int(self.round_of.max()) + 2))
         return [order[bounds[r] : bounds[r + 1]] for r in range(bounds.size - 1)]
+
+
+def each_round(rounds: list[I64 | None], slots: I64) -> Iterator[tuple[Any, I64]]:
+    """Each round of ``Rounds.rounds()`` as (the selector of its rows, their slots):
+    ``slice(None)`` for a call whose ticks are one round, else the rows' indices."""
+    for members in rounds:
+        sel: Any = slice(None) if members is None else members
+        yield sel, slots[sel]

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from streamlstm.batching import Rounds
+from streamlstm.batching import Rounds, each_round
 from streamlstm.bundle import Bundle
 from streamlstm.control import apply_control
 from streamlstm.errors import ConfigError
@@ -321,9 +321,7 @@ class Engine:
             np.empty((slots.size, self._outputs), dtype=np.float32) if len(rounds) > 1 else None
         )
         any_reset, any_end = bool(resets.any()), bool(ends.any())
-        for members in rounds:
-            sel: Any = slice(None) if members is None else members
-            member_slots = slots[sel]
+        for sel, member_slots in each_round(rounds, slots):
             if any_reset and resets[sel].any():
                 self.store.zero(member_slots[resets[sel]], extra=False)
             out = self._step(self.store.h, self.store.c, member_slots, scaled[sel])

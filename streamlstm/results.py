@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
-from streamlstm.quality.report import QualityReport, StreamError
 from streamlstm.store import Eviction
+
+if TYPE_CHECKING:  # the quality package builds on this module's types
+    from streamlstm.quality.report import QualityReport, StreamError
 
 __all__ = [
     "F32",

@@ -8,10 +8,9 @@ its columns first, then the adaptive flag (``flag.AdaptiveFlag``) its one
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
+from streamlstm.batching import each_round
 from streamlstm.flag import AdaptiveFlag
 from streamlstm.horizon_score import HorizonScore
 from streamlstm.outputs import OutputSpec, ResidualScore
@@ -67,9 +66,7 @@ class Scoring:
         values = raw[:, self.target]
         out = np.empty(slots.size)
         flagged = None if self.flag is None else np.empty(slots.size)
-        for members in rounds:
-            sel: Any = slice(None) if members is None else members
-            member_slots = slots[sel]
+        for sel, member_slots in each_round(rounds, slots):
             extra[member_slots[resets[sel]], : self.width] = 0.0
             out[sel] = self.score.update(
                 extra,

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from streamlstm.batching import each_round
 from streamlstm.bundle import Bundle
 from streamlstm.errors import ConfigError
 from streamlstm.quality.drift import InputDrift
@@ -113,9 +113,7 @@ class Quality:
             return
         values = raw[:, errors.target_feature]
         any_reset, any_end = bool(resets.any()), bool(ends.any())
-        for members in rounds:
-            sel: Any = slice(None) if members is None else members
-            member_slots = slots[sel]
+        for sel, member_slots in each_round(rounds, slots):
             if any_reset:
                 errors.clear(extra, member_slots[resets[sel]])
             errors.update(extra, member_slots, steps[sel], values[sel], forecasts[sel])
