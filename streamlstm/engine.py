@@ -124,6 +124,7 @@ class Engine:
             idle_ttl_s=idle_ttl_s,
             initial_capacity=initial_capacity,
             extra_width=scoring_width + (self._quality.width if self._quality else 0),
+            extra_kept=scoring_width,
             native=use_native,
         )
         self._clock = clock
@@ -165,6 +166,12 @@ class Engine:
         applied = apply_control(self.store, stream, op, offset=offset, partition=partition)
         self._counts[f"control_{op}"] += applied
         return applied
+
+    def restart_quality(self, stream_ids: Sequence[str]) -> None:
+        """Start these streams' live quality history again (their forecasts so far
+        are another model's: a state kept across a model change)."""
+        if self._quality is not None:
+            self.store.zero_extra_after(stream_ids, self.store.extra_kept)
 
     def worst_streams(self, k: int = 5) -> list[StreamError]:
         """The ``k`` held streams with the largest recent absolute error (the first

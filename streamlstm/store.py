@@ -63,6 +63,7 @@ class StateStore:
         idle_ttl_s: float | None = None,
         initial_capacity: int = 1024,
         extra_width: int = 0,
+        extra_kept: int | None = None,
         native: bool | None = None,
     ) -> None:
         if isinstance(max_streams, bool) or not isinstance(max_streams, int) or max_streams < 1:
@@ -84,6 +85,9 @@ class StateStore:
         self.last_seen: F64 = np.zeros(cap, dtype=np.float64)
         #: Other per-stream numbers the engine keeps (zeroed with the state).
         self.extra = np.zeros((cap, extra_width), dtype=np.float64)
+        #: The leading extra columns a restore keeps from a state saved with another
+        #: count of them (the anomaly score's); the rest start from zero.
+        self.extra_kept = extra_width if extra_kept is None else min(extra_kept, extra_width)
         self._last_used: I64 = np.full(cap, _NEVER, dtype=np.int64)
         #: What changed since the last checkpoint (``take_changes``).
         self.changes = Changes(cap)
@@ -306,15 +310,21 @@ class StateStore:
         self.partitions[slots] = states.partition
         width, saved = self.extra.shape[1], states.extra.shape[1]
         # The columns are laid out score first, quality after (see ``quality``): a state
-        # saved with another count (before quality was measured, or with it on where
-        # it is off now) keeps the leading columns both have and starts the rest at zero.
+        # saved with another count of them (before quality was measured, with it off,
+        # or by a model whose quality columns are laid out otherwise) keeps the score's
+        # (``extra_kept``) and starts the rest from zero.
         if saved == width:
             self.extra[slots] = states.extra
         else:
-            both = min(saved, width)
-            self.extra[slots, :both] = states.extra[:, :both]
-            self.extra[slots, both:] = 0.0
+            kept = min(saved, self.extra_kept)
+            self.extra[slots, :kept] = states.extra[:, :kept]
+            self.extra[slots, kept:] = 0.0
         return evictions
+
+    def zero_extra_after(self, ids: Sequence[str], first: int) -> None:
+        """Zero the extra columns from ``first`` on of those ``ids`` held."""
+        slots = self.lookup(ids)
+        self.extra[slots[slots >= 0], first:] = 0.0
 
     # -- internals ----------------------------------------------------------
 

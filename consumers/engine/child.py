@@ -201,6 +201,7 @@ class EngineHost:
         store = self.engine.store
         sizes = tuple(h.shape[1] for h in store.h)
         reset = kept = corrupt = 0
+        foreign: list[str] = []  # kept, though another model made them
         try:  # the common case: one model wrote them all, one layout: decoded as a table
             arrays: StateArrays | None = decode_many(blobs)
         except StateError:
@@ -213,6 +214,7 @@ class EngineHost:
                     reset, arrays = len(arrays.ids), None
                 else:
                     kept = len(arrays.ids)
+                    foreign = list(arrays.ids)
         elif arrays is None:  # mixed or corrupt: one by one
             states: dict[str, StreamState] = {}
             for stream, blob in blobs.items():
@@ -227,6 +229,7 @@ class EngineHost:
                         reset += 1
                         continue
                     kept += 1
+                    foreign.append(stream)
                 states[stream] = state
             arrays = StateArrays.from_states(states)
         if arrays is None or not arrays.ids:
@@ -235,6 +238,8 @@ class EngineHost:
         over = len(blobs) - corrupt - reset - len(arrays.ids)
         arrays.partition[:] = partition
         store.restore_arrays(arrays)
+        if foreign:  # another model's forecasts are not this one's to be judged by
+            self.engine.restart_quality(foreign)
         return RestoreReport(len(arrays.ids), reset, kept, over, corrupt)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from streamlstm import Engine, StreamState
 from streamlstm.consumers.engine.child import EngineHost
@@ -185,3 +186,29 @@ def test_the_worst_streams_ride_with_the_stats_refreshed_at_most_each_interval()
     worst = child.stats.worst_streams
     assert [w.stream for w in worst] == ["wild", "calm"]
     assert worst == tuple(child.engine.worst_streams(5))
+
+
+def test_a_state_kept_from_another_model_starts_its_quality_history_again() -> None:
+    """keep-if-compatible keeps (h, c) across a model change; the forecasts in the state
+    are the old model's, so the new one is judged only on its own."""
+    from streamlstm import Bundle, ModelConfig, OutputSpec
+
+    def forecaster(seed: int) -> Bundle:
+        config = ModelConfig(input_size=1, hidden_sizes=(4,), output_size=1)
+        return Bundle.random(config, seed=seed, outputs=OutputSpec(target_feature=0))
+
+    x = np.linspace(0.0, 1.0, 20)[:, None]
+    old = EngineHost(Engine(forecaster(1)))
+    old.step(_request(["s"] * 10, x[:10], list(range(10)), part=0))
+    ((stream, partition, blob),) = old.checkpoint()
+    assert blob is not None
+    new = EngineHost(Engine(forecaster(2)))
+    report = new.restore(partition, {stream: blob}, "keep-if-compatible")
+    assert report.kept_model_changed == 1
+    out = new.step(_request(["s"] * 10, x[10:], list(range(10, 20)), part=0))
+    quality = new.engine.quality
+    assert quality is not None
+    judged = quality.horizons[0].model
+    errors = np.abs(out.result.predictions[:9, 0].astype(np.float64) - x[11:, 0])
+    assert judged.count == 9  # the first forecast judged is the first made after restore
+    assert judged.total == pytest.approx(errors.sum(), rel=1e-6)  # truths read as float32

@@ -303,15 +303,22 @@ def test_the_worst_streams_are_ranked_by_their_own_recent_error() -> None:
     assert Engine(Bundle.random(ModelConfig(input_size=1, hidden_sizes=(4,)))).worst_streams() == []
 
 
-def test_a_state_saved_without_the_quality_columns_starts_them_at_its_next_tick() -> None:
-    """An older daemon's changelog (or one with the figures off) holds no forecasts: the
-    first judged forecast is the first one made after the restore."""
+@pytest.mark.parametrize(
+    "saved_with",
+    [QualityConfig(enabled=False), QualityConfig(season=7)],
+    ids=["without-quality-columns", "another-quality-layout"],
+)
+def test_a_state_saved_with_other_quality_columns_starts_them_at_its_next_tick(
+    saved_with: QualityConfig,
+) -> None:
+    """An older daemon's changelog (or one with the figures off, or laid out for another
+    season) holds no forecasts of this layout: the first judged forecast is the first
+    one made after the restore."""
     rng = np.random.default_rng(10)
     x = _streams(rng, [50])["s0"]
-    old = Engine(_forecaster(), quality=QualityConfig(enabled=False))
+    old = Engine(_forecaster(), quality=saved_with)
     old.step(["s0"] * 30, x[:30])
     saved = StreamState.from_bytes(old.store.snapshot(["s0"])["s0"].to_bytes())
-    assert saved.extra == ()
     new = Engine(_forecaster())
     new.store.restore({"s0": saved})
     out = new.step(["s0"] * 20, x[30:]).predictions[:, 0]
