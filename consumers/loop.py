@@ -24,7 +24,7 @@ import asyncio
 import collections
 import gc
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -40,6 +40,7 @@ from streamlstm.consumers.engine.protocol import Change
 from streamlstm.consumers.kafka.outbox import Box
 from streamlstm.consumers.observability.metrics import ServeMetrics
 from streamlstm.consumers.settings import ServeConfig
+from streamlstm.control import Control
 from streamlstm.errors import StreamLSTMError
 
 __all__ = ["Model", "PollLoop", "settle_collector"]
@@ -101,8 +102,11 @@ class PollLoop:
         metrics: ServeMetrics,
         lock: asyncio.Lock,
         clock: Callable[[], float],
+        on_controls: Callable[[Sequence[Control]], None] | None = None,
     ) -> None:
         self.config = config
+        #: Told of each batch's controls once the engine took them (``ControlAcks``).
+        self._on_controls = on_controls
         self._model = model
         self._consumer = consumer
         self._outbox = outbox
@@ -235,6 +239,7 @@ class PollLoop:
             partitions=batch.partitions,
             gaps=gaps,
             controls=batch.controls,
+            positions={tp.partition: offset for tp, offset in batch.next_offsets.items()},
         )
         reply = await self._deadline(self._engine.step(request))
         # Refused records and controls alone: no tick answered.
@@ -257,6 +262,8 @@ class PollLoop:
         result, seconds, applied = await inflight.step
         for control, done in zip(batch.controls, applied, strict=True):
             self._metrics.controls.labels(control.op, "applied" if done else "skipped").inc()
+        if batch.controls and self._on_controls is not None:
+            self._on_controls(batch.controls)
         if result is not None:
             if result.skipped.size:
                 self._metrics.skipped.inc(int(result.skipped.sum()))

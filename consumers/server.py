@@ -27,6 +27,11 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from prometheus_client import CollectorRegistry
 
 from streamlstm import Bundle, EngineStats
+from streamlstm.consumers.admin.ack_reader import AckReader
+from streamlstm.consumers.admin.acks import ControlAcks
+from streamlstm.consumers.admin.api import AdminApi
+from streamlstm.consumers.admin.controls import ControlSender
+from streamlstm.consumers.admin.token import read_token
 from streamlstm.consumers.durability.checkpoint import MemoryOnly
 from streamlstm.consumers.durability.committer import Committer
 from streamlstm.consumers.durability.modes import Durability
@@ -46,10 +51,11 @@ from streamlstm.consumers.kafka.clients import (
     start_client,
     stop_client,
 )
+from streamlstm.consumers.kafka.groups import partition_for, partition_owners
 from streamlstm.consumers.kafka.outbox import Box
 from streamlstm.consumers.kafka.rescue import PER_RECORD_ERRORS, Rescuer
 from streamlstm.consumers.loop import Model, PollLoop, settle_collector
-from streamlstm.consumers.observability.http import HttpEndpoints
+from streamlstm.consumers.observability.http import HttpEndpoints, HttpLimits, HttpService
 from streamlstm.consumers.observability.metrics import EngineStatsCollector, ServeMetrics
 from streamlstm.consumers.observability.quality import QualityCollector
 from streamlstm.consumers.observability.reporting import Reporter
@@ -92,6 +98,10 @@ class Server:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._http: HttpEndpoints | None = None
+        self._admin: HttpService | None = None
+        self._acks = ControlAcks()
+        self._controls: ControlSender | None = None
+        self._tasks: PartitionTasks | None = None
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
         self._loop: PollLoop | None = None
@@ -115,6 +125,11 @@ class Server:
     @property
     def metrics_port(self) -> int:
         return self._http.port if self._http else self.config.metrics_port
+
+    @property
+    def admin_port(self) -> int | None:
+        """The admin API's port (None: off)."""
+        return self._admin.port if self._admin else self.config.admin_port
 
     @property
     def totals(self) -> dict[str, int]:
@@ -179,6 +194,7 @@ class Server:
             return
         self._started = True
         cfg = self.config
+        token = read_token(cfg.admin_token_file) if cfg.admin_port is not None else None
         # bundle.json alone: the engine child reads the weights, this process never does.
         bundle = self._bundle = self._bundle or Bundle.load(cfg.model, lazy_weights=True)
         self._engine = await self._start_engine(bundle)
@@ -209,7 +225,7 @@ class Server:
             **cfg.consumer_settings(), partition_assignment_strategy=(StickyPartitionAssignor,)
         )
         self.reporter.watch(self._consumer)
-        tasks = durable.partition_tasks(self._committed)
+        tasks = self._tasks = durable.partition_tasks(self._committed)
         self._loop = self._poll_loop(
             bundle, self._consumer, durable.outboxes(self._producer, self._partitions), tasks
         )
@@ -223,6 +239,8 @@ class Server:
         self._consumer.subscribe([cfg.input_topic], listener=self._rebalance)
         await start_client(self._consumer, cfg.bootstrap_servers, lean=True)
         await self._start_serving(self._loop, self._producer)
+        if token is not None:
+            await self._start_admin(token, self._producer)
         logger.info(
             "serving %s: %s -> %s (dead letters: %s, group %s)",
             bundle.model_id,
@@ -255,6 +273,7 @@ class Server:
             metrics=self.metrics,
             lock=self._lock,
             clock=self._clock,
+            on_controls=self._acks.applied,
         )
 
     async def _start_engine(self, bundle: Bundle) -> EngineClient:
@@ -313,6 +332,56 @@ class Server:
             ),
             name="streamlstm-summary",
         )
+
+    async def _start_admin(self, token: bytes, producer: AIOKafkaProducer) -> None:
+        """The stream admin API on its own port (docs/admin-api.md)."""
+        cfg = self.config
+        assert self._engine is not None
+        self._controls = ControlSender(
+            producer=producer,
+            input_topic=cfg.input_topic,
+            partitions=len(self._partitions[cfg.input_topic]),
+            acks=self._acks,
+            held=self.assignment,
+            reader=partial(AckReader.start, self._kafka.options, cfg.output_topic, producer),
+        )
+        limits = HttpLimits()
+        api = AdminApi(
+            token=token,
+            engine=self._engine,
+            controls=lambda: self._controls,
+            locate=self._locate,
+            partitions=self._held_partitions,
+            wait_s=cfg.admin_wait_s,
+        )
+        app = api.app(max_body_bytes=limits.max_body_bytes)
+        self._admin = HttpService(
+            app, host=cfg.admin_host, port=cfg.admin_port or 0, limits=limits, name="admin"
+        )
+        await self._admin.start()
+        logger.info("admin API on http://%s:%d/v1/", cfg.admin_host, self._admin.port)
+
+    async def _locate(self, stream: str, key: bytes) -> dict[str, Any]:
+        """Where a stream not held here lives: its partition and, if known, that
+        partition's owner in the group."""
+        cfg = self.config
+        partition = partition_for(key, len(self._partitions[cfg.input_topic]))
+        owners = await partition_owners(self._kafka.options, cfg.group_id, cfg.input_topic)
+        owner = owners.get(partition)
+        return {"partition": partition, "owner": owner.to_json() if owner else None}
+
+    def _held_partitions(self) -> list[dict[str, Any]]:
+        """Each input partition held here: its task's state, offset reached and lag."""
+        lag = self.reporter.lag()
+        return [
+            {
+                "partition": task.partition,
+                "state": task.state.value,
+                "applied": task.applied,
+                "lag": lag.get((self.config.input_topic, task.partition)),
+            }
+            for task in sorted(self._tasks or (), key=lambda t: t.partition)
+        ]
 
     async def _rescue_records(self, records: list[Any], error: BaseException) -> None:
         assert self._producer is not None
@@ -377,6 +446,8 @@ class Server:
             # Asked to exit, then killed: a wedged child gets the same grace (it may be slow
             # rather than stopped), polled without blocking the loop meanwhile.
             await self._engine.close()
+        if self._admin is not None:
+            await self._admin.stop()
         # Last: until the process exits, /healthz answers (503 once anything failed) rather
         # than refusing connections, which a probe cannot tell from a hung daemon.
         if self._http is not None:

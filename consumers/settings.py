@@ -48,6 +48,14 @@ class ServeConfig:
     group_instance_id: str | None = None
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 9464
+    #: The stream admin API (docs/admin-api.md): off unless a port is given (0 picks a
+    #: free one); every request needs the bearer token held in admin_token_file.
+    admin_port: int | None = None
+    admin_host: str = "0.0.0.0"
+    admin_token_file: str | None = None
+    #: How long a reset or delete through the admin API waits for its control to be
+    #: applied before answering 504 (it is applied later all the same).
+    admin_wait_s: float = 10.0
     metrics_interval_s: float = 10.0
     max_records: int = 1024
     #: Daemon-added latency p99 to keep under (ms): each poll's size is then chosen from
@@ -153,6 +161,7 @@ class ServeConfig:
             raise ConfigError("latency_target_ms: must be positive")
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError("metrics_port: must be 0..65535 (0 picks a free port)")
+        self._check_admin()
         if self.dlq_max_record_bytes > self.max_request_bytes // 2:
             raise ConfigError("dlq_max_record_bytes: must be at most half of max_request_bytes")
         if self.compression_type not in (None, "gzip", "snappy", "lz4", "zstd"):
@@ -164,6 +173,18 @@ class ServeConfig:
             raise ConfigError(
                 "output_topic/dlq_topic/changelog_topic: must differ from each other and the input"
             )
+
+    def _check_admin(self) -> None:
+        if self.admin_port is None:
+            return
+        if not 0 <= self.admin_port < 65536:
+            raise ConfigError("admin_port: must be 0..65535 (0 picks a free port)")
+        if self.admin_port and self.admin_port == self.metrics_port:
+            raise ConfigError("admin_port: must differ from metrics_port")
+        if not self.admin_token_file:
+            raise ConfigError("admin_token_file: required with admin_port (the bearer token)")
+        if not 0 < self.admin_wait_s <= 300:
+            raise ConfigError("admin_wait_s: must be in (0, 300]")
 
     def producer_settings(self) -> dict[str, Any]:
         """Every producer's settings but the connection's (acks=all: nothing is lost)."""

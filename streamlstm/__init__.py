@@ -24,6 +24,7 @@ from streamlstm.errors import (
 from streamlstm.outputs import OutputSpec
 from streamlstm.scaling import Affine
 from streamlstm.store import Eviction, StateStore, StreamState
+from streamlstm.stream_view import StreamView
 from streamlstm.weights import ModelWeights
 
 if _typing.TYPE_CHECKING:
@@ -52,6 +53,7 @@ __all__ = [
     "StreamLSTM",
     "StreamLSTMError",
     "StreamState",
+    "StreamView",
     "__version__",
 ]
 

@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": (_DAEMON, "run the Kafka inference daemon"),
     "streams": (
         f"{_DEVTOOLS}.streams",
-        "reset or delete one stream's state (a control record)",
+        "look at, list, reset or delete streams (admin API, or a control record)",
     ),
     "produce": (f"{_DEVTOOLS}.replay", "replay a data file as ticks onto a topic"),
     "tail": (f"{_DEVTOOLS}.replay", "print messages from a topic as they arrive"),

@@ -34,6 +34,7 @@ from streamlstm.quality import Quality, QualityConfig, QualityReport, StreamErro
 from streamlstm.results import F32, F64, I64, Bools, EngineStats, Rejection, StepResult
 from streamlstm.scoring import Scoring
 from streamlstm.store import Eviction, StateStore
+from streamlstm.stream_view import StreamView
 from streamlstm.tick_checks import bool_column, column, validate_ticks
 
 __all__ = ["Engine", "EngineStats", "Rejection", "StepResult"]
@@ -125,6 +126,7 @@ class Engine:
             initial_capacity=initial_capacity,
             extra_width=scoring_width + (self._quality.width if self._quality else 0),
             extra_kept=scoring_width,
+            answer_width=bundle.config.output_size + 1,
             native=use_native,
         )
         self._clock = clock
@@ -281,6 +283,7 @@ class Engine:
             if gapped.size:
                 self._quality.mark_gaps(self.store.extra, gapped, self.store.steps[gapped])
         self._record(order, slots_u, times, seen_before, offs, parts, rows)
+        self._remember(slots_u, order.last, finished, scores)
         if r_ends.any():
             ended = [order.unique[u] for u in np.flatnonzero(r_ends[order.last]).tolist()]
             self.store.release(ended)
@@ -363,6 +366,35 @@ class Engine:
             last_seen=np.where(was_held, np.fmax(prior, latest), latest),
             offsets=None if offs is None else offs[rows][last],
             partitions=None if offs is None or parts is None else parts[rows][last],
+        )
+
+    def _remember(self, slots_u: I64, last: I64, finished: F32, scores: F64 | None) -> None:
+        """Each stream's last answer of the call, for ``inspect``."""
+        answers = self.store.last_answer
+        answers[slots_u, : self._outputs] = finished[last]
+        answers[slots_u, self._outputs] = np.nan if scores is None else scores[last]
+
+    def inspect(self, stream: str, *, include_state: bool = False) -> StreamView | None:
+        """What the engine holds of ``stream`` now (None: not held); see ``StreamView``."""
+        store = self.store
+        slot = store.slot_of(stream)
+        if slot is None:
+            return None
+        steps = int(store.steps[slot])
+        answer = store.last_answer[slot]
+        predicted = not np.isnan(answer[: self._outputs]).all()
+        state = store.snapshot([stream])[stream] if include_state else None
+        return StreamView(
+            stream=stream,
+            partition=int(store.partitions[slot]),
+            steps=steps,
+            offset=int(store.offsets[slot]),
+            last_seen_s=float(store.last_seen[slot]),
+            ready=steps > self.bundle.warmup_steps,
+            model=self.bundle.model_id,
+            prediction=tuple(answer[: self._outputs].tolist()) if predicted else None,
+            score=None if np.isnan(answer[self._outputs]) else float(answer[self._outputs]),
+            state=state,
         )
 
     def _gap_ids(

@@ -64,6 +64,7 @@ class StateStore:
         initial_capacity: int = 1024,
         extra_width: int = 0,
         extra_kept: int | None = None,
+        answer_width: int = 0,
         native: bool | None = None,
     ) -> None:
         if isinstance(max_streams, bool) or not isinstance(max_streams, int) or max_streams < 1:
@@ -88,6 +89,10 @@ class StateStore:
         #: The leading extra columns a restore keeps from a state saved with another
         #: count of them (the anomaly score's); the rest start from zero.
         self.extra_kept = extra_width if extra_kept is None else min(extra_kept, extra_width)
+        #: Each stream's last answer (``answer_width`` numbers: the engine's predictions
+        #: and score), for inspection only: never checkpointed, NaN until this process
+        #: answers the stream (after a restore, too) and after a reset.
+        self.last_answer: F64 = np.full((cap, answer_width), np.nan, dtype=np.float64)
         self._last_used: I64 = np.full(cap, _NEVER, dtype=np.int64)
         #: What changed since the last checkpoint (``take_changes``).
         self.changes = Changes(cap)
@@ -124,6 +129,32 @@ class StateStore:
         """The slots of every held stream, and their ids (in that order)."""
         slots = np.flatnonzero(self._last_used != _NEVER)
         return slots, [self._owner[i] or "" for i in slots.tolist()]
+
+    def page(self, *, prefix: str, limit: int, cursor: int, max_scan: int) -> tuple[list[str], int]:
+        """Up to ``limit`` held streams whose id starts with ``prefix``, looked for among
+        at most ``max_scan`` slots from slot ``cursor`` on, and the cursor to go on from
+        (-1: no slot left). Slots, not ids, give the order: a held stream keeps its slot,
+        so one held throughout a listing is listed exactly once, and each page costs
+        O(max_scan) however many streams there are."""
+        found: list[str] = []
+        slot = max(cursor, 0)
+        end = min(slot + max_scan, self.capacity)
+        while slot < end and len(found) < limit:
+            chunk = np.flatnonzero(self._last_used[slot : min(slot + 4096, end)] != _NEVER)
+            for i in chunk.tolist():
+                owner = self._owner[slot + i]
+                if owner is not None and owner.startswith(prefix):
+                    found.append(owner)
+                    if len(found) == limit:
+                        return found, (slot + i + 1 if slot + i + 1 < self.capacity else -1)
+            slot = min(slot + 4096, end)
+        return found, (slot if slot < self.capacity else -1)
+
+    def partition_counts(self) -> dict[int, int]:
+        """How many held streams each input partition's ticks made (-1: unknown)."""
+        held = self.partitions[self._last_used != _NEVER]
+        counts = np.bincount(held + 1)
+        return {p - 1: int(n) for p, n in enumerate(counts.tolist()) if n}
 
     def streams_in(self, partitions: Collection[int]) -> list[str]:
         """The held streams whose state reflects ticks of these input partitions."""
@@ -360,6 +391,7 @@ class StateStore:
             self._zero(slots)
         self.offsets[slots] = -1
         self.partitions[slots] = -1
+        self.last_answer[slots] = np.nan
         return slots
 
     def _grow(self, new_capacity: int) -> None:
@@ -382,6 +414,9 @@ class StateStore:
         extra = np.zeros((new_capacity, self.extra.shape[1]), dtype=np.float64)
         extra[:old] = self.extra
         self.extra = extra
+        answers = np.full((new_capacity, self.last_answer.shape[1]), np.nan)
+        answers[:old] = self.last_answer
+        self.last_answer = answers
         self._last_used = _grow_array(self._last_used, new_capacity, _NEVER)
         self.changes.grow(new_capacity)
         self._owner.extend([None] * (new_capacity - old))
@@ -393,6 +428,7 @@ class StateStore:
         self.steps[slots] = 0
         if extra:
             self.extra[slots] = 0.0
+            self.last_answer[slots] = np.nan
 
     def _remove(self, slots: I64) -> None:
         for slot in slots.tolist():

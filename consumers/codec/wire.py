@@ -37,6 +37,7 @@ __all__ = [
     "Undefined",
     "decode_tick",
     "encode_prediction",
+    "stream_key",
 ]
 
 DEFAULT_MAX_VALUE_BYTES = 64 * 1024
@@ -170,6 +171,16 @@ def control_of(key: bytes | None, headers: Sequence[tuple[str, bytes]] | None) -
         raise InputError("key", "a control names its stream by the message key: missing")
     _key_id(key, MAX_STREAM_ID_BYTES)
     return op.decode()
+
+
+def stream_key(field: str, text: str) -> bytes:
+    """A stream id given as text (an admin request's) as its message key; raises
+    ``InputError`` naming ``field`` where it is no stream id (the rules of a tick's key)."""
+    if not text:
+        raise InputError(field, "a stream id must not be empty")
+    encoded = _utf8(field, text)
+    _check_id(field, text, encoded, MAX_STREAM_ID_BYTES)
+    return encoded
 
 
 def _short(exc: Exception) -> str:

@@ -12,7 +12,19 @@ from prometheus_client import CollectorRegistry
 
 from streamlstm import Bundle, EngineStats, StepResult
 from streamlstm.consumers.engine.process import EngineFactory
-from streamlstm.consumers.engine.protocol import Change, RestoreReport, StepReply, StepRequest
+from streamlstm.consumers.engine.protocol import (
+    Change,
+    CountsReply,
+    InspectStream,
+    ListStreams,
+    PageReply,
+    Read,
+    ReadReply,
+    RestoreReport,
+    StepReply,
+    StepRequest,
+    StreamReply,
+)
 from streamlstm.consumers.engine.spool import Spool
 from streamlstm.consumers.settings import ServeConfig
 
@@ -61,6 +73,14 @@ class Passthrough:
 
     async def checkpoint(self) -> list[Change]:
         return []
+
+    async def read(self, query: Read) -> ReadReply:
+        # It holds no stream: every read finds none.
+        if isinstance(query, InspectStream):
+            return StreamReply(None, {})
+        if isinstance(query, ListStreams):
+            return PageReply([], -1, {})
+        return CountsReply({}, {})
 
     async def reserve(self, streams: int) -> None:
         return None

@@ -15,6 +15,9 @@ the order they came:
   changed), following the model-change policy and ``max_streams``.
 - ``drop``: forgets the streams of partitions that moved away (no
   tombstones: their state lives on in the changelog for the new owner).
+- reads (``InspectStream``, ``ListStreams``, ``CountStreams``): what is
+  held, as of the steps asked for before (``as_of``); each is O(1) or looks
+  at a bounded number of slots, so it delays the next step by little.
 """
 
 from __future__ import annotations
@@ -43,9 +46,16 @@ from streamlstm.consumers.engine.protocol import (
     Change,
     ChangesReply,
     Close,
+    CountsReply,
+    CountStreams,
     Drop,
     DropReply,
     ErrorReply,
+    InspectStream,
+    ListStreams,
+    PageReply,
+    Read,
+    ReadReply,
     Reply,
     Request,
     Reserve,
@@ -57,6 +67,7 @@ from streamlstm.consumers.engine.protocol import (
     Step,
     StepReply,
     StepRequest,
+    StreamReply,
     TakeChanges,
     frame,
     read_frame,
@@ -72,6 +83,10 @@ __all__ = ["EngineHost", "InProcessClient", "RestoreReport"]
 
 #: How many of the worst streams by recent error the daemon logs with each summary.
 WORST_STREAMS = 5
+#: How many slots one ``ListStreams`` page looks at, at most: a page delays the next
+#: step by about a millisecond, however many streams are held (measured in
+#: docs/admin-api.md).
+PAGE_MAX_SCAN = 65_536
 
 
 class EngineHost:
@@ -99,6 +114,8 @@ class EngineHost:
         self._clock = clock
         self._worst: tuple[StreamError, ...] = ()
         self._worst_at = -math.inf
+        #: Each input partition's offset after the last record of it stepped (``as_of``).
+        self._as_of: dict[int, int] = {}
 
     @property
     def stats(self) -> EngineStats:
@@ -121,6 +138,7 @@ class EngineHost:
         """``Engine.step``, with the request's controls applied among its ticks in order;
         ``with_evictions=False`` leaves out the evicted states."""
         start = time.perf_counter()
+        self._as_of.update(request.positions)
         applied: tuple[bool, ...] = ()
         if request.controls:
             result, applied = self._with_controls(request)
@@ -176,7 +194,23 @@ class EngineHost:
         gone = store.streams_in(partitions)
         store.release(gone)
         store.changes.forget_partitions(partitions)
+        for partition in partitions:
+            self._as_of.pop(partition, None)
         return len(gone)
+
+    def read(self, query: Read) -> ReadReply:
+        """A read of what is held, as of every step before it."""
+        as_of = dict(self._as_of)
+        match query:
+            case InspectStream(stream=stream, include_state=include_state):
+                return StreamReply(self.engine.inspect(stream, include_state=include_state), as_of)
+            case ListStreams(prefix=prefix, limit=limit, cursor=cursor):
+                page = self.engine.store.page(
+                    prefix=prefix, limit=limit, cursor=cursor, max_scan=PAGE_MAX_SCAN
+                )
+                return PageReply(*page, as_of)
+            case CountStreams():
+                return CountsReply(self.engine.store.partition_counts(), as_of)
 
     def checkpoint(self) -> list[Change]:
         """Every change since the last checkpoint: a state, or None for a tombstone."""
@@ -278,6 +312,9 @@ class InProcessClient:
 
     async def checkpoint(self) -> list[Change]:
         return self.child.checkpoint()
+
+    async def read(self, query: Read) -> ReadReply:
+        return self.child.read(query)
 
     async def reserve(self, streams: int) -> None:
         self.child.reserve(streams)
@@ -384,6 +421,8 @@ def answer(child: EngineHost, message: Request | Reply) -> Reply:
         case Drop(partitions=partitions):
             count = child.drop(set(partitions))
             return DropReply(count, child.stats)
+        case InspectStream() | ListStreams() | CountStreams():
+            return child.read(message)
     raise StreamLSTMError(f"engine process: {type(message).__name__} is not a request")
 
 

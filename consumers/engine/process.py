@@ -36,12 +36,15 @@ from typing import Protocol, TypeVar
 from streamlstm import Bundle, EngineStats
 from streamlstm.consumers.engine.protocol import (
     FRAME_LENGTH,
+    READ_REPLIES,
     Change,
     ChangesReply,
     Close,
     Drop,
     DropReply,
     ErrorReply,
+    Read,
+    ReadReply,
     Reply,
     Request,
     Reserve,
@@ -98,6 +101,9 @@ class EngineClient(Protocol):
     async def step(self, request: StepRequest) -> StepReply: ...
     async def drop_partitions(self, partitions: Sequence[int]) -> int: ...
     async def checkpoint(self) -> list[Change]: ...
+    async def read(self, query: Read) -> ReadReply:
+        """What is held (a stream, a page of ids, counts), as of every step before."""
+
     async def reserve(self, streams: int) -> None:
         """Room for ``streams`` more streams, made now: the store grows (and its memory is
         faulted in) while the changelog is read, not after."""
@@ -228,6 +234,10 @@ class ProcessClient:
         """States changed since the last checkpoint, as of every step asked for before it
         (None for a stream's state: a tombstone)."""
         return (await self._request(TakeChanges(), ChangesReply)).changes
+
+    async def read(self, query: Read) -> ReadReply:
+        """A read, answered in its turn among the steps (see ``engine.protocol``)."""
+        return await self._request(query, READ_REPLIES[type(query)])
 
     async def reserve(self, streams: int) -> None:
         """Make room for ``streams`` more streams now."""

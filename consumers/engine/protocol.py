@@ -1,9 +1,13 @@
 """The messages between the daemon and its engine process, imported by both sides.
 
 One frozen dataclass per request (``Step``, ``TakeChanges``, ``Restore``,
-``Reserve``, ``Drop``, ``Close``) and one per reply (``StartReply``,
-``StepReply``, ``ChangesReply``, ``RestoreReply``, ``ReserveReply``, ``DropReply``,
-``ErrorReply``). The child answers requests one at a time, in the order they
+``Reserve``, ``Drop``, the reads ``InspectStream``, ``ListStreams`` and
+``CountStreams``, ``Close``) and one per reply (``StartReply``, ``StepReply``,
+``ChangesReply``, ``RestoreReply``, ``ReserveReply``, ``DropReply``,
+``StreamReply``, ``PageReply``, ``CountsReply``, ``ErrorReply``). A read is
+answered in its turn like any request, so it reflects every step sent before
+it, and says which: ``as_of``, each input partition's offset after the last
+record of it sent to the engine. The child answers requests one at a time, in the order they
 came, with exactly one reply each (``ErrorReply`` for any request that raised);
 it sends ``StartReply`` (or ``ErrorReply``) once, unasked, when the model is loaded.
 
@@ -21,24 +25,32 @@ from __future__ import annotations
 import pickle
 import socket
 import struct
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
-from streamlstm import EngineStats, StepResult
+from streamlstm import EngineStats, StepResult, StreamView
 from streamlstm.control import Control
 
 __all__ = [
     "FRAME_LENGTH",
+    "READ_REPLIES",
     "Change",
     "ChangesReply",
     "Close",
+    "CountStreams",
+    "CountsReply",
     "Drop",
     "DropReply",
     "ErrorReply",
+    "InspectStream",
+    "ListStreams",
+    "PageReply",
+    "Read",
+    "ReadReply",
     "Reply",
     "Request",
     "Reserve",
@@ -50,6 +62,7 @@ __all__ = [
     "Step",
     "StepReply",
     "StepRequest",
+    "StreamReply",
     "TakeChanges",
     "frame",
     "read_frame",
@@ -77,6 +90,9 @@ class StepRequest:
     gaps: Sequence[str] = ()
     #: Controls of streams' state (``Engine.control``), each among the ticks.
     controls: Sequence[Control] = ()
+    #: Each input partition's offset after the last record of it in this request's poll
+    #: (what reads answered after it reflect: ``as_of``).
+    positions: Mapping[int, int] = field(default_factory=dict)
 
 
 # -- requests ----------------------------------------------------------------
@@ -99,6 +115,7 @@ class Step:
     with_evictions: bool = False
     gaps: tuple[str, ...] = ()
     controls: tuple[Control, ...] = ()
+    positions: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def of(cls, request: StepRequest, *, with_evictions: bool = False) -> Step:
@@ -116,6 +133,7 @@ class Step:
             with_evictions,
             tuple(request.gaps),
             tuple(request.controls),
+            tuple(request.positions.items()),
         )
 
     def request(self) -> StepRequest:
@@ -131,6 +149,7 @@ class Step:
             self.partitions,
             self.gaps,
             self.controls,
+            dict(self.positions),
         )
 
 
@@ -168,11 +187,37 @@ class Drop:
 
 
 @dataclass(frozen=True)
+class InspectStream:
+    """What the engine holds of one stream (``Engine.inspect``); ``state`` too if asked."""
+
+    stream: str
+    include_state: bool = False
+
+
+@dataclass(frozen=True)
+class ListStreams:
+    """Up to ``limit`` held streams whose id starts with ``prefix``, from ``cursor`` on
+    (``StateStore.page``: each page looks at a bounded number of slots)."""
+
+    prefix: str
+    limit: int
+    cursor: int = 0
+
+
+@dataclass(frozen=True)
+class CountStreams:
+    """How many streams are held per input partition."""
+
+
+Read = InspectStream | ListStreams | CountStreams
+
+
+@dataclass(frozen=True)
 class Close:
     """Exit after answering everything before."""
 
 
-Request = Step | TakeChanges | Restore | Reserve | Drop | Close
+Request = Step | TakeChanges | Restore | Reserve | Drop | Read | Close
 
 
 # -- replies -----------------------------------------------------------------
@@ -239,13 +284,51 @@ class DropReply:
 
 
 @dataclass(frozen=True)
+class StreamReply:
+    """``InspectStream``'s answer: the stream, or None where it is not held here."""
+
+    view: StreamView | None
+    as_of: dict[int, int]
+
+
+@dataclass(frozen=True)
+class PageReply:
+    """``ListStreams``' answer, and the cursor of the next page (-1: none)."""
+
+    streams: list[str]
+    cursor: int
+    as_of: dict[int, int]
+
+
+@dataclass(frozen=True)
+class CountsReply:
+    """``CountStreams``' answer: input partition -> streams held (-1: not known)."""
+
+    streams: dict[int, int]
+    as_of: dict[int, int]
+
+
+ReadReply = StreamReply | PageReply | CountsReply
+
+#: Each read's reply.
+READ_REPLIES: dict[type[Read], type[ReadReply]] = {
+    InspectStream: StreamReply,
+    ListStreams: PageReply,
+    CountStreams: CountsReply,
+}
+
+
+@dataclass(frozen=True)
 class ErrorReply:
     """The request raised ``error`` (one that survives pickling; see ``engine.child``)."""
 
     error: Exception
 
 
-Reply = StartReply | StepReply | ChangesReply | RestoreReply | ReserveReply | DropReply | ErrorReply
+Reply = (
+    StartReply | StepReply | ChangesReply | RestoreReply | ReserveReply | DropReply | ReadReply
+    | ErrorReply
+)  # fmt: skip
 
 
 # -- frames ------------------------------------------------------------------

@@ -53,3 +53,22 @@ def threshold_levels(
             factor = step * (1 - rate) if score > level else -step * rate
             level = max(threshold, level * math.exp(factor))
     return out
+
+
+def expected_state(
+    bundle: Bundle, x: npt.NDArray[np.float32]
+) -> tuple[list[npt.NDArray[np.float32]], list[npt.NDArray[np.float32]]]:
+    """One stream's ``h`` and ``c`` per layer after its ticks ``x [T, F]`` from zero
+    state, stepped through torch's own ``nn.LSTM`` (``StreamLSTM.recurrent_step``)."""
+    import torch
+
+    scaled = torch.from_numpy(bundle.scale_inputs(np.asarray(x, dtype=np.float32)))
+    with torch.inference_mode():
+        hs, cs = bundle.model.zero_group_state(1)
+        for t in range(scaled.shape[0]):
+            _, hs, cs = bundle.model.recurrent_step(scaled[t : t + 1], hs, cs)
+    # Per group [count, 1, H]: its layers in order.
+    return (
+        [layer.numpy().copy() for group in hs for layer in group[:, 0]],
+        [layer.numpy().copy() for group in cs for layer in group[:, 0]],
+    )
