@@ -110,11 +110,14 @@ check_chart() {  # (set -e is off in here: `step` runs it in a condition)
   "$HELM" lint --strict "$CHART" --kube-version "$K8S_VERSION" || return 1
   "$HELM" lint --strict "$CHART" --kube-version "$K8S_VERSION" \
     -f "$CHART/ci/all-options-values.yaml" || return 1
+  "$HELM" lint --strict "$CHART" --kube-version "$K8S_VERSION" \
+    -f "$CHART/ci/admin-token-values.yaml" || return 1
   helm_render streamlstm >"$out/default.yaml" || return 1
   helm_render streamlstm -f "$CHART/ci/all-options-values.yaml" >"$out/all-options.yaml" || return 1
+  helm_render streamlstm -f "$CHART/ci/admin-token-values.yaml" >"$out/admin-token.yaml" || return 1
   # Kubernetes' own kinds; the custom resources are the next step's.
   "$VENV/bin/kubernetes-validate" --strict -k "$K8S_VERSION" \
-    "$out/default.yaml" "$out/all-options.yaml"
+    "$out/default.yaml" "$out/all-options.yaml" "$out/admin-token.yaml"
 }
 
 check_all() {
@@ -126,8 +129,9 @@ check_all() {
   step "hadolint $("$VENV/bin/hadolint" --version | awk '{print $NF}'): Dockerfile" \
     "$VENV/bin/hadolint" deploy/Dockerfile
   step "yamllint: deploy/**/*.yml" "$VENV/bin/yamllint" --strict -c deploy/.yamllint.yaml deploy
-  step "check-jsonschema: compose.yaml against the Compose spec" \
-    "$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec deploy/compose.yaml
+  step "check-jsonschema: compose.yaml, compose.admin.yaml against the Compose spec" \
+    "$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec deploy/compose.yaml \
+    deploy/compose.admin.yaml
   step "check-jsonschema: the chart's values.schema.json against its metaschema" \
     "$VENV/bin/check-jsonschema" --check-metaschema "$CHART/values.schema.json"
   step "promtool check config" promtool check config deploy/prometheus/prometheus.yml

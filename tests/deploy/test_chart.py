@@ -23,14 +23,21 @@ from tests.deploy.conftest import DEPLOY, tool
 
 CHART = DEPLOY / "helm" / "streamlstm"
 ALL_OPTIONS = CHART / "ci" / "all-options-values.yaml"
+#: The admin API's settings, which the chart and compose.admin.yaml pass, and which
+#: ServeConfig gains with the admin API itself (issue 30). Those not there yet are
+#: PENDING: left out of what the daemon is asked to parse, so these tests hold on
+#: both sides of that merge; once there, PENDING is empty and they are checked like
+#: any setting (test_chart_admin.py's pending test fails until then, as expected).
+ADMIN_SETTINGS = frozenset({"admin_port", "admin_token_file"})
+PENDING = ADMIN_SETTINGS - {f.name for f in dataclasses.fields(ServeConfig)}
 K8S_VERSION = "1.34.0"
 TO_JSON = (
     "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(sys.stdin) if d], sys.stdout)"
 )
 
 
-def _helm(*args: str) -> subprocess.CompletedProcess[str]:
-    command = [tool("helm"), "template", "streamlstm", str(CHART), "--kube-version", K8S_VERSION]
+def _helm(*args: str, chart: Path = CHART) -> subprocess.CompletedProcess[str]:
+    command = [tool("helm"), "template", "streamlstm", str(chart), "--kube-version", K8S_VERSION]
     return subprocess.run([*command, *args], capture_output=True, text=True, check=False)
 
 
@@ -41,8 +48,14 @@ def _yaml(text: str) -> Any:
     return json.loads(done.stdout)
 
 
-def render(*args: str) -> list[dict[str, Any]]:
-    done = _helm(*args)
+def without_pending(toml: str) -> str:
+    """The chart's TOML less its PENDING settings (unchanged once they have landed)."""
+    lines = toml.splitlines(keepends=True)
+    return "".join(line for line in lines if line.partition(" = ")[0] not in PENDING)
+
+
+def render(*args: str, chart: Path = CHART) -> list[dict[str, Any]]:
+    done = _helm(*args, chart=chart)
     assert done.returncode == 0, done.stderr
     docs: list[dict[str, Any]] = _yaml(done.stdout)
     return docs
@@ -65,7 +78,7 @@ def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
 def test_the_daemon_accepts_the_chart_config(values: list[str], tmp_path: Path) -> None:
     docs = render(*values)
     toml = tmp_path / "serve.toml"
-    toml.write_text(one(docs, "ConfigMap", "streamlstm")["data"]["serve.toml"])
+    toml.write_text(without_pending(one(docs, "ConfigMap", "streamlstm")["data"]["serve.toml"]))
     env = {e["name"]: e.get("value", "from-a-secret") for e in container(docs)["env"]}
     assert env["STREAMLSTM_CONFIG"] == "/etc/streamlstm/serve.toml"
     environ = {k: v.replace("$(POD_NAME)", "streamlstm-0") for k, v in env.items()}
@@ -81,16 +94,21 @@ def test_the_daemon_accepts_the_chart_config(values: list[str], tmp_path: Path) 
         assert config.transactional_id_prefix == "prices-eos"
         assert config.ssl_cafile == "/etc/streamlstm/tls/ca.crt"
         assert config.sasl_plain_password == "from-a-secret"
-        assert {"/etc/streamlstm/tls", "/models"} <= mounts
+        assert {"/etc/streamlstm/tls", "/models", "/etc/streamlstm/admin"} <= mounts
+        if not PENDING:  # ServeConfig has them: the daemon read them from the TOML
+            settings = dataclasses.asdict(config)
+            assert settings["admin_port"] == 9465
+            assert settings["admin_token_file"] == "/etc/streamlstm/admin/token"
 
 
 def test_every_streamlstm_variable_in_deploy_is_a_serve_setting() -> None:
-    settings = {f.name for f in dataclasses.fields(ServeConfig)} | {"config"}
+    settings = {f.name for f in dataclasses.fields(ServeConfig)} | {"config"} | PENDING
     names = {e["name"] for e in container(render("-f", str(ALL_OPTIONS)))["env"]}
-    for path in (DEPLOY / "Dockerfile", DEPLOY / "compose.yaml"):
+    for path in (DEPLOY / "Dockerfile", DEPLOY / "compose.yaml", DEPLOY / "compose.admin.yaml"):
         names |= set(re.findall(r"\bSTREAMLSTM_[A-Z0-9_]+", path.read_text()))
     ours = {n for n in names if n.startswith("STREAMLSTM_")}
     assert "STREAMLSTM_GROUP_INSTANCE_ID" in ours
+    assert "STREAMLSTM_ADMIN_TOKEN_FILE" in ours  # compose.admin.yaml's
     unknown = {n for n in ours if n.removeprefix("STREAMLSTM_").lower() not in settings}
     assert not unknown, f"not `streamlstm serve` settings: {sorted(unknown)}"
 

@@ -73,9 +73,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $_ := set $s "ssl_keyfile" (printf "/etc/streamlstm/tls/%s" $k.ssl.keyKey) -}}
 {{- end -}}
 {{- end -}}
+{{- if .Values.admin.enabled -}}
+{{- if eq (int .Values.admin.port) (int .Values.metrics.port) -}}
+{{- fail (printf "admin.port (%d) must differ from metrics.port" (int .Values.admin.port)) -}}
+{{- end -}}
+{{- $_ := set $s "admin_port" .Values.admin.port -}}
+{{- $_ := set $s "admin_token_file" (include "streamlstm.adminTokenFile" .) -}}
+{{- end -}}
 {{- range $key, $value := .Values.config -}}
 {{- if has $key (list "sasl_plain_password" "instance_id" "group_instance_id") -}}
 {{- fail (printf "config.%s: not allowed here (secrets and per-pod settings come from the chart)" $key) -}}
+{{- end -}}
+{{- /* The admin API's port, token and Service go together: admin.* sets them all. */ -}}
+{{- if hasPrefix "admin_" $key -}}
+{{- fail (printf "config.%s: not allowed here (the admin API is set by admin.*)" $key) -}}
 {{- end -}}
 {{- $_ := set $s $key $value -}}
 {{- end -}}
@@ -84,5 +95,38 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if or (kindIs "bool" $value) (kindIs "float64" $value) (kindIs "int" $value) (kindIs "int64" $value) $value }}
 {{ $key }} = {{ toJson $value }}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The stream admin API's Service and chart-made Secret: within a Service name's 63. */}}
+{{- define "streamlstm.adminName" -}}
+{{- printf "%s-admin" (include "streamlstm.fullname" . | trunc 57 | trimSuffix "-") -}}
+{{- end -}}
+
+{{/* Where the admin token's Secret is mounted: the daemon's admin_token_file. */}}
+{{- define "streamlstm.adminTokenFile" -}}
+/etc/streamlstm/admin/token
+{{- end -}}
+
+{{/* The Secret holding the admin token: an existing one, or the chart's own made from
+admin.token.value. Every admin template names it through here, so admin.enabled
+without either fails rendering with one message. */}}
+{{- define "streamlstm.adminTokenSecret" -}}
+{{- $t := .Values.admin.token -}}
+{{- if $t.existingSecret -}}
+{{- $t.existingSecret -}}
+{{- else if trim $t.value -}}
+{{- include "streamlstm.adminName" . -}}
+{{- else -}}
+{{- fail "admin.enabled needs a token: admin.token.existingSecret (a Secret holding it under admin.token.existingSecretKey) or admin.token.value" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The token's key in that Secret (the chart's own Secret uses `token`). */}}
+{{- define "streamlstm.adminTokenKey" -}}
+{{- if .Values.admin.token.existingSecret -}}
+{{- .Values.admin.token.existingSecretKey -}}
+{{- else -}}
+token
 {{- end -}}
 {{- end -}}
