@@ -360,7 +360,7 @@ def test_the_streams_command_gets_and_lists_through_the_api(
 ) -> None:
     model_dir = saved_bundle(tmp_path)
     src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=2)
-    token, token_file = _token(tmp_path)
+    _, token_file = _token(tmp_path)
     config = serve_config(
         model_dir, bootstrap, src, out, dlq, state="memory",
         admin_port=0, admin_token_file=str(token_file),

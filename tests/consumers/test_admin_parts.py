@@ -122,5 +122,5 @@ def test_the_admin_api_is_off_unless_a_port_and_a_token_file_are_given() -> None
         ServeConfig(**base, admin_port=9465)
     with pytest.raises(ConfigError, match="admin_port: must differ"):
         ServeConfig(**base, admin_port=9464, admin_token_file="t")
-    with pytest.raises(ConfigError, match="admin_port: must be 0..65535"):
+    with pytest.raises(ConfigError, match=r"admin_port: must be 0\.\.65535"):
         ServeConfig(**base, admin_port=70000, admin_token_file="t")
