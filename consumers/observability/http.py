@@ -53,8 +53,9 @@ logger = logging.getLogger(__name__)
 _HEAD_END = b"\r\n\r\n"
 #: The bytes of one read kept to find a head end split across two reads.
 _TAIL = len(_HEAD_END) - 1
-#: How long stop() lets a request in progress finish before it is cancelled.
-_SHUTDOWN_S = 2.0
+#: How long stop() lets a request in progress finish before it is cancelled (aiohttp waits
+#: up to twice this: for the handler, then for its task once the request is cancelled).
+_SHUTDOWN_S = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
