@@ -345,7 +345,6 @@ class Server:
             held=self.assignment,
             reader=partial(AckReader.start, self._kafka.options, cfg.output_topic, producer),
         )
-        limits = HttpLimits()
         api = AdminApi(
             token=token,
             engine=self._engine,
@@ -354,9 +353,12 @@ class Server:
             partitions=self._held_partitions,
             wait_s=cfg.admin_wait_s,
         )
-        app = api.app(max_body_bytes=limits.max_body_bytes)
         self._admin = HttpService(
-            app, host=cfg.admin_host, port=cfg.admin_port or 0, limits=limits, name="admin"
+            api.app(),
+            host=cfg.admin_host,
+            port=cfg.admin_port or 0,
+            limits=HttpLimits(),
+            name="admin",
         )
         await self._admin.start()
         logger.info("admin API on http://%s:%d/v1/", cfg.admin_host, self._admin.port)

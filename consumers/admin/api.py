@@ -83,10 +83,9 @@ class AdminApi:
         self._partitions = partitions
         self._wait_s = wait_s
 
-    def app(self, *, max_body_bytes: int) -> web.Application:
-        app = web.Application(
-            middlewares=[self._authenticate, _translate_errors], client_max_size=max_body_bytes
-        )
+    def app(self) -> web.Application:
+        """The routes (``HttpService`` adds the limits)."""
+        app = web.Application(middlewares=[self._authenticate, _translate_errors])
         app.router.add_get("/v1/streams", self.list_streams)
         app.router.add_get("/v1/partitions", self.partitions)
         app.router.add_post(_STREAM + "/reset", self.reset)

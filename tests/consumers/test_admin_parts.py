@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -116,7 +117,9 @@ def test_the_token_file_is_checked_without_showing_its_content(tmp_path: Path) -
 
 
 def test_the_admin_api_is_off_unless_a_port_and_a_token_file_are_given() -> None:
-    base = {"model": "m", "bootstrap_servers": "b", "input_topic": "i", "output_topic": "o"}
+    base: dict[str, Any] = {
+        "model": "m", "bootstrap_servers": "b", "input_topic": "i", "output_topic": "o"
+    }  # fmt: skip
     assert ServeConfig(**base).admin_port is None
     with pytest.raises(ConfigError, match="admin_token_file: required"):
         ServeConfig(**base, admin_port=9465)
