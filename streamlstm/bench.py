@@ -37,6 +37,7 @@ from streamlstm.kernels import get_num_threads, native_available, step_name
 from streamlstm.optional import require_torch
 from streamlstm.outputs import OutputSpec
 from streamlstm.quality import QualityConfig
+from streamlstm.store import MAX_PAGE_SCAN
 
 __all__ = ["flops_per_tick", "run_engine_bench"]
 
@@ -253,6 +254,8 @@ def _streams_row(
     bursty_ratios = [e / c for e, c in zip(bursty_rates, ceiling_rates, strict=False)]
     per_stream = engine.store.memory_bytes() / max(1, len(engine.store))
     roofline = statistics.median(peaks) / flops
+    reads = _read_costs(engine, seconds)
+    step_ms = 1000.0 * batch / statistics.median(engine_rates)
     return {
         "streams": streams,
         "engine_ticks_per_s": round(statistics.median(engine_rates)),
@@ -272,7 +275,26 @@ def _streams_row(
         "sgemm_gflops": round(statistics.median(peaks) / 1e9, 1),
         "roofline_ticks_per_s": round(roofline),
         "engine_over_roofline": round(statistics.median(engine_rates) / roofline, 3),
+        "step_ms": round(step_ms, 3),
+        "reads_ms": reads,
     }
+
+
+def _read_costs(engine: Engine, seconds: float) -> dict[str, float]:
+    """Milliseconds per admin read at this engine's size: the daemon's engine answers a
+    read between two steps, so each delays the next step by that much."""
+    store = engine.store
+    some = store.stream_ids()[len(store) // 2]
+    calls: dict[str, Callable[[], object]] = {
+        "inspect": lambda: engine.inspect(some, include_state=True),
+        "page": lambda: store.page(prefix="", limit=1000, cursor=0, max_scan=MAX_PAGE_SCAN),
+        # No id matches: the page looks at every slot it may.
+        "rare_page": lambda: store.page(
+            prefix="\x7f", limit=1000, cursor=0, max_scan=MAX_PAGE_SCAN
+        ),
+        "counts": store.partition_counts,
+    }
+    return {name: round(1000.0 / _rate(fn, 1, seconds / 4), 3) for name, fn in calls.items()}
 
 
 def run_engine_bench(
@@ -408,6 +430,16 @@ def format_engine_bench(result: dict[str, Any]) -> str:
             f"{row['roofline_ticks_per_s']:>10,} {row['engine_over_roofline']:>7.3f} "
             f"{_fmt(row.get('engine_over_no_quality'), '.3f', 10)}"
         )
+    lines += ["", "admin reads, ms each (a read waits for a step and delays the next):"]
+    for row in result["results"]:
+        reads = row.get("reads_ms")
+        if reads:
+            lines.append(
+                f"{row['streams']:>9,} streams: step of {result['batch']} ticks "
+                f"{row['step_ms']:.2f}; inspect with state {reads['inspect']:.3f}, page of "
+                f"1000 {reads['page']:.2f}, page no id matches {reads['rare_page']:.2f}, "
+                f"partition counts {reads['counts']:.2f}"
+            )
     if "rss" in result:
         rss = result["rss"]
         lines += [

@@ -36,6 +36,13 @@ I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
 
 _NEVER = np.iinfo(np.int64).max
+#: A free slot's partition.
+_FREE = -2
+#: Slots a listing page looks at between checks of its limit.
+_PAGE_CHUNK = 8192
+#: Slots one listing page looks at, at most (the admin API's pages): a page with a rare
+#: prefix costs about a step of 1024 ticks at any store size (``bench engine``, reads).
+MAX_PAGE_SCAN = 32_768
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,8 +88,9 @@ class StateStore:
         self.c = [np.zeros((cap, size), dtype=np.float32) for size in self.hidden_sizes]
         self.steps: I64 = np.zeros(cap, dtype=np.int64)
         self.offsets: I64 = np.full(cap, -1, dtype=np.int64)
-        #: The input partition of the ticks each slot's state reflects (-1: unknown).
-        self.partitions: I64 = np.full(cap, -1, dtype=np.int64)
+        #: The input partition of the ticks each slot's state reflects (-1: unknown; a
+        #: free slot's is _FREE, so counting by partition needs no mask of held slots).
+        self.partitions: I64 = np.full(cap, _FREE, dtype=np.int64)
         self.last_seen: F64 = np.zeros(cap, dtype=np.float64)
         #: Other per-stream numbers the engine keeps (zeroed with the state).
         self.extra = np.zeros((cap, extra_width), dtype=np.float64)
@@ -139,22 +147,23 @@ class StateStore:
         found: list[str] = []
         slot = max(cursor, 0)
         end = min(slot + max_scan, self.capacity)
-        while slot < end and len(found) < limit:
-            chunk = np.flatnonzero(self._last_used[slot : min(slot + 4096, end)] != _NEVER)
-            for i in chunk.tolist():
-                owner = self._owner[slot + i]
-                if owner is not None and owner.startswith(prefix):
-                    found.append(owner)
-                    if len(found) == limit:
-                        return found, (slot + i + 1 if slot + i + 1 < self.capacity else -1)
-            slot = min(slot + 4096, end)
+        while slot < end:
+            stop = min(slot + _PAGE_CHUNK, end)
+            owners = enumerate(self._owner[slot:stop], slot)
+            hits = [(i, o) for i, o in owners if o is not None and o.startswith(prefix)]
+            if len(found) + len(hits) >= limit:
+                hits = hits[: limit - len(found)]
+                found += [o for _, o in hits]
+                stop = hits[-1][0] + 1 if hits else stop
+                return found, (stop if stop < self.capacity else -1)
+            found += [o for _, o in hits]
+            slot = stop
         return found, (slot if slot < self.capacity else -1)
 
     def partition_counts(self) -> dict[int, int]:
         """How many held streams each input partition's ticks made (-1: unknown)."""
-        held = self.partitions[self._last_used != _NEVER]
-        counts = np.bincount(held + 1)
-        return {p - 1: int(n) for p, n in enumerate(counts.tolist()) if n}
+        counts = np.bincount(self.partitions - _FREE)
+        return {p + _FREE: int(n) for p, n in enumerate(counts.tolist()) if n and p > 0}
 
     def streams_in(self, partitions: Collection[int]) -> list[str]:
         """The held streams whose state reflects ticks of these input partitions."""
@@ -202,6 +211,7 @@ class StateStore:
         """
         total = sum(t.nbytes for t in (*self.h, *self.c))
         arrays = (self.steps, self.offsets, self.partitions, self.last_seen, self.extra)
+        total += self.last_answer.nbytes
         total += sum(a.nbytes for a in (*arrays, self._last_used, self.changes.changed))
         total += sum(sys.getsizeof(x) for x in (self._slot, self._owner, self._free))
         total += sum(sys.getsizeof(s) for s in self._owner if s is not None)
@@ -409,7 +419,7 @@ class StateStore:
                 del array, grown
         self.steps = _grow_array(self.steps, new_capacity, 0)
         self.offsets = _grow_array(self.offsets, new_capacity, -1)
-        self.partitions = _grow_array(self.partitions, new_capacity, -1)
+        self.partitions = _grow_array(self.partitions, new_capacity, _FREE)
         self.last_seen = _grow_array(self.last_seen, new_capacity, 0.0)
         extra = np.zeros((new_capacity, self.extra.shape[1]), dtype=np.float64)
         extra[:old] = self.extra
@@ -439,6 +449,7 @@ class StateStore:
                 self._free.append(slot)
                 self.changes.remove(slot, owner, int(self.partitions[slot]))
         self._last_used[slots] = _NEVER
+        self.partitions[slots] = _FREE
 
     def _capture(self, slots: I64, reason: EvictionReason) -> list[Eviction]:
         self.eviction_counts[reason] += int(slots.size)

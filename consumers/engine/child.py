@@ -76,6 +76,7 @@ from streamlstm.consumers.engine.spool import Spool
 from streamlstm.errors import BundleError, StateError, StreamLSTMError
 from streamlstm.kernels import set_num_threads
 from streamlstm.quality import QualityConfig, StreamError
+from streamlstm.store import MAX_PAGE_SCAN
 from streamlstm.stream_state import StateArrays, StateBlobs, StreamState, decode_many
 
 __all__ = ["EngineHost", "InProcessClient", "RestoreReport"]
@@ -83,10 +84,6 @@ __all__ = ["EngineHost", "InProcessClient", "RestoreReport"]
 
 #: How many of the worst streams by recent error the daemon logs with each summary.
 WORST_STREAMS = 5
-#: How many slots one ``ListStreams`` page looks at, at most: a page delays the next
-#: step by about a millisecond, however many streams are held (measured in
-#: docs/admin-api.md).
-PAGE_MAX_SCAN = 65_536
 
 
 class EngineHost:
@@ -206,7 +203,7 @@ class EngineHost:
                 return StreamReply(self.engine.inspect(stream, include_state=include_state), as_of)
             case ListStreams(prefix=prefix, limit=limit, cursor=cursor):
                 page = self.engine.store.page(
-                    prefix=prefix, limit=limit, cursor=cursor, max_scan=PAGE_MAX_SCAN
+                    prefix=prefix, limit=limit, cursor=cursor, max_scan=MAX_PAGE_SCAN
                 )
                 return PageReply(*page, as_of)
             case CountStreams():

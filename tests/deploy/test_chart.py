@@ -11,74 +11,29 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from streamlstm.consumers.settings import ServeConfig, parse_serve_args
 from streamlstm.errors import ConfigError
-from tests.deploy.conftest import DEPLOY, tool
-
-CHART = DEPLOY / "helm" / "streamlstm"
-ALL_OPTIONS = CHART / "ci" / "all-options-values.yaml"
-#: The admin API's settings, which the chart and compose.admin.yaml pass, and which
-#: ServeConfig gains with the admin API itself (issue 30). Those not there yet are
-#: PENDING: left out of what the daemon is asked to parse, so these tests hold on
-#: both sides of that merge; once there, PENDING is empty and they are checked like
-#: any setting (test_chart_admin.py's pending test fails until then, as expected).
-ADMIN_SETTINGS = frozenset({"admin_port", "admin_token_file"})
-PENDING = ADMIN_SETTINGS - {f.name for f in dataclasses.fields(ServeConfig)}
-K8S_VERSION = "1.34.0"
-TO_JSON = (
-    "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(sys.stdin) if d], sys.stdout)"
+from tests.deploy.conftest import DEPLOY
+from tests.helpers.chart import (
+    ALL_OPTIONS,
+    CHART,
+    container,
+    helm_template,
+    one,
+    render,
+    yaml_docs,
 )
-
-
-def _helm(*args: str, chart: Path = CHART) -> subprocess.CompletedProcess[str]:
-    command = [tool("helm"), "template", "streamlstm", str(chart), "--kube-version", K8S_VERSION]
-    return subprocess.run([*command, *args], capture_output=True, text=True, check=False)
-
-
-def _yaml(text: str) -> Any:
-    python = str(Path(tool("yamllint")).with_name("python"))  # the tools venv has PyYAML
-    done = subprocess.run([python, "-c", TO_JSON], input=text, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
-
-
-def without_pending(toml: str) -> str:
-    """The chart's TOML less its PENDING settings (unchanged once they have landed)."""
-    lines = toml.splitlines(keepends=True)
-    return "".join(line for line in lines if line.partition(" = ")[0] not in PENDING)
-
-
-def render(*args: str, chart: Path = CHART) -> list[dict[str, Any]]:
-    done = _helm(*args, chart=chart)
-    assert done.returncode == 0, done.stderr
-    docs: list[dict[str, Any]] = _yaml(done.stdout)
-    return docs
-
-
-def one(docs: list[dict[str, Any]], kind: str, suffix: str = "") -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix)]
-    assert len(found) == 1, [d["metadata"]["name"] for d in found]
-    return found[0]
-
-
-def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    spec = one(docs, "StatefulSet")["spec"]["template"]["spec"]
-    assert len(spec["containers"]) == 1
-    found: dict[str, Any] = spec["containers"][0]
-    return found
 
 
 @pytest.mark.parametrize("values", [[], ["-f", str(ALL_OPTIONS)]], ids=["default", "all-options"])
 def test_the_daemon_accepts_the_chart_config(values: list[str], tmp_path: Path) -> None:
     docs = render(*values)
     toml = tmp_path / "serve.toml"
-    toml.write_text(without_pending(one(docs, "ConfigMap", "streamlstm")["data"]["serve.toml"]))
+    toml.write_text(one(docs, "ConfigMap", "streamlstm")["data"]["serve.toml"])
     env = {e["name"]: e.get("value", "from-a-secret") for e in container(docs)["env"]}
     assert env["STREAMLSTM_CONFIG"] == "/etc/streamlstm/serve.toml"
     environ = {k: v.replace("$(POD_NAME)", "streamlstm-0") for k, v in env.items()}
@@ -95,14 +50,12 @@ def test_the_daemon_accepts_the_chart_config(values: list[str], tmp_path: Path) 
         assert config.ssl_cafile == "/etc/streamlstm/tls/ca.crt"
         assert config.sasl_plain_password == "from-a-secret"
         assert {"/etc/streamlstm/tls", "/models", "/etc/streamlstm/admin"} <= mounts
-        if not PENDING:  # ServeConfig has them: the daemon read them from the TOML
-            settings = dataclasses.asdict(config)
-            assert settings["admin_port"] == 9465
-            assert settings["admin_token_file"] == "/etc/streamlstm/admin/token"
+        assert config.admin_port == 9465
+        assert config.admin_token_file == "/etc/streamlstm/admin/token"
 
 
 def test_every_streamlstm_variable_in_deploy_is_a_serve_setting() -> None:
-    settings = {f.name for f in dataclasses.fields(ServeConfig)} | {"config"} | PENDING
+    settings = {f.name for f in dataclasses.fields(ServeConfig)} | {"config"}
     names = {e["name"] for e in container(render("-f", str(ALL_OPTIONS)))["env"]}
     for path in (DEPLOY / "Dockerfile", DEPLOY / "compose.yaml", DEPLOY / "compose.admin.yaml"):
         names |= set(re.findall(r"\bSTREAMLSTM_[A-Z0-9_]+", path.read_text()))
@@ -124,7 +77,9 @@ def test_static_membership_and_grace_period() -> None:
 
 
 def test_a_grace_period_within_the_shutdown_timeout_is_refused() -> None:
-    done = _helm("--set", "shutdownTimeoutSeconds=60", "--set", "terminationGracePeriodSeconds=60")
+    done = helm_template(
+        "--set", "shutdownTimeoutSeconds=60", "--set", "terminationGracePeriodSeconds=60"
+    )
     assert done.returncode != 0
     assert "must exceed shutdownTimeoutSeconds" in done.stderr
 
@@ -139,7 +94,7 @@ def test_a_grace_period_within_the_shutdown_timeout_is_refused() -> None:
     ids=["guarantee-typo", "state-typo", "exactly-once-in-memory"],
 )
 def test_the_schema_refuses_a_guarantee_or_state_the_daemon_refuses(settings: list[str]) -> None:
-    done = _helm(*(arg for setting in settings for arg in ("--set", setting)))
+    done = helm_template(*(arg for setting in settings for arg in ("--set", setting)))
     assert done.returncode != 0
     assert "values don't meet the specifications of the schema" in done.stderr, done.stderr
     # ... and the daemon would refuse them too (at start-up, in a crash loop).
@@ -161,7 +116,7 @@ def test_exactly_once_with_durable_state_passes_the_schema() -> None:
 
 
 def test_secrets_stay_out_of_the_config_map() -> None:
-    done = _helm("--set", "config.sasl_plain_password=hunter2")
+    done = helm_template("--set", "config.sasl_plain_password=hunter2")
     assert done.returncode != 0 and "not allowed here" in done.stderr
     docs = render("-f", str(ALL_OPTIONS))
     assert "password" not in one(docs, "ConfigMap", "streamlstm")["data"]["serve.toml"]
@@ -198,7 +153,7 @@ def test_keda_scales_the_statefulset_up_to_the_partition_count() -> None:
 def test_the_chart_ships_the_one_copy_of_the_rules_and_the_dashboard() -> None:
     docs = render("-f", str(ALL_OPTIONS))
     rules_file = CHART / "files" / "rules" / "streamlstm.rules.yml"
-    assert one(docs, "PrometheusRule")["spec"] == _yaml(rules_file.read_text())[0]
+    assert one(docs, "PrometheusRule")["spec"] == yaml_docs(rules_file.read_text())[0]
     dashboard = one(docs, "ConfigMap", "dashboard")
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     shipped = json.loads(dashboard["data"]["streamlstm.json"])

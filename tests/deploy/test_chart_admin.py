@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from streamlstm.consumers.settings import ServeConfig
-from tests.deploy.test_chart import CHART, PENDING, _helm, container, one, render
+from tests.helpers.chart import CHART, container, helm_template, one, render
 
 Docs = list[dict[str, Any]]
 
@@ -127,7 +127,7 @@ def test_admin_with_an_existing_secret_mounts_it_and_makes_none() -> None:
     "token", [[], ["--set", "admin.token.value=  "]], ids=["no-token", "blank-value"]
 )
 def test_admin_without_a_token_fails_rendering(token: list[str]) -> None:
-    done = _helm(*ON, *token)
+    done = helm_template(*ON, *token)
     assert done.returncode != 0
     assert NO_TOKEN in done.stderr, done.stderr
 
@@ -143,7 +143,7 @@ def test_admin_without_a_token_fails_rendering(token: list[str]) -> None:
     ids=["admin-in-config", "port-clash", "empty-key", "unknown-key"],
 )
 def test_admin_settings_the_chart_refuses(settings: list[str], message: str) -> None:
-    done = _helm(*WITH_VALUE, *(arg for setting in settings for arg in ("--set", setting)))
+    done = helm_template(*WITH_VALUE, *(arg for setting in settings for arg in ("--set", setting)))
     assert done.returncode != 0
     assert message in done.stderr, done.stderr
 
@@ -155,13 +155,7 @@ def test_the_notes_say_how_to_reach_the_admin_api(tmp_path: Path) -> None:
     assert 'curl -s -H "Authorization: Bearer $TOKEN" localhost:9465/v1/' in text
 
 
-@pytest.mark.xfail(
-    bool(PENDING),
-    strict=True,
-    reason="ServeConfig gains admin_port and admin_token_file with the admin API (issue 30)",
-)
 def test_the_daemon_has_the_admin_settings_the_chart_passes() -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(ServeConfig)}
-    assert not PENDING, f"not ServeConfig fields yet: {sorted(PENDING)}"
     # Off unless set, as the chart's admin.enabled: false.
     assert defaults["admin_port"] is None and defaults["admin_token_file"] is None
