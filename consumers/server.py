@@ -100,7 +100,6 @@ class Server:
         self._http: HttpEndpoints | None = None
         self._admin: HttpService | None = None
         self._acks = ControlAcks()
-        self._controls: ControlSender | None = None
         self._tasks: PartitionTasks | None = None
         self._lock = asyncio.Lock()
         self._stopping = asyncio.Event()
@@ -337,7 +336,7 @@ class Server:
         """The stream admin API on its own port (docs/admin-api.md)."""
         cfg = self.config
         assert self._engine is not None
-        self._controls = ControlSender(
+        controls = ControlSender(
             producer=producer,
             input_topic=cfg.input_topic,
             partitions=len(self._partitions[cfg.input_topic]),
@@ -348,7 +347,7 @@ class Server:
         api = AdminApi(
             token=token,
             engine=self._engine,
-            controls=lambda: self._controls,
+            controls=controls,
             locate=self._locate,
             partitions=self._held_partitions,
             wait_s=cfg.admin_wait_s,
@@ -423,6 +422,8 @@ class Server:
             return
         self._stopped = True
         self._stopping.set()
+        if self._admin is not None:  # no new control or read while the rest winds down
+            await self._admin.stop()
         if self._task is not None and self._task.done() and self._loop is not None:
             self._loop.abandon()  # it failed: nothing more is sent or committed but the acked
         if self._task is not None and not self._task.done():
@@ -448,8 +449,6 @@ class Server:
             # Asked to exit, then killed: a wedged child gets the same grace (it may be slow
             # rather than stopped), polled without blocking the loop meanwhile.
             await self._engine.close()
-        if self._admin is not None:
-            await self._admin.stop()
         # Last: until the process exits, /healthz answers (503 once anything failed) rather
         # than refusing connections, which a probe cannot tell from a hung daemon.
         if self._http is not None:

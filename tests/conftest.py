@@ -157,7 +157,12 @@ def suite_broker() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def bootstrap(suite_broker: str) -> str:
+def bootstrap(request: pytest.FixtureRequest, suite_broker: str) -> str:
+    """The suite's broker; Apache Kafka (``kafka_bootstrap``) for a test marked
+    ``apache_kafka``, even when the suite runs on Tansu."""
+    if request.node.get_closest_marker("apache_kafka"):
+        kafka: str = request.getfixturevalue("kafka_bootstrap")
+        return kafka
     return suite_broker
 
 

@@ -59,9 +59,9 @@ _STREAM = "/v1/streams/{stream:.+}"  # an id may hold "/" (sent as %2F)
 class AdminApi:
     """The routes over the daemon's parts, each passed in.
 
-    ``controls`` gives the control sender once the daemon's producer is up
-    (None before: 503); ``locate(stream, key)`` says where a stream not held
-    here lives; ``partitions()`` describes the partitions held here.
+    ``controls`` sends reset and delete; ``locate(stream, key)`` says where a
+    stream not held here lives; ``partitions()`` describes the partitions held
+    here.
     """
 
     def __init__(
@@ -69,7 +69,7 @@ class AdminApi:
         *,
         token: bytes,
         engine: EngineClient,
-        controls: Callable[[], ControlSender | None],
+        controls: ControlSender,
         locate: Callable[[str, bytes], Awaitable[dict[str, Any]]],
         partitions: Callable[[], list[dict[str, Any]]],
         wait_s: float,
@@ -153,10 +153,7 @@ class AdminApi:
 
     async def _control(self, request: web.Request, op: str) -> web.Response:
         stream, key = _stream(request)
-        sender = self._controls()
-        if sender is None:
-            return web.json_response({"error": "not serving yet"}, status=503)
-        outcome = await sender.send(stream, key, op, self._wait_s)
+        outcome = await self._controls.send(stream, key, op, self._wait_s)
         logger.info(
             "admin %s of stream %r: partition %d offset %d (%s)",
             op,

@@ -25,6 +25,7 @@ from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitio
 from streamlstm import Bundle, StreamState
 from streamlstm.consumers.kafka.groups import partition_for
 from streamlstm.consumers.server import Server
+from streamlstm.consumers.settings import ServeConfig
 from tests.consumers.conftest import read_all, send_raw
 from tests.helpers.polling import await_for
 from tests.helpers.serving import (
@@ -37,23 +38,26 @@ from tests.helpers.serving import (
 )
 from tests.streamlstm.oracle import expected_outputs, expected_state
 
-
-# Durable state: Apache Kafka even when the suite runs on Tansu.
-@pytest.fixture
-def bootstrap(kafka_bootstrap: str) -> str:
-    return kafka_bootstrap
+# Durable state needs what Tansu lacks (topic configs, compaction, exact end offsets):
+# Apache Kafka even when the suite runs on Tansu.
+pytestmark = pytest.mark.apache_kafka
 
 
-@pytest.fixture
-def make_topics(make_kafka_topics: Callable[..., list[str]]) -> Callable[..., list[str]]:
-    return make_kafka_topics
-
-
-def _token(tmp_path: Path) -> tuple[str, Path]:
+def _serving(
+    tmp_path: Path, bootstrap: str, make_topics: Any, **overrides: Any
+) -> tuple[ServeConfig, str, Path]:
+    """The serving tests' model on two fresh partitions (memory state unless told), the
+    admin API on a free port with a new token (in ``tmp_path / "admin-token"``): the
+    config, the token, the model."""
+    model_dir = saved_bundle(tmp_path)
+    src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=2)
     token = secrets.token_hex(24)
-    path = tmp_path / "admin-token"
-    path.write_text(token + "\n")
-    return token, path
+    (tmp_path / "admin-token").write_text(token + "\n")
+    config = serve_config(
+        model_dir, bootstrap, src, out, dlq, admin_port=0,
+        admin_token_file=str(tmp_path / "admin-token"), **{"state": "memory", **overrides},
+    )  # fmt: skip
+    return config, token, model_dir
 
 
 class Admin:
@@ -95,13 +99,10 @@ def test_a_stream_read_mid_run_equals_the_oracle_and_at_the_end_the_engines_snap
     """While ticks flow, each read of sensor-1 (state included) equals torch's own LSTM
     over sensor-1's ticks up to the offset the read says it reflects; once all is
     answered and checkpointed, the read equals the changelog record the engine wrote."""
-    model_dir = saved_bundle(tmp_path)
-    src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=2)
-    token, token_file = _token(tmp_path)
-    config = serve_config(
-        model_dir, bootstrap, src, out, dlq, state="durable", commit_interval_ms=200,
-        max_records=16, admin_port=0, admin_token_file=str(token_file),
-    )  # fmt: skip
+    config, token, model_dir = _serving(
+        tmp_path, bootstrap, make_topics, state="durable", commit_interval_ms=200, max_records=16
+    )
+    src, out = config.input_topic, config.output_topic
     ticks = _stream_ticks(np.random.default_rng(3), ["sensor-0", "sensor-1", "sensor-2"], 600)
 
     async def scenario() -> tuple[list[dict[str, Any]], list[Any], dict[str, Any]]:
@@ -170,13 +171,8 @@ def test_listing_partitions_resets_and_deletes_through_the_api(
     stream once; partitions count them; a reset is applied before the stream's next tick
     and acknowledged on the output topic; a deleted stream is no longer held here."""
     caplog.set_level(logging.DEBUG)
-    model_dir = saved_bundle(tmp_path)
-    src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=2)
-    token, token_file = _token(tmp_path)
-    config = serve_config(
-        model_dir, bootstrap, src, out, dlq, state="memory",
-        admin_port=0, admin_token_file=str(token_file),
-    )  # fmt: skip
+    config, token, model_dir = _serving(tmp_path, bootstrap, make_topics)
+    src, out = config.input_topic, config.output_topic
     names = [f"pump-{i}" for i in range(25)] + [f"fan-{i}" for i in range(5)]
     first: list[Tick] = [(s, [1.0, float(i)], False) for i, s in enumerate(names)]
     later: list[Tick] = [("pump-3", [2.0, 50.0], False)]
@@ -252,13 +248,8 @@ def test_a_stream_another_member_holds_is_located_and_its_reset_waits_in_vain(
 ) -> None:
     """With a second member in the group, a stream of its partition is not held here:
     the API names that member, and a reset sent for it is not applied in time (504)."""
-    model_dir = saved_bundle(tmp_path)
-    src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=2)
-    token, token_file = _token(tmp_path)
-    config = serve_config(
-        model_dir, bootstrap, src, out, dlq, state="memory", admin_port=0,
-        admin_token_file=str(token_file), admin_wait_s=1.0,
-    )  # fmt: skip
+    config, token, _ = _serving(tmp_path, bootstrap, make_topics, admin_wait_s=1.0)
+    src = config.input_topic
 
     async def scenario() -> None:
         async with Server(config) as server, aiohttp.ClientSession() as session:
@@ -305,13 +296,8 @@ def test_hostile_admin_clients_are_cut_off_without_stalling_metrics_or_the_loop(
 ) -> None:
     """Oversized headers and bodies are refused; clients trickling a header a byte at a
     time are cut off, and meanwhile /metrics answers and ticks are answered."""
-    model_dir = saved_bundle(tmp_path)
-    src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=2)
-    token, token_file = _token(tmp_path)
-    config = serve_config(
-        model_dir, bootstrap, src, out, dlq, state="memory",
-        admin_port=0, admin_token_file=str(token_file),
-    )  # fmt: skip
+    config, token, _ = _serving(tmp_path, bootstrap, make_topics)
+    src, out = config.input_topic, config.output_topic
     ticks: list[Tick] = [(f"t{i % 5}", [1.0, float(i)], False) for i in range(50)]
 
     async def scenario() -> None:
@@ -365,13 +351,9 @@ async def _trickle(port: int) -> float:
 def test_the_streams_command_gets_and_lists_through_the_api(
     bootstrap: str, make_topics: Any, tmp_path: Path
 ) -> None:
-    model_dir = saved_bundle(tmp_path)
-    src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=2)
-    _, token_file = _token(tmp_path)
-    config = serve_config(
-        model_dir, bootstrap, src, out, dlq, state="memory",
-        admin_port=0, admin_token_file=str(token_file),
-    )  # fmt: skip
+    config, _, _ = _serving(tmp_path, bootstrap, make_topics)
+    token_file = str(tmp_path / "admin-token")
+    src, out = config.input_topic, config.output_topic
     ticks: list[Tick] = [(f"valve/{i}", [1.0, 2.0], False) for i in range(3)]
 
     async def scenario() -> list[subprocess.CompletedProcess[str]]:
@@ -381,10 +363,10 @@ def test_the_streams_command_gets_and_lists_through_the_api(
             where = ["--admin", f"http://127.0.0.1:{server.admin_port}", "--token-file"]
             runs = []
             for argv in (
-                ["get", "valve/1", "--state", *where, str(token_file)],
-                ["list", "--prefix", "valve/", "--limit", "2", "--all", *where, str(token_file)],
+                ["get", "valve/1", "--state", *where, token_file],
+                ["list", "--prefix", "valve/", "--limit", "2", "--all", *where, token_file],
                 ["get", "valve/1", *where, str(tmp_path / "nothing")],
-                ["reset", "valve/2", *where, str(token_file)],
+                ["reset", "valve/2", *where, token_file],
             ):
                 runs.append(await asyncio.to_thread(_cli, argv))
             bad = tmp_path / "bad-token"

@@ -6,23 +6,14 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 
 import pytest
 
 from streamlstm.consumers.devtools.bench_report import report
 
-
 # Durable state needs what Tansu lacks (topic configs, compaction, exact end offsets):
-# these tests run on Apache Kafka even when the suite runs on Tansu.
-@pytest.fixture
-def bootstrap(kafka_bootstrap: str) -> str:
-    return kafka_bootstrap
-
-
-@pytest.fixture
-def make_topics(make_kafka_topics: Callable[..., list[str]]) -> Callable[..., list[str]]:
-    return make_kafka_topics
+# Apache Kafka even when the suite runs on Tansu.
+pytestmark = pytest.mark.apache_kafka
 
 
 def test_bench_kafka_json_has_every_figure(bootstrap: str) -> None:

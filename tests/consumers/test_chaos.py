@@ -15,7 +15,6 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +39,9 @@ from tests.helpers.serving import (
     wait_consumed,
 )
 
-
 # Durable state needs what Tansu lacks (topic configs, compaction, exact end offsets):
-# these tests run on Apache Kafka even when the suite runs on Tansu.
-@pytest.fixture
-def bootstrap(kafka_bootstrap: str) -> str:
-    return kafka_bootstrap
-
-
-@pytest.fixture
-def make_topics(make_kafka_topics: Callable[..., list[str]]) -> Callable[..., list[str]]:
-    return make_kafka_topics
+# Apache Kafka even when the suite runs on Tansu.
+pytestmark = pytest.mark.apache_kafka
 
 
 def _send_slowly(

@@ -10,7 +10,6 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +35,9 @@ CONTROL = "streamlstm-control"
 STRONG = {"acks": "all", "enable_idempotence": True}
 
 
-# Durable state and transactions: Apache Kafka even when the suite runs on Tansu.
-@pytest.fixture
-def bootstrap(kafka_bootstrap: str) -> str:
-    return kafka_bootstrap
-
-
-@pytest.fixture
-def make_topics(make_kafka_topics: Callable[..., list[str]]) -> Callable[..., list[str]]:
-    return make_kafka_topics
+# Durable state needs what Tansu lacks (topic configs, compaction, exact end offsets):
+# Apache Kafka even when the suite runs on Tansu.
+pytestmark = pytest.mark.apache_kafka
 
 
 async def _send_control(bootstrap: str, topic: str, stream: str, op: str) -> Any:

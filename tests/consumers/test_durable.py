@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +22,9 @@ from tests.helpers.serving import (
     tick_messages,
 )
 
-
 # Durable state needs what Tansu lacks (topic configs, compaction, exact end offsets):
-# these tests run on Apache Kafka even when the suite runs on Tansu.
-@pytest.fixture
-def bootstrap(kafka_bootstrap: str) -> str:
-    return kafka_bootstrap
-
-
-@pytest.fixture
-def make_topics(make_kafka_topics: Callable[..., list[str]]) -> Callable[..., list[str]]:
-    return make_kafka_topics
+# Apache Kafka even when the suite runs on Tansu.
+pytestmark = pytest.mark.apache_kafka
 
 
 def test_a_clean_stop_and_start_continues_every_stream(

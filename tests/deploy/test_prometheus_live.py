@@ -52,6 +52,10 @@ from aiokafka import AIOKafkaProducer
 from streamlstm import Bundle, ModelConfig, OutputSpec
 from tests.deploy.conftest import DEPLOY, tool
 
+# Durable state needs what Tansu lacks (topic configs, compaction, exact end offsets):
+# Apache Kafka even when the suite runs on Tansu.
+pytestmark = pytest.mark.apache_kafka
+
 RULES = DEPLOY / "prometheus" / "rules"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "streamlstm.json"
 STREAMLSTM = str(Path(sys.executable).with_name("streamlstm"))
@@ -190,17 +194,6 @@ async def _send_ticks(bootstrap: str, topic: str, shift: float = 0.0) -> None:
         await producer.flush()
     finally:
         await producer.stop()
-
-
-@pytest.fixture
-def bootstrap(kafka_bootstrap: str) -> str:
-    """Apache Kafka even on a Tansu suite: durable state and transactions need it."""
-    return kafka_bootstrap
-
-
-@pytest.fixture
-def make_topics(make_kafka_topics: Callable[..., list[str]]) -> Callable[..., list[str]]:
-    return make_kafka_topics
 
 
 @pytest.fixture(params=["at-least-once", "exactly-once"])
