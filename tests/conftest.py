@@ -156,7 +156,7 @@ def suite_broker() -> Iterator[str]:
         yield broker.bootstrap
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture  # per test: its marker decides
 def bootstrap(request: pytest.FixtureRequest, suite_broker: str) -> str:
     """The suite's broker; Apache Kafka (``kafka_bootstrap``) for a test marked
     ``apache_kafka``, even when the suite runs on Tansu."""
