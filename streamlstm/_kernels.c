@@ -89,11 +89,13 @@ static inline void sl_prefetch_write(const float *row, int64_t width) {
 
 /*
  * Row i of dst (rows ld apart) gets x[i, :xw] at column 0 when x is not NULL
- * (the layer's input) and src[slots[i], :width] at column off (its h).
+ * (the layer's input) and src[slots[i], :width] at column off (its h); on
+ * `threads` threads where the batch is worth it.
  */
 void sl_gather(const float *src, const int64_t *slots, int64_t n, int64_t width, float *dst,
-               int64_t ld, int64_t off, const float *x, int64_t xw) {
-#pragma omp parallel for schedule(static) if (n * width > SL_PARALLEL_MIN)
+               int64_t ld, int64_t off, const float *x, int64_t xw, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) \
+    if (threads > 1 && n * width > SL_PARALLEL_MIN)
     for (int64_t i = 0; i < n; i++) {
         if (i + SL_AHEAD < n) sl_prefetch_read(src + slots[i + SL_AHEAD] * width, width);
         if (x != NULL) memcpy(dst + i * ld, x + i * xw, (size_t)xw * sizeof(float));
@@ -127,11 +129,14 @@ sl_cell_row(const float *g, const float *bias, int64_t hidden, float *c, float *
 
 /*
  * One LSTM cell for n distinct slots: gates [n, 4H], the stores h, c
- * [capacity, H] updated at slots[i], the new h also to out[i, :H] (rows ld apart).
+ * [capacity, H] updated at slots[i], the new h also to out[i, :H] (rows ld
+ * apart); on `threads` threads where the batch is worth it.
  */
 SL_CLONES void sl_lstm_cell(const float *gates, const float *bias, const int64_t *slots, int64_t n,
-                            int64_t hidden, float *hs, float *cs, float *out, int64_t ld) {
-#pragma omp parallel for schedule(static) if (n * hidden > SL_PARALLEL_MIN)
+                            int64_t hidden, float *hs, float *cs, float *out, int64_t ld,
+                            int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) \
+    if (threads > 1 && n * hidden > SL_PARALLEL_MIN)
     for (int64_t r = 0; r < n; r++) {
         if (r + SL_AHEAD < n) {
             sl_prefetch_read(cs + slots[r + SL_AHEAD] * hidden, hidden);
@@ -208,9 +213,13 @@ sl_bias_act(float *out, int64_t m, int64_t w, int64_t ld, const float *bias, int
 /*
  * Rows start .. start + m - 1 through every layer and the head (see sl_step);
  * xh is the thread's scratch area. inner: called outside any parallel region,
- * so the gather and the cell share their rows out among threads (their own
- * parallel loops: the outlined body of a loop here would not be cloned for
- * the instruction set).
+ * so the gather and the cell share their rows out among that many threads
+ * (their own parallel loops: the outlined body of a loop here would not be
+ * cloned for the instruction set); 0: inside one, rows in turn. Never more
+ * threads than the step was given: a team beyond it (OpenMP's default is
+ * every CPU) spins between steps, and on the daemon's 2 cores that took a
+ * core from the broker and the event loop (the engine child measured 9.6 CPU
+ * us a tick where its steps took 2.6).
  */
 static inline __attribute__((always_inline)) void
 sl_chunk(const sl_model *md, float *const *hs, float *const *cs, const int64_t *slots,
@@ -226,7 +235,8 @@ sl_chunk(const sl_model *md, float *const *hs, float *const *cs, const int64_t *
         int64_t hid = md->hidden[l], width = md->widths[l];
         float *hl = hs[l], *cl = cs[l];
         if (inner)
-            sl_gather(hl, ks, m, hid, xh, width, width - hid, l ? NULL : x + start * xw, xw);
+            sl_gather(hl, ks, m, hid, xh, width, width - hid, l ? NULL : x + start * xw, xw,
+                      inner);
         else
             for (int64_t i = 0; i < m; i++) {
                 if (l == 0)
@@ -240,7 +250,7 @@ sl_chunk(const sl_model *md, float *const *hs, float *const *cs, const int64_t *
         float *next = last ? top + start * hid : xh + rows * width;
         int64_t ld = last ? hid : md->widths[l + 1];
         if (inner)
-            sl_lstm_cell(gates, md->bias[l], ks, m, hid, hl, cl, next, ld);
+            sl_lstm_cell(gates, md->bias[l], ks, m, hid, hl, cl, next, ld, inner);
         else
             for (int64_t i = 0; i < m; i++) {
                 if (i + SL_AHEAD < m) {
@@ -305,6 +315,7 @@ SL_CLONES void sl_step(const sl_model *md, float *const *hs, float *const *cs,
      * (n < SL_MIN_ROWS) is ever padded; a padded one would spill into the next. */
     if (chunk < 2 * SL_MIN_ROWS) chunk = 2 * SL_MIN_ROWS;
     int64_t chunks = (n + chunk - 1) / chunk, rows = chunk;
+    int team = threads > 1 ? (int)threads : 1; /* the gather's and the cell's, below */
     if (threads > chunks) threads = chunks;
     if (threads <= 1) {
         /*
@@ -313,7 +324,7 @@ SL_CLONES void sl_step(const sl_model *md, float *const *hs, float *const *cs,
          */
         for (int64_t k = 0; k < chunks; k++)
             sl_chunk(md, hs, cs, slots, x, top, y, work, rows, k * n / chunks,
-                     (k + 1) * n / chunks - k * n / chunks, 1);
+                     (k + 1) * n / chunks - k * n / chunks, team);
         return;
     }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
