@@ -30,7 +30,7 @@ from streamlstm import Bundle, EngineStats
 from streamlstm.consumers.admin.ack_reader import AckReader
 from streamlstm.consumers.admin.acks import ControlAcks
 from streamlstm.consumers.admin.api import AdminApi
-from streamlstm.consumers.admin.controls import ControlSender
+from streamlstm.consumers.admin.controls import ControlSender, input_partition
 from streamlstm.consumers.admin.token import read_token
 from streamlstm.consumers.durability.checkpoint import MemoryOnly
 from streamlstm.consumers.durability.committer import Committer
@@ -51,7 +51,7 @@ from streamlstm.consumers.kafka.clients import (
     start_client,
     stop_client,
 )
-from streamlstm.consumers.kafka.groups import partition_for, partition_owners
+from streamlstm.consumers.kafka.groups import partition_owners
 from streamlstm.consumers.kafka.outbox import Box
 from streamlstm.consumers.kafka.rescue import PER_RECORD_ERRORS, Rescuer
 from streamlstm.consumers.loop import Model, PollLoop, settle_collector
@@ -339,7 +339,6 @@ class Server:
         controls = ControlSender(
             producer=producer,
             input_topic=cfg.input_topic,
-            partitions=len(self._partitions[cfg.input_topic]),
             acks=self._acks,
             held=self.assignment,
             reader=partial(AckReader.start, self._kafka.options, cfg.output_topic, producer),
@@ -352,12 +351,10 @@ class Server:
             partitions=self._held_partitions,
             wait_s=cfg.admin_wait_s,
         )
+        # A reset may wait --admin-wait-s (and a reader's start) within its request.
+        limits = HttpLimits(request_timeout_s=max(60.0, cfg.admin_wait_s + 30.0))
         self._admin = HttpService(
-            api.app(),
-            host=cfg.admin_host,
-            port=cfg.admin_port or 0,
-            limits=HttpLimits(),
-            name="admin",
+            api.app(), host=cfg.admin_host, port=cfg.admin_port or 0, limits=limits, name="admin"
         )
         await self._admin.start()
         logger.info("admin API on http://%s:%d/v1/", cfg.admin_host, self._admin.port)
@@ -366,7 +363,8 @@ class Server:
         """Where a stream not held here lives: its partition and, if known, that
         partition's owner in the group."""
         cfg = self.config
-        partition = partition_for(key, len(self._partitions[cfg.input_topic]))
+        assert self._producer is not None
+        partition = await input_partition(self._producer, cfg.input_topic, key)
         owners = await partition_owners(self._kafka.options, cfg.group_id, cfg.input_topic)
         owner = owners.get(partition)
         return {"partition": partition, "owner": owner.to_json() if owner else None}

@@ -348,7 +348,10 @@ class StateStore:
             self.c[layer][slots] = states.c[layer]
         self.steps[slots] = states.step
         self.offsets[slots] = states.offset
-        self.partitions[slots] = states.partition
+        # -1 where a record says less (nothing valid is below it; partition_counts
+        # counts from -2, a free slot's).
+        self.partitions[slots] = np.maximum(states.partition, -1)
+        self.last_answer[slots] = np.nan  # no answer of this process's reflects it
         width, saved = self.extra.shape[1], states.extra.shape[1]
         # The columns are laid out score first, quality after (see ``quality``): a state
         # saved with another count of them (before quality was measured, with it off,

@@ -2,11 +2,14 @@
 
 The partition's owner answers each control it applies with an
 acknowledgement record (``{"stream", "control", "partition", "offset"}``) on
-the output topic. ``AckReader`` reads that topic from its end as it was
-before the control was sent, ``read_committed`` (in exactly-once mode an
-acknowledgement counts once its transaction commits), until the one for a
-given (partition, offset) appears. ``streamlstm streams reset|delete``
-uses it, and the admin API where another instance holds the partition.
+the output topic, keyed by the stream like its predictions, so in the
+output partition the key gives. ``AckReader`` reads that one partition from
+its end as it was before the control was sent, ``read_committed`` (in
+exactly-once mode an acknowledgement counts once its transaction commits),
+parsing only the stream's own records, until the one for a given
+(partition, offset) appears. Kafka's errors come out as ``BrokerError``.
+``streamlstm streams reset|delete`` uses it, and the admin API where another
+instance holds the partition.
 """
 
 from __future__ import annotations
@@ -16,37 +19,45 @@ import json
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError
+
+from streamlstm.consumers.kafka.outbox import partition_of
+from streamlstm.errors import BrokerError
 
 __all__ = ["AckReader"]
 
 
 class AckReader:
-    """``reader = await AckReader.start(options, topic, producer)``, then send the
-    control, then ``await reader.wait(partition, offset, wait_s)``; ``stop`` at the end."""
+    """``reader = await AckReader.start(options, topic, producer, key)``, then send
+    the control, then ``await reader.wait(partition, offset, wait_s)``; ``stop`` at
+    the end."""
 
-    def __init__(self, consumer: AIOKafkaConsumer) -> None:
+    def __init__(self, consumer: AIOKafkaConsumer, key: bytes) -> None:
         self._consumer = consumer
+        self._key = key
 
     @classmethod
     async def start(
-        cls, options: dict[str, Any], topic: str, producer: AIOKafkaProducer
+        cls, options: dict[str, Any], topic: str, producer: AIOKafkaProducer, key: bytes
     ) -> AckReader:
-        """A reader of ``topic`` from its end now: the acknowledgement comes after."""
-        numbers = await producer.partitions_for(topic)  # fetches the topic's metadata
-        partitions = [TopicPartition(topic, p) for p in sorted(numbers)]
+        """A reader of the partition of ``topic`` that ``key``'s records go to, from its
+        end now: the acknowledgement comes after."""
         consumer = AIOKafkaConsumer(
             **options, enable_auto_commit=False, isolation_level="read_committed"
         )
-        await consumer.start()
         try:
-            consumer.assign(partitions)
-            await consumer.seek_to_end(*partitions)
-            for tp in partitions:
-                await consumer.position(tp)  # fixed now, before the control is sent
-        except BaseException:
+            numbers = await producer.partitions_for(topic)  # the topic's metadata
+            tp = TopicPartition(topic, partition_of(key, len(numbers)))
+            await consumer.start()
+            consumer.assign([tp])
+            await consumer.seek_to_end(tp)
+            await consumer.position(tp)  # fixed now, before the control is sent
+        except BaseException as exc:
             await consumer.stop()
+            if isinstance(exc, KafkaError):
+                raise BrokerError(f"cannot read {topic} for the acknowledgement: {exc}") from exc
             raise
-        return cls(consumer)
+        return cls(consumer, key)
 
     async def wait(self, partition: int, offset: int, wait_s: float) -> dict[str, Any] | None:
         """The acknowledgement of the control at ``partition``/``offset``, or None if it
@@ -54,9 +65,14 @@ class AckReader:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
         while (left := deadline - loop.time()) > 0:
-            batch = await self._consumer.getmany(timeout_ms=int(min(left, 0.5) * 1000))
+            try:
+                batch = await self._consumer.getmany(timeout_ms=int(min(left, 0.5) * 1000))
+            except KafkaError as exc:
+                raise BrokerError(f"reading the acknowledgement: {exc}") from exc
             for records in batch.values():
                 for record in records:
+                    if record.key != self._key:
+                        continue  # another stream's: not even parsed
                     ack = _acknowledgement(record.value)
                     if ack is not None and (ack["partition"], ack["offset"]) == (partition, offset):
                         return ack

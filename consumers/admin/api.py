@@ -169,14 +169,20 @@ class AdminApi:
 async def _translate_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Bad input: 400 naming the field; the engine or Kafka unavailable: 503."""
+    """Bad input: 400 naming the field; the engine or Kafka unavailable: 503; anything
+    else: 500 with no detail (logged here, with its traceback)."""
     try:
         return await handler(request)
+    except web.HTTPException:
+        raise  # aiohttp's own answers (404, 405)
     except InputError as exc:
         return web.json_response({"error": {"field": exc.field, "reason": exc.reason}}, status=400)
     except StreamLSTMError as exc:
         logger.warning("admin request %s %s failed: %s", request.method, request.path, exc)
         return web.json_response({"error": str(exc)}, status=503)
+    except Exception:
+        logger.exception("admin request %s %s failed", request.method, request.path)
+        return web.json_response({"error": "internal error"}, status=500)
 
 
 async def _read(engine: EngineClient, query: Read, kind: type[_R]) -> _R:

@@ -11,6 +11,7 @@ returns: a wait that runs out means "not yet", never "not at all".
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
@@ -21,10 +22,12 @@ from aiokafka.errors import KafkaError
 from streamlstm.consumers.admin.ack_reader import AckReader
 from streamlstm.consumers.admin.acks import ControlAcks
 from streamlstm.consumers.codec.wire import CONTROL_HEADER
-from streamlstm.consumers.kafka.groups import partition_for
+from streamlstm.consumers.kafka.outbox import partition_of
 from streamlstm.errors import BrokerError
 
-__all__ = ["ControlOutcome", "ControlSender"]
+__all__ = ["ControlOutcome", "ControlSender", "input_partition"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,46 +51,59 @@ class ControlOutcome:
 
 
 class ControlSender:
-    """Controls onto ``input_topic`` (of ``partitions`` partitions) through ``producer``."""
+    """Controls onto ``input_topic`` through ``producer``; ``reader(key)`` starts an
+    ``AckReader`` of the output partition of ``key``."""
 
     def __init__(
         self,
         *,
         producer: AIOKafkaProducer,
         input_topic: str,
-        partitions: int,
         acks: ControlAcks,
         held: Callable[[], Collection[int]],
-        reader: Callable[[], Awaitable[AckReader]],
+        reader: Callable[[bytes], Awaitable[AckReader]],
     ) -> None:
         self._producer = producer
         self._topic = input_topic
-        self._partitions = partitions
         self._acks = acks
         self._held = held
         self._reader = reader
 
     async def send(self, stream: str, key: bytes, op: str, wait_s: float) -> ControlOutcome:
-        """Send ``op`` for the stream keyed ``key``; wait up to ``wait_s`` for it."""
-        partition = partition_for(key, self._partitions)
+        """Send ``op`` for the stream keyed ``key``; wait up to ``wait_s`` for it. Raises
+        ``BrokerError`` where it was not sent; once sent, a failed wait is a wait that
+        ran out (the control is applied all the same)."""
+        partition = await input_partition(self._producer, self._topic, key)
         # The reader starts before the control is sent: its acknowledgement comes after.
-        reader = None if partition in self._held() else await self._reader()
+        reader = None if partition in self._held() else await self._reader(key)
         try:
             try:
                 meta = await self._producer.send_and_wait(
-                    self._topic,
-                    b"",
-                    key=key,
-                    partition=partition,
+                    self._topic, b"", key=key, partition=partition,
                     headers=[(CONTROL_HEADER, op.encode())],
-                )
+                )  # fmt: skip
             except KafkaError as exc:
                 raise BrokerError(f"the {op} control was not sent: {exc}") from exc
-            if reader is None:
-                done = await self._acks.wait(meta.partition, meta.offset, wait_s)
-            else:
-                done = await reader.wait(meta.partition, meta.offset, wait_s) is not None
+            try:
+                if reader is None:
+                    done = await self._acks.wait(meta.partition, meta.offset, wait_s)
+                else:
+                    done = await reader.wait(meta.partition, meta.offset, wait_s) is not None
+            except BrokerError as exc:
+                logger.warning("waiting for the %s of %r: %s", op, stream, exc)
+                done = False
         finally:
             if reader is not None:
                 await reader.stop()
         return ControlOutcome(stream, op, meta.partition, meta.offset, done)
+
+
+async def input_partition(producer: AIOKafkaProducer, topic: str, key: bytes) -> int:
+    """The partition of ``topic`` that records keyed ``key`` go to now, from the
+    producer's metadata (refreshed as Kafka's clients do: a topic that gained
+    partitions sends a stream's ticks elsewhere, and its controls must follow)."""
+    try:
+        numbers = await producer.partitions_for(topic)
+    except KafkaError as exc:
+        raise BrokerError(f"no metadata for {topic}: {exc}") from exc
+    return partition_of(key, len(numbers))

@@ -165,7 +165,7 @@ async def _to_kafka(args: argparse.Namespace, key: bytes) -> int:
     reader = None
     try:
         if args.output_topic:
-            reader = await AckReader.start(options, args.output_topic, producer)
+            reader = await AckReader.start(options, args.output_topic, producer, key)
         meta = await producer.send_and_wait(
             args.input_topic, b"", key=key, headers=[(CONTROL_HEADER, args.op.encode())]
         )

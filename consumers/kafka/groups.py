@@ -1,11 +1,9 @@
-"""Where a key's records go, and which member of a consumer group reads them.
+"""Which member of a consumer group reads each partition of a topic.
 
-``partition_for`` is the partition Kafka's default partitioner (murmur2 of
-the key, as in Java's client and aiokafka's) gives a keyed record: where a
-stream's ticks and controls land. ``partition_owners`` asks the group's
-coordinator which member holds each partition of a topic: Kafka Streams'
-``queryMetadataForKey`` idea, so that a caller asking the wrong instance
-about a stream learns which one to ask.
+``partition_owners`` asks the group's coordinator which member holds each
+partition: Kafka Streams' ``queryMetadataForKey`` idea, so that a caller
+asking the wrong instance about a stream (whose partition is
+``outbox.partition_of`` of its key) learns which one to ask.
 
 The group description comes back as aiokafka's raw ``DescribeGroupsResponse``
 (its public admin client documents no parsed form); it is read here by the
@@ -23,18 +21,10 @@ from typing import Any
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import DefaultPartitioner
 
-__all__ = ["GroupMember", "partition_for", "partition_owners"]
+__all__ = ["GroupMember", "partition_owners"]
 
 logger = logging.getLogger(__name__)
-
-_PARTITIONER = DefaultPartitioner()
-
-
-def partition_for(key: bytes, partitions: int) -> int:
-    """The partition of ``partitions`` a record keyed ``key`` goes to by default."""
-    return int(_PARTITIONER(key, list(range(partitions)), []))
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ malformed request's error as its type alone (the message quotes the offending by
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 from collections.abc import Callable
@@ -76,6 +77,9 @@ class HttpLimits:
     request_timeout_s: float = 60.0
     #: Connections open at once; one more is closed as soon as it is accepted.
     max_connections: int = 64
+    #: Connections open at once from one client address: one client cannot take every
+    #: slot (a kubelet probe or a scrape from elsewhere still gets in).
+    max_connections_per_client: int = 8
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -99,28 +103,50 @@ class _Connections:
         #: Makes aiohttp's protocol for an accepted connection.
         self.handler = handler
         self.open: set[_Guard] = set()
+        #: Open connections per client address.
+        self.per_client: collections.Counter[str] = collections.Counter()
         #: Whether a refusal was logged since the count was last under the limit.
         self.refusing = False
 
     def admit(self, guard: _Guard, peer: object) -> bool:
         """Whether ``guard``'s connection may be served: counts it in if so."""
+        client = _address(peer)
+        if self.per_client[client] >= self.limits.max_connections_per_client:
+            return self._refuse(peer, "max_connections_per_client")
         if len(self.open) >= self.limits.max_connections:
-            if not self.refusing:  # once per episode: a flood must not flood the log too
-                logger.warning(
-                    "%s: %d connections open (max_connections), closing new ones (%s first)",
-                    self.name,
-                    len(self.open),
-                    peer,
-                )
-            self.refusing = True
-            return False
+            return self._refuse(peer, "max_connections")
         self.open.add(guard)
+        self.per_client[client] += 1
+        guard.client = client
         return True
 
+    def _refuse(self, peer: object, limit: str) -> bool:
+        if not self.refusing:  # once per episode: a flood must not flood the log too
+            logger.warning(
+                "%s: %d connections open, closing new ones past %s (%s first)",
+                self.name,
+                len(self.open),
+                limit,
+                peer,
+            )
+        self.refusing = True
+        return False
+
     def release(self, guard: _Guard) -> None:
-        self.open.discard(guard)
+        if guard in self.open:
+            self.open.discard(guard)
+            self.per_client[guard.client] -= 1
+            if self.per_client[guard.client] <= 0:
+                del self.per_client[guard.client]
         if len(self.open) < self.limits.max_connections:
             self.refusing = False
+
+
+def _address(peer: object) -> str:
+    """A connection's client address (host, not port), from its ``peername``."""
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer)
 
 
 class _Guard(asyncio.Protocol):
@@ -138,6 +164,8 @@ class _Guard(asyncio.Protocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._tail = b""
         self._started = False  # any byte of the request line seen (leading CRLFs are not)
+        #: The client's address, once admitted.
+        self.client = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)

@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 
 from streamlstm import Bundle, StreamState
-from streamlstm.consumers.kafka.groups import partition_for
+from streamlstm.consumers.kafka.outbox import partition_of
 from streamlstm.consumers.server import Server
 from streamlstm.consumers.settings import ServeConfig
 from tests.consumers.conftest import read_all, send_raw
@@ -266,7 +266,7 @@ def test_a_stream_another_member_holds_is_located_and_its_reset_waits_in_vain(
                 stream = next(
                     s
                     for s in (f"s{i}" for i in range(100))
-                    if partition_for(s.encode(), 2) == theirs
+                    if partition_of(s.encode(), 2) == theirs
                 )
                 status, where, _ = await admin.call("GET", f"/streams/{stream}")
                 assert status == 200 and not where["held"] and where["partition"] == theirs

@@ -276,6 +276,29 @@ def test_a_connection_past_max_connections_is_closed_at_once_until_one_closes() 
     asyncio.run(scenario())
 
 
+def test_one_client_cannot_take_every_connection() -> None:
+    """Past max_connections_per_client from one address, that address is refused while
+    another (a probe, a scrape) is still served."""
+
+    async def scenario() -> None:
+        async with serving(_app(), max_connections_per_client=2, **PATIENT) as http:
+            idle = [await asyncio.open_connection("127.0.0.1", http.port) for _ in range(2)]
+            await await_for(_true_when(lambda: http.open_connections == 2), 5, "2 accepted")
+            assert await exchange(http.port, get("/metrics"), timeout_s=1) == b""
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", http.port, local_addr=("127.0.0.2", 0)
+            )
+            writer.write(get("/metrics"))
+            assert status(await asyncio.wait_for(reader.read(), 5)) == 200
+            writer.close()
+            for _, idle_writer in idle:
+                idle_writer.close()
+            await await_for(_true_when(lambda: http.open_connections == 0), 5, "all closed")
+            assert status(await exchange(http.port, get("/metrics"))) == 200
+
+    asyncio.run(scenario())
+
+
 def _true_when(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
     """``predicate`` as ``await_for`` takes it."""
 
@@ -377,6 +400,7 @@ def test_stop_drops_a_client_that_does_not_read_its_answer() -> None:
         ("header_timeout_s", float("nan")),
         ("request_timeout_s", float("inf")),
         ("max_connections", True),
+        ("max_connections_per_client", 0),
         ("header_timeout_s", 61.0),  # past request_timeout_s
     ],
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from streamlstm import Bundle, Engine, ModelConfig, OutputSpec, StateStore
@@ -52,6 +54,20 @@ def test_the_last_answer_is_forgotten_by_a_reset_and_not_restored() -> None:
     other.store.restore({"a": state})
     restored = other.inspect("a")
     assert restored is not None and restored.prediction is None and restored.steps == 1
+    engine.store.restore({"a": state})  # over the stream held here
+    again = engine.inspect("a")
+    assert again is not None and again.prediction is None
+
+
+def test_a_diverged_state_shows_as_null_not_as_nan() -> None:
+    engine = _engine()
+    engine.step(["a"], np.ones((1, 2)))
+    engine.store.h[0][engine.store.slot_of("a")] = np.nan
+    view = engine.inspect("a", include_state=True)
+    assert view is not None
+    body = view.to_json()
+    assert body["state"]["h"][0][0] is None
+    json.dumps(body, allow_nan=False)  # valid JSON
 
 
 def test_a_scored_stream_shows_its_last_score() -> None:
