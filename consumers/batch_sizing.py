@@ -16,11 +16,6 @@ acknowledgement of its outputs. With ``b`` seconds of step per record and
     latency(n) = c + STEPS_WAITED * b * n
 
 so the budget allows ``n = (HEADROOM * target - c) / (STEPS_WAITED * b)``.
-Where ``c`` alone fills the budget, no size meets it: the sizer then asks for
-``--max-records``, whose steps cost the least CPU a tick, rather than the
-smallest, which cost the most (measured with ``bench kafka``: at half the
-maximum load the smaller steps made the daemon-added p99 1.12 to 1.22 x the
-fixed batches', and 1.04 x this way).
 ``b`` comes from each step's duration over its records (the engine's own
 figure); ``c`` from each acknowledged poll, as its latency less the model's
 step part. Whatever the model leaves out (the parent's encoding, which also
@@ -111,11 +106,6 @@ class BatchSizer:
         if self.per_record_s is None or self.per_record_s <= 0:
             return self.ceiling
         spare = HEADROOM * self.target_s - (self.overhead_s or 0.0)
-        if spare <= 0:
-            # The rest of a poll's latency alone fills the budget: no size meets the
-            # target, and small steps would only cost more CPU a tick (on a shared
-            # machine, more waiting for everyone). The largest batches cost least.
-            return self.ceiling
         return self._clamp(spare / (STEPS_WAITED * self.per_record_s))
 
     def stepped(self, records: int, seconds: float) -> None:
