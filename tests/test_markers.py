@@ -51,3 +51,14 @@ def test_a_unit_test_finds_no_java_maven_or_tansu(
     with pytest.raises(BrokerError, match="exited"):
         TansuBroker().start()
     assert [call.split()[0] for call in broker_tool_guard.take()] == ["tansu"]
+
+
+@pytest.mark.apache_kafka
+def test_a_test_marked_apache_kafka_gets_apache_kafka(bootstrap: str, kafka_bootstrap: str) -> None:
+    # On a Tansu suite (STREAMLSTM_TEST_BROKER=tansu) these differ unless the marker
+    # is read per test: a session-wide bootstrap once served every module one broker.
+    assert bootstrap == kafka_bootstrap
+
+
+def test_an_unmarked_test_gets_the_suite_broker(bootstrap: str, suite_broker: str) -> None:
+    assert bootstrap == suite_broker
