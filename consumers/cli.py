@@ -35,12 +35,19 @@ async def _serve(argv: list[str]) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _on_signal, server, sig)
+    # SIGHUP: reload --model at the next checkpoint boundary (docs/serving.md).
+    loop.add_signal_handler(signal.SIGHUP, _on_hangup, server)
     async with server:
         await server.wait()
     return 0
 
 
 _signals = 0
+
+
+def _on_hangup(server: Server) -> None:
+    logger.info("SIGHUP: reloading the model at the next checkpoint")
+    server.request_reload()
 
 
 def _on_signal(server: Server, sig: signal.Signals) -> None:

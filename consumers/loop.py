@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer
 
-from streamlstm import StepResult
+from streamlstm import Bundle, StepResult
 from streamlstm.consumers.batch_sizing import BatchSizer
 from streamlstm.consumers.codec.poll import Batch, decode_poll, encode_outputs
 from streamlstm.consumers.durability.committer import Committer, Sent
@@ -38,6 +38,7 @@ from streamlstm.consumers.durability.tasks import PartitionTasks
 from streamlstm.consumers.engine.process import EngineClient, StepRequest
 from streamlstm.consumers.engine.protocol import Change
 from streamlstm.consumers.kafka.outbox import Box
+from streamlstm.consumers.models.reload import Reloader
 from streamlstm.consumers.observability.metrics import ServeMetrics
 from streamlstm.consumers.settings import ServeConfig
 from streamlstm.control import Control
@@ -78,6 +79,14 @@ class Model:
     input_size: int
     has_score: bool
 
+    @classmethod
+    def of(cls, bundle: Bundle) -> Model:
+        return cls(
+            model_id=bundle.model_id,
+            input_size=bundle.config.input_size,
+            has_score=bundle.outputs.score_span is not None,
+        )
+
 
 @dataclass
 class _InFlight:
@@ -103,8 +112,11 @@ class PollLoop:
         lock: asyncio.Lock,
         clock: Callable[[], float],
         on_controls: Callable[[Sequence[Control]], None] | None = None,
+        reloader: Reloader | None = None,
     ) -> None:
         self.config = config
+        #: Model reloads asked for (SIGHUP, the admin API, the watch): done between polls.
+        self._reloader = reloader
         #: Told of each batch's controls once the engine took them (``ControlAcks``).
         self._on_controls = on_controls
         self._model = model
@@ -153,6 +165,8 @@ class PollLoop:
                         await self._send(self._pending.popleft())
                     if self._committer.due():
                         await self._checkpoint()
+                    if self._reloader is not None and self._reloader.wanted:
+                        await self._reload(self._reloader)
             async with self._lock:
                 await self.drain()
         except asyncio.CancelledError:
@@ -192,6 +206,16 @@ class PollLoop:
             return  # what is not acknowledged stays uncommitted; it is read again
         await self._checkpoint()
         await self._committer.drain()
+
+    async def _reload(self, reloader: Reloader) -> None:
+        """A new model at a checkpoint boundary (see ``models/reload.py``): everything
+        stepped so far is sent, acknowledged and committed under the old model first."""
+        await self.drain()
+        if self._failed:
+            return
+        outcome = await reloader.perform(self._engine)
+        if outcome.outcome == "swapped":
+            self._model = Model.of(reloader.serving.bundle)
 
     async def _checkpoint(self) -> None:
         """Close the open checkpoint behind the polls it covers (see ``checkpoint.py``).

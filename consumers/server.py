@@ -55,6 +55,8 @@ from streamlstm.consumers.kafka.groups import partition_owners
 from streamlstm.consumers.kafka.outbox import Box
 from streamlstm.consumers.kafka.rescue import PER_RECORD_ERRORS, Rescuer
 from streamlstm.consumers.loop import Model, PollLoop, settle_collector
+from streamlstm.consumers.models.reload import Reloader, ReloadOutcome
+from streamlstm.consumers.models.source import ModelSource, Resolved
 from streamlstm.consumers.observability.http import HttpEndpoints, HttpLimits, HttpService
 from streamlstm.consumers.observability.metrics import EngineStatsCollector, ServeMetrics
 from streamlstm.consumers.observability.quality import QualityCollector
@@ -116,6 +118,10 @@ class Server:
         self._partitions: dict[str, list[int]] = {}
         self._task: asyncio.Task[None] | None = None
         self._summary_task: asyncio.Task[None] | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        #: Model reloads (SIGHUP, the admin API, --model-watch-s); set by start().
+        self._reloader: Reloader | None = None
+        self._recurrent_step = ""
         self._started = False
         self._stopped = False
 
@@ -141,8 +147,16 @@ class Server:
 
     @property
     def bundle(self) -> Bundle:
+        """The bundle served now (its bundle.json: the engine holds the weights)."""
+        if self._reloader is not None:
+            return self._reloader.serving.bundle
         assert self._bundle is not None, "the bundle is loaded by start()"
         return self._bundle
+
+    def request_reload(self) -> asyncio.Future[ReloadOutcome] | None:
+        """Reload ``--model`` at the next checkpoint boundary (SIGHUP calls this); None
+        before the daemon serves."""
+        return self._reloader.request() if self._reloader is not None else None
 
     def ready(self) -> bool:
         """Engine up and the group joined (``/readyz``).
@@ -195,8 +209,14 @@ class Server:
         cfg = self.config
         token = read_token(cfg.admin_token_file) if cfg.admin_port is not None else None
         # bundle.json alone: the engine child reads the weights, this process never does.
-        bundle = self._bundle = self._bundle or Bundle.load(cfg.model, lazy_weights=True)
+        source = ModelSource(cfg.model)
+        serving = Resolved(self._bundle, "") if self._bundle else source.resolve()
+        bundle = self._bundle = serving.bundle
         self._engine = await self._start_engine(bundle)
+        self._reloader = Reloader(
+            source, serving, policy=cfg.swap_state, metrics=self.metrics, on_swapped=self._describe
+        )
+        self._describe(serving)
         producing = cfg.producer_settings()
         durable = self._durable = Durability(
             cfg,
@@ -259,11 +279,7 @@ class Server:
         assert self._engine is not None and self._committer is not None
         return PollLoop(
             self.config,
-            model=Model(
-                model_id=bundle.model_id,
-                input_size=bundle.config.input_size,
-                has_score=bundle.outputs.score_span is not None,
-            ),
+            model=Model.of(bundle),
             consumer=consumer,
             outbox=outbox,
             engine=self._engine,
@@ -273,25 +289,32 @@ class Server:
             lock=self._lock,
             clock=self._clock,
             on_controls=self._acks.applied,
+            reloader=self._reloader,
         )
 
     async def _start_engine(self, bundle: Bundle) -> EngineClient:
         """The engine, started, and the metrics that describe it."""
         engine = self._engine_factory(bundle, self.config)
         started = await engine.start()
-        self.metrics.model_info.info(
-            {
-                "model": bundle.model_id,
-                "inputs": str(bundle.config.input_size),
-                "outputs": str(bundle.config.output_size),
-                "recurrent_step": step_name(started.native),
-            }
-        )
+        self._recurrent_step = step_name(started.native)
         self.registry.register(EngineStatsCollector(self.engine_stats, self.reporter.lag))
         self.registry.register(QualityCollector(lambda: self.engine_stats().quality))
         if engine.pid is not None:  # its own process
             self.metrics.watch_engine_process(self.registry, lambda: self._engine_pid)
         return engine
+
+    def _describe(self, serving: Resolved) -> None:
+        """``streamlstm_model_info``: the model served (again after each swap)."""
+        bundle = serving.bundle
+        self.metrics.model_info.info(
+            {
+                "model": bundle.model_id,
+                "version": serving.version,
+                "inputs": str(bundle.config.input_size),
+                "outputs": str(bundle.config.output_size),
+                "recurrent_step": self._recurrent_step,
+            }
+        )
 
     async def _start_producer(self, producing: dict[str, Any]) -> AIOKafkaProducer:
         """The topics checked (or made), then the producer, and the partitions it sees."""
@@ -331,6 +354,10 @@ class Server:
             ),
             name="streamlstm-summary",
         )
+        if cfg.model_watch_s is not None and self._reloader is not None:
+            self._watch_task = asyncio.create_task(
+                self._reloader.watch(cfg.model_watch_s), name="streamlstm-model-watch"
+            )
 
     async def _start_admin(self, token: bytes, producer: AIOKafkaProducer) -> None:
         """The stream admin API on its own port (docs/admin-api.md)."""
@@ -350,6 +377,7 @@ class Server:
             locate=self._locate,
             partitions=self._held_partitions,
             wait_s=cfg.admin_wait_s,
+            reloader=self._reloader,
         )
         # A reset may wait --admin-wait-s (and a reader's start) within its request.
         limits = HttpLimits(request_timeout_s=max(60.0, cfg.admin_wait_s + 30.0))
@@ -432,8 +460,9 @@ class Server:
                 self._task.cancel()
             except Exception:  # already logged by the loop; stop the rest anyway
                 pass
-        if self._summary_task is not None:
-            self._summary_task.cancel()
+        for task in (self._summary_task, self._watch_task):
+            if task is not None:
+                task.cancel()
         # The consumer leaves the group (its revoke drains through the committer), then
         # the committer commits what is acknowledged; the producer flushes last.
         if self._consumer is not None:

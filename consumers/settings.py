@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from streamlstm.errors import ConfigError
+from streamlstm.swap_policy import SWAP_POLICIES
 
 __all__ = ["ServeConfig", "parse_serve_args"]
 
@@ -29,7 +30,7 @@ _CHOICES = {
     "state": ("durable", "memory"),
     "guarantee": ("at-least-once", "exactly-once"),
     "quality_metrics": ("on", "off"),
-    "on_model_change": ("reset", "keep-if-compatible"),
+    "swap_state": SWAP_POLICIES,
     "auto_offset_reset": ("earliest", "latest"),
     "isolation_level": ("read_committed", "read_uncommitted"),
 }
@@ -93,9 +94,17 @@ class ServeConfig:
     #: Durable state: checkpoint (changelog, then offsets) this often. Memory state: commit
     #: acknowledged offsets at most this often (a commit a poll cost CPU the ticks needed).
     commit_interval_ms: int = 1000
-    #: A changelog state made by another model: "reset" the stream, or
-    #: "keep-if-compatible" (same layer sizes).
-    on_model_change: str = "reset"
+    #: What a new model does with each stream's state, on a live reload and on a restore
+    #: of states another model made (one rule for both: streamlstm/swap_policy.py):
+    #: "auto" carries it where the new model is a retrain of the same model (same bundle
+    #: name and layer sizes) and resets it otherwise; "carry" wherever the sizes allow;
+    #: "reset" never.
+    swap_state: str = "auto"
+    #: The older name of swap_state, still read: "reset", or "keep-if-compatible" (carry).
+    on_model_change: str | None = None
+    #: Look for a new model this often (seconds) and reload when --model resolves to
+    #: another bundle; None: only on SIGHUP or POST /v1/model/reload.
+    model_watch_s: float | None = None
     #: A dead letter's key, value and headers are cut to fit this many bytes (the original
     #: size goes in a header); below the topic's max.message.bytes (Kafka: 1048588).
     dlq_max_record_bytes: int = 1_040_000
@@ -126,6 +135,11 @@ class ServeConfig:
         if self.changelog_topic is None:
             name = f"{self.group_id}-{self.input_topic}-changelog"
             object.__setattr__(self, "changelog_topic", name)
+        if self.on_model_change is not None:
+            old = {"reset": "reset", "keep-if-compatible": "carry"}.get(self.on_model_change)
+            if old is None:
+                raise ConfigError("on_model_change: must be reset or keep-if-compatible")
+            object.__setattr__(self, "swap_state", old)
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: must be {' or '.join(allowed)}")
@@ -159,6 +173,8 @@ class ServeConfig:
         # Written so that NaN fails too.
         if self.latency_target_ms is not None and not self.latency_target_ms > 0:
             raise ConfigError("latency_target_ms: must be positive")
+        if self.model_watch_s is not None and not 0 < self.model_watch_s <= 86400:
+            raise ConfigError("model_watch_s: must be in (0, 86400] seconds")
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError("metrics_port: must be 0..65535 (0 picks a free port)")
         self._check_admin()

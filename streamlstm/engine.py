@@ -17,7 +17,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -130,6 +130,7 @@ class Engine:
             native=use_native,
         )
         self._clock = clock
+        self._quality_config = quality or QualityConfig()
         self.max_clock_skew_s = float(max_clock_skew_s)
         self._event_time = EventClock(
             clock, max_clock_skew_s=self.max_clock_skew_s, ttl=lambda: self.store.idle_ttl_s
@@ -168,6 +169,59 @@ class Engine:
         applied = apply_control(self.store, stream, op, offset=offset, partition=partition)
         self._counts[f"control_{op}"] += applied
         return applied
+
+    def swap_model(self, bundle: Bundle, *, carry: bool) -> int:
+        """Serve ``bundle`` from the next step on; returns how many streams it holds.
+
+        ``carry``: each held stream's state continues as it is under the new model
+        (its layer sizes must be this model's); else each starts again from zero
+        state (step 0: not ready until the new model's warm-up). Either way every
+        stream keeps its input position (partition and offset: the skip rule holds
+        across the swap) and its last-seen time, and what the store has not
+        checkpointed yet stays marked; with ``carry`` the anomaly score's history
+        goes on too. Live quality history starts again (another model's forecasts
+        are not the new one's to be judged by). The input width must not change: ticks in
+        flight were made for it. Raises ``ConfigError`` (nothing changed) otherwise.
+        """
+        old = self.bundle.config
+        if bundle.config.input_size != old.input_size:
+            raise ConfigError(
+                f"model: the new model takes {bundle.config.input_size} inputs, the served "
+                f"one {old.input_size}; a model with other inputs needs a restart"
+            )
+        if carry and bundle.config.hidden_sizes != old.hidden_sizes:
+            raise ConfigError(
+                f"model: cannot carry states of layer sizes {list(old.hidden_sizes)} into a "
+                f"model of {list(bundle.config.hidden_sizes)}; swap with reset"
+            )
+        arrays = self.store.arrays()
+        if not carry:  # zero state of the new model's layer sizes
+            n = len(arrays.ids)
+            zeros = [np.zeros((n, size), np.float32) for size in bundle.config.hidden_sizes]
+            arrays = replace(
+                arrays,
+                h=zeros,
+                c=[z.copy() for z in zeros],
+                step=np.zeros(n, np.int64),
+                extra=np.zeros((n, 0)),
+            )
+        fresh = Engine(
+            bundle,
+            max_streams=self.store.max_streams,
+            idle_ttl_s=self.store.idle_ttl_s,
+            initial_capacity=max(len(arrays.ids), 1),
+            clock=self._clock,
+            native=self.native,
+            max_clock_skew_s=self.max_clock_skew_s,
+            quality=self._quality_config,
+        )
+        fresh.store.take_over(self.store, arrays)
+        fresh.restart_quality(arrays.ids)
+        self.bundle, self.store, self._step = fresh.bundle, fresh.store, fresh._step
+        self._scoring, self._quality = fresh._scoring, fresh._quality
+        self._outputs = fresh._outputs
+        self._counts["model_swaps"] += 1
+        return len(arrays.ids)
 
     def restart_quality(self, stream_ids: Sequence[str]) -> None:
         """Start these streams' live quality history again (their forecasts so far

@@ -319,6 +319,34 @@ class StateStore:
             model=model,
         )
 
+    def arrays(self) -> StateArrays:
+        """Every held stream's state as columns (copies; no object per stream): what a
+        model swap carries into the new model's store (``restore_arrays``)."""
+        slots, ids = self.held()
+        return StateArrays(
+            ids=ids,
+            h=[t[slots] for t in self.h],
+            c=[t[slots] for t in self.c],
+            step=self.steps[slots],
+            offset=self.offsets[slots],
+            partition=self.partitions[slots],
+            last_seen=self.last_seen[slots],
+            extra=self.extra[slots],
+            models=[""] * len(ids),
+        )
+
+    def take_over(self, old: StateStore, states: StateArrays) -> None:
+        """Hold ``old``'s streams with ``states`` (``old.arrays()``, perhaps changed) as
+        their states, and what ``old`` has not checkpointed yet: its changed marks and
+        removals (a model swap: the new model's store replaces ``old``)."""
+        self.restore_arrays(states)
+        slots, _ = old.held()
+        changed = np.flatnonzero(old.changes.changed[slots]).tolist()
+        self.changes.changed[self.lookup([states.ids[i] for i in changed])] = True
+        self.changes.removed = dict(old.changes.removed)
+        self.changes.tombstones = old.changes.tombstones
+        self.eviction_counts = old.eviction_counts.copy()
+
     def restore(self, states: Mapping[str, StreamState]) -> list[Eviction]:
         """Load states (replacing any in memory); may evict LRU streams for room."""
         if not states:

@@ -12,7 +12,12 @@ else, and no header is ever logged. The routes (docs/admin-api.md):
 - ``POST /v1/streams/{id}/reset``, ``DELETE /v1/streams/{id}``: a control
   record, then 202 once it was applied, 504 where it was not within the
   wait (it stays in the topic and will be);
-- ``GET /v1/partitions``: the input partitions held here.
+- ``GET /v1/partitions``: the input partitions held here;
+- ``GET /v1/model``: the model served; ``POST /v1/model/reload``: resolve
+  ``--model`` again and swap to the bundle it names at the next checkpoint
+  boundary (``models/reload.py``): 200 once swapped (or unchanged), 409 where
+  it was refused (the old model serves on), 504 where it was not done within
+  the wait (it still will be).
 
 Reads go to the engine as requests in their turn among the steps, so each
 answer reflects every step before it and says which: ``as_of`` maps each
@@ -21,6 +26,7 @@ input partition to the offset after the last record of it the engine took.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -41,6 +47,7 @@ from streamlstm.consumers.engine.protocol import (
     ReadReply,
     StreamReply,
 )
+from streamlstm.consumers.models.reload import Reloader, ReloadOutcome
 from streamlstm.errors import InputError, StreamLSTMError
 
 __all__ = ["MAX_PAGE", "AdminApi"]
@@ -73,6 +80,7 @@ class AdminApi:
         locate: Callable[[str, bytes], Awaitable[dict[str, Any]]],
         partitions: Callable[[], list[dict[str, Any]]],
         wait_s: float,
+        reloader: Reloader | None = None,
     ) -> None:
         if not token:
             raise StreamLSTMError("admin token: empty")
@@ -82,6 +90,7 @@ class AdminApi:
         self._locate = locate
         self._partitions = partitions
         self._wait_s = wait_s
+        self._reloader = reloader
 
     def app(self) -> web.Application:
         """The routes (``HttpService`` adds the limits)."""
@@ -91,6 +100,9 @@ class AdminApi:
         app.router.add_post(_STREAM + "/reset", self.reset)
         app.router.add_get(_STREAM, self.get_stream)
         app.router.add_delete(_STREAM, self.delete)
+        if self._reloader is not None:
+            app.router.add_get("/v1/model", self.model)
+            app.router.add_post("/v1/model/reload", self.reload)
         return app
 
     @web.middleware
@@ -144,6 +156,26 @@ class AdminApi:
         for item in held:
             item["streams"] = counts.streams.get(item["partition"], 0)
         return web.json_response({"partitions": held, "as_of": _as_of(counts.as_of)})
+
+    async def model(self, request: web.Request) -> web.Response:
+        assert self._reloader is not None
+        serving = self._reloader.serving
+        return web.json_response({"model": serving.bundle.model_id, "version": serving.version})
+
+    async def reload(self, request: web.Request) -> web.Response:
+        assert self._reloader is not None
+        future = self._reloader.request()
+        logger.info("admin: model reload asked for")
+        try:
+            outcome: ReloadOutcome = await asyncio.wait_for(asyncio.shield(future), self._wait_s)
+        except TimeoutError:
+            return web.json_response(
+                {"error": f"not done within {self._wait_s:g} s; it goes on (GET /v1/model)"},
+                status=504,
+            )
+        return web.json_response(
+            outcome.to_json(), status=409 if outcome.outcome == "refused" else 200
+        )
 
     async def reset(self, request: web.Request) -> web.Response:
         return await self._control(request, "reset")

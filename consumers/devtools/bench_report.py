@@ -24,6 +24,8 @@ from streamlstm.consumers.engine.protocol import (
     StepReply,
     StepRequest,
     StreamReply,
+    SwapModel,
+    SwapReply,
 )
 from streamlstm.consumers.engine.spool import Spool
 from streamlstm.consumers.settings import ServeConfig
@@ -81,6 +83,10 @@ class Passthrough:
         if isinstance(query, ListStreams):
             return PageReply([], -1, {})
         return CountsReply({}, {})
+
+    async def swap_model(self, request: SwapModel) -> SwapReply:
+        assert self.stats is not None
+        return SwapReply(request.model_id, 0, 0.0, self.stats)
 
     async def reserve(self, streams: int) -> None:
         return None

@@ -79,7 +79,7 @@ async def _restore(bootstrap: str, topic: str, bundle: Bundle, streams: int) -> 
             topic,
             engine=engine,
             metrics=metrics,
-            on_model_change="reset",
+            swap_state="reset",
             isolation_level="read_committed",
         )
         started = time.perf_counter()

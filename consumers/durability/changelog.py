@@ -265,14 +265,14 @@ class Changelog:
         *,
         engine: EngineClient,
         metrics: ServeMetrics,
-        on_model_change: str,
+        swap_state: str,
         isolation_level: str,
     ) -> None:
         self.options = options
         self.topic = topic
         self._engine = engine
         self._metrics = metrics
-        self._policy = on_model_change
+        self._policy = swap_state
         self._isolation = isolation_level
         self._outbox: Callable[[], Box] | None = None
 

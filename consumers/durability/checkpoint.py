@@ -2,16 +2,22 @@
 
 A ``Checkpoint`` is opened per ``--commit-interval-ms`` (one timer, whatever
 the state mode) and gathers the input offsets of the polls the committer
-acknowledges in it. How it becomes durable is its ``Strategy``'s:
+acknowledges in it. In every mode the poll loop closes it once its deadline
+passes, behind the last poll queued before it, and the committer commits it
+once those polls are acknowledged. What closing takes and what committing
+does is its ``Strategy``'s:
 
-- ``MemoryOnly`` (``--state memory``): the acknowledged offsets alone are
-  committed once the deadline passes; nothing is asked of the engine.
-- ``AtLeastOnce`` (``--state durable``): the poll loop closes the checkpoint
-  with the engine's change set, as of the last poll queued before it; the
-  committer then, in the order of docs/durability.md ("The checkpoint
-  protocol", steps 3-5), waits for the polls' acknowledgements, writes the
-  changes to the changelog and waits for theirs, and only then commits the
-  offsets.
+- ``MemoryOnly`` (``--state memory``): closing asks nothing of the engine;
+  committing commits the acknowledged offsets. At a stop or after a failed
+  send, the offsets acknowledged since the last close are committed too
+  (``commit_unclosed``): they need no state to be right.
+- ``AtLeastOnce`` (``--state durable``): closing takes the engine's change
+  set, as of the last poll queued before it; the committer then, in the
+  order of docs/durability.md ("The checkpoint protocol", steps 3-5), waits
+  for the polls' acknowledgements, writes the changes to the changelog and
+  waits for theirs, and only then commits the offsets. Offsets acknowledged
+  after the last close are never committed alone: past the changelog's
+  states, they would skip ticks after a restore.
 - ``ExactlyOnce``: the same order, the changes and offsets going into each
   input partition's transaction, which commits; the loop waits for that
   commit before it sends more, so no later poll's output joins it.
@@ -56,11 +62,8 @@ CheckpointHook = Callable[["Checkpoint", float], None]
 
 
 class Strategy(Protocol):
-    """What a checkpoint's commit is, per state mode and guarantee."""
+    """What a checkpoint's close and commit are, per state mode and guarantee."""
 
-    #: The engine's change set goes with each checkpoint: the poll loop closes it
-    #: between polls. Without one (memory), acknowledged offsets are committed alone.
-    takes_changes: bool
     #: The loop waits for each checkpoint's commit before it sends more output.
     waits_for_commit: bool
 
@@ -68,8 +71,19 @@ class Strategy(Protocol):
         """The first checkpoint's deadline."""
         ...
 
+    async def take(
+        self, checkpoint: Checkpoint, changes: Callable[[], Awaitable[list[Change]]]
+    ) -> None:
+        """Closing ``checkpoint``: take what it needs from the engine (``changes``)."""
+        ...
+
     async def commit(self, checkpoint: Checkpoint) -> None:
-        """Make ``checkpoint`` durable; its polls are all acknowledged by now."""
+        """Make a closed ``checkpoint`` durable; its polls are all acknowledged by now."""
+        ...
+
+    async def commit_unclosed(self, checkpoint: Checkpoint) -> None:
+        """At a stop or after a failed send: the acknowledged offsets of a checkpoint
+        the loop never closed, committed where that is sound without its changes."""
         ...
 
 
@@ -96,12 +110,15 @@ class Checkpoint:
         return now >= self.due
 
     async def take(self, changes: Callable[[], Awaitable[list[Change]]]) -> None:
-        """Ask the engine for the changes since the last checkpoint (the loop's close)."""
+        """The loop closes it: the strategy takes what it needs (see ``Strategy.take``)."""
         self.started = time.perf_counter()
-        self.changes = await changes()
+        await self.strategy.take(self, changes)
 
     async def commit(self) -> None:
         await self.strategy.commit(self)
+
+    async def commit_unclosed(self) -> None:
+        await self.strategy.commit_unclosed(self)
 
 
 class _Offsets:
@@ -119,7 +136,6 @@ class _Offsets:
 class MemoryOnly(_Offsets):
     """``--state memory``: acknowledged offsets committed at most once an interval."""
 
-    takes_changes = False
     waits_for_commit = False
 
     def __init__(
@@ -131,14 +147,21 @@ class MemoryOnly(_Offsets):
         # "At most once an interval": nothing was committed yet, so the first is due.
         return now
 
+    async def take(
+        self, checkpoint: Checkpoint, changes: Callable[[], Awaitable[list[Change]]]
+    ) -> None:
+        """Nothing: memory state has no changelog."""
+
     async def commit(self, checkpoint: Checkpoint) -> None:
+        await self._commit_offsets(checkpoint.offsets)
+
+    async def commit_unclosed(self, checkpoint: Checkpoint) -> None:
         await self._commit_offsets(checkpoint.offsets)
 
 
 class AtLeastOnce(_Offsets):
     """``--state durable``: the changes to the changelog, acknowledged, then the offsets."""
 
-    takes_changes = True
     waits_for_commit = False
 
     def __init__(
@@ -154,6 +177,15 @@ class AtLeastOnce(_Offsets):
 
     def first_due(self, now: float, interval_s: float) -> float:
         return now + interval_s
+
+    async def take(
+        self, checkpoint: Checkpoint, changes: Callable[[], Awaitable[list[Change]]]
+    ) -> None:
+        checkpoint.changes = await changes()
+
+    async def commit_unclosed(self, checkpoint: Checkpoint) -> None:
+        """Nothing: offsets past the changelog's states would skip ticks after a restore;
+        the next owner reads them again."""
 
     async def commit(self, checkpoint: Checkpoint) -> None:
         if checkpoint.changes:

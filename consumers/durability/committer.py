@@ -2,19 +2,20 @@
 
 The serving loop queues each poll's output with ``submit`` and goes on to the
 next poll; the committer, in order, waits until every send of a poll is
-acknowledged by the broker and then gives the poll's offsets to the open
-``Checkpoint`` (``checkpoint.py``), which commits them as its strategy says:
-memory state once its interval is due, durable state when the loop closes it
-with the engine's changes (queued here behind the polls those changes
-reflect). A tick is done only then, so a crash anywhere before re-reads it:
-output is at-least-once, nothing is lost.
+acknowledged by the broker and then gives the poll's offsets to the oldest
+uncommitted ``Checkpoint`` (``checkpoint.py``). The loop closes the open
+checkpoint once its deadline passes (``due``, ``close``): it is queued here
+behind the polls it covers and committed, as its strategy says, once they
+are acknowledged. A tick is done only then, so a crash anywhere before
+re-reads it: output is at-least-once, nothing is lost.
 
 - A failed send stops the commits: the committer fails, ``submit`` and
   ``drain`` raise its error (the daemon fails and exits non-zero), and the
   offsets of that poll and every later one stay uncommitted. With memory
   state the polls acknowledged before the failure are still committed.
-- ``stop`` commits the polls already acknowledged (memory state; with
-  durable state only a checkpoint commits) and leaves the rest.
+- ``stop`` commits the polls already acknowledged where the strategy can
+  without their changes (memory state; with durable state only a closed
+  checkpoint commits) and leaves the rest.
 - One commit an interval, at most: each is a request the daemon and the
   broker pay for; one a poll at ~100 polls/s cost both CPU that the ticks
   needed. At-least-once holds all the same: a crash re-reads (and answers
@@ -93,7 +94,6 @@ class Committer:
         self._strategy = strategy
         self._interval_s = interval_s
         self._clock = clock
-        self._committing = asyncio.Lock()
         self._on_acked_hook = on_acked
         self._rescue = rescue
         self._per_record = per_record
@@ -124,15 +124,13 @@ class Committer:
         raise BrokerError("the committer stopped")
 
     def due(self) -> bool:
-        """The open checkpoint wants the engine's changes now (the loop then ``close``s it)."""
-        return self._strategy.takes_changes and self._checkpoints[-1].is_due(self._clock())
+        """The open checkpoint's deadline has passed: the loop ``close``s it now."""
+        return self._checkpoints[-1].is_due(self._clock())
 
     async def close(self, changes: Callable[[], Awaitable[list[Change]]]) -> None:
-        """Close the open checkpoint behind the polls submitted so far, with the engine's
-        ``changes`` as of the last of them, and open the next; waits for its commit where
-        the strategy says so. Without a change set (memory) it closes as it comes due."""
-        if not self._strategy.takes_changes:
-            return
+        """Close the open checkpoint behind the polls submitted so far (its strategy takes
+        the engine's ``changes`` as of the last of them where it needs them), and open the
+        next; waits for its commit where the strategy says so."""
         closing = self._checkpoints[-1]
         await closing.take(changes)
         opened = Checkpoint(self._strategy, math.inf)  # started once this one is queued
@@ -155,7 +153,6 @@ class Committer:
     async def drain(self) -> None:
         """Until every poll submitted so far is acknowledged and committed."""
         await self._race(self._queue.join())
-        await self._commit_alone(due=False)  # what the interval held back (memory state)
 
     async def stop(self) -> None:
         """Commit the polls already acknowledged, in order; drop the rest. Safe twice."""
@@ -169,19 +166,18 @@ class Committer:
         self._group = []
         failed = task.done() and not task.cancelled() and task.exception() is not None
         task.cancel()
-        if failed or self._strategy.takes_changes:
-            # The failed poll and everything after it stay uncommitted; with durable
-            # state only a checkpoint commits (offsets past the changelog's states
-            # would skip ticks from state after a restore).
-            return
+        if failed:
+            return  # the failed poll and everything after it stay uncommitted
         checkpoint = self._checkpoints[0]
         for sent in pending:
-            if not isinstance(sent, Sent) or not sent.acknowledged():
+            if isinstance(sent, Checkpoint):
+                continue  # never committed: its polls' offsets go with the unclosed one
+            if not sent.acknowledged():
                 break
             self._on_acked(sent)
             checkpoint.acknowledge(sent.offsets)
         try:
-            await checkpoint.commit()
+            await checkpoint.commit_unclosed()
         except BrokerError:
             logger.warning("could not commit acknowledged offsets at stop", exc_info=True)
 
@@ -206,7 +202,7 @@ class Committer:
 
     async def _run(self) -> None:
         while True:
-            self._group = [await self._next()]
+            self._group = [await self._queue.get()]
             while not self._queue.empty():
                 self._group.append(self._queue.get_nowait())
             try:
@@ -216,34 +212,16 @@ class Committer:
                     self._queue.task_done()
                 self._group = []
 
-    async def _next(self) -> Sent | Checkpoint:
-        """The next queued item; a checkpoint that commits alone does when it comes due."""
-        wait = self._alone_in_s()
-        if wait is None:
-            return await self._queue.get()
-        try:
-            return await asyncio.wait_for(self._queue.get(), wait)
-        except TimeoutError:
-            await self._commit_alone(due=True)
-            return await self._queue.get()
-
-    def _alone_in_s(self) -> float | None:
-        """Seconds until the acknowledged offsets are committed alone; None: not so."""
-        checkpoint = self._checkpoints[0]
-        if self._strategy.takes_changes or not checkpoint.offsets:
-            return None
-        return max(checkpoint.due - self._clock(), 0.0)
-
     async def _commit_group(self, group: Iterable[Sent | Checkpoint]) -> None:
         for item in group:
             if isinstance(item, Checkpoint):
                 await self._commit_closed(item)
                 continue
-            await self._commit_alone(due=True)  # due: not held back behind this poll's acks
             try:
                 await self._acknowledged(item)
             except Exception as exc:
-                await self._commit_alone(due=False)  # acknowledged before the failure
+                # Acknowledged before the failure: committed where the strategy can.
+                await self._checkpoints[0].commit_unclosed()
                 if isinstance(exc, BrokerError):
                     raise
                 raise BrokerError(
@@ -251,7 +229,6 @@ class Committer:
                 ) from exc
             self._on_acked(item)
             self._checkpoints[0].acknowledge(item.offsets)
-        await self._commit_alone(due=True)
 
     async def _acknowledged(self, sent: Sent) -> None:
         """Until every send of ``sent`` is acknowledged; a batch refused for one record's
@@ -273,17 +250,3 @@ class Committer:
         assert checkpoint is self._checkpoints[0], "checkpoints commit in order"
         await checkpoint.commit()
         self._checkpoints.popleft()
-
-    async def _commit_alone(self, *, due: bool) -> None:
-        """Memory state: commit the acknowledged offsets (``due``: only if the interval
-        has passed) and open the next interval. Durable state: nothing."""
-        # Held while committing: ``drain`` must not return while a commit is on its way.
-        async with self._committing:
-            checkpoint = self._checkpoints[0]
-            if self._strategy.takes_changes or not checkpoint.offsets:
-                return
-            if due and not checkpoint.is_due(self._clock()):
-                return
-            opened = Checkpoint(self._strategy, self._clock() + self._interval_s)
-            self._checkpoints[0] = opened
-            await checkpoint.commit()

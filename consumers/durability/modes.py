@@ -76,7 +76,7 @@ class Durability:
                 str(config.changelog_topic),
                 engine=engine,
                 metrics=metrics,
-                on_model_change=config.on_model_change,
+                swap_state=config.swap_state,
                 isolation_level="read_committed",
             )
         if config.guarantee == "exactly-once":

@@ -68,6 +68,8 @@ from streamlstm.consumers.engine.protocol import (
     StepReply,
     StepRequest,
     StreamReply,
+    SwapModel,
+    SwapReply,
     TakeChanges,
     frame,
     read_frame,
@@ -78,6 +80,7 @@ from streamlstm.kernels import set_num_threads
 from streamlstm.quality import QualityConfig, StreamError
 from streamlstm.store import MAX_PAGE_SCAN
 from streamlstm.stream_state import StateArrays, StateBlobs, StreamState, decode_many
+from streamlstm.swap_policy import carries_state
 
 __all__ = ["EngineHost", "InProcessClient", "RestoreReport"]
 
@@ -225,6 +228,21 @@ class EngineHost:
         """Room for ``streams`` more streams, made now (ahead of a restore)."""
         self.engine.store.reserve(streams)
 
+    def swap_model(self, message: SwapModel) -> SwapReply:
+        """Load the bundle ``message`` names and serve it from the next step on; raises
+        (the model served so far goes on) where it does not load or is not the one the
+        daemon read. A carried state's changelog record still names the old model until
+        its stream ticks again: a restore decides for it by the same rule
+        (``swap_policy``), so it is carried again."""
+        started = time.perf_counter()
+        bundle = load_checked(message.path, message.model_id)
+        streams = self.engine.swap_model(bundle, carry=message.carry)
+        self.model_id = bundle.model_id
+        return SwapReply(self.model_id, streams, time.perf_counter() - started, self.stats)
+
+    def _carries(self, policy: str, made_by: str, compatible: bool) -> bool:
+        return carries_state(policy, made_by=made_by, model_id=self.model_id, compatible=compatible)
+
     def restore(
         self, partition: int, blobs: Mapping[str, bytes] | StateBlobs, policy: str
     ) -> RestoreReport:
@@ -241,7 +259,7 @@ class EngineHost:
             model = arrays.models[0]
             if model and model != self.model_id:
                 compatible = tuple(h.shape[1] for h in arrays.h) == sizes
-                if policy != "keep-if-compatible" or not compatible:
+                if not self._carries(policy, model, compatible):
                     reset, arrays = len(arrays.ids), None
                 else:
                     kept = len(arrays.ids)
@@ -256,7 +274,7 @@ class EngineHost:
                     continue
                 if state.model and state.model != self.model_id:
                     compatible = tuple(h.size for h in state.h) == sizes
-                    if policy != "keep-if-compatible" or not compatible:
+                    if not self._carries(policy, state.model, compatible):
                         reset += 1
                         continue
                     kept += 1
@@ -313,6 +331,11 @@ class InProcessClient:
     async def read(self, query: Read) -> ReadReply:
         return self.child.read(query)
 
+    async def swap_model(self, request: SwapModel) -> SwapReply:
+        reply = self.child.swap_model(request)
+        self.stats = reply.stats
+        return reply
+
     async def reserve(self, streams: int) -> None:
         self.child.reserve(streams)
 
@@ -365,13 +388,7 @@ def serve(sock: socket.socket, options: dict[str, Any]) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     set_num_threads(int(options["threads"]))
     try:
-        bundle = Bundle.load(options["model"])
-        expected = options.get("model_id")
-        if expected is not None and bundle.model_id != expected:
-            raise BundleError(
-                f"{options['model']}: changed after the daemon read it (now {bundle.model_id}, "
-                f"read as {expected}); restart to serve the new model"
-            )
+        bundle = load_checked(options["model"], options.get("model_id"))
         child = EngineHost(
             Engine(
                 bundle,
@@ -402,6 +419,18 @@ def serve(sock: socket.socket, options: dict[str, Any]) -> None:
         sock.sendall(frame(reply))
 
 
+def load_checked(path: str, expected: str | None) -> Bundle:
+    """The bundle at ``path``, weights and all, checked to be the one the daemon read
+    (``expected``: its model id; None: not checked)."""
+    bundle = Bundle.load(path)
+    if expected is not None and bundle.model_id != expected:
+        raise BundleError(
+            f"{path}: changed after the daemon read it (now {bundle.model_id}, read as "
+            f"{expected}); reload again to serve it"
+        )
+    return bundle
+
+
 def answer(child: EngineHost, message: Request | Reply) -> Reply:
     """The reply to one request (raises what the request raised)."""
     match message:
@@ -418,6 +447,8 @@ def answer(child: EngineHost, message: Request | Reply) -> Reply:
         case Drop(partitions=partitions):
             count = child.drop(set(partitions))
             return DropReply(count, child.stats)
+        case SwapModel():
+            return child.swap_model(message)
         case InspectStream() | ListStreams() | CountStreams():
             return child.read(message)
     raise StreamLSTMError(f"engine process: {type(message).__name__} is not a request")

@@ -55,6 +55,8 @@ from streamlstm.consumers.engine.protocol import (
     Step,
     StepReply,
     StepRequest,
+    SwapModel,
+    SwapReply,
     TakeChanges,
     frame,
 )
@@ -103,6 +105,10 @@ class EngineClient(Protocol):
     async def checkpoint(self) -> list[Change]: ...
     async def read(self, query: Read) -> ReadReply:
         """What is held (a stream, a page of ids, counts), as of every step before."""
+
+    async def swap_model(self, request: SwapModel) -> SwapReply:
+        """Serve another bundle from the next step on; raises (and the model served so far
+        goes on) where it does not load."""
 
     async def reserve(self, streams: int) -> None:
         """Room for ``streams`` more streams, made now: the store grows (and its memory is
@@ -238,6 +244,12 @@ class ProcessClient:
     async def read(self, query: Read) -> ReadReply:
         """A read, answered in its turn among the steps (see ``engine.protocol``)."""
         return await self._request(query, READ_REPLIES[type(query)])
+
+    async def swap_model(self, request: SwapModel) -> SwapReply:
+        """``SwapModel`` in the child, in its turn; a restarted child would load it."""
+        reply = await self._request(request, SwapReply)
+        self.stats = reply.stats
+        return reply
 
     async def reserve(self, streams: int) -> None:
         """Make room for ``streams`` more streams now."""

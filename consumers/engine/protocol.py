@@ -1,10 +1,11 @@
 """The messages between the daemon and its engine process, imported by both sides.
 
 One frozen dataclass per request (``Step``, ``TakeChanges``, ``Restore``,
-``Reserve``, ``Drop``, the reads ``InspectStream``, ``ListStreams`` and
-``CountStreams``, ``Close``) and one per reply (``StartReply``, ``StepReply``,
-``ChangesReply``, ``RestoreReply``, ``ReserveReply``, ``DropReply``,
-``StreamReply``, ``PageReply``, ``CountsReply``, ``ErrorReply``). A read is
+``Reserve``, ``Drop``, ``SwapModel``, the reads ``InspectStream``,
+``ListStreams`` and ``CountStreams``, ``Close``) and one per reply
+(``StartReply``, ``StepReply``, ``ChangesReply``, ``RestoreReply``,
+``ReserveReply``, ``DropReply``, ``SwapReply``, ``StreamReply``,
+``PageReply``, ``CountsReply``, ``ErrorReply``). A read is
 answered in its turn like any request, so it reflects every step sent before
 it, and says which: ``as_of``, each input partition's offset after the last
 record of it sent to the engine. The child answers requests one at a time, in the order they
@@ -63,6 +64,8 @@ __all__ = [
     "StepReply",
     "StepRequest",
     "StreamReply",
+    "SwapModel",
+    "SwapReply",
     "TakeChanges",
     "frame",
     "read_frame",
@@ -187,6 +190,18 @@ class Drop:
 
 
 @dataclass(frozen=True)
+class SwapModel:
+    """Serve the bundle at ``path`` from the next step on (``Engine.swap_model``): loaded
+    and checked there (its id must be ``model_id``, what the daemon read of it), each
+    held stream's state carried into it (``carry``) or reset. A bundle that fails to load
+    is refused (``ErrorReply``) and the model served so far goes on."""
+
+    path: str
+    model_id: str
+    carry: bool
+
+
+@dataclass(frozen=True)
 class InspectStream:
     """What the engine holds of one stream (``Engine.inspect``); ``state`` too if asked."""
 
@@ -217,7 +232,7 @@ class Close:
     """Exit after answering everything before."""
 
 
-Request = Step | TakeChanges | Restore | Reserve | Drop | Read | Close
+Request = Step | TakeChanges | Restore | Reserve | Drop | SwapModel | Read | Close
 
 
 # -- replies -----------------------------------------------------------------
@@ -261,7 +276,7 @@ class RestoreReport:
 
     loaded: int
     reset_model_changed: int  # made by another model: the stream starts again
-    kept_model_changed: int  # made by another, compatible model, kept (keep-if-compatible)
+    kept_model_changed: int  # made by another, compatible model, kept (--swap-state)
     over_capacity: int  # past max_streams: the least recently seen were left out
     corrupt: int
 
@@ -308,6 +323,17 @@ class CountsReply:
     as_of: dict[int, int]
 
 
+@dataclass(frozen=True)
+class SwapReply:
+    """``SwapModel`` done: the streams held, each now under the new model, and how long
+    loading the bundle and moving the states took (seconds)."""
+
+    model_id: str
+    streams: int
+    seconds: float
+    stats: EngineStats
+
+
 ReadReply = StreamReply | PageReply | CountsReply
 
 #: Each read's reply.
@@ -326,8 +352,8 @@ class ErrorReply:
 
 
 Reply = (
-    StartReply | StepReply | ChangesReply | RestoreReply | ReserveReply | DropReply | ReadReply
-    | ErrorReply
+    StartReply | StepReply | ChangesReply | RestoreReply | ReserveReply | DropReply | SwapReply
+    | ReadReply | ErrorReply
 )  # fmt: skip
 
 

@@ -179,6 +179,20 @@ class ServeMetrics:
         registry.register(self.latency_event)
         registry.register(self.latency_receive)
         self.model_info = Info("streamlstm_model", "The model being served", registry=registry)
+        self.model_reloads = Counter(
+            "streamlstm_model_reloads",
+            "Model reloads by outcome: swapped, unchanged (already served), refused (the "
+            "model served so far goes on)",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("swapped", "unchanged", "refused"):
+            self.model_reloads.labels(outcome)
+        self.model_swap_seconds = Gauge(
+            "streamlstm_model_swap_seconds",
+            "The last model swap's time in the engine: the new bundle loaded, every state moved",
+            registry=registry,
+        )
         self.controls = Counter(
             "streamlstm_control_records",
             "Control records (reset, delete) by outcome: applied, or skipped as already applied",
@@ -235,7 +249,7 @@ class ServeMetrics:
             self.restore_left_out.labels(reason)
         self.restore_kept_model_changed = Counter(
             "streamlstm_restore_kept_model_changed_streams",
-            "States from another, compatible model kept (--on-model-change keep-if-compatible)",
+            "States from another, compatible model kept (--swap-state carry; auto: a retrain)",
             registry=registry,
         )
         self.restore_seconds = Histogram(

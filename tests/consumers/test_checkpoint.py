@@ -143,28 +143,33 @@ def test_exactly_once_close_returns_only_once_the_transactions_commit() -> None:
     asyncio.run(scenario())
 
 
-def test_memory_state_takes_no_changes_and_commits_alone_when_due() -> None:
+def test_memory_state_takes_no_changes_and_commits_once_an_interval() -> None:
     async def scenario() -> None:
         broker = Broker()
-        now = [0.0]
+        now = [5.0]
         committer = Committer(
             MemoryOnly(broker.commit), max_unacked=8, interval_s=1.0, clock=lambda: now[0]
         )
         committer.start()
-        now[0] = 5.0
-        assert not committer.due()  # nothing for the loop to close
         asked: list[str] = []
 
         async def take() -> list[Change]:
             asked.append("asked")
             return []
 
+        assert committer.due()  # nothing committed yet: the first is due at once
         await committer.close(take)
-        assert asked == []
         sent = _sent(3)
         await committer.submit(sent)
         _ack(sent)
         await _settle()
+        assert broker.log == []  # acknowledged after the close: waits for the next
+        assert not committer.due()
+        now[0] = 6.0
+        assert committer.due()
+        await committer.close(take)
+        await _settle()
+        assert asked == []
         assert broker.log == [("commit", {TP: 3})]
         await committer.stop()
 
@@ -185,6 +190,7 @@ def test_only_offsets_the_group_took_are_reported_as_committed() -> None:
             sent = _sent(offset)
             await committer.submit(sent)
             _ack(sent)
+            await committer.close(_changes())
             await committer.drain()
         assert reported == [{TP: 6}]
         await committer.stop()

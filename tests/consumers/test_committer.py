@@ -11,6 +11,7 @@ import pytest
 from streamlstm.consumers.codec.poll import Batch, Encoded
 from streamlstm.consumers.durability.checkpoint import MemoryOnly
 from streamlstm.consumers.durability.committer import Committer, Sent
+from streamlstm.consumers.engine.protocol import Change
 from streamlstm.errors import BrokerError
 
 
@@ -48,6 +49,10 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
+async def _no_changes() -> list[Change]:
+    raise AssertionError("memory state asks the engine for no changes")
+
+
 def test_polls_are_committed_in_order_after_their_acknowledgements() -> None:
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
@@ -60,6 +65,7 @@ def test_polls_are_committed_in_order_after_their_acknowledgements() -> None:
         first, second, third = (_sent(loop, {("t", 0): n}) for n in (10, 20, 30))
         for sent in (first, second, third):
             await committer.submit(sent)
+        await committer.close(_no_changes)  # the loop's close, behind the three
         # The second and third are acknowledged before the first: nothing commits.
         _ack(second)
         _ack(third)
@@ -145,6 +151,7 @@ def test_submit_waits_for_room_and_the_queue_bounds_unacknowledged_polls() -> No
         await asyncio.wait_for(blocked, 1.0)
         _ack(second)
         _ack(third)
+        await committer.close(_no_changes)
         await committer.drain()
         assert commits.last == {("t", 0): 3}
         await committer.stop()
@@ -164,6 +171,7 @@ def test_a_failed_commit_fails_the_committer() -> None:
         sent = _sent(loop, {("t", 0): 1})
         await committer.submit(sent)
         _ack(sent)
+        await committer.close(_no_changes)
         with pytest.raises(BrokerError, match="coordinator gone"):
             await committer.drain()
         await committer.stop()
@@ -171,7 +179,7 @@ def test_a_failed_commit_fails_the_committer() -> None:
     asyncio.run(scenario())
 
 
-def test_commits_wait_for_commit_every_s_and_never_pass_an_unacknowledged_poll() -> None:
+def test_a_checkpoint_closes_once_an_interval_and_never_passes_an_unacknowledged_poll() -> None:
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         commits = Commits()
@@ -183,19 +191,25 @@ def test_commits_wait_for_commit_every_s_and_never_pass_an_unacknowledged_poll()
         first, second, third, fourth = (_sent(loop, {("t", 0): n}) for n in (10, 20, 30, 40))
         await committer.submit(first)
         _ack(first)
+        assert committer.due()  # the first checkpoint is due at once
+        await committer.close(_no_changes)
         await _settle()
-        assert commits.calls == [{("t", 0): 10}]  # the first commit is due at once
+        assert commits.calls == [{("t", 0): 10}]
         for sent in (second, third):
             await committer.submit(sent)
             _ack(sent)
         await _settle()
+        assert not committer.due()
         assert commits.calls == [{("t", 0): 10}]  # acknowledged, held back: not due yet
         now[0] += 1.0
-        await committer.submit(fourth)  # due now, and not acknowledged
+        assert committer.due()
+        await committer.close(_no_changes)
+        await committer.submit(fourth)  # after the close: not in its checkpoint
         await _settle()
         assert commits.last == {("t", 0): 30}  # not held back behind the fourth's acks
         _ack(fourth)
-        await committer.drain()  # commits what is held back at once
+        await committer.close(_no_changes)  # a drain closes too, due or not
+        await committer.drain()
         assert commits.last == {("t", 0): 40}
         seen = [call[("t", 0)] for call in commits.calls]
         assert seen == sorted(seen)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from streamlstm import Engine, StreamState
+from streamlstm import Bundle, Engine, StreamState
 from streamlstm.consumers.engine.child import EngineHost
 from streamlstm.consumers.engine.process import StepRequest
 from tests.conftest import BundleFactory
@@ -74,10 +74,15 @@ def test_states_of_another_model_follow_the_policy_and_corrupt_ones_are_counted(
     writer.step(_request(["a", "b"], np.ones((2, 2)), [0, 1], part=0))
     blobs = {s: v for s, _, v in writer.checkpoint() if v is not None}
     assert EngineHost(Engine(new)).restore(0, blobs, "reset").reset_model_changed == 2
-    kept = EngineHost(Engine(new)).restore(0, blobs, "keep-if-compatible")
+    kept = EngineHost(Engine(new)).restore(0, blobs, "carry")
     assert (kept.loaded, kept.kept_model_changed) == (2, 2)
-    shaped = EngineHost(Engine(other_shape)).restore(0, blobs, "keep-if-compatible")
+    shaped = EngineHost(Engine(other_shape)).restore(0, blobs, "carry")
     assert (shaped.loaded, shaped.reset_model_changed) == (0, 2)
+    # auto: a retrain (the same bundle name, the same layer sizes) carries; another resets.
+    retrain = Bundle(config=new.config, weights=new.weights, name=old.name)
+    carried = EngineHost(Engine(retrain)).restore(0, blobs, "auto")
+    assert (carried.loaded, carried.kept_model_changed) == (2, 2)
+    assert EngineHost(Engine(new)).restore(0, blobs, "auto").reset_model_changed == 2
     broken = {**blobs, "c": b"SLST\x03 not a state"}
     report = EngineHost(Engine(old)).restore(0, broken, "reset")
     assert (report.loaded, report.corrupt) == (2, 1)
@@ -189,7 +194,7 @@ def test_the_worst_streams_ride_with_the_stats_refreshed_at_most_each_interval()
 
 
 def test_a_state_kept_from_another_model_starts_its_quality_history_again() -> None:
-    """keep-if-compatible keeps (h, c) across a model change; the forecasts in the state
+    """carry keeps (h, c) across a model change; the forecasts in the state
     are the old model's, so the new one is judged only on its own."""
     from streamlstm import Bundle, ModelConfig, OutputSpec
 
@@ -203,7 +208,7 @@ def test_a_state_kept_from_another_model_starts_its_quality_history_again() -> N
     ((stream, partition, blob),) = old.checkpoint()
     assert blob is not None
     new = EngineHost(Engine(forecaster(2)))
-    report = new.restore(partition, {stream: blob}, "keep-if-compatible")
+    report = new.restore(partition, {stream: blob}, "carry")
     assert report.kept_model_changed == 1
     out = new.step(_request(["s"] * 10, x[10:], list(range(10, 20)), part=0))
     quality = new.engine.quality

@@ -110,7 +110,7 @@ def test_the_last_committed_record_of_each_stream_is_loaded_and_the_rest_counted
         topic,
         engine=engine,
         metrics=ServeMetrics(registry),
-        on_model_change="reset",
+        swap_state="reset",
         isolation_level="read_committed",
     )
     caplog.set_level(logging.INFO, logger=changelog_module.__name__)
@@ -179,7 +179,7 @@ def test_the_engine_process_takes_the_states_through_a_spool_with_the_same_outco
                 topic,
                 engine=proc,
                 metrics=ServeMetrics(registry),
-                on_model_change="reset",
+                swap_state="reset",
                 isolation_level="read_committed",
             )
             await changelog.restore([0, 1])

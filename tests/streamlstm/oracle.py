@@ -72,3 +72,29 @@ def expected_state(
         [layer.numpy().copy() for group in hs for layer in group[:, 0]],
         [layer.numpy().copy() for group in cs for layer in group[:, 0]],
     )
+
+
+def carried_outputs(
+    old: Bundle,
+    new: Bundle,
+    before: npt.NDArray[np.float32],
+    after: npt.NDArray[np.float32],
+) -> npt.NDArray[np.float32]:
+    """One stream's answers under ``new`` to ``after [T, F]``, continuing from the state
+    ``old`` reached over ``before`` (a model swap that carries the state), through
+    torch's own modules: ``old``'s to reach the state, ``new``'s from it."""
+    import torch
+
+    x = np.asarray(after, dtype=np.float32)
+    scaled_before = torch.from_numpy(old.scale_inputs(np.asarray(before, dtype=np.float32)))
+    scaled = torch.from_numpy(new.scale_inputs(x))
+    with torch.inference_mode():
+        hs, cs = old.model.zero_group_state(1)
+        for t in range(scaled_before.shape[0]):
+            _, hs, cs = old.model.recurrent_step(scaled_before[t : t + 1], hs, cs)
+        tops = []
+        for t in range(scaled.shape[0]):
+            top, hs, cs = new.model.recurrent_step(scaled[t : t + 1], hs, cs)
+            tops.append(top)
+        y = new.model.head(torch.cat(tops)).numpy()
+    return new.finish(y, x)

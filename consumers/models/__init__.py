@@ -1,0 +1,1 @@
+"""The served model's life: where ``--model`` points, and reloads without a restart."""

@@ -1,0 +1,68 @@
+"""Where ``--model`` points: one bundle, or a directory of versioned bundles.
+
+``--model DIR`` names a bundle when ``DIR/bundle.json`` exists. Otherwise each
+subdirectory of DIR holding a ``bundle.json`` is a version, named by its
+directory (``1``, ``2``, ``2026-12-01``, ``v10``): the newest version is the
+greatest name, digits compared as numbers (``v10`` after ``v9``), and the
+newest *valid* one serves: a version whose ``bundle.json`` does not load is
+skipped with a warning, so a half-copied upload never stops a reload. Only
+``bundle.json`` is read here (the daemon never loads weights); the engine
+process loads the weights and refuses a bundle whose weights are broken.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from streamlstm import Bundle
+from streamlstm.errors import ConfigError, StreamLSTMError
+
+__all__ = ["ModelSource", "Resolved"]
+
+logger = logging.getLogger(__name__)
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+@dataclass(frozen=True, eq=False)
+class Resolved:
+    """The bundle ``--model`` names now: its ``bundle.json`` (weights not read), and its
+    version (the subdirectory's name; "" for a single bundle)."""
+
+    bundle: Bundle
+    version: str
+
+
+def _version_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    return tuple((1, int(part)) if part.isdigit() else (0, part) for part in _DIGITS.split(name))
+
+
+class ModelSource:
+    """``resolve()``: the bundle to serve now (raises ``ConfigError`` where there is none)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def versioned(self) -> bool:
+        return not (self.path / "bundle.json").exists()
+
+    def resolve(self) -> Resolved:
+        if not self.versioned:
+            return Resolved(Bundle.load(self.path, lazy_weights=True), "")
+        try:
+            versions = [p for p in self.path.iterdir() if (p / "bundle.json").is_file()]
+        except OSError as exc:
+            raise ConfigError(f"model: cannot read {self.path}: {exc}") from exc
+        for version in sorted(versions, key=lambda p: _version_key(p.name), reverse=True):
+            try:
+                return Resolved(Bundle.load(version, lazy_weights=True), version.name)
+            except StreamLSTMError as exc:
+                logger.warning("model version %s skipped: %s", version, exc)
+        raise ConfigError(
+            f"model: {self.path} holds no bundle (no bundle.json in it or in a subdirectory "
+            "that loads)"
+        )

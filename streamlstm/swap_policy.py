@@ -1,0 +1,41 @@
+"""Which states a new model takes over: one rule for a live swap and for a restore.
+
+A model swap (``Engine.swap_model``) and a restore of states another model
+made (a restart with a new model, or after a crash in the middle of a swap)
+decide by the same function, so that a crash never changes the outcome: a
+stream whose state was carried into the new model before the crash is
+carried again from its changelog record, one that was reset is reset again.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SWAP_POLICIES", "carries_state", "model_name"]
+
+#: ``auto``: carry where the new model is a retrain of the same model (the same
+#: bundle ``name``, the same layer sizes), else reset; ``carry``: carry wherever the
+#: layer sizes allow; ``reset``: every stream starts again from zero state.
+SWAP_POLICIES = ("auto", "carry", "reset")
+
+
+def model_name(model_id: str) -> str:
+    """The bundle name in a ``name@digest`` model id (the whole id where it has no ``@``)."""
+    name, at, _ = model_id.rpartition("@")
+    return name if at else model_id
+
+
+def carries_state(policy: str, *, made_by: str, model_id: str, compatible: bool) -> bool:
+    """Whether a state ``made_by`` one model goes on, as it is, under ``model_id``.
+
+    Never where the layer sizes differ (``compatible`` false). Always for the
+    same model, or a state that names none (written before states named
+    their model). Otherwise as ``policy`` says (see ``SWAP_POLICIES``).
+    """
+    if not compatible:
+        return False
+    if not made_by or made_by == model_id:
+        return True
+    if policy == "carry":
+        return True
+    if policy == "auto":
+        return model_name(made_by) == model_name(model_id)
+    return False

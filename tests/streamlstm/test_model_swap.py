@@ -1,0 +1,120 @@
+"""A model swap in the engine: carried states continue exactly under the new model (torch's
+own modules as the oracle), reset ones start from zero, refusals change nothing, and what
+was not checkpointed stays marked; the one rule a swap and a restore share."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from streamlstm import Engine
+from streamlstm.errors import ConfigError
+from streamlstm.swap_policy import carries_state
+from tests.conftest import BundleFactory
+from tests.streamlstm.oracle import carried_outputs
+
+STREAMS = ["a", "b", "c", "d"]
+
+
+def _ticks(rng: np.random.Generator, n: int) -> tuple[list[str], np.ndarray]:
+    ids = [str(s) for s in rng.choice(STREAMS, n)]
+    return ids, rng.normal(size=(n, 2)).astype(np.float32) * 3
+
+
+def _run(engine: Engine, ids: list[str], x: np.ndarray, batch: int = 7) -> np.ndarray:
+    """The engine's answers to the ticks, fed in batches of ``batch``."""
+    out = [
+        engine.step(ids[i : i + batch], x[i : i + batch]).predictions
+        for i in range(0, len(ids), batch)
+    ]
+    return np.concatenate(out)
+
+
+def _per_stream(ids: list[str], x: np.ndarray, stream: str) -> np.ndarray:
+    return x[[i for i, s in enumerate(ids) if s == stream]]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_carried_state_continues_exactly_under_the_new_model(
+    make_bundle: BundleFactory, native: bool
+) -> None:
+    old = make_bundle(scaled=True, seed=1)
+    new = make_bundle(scaled=True, seed=2)
+    rng = np.random.default_rng(5)
+    ids1, x1 = _ticks(rng, 60)
+    ids2, x2 = _ticks(rng, 60)
+    engine = Engine(old, native=native)
+    _run(engine, ids1, x1)
+    assert engine.swap_model(new, carry=True) == len(set(ids1))
+    assert engine.bundle is new
+    got = _run(engine, ids2, x2)
+    for stream in STREAMS:
+        mine = [i for i, s in enumerate(ids2) if s == stream]
+        want = carried_outputs(
+            old, new, _per_stream(ids1, x1, stream), _per_stream(ids2, x2, stream)
+        )
+        np.testing.assert_allclose(got[mine], want, atol=1e-5)
+    steps = engine.inspect("a")
+    assert steps is not None and steps.steps == ids1.count("a") + ids2.count("a")
+
+
+def test_a_reset_swap_starts_every_stream_from_zero_but_keeps_its_position(
+    make_bundle: BundleFactory,
+) -> None:
+    old = make_bundle(seed=1)
+    new = make_bundle(seed=2, hidden_sizes=(8,), warmup_steps=3)
+    engine = Engine(old)
+    engine.step(["a", "b"], np.ones((2, 2)), offsets=[10, 11], partitions=[0, 0])
+    assert engine.swap_model(new, carry=False) == 2
+    view = engine.inspect("a")
+    assert view is not None and (view.steps, view.offset, view.ready) == (0, 10, False)
+    x = np.random.default_rng(0).normal(size=(5, 2)).astype(np.float32)
+    out = engine.step(["a"] * 5, x, offsets=list(range(12, 17)), partitions=[0] * 5)
+    np.testing.assert_allclose(out.predictions, new.predict_sequence(x), atol=1e-5)
+    assert out.steps.tolist() == [1, 2, 3, 4, 5]
+    # The skip rule still holds across the swap: an offset the state reflects is skipped.
+    again = engine.step(["b"], np.ones((1, 2)), offsets=[11], partitions=[0])
+    assert again.skipped is not None and again.skipped.tolist() == [True]
+
+
+def test_a_swap_that_cannot_be_made_changes_nothing(make_bundle: BundleFactory) -> None:
+    old = make_bundle(seed=1)
+    engine = Engine(old)
+    x = np.ones((3, 2), np.float32)
+    before = engine.step(["a"] * 3, x).predictions
+    with pytest.raises(ConfigError, match="layer sizes"):
+        engine.swap_model(make_bundle(seed=2, hidden_sizes=(4,)), carry=True)
+    with pytest.raises(ConfigError, match="inputs"):
+        engine.swap_model(make_bundle(seed=2, input_size=3), carry=False)
+    assert engine.bundle is old
+    np.testing.assert_allclose(
+        engine.step(["a"], x[:1]).predictions, old.predict_sequence(np.ones((4, 2)))[3:], atol=1e-5
+    )
+    assert before.shape == (3, 2)
+
+
+def test_what_was_not_checkpointed_before_a_swap_is_still_marked(
+    make_bundle: BundleFactory,
+) -> None:
+    engine = Engine(make_bundle(seed=1))
+    engine.store.changes.tombstones = True
+    engine.step(["a", "b"], np.ones((2, 2)), offsets=[1, 2], partitions=[0, 1])
+    engine.store.take_changes()
+    engine.step(["b", "c"], np.ones((2, 2)), ends=[False, True], offsets=[3, 4], partitions=[1, 1])
+    engine.swap_model(make_bundle(seed=2), carry=True)
+    changed, partitions, removed = engine.store.take_changes()
+    assert (changed, partitions, removed) == (["b"], [1], {"c": 1})
+
+
+def test_the_rule_a_swap_and_a_restore_share() -> None:
+    a1, a2, b = "prices@1111", "prices@2222", "volumes@3333"
+    assert carries_state("auto", made_by=a1, model_id=a2, compatible=True)
+    assert not carries_state("auto", made_by=a1, model_id=b, compatible=True)
+    assert not carries_state("auto", made_by=a1, model_id=a2, compatible=False)
+    assert carries_state("carry", made_by=a1, model_id=b, compatible=True)
+    assert not carries_state("carry", made_by=a1, model_id=b, compatible=False)
+    assert not carries_state("reset", made_by=a1, model_id=a2, compatible=True)
+    # The same model, or a state that names none (an older record), always goes on.
+    assert carries_state("reset", made_by=a1, model_id=a1, compatible=True)
+    assert carries_state("reset", made_by="", model_id=a1, compatible=True)
+
