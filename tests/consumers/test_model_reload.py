@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import signal
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -15,12 +18,20 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
+from aiokafka import AIOKafkaProducer
 from prometheus_client import generate_latest
 
 from streamlstm import Affine, Bundle, ModelConfig
 from streamlstm.consumers.server import Server
-from tests.consumers.conftest import read_all, send_raw
-from tests.helpers.serving import Tick, metric_total, serve_config, tick_messages
+from tests.consumers.conftest import read_all, send_raw, start_serve
+from tests.helpers.serving import (
+    Tick,
+    metric_total,
+    read_answers,
+    serve_cmd,
+    serve_config,
+    tick_messages,
+)
 from tests.streamlstm.oracle import carried_outputs
 
 pytestmark = pytest.mark.apache_kafka
@@ -46,15 +57,24 @@ def _ticks(rng: np.random.Generator, n: int) -> list[Tick]:
     ]
 
 
-async def _send_paced(bootstrap: str, topic: str, ticks: list[Tick], metas: list[Any]) -> None:
-    for start in range(0, len(ticks), 20):
-        metas += await send_raw(
-            bootstrap,
-            topic,
-            tick_messages(ticks[start : start + 20], start),
-            producer_options={"acks": "all", "enable_idempotence": True},
-        )
-        await asyncio.sleep(0.02)
+async def _send_steadily(bootstrap: str, topic: str, ticks: list[Tick], metas: list[Any]) -> None:
+    """The ticks at a steady rate (a few every few milliseconds) through one idempotent
+    producer with acks=all, so that polls are seldom empty when a reload comes."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=1
+    )
+    await producer.start()
+    try:
+        messages = tick_messages(ticks, 0)
+        for start in range(0, len(messages), 5):
+            sends = [
+                await producer.send(topic, value, key=key)
+                for key, value in messages[start : start + 5]
+            ]
+            metas += await asyncio.gather(*sends)
+            await asyncio.sleep(0.003)
+    finally:
+        await producer.stop()
 
 
 async def _post(session: aiohttp.ClientSession, port: int, token: str, path: str) -> Any:
@@ -86,7 +106,7 @@ def test_a_reload_under_load_swaps_at_one_point_per_partition_on_the_oracle(
         async with Server(config) as server, aiohttp.ClientSession() as session:
             port = server.admin_port or 0
             metas: list[Any] = []
-            sending = asyncio.ensure_future(_send_paced(bootstrap, src, ticks, metas))
+            sending = asyncio.ensure_future(_send_steadily(bootstrap, src, ticks, metas))
             while len(metas) < 300:
                 await asyncio.sleep(0.01)
             new.save(root / "2")
@@ -156,3 +176,137 @@ def _check_answers(
         steps = [by_tick[k]["step"] for k in mine]
         restart = list(range(1, cut + 1)) + list(range(1, len(mine) - cut + 1))
         assert steps == (list(range(1, len(mine) + 1)) if carry else restart), stream
+
+
+# -- kill -9 in the middle of a swap ---------------------------------------------------------
+
+STRONG = {"acks": "all", "enable_idempotence": True}
+TRACKED = [f"tracked-{i}" for i in range(4)]
+
+
+@pytest.mark.parametrize(
+    ("policy", "guarantee", "delay_s"),
+    [("auto", "at-least-once", 0.05), ("reset", "exactly-once", 0.4)],
+)
+def test_a_kill_9_in_the_middle_of_a_swap_leaves_every_stream_on_one_of_the_rules(
+    bootstrap: str, make_topics: Any, tmp_path: Path, policy: str, guarantee: str, delay_s: float
+) -> None:
+    """Thousands of streams held, a SIGHUP with ticks still coming, a kill -9 soon after,
+    a restart (which serves the newest version): every answer, repeats included, is the
+    old model's oracle or the new model's from some cutover as the policy says (carried
+    from the old state, or from zero), and after the restart every stream's answers are
+    the new model's from one cutover; exactly-once shows each tick once."""
+    root = tmp_path / "models"
+    old, new = _bundle(3, "serving"), _bundle(4, "serving")
+    old.save(root / "1")
+    src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=2)
+    group = f"g-{secrets.token_hex(4)}"
+    cmd = [
+        *serve_cmd(root, bootstrap, src, out, dlq, group),
+        "--state", "durable", "--guarantee", guarantee, "--swap-state", policy,
+        "--commit-interval-ms", "300", "--max-records", "512", "--group-instance-id", "swap",
+    ]  # fmt: skip
+    rng = np.random.default_rng(11)
+    fillers = [(f"filler-{i}", [float(rng.normal()), float(rng.uniform(0, 100))], False)
+               for i in range(1500)]  # fmt: skip
+    first, during, last = (_tracked_ticks(rng, n) for n in (120, 60, 60))
+    returning = fillers[:40]  # fillers that tick again after the restart
+    proc = start_serve(cmd, tmp_path / "serve-1.log")[0]
+    try:
+        metas = asyncio.run(send_raw(bootstrap, src, tick_messages(fillers + first, 0), STRONG))
+        read_answers(bootstrap, out, metas, guarantee, group, src)  # answered and committed
+        new.save(root / "2")
+        proc.send_signal(signal.SIGHUP)
+        metas += asyncio.run(send_raw(bootstrap, src, tick_messages(during, 5000), STRONG))
+        time.sleep(delay_s)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    proc = start_serve(cmd, tmp_path / "serve-2.log")[0]
+    try:
+        again = [
+            (s, [float(rng.normal()), float(rng.uniform(0, 100))], False) for s, _, _ in returning
+        ]
+        metas += asyncio.run(send_raw(bootstrap, src, tick_messages(last + again, 6000), STRONG))
+        answers = read_answers(bootstrap, out, metas, guarantee, group, src)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    ticks = fillers + first + during + last + again
+    _check_one_of_the_rules(old, new, ticks, metas, answers, carry=policy == "auto")
+    if guarantee == "exactly-once":
+        keys = [(b["partition"], b["offset"]) for b in map(json.loads, (m.value for m in answers))]
+        assert len(keys) == len(set(keys)) == len(ticks)
+
+
+def _tracked_ticks(rng: np.random.Generator, n: int) -> list[Tick]:
+    return [
+        (str(rng.choice(TRACKED)), [float(rng.normal() * 5), float(rng.uniform(0, 100))], False)
+        for _ in range(n)
+    ]
+
+
+def _check_one_of_the_rules(
+    old: Bundle,
+    new: Bundle,
+    ticks: list[Tick],
+    metas: list[Any],
+    answers: list[Any],
+    *,
+    carry: bool,
+) -> None:
+    """Each answer is the old model's oracle or the new model's from a cutover; the last
+    answer of each tick (the restart's, where it answered again) is the new model's from
+    one cutover per stream, for every stream that ticked after the restart."""
+    index = {(m.partition, m.offset): i for i, m in enumerate(metas)}
+    by_stream: dict[str, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
+    for message in answers:
+        body = json.loads(message.value)
+        by_stream[body["stream"]].append((index[(body["partition"], body["offset"])], body))
+    for stream, seen in by_stream.items():
+        mine = [i for i, t in enumerate(ticks) if t[0] == stream]
+        x = np.array([ticks[i][1] for i in mine], np.float32)
+        position = {i: j for j, i in enumerate(mine)}
+        assert {position[i] for i, _ in seen} == set(range(len(mine))), stream
+        cuts: list[int] = []  # the cutovers found so far: tried first
+        explained = {
+            id(body): _cut(old, new, x, position[i], body, cuts, carry) for i, body in seen
+        }
+        assert None not in explained.values(), stream
+        final = {position[i]: body for i, body in seen}  # the last answer of each tick
+        if final[len(mine) - 1]["model"] == new.model_id:
+            after = {explained[id(b)] for b in final.values() if b["model"] == new.model_id}
+            assert len(after) == 1, (stream, after)
+
+
+def _cut(
+    old: Bundle,
+    new: Bundle,
+    x: np.ndarray,
+    j: int,
+    body: dict[str, Any],
+    cuts: list[int],
+    carry: bool,
+) -> int | None:
+    """The cutover that explains the answer to a stream's tick ``j`` (-1: the old model's),
+    trying those in ``cuts`` first (and adding what it finds); None where none does."""
+    got = np.asarray(body["prediction"], np.float32)
+    if body["model"] == old.model_id:
+        ok = np.allclose(old.predict_sequence(x[: j + 1])[-1], got, atol=1e-5)
+        return -1 if ok else None
+    if not carry:  # the step count says where the state started from zero
+        cut = j + 1 - body["step"]
+        return (
+            cut if np.allclose(new.predict_sequence(x[cut : j + 1])[-1], got, atol=1e-5) else None
+        )
+    for cut in [*cuts, *(c for c in range(j + 1) if c not in cuts)]:
+        if cut <= j and np.allclose(
+            carried_outputs(old, new, x[:cut], x[cut : j + 1])[-1], got, atol=1e-5
+        ):
+            if cut not in cuts:
+                cuts.append(cut)
+            return cut
+    return None
