@@ -208,20 +208,12 @@ class Server:
         self._started = True
         cfg = self.config
         token = read_token(cfg.admin_token_file) if cfg.admin_port is not None else None
-        # bundle.json alone: the engine child reads the weights, this process never does.
-        source = ModelSource(cfg.model)
-        serving = Resolved(self._bundle, "") if self._bundle else source.resolve()
-        bundle = self._bundle = serving.bundle
-        self._engine = await self._start_engine(bundle)
-        self._reloader = Reloader(
-            source, serving, policy=cfg.swap_state, metrics=self.metrics, on_swapped=self._describe
-        )
-        self._describe(serving)
+        bundle, engine = await self._start_model()
         producing = cfg.producer_settings()
         durable = self._durable = Durability(
             cfg,
             clients=self._kafka,
-            engine=self._engine,
+            engine=engine,
             metrics=self.metrics,
             clock=self._clock,
             producer_settings=producing,
@@ -291,6 +283,20 @@ class Server:
             on_controls=self._acks.applied,
             reloader=self._reloader,
         )
+
+    async def _start_model(self) -> tuple[Bundle, EngineClient]:
+        """The model ``--model`` names now (its bundle.json alone: the engine child reads the
+        weights, this process never does), the engine serving it, and its reloads."""
+        cfg = self.config
+        source = ModelSource(cfg.model)
+        serving = Resolved(self._bundle, "") if self._bundle else source.resolve()
+        self._bundle = serving.bundle
+        self._engine = await self._start_engine(serving.bundle)
+        self._reloader = Reloader(
+            source, serving, policy=cfg.swap_state, metrics=self.metrics, on_swapped=self._describe
+        )
+        self._describe(serving)
+        return serving.bundle, self._engine
 
     async def _start_engine(self, bundle: Bundle) -> EngineClient:
         """The engine, started, and the metrics that describe it."""

@@ -135,11 +135,7 @@ class ServeConfig:
         if self.changelog_topic is None:
             name = f"{self.group_id}-{self.input_topic}-changelog"
             object.__setattr__(self, "changelog_topic", name)
-        if self.on_model_change is not None:
-            old = {"reset": "reset", "keep-if-compatible": "carry"}.get(self.on_model_change)
-            if old is None:
-                raise ConfigError("on_model_change: must be reset or keep-if-compatible")
-            object.__setattr__(self, "swap_state", old)
+        self._read_on_model_change()
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: must be {' or '.join(allowed)}")
@@ -189,6 +185,15 @@ class ServeConfig:
             raise ConfigError(
                 "output_topic/dlq_topic/changelog_topic: must differ from each other and the input"
             )
+
+    def _read_on_model_change(self) -> None:
+        """The older flag, where given, as the swap_state it meant."""
+        if self.on_model_change is None:
+            return
+        meant = {"reset": "reset", "keep-if-compatible": "carry"}.get(self.on_model_change)
+        if meant is None:
+            raise ConfigError("on_model_change: must be reset or keep-if-compatible")
+        object.__setattr__(self, "swap_state", meant)
 
     def _check_admin(self) -> None:
         if self.admin_port is None:

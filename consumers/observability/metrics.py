@@ -178,21 +178,7 @@ class ServeMetrics:
         )
         registry.register(self.latency_event)
         registry.register(self.latency_receive)
-        self.model_info = Info("streamlstm_model", "The model being served", registry=registry)
-        self.model_reloads = Counter(
-            "streamlstm_model_reloads",
-            "Model reloads by outcome: swapped, unchanged (already served), refused (the "
-            "model served so far goes on)",
-            ["outcome"],
-            registry=registry,
-        )
-        for outcome in ("swapped", "unchanged", "refused"):
-            self.model_reloads.labels(outcome)
-        self.model_swap_seconds = Gauge(
-            "streamlstm_model_swap_seconds",
-            "The last model swap's time in the engine: the new bundle loaded, every state moved",
-            registry=registry,
-        )
+        self._models(registry)
         self.controls = Counter(
             "streamlstm_control_records",
             "Control records (reset, delete) by outcome: applied, or skipped as already applied",
@@ -208,6 +194,24 @@ class ServeMetrics:
             registry=registry,
         )
         self._durability(registry)
+
+    def _models(self, registry: CollectorRegistry) -> None:
+        """The model served, and its reloads (docs/model-reload.md)."""
+        self.model_info = Info("streamlstm_model", "The model being served", registry=registry)
+        self.model_reloads = Counter(
+            "streamlstm_model_reloads",
+            "Model reloads by outcome: swapped, unchanged (already served), refused (the "
+            "model served so far goes on)",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("swapped", "unchanged", "refused"):
+            self.model_reloads.labels(outcome)
+        self.model_swap_seconds = Gauge(
+            "streamlstm_model_swap_seconds",
+            "The last model swap's time in the engine: the new bundle loaded, every state moved",
+            registry=registry,
+        )
 
     def _durability(self, registry: CollectorRegistry) -> None:
         """Checkpoints, restores and transactions (durable state; 0 in memory mode)."""
