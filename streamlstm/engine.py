@@ -4,10 +4,11 @@ A call to ``Engine.step`` takes N ticks of any number of streams. Ticks are
 split into *rounds*: round r holds every stream's (r+1)-th tick of the call, so
 a stream's ticks are applied in order while all streams of a round advance
 together: one recurrent step of the model and its head over the round's
-streams, their (h, c) rows updated in place in the store, through the C
-kernels (``kernels.NativeStep``) or NumPy (``numpy_step.NumpyStep``). Rows
-with bad values are rejected one by one; the rest proceed. No training
-framework is imported: torch serves only as the oracle the tests compare with.
+streams, their state rows (h, and an LSTM's c) updated in place in the store,
+through the C kernels (``kernels.NativeStep``) or NumPy
+(``numpy_step.NumpyStep``). Rows with bad values are rejected one by one; the
+rest proceed. No training framework is imported: torch serves only as the
+oracle the tests compare with.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ class Engine:
         use_native = native_available() if native is None else native
         self.store = StateStore(
             bundle.config.hidden_sizes,
+            cell=bundle.config.cell,
             max_streams=max_streams,
             idle_ttl_s=idle_ttl_s,
             initial_capacity=initial_capacity,
