@@ -71,9 +71,9 @@ def test_anything_else_is_decoded_one_by_one_and_still_exact(odd: str) -> None:
     elif odd == "length":
         states["s3"] = _state(rng, 3, model="longer-model")
     blobs = {s: st.to_bytes() for s, st in states.items()}
-    if odd == "version":  # the first is version 2 (no partition, no model)
+    if odd == "version":  # the first is version 2 (no cell, no partition, no model)
         tail = 6 + len(b"m-\xc3\xa91")
-        blobs["s0"] = blobs["s0"][:4] + bytes([2]) + blobs["s0"][5:-tail]
+        blobs["s0"] = blobs["s0"][:4] + bytes([2]) + blobs["s0"][5:30] + blobs["s0"][31:-tail]
         states["s0"] = StreamState.from_bytes(blobs["s0"])
     joined = StateBlobs.from_dict(blobs)
     if odd == "gap":  # laid out with a byte between records: not one table
