@@ -68,7 +68,7 @@ def scenarios(draw: st.DrawFn) -> dict[str, object]:
 @settings(max_examples=150, deadline=None)
 @given(scenarios())
 def test_engine_equals_oracle_for_any_interleaving(cell: str, case: dict[str, object]) -> None:
-    bundle = bundle_for(case["shape"], case["scaled"], cell)  # type: ignore[arg-type]
+    bundle = bundle_for(case["shape"], case["scaled"], cell)
     ids: list[str] = case["ids"]  # type: ignore[assignment]
     resets: list[bool] = case["resets"]  # type: ignore[assignment]
     ends: list[bool] = case["ends"]  # type: ignore[assignment]
@@ -126,7 +126,7 @@ def journeys(draw: st.DrawFn) -> dict[str, object]:
 def _fitting(ids: list[str], lo: int, hi: int, room: int) -> Iterator[tuple[int, int]]:
     """``lo .. hi`` cut where a part would hold more than ``room`` distinct streams (a
     call may not need more new slots than the store has)."""
-    start, seen = lo, set()
+    start, seen = lo, set[str]()
     for i in range(lo, hi):
         if ids[i] not in seen and len(seen) == room:
             yield start, i
@@ -189,7 +189,7 @@ class _Journey:
 def test_engine_equals_oracle_through_evictions_restores_and_moves(
     cell: str, case: dict[str, object]
 ) -> None:
-    bundle = bundle_for(case["shape"], False, cell)  # type: ignore[arg-type]
+    bundle = bundle_for(case["shape"], False, cell)
     ids: list[str] = case["ids"]  # type: ignore[assignment]
     rng = np.random.default_rng(case["seed"])  # type: ignore[arg-type]
     x = (rng.normal(size=(len(ids), bundle.config.input_size)) * 3).astype(np.float32)
