@@ -3,9 +3,11 @@
  *
  * Why: stepping through nn.LSTM needs the streams' h and c rows gathered into
  * a batch and the new rows scattered back, four extra passes over the state
- * in memory. Here the LSTM cell reads c and writes c and h straight at the
- * streams' slots in the store, and writes the new h where the next matrix
- * product reads it; only the h rows are gathered, into the product's input.
+ * in memory. Here the cell (LSTM, GRU or plain RNN; one product per layer
+ * either way) reads c and writes c and h straight at the streams' slots in
+ * the store (a GRU's or RNN's state is h alone), and writes the new h where
+ * the next matrix product reads it; only the h rows are gathered, into the
+ * product's input.
  * The matrix products are OpenBLAS's cblas_sgemm, from the scipy-openblas32
  * wheel (built to be linked against: its symbols carry a scipy_ prefix, and
  * kernels.py imports the wheel first, which loads the library globally).
@@ -128,22 +130,74 @@ sl_cell_row(const float *g, const float *bias, int64_t hidden, float *c, float *
 }
 
 /*
- * One LSTM cell for n distinct slots: gates [n, 4H], the stores h, c
- * [capacity, H] updated at slots[i], the new h also to out[i, :H] (rows ld
- * apart); on `threads` threads where the batch is worth it.
+ * The GRU cell for one row: g [4H] holds, as LayerWeights.fused lays them out,
+ * r and z (over [x, h]), then the n gate's input part W_in x and hidden part
+ * W_hn h apart; bias [4H] is b_ir + b_hr, b_iz + b_hz, b_in, b_hn. As torch's
+ * nn.GRU: n = tanh(W_in x + b_in + r * (W_hn h + b_hn)), h' = (1 - z) n + z h,
+ * written to h (the store's row, read before it is written) and to o.
  */
-SL_CLONES void sl_lstm_cell(const float *gates, const float *bias, const int64_t *slots, int64_t n,
-                            int64_t hidden, float *hs, float *cs, float *out, int64_t ld,
-                            int threads) {
+static inline __attribute__((always_inline)) void
+sl_gru_row(const float *g, const float *bias, int64_t hidden, float *h, float *o) {
+#pragma omp simd
+    for (int64_t j = 0; j < hidden; j++) {
+        float reset = sl_sigmoid(g[j] + bias[j]);
+        float update = sl_sigmoid(g[hidden + j] + bias[hidden + j]);
+        float n_h = g[3 * hidden + j] + bias[3 * hidden + j];
+        float pre = g[2 * hidden + j] + bias[2 * hidden + j] + reset * n_h;
+        float cand = 2.0f * sl_sigmoid(2.0f * pre) - 1.0f;
+        float hid = (1.0f - update) * cand + update * h[j];
+        h[j] = hid;
+        o[j] = hid;
+    }
+}
+
+/* The plain RNN cell (nn.RNN, tanh) for one row: h' = tanh(g + bias), g [H] being
+ * x W_ih^T + h W_hh^T and bias b_ih + b_hh; to h and o. */
+static inline __attribute__((always_inline)) void
+sl_rnn_row(const float *g, const float *bias, int64_t hidden, float *h, float *o) {
+#pragma omp simd
+    for (int64_t j = 0; j < hidden; j++) {
+        float hid = 2.0f * sl_sigmoid(2.0f * (g[j] + bias[j])) - 1.0f;
+        h[j] = hid;
+        o[j] = hid;
+    }
+}
+
+/* The cells a model's layers are made of (sl_model.cell, kernels._CELLS). */
+enum { SL_CELL_LSTM = 0, SL_CELL_GRU = 1, SL_CELL_RNN = 2 };
+
+/* Columns of a layer's gates: 4H for an LSTM and a GRU (r, z, n_x, n_h), H for an RNN. */
+static inline int64_t sl_gate_width(int64_t cell, int64_t hidden) {
+    return cell == SL_CELL_RNN ? hidden : 4 * hidden;
+}
+
+/* One row of a layer of `cell`: c is the store's c row (an LSTM's; unused otherwise). */
+static inline __attribute__((always_inline)) void
+sl_row(int64_t cell, const float *g, const float *bias, int64_t hidden, float *c, float *h,
+       float *o) {
+    if (cell == SL_CELL_LSTM) sl_cell_row(g, bias, hidden, c, h, o);
+    else if (cell == SL_CELL_GRU) sl_gru_row(g, bias, hidden, h, o);
+    else sl_rnn_row(g, bias, hidden, h, o);
+}
+
+/*
+ * One cell of `cell` for n distinct slots: gates [n, sl_gate_width], the store's
+ * h [capacity, H] (and an LSTM's c; NULL otherwise) updated at slots[i], the new h
+ * also to out[i, :H] (rows ld apart); on `threads` threads where the batch is worth it.
+ */
+SL_CLONES void sl_cell(int64_t cell, const float *gates, const float *bias, const int64_t *slots,
+                       int64_t n, int64_t hidden, float *hs, float *cs, float *out, int64_t ld,
+                       int threads) {
+    int64_t gw = sl_gate_width(cell, hidden);
 #pragma omp parallel for schedule(static) num_threads(threads) \
     if (threads > 1 && n * hidden > SL_PARALLEL_MIN)
     for (int64_t r = 0; r < n; r++) {
         if (r + SL_AHEAD < n) {
-            sl_prefetch_read(cs + slots[r + SL_AHEAD] * hidden, hidden);
+            if (cs != NULL) sl_prefetch_read(cs + slots[r + SL_AHEAD] * hidden, hidden);
             sl_prefetch_write(hs + slots[r + SL_AHEAD] * hidden, hidden);
         }
-        sl_cell_row(gates + r * 4 * hidden, bias, hidden, cs + slots[r] * hidden,
-                    hs + slots[r] * hidden, out + r * ld);
+        sl_row(cell, gates + r * gw, bias, hidden, cs != NULL ? cs + slots[r] * hidden : NULL,
+               hs + slots[r] * hidden, out + r * ld);
     }
 }
 
@@ -155,14 +209,15 @@ typedef struct {
     int64_t layers;
     const int64_t *hidden;         /* H_l */
     const int64_t *widths;         /* F_l + H_l */
-    const float *const *weights;   /* [F_l + H_l, 4 H_l] row-major */
-    const float *const *bias;      /* [4 H_l], b_ih + b_hh */
+    const float *const *weights;   /* [F_l + H_l, sl_gate_width] row-major */
+    const float *const *bias;      /* [sl_gate_width], LayerWeights.fused's */
     int64_t head_layers;           /* 0: no head here, the caller runs it */
     const int64_t *head_widths;    /* each head linear's outputs */
     const float *const *head_weights; /* [in, out] row-major */
     const float *const *head_bias;
     const int64_t *head_act;       /* SL_ACT_* after each linear */
     int64_t per_row;               /* floats of scratch per row of a chunk */
+    int64_t cell;                  /* SL_CELL_*: every layer's */
 } sl_model;
 
 enum { SL_ACT_NONE = 0, SL_ACT_RELU = 1, SL_ACT_TANH = 2, SL_ACT_SIGMOID = 3 };
@@ -232,8 +287,9 @@ sl_chunk(const sl_model *md, float *const *hs, float *const *cs, const int64_t *
     float *gates = xh;
     for (int64_t l = 0; l < layers; l++) gates += rows * md->widths[l];
     for (int64_t l = 0; l < layers; l++) {
-        int64_t hid = md->hidden[l], width = md->widths[l];
-        float *hl = hs[l], *cl = cs[l];
+        int64_t hid = md->hidden[l], width = md->widths[l], cell = md->cell;
+        int64_t gw = sl_gate_width(cell, hid);
+        float *hl = hs[l], *cl = cell == SL_CELL_LSTM ? cs[l] : NULL;
         if (inner)
             sl_gather(hl, ks, m, hid, xh, width, width - hid, l ? NULL : x + start * xw, xw,
                       inner);
@@ -244,21 +300,20 @@ sl_chunk(const sl_model *md, float *const *hs, float *const *cs, const int64_t *
                 if (i + SL_AHEAD < m) sl_prefetch_read(hl + ks[i + SL_AHEAD] * hid, hid);
                 memcpy(xh + i * width + width - hid, hl + ks[i] * hid, (size_t)hid * sizeof(float));
             }
-        sl_mm(gm, (int)(4 * hid), (int)width, xh, (int)width, md->weights[l], gates,
-              (int)(4 * hid));
+        sl_mm(gm, (int)gw, (int)width, xh, (int)width, md->weights[l], gates, (int)gw);
         int last = l + 1 == layers;
         float *next = last ? top + start * hid : xh + rows * width;
         int64_t ld = last ? hid : md->widths[l + 1];
         if (inner)
-            sl_lstm_cell(gates, md->bias[l], ks, m, hid, hl, cl, next, ld, inner);
+            sl_cell(cell, gates, md->bias[l], ks, m, hid, hl, cl, next, ld, inner);
         else
             for (int64_t i = 0; i < m; i++) {
                 if (i + SL_AHEAD < m) {
-                    sl_prefetch_read(cl + ks[i + SL_AHEAD] * hid, hid);
+                    if (cl != NULL) sl_prefetch_read(cl + ks[i + SL_AHEAD] * hid, hid);
                     sl_prefetch_write(hl + ks[i + SL_AHEAD] * hid, hid);
                 }
-                sl_cell_row(gates + i * 4 * hid, md->bias[l], hid, cl + ks[i] * hid,
-                            hl + ks[i] * hid, next + i * ld);
+                sl_row(cell, gates + i * gw, md->bias[l], hid, cl != NULL ? cl + ks[i] * hid : NULL,
+                       hl + ks[i] * hid, next + i * ld);
             }
         xh = next;
     }
@@ -284,7 +339,8 @@ sl_chunk(const sl_model *md, float *const *hs, float *const *cs, const int64_t *
 /*
  * The whole recurrent step and the head, chunk by chunk: each thread takes
  * chunks of at most `chunk` rows and runs every layer on them (gather h, the
- * gate product through a single-threaded cblas_sgemm, the cell), then the head,
+ * gate product through a single-threaded cblas_sgemm, the cell: LSTM, GRU or
+ * RNN, sl_model.cell; only an LSTM has a c to read and write), then the head,
  * before its next chunk.
  *
  * Why: layer by layer over the whole batch, the thread pool forks and joins
@@ -299,7 +355,7 @@ sl_chunk(const sl_model *md, float *const *hs, float *const *cs, const int64_t *
  * [n, H_top] and, with a head, its outputs to y [n, O]; both hold at least
  * SL_MIN_ROWS rows. work holds `threads` scratch areas of rows * md->per_row
  * floats, rows = max(chunk, 2 SL_MIN_ROWS): per layer [rows, F_l + H_l] for
- * [x, h], then the gates [rows, 4 max H], where the head's hidden linears
+ * [x, h], then the gates [rows, max gate width], where the head's hidden linears
  * take turns in two halves. Rows past the end of a chunk of fewer than
  * SL_MIN_ROWS (n < SL_MIN_ROWS, one chunk) are padding: finite leftovers,
  * computed and ignored. A row's result does not depend on its chunk: OpenBLAS's sgemm

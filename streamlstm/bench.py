@@ -3,14 +3,15 @@
 Figures are ratios against baselines timed alternately with the engine in
 one process, because the machines are shared and absolute numbers drift:
 
-* ceiling: a plain ``nn.LSTM`` + head on a ready batch, no state bookkeeping;
+* ceiling: a plain ``nn.LSTM`` (``nn.GRU``, ``nn.RNN``: the model's cell) + head
+  on a ready batch, no state bookkeeping;
 * tutorial: re-running the model over each stream's last 60 ticks, batch 1,
   for every tick (what most hand-written serving code does);
 * roofline: the machine's sgemm peak (a 1024x1024 float32 product through
   NumPy's BLAS on all its threads, timed alternately too) divided by the
-  model's FLOPs per tick (each layer's gate products and the head's linears;
-  the gates' elementwise work is not counted): the rate no implementation
-  could pass.
+  model's FLOPs per tick (each layer's gate products, as many gates as its
+  cell has, and the head's linears; the gates' elementwise work is not
+  counted): the rate no implementation could pass.
 
 The ceiling and the tutorial need torch (the ``train`` extra); without it
 they are left out (``None``) and the engine is still timed against the roofline.
@@ -30,16 +31,16 @@ from typing import Any
 import numpy as np
 
 from streamlstm.bundle import Bundle
-from streamlstm.config import ModelConfig
+from streamlstm.config import ModelConfig, gate_count
 from streamlstm.engine import Engine
-from streamlstm.errors import DependencyError
+from streamlstm.errors import ConfigError, DependencyError
 from streamlstm.kernels import get_num_threads, native_available, step_name
 from streamlstm.optional import require_torch
 from streamlstm.outputs import OutputSpec
 from streamlstm.quality import QualityConfig
 from streamlstm.store import MAX_PAGE_SCAN
 
-__all__ = ["flops_per_tick", "run_engine_bench"]
+__all__ = ["flops_per_tick", "raw_state_bytes", "run_engine_bench"]
 
 TUTORIAL_WINDOW = 60
 
@@ -62,13 +63,15 @@ def _rate(fn: Callable[[], object], items: int, seconds: float) -> float:
 
 
 def _ceiling(config: ModelConfig, batch: int) -> Callable[[], object] | None:
-    """``nn.LSTM`` and the head on a ready batch (None without torch)."""
+    """``nn.LSTM`` (``nn.GRU``, ``nn.RNN``: the config's cell) and the head on a ready
+    batch (None without torch)."""
     try:
-        torch = require_torch("the bench's nn.LSTM ceiling")
+        torch = require_torch("the bench's torch ceiling")
     except DependencyError:
         return None
     nn = torch.nn
-    lstm = nn.LSTM(config.input_size, config.hidden_sizes[0], config.num_layers, batch_first=True)
+    module = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[config.cell]
+    lstm = module(config.input_size, config.hidden_sizes[0], config.num_layers, batch_first=True)
     head = nn.Sequential(
         nn.Dropout(config.dropout),
         nn.Linear(config.hidden_sizes[0], config.head_sizes[0]),
@@ -79,21 +82,24 @@ def _ceiling(config: ModelConfig, batch: int) -> Callable[[], object] | None:
     x = torch.randn(batch, 1, config.input_size)
     h = torch.randn(config.num_layers, batch, config.hidden_sizes[0]) * 0.1
     c = torch.randn(config.num_layers, batch, config.hidden_sizes[0]) * 0.1
+    state = (h, c) if config.keeps_c else h
 
     def run() -> object:
         with torch.inference_mode():
-            out, _ = lstm(x, (h, c))
+            out, _ = lstm(x, state)
             return head(out)
 
     return run
 
 
 def flops_per_tick(config: ModelConfig) -> int:
-    """Multiply-add FLOPs (2 per MAC) of one tick: every layer's ``[4H, I + H]`` gate
-    product, then the head's linears down to the outputs."""
+    """Multiply-add FLOPs (2 per MAC) of one tick: every layer's ``[GH, I + H]`` gate
+    product (``G`` gates: 4 for an LSTM, 3 for a GRU, 1 for an RNN; a GRU's fused
+    product also multiplies zero blocks, not counted), then the head's linears."""
     flops, width = 0, config.input_size
+    gates = gate_count(config.cell)
     for hidden in config.hidden_sizes:
-        flops += 2 * 4 * hidden * (width + hidden)
+        flops += 2 * gates * hidden * (width + hidden)
         width = hidden
     for size in (*config.head_sizes, config.output_size):
         flops += 2 * width * size
@@ -156,12 +162,12 @@ def _tick_order(streams: int, count: int, order: str, rng: np.random.Generator) 
     return out[:count]
 
 
-def bench_bundle(seed: int = 0) -> Bundle:
-    """The benches' model: the default shape, random weights, forecasting its one input
-    (so the live quality figures are measured, as for a served forecaster: realized
-    errors, persistence, input drift against the training statistics it carries)."""
+def bench_bundle(seed: int = 0, cell: str = "lstm") -> Bundle:
+    """The benches' model: the default shape of ``cell``, random weights, forecasting its
+    one input (so the live quality figures are measured, as for a served forecaster:
+    realized errors, persistence, input drift against the training statistics it carries)."""
     return Bundle.random(
-        ModelConfig(input_size=1),
+        ModelConfig(input_size=1, cell=cell),
         seed=seed,
         outputs=OutputSpec(target_feature=0),
         training={"inputs": {"mean": [0.0], "std": [1.0]}},
@@ -228,7 +234,7 @@ def _streams_row(
 ) -> dict[str, Any]:
     """One row of ``run_engine_bench``: the engine at ``streams`` streams beside its
     baselines, timed in turns."""
-    raw = 2 * 4 * sum(bundle.config.hidden_sizes)
+    raw = raw_state_bytes(bundle.config)
     flops = flops_per_tick(bundle.config)
     _progress(f"{streams} streams: filling state, then timing engine and ceiling alternately")
     engine, one_batch = _engine_run(bundle, streams, batch, "shuffled", rng)
@@ -306,13 +312,17 @@ def run_engine_bench(
     rss_streams: int = 1_000_000,
     seed: int = 0,
     model: str | None = None,
+    cell: str | None = None,
 ) -> dict[str, Any]:
-    """Engine ticks/s of the default model's shape (random weights), or of the
-    bundle at ``model`` (its score and flag computed on every tick, as served)."""
-    bundle = Bundle.load(model) if model else bench_bundle(seed)
+    """Engine ticks/s of the default model's shape (random weights) of ``cell`` (LSTM
+    where None), or of the bundle at ``model`` (its score and flag computed on every
+    tick, as served; ``cell``, where given, must be the bundle's)."""
+    bundle = Bundle.load(model) if model else bench_bundle(seed, cell or "lstm")
     config = bundle.config
+    if cell is not None and cell != config.cell:
+        raise ConfigError(f"cell: the bundle at {model} is a {config.cell.upper()}, not {cell}")
     rng = np.random.default_rng(seed)
-    raw = 2 * 4 * sum(config.hidden_sizes)
+    raw = raw_state_bytes(config)
     ceiling = _ceiling(config, batch)
     sgemm = _sgemm()
     flops = flops_per_tick(config)
@@ -335,6 +345,7 @@ def run_engine_bench(
     spec = bundle.outputs
     result: dict[str, Any] = {
         "model": config.to_dict(),
+        "cell": config.cell,
         "bundle": model,
         "score": (
             None
@@ -353,13 +364,19 @@ def run_engine_bench(
     }
     if rss_streams:
         _progress(f"peak RSS with {rss_streams} streams (separate process)")
-        result["rss"] = _measure_rss(rss_streams, batch)
+        result["rss"] = _measure_rss(rss_streams, batch, config.cell)
     return result
 
 
-def _measure_rss(streams: int, batch: int) -> dict[str, Any]:
+def raw_state_bytes(config: ModelConfig) -> int:
+    """Bytes of one stream's recurrent state, float32: ``h`` and ``c`` per LSTM layer,
+    ``h`` alone per GRU or RNN layer."""
+    return (2 if config.keeps_c else 1) * 4 * sum(config.hidden_sizes)
+
+
+def _measure_rss(streams: int, batch: int, cell: str) -> dict[str, Any]:
     proc = subprocess.run(
-        [sys.executable, "-m", "streamlstm.bench", "rss", str(streams), str(batch)],
+        [sys.executable, "-m", "streamlstm.bench", "rss", str(streams), str(batch), cell],
         check=True,
         capture_output=True,
         text=True,
@@ -368,9 +385,9 @@ def _measure_rss(streams: int, batch: int) -> dict[str, Any]:
     return data
 
 
-def _rss_child(streams: int, batch: int) -> None:
-    """Fill ``streams`` streams of the default model; print peak RSS as JSON."""
-    config = ModelConfig(input_size=1)
+def _rss_child(streams: int, batch: int, cell: str) -> None:
+    """Fill ``streams`` streams of the default model of ``cell``; print peak RSS as JSON."""
+    config = ModelConfig(input_size=1, cell=cell)
     bundle = Bundle.random(config, seed=0)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     engine = Engine(bundle, max_streams=streams)
@@ -402,14 +419,16 @@ def _fmt(value: float | None, spec: str, width: int = 0) -> str:
 
 def format_engine_bench(result: dict[str, Any]) -> str:
     lines = [
-        f"model: input {result['model']['input_size']}, hidden {result['model']['hidden_sizes']}, "
+        f"model: {result.get('cell', 'lstm').upper()}, input {result['model']['input_size']}, "
+        f"hidden {result['model']['hidden_sizes']}, "
         f"head {result['model']['head_sizes']}; batch {result['batch']}; "
         f"threads {result['threads']}; recurrent step: {result['recurrent_step']}",
         f"bundle: {result.get('bundle') or 'random weights'}; anomaly score: "
         f"{result.get('score') or 'none'}",
         "tutorial recompute (60-tick window, batch 1): "
         f"{_fmt(result['tutorial_ticks_per_s'], ',.0f')} ticks/s",
-        f"raw h+c bytes per stream: {result['raw_state_bytes_per_stream']}; "
+        f"raw state bytes per stream ({'h+c' if result.get('cell', 'lstm') == 'lstm' else 'h'}): "
+        f"{result['raw_state_bytes_per_stream']}; "
         f"{result['flops_per_tick']:,} FLOPs per tick (roofline: sgemm peak / that)",
         "ticks in shuffled passes over all streams; 'iid x ceil': each tick's stream drawn "
         "independently (bursty); 'x no-qual': over the engine without live quality figures",
@@ -452,7 +471,9 @@ def format_engine_bench(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "rss":
-        _rss_child(int(sys.argv[2]), int(sys.argv[3]))
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "rss":
+        _rss_child(
+            int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] if len(sys.argv) == 5 else "lstm"
+        )
     else:
-        sys.exit("usage: python -m streamlstm.bench rss STREAMS BATCH")
+        sys.exit("usage: python -m streamlstm.bench rss STREAMS BATCH [CELL]")

@@ -62,7 +62,9 @@ def _usage() -> str:
 def bench_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="streamlstm bench")
     sub = parser.add_subparsers(dest="target", required=True)
-    engine = sub.add_parser("engine", help="engine ticks/s against a plain nn.LSTM and recompute")
+    engine = sub.add_parser(
+        "engine", help="engine ticks/s against a plain nn.LSTM (GRU, RNN) and recompute"
+    )
     engine.add_argument("--streams", default="1000,10000,100000", help="comma-separated counts")
     engine.add_argument("--batch", type=int, default=1024)
     engine.add_argument("--seconds", type=float, default=1.0, help="per timed block")
@@ -70,6 +72,11 @@ def bench_main(argv: Sequence[str]) -> int:
     engine.add_argument("--rss-streams", type=int, default=1_000_000, help="0 skips the RSS run")
     engine.add_argument("--json", action="store_true", help="print one JSON object")
     engine.add_argument("--model", help="bundle directory to bench (default: random weights)")
+    engine.add_argument(
+        "--cell",
+        choices=("lstm", "gru", "rnn"),
+        help="the random model's cell, its ceiling nn.LSTM, nn.GRU or nn.RNN (default lstm)",
+    )
     sub.add_parser("kafka", help="end-to-end through a broker (see streamlstm bench kafka -h)")
     if argv and argv[0] == "kafka":
         return _run_module("streamlstm.consumers.devtools.bench", list(argv[1:]))
@@ -84,6 +91,7 @@ def bench_main(argv: Sequence[str]) -> int:
         repeats=args.repeats,
         rss_streams=args.rss_streams,
         model=args.model,
+        cell=args.cell,
     )
     print(json.dumps(result) if args.json else format_engine_bench(result))
     return 0

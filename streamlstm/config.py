@@ -9,19 +9,32 @@ from typing import Any
 
 from streamlstm.errors import ConfigError
 
-__all__ = ["ModelConfig"]
+__all__ = ["CELLS", "ModelConfig", "gate_count"]
 
 _ACTIVATIONS = ("relu", "tanh", "sigmoid", "linear")
+
+#: The recurrent cells a model may be made of (all its layers one cell): torch's
+#: ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` (tanh).
+CELLS = ("lstm", "gru", "rnn")
+
+
+def gate_count(cell: str) -> int:
+    """Gate blocks of a layer's ``weight_ih``/``weight_hh`` rows, as torch stacks them:
+    4 for an LSTM (i, f, g, o), 3 for a GRU (r, z, n), 1 for a plain RNN."""
+    return {"lstm": 4, "gru": 3, "rnn": 1}[cell]
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Shape of a stacked-LSTM model with an MLP head.
+    """Shape of a stacked recurrent model with an MLP head.
 
-    ``hidden_sizes`` lists one hidden size per LSTM layer (the Keras tutorial
-    model is ``(128, 64)``); ``head_sizes`` lists the hidden widths of the MLP
-    head between the top LSTM layer and the ``output_size`` outputs. ``dropout``
-    applies between LSTM layers and at the start of the head, in training only.
+    ``cell`` is the recurrent cell of every layer: ``"lstm"`` (``nn.LSTM``, the
+    default), ``"gru"`` (``nn.GRU``) or ``"rnn"`` (``nn.RNN`` with tanh); a GRU or
+    RNN stream keeps ``h`` alone, half an LSTM's state. ``hidden_sizes`` lists one
+    hidden size per recurrent layer (the Keras tutorial model is ``(128, 64)``);
+    ``head_sizes`` lists the hidden widths of the MLP head between the top layer
+    and the ``output_size`` outputs. ``dropout`` applies between recurrent layers
+    and at the start of the head, in training only.
     """
 
     input_size: int = 1
@@ -31,6 +44,7 @@ class ModelConfig:
     dropout: float = 0.2
     head_activation: str = "relu"
     bidirectional: bool = False
+    cell: str = "lstm"
 
     def __post_init__(self) -> None:
         # Accept lists from JSON and callers; store tuples so the config hashes.
@@ -39,7 +53,7 @@ class ModelConfig:
         _positive_int("input_size", self.input_size)
         _positive_int("output_size", self.output_size)
         if not self.hidden_sizes:
-            raise ConfigError("hidden_sizes: at least one LSTM layer is required")
+            raise ConfigError("hidden_sizes: at least one recurrent layer is required")
         for i, size in enumerate(self.hidden_sizes):
             _positive_int(f"hidden_sizes[{i}]", size)
         for i, size in enumerate(self.head_sizes):
@@ -56,6 +70,8 @@ class ModelConfig:
                 f"head_activation: must be one of {', '.join(_ACTIVATIONS)}, "
                 f"got {self.head_activation!r}"
             )
+        if self.cell not in CELLS:
+            raise ConfigError(f"cell: must be one of {', '.join(CELLS)}, got {self.cell!r}")
         if self.bidirectional:
             raise ConfigError(
                 "bidirectional: a bidirectional LSTM cannot stream. Its backward direction "
@@ -67,8 +83,17 @@ class ModelConfig:
     def num_layers(self) -> int:
         return len(self.hidden_sizes)
 
+    @property
+    def keeps_c(self) -> bool:
+        """Whether a stream's state holds ``c`` besides ``h`` (an LSTM's does)."""
+        return self.cell == "lstm"
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The config as bundle.json holds it. ``cell`` is written for a GRU or RNN only:
+        a bundle without it is an LSTM's, so an LSTM bundle reads as before in a
+        streamlstm that knows no cells (one that does not refuses a GRU's, naming
+        the field)."""
+        out: dict[str, Any] = {
             "input_size": self.input_size,
             "hidden_sizes": list(self.hidden_sizes),
             "head_sizes": list(self.head_sizes),
@@ -76,6 +101,9 @@ class ModelConfig:
             "dropout": self.dropout,
             "head_activation": self.head_activation,
         }
+        if self.cell != "lstm":
+            out["cell"] = self.cell
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:

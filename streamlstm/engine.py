@@ -4,10 +4,11 @@ A call to ``Engine.step`` takes N ticks of any number of streams. Ticks are
 split into *rounds*: round r holds every stream's (r+1)-th tick of the call, so
 a stream's ticks are applied in order while all streams of a round advance
 together: one recurrent step of the model and its head over the round's
-streams, their (h, c) rows updated in place in the store, through the C
-kernels (``kernels.NativeStep``) or NumPy (``numpy_step.NumpyStep``). Rows
-with bad values are rejected one by one; the rest proceed. No training
-framework is imported: torch serves only as the oracle the tests compare with.
+streams, their state rows (h, and an LSTM's c) updated in place in the store,
+through the C kernels (``kernels.NativeStep``) or NumPy
+(``numpy_step.NumpyStep``). Rows with bad values are rejected one by one; the
+rest proceed. No training framework is imported: torch serves only as the
+oracle the tests compare with.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from streamlstm.results import F32, F64, I64, Bools, EngineStats, Rejection, Ste
 from streamlstm.scoring import Scoring
 from streamlstm.store import Eviction, StateStore
 from streamlstm.stream_view import StreamView
+from streamlstm.swap_policy import same_state_layout
 from streamlstm.tick_checks import bool_column, column, validate_ticks
 
 __all__ = ["Engine", "EngineStats", "Rejection", "StepResult"]
@@ -121,6 +123,7 @@ class Engine:
         use_native = native_available() if native is None else native
         self.store = StateStore(
             bundle.config.hidden_sizes,
+            cell=bundle.config.cell,
             max_streams=max_streams,
             idle_ttl_s=idle_ttl_s,
             initial_capacity=initial_capacity,
@@ -189,10 +192,11 @@ class Engine:
                 f"model: the new model takes {bundle.config.input_size} inputs, the served "
                 f"one {old.input_size}; a model with other inputs needs a restart"
             )
-        if carry and bundle.config.hidden_sizes != old.hidden_sizes:
+        if carry and not same_state_layout(old, bundle.config):
             raise ConfigError(
-                f"model: cannot carry states of layer sizes {list(old.hidden_sizes)} into a "
-                f"model of {list(bundle.config.hidden_sizes)}; swap with reset"
+                f"model: cannot carry the states of a {old.cell.upper()} of layer sizes "
+                f"{list(old.hidden_sizes)} into a {bundle.config.cell.upper()} of "
+                f"{list(bundle.config.hidden_sizes)}; swap with reset"
             )
         arrays = self.store.arrays()
         if not carry:  # zero state of the new model's layer sizes
@@ -201,9 +205,10 @@ class Engine:
             arrays = replace(
                 arrays,
                 h=zeros,
-                c=[z.copy() for z in zeros],
+                c=[z.copy() for z in zeros] if bundle.config.cell == "lstm" else [],
                 step=np.zeros(n, np.int64),
                 extra=np.zeros((n, 0)),
+                cell=bundle.config.cell,
             )
         fresh = Engine(
             bundle,

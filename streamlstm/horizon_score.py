@@ -28,7 +28,7 @@ training part (or the stream's own recent past), larger where the series
 stops behaving like it.
 
 Per-stream state, one float64 row in the state store's ``extra`` columns (so
-it is reset, evicted, snapshotted and restored with ``(h, c)``): for each of
+it is reset, evicted, snapshotted and restored with the recurrent state): for each of
 the next ``H`` ticks, the weighted sums ``sum_k w_k f`` and ``sum_k w_k f**2``
 of the forecasts made for it so far (``w_k = 1 / scale[k] ** 2``), then each
 stage's mean, how many raw scores they hold, and (with a baseline) the slow

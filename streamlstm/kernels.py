@@ -5,12 +5,15 @@ every stream's ``h`` and ``c`` rows into a batch and a scatter of the new rows
 back: four passes over state that, at 10k streams, no longer sits in cache.
 Here the whole step and the head are one C call (``sl_step``) that runs every
 layer and the head chunk by chunk of rows: only ``h`` is gathered, straight
-into the input of the layer's one matrix product (``[x, h] @ [W_ih, W_hh]^T``,
-OpenBLAS's ``cblas_sgemm`` from the ``scipy-openblas32`` wheel, linked through
-its public C API); the C cell then reads ``c`` and writes ``c`` and ``h`` in
-place at the streams' slots, and the new ``h`` into the next layer's input.
-Results agree with ``nn.LSTM`` to float32 rounding (the parity tests check
-the engine on every path against the ``nn.LSTM`` oracle).
+into the input of the layer's one matrix product (``[x, h] @ W``, W from
+``LayerWeights.fused``: ``[W_ih, W_hh]^T`` for an LSTM or RNN, a GRU's four
+blocks ``r, z, n_x, n_h``; OpenBLAS's ``cblas_sgemm`` from the
+``scipy-openblas32`` wheel, linked through its public C API); the C cell
+(LSTM, GRU or RNN) then reads an LSTM's ``c`` and writes ``c`` and ``h`` in
+place at the streams' slots (a GRU's or RNN's state is ``h`` alone), and the
+new ``h`` into the next layer's input. Results agree with torch's
+``nn.LSTM``/``nn.GRU``/``nn.RNN`` to float32 rounding (the parity tests check
+the engine on every path against the torch oracle).
 
 No training framework is imported here: weights are NumPy arrays
 (``weights.ModelWeights``).
@@ -195,11 +198,15 @@ class _Model(ctypes.Structure):
         ("head_bias", _P),
         ("head_act", _P),
         ("per_row", _N),
+        ("cell", _N),
     ]
 
 
 #: The head's activations as ``sl_step`` names them (``SL_ACT_*``).
 _ACTIVATIONS = {"": 0, "relu": 1, "tanh": 2, "sigmoid": 3}
+
+#: The cells as ``sl_step`` names them (``SL_CELL_*``).
+_CELLS = {"lstm": 0, "gru": 1, "rnn": 2}
 
 F32 = npt.NDArray[np.float32]
 
@@ -216,8 +223,9 @@ class NativeStep:
     """One recurrent step and the head of a model for distinct slots, state updated
     in place: one C call over chunks of rows (``sl_step``, see there why).
 
-    Holds per layer the fused weights ``[F + H, 4H]`` and bias ``[4H]``, and each
-    head linear's weight ``[in, out]`` (contiguous copies made once).
+    Holds per layer the fused weights ``[F + H, K]`` and bias ``[K]``
+    (``LayerWeights.fused``: ``K`` is ``4H`` for an LSTM or GRU, ``H`` for an RNN),
+    and each head linear's weight ``[in, out]`` (contiguous copies made once).
     ``chunk``: rows per chunk (0: the whole batch as one chunk, on one thread).
     """
 
@@ -228,7 +236,9 @@ class NativeStep:
         if lib is None:
             raise ConfigError("native: the C kernels are not built")
         self._lib = lib
+        self._cell = weights.config.cell
         fused = [layer.fused() for layer in weights.layers]
+        gate_widths = [layer.fused_width for layer in weights.layers]
         self._weights = [w for w, _ in fused]
         self._bias = [b for _, b in fused]
         self._hidden = [layer.hidden_size for layer in weights.layers]
@@ -257,10 +267,10 @@ class NativeStep:
         ]
         k = [ctypes.cast(a, _P) for a in self._keep]
         # Scratch per row: [x, h] of every layer, then the gates or two head activations.
-        per_row = sum(self._widths) + max([4 * max(self._hidden)] + [2 * w for w in head_widths])
+        per_row = sum(self._widths) + max([max(gate_widths)] + [2 * w for w in head_widths])
         self._model = _Model(
             len(self._hidden), k[0], k[1], k[2], k[3],
-            len(self._head_w), k[4], k[5], k[6], k[7], per_row,
+            len(self._head_w), k[4], k[5], k[6], k[7], per_row, _CELLS[self._cell],
         )  # fmt: skip
 
     def _grow(self, rows: int) -> None:
@@ -272,8 +282,9 @@ class NativeStep:
         """Step ``x [n, F]`` (scaled) for distinct ``slots [n]`` of the stores ``h``, ``c``.
 
         ``h[l]``, ``c[l]`` are the store's C-contiguous float32 ``[capacity, H_l]``
-        arrays, updated at ``slots``. Returns the head's outputs ``[n, O]``, a
-        view of a buffer the next call overwrites.
+        arrays, updated at ``slots`` (``c`` empty for a GRU or RNN, whose state is
+        ``h`` alone). Returns the head's outputs ``[n, O]``, a view of a buffer the
+        next call overwrites.
         """
         n = int(slots.size)
         rows = max(n, MIN_ROWS)
@@ -287,6 +298,11 @@ class NativeStep:
         need = threads * chunk * self._model.per_row
         if self._work.size < need:
             self._work = np.zeros(max(need, 2 * self._work.size), dtype=np.float32)
+        if len(h) != len(self._hidden) or len(c) != (len(h) if self._cell == "lstm" else 0):
+            raise ConfigError(
+                f"state: {len(h)} h and {len(c)} c arrays for {len(self._hidden)} "
+                f"{self._cell.upper()} layers"
+            )
         for layer in (*h, *c):
             if not (layer.dtype == np.float32 and layer.flags.c_contiguous):
                 raise ConfigError("state: h and c must be C-contiguous float32 arrays")

@@ -1,12 +1,14 @@
 """The recurrent step and the head in NumPy, for where the C kernels are not built.
 
 Same arithmetic as the C step (``kernels.NativeStep``): per layer one product
-``[x, h] @ [W_ih, W_hh]^T`` plus ``b_ih + b_hh``, the LSTM cell in float32,
-new ``h`` and ``c`` written back at the streams' slots; then the head. The
-answers agree with the C step and with ``nn.LSTM`` to float32 rounding (the
-parity tests run every path against the ``nn.LSTM`` oracle). Slower: NumPy
-gathers ``h`` and ``c`` into a batch and scatters them back, and each gate
-is a separate pass over memory.
+``[x, h] @ W`` plus the bias (``LayerWeights.fused``: ``[W_ih, W_hh]^T`` and
+``b_ih + b_hh`` for an LSTM or RNN; a GRU's ``r``, ``z``, ``n_x``, ``n_h``
+blocks), the cell in float32, the new ``h`` (and an LSTM's ``c``) written
+back at the streams' slots; then the head. The answers agree with the C step
+and with torch's ``nn.LSTM``/``nn.GRU``/``nn.RNN`` to float32 rounding (the
+parity tests run every path against the torch oracle). Slower: NumPy gathers
+the state into a batch and scatters it back, and each gate is a separate
+pass over memory.
 """
 
 from __future__ import annotations
@@ -58,18 +60,43 @@ class NumpyStep:
     def __init__(self, weights: ModelWeights) -> None:
         self._layers = [layer.fused() for layer in weights.layers]
         self._head = weights.head
+        self._cell = weights.config.cell
 
     def __call__(self, h: Sequence[F32], c: Sequence[F32], slots: I64, x: F32) -> F32:
         """Step ``x [n, F]`` (scaled) for distinct ``slots [n]`` of the store's ``h``, ``c``
-        (``[capacity, H_l]`` float32 per layer, updated at ``slots``); returns ``[n, O]``."""
+        (``[capacity, H_l]`` float32 per layer, updated at ``slots``; ``c`` empty for a
+        GRU or RNN); returns ``[n, O]``."""
         inp = np.asarray(x, dtype=np.float32)
-        for (weight, bias), h_l, c_l in zip(self._layers, h, c, strict=True):
-            gates = np.concatenate([inp, h_l[slots]], axis=1) @ weight
+        for layer, (weight, bias) in enumerate(self._layers):
+            h_l = h[layer]
+            h_old = h_l[slots]
+            gates = np.concatenate([inp, h_old], axis=1) @ weight
             gates += bias
-            i, f, g, o = np.split(gates, 4, axis=1)
-            c_new = _sigmoid(f) * c_l[slots] + _sigmoid(i) * np.tanh(g)
-            h_new = _sigmoid(o) * np.tanh(c_new)
-            c_l[slots] = c_new
+            if self._cell == "lstm":
+                h_new = _lstm_cell(gates, c[layer], slots)
+            elif self._cell == "gru":
+                h_new = _gru_cell(gates, h_old)
+            else:
+                h_new = np.tanh(gates)
             h_l[slots] = h_new
             inp = h_new
         return run_head(self._head, inp)
+
+
+def _lstm_cell(gates: F32, c_l: F32, slots: I64) -> F32:
+    """Gates (i, f, g, o) with their bias: ``c`` updated at ``slots``; the new ``h``."""
+    i, f, g, o = np.split(gates, 4, axis=1)
+    c_new = _sigmoid(f) * c_l[slots] + _sigmoid(i) * np.tanh(g)
+    c_l[slots] = c_new
+    h_new: F32 = _sigmoid(o) * np.tanh(c_new)
+    return h_new
+
+
+def _gru_cell(gates: F32, h_old: F32) -> F32:
+    """Blocks (r, z, n_x, n_h) with their bias, as torch's ``nn.GRU``:
+    ``n = tanh(n_x + r * n_h)``, ``h' = (1 - z) * n + z * h``."""
+    r, z, n_x, n_h = np.split(gates, 4, axis=1)
+    z = _sigmoid(z)
+    n = np.tanh(n_x + _sigmoid(r) * n_h)
+    h_new: F32 = (np.float32(1.0) - z) * n + z * h_old
+    return h_new

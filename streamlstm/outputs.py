@@ -10,7 +10,7 @@ The anomaly score of a forecasting model compares each tick's target value
 with the forecast made ``horizon`` ticks earlier: the residual, normalised
 per stream by an exponentially weighted mean and variance (a z-score). Its
 per-stream state lives in the state store's ``extra`` columns, so it is reset,
-evicted, snapshotted and restored together with ``(h, c)``. A model that
+evicted, snapshotted and restored together with the recurrent state. A model that
 forecasts its next ``H`` values instead carries ``score_scale`` and is scored by
 ``horizon_score.HorizonScore`` (each tick judged by all forecasts made for it).
 

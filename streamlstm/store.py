@@ -1,7 +1,9 @@
 """Per-stream recurrent state: pre-allocated arrays, a slot map, LRU and TTL.
 
-Layout: for every LSTM layer ``l`` one ``h`` and one ``c`` float32 array of shape
-``[capacity, H_l]``; a stream owns one row (a *slot*) in all of them. Small
+Layout: for every recurrent layer ``l`` one ``h`` float32 array of shape
+``[capacity, H_l]``, and for an LSTM's layers one ``c`` array as well (a GRU or
+RNN keeps no ``c``: ``c`` is an empty list, half the bytes); a stream owns one
+row (a *slot*) in all of them. Small
 per-slot arrays hold the step count since reset, the input partition and
 offset of the last tick applied (the engine skips a tick its state already
 reflects), the last time the stream was seen (TTL) and a use counter (LRU);
@@ -25,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from streamlstm.changes import Changes
+from streamlstm.config import CELLS
 from streamlstm.errors import ConfigError, StateError
 from streamlstm.kernels import native_available, slot_map
 from streamlstm.stream_state import StateArrays, StreamState, encode_many
@@ -57,6 +60,8 @@ class Eviction:
 class StateStore:
     """In-memory store of every active stream's recurrent state.
 
+    ``cell`` is the model's recurrent cell (``ModelConfig.cell``): an LSTM's
+    streams hold ``h`` and ``c`` per layer, a GRU's or RNN's ``h`` alone.
     ``native`` picks the id -> slot map (``kernels.slot_map``): the C one,
     a dict, or the C one where it is built (``None``). Not thread-safe: one
     engine owns one store, and one thread steps it.
@@ -66,6 +71,7 @@ class StateStore:
         self,
         hidden_sizes: Sequence[int],
         *,
+        cell: str = "lstm",
         max_streams: int,
         idle_ttl_s: float | None = None,
         initial_capacity: int = 1024,
@@ -80,12 +86,19 @@ class StateStore:
             isinstance(idle_ttl_s, int | float) and math.isfinite(idle_ttl_s) and idle_ttl_s > 0
         ):
             raise ConfigError(f"idle_ttl_s: must be a positive number or None, got {idle_ttl_s!r}")
+        if cell not in CELLS:
+            raise ConfigError(f"cell: must be one of {', '.join(CELLS)}, got {cell!r}")
         self.hidden_sizes = tuple(hidden_sizes)
+        self.cell = cell
         self.max_streams = max_streams
         self.idle_ttl_s = None if idle_ttl_s is None else float(idle_ttl_s)
         cap = max(1, min(initial_capacity, max_streams))
         self.h = [np.zeros((cap, size), dtype=np.float32) for size in self.hidden_sizes]
-        self.c = [np.zeros((cap, size), dtype=np.float32) for size in self.hidden_sizes]
+        #: An LSTM's ``c`` per layer; empty for a GRU or RNN (their state is ``h`` alone).
+        self.c = [
+            np.zeros((cap, size), dtype=np.float32)
+            for size in (self.hidden_sizes if cell == "lstm" else ())
+        ]
         self.steps: I64 = np.zeros(cap, dtype=np.int64)
         self.offsets: I64 = np.full(cap, -1, dtype=np.int64)
         #: The input partition of the ticks each slot's state reflects (-1: unknown; a
@@ -201,8 +214,8 @@ class StateStore:
         return [s for s in (self._owner[i] for i in slots) if s is not None]
 
     def raw_bytes_per_stream(self) -> int:
-        """Bytes of ``h`` and ``c`` one stream needs, float32, all layers."""
-        return 2 * 4 * sum(self.hidden_sizes)
+        """Bytes of ``h`` (and an LSTM's ``c``) one stream needs, float32, all layers."""
+        return (2 if self.c else 1) * 4 * sum(self.hidden_sizes)
 
     def memory_bytes(self) -> int:
         """Everything this store holds: state arrays, per-slot arrays, the id map, the ids.
@@ -317,6 +330,7 @@ class StateStore:
             extra=self.extra[slots],
             partition=np.asarray(partitions, dtype=np.int64),
             model=model,
+            cell=self.cell,
         )
 
     def arrays(self) -> StateArrays:
@@ -333,6 +347,7 @@ class StateStore:
             last_seen=self.last_seen[slots],
             extra=self.extra[slots],
             models=[""] * len(ids),
+            cell=self.cell,
         )
 
     def take_over(self, old: StateStore, states: StateArrays) -> None:
@@ -358,8 +373,14 @@ class StateStore:
         ids = states.ids
         if not ids:
             return []
+        if states.cell != self.cell:
+            raise StateError(
+                f"states are of a {states.cell.upper()} model, this model's cell is "
+                f"{self.cell.upper()}: a state of one cell means nothing to another"
+            )
         sizes = tuple(h.shape[1] for h in states.h)
-        if sizes != self.hidden_sizes or tuple(c.shape[1] for c in states.c) != sizes:
+        c_sizes = tuple(c.shape[1] for c in states.c)
+        if sizes != self.hidden_sizes or c_sizes != tuple(a.shape[1] for a in self.c):
             raise StateError(
                 f"states have layer sizes {list(sizes)}, this model has {list(self.hidden_sizes)}"
             )
@@ -373,7 +394,8 @@ class StateStore:
         # The columns may be strided, unaligned views of a restore's buffer (decode_many).
         for layer in range(len(self.hidden_sizes)):
             self.h[layer][slots] = states.h[layer]
-            self.c[layer][slots] = states.c[layer]
+        for layer, c in enumerate(self.c):
+            c[slots] = states.c[layer]
         self.steps[slots] = states.step
         self.offsets[slots] = states.offset
         # -1 where a record says less (nothing valid is below it; partition_counts
@@ -499,6 +521,7 @@ class StateStore:
                 last_seen=float(self.last_seen[slot]),
                 extra=tuple(self.extra[slot].tolist()),
                 partition=int(self.partitions[slot]),
+                cell=self.cell,
             )
             for i, slot in enumerate(slots.tolist())
         ]

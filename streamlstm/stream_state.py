@@ -2,10 +2,11 @@
 
 The bytes are what the changelog topic holds (see docs/durability.md,
 "Durable state"): little-endian, a magic and a format version first, so a
-newer reader takes older states. Version 3: header (magic, version, layers,
-step, offset, last_seen), each layer's size, then ``h`` and ``c`` per layer
-(float32), the extra per-stream numbers (float64), the input partition and
-the model's fingerprint.
+newer reader takes older states. Version 4: header (magic, version, layers,
+step, offset, last_seen), the cell (one byte: 0 LSTM, 1 GRU, 2 RNN), each
+layer's size, then per layer ``h`` and, for an LSTM, ``c`` (float32), the
+extra per-stream numbers (float64), the input partition and the model's
+fingerprint. Versions 1 to 3 have no cell byte and are LSTM states.
 """
 
 from __future__ import annotations
@@ -19,13 +20,27 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from streamlstm.config import CELLS
 from streamlstm.errors import StateError
 
 __all__ = ["StateArrays", "StateBlobs", "StreamState", "decode_many", "encode_many"]
 
 _MAGIC = b"SLST"
-_FORMAT_VERSION = 3  # 3 appends partition and model; 2 the extra columns; 1, 2 still read
+# 4 adds the cell byte (a GRU's or RNN's state has no c); 3 appends partition and
+# model; 2 the extra columns; 1 to 3 still read, as LSTM states.
+_FORMAT_VERSION = 4
 _HEADER = struct.Struct("<4sBBqqd")
+#: Versions a restore reads as a table (``decode_many``): with partition and model.
+_TABLE_VERSIONS = (3, _FORMAT_VERSION)
+
+
+def _sizes_at(version: int) -> int:
+    """Where the layer sizes start: after the header and (version 4 on) the cell byte."""
+    return _HEADER.size + (1 if version >= 4 else 0)
+
+
+def _cell_code(cell: str) -> int:
+    return CELLS.index(cell)
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,7 +53,9 @@ class StreamState:
     engine's other per-stream numbers (the anomaly score's running state);
     ``partition`` is the input partition of the ticks it reflects (-1 when
     unknown) and ``model`` the fingerprint of the model that made it (the
-    bundle's ``model_id``; empty when unknown).
+    bundle's ``model_id``; empty when unknown). ``cell`` is the model's
+    recurrent cell (``ModelConfig.cell``): an LSTM's state has a ``c`` per
+    layer, a GRU's or RNN's none (``c == ()``).
     """
 
     h: tuple[npt.NDArray[np.float32], ...]
@@ -49,17 +66,28 @@ class StreamState:
     extra: tuple[float, ...] = ()
     partition: int = -1
     model: str = ""
+    cell: str = "lstm"
+
+    def __post_init__(self) -> None:
+        if self.cell not in CELLS:
+            raise StateError(f"state: cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
+        if len(self.c) != (len(self.h) if self.cell == "lstm" else 0):
+            raise StateError(
+                f"state: {len(self.h)} h and {len(self.c)} c layers for a "
+                f"{self.cell.upper()} (an LSTM keeps one c a layer, a GRU or RNN none)"
+            )
 
     def to_bytes(self) -> bytes:
         parts = [
             _HEADER.pack(
                 _MAGIC, _FORMAT_VERSION, len(self.h), self.step, self.offset, self.last_seen
             ),
-            struct.pack(f"<{len(self.h)}I", *(h.size for h in self.h)),
+            struct.pack(f"<B{len(self.h)}I", _cell_code(self.cell), *(h.size for h in self.h)),
         ]
-        for h, c in zip(self.h, self.c, strict=True):
+        for layer, h in enumerate(self.h):
             parts.append(np.asarray(h, dtype="<f4").tobytes())
-            parts.append(np.asarray(c, dtype="<f4").tobytes())
+            if self.c:
+                parts.append(np.asarray(self.c[layer], dtype="<f4").tobytes())
         parts.append(struct.pack("<I", len(self.extra)))
         parts.append(np.asarray(self.extra, dtype="<f8").tobytes())
         model = self.model.encode()
@@ -71,12 +99,18 @@ class StreamState:
     def from_bytes(cls, data: bytes) -> StreamState:
         try:
             magic, version, layers, step, offset, last_seen = _HEADER.unpack_from(data, 0)
-            if magic != _MAGIC or version not in (1, 2, _FORMAT_VERSION):
+            if magic != _MAGIC or version not in (1, 2, 3, _FORMAT_VERSION):
                 raise StateError(f"state bytes: bad magic or version ({magic!r}, {version})")
-            pos = _HEADER.size
+            pos, cell = _HEADER.size, "lstm"
+            if version >= 4:
+                (code,) = struct.unpack_from("<B", data, pos)
+                if code >= len(CELLS):
+                    raise StateError(f"state bytes: unknown cell {code}")
+                pos, cell = pos + 1, CELLS[code]
+            keeps_c = cell == "lstm"
             sizes = struct.unpack_from(f"<{layers}I", data, pos)
             pos += 4 * layers
-            expected = pos + sum(8 * s for s in sizes)
+            expected = pos + sum((8 if keeps_c else 4) * s for s in sizes)
             if version >= 2:
                 (count,) = struct.unpack_from("<I", data, expected)
                 expected += 4 + 8 * count
@@ -92,8 +126,9 @@ class StreamState:
             for size in sizes:
                 hs.append(np.frombuffer(data, dtype="<f4", count=size, offset=pos).copy())
                 pos += 4 * size
-                cs.append(np.frombuffer(data, dtype="<f4", count=size, offset=pos).copy())
-                pos += 4 * size
+                if keeps_c:
+                    cs.append(np.frombuffer(data, dtype="<f4", count=size, offset=pos).copy())
+                    pos += 4 * size
             extra: tuple[float, ...] = ()
             if version >= 2:
                 (count,) = struct.unpack_from("<I", data, pos)
@@ -111,14 +146,16 @@ class StreamState:
             extra=extra,
             partition=partition,
             model=model,
+            cell=cell,
         )
 
 
 @dataclass(frozen=True, eq=False)
 class StateArrays:
-    """Many streams' states as columns: row i is stream ``ids[i]``.
+    """Many streams' states as columns: row i is stream ``ids[i]``; all of one ``cell``.
 
-    ``h[l]`` and ``c[l]`` are float32 ``[N, H_l]``; ``extra`` float64 ``[N, E]``.
+    ``h[l]`` and ``c[l]`` are float32 ``[N, H_l]`` (no ``c`` for a GRU or RNN);
+    ``extra`` float64 ``[N, E]``.
     """
 
     ids: list[str]
@@ -130,12 +167,18 @@ class StateArrays:
     last_seen: npt.NDArray[np.float64]
     extra: npt.NDArray[np.float64]
     models: list[str]
+    cell: str = "lstm"
 
     @classmethod
     def from_states(cls, states: dict[str, StreamState]) -> StateArrays:
+        """The states as columns; ``StateError`` where they are of more than one cell."""
         ids = list(states)
         values = [states[s] for s in ids]
+        cells = sorted({v.cell for v in values})
+        if len(cells) > 1:
+            raise StateError(f"states of more than one cell ({', '.join(cells)}) in one restore")
         layers = len(values[0].h) if values else 0
+        c_layers = len(values[0].c) if values else 0
         width = max((len(v.extra) for v in values), default=0)
         extra = np.zeros((len(ids), width))
         for i, v in enumerate(values):
@@ -143,13 +186,14 @@ class StateArrays:
         return cls(
             ids=ids,
             h=[np.stack([v.h[k] for v in values]) for k in range(layers)],
-            c=[np.stack([v.c[k] for v in values]) for k in range(layers)],
+            c=[np.stack([v.c[k] for v in values]) for k in range(c_layers)],
             step=np.array([v.step for v in values], dtype=np.int64),
             offset=np.array([v.offset for v in values], dtype=np.int64),
             partition=np.array([v.partition for v in values], dtype=np.int64),
             last_seen=np.array([v.last_seen for v in values], dtype=np.float64),
             extra=extra,
             models=[v.model for v in values],
+            cell=cells[0] if cells else "lstm",
         )
 
 
@@ -208,7 +252,8 @@ def decode_many(blobs: Mapping[str, bytes] | StateBlobs) -> StateArrays:
             except StateError as exc:
                 raise StateError(f"stream {stream!r}: {exc}") from exc
         return StateArrays.from_states(states)
-    template = StreamState.from_bytes(blobs.blob(0))
+    first = blobs.blob(0)
+    template = StreamState.from_bytes(first)
     n, size = table.shape
 
     def column(start: int, dtype: str, count: int) -> npt.NDArray[Any]:
@@ -217,13 +262,14 @@ def decode_many(blobs: Mapping[str, bytes] | StateBlobs) -> StateArrays:
         kind = np.dtype(dtype)
         return np.ndarray((n, count), kind, table, start, (size, kind.itemsize))
 
-    pos = 30 + 4 * len(template.h)
+    pos = _sizes_at(first[4]) + 4 * len(template.h)
     hs, cs = [], []
     for h in template.h:
         hs.append(column(pos, "<f4", h.size))
         pos += 4 * h.size
-        cs.append(column(pos, "<f4", h.size))
-        pos += 4 * h.size
+        if template.c:
+            cs.append(column(pos, "<f4", h.size))
+            pos += 4 * h.size
     count = len(template.extra)
     return StateArrays(
         ids=ids,
@@ -235,20 +281,21 @@ def decode_many(blobs: Mapping[str, bytes] | StateBlobs) -> StateArrays:
         last_seen=column(22, "<f8", 1)[:, 0],
         extra=column(pos + 4, "<f8", count) if count else np.zeros((n, 0)),
         models=[template.model] * n,
+        cell=template.cell,
     )
 
 
 def _table(blobs: StateBlobs) -> npt.NDArray[np.uint8] | None:
     """The states as rows of one table (a view where they lie end to end), or None unless
-    they share one layout: one length, the current version, the same layer sizes,
-    extras, partition and model."""
+    they share one layout: one length, one version of ``_TABLE_VERSIONS`` (3's are an
+    LSTM's), the same cell, layer sizes, extras, partition and model."""
     first = blobs.blob(0)
     try:
         template = StreamState.from_bytes(first)
     except StateError as exc:
         raise StateError(f"stream {blobs.ids[0]!r}: {exc}") from exc
     n, size = len(blobs.ids), len(first)
-    if first[4] != _FORMAT_VERSION or not (blobs.ends - blobs.starts == size).all():
+    if first[4] not in _TABLE_VERSIONS or not (blobs.ends - blobs.starts == size).all():
         return None
     start = int(blobs.starts[0])
     if np.array_equal(blobs.starts, start + size * np.arange(n, dtype=np.int64)):
@@ -260,7 +307,7 @@ def _table(blobs: StateBlobs) -> npt.NDArray[np.uint8] | None:
     tail = 4 + 8 * len(template.extra) + ends
     for lo, hi in (
         (0, 6),  # magic, version, layer count
-        (30, 30 + 4 * layers),  # layer sizes
+        (_HEADER.size, _sizes_at(first[4]) + 4 * layers),  # cell (version 4) and layer sizes
         (size - tail, size - tail + 4),  # extra count
         (size - ends, size),  # partition and model
     ):
@@ -279,10 +326,12 @@ def encode_many(
     extra: npt.NDArray[np.float64],
     partition: npt.NDArray[np.int64],
     model: str,
+    cell: str = "lstm",
 ) -> list[bytes]:
     """``StreamState(...).to_bytes()`` of N streams at once, byte for byte.
 
-    ``h[l]``/``c[l]`` are ``[N, H_l]``, ``extra`` ``[N, E]``, the rest ``[N]``.
+    ``h[l]``/``c[l]`` are ``[N, H_l]`` (``c`` empty for a GRU or RNN), ``extra``
+    ``[N, E]``, the rest ``[N]``.
     One packed record array holds every state (a checkpoint of 10k streams
     built one ``StreamState`` at a time cost the engine child ~15% of its
     time); each stream's bytes are then one slice of it.
@@ -296,10 +345,15 @@ def encode_many(
         ("step", "<i8"),
         ("offset", "<i8"),
         ("last_seen", "<f8"),
+        ("cell", "u1"),
         ("sizes", "<u4", (len(h),)),
     ]
-    for layer, (hl, cl) in enumerate(zip(h, c, strict=True)):
-        fields += [(f"h{layer}", "<f4", (hl.shape[1],)), (f"c{layer}", "<f4", (cl.shape[1],))]
+    if len(c) != (len(h) if cell == "lstm" else 0):
+        raise StateError(f"state: {len(h)} h and {len(c)} c layers for a {cell.upper()}")
+    for layer, hl in enumerate(h):
+        fields.append((f"h{layer}", "<f4", (hl.shape[1],)))
+        if c:
+            fields.append((f"c{layer}", "<f4", (c[layer].shape[1],)))
     fields.append(("count", "<u4"))
     # No field for what has no bytes (no extra columns, no model name).
     if extra.shape[1]:
@@ -315,9 +369,11 @@ def encode_many(
     table["step"] = step
     table["offset"] = offset
     table["last_seen"] = last_seen
+    table["cell"] = _cell_code(cell)
     table["sizes"] = [hl.shape[1] for hl in h]
-    for layer, (hl, cl) in enumerate(zip(h, c, strict=True)):
+    for layer, hl in enumerate(h):
         table[f"h{layer}"] = hl
+    for layer, cl in enumerate(c):
         table[f"c{layer}"] = cl
     table["count"] = extra.shape[1]
     if extra.shape[1]:

@@ -37,7 +37,8 @@ class StreamView:
     state: StreamState | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict (``state``: ``h``, ``c`` per layer and ``extra``, where held);
+        """A JSON-ready dict (``state``: the cell, ``h`` and ``c`` per layer, no ``c`` for
+        a GRU or RNN, and ``extra``, where held);
         a number that is not finite (a diverged state) is null: JSON has no NaN."""
         out: dict[str, Any] = {
             "stream": self.stream,
@@ -52,6 +53,7 @@ class StreamView:
         }
         if self.state is not None:
             out["state"] = {
+                "cell": self.state.cell,
                 "h": [[*map(_finite, h.tolist())] for h in self.state.h],
                 "c": [[*map(_finite, c.tolist())] for c in self.state.c],
                 "extra": [*map(_finite, self.state.extra)],

@@ -9,12 +9,20 @@ carried again from its changelog record, one that was reset is reset again.
 
 from __future__ import annotations
 
-__all__ = ["SWAP_POLICIES", "carries_state", "model_name"]
+from streamlstm.config import ModelConfig
+
+__all__ = ["SWAP_POLICIES", "carries_state", "model_name", "same_state_layout"]
 
 #: ``auto``: carry where the new model is a retrain of the same model (the same
-#: bundle ``name``, the same layer sizes), else reset; ``carry``: carry wherever the
+#: bundle ``name``, the same cell and layer sizes), else reset; ``carry``: carry wherever the
 #: layer sizes allow; ``reset``: every stream starts again from zero state.
 SWAP_POLICIES = ("auto", "carry", "reset")
+
+
+def same_state_layout(old: ModelConfig, new: ModelConfig) -> bool:
+    """Whether ``new`` can read a state ``old`` wrote: the same cell, the same layer sizes
+    (what ``compatible`` means below; whether it *should* is the policy's question)."""
+    return old.cell == new.cell and old.hidden_sizes == new.hidden_sizes
 
 
 def model_name(model_id: str) -> str:

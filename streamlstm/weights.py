@@ -4,10 +4,12 @@ The names and shapes are those of ``StreamLSTM.state_dict()`` (the torch
 module that training and the offline oracle use), so a bundle's
 ``model.safetensors`` reads and writes the same either way:
 
-- ``lstm.{g}.weight_ih_l{j}`` ``[4H, F]``, ``lstm.{g}.weight_hh_l{j}`` ``[4H, H]``,
-  ``lstm.{g}.bias_ih_l{j}`` / ``bias_hh_l{j}`` ``[4H]`` for layer ``j`` of
-  layer group ``g`` (consecutive layers of one hidden size), gate order
-  (i, f, g, o) as in ``nn.LSTM``;
+- ``lstm.{g}.weight_ih_l{j}`` ``[GH, F]``, ``lstm.{g}.weight_hh_l{j}`` ``[GH, H]``,
+  ``lstm.{g}.bias_ih_l{j}`` / ``bias_hh_l{j}`` ``[GH]`` for layer ``j`` of
+  layer group ``g`` (consecutive layers of one hidden size), ``G`` gate blocks
+  in torch's order: 4 for an LSTM (i, f, g, o, ``nn.LSTM``), 3 for a GRU
+  (r, z, n, ``nn.GRU``), 1 for a plain RNN (``nn.RNN``). The module list is
+  named ``lstm`` whatever the cell, so LSTM bundles read as they always did;
 - ``head.{k}.weight`` ``[out, in]`` and ``head.{k}.bias`` ``[out]`` for the
   head's linears, where ``k`` is the linear's index in the head's
   ``nn.Sequential`` (dropout first, then linear and activation pairs).
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from streamlstm.config import ModelConfig
+from streamlstm.config import ModelConfig, gate_count
 from streamlstm.errors import ConfigError
 
 __all__ = ["HeadLinear", "LayerGroup", "LayerWeights", "ModelWeights", "layer_groups"]
@@ -51,22 +53,49 @@ def layer_groups(hidden_sizes: Sequence[int]) -> tuple[LayerGroup, ...]:
 
 @dataclass(frozen=True, eq=False)
 class LayerWeights:
-    """One LSTM layer: ``w_ih [4H, F]``, ``w_hh [4H, H]``, ``b_ih [4H]``, ``b_hh [4H]``."""
+    """One recurrent layer of ``cell``: ``w_ih [GH, F]``, ``w_hh [GH, H]``, ``b_ih [GH]``,
+    ``b_hh [GH]`` (``G`` gate blocks, ``config.gate_count``)."""
 
     w_ih: F32
     w_hh: F32
     b_ih: F32
     b_hh: F32
+    cell: str = "lstm"
 
     @property
     def hidden_size(self) -> int:
         return int(self.w_hh.shape[1])
 
+    @property
+    def fused_width(self) -> int:
+        """Columns of ``fused()``'s weight: ``4H`` for an LSTM and a GRU, ``H`` for an RNN."""
+        return (1 if self.cell == "rnn" else 4) * self.hidden_size
+
     def fused(self) -> tuple[F32, F32]:
-        """``([W_ih, W_hh]^T [F + H, 4H], b_ih + b_hh [4H])``, contiguous: one product
-        ``[x, h] @ W`` gives a step's gates."""
-        weight = np.ascontiguousarray(np.concatenate([self.w_ih, self.w_hh], axis=1).T)
-        return weight, np.ascontiguousarray(self.b_ih + self.b_hh)
+        """``(W [F + H, K], bias [K])``, contiguous: one product ``[x, h] @ W`` plus
+        ``bias`` gives a step's gate sums, ``K = fused_width`` columns.
+
+        LSTM and RNN: ``W = [W_ih, W_hh]^T``, ``bias = b_ih + b_hh`` (gates i, f, g,
+        o; the RNN's one block). GRU: four blocks of ``H`` columns, ``r``, ``z``,
+        ``n_x``, ``n_h``: ``r`` and ``z`` over ``[x, h]`` with ``b_i* + b_h*``, then
+        the ``n`` gate's input part ``W_in x + b_in`` (zero rows for ``h``) and its
+        hidden part ``W_hn h + b_hn`` (zero rows for ``x``) apart, because ``r``
+        multiplies the hidden part alone: ``n = tanh(n_x + r * n_h)``. The zero
+        blocks cost the product ``H (F + H)`` multiply-adds of its ``4H (F + H)``;
+        in return a GRU layer is one product, as an LSTM's is.
+        """
+        hidden, inputs = self.hidden_size, int(self.w_ih.shape[1])
+        stacked = np.concatenate([self.w_ih, self.w_hh], axis=1)
+        if self.cell != "gru":
+            return np.ascontiguousarray(stacked.T), np.ascontiguousarray(self.b_ih + self.b_hh)
+        rz = slice(0, 2 * hidden)
+        n = slice(2 * hidden, 3 * hidden)
+        weight = np.zeros((4 * hidden, inputs + hidden), dtype=np.float32)
+        weight[rz] = stacked[rz]
+        weight[n, :inputs] = self.w_ih[n]
+        weight[3 * hidden :, inputs:] = self.w_hh[n]
+        bias = np.concatenate([self.b_ih[rz] + self.b_hh[rz], self.b_ih[n], self.b_hh[n]])
+        return np.ascontiguousarray(weight.T), np.ascontiguousarray(bias, dtype=np.float32)
 
 
 @dataclass(frozen=True, eq=False)
@@ -109,7 +138,7 @@ class ModelWeights:
         self.config = config
         self.tensors: Mapping[str, F32] = arrays
         self.layers = tuple(
-            LayerWeights(*(arrays[f"{prefix}_l{j}"] for prefix in _lstm_prefixes(g)))
+            _layer(arrays, g, j, config.cell)
             for g, group in enumerate(layer_groups(config.hidden_sizes))
             for j in range(group.count)
         )
@@ -126,18 +155,24 @@ class ModelWeights:
 
     @classmethod
     def random(cls, config: ModelConfig, seed: int = 0) -> ModelWeights:
-        """Weights drawn as ``nn.LSTM``/``nn.Linear`` initialise theirs (uniform in
-        ``±1/sqrt(fan)``), from NumPy's generator: not torch's numbers."""
+        """Weights drawn as ``nn.LSTM``/``nn.GRU``/``nn.RNN``/``nn.Linear`` initialise
+        theirs (uniform in ``±1/sqrt(fan)``), from NumPy's generator: not torch's numbers."""
         rng = np.random.default_rng(seed)
         tensors: dict[str, F32] = {}
+        gates = gate_count(config.cell)
         for key, shape in expected_shapes(config).items():
             if key.startswith("lstm"):
-                fan = shape[1] if "weight_hh" in key else shape[0] // 4
+                fan = shape[1] if "weight_hh" in key else shape[0] // gates
             else:
                 fan = _head_fan_in(config, key)
             bound = 1.0 / np.sqrt(fan)
             tensors[key] = rng.uniform(-bound, bound, size=shape).astype(np.float32)
         return cls(config, tensors)
+
+
+def _layer(arrays: Mapping[str, F32], group: int, j: int, cell: str) -> LayerWeights:
+    w_ih, w_hh, b_ih, b_hh = (arrays[f"{prefix}_l{j}"] for prefix in _lstm_prefixes(group))
+    return LayerWeights(w_ih, w_hh, b_ih, b_hh, cell)
 
 
 def _lstm_prefixes(group: int) -> tuple[str, ...]:
@@ -162,14 +197,15 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of a model of ``config``: its ``state_dict`` name and shape."""
     shapes: dict[str, tuple[int, ...]] = {}
     width = config.input_size
+    gates = gate_count(config.cell)
     for g, group in enumerate(layer_groups(config.hidden_sizes)):
         hidden = group.hidden_size
         for j in range(group.count):
             w_ih, w_hh, b_ih, b_hh = (f"{p}_l{j}" for p in _lstm_prefixes(g))
-            shapes[w_ih] = (4 * hidden, width if j == 0 else hidden)
-            shapes[w_hh] = (4 * hidden, hidden)
-            shapes[b_ih] = (4 * hidden,)
-            shapes[b_hh] = (4 * hidden,)
+            shapes[w_ih] = (gates * hidden, width if j == 0 else hidden)
+            shapes[w_hh] = (gates * hidden, hidden)
+            shapes[b_ih] = (gates * hidden,)
+            shapes[b_hh] = (gates * hidden,)
         width = hidden
     outs = [*config.head_sizes, config.output_size]
     for name, out in zip(_head_names(config), outs, strict=True):

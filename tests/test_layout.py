@@ -80,12 +80,12 @@ SCREEN_LINES = 60
 #: Functions known to be longer, each at most as long as it is now: they may only
 #: shrink, and leave this list once they fit. New code gets no entry.
 TOO_LONG = {
-    "training/train.py:_fit": 112,
+    "training/train.py:_fit": 109,
     "consumers/observability/metrics.py:__init__": 66,
-    "training/cli.py:_train": 85,
+    "training/cli.py:_train": 80,
     "consumers/codec/poll.py:decode_poll": 78,
     "consumers/devtools/bench.py:main": 71,
-    "training/cli.py:_import": 70,
+    "training/cli.py:_import": 62,
     "training/evaluation.py:evaluate": 69,
     "training/keras_import.py:import_keras": 62,
     "training/keras_import.py:_keras_layers": 62,

@@ -85,16 +85,7 @@ def _import(argv: list[str]) -> int:
         description="Turn a model trained with PyTorch or Keras into a bundle the engine serves.",
     )
     sub = parser.add_subparsers(dest="framework", required=True)
-    torch_p = sub.add_parser("torch", help="a state_dict of an nn.LSTM `lstm` + Linear head `fc`")
-    torch_p.add_argument("--state-dict", required=True, help=".pth file (read weights_only)")
-    torch_p.add_argument("--lstm-prefix", default="lstm", help="name of the nn.LSTM (lstm)")
-    torch_p.add_argument("--head-prefix", default="fc", help="name of the head (fc)")
-    torch_p.add_argument(
-        "--head-activation",
-        default="relu",
-        choices=("relu", "tanh", "sigmoid", "linear"),
-        help="activation between the head's Linear layers (relu)",
-    )
+    torch_p = _torch_import_arguments(sub)
     keras_p = sub.add_parser("keras", help="a Keras 3 .keras file of LSTM then Dense layers")
     keras_p.add_argument("file", help=".keras file")
     for p in (torch_p, keras_p):
@@ -138,18 +129,47 @@ def _import(argv: list[str]) -> int:
             head_prefix=args.head_prefix,
             head_activation=args.head_activation,
             name=args.name,
+            cell=args.cell,
         )
     else:
         bundle = import_keras(args.file, scaler=scaler, name=args.name)
     bundle.save(args.out)
     config = bundle.config
     print(
-        f"imported {args.framework} model: input {config.input_size}, LSTM "
+        f"imported {args.framework} model: input {config.input_size}, {config.cell.upper()} "
         f"{list(config.hidden_sizes)}, head {list(config.head_sizes)} -> {config.output_size} "
         f"({bundle.outputs.activation}); scaling: "
         f"{'min/max' if bundle.input_scaler else 'none'}; saved {args.out}"
     )
     return 0
+
+
+def _torch_import_arguments(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """``import torch``'s own options."""
+    torch_p: argparse.ArgumentParser = sub.add_parser(
+        "torch", help="a state_dict of an nn.LSTM (nn.GRU, nn.RNN) `lstm` + Linear head `fc`"
+    )
+    torch_p.add_argument("--state-dict", required=True, help=".pth file (read weights_only)")
+    torch_p.add_argument(
+        "--lstm-prefix",
+        help="name of the nn.LSTM, nn.GRU or nn.RNN (default: the first of lstm, gru, rnn)",
+    )
+    torch_p.add_argument(
+        "--cell",
+        default="auto",
+        choices=("auto", "lstm", "gru", "rnn"),
+        help="the recurrent cell (auto: read from the weights' shapes; an nn.RNN must be tanh)",
+    )
+    torch_p.add_argument("--head-prefix", default="fc", help="name of the head (fc)")
+    torch_p.add_argument(
+        "--head-activation",
+        default="relu",
+        choices=("relu", "tanh", "sigmoid", "linear"),
+        help="activation between the head's Linear layers (relu)",
+    )
+    return torch_p
 
 
 def _score_arguments(parser: argparse.ArgumentParser) -> None:
@@ -200,6 +220,23 @@ def _score_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: ``train``'s numeric options: flag, type, default.
+_TRAIN_NUMBERS: tuple[tuple[str, type[int] | type[float], float], ...] = (
+    ("seq-len", int, 60),
+    ("hidden-size", int, 128),
+    ("num-layers", int, 2),
+    ("dropout", float, 0.2),
+    ("lr", float, 1e-3),
+    ("batch-size", int, 32),
+    ("epochs", int, 50),
+    ("clip-norm", float, 1.0),
+    ("patience", int, 10),
+    ("horizon", int, 1),
+    ("seed", int, 0),
+    ("threads", int, 1),
+)
+
+
 def _train(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="streamlstm train")
     _data_arguments(parser)
@@ -213,20 +250,14 @@ def _train(argv: list[str]) -> int:
         help="diff: learn the change (for series that trend past their training range); "
         "auto (default): diff when the target is a feature and trends in the training part",
     )
-    for name, kind, default in (
-        ("seq-len", int, 60),
-        ("hidden-size", int, 128),
-        ("num-layers", int, 2),
-        ("dropout", float, 0.2),
-        ("lr", float, 1e-3),
-        ("batch-size", int, 32),
-        ("epochs", int, 50),
-        ("clip-norm", float, 1.0),
-        ("patience", int, 10),
-        ("horizon", int, 1),
-        ("seed", int, 0),
-        ("threads", int, 1),
-    ):
+    parser.add_argument(
+        "--cell",
+        choices=("lstm", "gru", "rnn"),
+        default="lstm",
+        help="every layer's recurrent cell: nn.LSTM, nn.GRU or nn.RNN (tanh); a GRU's or "
+        "RNN's streams keep h alone, half an LSTM's state (default lstm)",
+    )
+    for name, kind, default in _TRAIN_NUMBERS:
         parser.add_argument(f"--{name}", type=kind, default=default, help=f"(default {default})")
     _score_arguments(parser)
     parser.add_argument("--device", default="auto")
@@ -245,6 +276,7 @@ def _train(argv: list[str]) -> int:
         stream_column=args.stream_column,
         mode=args.mode,
         seq_len=args.seq_len,
+        cell=args.cell,
         hidden_size=args.hidden_size,
         num_layers=args.num_layers,
         dropout=args.dropout,

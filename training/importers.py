@@ -1,13 +1,19 @@
-"""Importing LSTMs trained elsewhere: a PyTorch state dict here, a Keras 3 file in ``keras_import``.
+"""Importing models trained elsewhere: a PyTorch state dict (an ``nn.LSTM``, ``nn.GRU`` or
+``nn.RNN`` and a Linear head) here, a Keras 3 LSTM file in ``keras_import``.
 
 Neither path unpickles anything: the state dict is read with
-``torch.load(weights_only=True)``; the Keras file is a zip whose
-``config.json`` gives the layer stack and whose ``model.weights.h5`` is read
-with h5py (TensorFlow is never needed).
+``torch.load(weights_only=True)`` (or taken from a module or a dict of
+tensors in memory); the Keras file is a zip whose ``config.json`` gives the
+layer stack and whose ``model.weights.h5`` is read with h5py (TensorFlow is
+never needed).
 
-Both frameworks use the gate order (input, forget, cell, output), so an LSTM
-layer moves over as ``w_ih = kernel.T``, ``w_hh = recurrent_kernel.T``,
-``b_ih = bias``, ``b_hh = 0`` (Keras has one bias; PyTorch adds two).
+A PyTorch layer moves over as it is: streamlstm's layers are torch's own
+modules, with torch's gate order (an LSTM's i, f, g, o; a GRU's r, z, n). The
+cell is read from the shapes (``weight_ih`` has 4, 3 or 1 blocks of the
+hidden size). Both frameworks use the LSTM gate order (input, forget, cell,
+output), so a Keras LSTM layer moves over as ``w_ih = kernel.T``, ``w_hh =
+recurrent_kernel.T``, ``b_ih = bias``, ``b_hh = 0`` (Keras has one bias;
+PyTorch adds two).
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from streamlstm import Affine, Bundle, ModelConfig, OutputSpec, StreamLSTM
+from streamlstm.config import CELLS, gate_count
 from streamlstm.errors import BundleError, ConfigError, InputError
 from streamlstm.model import LSTMWeights
 from streamlstm.training.data import numeric_columns, read_table
@@ -31,6 +39,9 @@ from streamlstm.training.data import numeric_columns, read_table
 __all__ = ["ScalerSource", "assemble_bundle", "import_torch"]
 
 HEAD_ACTIVATIONS = {"relu", "tanh", "sigmoid", "linear"}
+
+#: The recurrent layer's name tried where none is given, in turn.
+RECURRENT_PREFIXES = ("lstm", "gru", "rnn")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,21 +105,83 @@ class ScalerSource:
 
 
 def import_torch(
-    path: str | Path,
+    source: str | Path | Mapping[str, torch.Tensor] | nn.Module,
     *,
     scaler: ScalerSource | None = None,
-    lstm_prefix: str = "lstm",
+    lstm_prefix: str | None = None,
     head_prefix: str = "fc",
     head_activation: str = "relu",
     name: str | None = None,
+    cell: str = "auto",
 ) -> Bundle:
-    """A bundle from a tutorial model's ``state_dict`` (``lstm`` + ``fc`` head).
+    """A bundle from a tutorial model's ``state_dict`` (a recurrent layer + ``fc`` head).
 
-    The LSTM's layer count and sizes and the head's widths are read from the
-    tensor shapes; the head's hidden activation cannot be (a state dict holds
-    no activations) and defaults to the tutorial's ReLU.
+    ``source`` is a ``.pth`` file of the state dict, the dict itself, or the
+    module. The recurrent layer is the one named ``lstm_prefix`` (default: the
+    first of ``lstm``, ``gru``, ``rnn`` present). Its cell (``auto``: read
+    from the shapes; or ``lstm``, ``gru``, ``rnn``, checked against them),
+    layer count and sizes and the head's widths are read from the tensors;
+    the head's hidden activation cannot be (a state dict holds no
+    activations) and defaults to the tutorial's ReLU. A state dict cannot tell
+    an ``nn.RNN``'s tanh from ReLU either: only tanh is served, and a module
+    with a ReLU ``nn.RNN`` is refused.
     """
-    file = Path(path)
+    tensors, label, stem = _torch_source(source)
+    if head_activation not in HEAD_ACTIVATIONS:
+        raise ConfigError(
+            f"head_activation: must be one of {', '.join(sorted(HEAD_ACTIVATIONS))}, "
+            f"got {head_activation!r}"
+        )
+    prefix = lstm_prefix or next(
+        (p for p in RECURRENT_PREFIXES if any(k.startswith(f"{p}.") for k in tensors)), "lstm"
+    )
+    rnn_keys = {k for k in tensors if k.startswith(f"{prefix}.")}
+    if not rnn_keys:
+        raise BundleError(
+            f"{label}: no tensors named {prefix}.* (it has {', '.join(sorted(tensors))}); "
+            "pass --lstm-prefix with the name of the model's nn.LSTM (nn.GRU, nn.RNN)"
+        )
+    if any(k.endswith("_reverse") for k in rnn_keys):
+        ModelConfig(bidirectional=True)  # raises the error that says why it cannot stream
+    if any("weight_hr" in k for k in rnn_keys):
+        raise ConfigError("lstm: LSTMs with proj_size are not supported")
+    cell, layers = _torch_layers(tensors, prefix, cell, label)
+    linears = _torch_head(tensors, head_prefix, label)
+    used = rnn_keys | {k for k in tensors if k.startswith(f"{head_prefix}.")}
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise BundleError(
+            f"{label}: tensors outside {prefix} and {head_prefix}: {', '.join(extra)}; "
+            "only an LSTM, GRU or RNN followed by a Linear head can be imported"
+        )
+    config = ModelConfig(
+        cell=cell,
+        input_size=int(layers[0][0].shape[1]),
+        hidden_sizes=tuple(int(w_hh.shape[1]) for _, w_hh, _, _ in layers),
+        head_sizes=tuple(int(w.shape[0]) for w, _ in linears[:-1]),
+        output_size=int(linears[-1][0].shape[0]),
+        head_activation=head_activation,
+    )
+    return assemble_bundle(config, layers, linears, scaler, name or stem, {"source": "torch"})
+
+
+def _torch_source(
+    source: str | Path | Mapping[str, torch.Tensor] | nn.Module,
+) -> tuple[dict[str, torch.Tensor], str, str]:
+    """The tensors of ``source`` (a file, a state dict or a module), what to call it in
+    errors, and the model's default name."""
+    if isinstance(source, nn.Module):
+        for module in source.modules():
+            if isinstance(module, nn.RNN) and module.nonlinearity != "tanh":
+                raise ConfigError(
+                    f"rnn: nn.RNN with nonlinearity={module.nonlinearity!r} is not supported "
+                    "(only tanh, nn.RNN's default)"
+                )
+        kind = type(source).__name__
+        return _state_dict(source.state_dict(), kind), kind, kind.lower()
+    if isinstance(source, Mapping):
+        return _state_dict(source, "state dict"), "state dict", "model"
+    file = Path(source)
     if not file.is_file():
         raise BundleError(f"state dict {str(file)!r} does not exist")
     try:
@@ -118,47 +191,39 @@ def import_torch(
             f"{file.name}: not a plain state dict ({str(exc).splitlines()[0]}). streamlstm "
             "never unpickles model objects; save it with torch.save(model.state_dict(), path)"
         ) from exc
-    tensors = _state_dict(loaded, file.name)
-    if head_activation not in HEAD_ACTIVATIONS:
-        raise ConfigError(
-            f"head_activation: must be one of {', '.join(sorted(HEAD_ACTIVATIONS))}, "
-            f"got {head_activation!r}"
-        )
-    lstm_keys = {k for k in tensors if k.startswith(f"{lstm_prefix}.")}
-    if not lstm_keys:
-        raise BundleError(
-            f"{file.name}: no tensors named {lstm_prefix}.* (it has {', '.join(sorted(tensors))}); "
-            "pass --lstm-prefix with the name of the model's nn.LSTM"
-        )
-    if any(k.endswith("_reverse") for k in lstm_keys):
-        ModelConfig(bidirectional=True)  # raises the error that says why it cannot stream
-    if any("weight_hr" in k for k in lstm_keys):
-        raise ConfigError("lstm: LSTMs with proj_size are not supported")
+    return _state_dict(loaded, file.name), file.name, file.stem
+
+
+def _torch_layers(
+    tensors: Mapping[str, torch.Tensor], prefix: str, cell: str, label: str
+) -> tuple[str, list[LSTMWeights]]:
+    """The recurrent layers under ``prefix``, bottom up, and their cell: read from the
+    shapes (``weight_ih`` rows per hidden unit: 4 LSTM, 3 GRU, 1 RNN), or ``cell``
+    checked against them."""
+    if cell != "auto" and cell not in CELLS:
+        raise ConfigError(f"cell: must be auto or one of {', '.join(CELLS)}, got {cell!r}")
     layers: list[LSTMWeights] = []
-    while f"{lstm_prefix}.weight_ih_l{len(layers)}" in tensors:
+    while f"{prefix}.weight_ih_l{len(layers)}" in tensors:
         k = len(layers)
-        w_ih = tensors[f"{lstm_prefix}.weight_ih_l{k}"]
-        w_hh = tensors[f"{lstm_prefix}.weight_hh_l{k}"]
+        w_ih = tensors[f"{prefix}.weight_ih_l{k}"]
+        w_hh = tensors[f"{prefix}.weight_hh_l{k}"]
         zeros = torch.zeros(w_ih.shape[0])
-        b_ih = tensors.get(f"{lstm_prefix}.bias_ih_l{k}", zeros)
-        b_hh = tensors.get(f"{lstm_prefix}.bias_hh_l{k}", zeros)
+        b_ih = tensors.get(f"{prefix}.bias_ih_l{k}", zeros)
+        b_hh = tensors.get(f"{prefix}.bias_hh_l{k}", zeros)
         layers.append((w_ih, w_hh, b_ih, b_hh))
-    linears = _torch_head(tensors, head_prefix, file.name)
-    used = lstm_keys | {k for k in tensors if k.startswith(f"{head_prefix}.")}
-    extra = sorted(set(tensors) - used)
-    if extra:
+    if not layers:
+        raise BundleError(f"{label}: no {prefix}.weight_ih_l0: not an nn.LSTM, nn.GRU or nn.RNN")
+    w_ih, w_hh = layers[0][0], layers[0][1]
+    blocks = {gate_count(c): c for c in CELLS}
+    found = blocks.get(int(w_ih.shape[0]) // int(w_hh.shape[1]))
+    if found is None or w_ih.shape[0] % w_hh.shape[1]:
         raise BundleError(
-            f"{file.name}: tensors outside {lstm_prefix} and {head_prefix}: {', '.join(extra)}; "
-            "only an LSTM followed by a Linear head can be imported"
+            f"{label}: {prefix}.weight_ih_l0 has shape {list(w_ih.shape)} for hidden size "
+            f"{w_hh.shape[1]}: not an LSTM's, GRU's or RNN's (4, 3 or 1 gate blocks)"
         )
-    config = ModelConfig(
-        input_size=int(layers[0][0].shape[1]),
-        hidden_sizes=tuple(int(w_hh.shape[1]) for _, w_hh, _, _ in layers),
-        head_sizes=tuple(int(w.shape[0]) for w, _ in linears[:-1]),
-        output_size=int(linears[-1][0].shape[0]),
-        head_activation=head_activation,
-    )
-    return assemble_bundle(config, layers, linears, scaler, name or file.stem, {"source": "torch"})
+    if cell not in ("auto", found):
+        raise ConfigError(f"cell: {cell} given, but {label}'s {prefix} layers are a {found}'s")
+    return found, layers
 
 
 def _state_dict(loaded: object, filename: str) -> dict[str, torch.Tensor]:

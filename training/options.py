@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from streamlstm.config import CELLS
 from streamlstm.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -24,6 +25,8 @@ class TrainOptions:
     stream_column: str | None = None
     mode: str = "stateful"
     seq_len: int = 60
+    #: Every layer's recurrent cell: ``lstm``, ``gru`` or ``rnn`` (``ModelConfig.cell``).
+    cell: str = "lstm"
     hidden_size: int = 128
     num_layers: int = 2
     dropout: float = 0.2
@@ -71,6 +74,8 @@ class TrainOptions:
             raise ConfigError(f"task: must be forecast or classify, got {self.task!r}")
         if self.task == "classify" and not self.label_column:
             raise ConfigError("label_column: --task classify needs --label-column")
+        if self.cell not in CELLS:
+            raise ConfigError(f"cell: must be one of {', '.join(CELLS)}, got {self.cell!r}")
         if self.mode not in ("stateful", "window"):
             raise ConfigError(f"mode: must be stateful or window, got {self.mode!r}")
         if self.target_transform not in ("auto", "level", "diff"):

@@ -83,6 +83,7 @@ def _fit(frame: pd.DataFrame, opts: TrainOptions) -> tuple[Bundle, pd.DataFrame]
         y_scaler = MinMaxScaler().fit(np.concatenate(fit_part))
         target_affine = Affine(scale=y_scaler.scale_, offset=y_scaler.min_)
     config = ModelConfig(
+        cell=opts.cell,
         input_size=len(opts.features),
         hidden_sizes=(opts.hidden_size,) * opts.num_layers,
         output_size=len(classes) if classes else opts.outputs,
@@ -113,11 +114,7 @@ def _fit(frame: pd.DataFrame, opts: TrainOptions) -> tuple[Bundle, pd.DataFrame]
             baseline_span(opts.score_baseline_span, span) if multi and span is not None else None
         ),
     )
-    device = torch.device(
-        "cuda"
-        if opts.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if opts.device == "auto" else opts.device)
-    )
+    device = _device(opts.device)
     model = StreamLSTM(config).to(device)
     xs = [torch.from_numpy(input_affine.apply(s.x)) for s in series]
     if classes is None:
@@ -183,12 +180,20 @@ def _fit(frame: pd.DataFrame, opts: TrainOptions) -> tuple[Bundle, pd.DataFrame]
     return bundle, predictions
 
 
+def _device(name: str) -> torch.device:
+    """``auto``: CUDA where there is one, else the CPU; any other name as given."""
+    if name != "auto":
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _training_facts(
     opts: TrainOptions, outputs: OutputSpec, history: list[dict[str, float]], series: list[Series]
 ) -> dict[str, Any]:
     """What the bundle records of how it was trained (``Bundle.training``)."""
     return {
         "task": opts.task,
+        "cell": opts.cell,
         "mode": opts.mode,
         "seq_len": opts.seq_len,
         "horizon": opts.horizon,
@@ -337,7 +342,7 @@ class _Run:
                 x = torch.stack([xs[i][o + t : o + end] for i, o in group]).to(self.device)
                 y = torch.stack([ys[i][o + t : o + end] for i, o in group]).to(self.device)
                 out, state = self.model(x, state)
-                state = tuple((h.detach(), c.detach()) for h, c in state)
+                state = tuple(tuple(part.detach() for part in layer) for layer in state)
                 skip = opts.burn_in if t == 0 else 0
                 if out.shape[1] > skip:
                     losses.append(self._update(out[:, skip:], y[:, skip:]))

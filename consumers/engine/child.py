@@ -257,7 +257,9 @@ class EngineHost:
             arrays = None
         if arrays is not None and arrays.ids:
             model = arrays.models[0]
-            if model and model != self.model_id:
+            if arrays.cell != store.cell:  # another cell's state means nothing here
+                reset, arrays = len(arrays.ids), None
+            elif model and model != self.model_id:
                 compatible = tuple(h.shape[1] for h in arrays.h) == sizes
                 if not self._carries(policy, model, compatible):
                     reset, arrays = len(arrays.ids), None
@@ -271,6 +273,9 @@ class EngineHost:
                     state = StreamState.from_bytes(blob)
                 except StateError:
                     corrupt += 1
+                    continue
+                if state.cell != store.cell:
+                    reset += 1
                     continue
                 if state.model and state.model != self.model_id:
                     compatible = tuple(h.size for h in state.h) == sizes
@@ -376,6 +381,7 @@ def _most_recent(arrays: StateArrays, room: int) -> StateArrays:
         last_seen=arrays.last_seen[keep],
         extra=arrays.extra[keep],
         models=[arrays.models[i] for i in keep.tolist()],
+        cell=arrays.cell,
     )
 
 

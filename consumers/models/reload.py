@@ -27,7 +27,7 @@ from streamlstm.consumers.engine.protocol import SwapModel
 from streamlstm.consumers.models.source import ModelSource, Resolved
 from streamlstm.consumers.observability.metrics import ServeMetrics
 from streamlstm.errors import StreamLSTMError
-from streamlstm.swap_policy import carries_state
+from streamlstm.swap_policy import carries_state, same_state_layout
 
 __all__ = ["ReloadOutcome", "Reloader"]
 
@@ -135,7 +135,7 @@ class Reloader:
             self._policy,
             made_by=old.model_id,
             model_id=new.model_id,
-            compatible=new.config.hidden_sizes == old.config.hidden_sizes,
+            compatible=same_state_layout(old.config, new.config),
         )
         try:
             reply = await engine.swap_model(SwapModel(str(new.source), new.model_id, carry))

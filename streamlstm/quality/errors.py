@@ -4,7 +4,7 @@ A forecaster whose target is one of its inputs (``OutputSpec.target_feature``)
 sees its truth on the same stream: the forecast made ``h`` ticks ago for this
 tick meets this tick's target value. Per stream, the state store's ``extra``
 columns keep what that needs, so it is reset, evicted, snapshotted,
-changelogged and restored with ``(h, c)``:
+changelogged and restored with the recurrent state:
 
 - column 0, the *start*: the first step whose forecast may be judged. A
   forecast made at step ``s - h`` meets the truth at step ``s`` only when

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -86,6 +88,23 @@ def test_states_of_another_model_follow_the_policy_and_corrupt_ones_are_counted(
     broken = {**blobs, "c": b"SLST\x03 not a state"}
     report = EngineHost(Engine(old)).restore(0, broken, "reset")
     assert (report.loaded, report.corrupt) == (2, 1)
+
+
+def test_states_of_another_cell_always_start_again(make_bundle: BundleFactory) -> None:
+    # Same layer sizes, another cell: a GRU's h means nothing to an LSTM, whatever the
+    # policy, and a state without a model name is no exception (as a table, one by one).
+    lstm = make_bundle(input_size=2, output_size=1, seed=1)
+    gru = make_bundle(input_size=2, output_size=1, seed=1, cell="gru")
+    writer = EngineHost(Engine(gru))
+    writer.step(_request(["a", "b"], np.ones((2, 2)), [0, 1], part=0))
+    blobs = {s: v for s, _, v in writer.checkpoint() if v is not None}
+    unnamed = {s: replace(StreamState.from_bytes(v), model="").to_bytes() for s, v in blobs.items()}
+    for states in (blobs, unnamed, {**unnamed, "x": b"SLST\x03 not a state"}):
+        report = EngineHost(Engine(lstm)).restore(0, states, "keep-if-compatible")
+        assert (report.loaded, report.reset_model_changed) == (0, 2)
+    host = EngineHost(Engine(gru))
+    assert host.restore(0, unnamed, "reset").loaded == 2  # its own cell: loaded
+    assert host.engine.store.c == []
 
 
 def test_a_restore_over_max_streams_keeps_the_most_recently_seen(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
 from streamlstm import Bundle, Engine, ModelConfig, kernels
+from streamlstm.config import CELLS
 from streamlstm.kernels import DISABLE_ENV
 
 
@@ -53,10 +55,12 @@ def _batches(
         yield ids, (rng.normal(size=(size, inputs)) * 3).astype(np.float32)
 
 
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("config", CONFIGS)
 def test_chunked_engine_equals_numpy_with_repeats_resets_ends_and_bad_rows(
-    config: ModelConfig, chunk: int
+    config: ModelConfig, chunk: int, cell: str
 ) -> None:
+    config = replace(config, cell=cell)
     bundle = Bundle.random(config, seed=4)
     native = _chunked(bundle)
     plain = Engine(bundle, native=False)
@@ -79,13 +83,14 @@ def test_chunked_engine_equals_numpy_with_repeats_resets_ends_and_bad_rows(
         np.testing.assert_allclose(
             native.store.h[layer][slots_n], plain.store.h[layer][slots_p], atol=1e-5, rtol=0
         )
-        np.testing.assert_allclose(
-            native.store.c[layer][slots_n], plain.store.c[layer][slots_p], atol=1e-5, rtol=1e-6
-        )
+        for c_n, c_p in zip(native.store.c, plain.store.c, strict=True):
+            np.testing.assert_allclose(c_n[slots_n], c_p[slots_p], atol=1e-5, rtol=1e-6)
+    assert len(native.store.c) == (config.num_layers if cell == "lstm" else 0)
 
 
-def test_chunked_engine_evicts_as_numpy_does(chunk: int) -> None:
-    bundle = Bundle.random(CONFIGS[1], seed=2)
+@pytest.mark.parametrize("cell", CELLS)
+def test_chunked_engine_evicts_as_numpy_does(chunk: int, cell: str) -> None:
+    bundle = Bundle.random(replace(CONFIGS[1], cell=cell), seed=2)
     native = _chunked(bundle, max_streams=150)
     plain = Engine(bundle, native=False, max_streams=150)
     rng = np.random.default_rng(3)
@@ -98,12 +103,15 @@ def test_chunked_engine_evicts_as_numpy_does(chunk: int) -> None:
     assert sorted(native.store.stream_ids()) == sorted(plain.store.stream_ids())
 
 
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_a_stream_gets_the_same_bits_whatever_shares_its_batch(chunk: int, threads: int) -> None:
+def test_a_stream_gets_the_same_bits_whatever_shares_its_batch(
+    chunk: int, threads: int, cell: str
+) -> None:
     # OpenBLAS sums a row's products in an order set by k alone (padded to MIN_ROWS
     # rows all the same), so a stream's results do not depend on how many streams
     # share its batch or its chunk: a restored stream continues bit for bit.
-    bundle = Bundle.random(CONFIGS[0], seed=0)
+    bundle = Bundle.random(replace(CONFIGS[0], cell=cell), seed=0)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(12, 1)).astype(np.float32)
     before = kernels.get_num_threads()

@@ -16,6 +16,16 @@ def test_defaults_are_the_tutorial_model() -> None:
 def test_round_trips_through_a_dict() -> None:
     cfg = ModelConfig(input_size=3, hidden_sizes=(32, 16), head_sizes=(8,), output_size=2)
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    for cell in ("gru", "rnn"):
+        other = ModelConfig(input_size=3, cell=cell)
+        assert other.to_dict()["cell"] == cell
+        assert ModelConfig.from_dict(other.to_dict()) == other
+
+
+def test_the_cell_defaults_to_lstm_and_only_an_lstm_keeps_c() -> None:
+    assert ModelConfig().cell == "lstm" and "cell" not in ModelConfig().to_dict()
+    assert ModelConfig.from_dict({"input_size": 1}).cell == "lstm"  # a bundle before cells
+    assert [ModelConfig(cell=c).keeps_c for c in ("lstm", "gru", "rnn")] == [True, False, False]
 
 
 @pytest.mark.parametrize(
@@ -28,6 +38,8 @@ def test_round_trips_through_a_dict() -> None:
         ({"dropout": 1.0}, "dropout"),
         ({"output_size": True}, "output_size"),
         ({"head_activation": "gelu"}, "head_activation"),
+        ({"cell": "lstm2"}, "cell"),
+        ({"cell": "GRU"}, "cell"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs: dict[str, object], field: str) -> None:

@@ -8,15 +8,21 @@ from streamlstm.weights import ModelWeights, expected_shapes
 from tests.conftest import BundleFactory
 
 
-def test_forward_shapes_and_state_per_layer() -> None:
-    model = StreamLSTM(ModelConfig(input_size=3, hidden_sizes=(32, 32, 16), output_size=2)).eval()
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_forward_shapes_and_state_per_layer(cell: str) -> None:
+    config = ModelConfig(input_size=3, hidden_sizes=(32, 32, 16), output_size=2, cell=cell)
+    model = StreamLSTM(config).eval()
+    kind = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell]
+    assert all(type(m) is kind for m in model.lstm)  # torch's own module, nothing else
     y, state = model(torch.randn(4, 7, 3))
     assert y.shape == (4, 7, 2)
-    assert [tuple(h.shape) for h, _ in state] == [(4, 32), (4, 32), (4, 16)]
+    assert [tuple(layer[0].shape) for layer in state] == [(4, 32), (4, 32), (4, 16)]
+    assert {len(layer) for layer in state} == {2 if cell == "lstm" else 1}  # (h, c) or (h,)
 
 
-def test_state_carries_across_calls() -> None:
-    model = StreamLSTM(ModelConfig(input_size=1, hidden_sizes=(8, 4))).eval()
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_state_carries_across_calls(cell: str) -> None:
+    model = StreamLSTM(ModelConfig(input_size=1, hidden_sizes=(8, 4), cell=cell)).eval()
     x = torch.randn(2, 10, 1)
     with torch.no_grad():
         whole, _ = model(x)
@@ -80,6 +86,8 @@ def test_the_numpy_head_computes_what_the_torch_head_does(
         ModelConfig(),
         ModelConfig(input_size=3, hidden_sizes=(12, 12, 6), head_sizes=(16, 8), output_size=3),
         ModelConfig(input_size=2, hidden_sizes=(7,), head_sizes=(), head_activation="linear"),
+        ModelConfig(input_size=3, hidden_sizes=(12, 12, 6), cell="gru"),
+        ModelConfig(input_size=2, hidden_sizes=(7,), head_sizes=(), cell="rnn"),
     ],
 )
 def test_numpy_weights_name_and_shape_every_tensor_as_the_torch_module(
@@ -105,3 +113,12 @@ def test_numpy_weights_refuse_a_wrong_shape_or_dtype() -> None:
     tensors["head.3.bias"] = np.zeros(1, np.float64)
     with pytest.raises(ConfigError, match=r"tensor head\.3\.bias has dtype float64"):
         ModelWeights(config, tensors)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_random_weights_are_drawn_within_torchs_init_bounds(cell: str) -> None:
+    config = ModelConfig(input_size=3, hidden_sizes=(16, 4), cell=cell)
+    weights = ModelWeights.random(config, seed=1)
+    for layer, hidden in zip(weights.layers, (16, 4), strict=True):
+        for array in (layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh):
+            assert np.abs(array).max() <= 1 / np.sqrt(hidden)

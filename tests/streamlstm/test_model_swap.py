@@ -35,11 +35,12 @@ def _per_stream(ids: list[str], x: np.ndarray, stream: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_a_carried_state_continues_exactly_under_the_new_model(
-    make_bundle: BundleFactory, native: bool
+    make_bundle: BundleFactory, native: bool, cell: str
 ) -> None:
-    old = make_bundle(scaled=True, seed=1)
-    new = make_bundle(scaled=True, seed=2)
+    old = make_bundle(scaled=True, seed=1, cell=cell)
+    new = make_bundle(scaled=True, seed=2, cell=cell)
     rng = np.random.default_rng(5)
     ids1, x1 = _ticks(rng, 60)
     ids2, x2 = _ticks(rng, 60)
@@ -62,7 +63,7 @@ def test_a_reset_swap_starts_every_stream_from_zero_but_keeps_its_position(
     make_bundle: BundleFactory,
 ) -> None:
     old = make_bundle(seed=1)
-    new = make_bundle(seed=2, hidden_sizes=(8,), warmup_steps=3)
+    new = make_bundle(seed=2, hidden_sizes=(8,), warmup_steps=3, cell="gru")
     engine = Engine(old)
     engine.step(["a", "b"], np.ones((2, 2)), offsets=[10, 11], partitions=[0, 0])
     assert engine.swap_model(new, carry=False) == 2
@@ -84,6 +85,8 @@ def test_a_swap_that_cannot_be_made_changes_nothing(make_bundle: BundleFactory) 
     before = engine.step(["a"] * 3, x).predictions
     with pytest.raises(ConfigError, match="layer sizes"):
         engine.swap_model(make_bundle(seed=2, hidden_sizes=(4,)), carry=True)
+    with pytest.raises(ConfigError, match="into a GRU"):
+        engine.swap_model(make_bundle(seed=2, cell="gru"), carry=True)
     with pytest.raises(ConfigError, match="inputs"):
         engine.swap_model(make_bundle(seed=2, input_size=3), carry=False)
     assert engine.bundle is old
@@ -117,4 +120,3 @@ def test_the_rule_a_swap_and_a_restore_share() -> None:
     # The same model, or a state that names none (an older record), always goes on.
     assert carries_state("reset", made_by=a1, model_id=a1, compatible=True)
     assert carries_state("reset", made_by="", model_id=a1, compatible=True)
-

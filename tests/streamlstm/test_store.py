@@ -85,8 +85,9 @@ def test_ttl_on_the_clock_without_timestamps(make_bundle: BundleFactory) -> None
     assert set(engine.store.stream_ids()) == {"a", "c"}
 
 
-def test_snapshot_restore_continues_exactly(make_bundle: BundleFactory) -> None:
-    bundle = make_bundle(scaled=True)
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_snapshot_restore_continues_exactly(make_bundle: BundleFactory, cell: str) -> None:
+    bundle = make_bundle(scaled=True, cell=cell)
     rng = np.random.default_rng(5)
     ids = [f"s{i}" for i in rng.integers(0, 6, 80)]
     x = (rng.normal(size=(80, 2)) * 10).astype(np.float32)
@@ -104,6 +105,11 @@ def test_snapshot_restore_continues_exactly(make_bundle: BundleFactory) -> None:
     np.testing.assert_array_equal(np.concatenate([part1, part2]), whole)
     want, _ = expected_outputs(bundle, ids, x)
     np.testing.assert_allclose(whole, want, atol=1e-5, rtol=0)
+    # Into an engine of another cell (same layer sizes): refused, and nothing taken.
+    other = Engine(make_bundle(scaled=True, cell="rnn" if cell == "gru" else "gru"))
+    with pytest.raises(StateError, match=f"states are of a {cell.upper()} model"):
+        other.store.restore({s: StreamState.from_bytes(b) for s, b in blobs.items()})
+    assert len(other.store) == 0
 
 
 def test_state_bytes_round_trip_and_corruption() -> None:
@@ -139,21 +145,32 @@ def test_state_bytes_carry_partition_model_and_extra_and_older_versions_still_re
         model="m-1a2bé",
     )
     data = state.to_bytes()
-    assert data[4] == 3  # the format version, right after the magic
+    assert data[4] == 4  # the format version, right after the magic
+    assert data[30] == 0  # the cell (LSTM), after the 30-byte header
     back = StreamState.from_bytes(data)
     assert (back.partition, back.model, back.extra) == (3, "m-1a2bé", (0.25, 4.0, -2.0))
-    # Version 2 (no partition, no model), as an older daemon wrote it: still read.
+    # Version 3 (no cell byte), as an older daemon wrote it: read, as an LSTM's.
+    v3 = data[:4] + bytes([3]) + data[5:30] + data[31:]
+    old3 = StreamState.from_bytes(v3)
+    assert (old3.cell, old3.partition, old3.model) == ("lstm", 3, "m-1a2bé")
+    np.testing.assert_array_equal(old3.c[0], state.c[0])
+    # Version 2 (no partition, no model): still read.
     tail = 6 + len("m-1a2bé".encode())
-    v2 = data[:4] + bytes([2]) + data[5:-tail]
+    v2 = data[:4] + bytes([2]) + data[5:30] + data[31:-tail]
     old = StreamState.from_bytes(v2)
     assert (old.partition, old.model, old.extra, old.offset) == (-1, "", (0.25, 4.0, -2.0), 77)
     with pytest.raises(StateError):
         StreamState.from_bytes(data[:-1])
 
 
-def test_memory_is_near_the_raw_state_size() -> None:
-    store = StateStore((128, 128), max_streams=4096, initial_capacity=4096)
+@pytest.mark.parametrize(("cell", "raw"), [("lstm", 2048), ("gru", 1024), ("rnn", 1024)])
+def test_memory_is_near_the_raw_state_size(cell: str, raw: int) -> None:
+    # A GRU or RNN stream keeps h alone: half an LSTM's bytes, no c columns at all.
+    store = StateStore((128, 128), cell=cell, max_streams=8192, initial_capacity=4096)
     store.acquire([f"stream-{i}" for i in range(4096)], np.zeros(4096))
     per_stream = store.memory_bytes() / len(store)
-    assert store.raw_bytes_per_stream() == 2048
-    assert per_stream < 1.25 * 2048
+    assert store.raw_bytes_per_stream() == raw
+    assert len(store.c) == (2 if cell == "lstm" else 0)
+    assert per_stream < raw + 0.25 * 2048
+    store.reserve(8000)  # grown, still without c
+    assert store.capacity == 8192 and len(store.c) == (2 if cell == "lstm" else 0)

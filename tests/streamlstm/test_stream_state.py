@@ -32,6 +32,7 @@ def _assert_rows_equal(arrays: StateArrays, states: dict[str, StreamState]) -> N
         for layer in range(len(state.h)):
             # Bitwise: the bytes of each float, not a tolerance.
             assert arrays.h[layer][row].tobytes() == state.h[layer].tobytes()
+        for layer in range(len(state.c)):
             assert arrays.c[layer][row].tobytes() == state.c[layer].tobytes()
         assert int(arrays.step[row]) == state.step
         assert int(arrays.offset[row]) == state.offset
@@ -71,9 +72,9 @@ def test_anything_else_is_decoded_one_by_one_and_still_exact(odd: str) -> None:
     elif odd == "length":
         states["s3"] = _state(rng, 3, model="longer-model")
     blobs = {s: st.to_bytes() for s, st in states.items()}
-    if odd == "version":  # the first is version 2 (no partition, no model)
+    if odd == "version":  # the first is version 2 (no cell, no partition, no model)
         tail = 6 + len(b"m-\xc3\xa91")
-        blobs["s0"] = blobs["s0"][:4] + bytes([2]) + blobs["s0"][5:-tail]
+        blobs["s0"] = blobs["s0"][:4] + bytes([2]) + blobs["s0"][5:30] + blobs["s0"][31:-tail]
         states["s0"] = StreamState.from_bytes(blobs["s0"])
     joined = StateBlobs.from_dict(blobs)
     if odd == "gap":  # laid out with a byte between records: not one table
@@ -155,3 +156,76 @@ def test_the_store_encodes_what_a_snapshot_holds() -> None:
         for state, p in zip(store.snapshot(["c", "a"]).values(), [7, 1], strict=True)
     ]
     assert store.encode(["c", "a"], [7, 1], "mdl") == want
+
+
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_a_gru_or_rnn_state_is_h_alone_and_round_trips(cell: str) -> None:
+    rng = np.random.default_rng(5)
+    lstm = _state(rng, 1)
+    state = replace(lstm, c=(), cell=cell)
+    data = state.to_bytes()
+    assert len(data) == len(lstm.to_bytes()) - 4 * (5 + 3)  # no c: 8 floats fewer
+    assert data[30] == (1 if cell == "gru" else 2)
+    back = StreamState.from_bytes(data)
+    assert back.cell == cell and back.c == ()
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(back.h, state.h, strict=True))
+    assert (back.step, back.extra, back.model) == (state.step, state.extra, state.model)
+    # Many at once: the same bytes, and read back as a table of views.
+    states = {f"s{i}": replace(_state(rng, i), c=(), cell=cell) for i in range(20)}
+    encoded = encode_many(
+        h=[np.stack([s.h[k] for s in states.values()]) for k in range(2)],
+        c=[],
+        step=np.array([s.step for s in states.values()]),
+        offset=np.array([s.offset for s in states.values()]),
+        last_seen=np.array([s.last_seen for s in states.values()]),
+        extra=np.array([s.extra for s in states.values()]),
+        partition=np.full(20, 2),
+        model="m-é1",
+        cell=cell,
+    )
+    assert encoded == [s.to_bytes() for s in states.values()]
+    blobs = StateBlobs.from_dict(dict(zip(states, encoded, strict=True)))
+    arrays = decode_many(blobs)
+    assert arrays.cell == cell and arrays.c == []
+    assert all(np.shares_memory(h, blobs.data) for h in arrays.h)
+    _assert_rows_equal(arrays, states)
+    store = StateStore((5, 3), cell=cell, max_streams=64, extra_width=2)
+    assert store.c == [] and store.raw_bytes_per_stream() == 4 * 8
+    store.restore_arrays(arrays)
+    assert store.snapshot(["s4"])["s4"].h[1].tobytes() == states["s4"].h[1].tobytes()
+    assert store.encode(["s4"], [2], "m-é1") == [states["s4"].to_bytes()]
+
+
+def test_a_state_of_one_cell_is_refused_by_a_store_of_another() -> None:
+    rng = np.random.default_rng(6)
+    lstm = _state(rng, 0)
+    gru = replace(lstm, c=(), cell="gru")
+    rnn = replace(lstm, c=(), cell="rnn")
+    for state, store_cell in ((lstm, "gru"), (gru, "lstm"), (gru, "rnn"), (rnn, "gru")):
+        store = StateStore((5, 3), cell=store_cell, max_streams=8, extra_width=2)
+        with pytest.raises(StateError, match=f"{state.cell.upper()} model.*{store_cell.upper()}"):
+            store.restore({"a": StreamState.from_bytes(state.to_bytes())})
+        with pytest.raises(StateError, match="cell"):
+            store.restore_arrays(decode_many({"a": state.to_bytes()}))
+        assert len(store) == 0
+    with pytest.raises(StateError, match="more than one cell"):
+        decode_many({"a": lstm.to_bytes(), "b": gru.to_bytes()})
+    with pytest.raises(StateError, match="2 h and 2 c layers for a GRU"):
+        replace(lstm, cell="gru")
+    with pytest.raises(StateError, match="cell must be one of"):
+        replace(gru, cell="lstmish")
+    with pytest.raises(StateError, match="unknown cell 7"):
+        StreamState.from_bytes(lstm.to_bytes()[:30] + bytes([7]) + lstm.to_bytes()[31:])
+
+
+def test_version_3_states_are_an_lstms_and_still_read_as_a_table() -> None:
+    rng = np.random.default_rng(7)
+    states = {f"s{i}": _state(rng, i) for i in range(10)}
+    # Version 3, as a daemon before cells wrote it: no cell byte after the header.
+    blobs = {
+        s: (b := st.to_bytes())[:4] + bytes([3]) + b[5:30] + b[31:] for s, st in states.items()
+    }
+    joined = StateBlobs.from_dict(blobs)
+    arrays = decode_many(joined)
+    assert arrays.cell == "lstm" and np.shares_memory(arrays.h[0], joined.data)
+    _assert_rows_equal(arrays, states)

@@ -220,3 +220,21 @@ def test_a_training_part_shorter_than_the_warmup_still_gets_a_flag(
     copy.outputs = long
     metrics, _ = evaluate(copy, series, false_alarm_rate=0.01)
     assert math.isfinite(metrics["flag_threshold"]) and copy.outputs.threshold is not None
+
+
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_a_gru_or_rnn_forecaster_gets_the_same_scores_and_flag_as_served(cell: str) -> None:
+    # The score and flag work on the head's forecasts whatever cell made them: the
+    # engine replay of the test period is what train reports, score and flag alike.
+    frame = _beats(1200, seed=2)
+    opts = TrainOptions(
+        features=("ecg",), label_column="anomaly", epochs=2, score_horizons=8, cell=cell, **SMALL
+    )
+    bundle, out = fit(frame, opts)
+    assert bundle.config.cell == cell and bundle.outputs.score_span is not None
+    series = prepare(frame, opts)[0]
+    whole = Engine(bundle).step(["series"] * len(series.x), series.x)
+    np.testing.assert_array_equal(whole.scores[series.split :], out["score"].to_numpy())
+    np.testing.assert_array_equal(whole.anomalies()[series.split :], out["anomaly"].to_numpy())
+    assert np.isfinite(out["score"].to_numpy()[-100:]).all()
+    assert math.isfinite(bundle.outputs.threshold or math.nan)

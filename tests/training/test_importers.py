@@ -126,6 +126,74 @@ def test_torch_bidirectional_and_foreign_tensors_are_refused(tmp_path: Path) -> 
         import_torch(tmp_path / "extra.pth")
 
 
+class TutorialRecurrent(nn.Module):
+    """The tutorial model with an ``nn.GRU`` or ``nn.RNN`` (named as users name it)."""
+
+    def __init__(self, cell: str, input_size: int = 2, hidden: int = 20) -> None:
+        super().__init__()
+        kind = {"gru": nn.GRU, "rnn": nn.RNN}[cell]
+        self.rnn_name = cell
+        setattr(self, cell, kind(input_size, hidden, 2, batch_first=True, dropout=0.2))
+        self.fc = nn.Sequential(nn.Linear(hidden, 12), nn.Tanh(), nn.Linear(12, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = getattr(self, self.rnn_name)(x)
+        return self.fc(out[:, -1])  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_torch_gru_and_rnn_state_dicts_and_modules_import_and_match(
+    tmp_path: Path, cell: str
+) -> None:
+    from streamlstm.training.importers import import_torch
+
+    torch.manual_seed(3)
+    model = TutorialRecurrent(cell).eval()
+    path = tmp_path / f"{cell}.pth"
+    torch.save(model.state_dict(), path)
+    # The cell from the weights' shapes, the layer from the names tried (gru, rnn).
+    code = cli_main(
+        ["import", "torch", "--state-dict", str(path), "--out", str(tmp_path / "b"),
+         "--head-activation", "tanh"]
+    )  # fmt: skip
+    assert code == 0
+    bundle = Bundle.load(tmp_path / "b")
+    assert bundle.config.cell == cell and bundle.config.hidden_sizes == (20, 20)
+    raw = _windows(np.random.default_rng(1), 5, 2, -1, 1)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(raw)).numpy()[:, 0]
+    got = np.array([bundle.predict_sequence(w)[-1, 0] for w in raw])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    for native in (True, False):  # served: each window a stream, interleaved
+        engine = Engine(bundle, native=native)
+        ids = [f"w{i}" for i in range(len(raw))]
+        for t in range(WINDOW):
+            out = engine.step(ids, raw[:, t]).predictions[:, 0]
+        np.testing.assert_allclose(out, expected, atol=1e-5)
+    # The module itself, or its state dict in memory, import the same weights.
+    for source in (model, model.state_dict()):
+        again = import_torch(source, head_activation="tanh", cell=cell)
+        assert again.config == bundle.config
+        np.testing.assert_array_equal(
+            again.predict_sequence(raw[0]), bundle.predict_sequence(raw[0])
+        )
+    with pytest.raises(ConfigError, match=f"cell: lstm given, but .* a {cell}'s"):
+        import_torch(path, cell="lstm")
+
+
+def test_torch_relu_rnn_module_and_odd_shapes_are_refused() -> None:
+    from streamlstm.training.importers import import_torch
+
+    model = TutorialRecurrent("rnn")
+    model.rnn = nn.RNN(2, 20, 2, batch_first=True, nonlinearity="relu")
+    with pytest.raises(ConfigError, match="nonlinearity='relu' is not supported"):
+        import_torch(model)
+    odd = {"lstm.weight_ih_l0": torch.zeros(10, 1), "lstm.weight_hh_l0": torch.zeros(10, 5)}
+    odd |= {"fc.weight": torch.zeros(1, 5)}
+    with pytest.raises(BundleError, match="not an LSTM's, GRU's or RNN's"):
+        import_torch(odd)
+
+
 def _randomise(model: keras.Model, seed: int) -> None:
     rng = np.random.default_rng(seed)
     # Keras starts biases at zero; random ones make the bias mapping matter.

@@ -157,3 +157,39 @@ def test_recorded_figures_are_every_test_forecast_against_its_truth(
     x = np.concatenate(inputs).astype(np.float64)
     assert bundle.training["inputs"]["mean"] == pytest.approx(x.mean(axis=0).tolist())
     assert bundle.training["inputs"]["std"] == pytest.approx(x.std(axis=0).tolist())
+
+
+@pytest.mark.parametrize(("cell", "mode"), [("gru", "stateful"), ("rnn", "window")])
+def test_train_cell_gru_or_rnn_from_the_cli_serves_what_it_reports(
+    tmp_path: Path, cell: str, mode: str
+) -> None:
+    from streamlstm.cli import main as cli_main
+
+    frame = synthetic(streams=3, length=240, seed=3)
+    csv = tmp_path / "data.csv"
+    frame.to_csv(csv, index=False)
+    out = tmp_path / "m"
+    code = cli_main(
+        [
+            "train", "--data", str(csv), "--features", "load", "--stream-column", "machine",
+            "--time-column", "t", "--cell", cell, "--mode", mode, "--hidden-size", "12",
+            "--seq-len", "20", "--epochs", "2", "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    bundle = Bundle.load(out)
+    assert bundle.config.cell == cell and bundle.training["cell"] == cell
+    kind = {"gru": torch.nn.GRU, "rnn": torch.nn.RNN}[cell]
+    assert all(type(m) is kind for m in bundle.model.lstm)
+    # Invariant 5 for this cell: the recorded figures are the serving engine's.
+    opts = replace(train_options(), seq_len=20)
+    engine = Engine(bundle)
+    assert engine.store.c == [] and engine.store.raw_bytes_per_stream() == 4 * 2 * 12
+    errors = []
+    for series in prepare(frame, opts):
+        pred = engine.step([series.stream] * len(series.x), series.x).predictions[:, 0]
+        errors.append(pred[series.split :] - series.y[series.split :, 0])
+    rmse = float(np.sqrt(np.mean(np.square(np.concatenate(errors)))))
+    assert rmse == pytest.approx(bundle.metrics["rmse"], rel=1e-5)
+    with pytest.raises(ConfigError, match="cell: must be one of lstm, gru, rnn"):
+        TrainOptions(features=("load",), cell="lstm-ish")
