@@ -100,6 +100,11 @@ class ServeConfig:
     #: name and layer sizes) and resets it otherwise; "carry" wherever the sizes allow;
     #: "reset" never.
     swap_state: str = "auto"
+    #: Each stream's last raw ticks kept (with its state, and in its changelog record)
+    #: for a re-warm: a swap that does not carry the state runs the new model over
+    #: them. 0: none kept, and a re-warm is a reset. Memory: ticks x inputs x 4 bytes a
+    #: stream.
+    history_ticks: int = 0
     #: The older name of swap_state, still read: "reset", or "keep-if-compatible" (carry).
     on_model_change: str | None = None
     #: Look for a new model this often (seconds) and reload when --model resolves to
@@ -169,6 +174,8 @@ class ServeConfig:
         # Written so that NaN fails too.
         if self.latency_target_ms is not None and not self.latency_target_ms > 0:
             raise ConfigError("latency_target_ms: must be positive")
+        if not 0 <= self.history_ticks <= 65535:
+            raise ConfigError("history_ticks: must be 0..65535")
         if self.model_watch_s is not None and not 0 < self.model_watch_s <= 86400:
             raise ConfigError("model_watch_s: must be in (0, 86400] seconds")
         if not 0 <= self.metrics_port < 65536:

@@ -18,7 +18,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,7 +36,7 @@ from streamlstm.results import F32, F64, I64, Bools, EngineStats, Rejection, Ste
 from streamlstm.scoring import Scoring
 from streamlstm.store import Eviction, StateStore
 from streamlstm.stream_view import StreamView
-from streamlstm.swap_policy import same_state_layout
+from streamlstm.swap_policy import SWAP_MODES, same_state_layout
 from streamlstm.tick_checks import bool_column, column, validate_ticks
 
 __all__ = ["Engine", "EngineStats", "Rejection", "StepResult"]
@@ -101,6 +101,7 @@ class Engine:
         native: bool | None = None,
         max_clock_skew_s: float = 60.0,
         quality: QualityConfig | None = None,
+        history_ticks: int = 0,
     ) -> None:
         if not (
             isinstance(max_clock_skew_s, int | float)
@@ -130,6 +131,7 @@ class Engine:
             extra_width=scoring_width + (self._quality.width if self._quality else 0),
             extra_kept=scoring_width,
             answer_width=bundle.config.output_size + 1,
+            history=(history_ticks, bundle.config.input_size),
             native=use_native,
         )
         self._clock = clock
@@ -173,43 +175,29 @@ class Engine:
         self._counts[f"control_{op}"] += applied
         return applied
 
-    def swap_model(self, bundle: Bundle, *, carry: bool) -> int:
+    def swap_model(self, bundle: Bundle, *, mode: str) -> int:
         """Serve ``bundle`` from the next step on; returns how many streams it holds.
 
-        ``carry``: each held stream's state continues as it is under the new model
-        (its layer sizes must be this model's); else each starts again from zero
-        state (step 0: not ready until the new model's warm-up). Either way every
-        stream keeps its input position (partition and offset: the skip rule holds
-        across the swap) and its last-seen time, and what the store has not
-        checkpointed yet stays marked; with ``carry`` the anomaly score's history
-        goes on too. Live quality history starts again (another model's forecasts
-        are not the new one's to be judged by). The input width must not change: ticks in
-        flight were made for it. Raises ``ConfigError`` (nothing changed) otherwise.
+        ``mode`` (``SWAP_MODES``) says what each held stream's state becomes:
+        ``carry``, it continues as it is (the new model must have the same cell and
+        layer sizes); ``rewarm``, the new model run from zero state over the
+        stream's held ticks (its last ``history_ticks``, in one batched step a
+        round across streams: ``rewarm``); ``reset``, zero state and step 0 (not
+        ready until the new model's warm-up). Every stream keeps its input position
+        (partition and offset: the skip rule holds across the swap), its last-seen
+        time and its tick history, and what the store has not checkpointed yet
+        stays marked; with ``carry`` and ``rewarm`` its step count goes on. Live
+        quality history (and, but with ``carry``, the anomaly score's) starts
+        again. The input width must not change: ticks in flight were made for it.
+        Raises ``ConfigError`` (nothing changed) otherwise.
         """
-        old = self.bundle.config
-        if bundle.config.input_size != old.input_size:
-            raise ConfigError(
-                f"model: the new model takes {bundle.config.input_size} inputs, the served "
-                f"one {old.input_size}; a model with other inputs needs a restart"
-            )
-        if carry and not same_state_layout(old, bundle.config):
-            raise ConfigError(
-                f"model: cannot carry the states of a {old.cell.upper()} of layer sizes "
-                f"{list(old.hidden_sizes)} into a {bundle.config.cell.upper()} of "
-                f"{list(bundle.config.hidden_sizes)}; swap with reset"
-            )
+        self._check_swap(bundle, mode)
+        if mode == "rewarm" and not self.history_ticks:
+            mode = "reset"  # no ticks to replay
         arrays = self.store.arrays()
-        if not carry:  # zero state of the new model's layer sizes
-            n = len(arrays.ids)
-            zeros = [np.zeros((n, size), np.float32) for size in bundle.config.hidden_sizes]
-            arrays = replace(
-                arrays,
-                h=zeros,
-                c=[z.copy() for z in zeros] if bundle.config.cell == "lstm" else [],
-                step=np.zeros(n, np.int64),
-                extra=np.zeros((n, 0)),
-                cell=bundle.config.cell,
-            )
+        if mode != "carry":
+            config = bundle.config
+            arrays = arrays.zeroed(config.hidden_sizes, config.cell, keep_steps=mode == "rewarm")
         fresh = Engine(
             bundle,
             max_streams=self.store.max_streams,
@@ -219,14 +207,63 @@ class Engine:
             native=self.native,
             max_clock_skew_s=self.max_clock_skew_s,
             quality=self._quality_config,
+            history_ticks=self.history_ticks,
         )
         fresh.store.take_over(self.store, arrays)
         fresh.restart_quality(arrays.ids)
+        if mode == "rewarm":
+            fresh.rewarm(arrays.ids)
         self.bundle, self.store, self._step = fresh.bundle, fresh.store, fresh._step
         self._scoring, self._quality = fresh._scoring, fresh._quality
         self._outputs = fresh._outputs
         self._counts["model_swaps"] += 1
         return len(arrays.ids)
+
+    def _check_swap(self, bundle: Bundle, mode: str) -> None:
+        old = self.bundle.config
+        if mode not in SWAP_MODES:
+            raise ConfigError(f"mode: must be one of {', '.join(SWAP_MODES)}, got {mode!r}")
+        if bundle.config.input_size != old.input_size:
+            raise ConfigError(
+                f"model: the new model takes {bundle.config.input_size} inputs, the served "
+                f"one {old.input_size}; a model with other inputs needs a restart"
+            )
+        if mode == "carry" and not same_state_layout(old, bundle.config):
+            raise ConfigError(
+                f"model: cannot carry the states of a {old.cell.upper()} of layer sizes "
+                f"{list(old.hidden_sizes)} into a {bundle.config.cell.upper()} of "
+                f"{list(bundle.config.hidden_sizes)}; swap with rewarm or reset"
+            )
+
+    @property
+    def history_ticks(self) -> int:
+        """How many of each stream's last raw ticks are kept for a re-warm (0: none)."""
+        return int(self.store.history.shape[1])
+
+    def rewarm(self, stream_ids: Sequence[str]) -> None:
+        """Each of these held streams' state: this model run from its current state (zero,
+        as ``swap_model`` and a restore leave it) over the stream's held ticks, oldest
+        first; one with none held starts again (step 0). Batched across streams: round r
+        steps every stream whose r-th tick from the end of the ring is held
+        (right-aligned, so K rounds of one step each)."""
+        store, ticks = self.store, self.history_ticks
+        slots = store.lookup(stream_ids)
+        slots = slots[slots >= 0]
+        if not ticks or not slots.size:
+            return
+        steps = store.steps[slots]
+        first = steps - np.minimum(steps, ticks)  # each stream's oldest held tick, 0-based
+        replayed = np.zeros(slots.size, dtype=np.int64)
+        for r in range(ticks):
+            number = steps - ticks + r
+            rows = np.flatnonzero(number >= first)
+            x = store.history[slots[rows], number[rows] % ticks]
+            held = ~np.isnan(x).any(axis=1)  # NaN: a row that holds no tick
+            if held.any():
+                self._step(store.h, store.c, slots[rows[held]], self.bundle.scale_inputs(x[held]))
+                replayed[rows[held]] += 1
+        store.steps[slots[replayed == 0]] = 0  # nothing to replay: a reset
+        store.changes.changed[slots] = True
 
     def restart_quality(self, stream_ids: Sequence[str]) -> None:
         """Start these streams' live quality history again (their forecasts so far
@@ -399,6 +436,7 @@ class Engine:
             else:
                 y[sel] = out
             step_out[sel] = self.store.count_steps(member_slots)
+            self.store.record_ticks(member_slots, step_out[sel], raw[sel])
             if any_end and ends[sel].any():
                 self.store.zero(member_slots[ends[sel]], extra=False)
         assert y is not None

@@ -78,6 +78,7 @@ class StateStore:
         extra_width: int = 0,
         extra_kept: int | None = None,
         answer_width: int = 0,
+        history: tuple[int, int] = (0, 0),
         native: bool | None = None,
     ) -> None:
         if isinstance(max_streams, bool) or not isinstance(max_streams, int) or max_streams < 1:
@@ -114,6 +115,16 @@ class StateStore:
         #: and score), for inspection only: never checkpointed, NaN until this process
         #: answers the stream (after a restore, too) and after a reset.
         self.last_answer: F64 = np.full((cap, answer_width), np.nan, dtype=np.float64)
+        #: ``history`` (K, F): each stream's ring of its last K raw ticks, what a re-warm
+        #: replays (``record_ticks``; ``StreamState.history`` says how it is laid out).
+        #: NaN marks a row that holds no tick (a state restored without its history):
+        #: a tick is never NaN, so a replay skips those rows.
+        ticks, width = history
+        if ticks < 0 or width < 0 or (ticks and not width) or ticks > 65535 or width > 65535:
+            raise ConfigError(f"history: (ticks, width) must be in 0..65535, got {history!r}")
+        self.history: npt.NDArray[np.float32] = np.full(
+            (cap, ticks, width if ticks else 0), np.nan, dtype=np.float32
+        )
         self._last_used: I64 = np.full(cap, _NEVER, dtype=np.int64)
         #: What changed since the last checkpoint (``take_changes``).
         self.changes = Changes(cap)
@@ -189,6 +200,13 @@ class StateStore:
         self.steps[slots] = counted
         return counted
 
+    def record_ticks(self, slots: I64, steps: I64, x: npt.NDArray[np.float32]) -> None:
+        """The raw ticks ``x [n, F]`` just applied at the distinct ``slots``, each its
+        stream's ``steps``-th since the last reset, into the history rings (if kept)."""
+        ticks = self.history.shape[1]
+        if ticks:
+            self.history[slots, (steps - 1) % ticks] = x
+
     def record_step(
         self, slots: I64, *, last_seen: F64, offsets: I64 | None, partitions: I64 | None
     ) -> None:
@@ -222,7 +240,7 @@ class StateStore:
 
         O(streams) because it sizes every id string; meant for benchmarks.
         """
-        total = sum(t.nbytes for t in (*self.h, *self.c))
+        total = sum(t.nbytes for t in (*self.h, *self.c, self.history))
         arrays = (self.steps, self.offsets, self.partitions, self.last_seen, self.extra)
         total += self.last_answer.nbytes
         total += sum(a.nbytes for a in (*arrays, self._last_used, self.changes.changed))
@@ -331,6 +349,7 @@ class StateStore:
             partition=np.asarray(partitions, dtype=np.int64),
             model=model,
             cell=self.cell,
+            history=self.history[slots] if self.history.shape[1] else None,
         )
 
     def arrays(self) -> StateArrays:
@@ -348,6 +367,7 @@ class StateStore:
             extra=self.extra[slots],
             models=[""] * len(ids),
             cell=self.cell,
+            history=self.history[slots],
         )
 
     def take_over(self, old: StateStore, states: StateArrays) -> None:
@@ -413,7 +433,26 @@ class StateStore:
             kept = min(saved, self.extra_kept)
             self.extra[slots, :kept] = states.extra[:, :kept]
             self.extra[slots, kept:] = 0.0
+        self._restore_history(slots, states)
         return evictions
+
+    def _restore_history(self, slots: I64, states: StateArrays) -> None:
+        """The restored states' tick rings: as saved where laid out as this store's, re-laid
+        by tick number where only K differs, else none (NaN rows: nothing to replay)."""
+        ring, saved = self.history, states.history
+        if not ring.shape[1]:
+            return
+        if saved is not None and saved.shape[1:] == ring.shape[1:]:
+            ring[slots] = saved
+            return
+        ring[slots] = np.nan
+        if saved is None or not saved.shape[1] or saved.shape[2] != ring.shape[2]:
+            return
+        ticks, before = ring.shape[1], saved.shape[1]
+        for row, (slot, step) in enumerate(zip(slots.tolist(), states.step.tolist(), strict=True)):
+            held = min(step, before, ticks)
+            numbers = np.arange(step - held, step)  # the ticks kept, 0-based since the reset
+            ring[slot, numbers % ticks] = saved[row, numbers % before]
 
     def zero_extra_after(self, ids: Sequence[str], first: int) -> None:
         """Zero the extra columns from ``first`` on of those ``ids`` held."""
@@ -477,6 +516,9 @@ class StateStore:
         extra = np.zeros((new_capacity, self.extra.shape[1]), dtype=np.float64)
         extra[:old] = self.extra
         self.extra = extra
+        history = np.full((new_capacity, *self.history.shape[1:]), np.nan, dtype=np.float32)
+        history[:old] = self.history
+        self.history = history
         answers = np.full((new_capacity, self.last_answer.shape[1]), np.nan)
         answers[:old] = self.last_answer
         self.last_answer = answers
@@ -512,6 +554,7 @@ class StateStore:
     def _states(self, slots: I64) -> list[StreamState]:
         hs = [t[slots] for t in self.h]
         cs = [t[slots] for t in self.c]
+        rings = self.history[slots] if self.history.shape[1] else None
         return [
             StreamState(
                 h=tuple(h[i] for h in hs),
@@ -522,6 +565,7 @@ class StateStore:
                 extra=tuple(self.extra[slot].tolist()),
                 partition=int(self.partitions[slot]),
                 cell=self.cell,
+                **({} if rings is None else {"history": rings[i]}),
             )
             for i, slot in enumerate(slots.tolist())
         ]

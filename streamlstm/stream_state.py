@@ -2,19 +2,22 @@
 
 The bytes are what the changelog topic holds (see docs/durability.md,
 "Durable state"): little-endian, a magic and a format version first, so a
-newer reader takes older states. Version 4: header (magic, version, layers,
+newer reader takes older states. Version 5: header (magic, version, layers,
 step, offset, last_seen), the cell (one byte: 0 LSTM, 1 GRU, 2 RNN), each
 layer's size, then per layer ``h`` and, for an LSTM, ``c`` (float32), the
-extra per-stream numbers (float64), the input partition and the model's
-fingerprint. Versions 1 to 3 have no cell byte and are LSTM states.
+extra per-stream numbers (float64), the input partition, the model's
+fingerprint, and the tick history (two u16, K and F, then K x F float32: the
+ring of the stream's last K raw ticks, ``--history-ticks``; K is 0 without
+one). Versions 1 to 3 have no cell byte and are LSTM states; 1 to 4 have no
+history.
 """
 
 from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -26,12 +29,14 @@ from streamlstm.errors import StateError
 __all__ = ["StateArrays", "StateBlobs", "StreamState", "decode_many", "encode_many"]
 
 _MAGIC = b"SLST"
-# 4 adds the cell byte (a GRU's or RNN's state has no c); 3 appends partition and
-# model; 2 the extra columns; 1 to 3 still read, as LSTM states.
-_FORMAT_VERSION = 4
+# 5 appends the tick history; 4 adds the cell byte (a GRU's or RNN's state has no c);
+# 3 appends partition and model; 2 the extra columns; 1 to 3 still read, as LSTM states.
+_FORMAT_VERSION = 5
 _HEADER = struct.Struct("<4sBBqqd")
+_HISTORY = struct.Struct("<HH")
 #: Versions a restore reads as a table (``decode_many``): with partition and model.
-_TABLE_VERSIONS = (3, _FORMAT_VERSION)
+_TABLE_VERSIONS = (3, 4, _FORMAT_VERSION)
+_NO_HISTORY = np.zeros((0, 0), np.float32)
 
 
 def _sizes_at(version: int) -> int:
@@ -55,7 +60,10 @@ class StreamState:
     unknown) and ``model`` the fingerprint of the model that made it (the
     bundle's ``model_id``; empty when unknown). ``cell`` is the model's
     recurrent cell (``ModelConfig.cell``): an LSTM's state has a ``c`` per
-    layer, a GRU's or RNN's none (``c == ()``).
+    layer, a GRU's or RNN's none (``c == ()``). ``history`` is the ring of the
+    stream's last raw ticks, float32 ``[K, F]`` (``[0, 0]`` without one): the
+    t-th tick since the last reset (from 1) is row ``(t - 1) % K``, and the
+    last ``min(step, K)`` are held (``recent_ticks``); what a re-warm replays.
     """
 
     h: tuple[npt.NDArray[np.float32], ...]
@@ -67,6 +75,23 @@ class StreamState:
     partition: int = -1
     model: str = ""
     cell: str = "lstm"
+    history: npt.NDArray[np.float32] = field(default_factory=lambda: _NO_HISTORY)
+
+    def recent_ticks(self) -> npt.NDArray[np.float32]:
+        """The held ticks of ``history`` in order, oldest first: ``[min(step, K), F]``."""
+        ticks = self.history.shape[0]
+        held = min(self.step, ticks)
+        rows: npt.NDArray[np.float32] = self.history[
+            np.arange(self.step - held, self.step) % max(ticks, 1)
+        ]
+        return rows
+
+    def zeroed(self, hidden_sizes: Sequence[int], cell: str) -> StreamState:
+        """This state with a zero ``h`` (and ``c``) of another model's cell and sizes, and
+        no extra columns: its step count, position, times and ticks kept (a re-warm's)."""
+        zeros = tuple(np.zeros(size, np.float32) for size in hidden_sizes)
+        c = tuple(z.copy() for z in zeros) if cell == "lstm" else ()
+        return replace(self, h=zeros, c=c, extra=(), cell=cell)
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
@@ -93,13 +118,15 @@ class StreamState:
         model = self.model.encode()
         parts.append(struct.pack("<iH", self.partition, len(model)))
         parts.append(model)
+        parts.append(_HISTORY.pack(*self.history.shape))
+        parts.append(np.asarray(self.history, dtype="<f4").tobytes())
         return b"".join(parts)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> StreamState:
         try:
             magic, version, layers, step, offset, last_seen = _HEADER.unpack_from(data, 0)
-            if magic != _MAGIC or version not in (1, 2, 3, _FORMAT_VERSION):
+            if magic != _MAGIC or version not in (1, 2, 3, 4, _FORMAT_VERSION):
                 raise StateError(f"state bytes: bad magic or version ({magic!r}, {version})")
             pos, cell = _HEADER.size, "lstm"
             if version >= 4:
@@ -120,6 +147,11 @@ class StreamState:
                 expected += 6
                 model = data[expected : expected + size].decode()
                 expected += size
+            history, ticks, width = _NO_HISTORY, 0, 0
+            if version >= 5:
+                ticks, width = _HISTORY.unpack_from(data, expected)
+                expected += _HISTORY.size
+                at, expected = expected, expected + 4 * ticks * width
             if len(data) != expected:
                 raise StateError(f"state bytes: expected {expected} bytes, got {len(data)}")
             hs, cs = [], []
@@ -135,6 +167,9 @@ class StreamState:
                 extra = tuple(
                     np.frombuffer(data, dtype="<f8", count=count, offset=pos + 4).tolist()
                 )
+            if ticks * width:
+                ring = np.frombuffer(data, dtype="<f4", count=ticks * width, offset=at)
+                history = ring.reshape(ticks, width).copy()
         except (struct.error, UnicodeDecodeError) as exc:
             raise StateError(f"state bytes: truncated or corrupt ({exc})") from exc
         return cls(
@@ -147,6 +182,7 @@ class StreamState:
             partition=partition,
             model=model,
             cell=cell,
+            history=history,
         )
 
 
@@ -155,7 +191,8 @@ class StateArrays:
     """Many streams' states as columns: row i is stream ``ids[i]``; all of one ``cell``.
 
     ``h[l]`` and ``c[l]`` are float32 ``[N, H_l]`` (no ``c`` for a GRU or RNN);
-    ``extra`` float64 ``[N, E]``.
+    ``extra`` float64 ``[N, E]``; ``history`` float32 ``[N, K, F]``, each stream's
+    ring of raw ticks (``StreamState.history``), None without one.
     """
 
     ids: list[str]
@@ -168,6 +205,24 @@ class StateArrays:
     extra: npt.NDArray[np.float64]
     models: list[str]
     cell: str = "lstm"
+    history: npt.NDArray[np.float32] | None = None
+
+    def zeroed(
+        self, hidden_sizes: Sequence[int], cell: str, *, keep_steps: bool = True
+    ) -> StateArrays:
+        """These states with zero ``h`` (and ``c``) of another model's cell and sizes, no
+        extra columns and (unless ``keep_steps``) step 0; positions, times and tick
+        histories kept (what a swap or a restore that does not carry the state loads)."""
+        n = len(self.ids)
+        zeros = [np.zeros((n, size), np.float32) for size in hidden_sizes]
+        return replace(
+            self,
+            h=zeros,
+            c=[z.copy() for z in zeros] if cell == "lstm" else [],
+            step=np.array(self.step, dtype=np.int64) if keep_steps else np.zeros(n, np.int64),
+            extra=np.zeros((n, 0)),
+            cell=cell,
+        )
 
     @classmethod
     def from_states(cls, states: dict[str, StreamState]) -> StateArrays:
@@ -183,6 +238,14 @@ class StateArrays:
         extra = np.zeros((len(ids), width))
         for i, v in enumerate(values):
             extra[i, : len(v.extra)] = v.extra
+        # Rings of several sizes (records from before and after a --history-ticks change):
+        # the largest kept, the others' rows NaN (no tick held).
+        shape = max((v.history.shape for v in values), default=(0, 0))
+        history = np.full((len(ids), *shape), np.nan, np.float32) if shape[0] else None
+        if history is not None:
+            for i, v in enumerate(values):
+                if v.history.shape == shape:
+                    history[i] = v.history
         return cls(
             ids=ids,
             h=[np.stack([v.h[k] for v in values]) for k in range(layers)],
@@ -194,6 +257,7 @@ class StateArrays:
             extra=extra,
             models=[v.model for v in values],
             cell=cells[0] if cells else "lstm",
+            history=history,
         )
 
 
@@ -271,6 +335,10 @@ def decode_many(blobs: Mapping[str, bytes] | StateBlobs) -> StateArrays:
             cs.append(column(pos, "<f4", h.size))
             pos += 4 * h.size
     count = len(template.extra)
+    ticks, width = template.history.shape
+    history = np.ndarray(
+        (n, ticks, width), np.dtype("<f4"), table, size - 4 * ticks * width, (size, 4 * width, 4)
+    )
     return StateArrays(
         ids=ids,
         h=hs,
@@ -282,6 +350,7 @@ def decode_many(blobs: Mapping[str, bytes] | StateBlobs) -> StateArrays:
         extra=column(pos + 4, "<f8", count) if count else np.zeros((n, 0)),
         models=[template.model] * n,
         cell=template.cell,
+        history=history,
     )
 
 
@@ -303,13 +372,14 @@ def _table(blobs: StateBlobs) -> npt.NDArray[np.uint8] | None:
     else:  # others between them (superseded states, tombstoned streams'): one copy
         table = np.lib.stride_tricks.sliding_window_view(blobs.data, size)[blobs.starts]
     layers = len(template.h)
-    ends = 6 + len(template.model.encode())  # partition and model
+    ring = (_HISTORY.size + 4 * template.history.size) if first[4] >= 5 else 0
+    ends = 6 + len(template.model.encode()) + ring  # partition, model, history
     tail = 4 + 8 * len(template.extra) + ends
     for lo, hi in (
         (0, 6),  # magic, version, layer count
         (_HEADER.size, _sizes_at(first[4]) + 4 * layers),  # cell (version 4) and layer sizes
         (size - tail, size - tail + 4),  # extra count
-        (size - ends, size),  # partition and model
+        (size - ends, size - ring + (_HISTORY.size if ring else 0)),  # partition, model, K, F
     ):
         if not (table[:, lo:hi] == table[0, lo:hi]).all():
             return None
@@ -327,11 +397,12 @@ def encode_many(
     partition: npt.NDArray[np.int64],
     model: str,
     cell: str = "lstm",
+    history: npt.NDArray[np.float32] | None = None,
 ) -> list[bytes]:
     """``StreamState(...).to_bytes()`` of N streams at once, byte for byte.
 
     ``h[l]``/``c[l]`` are ``[N, H_l]`` (``c`` empty for a GRU or RNN), ``extra``
-    ``[N, E]``, the rest ``[N]``.
+    ``[N, E]``, ``history`` ``[N, K, F]`` (None: none), the rest ``[N]``.
     One packed record array holds every state (a checkpoint of 10k streams
     built one ``StreamState`` at a time cost the engine child ~15% of its
     time); each stream's bytes are then one slice of it.
@@ -361,6 +432,10 @@ def encode_many(
     fields += [("partition", "<i4"), ("model_size", "<u2")]
     if name:
         fields.append(("model", f"S{len(name)}"))
+    ring = history if history is not None else np.zeros((n, 0, 0), np.float32)
+    fields += [("ticks", "<u2"), ("width", "<u2")]
+    if ring.size:
+        fields.append(("history", "<f4", ring.shape[1:]))
     dtype = np.dtype(fields)  # packed: no alignment padding, as struct's "<"
     table = np.zeros(n, dtype=dtype)
     table["magic"] = _MAGIC
@@ -382,6 +457,9 @@ def encode_many(
     table["model_size"] = len(name)
     if name:
         table["model"] = name
+    table["ticks"], table["width"] = ring.shape[1:]
+    if ring.size:
+        table["history"] = ring
     data = table.tobytes()
     size = dtype.itemsize
     return [data[i * size : (i + 1) * size] for i in range(n)]

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from streamlstm.config import ModelConfig
 
-__all__ = ["SWAP_POLICIES", "carries_state", "model_name", "same_state_layout"]
+__all__ = ["SWAP_MODES", "SWAP_POLICIES", "model_name", "same_state_layout", "swap_mode"]
 
+#: What a swap does with each stream's state (``Engine.swap_model``).
+SWAP_MODES = ("carry", "rewarm", "reset")
 #: ``auto``: carry where the new model is a retrain of the same model (the same
-#: bundle ``name``, the same cell and layer sizes), else reset; ``carry``: carry wherever the
-#: layer sizes allow; ``reset``: every stream starts again from zero state.
-SWAP_POLICIES = ("auto", "carry", "reset")
+#: bundle ``name``, the same cell and layer sizes), else rewarm; ``carry``: carry
+#: wherever the cell and sizes allow, else rewarm; ``rewarm``: the new model run
+#: over each stream's last ticks (``--history-ticks``; without them it is a reset);
+#: ``reset``: every stream starts again from zero state.
+SWAP_POLICIES = ("auto", "carry", "rewarm", "reset")
 
 
 def same_state_layout(old: ModelConfig, new: ModelConfig) -> bool:
@@ -31,19 +35,19 @@ def model_name(model_id: str) -> str:
     return name if at else model_id
 
 
-def carries_state(policy: str, *, made_by: str, model_id: str, compatible: bool) -> bool:
-    """Whether a state ``made_by`` one model goes on, as it is, under ``model_id``.
+def swap_mode(policy: str, *, made_by: str, model_id: str, compatible: bool) -> str:
+    """What becomes of a state ``made_by`` one model under ``model_id`` (``SWAP_MODES``).
 
-    Never where the layer sizes differ (``compatible`` false). Always for the
-    same model, or a state that names none (written before states named
-    their model). Otherwise as ``policy`` says (see ``SWAP_POLICIES``).
+    ``carry`` for the same model, or a state that names none (written before
+    states named their model). Otherwise as ``policy`` says (``SWAP_POLICIES``),
+    never ``carry`` where the cell or layer sizes differ (``compatible`` false).
     """
-    if not compatible:
-        return False
-    if not made_by or made_by == model_id:
-        return True
-    if policy == "carry":
-        return True
-    if policy == "auto":
-        return model_name(made_by) == model_name(model_id)
-    return False
+    if compatible and (not made_by or made_by == model_id):
+        return "carry"
+    if policy == "reset":
+        return "reset"
+    if compatible and (
+        policy == "carry" or (policy == "auto" and model_name(made_by) == model_name(model_id))
+    ):
+        return "carry"
+    return "rewarm"

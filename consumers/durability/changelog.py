@@ -367,6 +367,9 @@ def _left_out(report: Any) -> str:
     parts = [
         f"{report.reset_model_changed} reset (another model)" if report.reset_model_changed else "",
         f"{report.kept_model_changed} kept from another model" if report.kept_model_changed else "",
+        f"{report.rewarmed_model_changed} re-warmed (another model)"
+        if report.rewarmed_model_changed
+        else "",
         f"{report.over_capacity} left out (max_streams)" if report.over_capacity else "",
         f"{report.corrupt} corrupt" if report.corrupt else "",
     ]

@@ -34,8 +34,8 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -80,13 +80,31 @@ from streamlstm.kernels import set_num_threads
 from streamlstm.quality import QualityConfig, StreamError
 from streamlstm.store import MAX_PAGE_SCAN
 from streamlstm.stream_state import StateArrays, StateBlobs, StreamState, decode_many
-from streamlstm.swap_policy import carries_state
+from streamlstm.swap_policy import swap_mode
 
 __all__ = ["EngineHost", "InProcessClient", "RestoreReport"]
 
 
 #: How many of the worst streams by recent error the daemon logs with each summary.
 WORST_STREAMS = 5
+
+
+@dataclass
+class _Counts:
+    """A restore's states by what became of them (``RestoreReport``'s counts)."""
+
+    reset: int = 0
+    kept: int = 0
+    corrupt: int = 0
+    rewarmed: int = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return iter((self.reset, self.kept, 0, self.corrupt, self.rewarmed))
+
+
+#: A restore's states sorted: those to load, the counts, the ids of another model's
+#: states among them, and those to re-warm once loaded.
+_Sorted = tuple[StateArrays, _Counts, list[str], list[str]]
 
 
 class EngineHost:
@@ -236,65 +254,86 @@ class EngineHost:
         (``swap_policy``), so it is carried again."""
         started = time.perf_counter()
         bundle = load_checked(message.path, message.model_id)
-        streams = self.engine.swap_model(bundle, carry=message.carry)
+        streams = self.engine.swap_model(bundle, mode=message.mode)
         self.model_id = bundle.model_id
         return SwapReply(self.model_id, streams, time.perf_counter() - started, self.stats)
 
-    def _carries(self, policy: str, made_by: str, compatible: bool) -> bool:
-        return carries_state(policy, made_by=made_by, model_id=self.model_id, compatible=compatible)
+    def _mode(self, policy: str, made_by: str, layout: tuple[str, tuple[int, ...]]) -> str:
+        """What becomes of a state ``made_by`` a model, of ``layout`` (cell, layer sizes)."""
+        store = self.engine.store
+        compatible = layout == (store.cell, store.hidden_sizes)
+        mode = swap_mode(policy, made_by=made_by, model_id=self.model_id, compatible=compatible)
+        return "reset" if mode == "rewarm" and not self.engine.history_ticks else mode
 
     def restore(
         self, partition: int, blobs: Mapping[str, bytes] | StateBlobs, policy: str
     ) -> RestoreReport:
-        """Load one changelog partition's states; see ``RestoreReport`` for what is counted."""
+        """Load one changelog partition's states; see ``RestoreReport`` for what is counted.
+        A state another model made goes on, is re-warmed or reset as ``policy`` says
+        (``swap_policy.swap_mode``: the rule a live swap follows)."""
         store = self.engine.store
-        sizes = tuple(h.shape[1] for h in store.h)
-        reset = kept = corrupt = 0
-        foreign: list[str] = []  # kept, though another model made them
         try:  # the common case: one model wrote them all, one layout: decoded as a table
             arrays: StateArrays | None = decode_many(blobs)
         except StateError:
             arrays = None
-        if arrays is not None and arrays.ids:
-            model = arrays.models[0]
-            if arrays.cell != store.cell:  # another cell's state means nothing here
-                reset, arrays = len(arrays.ids), None
-            elif model and model != self.model_id:
-                compatible = tuple(h.shape[1] for h in arrays.h) == sizes
-                if not self._carries(policy, model, compatible):
-                    reset, arrays = len(arrays.ids), None
-                else:
-                    kept = len(arrays.ids)
-                    foreign = list(arrays.ids)
-        elif arrays is None:  # mixed or corrupt: one by one
-            states: dict[str, StreamState] = {}
-            for stream, blob in blobs.items():
-                try:
-                    state = StreamState.from_bytes(blob)
-                except StateError:
-                    corrupt += 1
-                    continue
-                if state.cell != store.cell:
-                    reset += 1
-                    continue
-                if state.model and state.model != self.model_id:
-                    compatible = tuple(h.size for h in state.h) == sizes
-                    if not self._carries(policy, state.model, compatible):
-                        reset += 1
-                        continue
-                    kept += 1
-                    foreign.append(stream)
-                states[stream] = state
-            arrays = StateArrays.from_states(states)
-        if arrays is None or not arrays.ids:
-            return RestoreReport(0, reset, kept, 0, corrupt)
+        if arrays is not None:
+            sorted_ = self._sort_table(arrays, policy)
+        else:  # mixed or corrupt: one by one
+            sorted_ = self._sort_one_by_one(blobs, policy)
+        arrays, counts, foreign, rewarm = sorted_
+        if not arrays.ids:
+            return RestoreReport(0, *counts)
         arrays = _most_recent(arrays, store.max_streams - len(store))
-        over = len(blobs) - corrupt - reset - len(arrays.ids)
+        over = len(blobs) - counts.corrupt - counts.reset - len(arrays.ids)
         arrays.partition[:] = partition
         store.restore_arrays(arrays)
         if foreign:  # another model's forecasts are not this one's to be judged by
             self.engine.restart_quality(foreign)
-        return RestoreReport(len(arrays.ids), reset, kept, over, corrupt)
+        if rewarm:
+            self.engine.rewarm(rewarm)
+        return RestoreReport(len(arrays.ids), counts.reset, counts.kept, over, counts.corrupt,
+                             counts.rewarmed)  # fmt: skip
+
+    def _sort_table(self, arrays: StateArrays, policy: str) -> _Sorted:
+        """States one model wrote, in one layout: kept, re-warmed or reset together."""
+        store = self.engine.store
+        model = arrays.models[0] if arrays.ids else ""
+        layout = (arrays.cell, tuple(h.shape[1] for h in arrays.h))
+        mode = self._mode(policy, model, layout)
+        n = len(arrays.ids)
+        if mode == "carry":
+            foreign = list(arrays.ids) if model and model != self.model_id else []
+            return arrays, _Counts(kept=len(foreign)), foreign, []
+        if mode == "reset":
+            return StateArrays.from_states({}), _Counts(reset=n), [], []
+        zeroed = arrays.zeroed(store.hidden_sizes, store.cell)
+        return zeroed, _Counts(rewarmed=n), list(arrays.ids), list(arrays.ids)
+
+    def _sort_one_by_one(self, blobs: Mapping[str, bytes] | StateBlobs, policy: str) -> _Sorted:
+        store = self.engine.store
+        states: dict[str, StreamState] = {}
+        counts, foreign, rewarm = _Counts(), [], []
+        for stream, blob in blobs.items():
+            try:
+                state = StreamState.from_bytes(blob)
+            except StateError:
+                counts.corrupt += 1
+                continue
+            layout = (state.cell, tuple(h.size for h in state.h))
+            mode = self._mode(policy, state.model, layout)
+            if mode == "reset":
+                counts.reset += 1
+                continue
+            if mode == "rewarm":
+                state = state.zeroed(store.hidden_sizes, store.cell)
+                counts.rewarmed += 1
+                rewarm.append(stream)
+            elif state.model and state.model != self.model_id:
+                counts.kept += 1
+            if state.model and state.model != self.model_id:
+                foreign.append(stream)
+            states[stream] = state
+        return StateArrays.from_states(states), counts, foreign, rewarm
 
 
 class InProcessClient:
@@ -400,6 +439,7 @@ def serve(sock: socket.socket, options: dict[str, Any]) -> None:
                 bundle,
                 max_streams=options["max_streams"],
                 idle_ttl_s=options["idle_ttl_s"],
+                history_ticks=int(options.get("history_ticks", 0)),
                 quality=QualityConfig(
                     enabled=bool(options["quality"]),
                     drift_window_ticks=int(options["drift_window_ticks"]),

@@ -153,6 +153,7 @@ class ProcessClient:
         drift_window_ticks: int = 10_000,
         quality: bool = True,
         worst_interval_s: float = 10.0,
+        history_ticks: int = 0,
     ) -> None:
         self._bundle = bundle
         self._options = {
@@ -163,6 +164,7 @@ class ProcessClient:
             "drift_window_ticks": drift_window_ticks,
             "quality": quality,
             "worst_interval_s": worst_interval_s,
+            "history_ticks": history_ticks,
         }
         self._start_timeout_s = start_timeout_s
         self._proc: subprocess.Popen[bytes] | None = None
@@ -392,4 +394,5 @@ def default_engine(bundle: Bundle, config: ServeConfig) -> EngineClient:
         drift_window_ticks=config.drift_window_ticks,
         quality=config.quality_metrics == "on",
         worst_interval_s=config.metrics_interval_s,
+        history_ticks=config.history_ticks,
     )

@@ -193,12 +193,12 @@ class Drop:
 class SwapModel:
     """Serve the bundle at ``path`` from the next step on (``Engine.swap_model``): loaded
     and checked there (its id must be ``model_id``, what the daemon read of it), each
-    held stream's state carried into it (``carry``) or reset. A bundle that fails to load
+    held stream's state carried into it, re-warmed or reset (``mode``). A bundle that fails to load
     is refused (``ErrorReply``) and the model served so far goes on."""
 
     path: str
     model_id: str
-    carry: bool
+    mode: str  # swap_policy.SWAP_MODES: carry, rewarm or reset
 
 
 @dataclass(frozen=True)
@@ -279,6 +279,8 @@ class RestoreReport:
     kept_model_changed: int  # made by another, compatible model, kept (--swap-state)
     over_capacity: int  # past max_streams: the least recently seen were left out
     corrupt: int
+    #: Made by another model, loaded from zero state and re-warmed over its ticks.
+    rewarmed_model_changed: int = 0
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from streamlstm.consumers.engine.protocol import SwapModel
 from streamlstm.consumers.models.source import ModelSource, Resolved
 from streamlstm.consumers.observability.metrics import ServeMetrics
 from streamlstm.errors import StreamLSTMError
-from streamlstm.swap_policy import carries_state, same_state_layout
+from streamlstm.swap_policy import same_state_layout, swap_mode
 
 __all__ = ["ReloadOutcome", "Reloader"]
 
@@ -43,7 +43,7 @@ class ReloadOutcome:
     model: str  # the model serving after it
     previous: str
     version: str = ""
-    carry: bool | None = None  # swapped: whether the states carried (else reset)
+    mode: str | None = None  # swapped: carry, rewarm or reset (swap_policy.SWAP_MODES)
     streams: int = 0  # swapped: the streams held, now under the new model
     seconds: float = 0.0  # swapped: the engine's time to load and swap
     error: str | None = None
@@ -95,12 +95,12 @@ class Reloader:
         elif outcome.outcome == "swapped":
             self._metrics.model_swap_seconds.set(outcome.seconds)
             logger.info(
-                "model swapped: %s -> %s (version %s), %d streams %s in %.3f s",
+                "model swapped: %s -> %s (version %s), %d streams' states %s in %.3f s",
                 outcome.previous,
                 outcome.model,
                 outcome.version or "-",
                 outcome.streams,
-                "carried" if outcome.carry else "reset",
+                {"carry": "carried", "rewarm": "re-warmed", "reset": "reset"}[outcome.mode or ""],
                 outcome.seconds,
             )
         for future in waiting:
@@ -131,14 +131,14 @@ class Reloader:
         new = found.bundle
         if new.model_id == old.model_id:
             return ReloadOutcome("unchanged", old.model_id, old.model_id, self.serving.version)
-        carry = carries_state(
+        mode = swap_mode(
             self._policy,
             made_by=old.model_id,
             model_id=new.model_id,
             compatible=same_state_layout(old.config, new.config),
         )
         try:
-            reply = await engine.swap_model(SwapModel(str(new.source), new.model_id, carry))
+            reply = await engine.swap_model(SwapModel(str(new.source), new.model_id, mode))
         except StreamLSTMError as exc:
             self._refused.add(new.model_id)
             error = str(exc)
@@ -150,7 +150,7 @@ class Reloader:
             new.model_id,
             old.model_id,
             found.version,
-            carry=carry,
+            mode=mode,
             streams=reply.streams,
             seconds=reply.seconds,
         )

@@ -236,3 +236,33 @@ def test_a_state_kept_from_another_model_starts_its_quality_history_again() -> N
     errors = np.abs(out.result.predictions[:9, 0].astype(np.float64) - x[11:, 0])
     assert judged.count == 9  # the first forecast judged is the first made after restore
     assert judged.total == pytest.approx(errors.sum(), rel=1e-6)  # truths read as float32
+
+
+def test_a_restore_re_warms_another_models_states_over_their_ticks(
+    make_bundle: BundleFactory,
+) -> None:
+    """A changelog written by one model, restored by another (not a retrain) that keeps
+    ticks: each stream's state is the new model run over the last K ticks its record
+    holds, whatever the K it was written with (re-laid), and a record without ticks
+    starts again; the same rule as a live swap (``--swap-state auto``)."""
+    old = make_bundle(input_size=2, output_size=1, seed=1)
+    new = make_bundle(input_size=2, output_size=1, seed=2, hidden_sizes=(8,), cell="gru")
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(30, 2)).astype(np.float32)
+    ids = ["a", "b"] * 15
+    writer = EngineHost(Engine(old, history_ticks=6))
+    writer.step(_request(ids, x, list(range(30)), part=0))
+    bare = EngineHost(Engine(old))  # no ticks kept: its record holds none
+    bare.step(_request(["c"] * 3, x[:3], [0, 1, 2], part=1))
+    blobs = {s: v for s, _, v in [*writer.checkpoint(), *bare.checkpoint()] if v is not None}
+    reader = EngineHost(Engine(new, history_ticks=4))
+    report = reader.restore(0, blobs, "auto")
+    assert (report.loaded, report.rewarmed_model_changed) == (3, 3)
+    y = rng.normal(size=(1, 2)).astype(np.float32)
+    for stream, mine in (("a", x[0::2]), ("b", x[1::2])):
+        got = reader.step(_request([stream], y, [100], part=0)).result.predictions
+        want = new.predict_sequence(np.concatenate([mine[-4:], y]))[-1]
+        np.testing.assert_allclose(got[0], want, atol=1e-5)
+    fresh = reader.step(_request(["c"], y, [100], part=1)).result
+    assert fresh.steps.tolist() == [1]  # nothing to replay: it started again
+    np.testing.assert_allclose(fresh.predictions[0], new.predict_sequence(y)[0], atol=1e-5)

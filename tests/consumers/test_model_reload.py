@@ -37,6 +37,8 @@ from tests.streamlstm.oracle import carried_outputs
 pytestmark = pytest.mark.apache_kafka
 
 STREAMS = [f"sensor-{i}" for i in range(6)]
+#: --history-ticks: each stream's last ticks kept for a re-warm.
+HISTORY = 8
 
 
 def _bundle(seed: int, name: str) -> Bundle:
@@ -85,7 +87,11 @@ async def _post(session: aiohttp.ClientSession, port: int, token: str, path: str
 
 @pytest.mark.parametrize(
     ("policy", "guarantee", "new_name"),
-    [("auto", "at-least-once", "serving"), ("reset", "exactly-once", "serving")],
+    [
+        ("auto", "at-least-once", "serving"),  # a retrain: carried
+        ("auto", "exactly-once", "other"),  # another model: re-warmed
+        ("reset", "exactly-once", "serving"),
+    ],
 )
 def test_a_reload_under_load_swaps_at_one_point_per_partition_on_the_oracle(
     bootstrap: str, make_topics: Any, tmp_path: Path, policy: str, guarantee: str, new_name: str
@@ -98,7 +104,7 @@ def test_a_reload_under_load_swaps_at_one_point_per_partition_on_the_oracle(
     config = serve_config(
         root, bootstrap, src, out, dlq, state="durable", guarantee=guarantee,
         swap_state=policy, commit_interval_ms=200, max_records=16, admin_port=0,
-        admin_token_file=str(tmp_path / "token"),
+        admin_token_file=str(tmp_path / "token"), history_ticks=HISTORY,
     )  # fmt: skip
     ticks = _ticks(np.random.default_rng(7), 900)
 
@@ -113,7 +119,7 @@ def test_a_reload_under_load_swaps_at_one_point_per_partition_on_the_oracle(
             swapped = await _post(session, port, token, "/model/reload")
             while len(metas) < 600:
                 await asyncio.sleep(0.01)
-            _broken(_bundle(5, "serving"), root / "3")
+            _broken(_bundle(5, new_name), root / "3")
             refused = await _post(session, port, token, "/model/reload")
             await sending
             isolation = "read_committed" if guarantee == "exactly-once" else "read_uncommitted"
@@ -122,12 +128,13 @@ def test_a_reload_under_load_swaps_at_one_point_per_partition_on_the_oracle(
 
     metas, answers, swapped, refused, text = asyncio.run(scenario())
     assert swapped[0] == 200 and swapped[1]["outcome"] == "swapped", swapped
-    assert swapped[1]["carry"] is (policy == "auto"), swapped
+    mode = {"serving": "carry", "other": "rewarm"}[new_name] if policy == "auto" else policy
+    assert swapped[1]["mode"] == mode, swapped
     assert (swapped[1]["previous"], swapped[1]["model"]) == (old.model_id, new.model_id)
     assert refused[0] == 409 and refused[1]["outcome"] == "refused", refused
     assert refused[1]["model"] == new.model_id  # the new model serves on
     assert metric_total(text, "streamlstm_model_reloads") == 2
-    _check_answers(old, new, ticks, metas, answers, carry=policy == "auto")
+    _check_answers(old, new, ticks, metas, answers, mode=mode)
 
 
 def _broken(bundle: Bundle, path: Path) -> None:
@@ -144,7 +151,7 @@ def _check_answers(
     metas: list[Any],
     answers: list[Any],
     *,
-    carry: bool,
+    mode: str,
 ) -> None:
     """Each tick answered once; per partition the old model's answers all come before the
     new one's; each stream's answers equal the oracle on each side of its cutover."""
@@ -167,15 +174,17 @@ def _check_answers(
         x = np.array([ticks[index[k]][1] for k in mine], np.float32)
         cut = next(i for i, k in enumerate(mine) if by_tick[k]["model"] == new.model_id)
         want_old = old.predict_sequence(x[:cut])
-        want_new = (
-            carried_outputs(old, new, x[:cut], x[cut:]) if carry else new.predict_sequence(x[cut:])
-        )
+        if mode == "carry":
+            want_new = carried_outputs(old, new, x[:cut], x[cut:])
+        else:  # re-warmed over the last HISTORY ticks, or from zero
+            replayed = x[max(cut - HISTORY, 0) : cut] if mode == "rewarm" else x[:0]
+            want_new = new.predict_sequence(np.concatenate([replayed, x[cut:]]))[len(replayed) :]
         got = np.array([by_tick[k]["prediction"] for k in mine], np.float32)
         np.testing.assert_allclose(got[:cut], want_old, atol=1e-5, err_msg=stream)
         np.testing.assert_allclose(got[cut:], want_new, atol=1e-5, err_msg=stream)
         steps = [by_tick[k]["step"] for k in mine]
         restart = list(range(1, cut + 1)) + list(range(1, len(mine) - cut + 1))
-        assert steps == (list(range(1, len(mine) + 1)) if carry else restart), stream
+        assert steps == (restart if mode == "reset" else list(range(1, len(mine) + 1))), stream
 
 
 # -- kill -9 in the middle of a swap ---------------------------------------------------------
@@ -185,26 +194,39 @@ TRACKED = [f"tracked-{i}" for i in range(4)]
 
 
 @pytest.mark.parametrize(
-    ("policy", "guarantee", "delay_s"),
-    [("auto", "at-least-once", 0.05), ("reset", "exactly-once", 0.4)],
+    ("policy", "new_name", "guarantee", "delay_s"),
+    [
+        ("auto", "serving", "at-least-once", 0.05),  # carried
+        ("auto", "other", "at-least-once", 0.2),  # re-warmed
+        ("reset", "serving", "exactly-once", 0.4),
+    ],
 )
 def test_a_kill_9_in_the_middle_of_a_swap_leaves_every_stream_on_one_of_the_rules(
-    bootstrap: str, make_topics: Any, tmp_path: Path, policy: str, guarantee: str, delay_s: float
+    bootstrap: str,
+    make_topics: Any,
+    tmp_path: Path,
+    policy: str,
+    new_name: str,
+    guarantee: str,
+    delay_s: float,
 ) -> None:
     """Thousands of streams held, a SIGHUP with ticks still coming, a kill -9 soon after,
     a restart (which serves the newest version): every answer, repeats included, is the
     old model's oracle or the new model's from some cutover as the policy says (carried
-    from the old state, or from zero), and after the restart every stream's answers are
-    the new model's from one cutover; exactly-once shows each tick once."""
+    from the old state, re-warmed over the last ticks, or from zero), and after the
+    restart every stream's answers are the new model's from one cutover; exactly-once
+    shows each tick once."""
     root = tmp_path / "models"
-    old, new = _bundle(3, "serving"), _bundle(4, "serving")
+    old, new = _bundle(3, "serving"), _bundle(4, new_name)
     old.save(root / "1")
     src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=2)
     group = f"g-{secrets.token_hex(4)}"
+    mode = {"serving": "carry", "other": "rewarm"}[new_name] if policy == "auto" else policy
     cmd = [
         *serve_cmd(root, bootstrap, src, out, dlq, group),
         "--state", "durable", "--guarantee", guarantee, "--swap-state", policy,
         "--commit-interval-ms", "300", "--max-records", "512", "--group-instance-id", "swap",
+        "--history-ticks", str(HISTORY),
     ]  # fmt: skip
     rng = np.random.default_rng(11)
     fillers = [(f"filler-{i}", [float(rng.normal()), float(rng.uniform(0, 100))], False)
@@ -236,7 +258,7 @@ def test_a_kill_9_in_the_middle_of_a_swap_leaves_every_stream_on_one_of_the_rule
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     ticks = fillers + first + during + last + again
-    _check_one_of_the_rules(old, new, ticks, metas, answers, carry=policy == "auto")
+    _check_one_of_the_rules(old, new, ticks, metas, answers, mode=mode)
     if guarantee == "exactly-once":
         keys = [(b["partition"], b["offset"]) for b in map(json.loads, (m.value for m in answers))]
         assert len(keys) == len(set(keys)) == len(ticks)
@@ -256,7 +278,7 @@ def _check_one_of_the_rules(
     metas: list[Any],
     answers: list[Any],
     *,
-    carry: bool,
+    mode: str,
 ) -> None:
     """Each answer is the old model's oracle or the new model's from a cutover; the last
     answer of each tick (the restart's, where it answered again) is the new model's from
@@ -272,9 +294,7 @@ def _check_one_of_the_rules(
         position = {i: j for j, i in enumerate(mine)}
         assert {position[i] for i, _ in seen} == set(range(len(mine))), stream
         cuts: list[int] = []  # the cutovers found so far: tried first
-        explained = {
-            id(body): _cut(old, new, x, position[i], body, cuts, carry) for i, body in seen
-        }
+        explained = {id(body): _cut(old, new, x, position[i], body, cuts, mode) for i, body in seen}
         assert None not in explained.values(), stream
         final = {position[i]: body for i, body in seen}  # the last answer of each tick
         if final[len(mine) - 1]["model"] == new.model_id:
@@ -289,7 +309,7 @@ def _cut(
     j: int,
     body: dict[str, Any],
     cuts: list[int],
-    carry: bool,
+    mode: str,
 ) -> int | None:
     """The cutover that explains the answer to a stream's tick ``j`` (-1: the old model's),
     trying those in ``cuts`` first (and adding what it finds); None where none does."""
@@ -297,16 +317,24 @@ def _cut(
     if body["model"] == old.model_id:
         ok = np.allclose(old.predict_sequence(x[: j + 1])[-1], got, atol=1e-5)
         return -1 if ok else None
-    if not carry:  # the step count says where the state started from zero
+    if mode == "reset":  # the step count says where the state started from zero
         cut = j + 1 - body["step"]
         return (
             cut if np.allclose(new.predict_sequence(x[cut : j + 1])[-1], got, atol=1e-5) else None
         )
     for cut in [*cuts, *(c for c in range(j + 1) if c not in cuts)]:
-        if cut <= j and np.allclose(
-            carried_outputs(old, new, x[:cut], x[cut : j + 1])[-1], got, atol=1e-5
-        ):
+        if cut <= j and np.allclose(_swapped(old, new, x, cut, j, mode), got, atol=1e-5):
             if cut not in cuts:
                 cuts.append(cut)
             return cut
     return None
+
+
+def _swapped(old: Bundle, new: Bundle, x: np.ndarray, cut: int, j: int, mode: str) -> np.ndarray:
+    """The new model's answer to tick ``j`` after a swap before tick ``cut``: carried from
+    the old model's state, or re-warmed over the last ``HISTORY`` ticks before the cut."""
+    if mode == "carry":
+        return carried_outputs(old, new, x[:cut], x[cut : j + 1])[-1]
+    answers = new.predict_sequence(x[max(cut - HISTORY, 0) : j + 1])
+    last: np.ndarray = answers[-1]
+    return last

@@ -9,7 +9,7 @@ import pytest
 
 from streamlstm import Engine
 from streamlstm.errors import ConfigError
-from streamlstm.swap_policy import carries_state
+from streamlstm.swap_policy import swap_mode
 from tests.conftest import BundleFactory
 from tests.streamlstm.oracle import carried_outputs
 
@@ -46,7 +46,7 @@ def test_a_carried_state_continues_exactly_under_the_new_model(
     ids2, x2 = _ticks(rng, 60)
     engine = Engine(old, native=native)
     _run(engine, ids1, x1)
-    assert engine.swap_model(new, carry=True) == len(set(ids1))
+    assert engine.swap_model(new, mode="carry") == len(set(ids1))
     assert engine.bundle is new
     got = _run(engine, ids2, x2)
     for stream in STREAMS:
@@ -66,7 +66,7 @@ def test_a_reset_swap_starts_every_stream_from_zero_but_keeps_its_position(
     new = make_bundle(seed=2, hidden_sizes=(8,), warmup_steps=3, cell="gru")
     engine = Engine(old)
     engine.step(["a", "b"], np.ones((2, 2)), offsets=[10, 11], partitions=[0, 0])
-    assert engine.swap_model(new, carry=False) == 2
+    assert engine.swap_model(new, mode="reset") == 2
     view = engine.inspect("a")
     assert view is not None and (view.steps, view.offset, view.ready) == (0, 10, False)
     x = np.random.default_rng(0).normal(size=(5, 2)).astype(np.float32)
@@ -84,11 +84,11 @@ def test_a_swap_that_cannot_be_made_changes_nothing(make_bundle: BundleFactory) 
     x = np.ones((3, 2), np.float32)
     before = engine.step(["a"] * 3, x).predictions
     with pytest.raises(ConfigError, match="layer sizes"):
-        engine.swap_model(make_bundle(seed=2, hidden_sizes=(4,)), carry=True)
+        engine.swap_model(make_bundle(seed=2, hidden_sizes=(4,)), mode="carry")
     with pytest.raises(ConfigError, match="into a GRU"):
-        engine.swap_model(make_bundle(seed=2, cell="gru"), carry=True)
+        engine.swap_model(make_bundle(seed=2, cell="gru"), mode="carry")
     with pytest.raises(ConfigError, match="inputs"):
-        engine.swap_model(make_bundle(seed=2, input_size=3), carry=False)
+        engine.swap_model(make_bundle(seed=2, input_size=3), mode="reset")
     assert engine.bundle is old
     np.testing.assert_allclose(
         engine.step(["a"], x[:1]).predictions, old.predict_sequence(np.ones((4, 2)))[3:], atol=1e-5
@@ -104,19 +104,62 @@ def test_what_was_not_checkpointed_before_a_swap_is_still_marked(
     engine.step(["a", "b"], np.ones((2, 2)), offsets=[1, 2], partitions=[0, 1])
     engine.store.take_changes()
     engine.step(["b", "c"], np.ones((2, 2)), ends=[False, True], offsets=[3, 4], partitions=[1, 1])
-    engine.swap_model(make_bundle(seed=2), carry=True)
+    engine.swap_model(make_bundle(seed=2), mode="carry")
     changed, partitions, removed = engine.store.take_changes()
     assert (changed, partitions, removed) == (["b"], [1], {"c": 1})
 
 
 def test_the_rule_a_swap_and_a_restore_share() -> None:
     a1, a2, b = "prices@1111", "prices@2222", "volumes@3333"
-    assert carries_state("auto", made_by=a1, model_id=a2, compatible=True)
-    assert not carries_state("auto", made_by=a1, model_id=b, compatible=True)
-    assert not carries_state("auto", made_by=a1, model_id=a2, compatible=False)
-    assert carries_state("carry", made_by=a1, model_id=b, compatible=True)
-    assert not carries_state("carry", made_by=a1, model_id=b, compatible=False)
-    assert not carries_state("reset", made_by=a1, model_id=a2, compatible=True)
+
+    def mode(policy: str, made_by: str, to: str, compatible: bool = True) -> str:
+        return swap_mode(policy, made_by=made_by, model_id=to, compatible=compatible)
+
+    assert mode("auto", a1, a2) == "carry"  # a retrain: the same name
+    assert mode("auto", a1, b) == "rewarm"
+    assert mode("auto", a1, a2, compatible=False) == "rewarm"
+    assert mode("carry", a1, b) == "carry"
+    assert mode("carry", a1, b, compatible=False) == "rewarm"
+    assert mode("rewarm", a1, a2) == "rewarm"
+    assert mode("reset", a1, a2) == "reset"
     # The same model, or a state that names none (an older record), always goes on.
-    assert carries_state("reset", made_by=a1, model_id=a1, compatible=True)
-    assert carries_state("reset", made_by="", model_id=a1, compatible=True)
+    assert mode("reset", a1, a1) == "carry"
+    assert mode("reset", "", a1) == "carry"
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_a_rewarm_runs_the_new_model_over_each_streams_last_ticks(
+    make_bundle: BundleFactory, cell: str
+) -> None:
+    """After a re-warm swap each stream answers as the new model run from zero state over
+    its last K ticks before the swap, then its ticks since (torch's own module)."""
+    old = make_bundle(scaled=True, seed=1)
+    new = make_bundle(scaled=True, seed=2, cell=cell, hidden_sizes=(8, 4))
+    ticks = 5
+    rng = np.random.default_rng(9)
+    ids1, x1 = _ticks(rng, 40)
+    ids1 += ["young"] * 2  # fewer ticks than the ring holds
+    x1 = np.concatenate([x1, rng.normal(size=(2, 2)).astype(np.float32)])
+    ids2, x2 = _ticks(rng, 40)
+    ids2 += ["young"]
+    x2 = np.concatenate([x2, rng.normal(size=(1, 2)).astype(np.float32)])
+    engine = Engine(old, history_ticks=ticks)
+    _run(engine, ids1, x1, batch=9)
+    engine.swap_model(new, mode="rewarm")
+    got = _run(engine, ids2, x2, batch=9)
+    for stream in [*STREAMS, "young"]:
+        before = _per_stream(ids1, x1, stream)[-ticks:]
+        after = _per_stream(ids2, x2, stream)
+        want = new.predict_sequence(np.concatenate([before, after]))[len(before) :]
+        mine = [i for i, s in enumerate(ids2) if s == stream]
+        np.testing.assert_allclose(got[mine], want, atol=1e-5, err_msg=stream)
+        view = engine.inspect(stream)
+        assert view is not None and view.steps == ids1.count(stream) + ids2.count(stream)
+
+
+def test_a_rewarm_without_a_history_is_a_reset(make_bundle: BundleFactory) -> None:
+    engine = Engine(make_bundle(seed=1))
+    engine.step(["a"] * 3, np.ones((3, 2)))
+    engine.swap_model(make_bundle(seed=2), mode="rewarm")
+    view = engine.inspect("a")
+    assert view is not None and view.steps == 0

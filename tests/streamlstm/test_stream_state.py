@@ -73,7 +73,7 @@ def test_anything_else_is_decoded_one_by_one_and_still_exact(odd: str) -> None:
         states["s3"] = _state(rng, 3, model="longer-model")
     blobs = {s: st.to_bytes() for s, st in states.items()}
     if odd == "version":  # the first is version 2 (no cell, no partition, no model)
-        tail = 6 + len(b"m-\xc3\xa91")
+        tail = 6 + len(b"m-\xc3\xa91") + 4  # partition, model, an empty history
         blobs["s0"] = blobs["s0"][:4] + bytes([2]) + blobs["s0"][5:30] + blobs["s0"][31:-tail]
         states["s0"] = StreamState.from_bytes(blobs["s0"])
     joined = StateBlobs.from_dict(blobs)
@@ -221,11 +221,38 @@ def test_a_state_of_one_cell_is_refused_by_a_store_of_another() -> None:
 def test_version_3_states_are_an_lstms_and_still_read_as_a_table() -> None:
     rng = np.random.default_rng(7)
     states = {f"s{i}": _state(rng, i) for i in range(10)}
-    # Version 3, as a daemon before cells wrote it: no cell byte after the header.
+    # Version 3, as a daemon before cells wrote it: no cell byte after the header, and
+    # no history (version 5's empty one is 4 bytes at the end).
     blobs = {
-        s: (b := st.to_bytes())[:4] + bytes([3]) + b[5:30] + b[31:] for s, st in states.items()
+        s: (b := st.to_bytes())[:4] + bytes([3]) + b[5:30] + b[31:-4] for s, st in states.items()
     }
     joined = StateBlobs.from_dict(blobs)
     arrays = decode_many(joined)
     assert arrays.cell == "lstm" and np.shares_memory(arrays.h[0], joined.data)
     _assert_rows_equal(arrays, states)
+
+
+def test_a_tick_history_goes_through_the_bytes_one_by_one_and_as_a_table() -> None:
+    """Version 5's ring of raw ticks: round trip, encode_many byte for byte, the table read
+    (a view), and the held ticks in order; a version 4 state reads with none."""
+    rng = np.random.default_rng(8)
+    ring = rng.normal(size=(10, 4, 3)).astype(np.float32)
+    states = {f"s{i}": replace(_state(rng, i), history=ring[i], step=i + 2) for i in range(10)}
+    blobs = {s: st.to_bytes() for s, st in states.items()}
+    for stream, state in states.items():
+        back = StreamState.from_bytes(blobs[stream])
+        np.testing.assert_array_equal(back.history, state.history)
+    arrays = decode_many(StateBlobs.from_dict(blobs))
+    assert arrays.history is not None and arrays.history.shape == (10, 4, 3)
+    np.testing.assert_array_equal(arrays.history, ring)
+    again = encode_many(
+        h=arrays.h, c=arrays.c, step=arrays.step, offset=arrays.offset,
+        last_seen=arrays.last_seen, extra=arrays.extra, partition=arrays.partition,
+        model=arrays.models[0], history=arrays.history,
+    )  # fmt: skip
+    assert again == list(blobs.values())
+    # Step 2 holds rows 0 and 1; step 6 of a 4-tick ring holds ticks 3..6: rows 2, 3, 0, 1.
+    np.testing.assert_array_equal(states["s0"].recent_ticks(), ring[0][[0, 1]])
+    np.testing.assert_array_equal(states["s4"].recent_ticks(), ring[4][[2, 3, 0, 1]])
+    old = blobs["s0"][:4] + bytes([4]) + blobs["s0"][5 : -(4 + ring[0].nbytes)]
+    assert StreamState.from_bytes(old).history.shape == (0, 0)
