@@ -87,8 +87,6 @@ TOO_LONG = {
     "consumers/devtools/bench.py:main": 71,
     "training/cli.py:_import": 62,
     "training/evaluation.py:evaluate": 69,
-    "training/keras_import.py:import_keras": 62,
-    "training/keras_import.py:_keras_layers": 62,
     "consumers/devtools/replay.py:replay": 61,
 }
 

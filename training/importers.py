@@ -36,7 +36,7 @@ from streamlstm.errors import BundleError, ConfigError, InputError
 from streamlstm.model import LSTMWeights
 from streamlstm.training.data import numeric_columns, read_table
 
-__all__ = ["ScalerSource", "assemble_bundle", "import_torch"]
+__all__ = ["ScalerSource", "assemble_bundle", "import_torch", "reorder_gates"]
 
 HEAD_ACTIVATIONS = {"relu", "tanh", "sigmoid", "linear"}
 
@@ -266,6 +266,13 @@ def _torch_head(
 
 
 # -- shared -------------------------------------------------------------------
+
+
+def reorder_gates(tensor: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
+    """``tensor``'s gate blocks (equal slices of its first axis) taken in ``order``: block
+    ``order[k]`` of the source becomes block ``k`` (a source's gate order to torch's)."""
+    blocks = torch.chunk(tensor, len(order), dim=0)
+    return torch.cat([blocks[k] for k in order], dim=0).contiguous()
 
 
 def assemble_bundle(
