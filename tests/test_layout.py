@@ -85,7 +85,6 @@ TOO_LONG = {
     "training/cli.py:_train": 80,
     "consumers/codec/poll.py:decode_poll": 78,
     "consumers/devtools/bench.py:main": 71,
-    "training/cli.py:_import": 62,
     "training/evaluation.py:evaluate": 69,
     "consumers/devtools/replay.py:replay": 61,
 }
