@@ -85,10 +85,7 @@ TOO_LONG = {
     "training/cli.py:_train": 80,
     "consumers/codec/poll.py:decode_poll": 78,
     "consumers/devtools/bench.py:main": 71,
-    "training/cli.py:_import": 62,
     "training/evaluation.py:evaluate": 69,
-    "training/keras_import.py:import_keras": 62,
-    "training/keras_import.py:_keras_layers": 62,
     "consumers/devtools/replay.py:replay": 61,
 }
 

@@ -6,9 +6,13 @@ import argparse
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from streamlstm import Bundle
 from streamlstm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from streamlstm.training.importers import ScalerSource
 
 __all__ = ["main"]
 
@@ -79,20 +83,85 @@ def _floats(text: str | None) -> tuple[float, ...]:
         raise ConfigError(f"expected comma-separated numbers, got {text!r}") from exc
 
 
+#: ``import``'s frameworks that read one file, and what each takes.
+_FILE_IMPORTS = (
+    ("keras", "a Keras 3 .keras file of LSTM, GRU or SimpleRNN layers then Dense layers"),
+    ("onnx", "an ONNX file of LSTM, GRU or RNN nodes then a linear head (torch.onnx.export)"),
+    ("darts", "a darts RNNModel's Lightning checkpoint (model.pt.ckpt; never the pickled .pt)"),
+)
+
+
 def _import(argv: list[str]) -> int:
+    args = _import_parser().parse_args(argv)
+    from streamlstm.training.importers import ScalerSource
+
+    scaler = ScalerSource(
+        features=tuple(args.features.split(",")) if args.features else (),
+        target=args.target,
+        data=args.scaler_data,
+        fit_fraction=args.scaler_fit_fraction,
+        feature_min=_floats(args.feature_min),
+        feature_max=_floats(args.feature_max),
+        target_min=args.target_min,
+        target_max=args.target_max,
+    )
+    bundle = _imported(args, scaler)
+    bundle.save(args.out)
+    config = bundle.config
+    print(
+        f"imported {args.framework} model: input {config.input_size}, {config.cell.upper()} "
+        f"{list(config.hidden_sizes)}, head {list(config.head_sizes)} -> {config.output_size} "
+        f"({bundle.outputs.activation}); scaling: "
+        f"{'affine' if bundle.input_scaler else 'none'}; saved {args.out}"
+    )
+    return 0
+
+
+def _imported(args: argparse.Namespace, scaler: ScalerSource) -> Bundle:
+    """The bundle ``args`` names, read by its framework's importer."""
+    if args.framework == "torch":
+        from streamlstm.training.importers import import_torch
+
+        return import_torch(
+            args.state_dict,
+            scaler=scaler,
+            lstm_prefix=args.lstm_prefix,
+            head_prefix=args.head_prefix,
+            head_activation=args.head_activation,
+            name=args.name,
+            cell=args.cell,
+        )
+    if args.framework == "keras":
+        from streamlstm.training.keras_import import import_keras
+
+        return import_keras(args.file, scaler=scaler, name=args.name)
+    if args.framework == "onnx":
+        from streamlstm.training.onnx_import import import_onnx
+
+        return import_onnx(args.file, scaler=scaler, name=args.name)
+    from streamlstm.training.darts_import import import_darts
+
+    return import_darts(args.file, scaler=scaler, name=args.name)
+
+
+def _import_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="streamlstm import",
-        description="Turn a model trained with PyTorch or Keras into a bundle the engine serves.",
+        description="Turn a model trained with PyTorch, Keras, darts (or exported to ONNX) "
+        "into a bundle the engine serves.",
     )
     sub = parser.add_subparsers(dest="framework", required=True)
-    torch_p = _torch_import_arguments(sub)
-    keras_p = sub.add_parser("keras", help="a Keras 3 .keras file of LSTM then Dense layers")
-    keras_p.add_argument("file", help=".keras file")
-    for p in (torch_p, keras_p):
+    parsers = [_torch_import_arguments(sub)]
+    for framework, what in _FILE_IMPORTS:
+        parsers.append(sub.add_parser(framework, help=what))
+        parsers[-1].add_argument("file", help=what.split(" of ")[0].split(" (")[0])
+    for p in parsers:
         p.add_argument("--out", required=True, help="bundle directory to write")
         p.add_argument("--name", help="model name (default: the file name)")
         group = p.add_argument_group(
-            "scaling", "MinMax scaling the model was trained with (default: none)"
+            "scaling",
+            "MinMax scaling the model was trained with (default: none); darts: the target(s) "
+            "then the covariates",
         )
         group.add_argument("--features", help="comma-separated input column names")
         group.add_argument("--target", help="target column (default: the first feature)")
@@ -107,41 +176,7 @@ def _import(argv: list[str]) -> int:
         group.add_argument("--feature-max", help="comma-separated maximum per feature")
         group.add_argument("--target-min", type=float)
         group.add_argument("--target-max", type=float)
-    args = parser.parse_args(argv)
-    from streamlstm.training.importers import ScalerSource, import_torch
-    from streamlstm.training.keras_import import import_keras
-
-    scaler = ScalerSource(
-        features=tuple(args.features.split(",")) if args.features else (),
-        target=args.target,
-        data=args.scaler_data,
-        fit_fraction=args.scaler_fit_fraction,
-        feature_min=_floats(args.feature_min),
-        feature_max=_floats(args.feature_max),
-        target_min=args.target_min,
-        target_max=args.target_max,
-    )
-    if args.framework == "torch":
-        bundle = import_torch(
-            args.state_dict,
-            scaler=scaler,
-            lstm_prefix=args.lstm_prefix,
-            head_prefix=args.head_prefix,
-            head_activation=args.head_activation,
-            name=args.name,
-            cell=args.cell,
-        )
-    else:
-        bundle = import_keras(args.file, scaler=scaler, name=args.name)
-    bundle.save(args.out)
-    config = bundle.config
-    print(
-        f"imported {args.framework} model: input {config.input_size}, {config.cell.upper()} "
-        f"{list(config.hidden_sizes)}, head {list(config.head_sizes)} -> {config.output_size} "
-        f"({bundle.outputs.activation}); scaling: "
-        f"{'min/max' if bundle.input_scaler else 'none'}; saved {args.out}"
-    )
-    return 0
+    return parser
 
 
 def _torch_import_arguments(

@@ -36,7 +36,7 @@ from streamlstm.errors import BundleError, ConfigError, InputError
 from streamlstm.model import LSTMWeights
 from streamlstm.training.data import numeric_columns, read_table
 
-__all__ = ["ScalerSource", "assemble_bundle", "import_torch"]
+__all__ = ["ScalerSource", "assemble_bundle", "import_torch", "reorder_gates"]
 
 HEAD_ACTIVATIONS = {"relu", "tanh", "sigmoid", "linear"}
 
@@ -51,7 +51,9 @@ class ScalerSource:
     Either ``data`` (a CSV/Parquet file; the scaler is fit on its first
     ``fit_fraction`` of rows, like the tutorial that trained the model) or
     explicit per-column ``feature_min``/``feature_max`` (and target min/max,
-    defaulting to the target column's feature bounds).
+    defaulting to the target column's feature bounds), or the affines
+    themselves (``input_affine``, ``target_affine``: what a fitted scaler object
+    applies, as ``import_darts`` reads them from darts' ``Scaler``).
     """
 
     features: tuple[str, ...] = ()
@@ -62,8 +64,18 @@ class ScalerSource:
     feature_max: tuple[float, ...] = ()
     target_min: float | None = None
     target_max: float | None = None
+    #: Or the affines themselves (from a fitted scaler object, e.g. darts').
+    input_affine: Affine | None = None
+    target_affine: Affine | None = None
 
     def scalers(self, input_size: int) -> tuple[Affine | None, Affine | None]:
+        if self.input_affine is not None:
+            if self.input_affine.width != input_size:
+                raise ConfigError(
+                    f"scaler: the model takes {input_size} inputs; the scaler has "
+                    f"{self.input_affine.width} columns"
+                )
+            return self.input_affine, self.target_affine
         if self.data is None and not self.feature_min and not self.feature_max:
             return None, None
         target = self.target or (self.features[0] if self.features else None)
@@ -266,6 +278,13 @@ def _torch_head(
 
 
 # -- shared -------------------------------------------------------------------
+
+
+def reorder_gates(tensor: torch.Tensor, order: Sequence[int]) -> torch.Tensor:
+    """``tensor``'s gate blocks (equal slices of its first axis) taken in ``order``: block
+    ``order[k]`` of the source becomes block ``k`` (a source's gate order to torch's)."""
+    blocks = torch.chunk(tensor, len(order), dim=0)
+    return torch.cat([blocks[k] for k in order], dim=0).contiguous()
 
 
 def assemble_bundle(

@@ -293,7 +293,9 @@ def _check_one_of_the_rules(
         x = np.array([ticks[i][1] for i in mine], np.float32)
         position = {i: j for j, i in enumerate(mine)}
         assert {position[i] for i, _ in seen} == set(range(len(mine))), stream
-        cuts: list[int] = []  # the cutovers found so far: tried first
+        # The cutovers found so far, tried first; the first tick the new model answered
+        # is the likeliest (the swap's, or the restart's first replayed tick).
+        cuts = sorted({position[i] for i, body in seen if body["model"] == new.model_id})[:1]
         explained = {id(body): _cut(old, new, x, position[i], body, cuts, mode) for i, body in seen}
         assert None not in explained.values(), stream
         final = {position[i]: body for i, body in seen}  # the last answer of each tick
@@ -334,7 +336,8 @@ def _swapped(old: Bundle, new: Bundle, x: np.ndarray, cut: int, j: int, mode: st
     """The new model's answer to tick ``j`` after a swap before tick ``cut``: carried from
     the old model's state, or re-warmed over the last ``HISTORY`` ticks before the cut."""
     if mode == "carry":
-        return carried_outputs(old, new, x[:cut], x[cut : j + 1])[-1]
-    answers = new.predict_sequence(x[max(cut - HISTORY, 0) : j + 1])
+        answers = carried_outputs(old, new, x[:cut], x[cut : j + 1])
+    else:
+        answers = new.predict_sequence(x[max(cut - HISTORY, 0) : j + 1])
     last: np.ndarray = answers[-1]
     return last

@@ -15,6 +15,7 @@ from torch import nn
 
 from streamlstm import Bundle, BundleError, ConfigError, Engine
 from streamlstm.cli import main as cli_main
+from tests.helpers.importing import LONG, assert_serves_like
 
 WINDOW = 60
 
@@ -257,13 +258,101 @@ def test_keras_functional_sequence_model_with_softmax(tmp_path: Path) -> None:
 def test_keras_unsupported_layers_and_bad_files_are_named(tmp_path: Path) -> None:
     from streamlstm.training.keras_import import import_keras
 
-    model = keras.Sequential([keras.Input((10, 1)), keras.layers.GRU(4), keras.layers.Dense(1)])
-    model.save(tmp_path / "gru.keras")
-    with pytest.raises(ConfigError, match="GRU"):
-        import_keras(tmp_path / "gru.keras")
+    model = keras.Sequential(
+        [keras.Input((10, 1)), keras.layers.Conv1D(4, 3), keras.layers.Dense(1)]
+    )
+    model.save(tmp_path / "conv.keras")
+    with pytest.raises(ConfigError, match=r"'conv1d' \(Conv1D\) is not supported"):
+        import_keras(tmp_path / "conv.keras")
     with zipfile.ZipFile(tmp_path / "empty.keras", "w") as archive:
         archive.writestr("metadata.json", "{}")
     with pytest.raises(BundleError, match=r"config\.json"):
         import_keras(tmp_path / "empty.keras")
     with pytest.raises(BundleError, match="does not exist"):
         import_keras(tmp_path / "missing.keras")
+
+
+def _keras_stack(cell: type[keras.layers.Layer], features: int, **options: object) -> keras.Model:
+    """Two recurrent layers of ``cell`` returning sequences, then a Dense head: one
+    output per tick, as the engine serves it."""
+    model = keras.Sequential(
+        [
+            keras.Input((None, features)),
+            cell(16, return_sequences=True, **options),
+            keras.layers.Dropout(0.1),
+            cell(12, return_sequences=True, **options),
+            keras.layers.Dense(8, activation="tanh"),
+            keras.layers.Dense(2),
+        ]
+    )
+    rng = np.random.default_rng(7)
+    # Random biases (Keras starts them at zero) and weights small enough that a
+    # 1,000-tick float32 run stays well conditioned, so 1e-5 tells a mapping apart.
+    model.set_weights(
+        [
+            rng.normal(0, 0.2 if w.ndim == 1 or w.shape[0] == 2 else 0.6 / np.sqrt(w.shape[0]),
+                       w.shape).astype(np.float32)
+            for w in model.get_weights()
+        ]
+    )  # fmt: skip
+    return model
+
+
+@pytest.mark.parametrize(
+    ("layer", "cell"), [("GRU", "gru"), ("SimpleRNN", "rnn"), ("LSTM", "lstm")]
+)
+def test_keras_recurrent_models_match_keras_over_a_long_sequence(
+    tmp_path: Path, layer: str, cell: str
+) -> None:
+    model = _keras_stack(getattr(keras.layers, layer), 3)
+    model.save(tmp_path / f"{cell}.keras")
+    rng = np.random.default_rng(11)
+    x = np.cumsum(rng.normal(0, 0.3, (2, LONG, 3)), axis=1).astype(np.float32)
+    x = np.sin(x)  # a wandering, bounded signal
+    expected = np.asarray(model.predict(x, verbose=0))  # Keras' own: [2, 1000, 2]
+    out = tmp_path / "b"
+    assert cli_main(["import", "keras", str(tmp_path / f"{cell}.keras"), "--out", str(out)]) == 0
+    bundle = Bundle.load(out)
+    assert bundle.config.cell == cell and bundle.config.hidden_sizes == (16, 12)
+    assert bundle.config.head_sizes == (8,) and bundle.config.head_activation == "tanh"
+    assert_serves_like(bundle, x, expected, atol=1e-5)
+
+
+def test_keras_gru_reset_before_other_activations_and_mixed_cells_are_refused(
+    tmp_path: Path,
+) -> None:
+    from streamlstm.training.keras_import import import_keras
+
+    cases = {
+        "reset": (
+            _keras_stack(keras.layers.GRU, 1, reset_after=False),
+            r"layer 'gru\w*' \(GRU\) has reset_after=False",
+        ),
+        "relu": (
+            _keras_stack(keras.layers.SimpleRNN, 1, activation="relu"),
+            r"'simple_rnn\w*' \(SimpleRNN\) uses activation 'relu'; only tanh",
+        ),
+        "hard": (
+            _keras_stack(keras.layers.GRU, 1, recurrent_activation="hard_sigmoid"),
+            "recurrent_activation 'hard_sigmoid'",
+        ),
+        "mixed": (
+            keras.Sequential(
+                [
+                    keras.Input((None, 1)),
+                    keras.layers.LSTM(4, return_sequences=True),
+                    keras.layers.GRU(4),
+                    keras.layers.Dense(1),
+                ]
+            ),
+            r"mixes recurrent layers \(LSTM -> GRU\)",
+        ),
+        "backwards": (
+            _keras_stack(keras.layers.GRU, 1, go_backwards=True),
+            "runs backwards in time",
+        ),
+    }
+    for name, (model, message) in cases.items():
+        model.save(tmp_path / f"{name}.keras")
+        with pytest.raises(ConfigError, match=message):
+            import_keras(tmp_path / f"{name}.keras")
