@@ -39,6 +39,7 @@ from streamlstm.optional import require_torch
 from streamlstm.outputs import OutputSpec
 from streamlstm.quality import QualityConfig
 from streamlstm.store import MAX_PAGE_SCAN
+from streamlstm.weights import ModelWeights
 
 __all__ = ["flops_per_tick", "raw_state_bytes", "run_engine_bench"]
 
@@ -313,6 +314,7 @@ def run_engine_bench(
     seed: int = 0,
     model: str | None = None,
     cell: str | None = None,
+    rewarm_ticks: int = 0,
 ) -> dict[str, Any]:
     """Engine ticks/s of the default model's shape (random weights) of ``cell`` (LSTM
     where None), or of the bundle at ``model`` (its score and flag computed on every
@@ -362,10 +364,38 @@ def run_engine_bench(
         "flops_per_tick": flops,
         "results": rows,
     }
+    if rewarm_ticks:
+        result["rewarm"] = [_rewarm_row(bundle, n, rewarm_ticks, rng) for n in stream_counts]
     if rss_streams:
         _progress(f"peak RSS with {rss_streams} streams (separate process)")
         result["rss"] = _measure_rss(rss_streams, batch, config.cell)
     return result
+
+
+def _rewarm_row(
+    bundle: Bundle, streams: int, ticks: int, rng: np.random.Generator
+) -> dict[str, Any]:
+    """A swap to another model (random weights of the same shape) that re-warms every one
+    of ``streams`` streams over its last ``ticks`` ticks: seconds, and the history's bytes."""
+    _progress(f"re-warm of {streams:,} streams over {ticks} ticks")
+    engine = Engine(bundle, max_streams=max(streams, 1), history_ticks=ticks)
+    ids = [f"s{i}" for i in range(streams)]
+    width = bundle.config.input_size
+    for _ in range(ticks):  # every stream's ring full
+        for start in range(0, streams, 65536):
+            chunk = ids[start : start + 65536]
+            engine.step(chunk, rng.normal(size=(len(chunk), width)).astype(np.float32))
+    other = Bundle(config=bundle.config, weights=ModelWeights.random(bundle.config, 99))
+    started = time.perf_counter()
+    engine.swap_model(other, mode="rewarm")
+    seconds = time.perf_counter() - started
+    return {
+        "streams": streams,
+        "ticks": ticks,
+        "seconds": round(seconds, 3),
+        "ticks_per_s": round(streams * ticks / seconds),
+        "history_bytes_per_stream": ticks * width * 4,
+    }
 
 
 def raw_state_bytes(config: ModelConfig) -> int:
@@ -459,6 +489,12 @@ def format_engine_bench(result: dict[str, Any]) -> str:
                 f"1000 {reads['page']:.2f}, page no id matches {reads['rare_page']:.2f}, "
                 f"partition counts {reads['counts']:.2f}"
             )
+    for row in result.get("rewarm", []):
+        lines.append(
+            f"re-warm swap, {row['streams']:,} streams over their last {row['ticks']} ticks: "
+            f"{row['seconds']:.2f} s ({row['ticks_per_s']:,} ticks/s); tick history "
+            f"{row['history_bytes_per_stream']} bytes per stream"
+        )
     if "rss" in result:
         rss = result["rss"]
         lines += [

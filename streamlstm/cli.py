@@ -77,6 +77,12 @@ def bench_main(argv: Sequence[str]) -> int:
         choices=("lstm", "gru", "rnn"),
         help="the random model's cell, its ceiling nn.LSTM, nn.GRU or nn.RNN (default lstm)",
     )
+    engine.add_argument(
+        "--rewarm-ticks",
+        type=int,
+        default=0,
+        help="also time a model swap that re-warms every stream over its last K ticks",
+    )
     sub.add_parser("kafka", help="end-to-end through a broker (see streamlstm bench kafka -h)")
     if argv and argv[0] == "kafka":
         return _run_module("streamlstm.consumers.devtools.bench", list(argv[1:]))
@@ -92,6 +98,7 @@ def bench_main(argv: Sequence[str]) -> int:
         rss_streams=args.rss_streams,
         model=args.model,
         cell=args.cell,
+        rewarm_ticks=args.rewarm_ticks,
     )
     print(json.dumps(result) if args.json else format_engine_bench(result))
     return 0

@@ -41,6 +41,9 @@ from streamlstm.tick_checks import bool_column, column, validate_ticks
 
 __all__ = ["Engine", "EngineStats", "Rejection", "StepResult"]
 
+#: Streams re-warmed together through all their rounds (``Engine.rewarm``).
+_REWARM_BLOCK = 4096
+
 logger = logging.getLogger(__name__)
 
 
@@ -249,8 +252,14 @@ class Engine:
         store, ticks = self.store, self.history_ticks
         slots = store.lookup(stream_ids)
         slots = slots[slots >= 0]
-        if not ticks or not slots.size:
+        if not ticks:
             return
+        # A block of streams at a time through all K rounds: its state rows stay in cache.
+        for start in range(0, slots.size, _REWARM_BLOCK):
+            self._rewarm_block(slots[start : start + _REWARM_BLOCK], ticks)
+
+    def _rewarm_block(self, slots: I64, ticks: int) -> None:
+        store = self.store
         steps = store.steps[slots]
         first = steps - np.minimum(steps, ticks)  # each stream's oldest held tick, 0-based
         replayed = np.zeros(slots.size, dtype=np.int64)
