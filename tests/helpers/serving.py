@@ -29,9 +29,12 @@ EPOCH_MS = 1_700_000_000_000
 Tick = tuple[str, list[float], bool]
 
 
-def saved_bundle(tmp_path: Path) -> Path:
-    """The serving tests' model (2 inputs, 1 output, scaled), saved under ``tmp_path``."""
-    cfg = ModelConfig(input_size=2, hidden_sizes=(16, 16), head_sizes=(8,), output_size=1)
+def saved_bundle(tmp_path: Path, cell: str = "lstm") -> Path:
+    """The serving tests' model (2 inputs, 1 output, scaled; an LSTM unless ``cell``
+    says), saved under ``tmp_path``."""
+    cfg = ModelConfig(
+        input_size=2, hidden_sizes=(16, 16), head_sizes=(8,), output_size=1, cell=cell
+    )
     bundle = Bundle.random(
         cfg,
         seed=3,
