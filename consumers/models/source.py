@@ -48,7 +48,9 @@ class ModelSource:
 
     @property
     def versioned(self) -> bool:
-        return not (self.path / "bundle.json").exists()
+        """A directory without a bundle.json of its own (anything else is read as a bundle,
+        whose load says what is wrong with it: missing, not a directory, ...)."""
+        return self.path.is_dir() and not (self.path / "bundle.json").exists()
 
     def resolve(self) -> Resolved:
         if not self.versioned:
