@@ -276,9 +276,9 @@ class EngineHost:
             arrays: StateArrays | None = decode_many(blobs)
         except StateError:
             arrays = None
-        if arrays is not None:
+        if arrays is not None and len(set(arrays.models)) <= 1:
             sorted_ = self._sort_table(arrays, policy)
-        else:  # mixed or corrupt: one by one
+        else:  # several models (a swap's old and new records), or corrupt: one by one
             sorted_ = self._sort_one_by_one(blobs, policy)
         arrays, counts, foreign, rewarm = sorted_
         if not arrays.ids:

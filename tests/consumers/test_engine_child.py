@@ -266,3 +266,25 @@ def test_a_restore_re_warms_another_models_states_over_their_ticks(
     fresh = reader.step(_request(["c"], y, [100], part=1)).result
     assert fresh.steps.tolist() == [1]  # nothing to replay: it started again
     np.testing.assert_allclose(fresh.predictions[0], new.predict_sequence(y)[0], atol=1e-5)
+
+
+def test_a_changelog_of_two_models_is_sorted_record_by_record(
+    make_bundle: BundleFactory,
+) -> None:
+    """After a swap a partition's changelog holds the old model's records (streams quiet
+    since) and the new model's: each goes its own way. The new model's go on as they are,
+    the old model's are reset (``--swap-state reset``), not all of them as the first."""
+    old = make_bundle(input_size=2, output_size=1, seed=1)
+    new = make_bundle(input_size=2, output_size=1, seed=2)
+    x = np.random.default_rng(5).normal(size=(4, 2)).astype(np.float32)
+    before = EngineHost(Engine(old))
+    before.step(_request(["quiet", "busy"], x[:2], [0, 1], part=0))
+    records = {s: v for s, _, v in before.checkpoint() if v is not None}
+    after = EngineHost(Engine(new))
+    after.step(_request(["busy", "busy"], x[2:], [2, 3], part=0))
+    records.update({s: v for s, _, v in after.checkpoint() if v is not None})
+    reader = EngineHost(Engine(new))
+    report = reader.restore(0, records, "reset")
+    assert (report.loaded, report.reset_model_changed) == (1, 1)
+    view = reader.engine.inspect("busy")
+    assert view is not None and view.steps == 2 and reader.engine.inspect("quiet") is None
