@@ -26,13 +26,13 @@ import gc
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from aiokafka import AIOKafkaConsumer
 
 from streamlstm import Bundle, StepResult
 from streamlstm.consumers.batch_sizing import BatchSizer
-from streamlstm.consumers.codec.poll import Batch, decode_poll, encode_outputs
+from streamlstm.consumers.codec.poll import Batch, decode_poll, encode_outputs, encode_shadow
 from streamlstm.consumers.durability.committer import Committer, Sent
 from streamlstm.consumers.durability.tasks import PartitionTasks
 from streamlstm.consumers.engine.process import EngineClient, StepRequest
@@ -88,11 +88,17 @@ class Model:
         )
 
 
+class _Stepped(NamedTuple):
+    result: StepResult | None  # None: no ticks
+    seconds: float
+    applied: tuple[bool, ...]  # which of the batch's controls the engine applied
+    shadow: StepResult | None = None  # the shadow model's answers, where one runs
+
+
 @dataclass
 class _InFlight:
     batch: Batch
-    #: The step's result (None: no ticks), its seconds, which controls it applied.
-    step: asyncio.Future[tuple[StepResult | None, float, tuple[bool, ...]]]
+    step: asyncio.Future[_Stepped]
 
 
 class PollLoop:
@@ -113,8 +119,11 @@ class PollLoop:
         clock: Callable[[], float],
         on_controls: Callable[[Sequence[Control]], None] | None = None,
         reloader: Reloader | None = None,
+        shadow: Model | None = None,
     ) -> None:
         self.config = config
+        #: The shadow model (--shadow-model) while it runs: its answers go to shadow_topic.
+        self._shadow = shadow
         #: Model reloads asked for (SIGHUP, the admin API, the watch): done between polls.
         self._reloader = reloader
         #: Told of each batch's controls once the engine took them (``ControlAcks``).
@@ -216,6 +225,8 @@ class PollLoop:
         outcome = await reloader.perform(self._engine)
         if outcome.outcome == "swapped":
             self._model = Model.of(reloader.serving.bundle)
+            if self._shadow is not None and self._shadow.model_id == self._model.model_id:
+                self._shadow = None  # promoted: it serves now
 
     async def _checkpoint(self) -> None:
         """Close the open checkpoint behind the polls it covers (see ``checkpoint.py``).
@@ -249,10 +260,10 @@ class PollLoop:
         self._tasks.applied(batch.next_offsets)
         return _InFlight(batch, asyncio.ensure_future(self._step(batch)))
 
-    async def _step(self, batch: Batch) -> tuple[StepResult | None, float, tuple[bool, ...]]:
+    async def _step(self, batch: Batch) -> _Stepped:
         gaps = batch.gap_streams()
         if not batch.ids and not gaps and not batch.controls:
-            return None, 0.0, ()
+            return _Stepped(None, 0.0, ())
         request = StepRequest(
             stream_ids=batch.ids,
             features=batch.features(),
@@ -266,8 +277,9 @@ class PollLoop:
             positions={tp.partition: offset for tp, offset in batch.next_offsets.items()},
         )
         reply = await self._deadline(self._engine.step(request))
-        # Refused records and controls alone: no tick answered.
-        return (reply.result if batch.ids else None), reply.seconds, reply.controls_applied
+        if not batch.ids:  # refused records and controls alone: no tick answered
+            return _Stepped(None, reply.seconds, reply.controls_applied)
+        return _Stepped(reply.result, reply.seconds, reply.controls_applied, reply.shadow)
 
     async def _deadline(self, step: Awaitable[_T]) -> _T:
         timeout = self.config.step_timeout_s
@@ -283,7 +295,7 @@ class PollLoop:
     async def _send(self, inflight: _InFlight) -> None:
         cfg = self.config
         batch = inflight.batch
-        result, seconds, applied = await inflight.step
+        result, seconds, applied, shadow = await inflight.step
         for control, done in zip(batch.controls, applied, strict=True):
             self._metrics.controls.labels(control.op, "applied" if done else "skipped").inc()
         if batch.controls and self._on_controls is not None:
@@ -310,6 +322,17 @@ class PollLoop:
         )
         for letter in encoded.dead:
             self._metrics.dead_letters.labels(letter.field).inc()
+        if shadow is not None and self._shadow is not None:
+            self._metrics.shadow_predictions.inc(
+                encode_shadow(
+                    batch,
+                    shadow,
+                    outbox.add_many,
+                    topic=str(cfg.shadow_topic),
+                    model_id=self._shadow.model_id,
+                    has_score=self._shadow.has_score,
+                )
+            )
         sends = await outbox.send()
         sent = Sent(sends, batch, encoded, clock=self._clock, batches=outbox.batches)
         await self._committer.submit(sent)

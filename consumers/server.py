@@ -56,7 +56,7 @@ from streamlstm.consumers.kafka.outbox import Box
 from streamlstm.consumers.kafka.rescue import PER_RECORD_ERRORS, Rescuer
 from streamlstm.consumers.loop import Model, PollLoop, settle_collector
 from streamlstm.consumers.models.reload import Reloader, ReloadOutcome
-from streamlstm.consumers.models.source import ModelSource, Resolved
+from streamlstm.consumers.models.source import ModelSource, Resolved, check_shadow
 from streamlstm.consumers.observability.http import HttpEndpoints, HttpLimits, HttpService
 from streamlstm.consumers.observability.metrics import EngineStatsCollector, ServeMetrics
 from streamlstm.consumers.observability.quality import QualityCollector
@@ -64,6 +64,7 @@ from streamlstm.consumers.observability.reporting import Reporter
 from streamlstm.consumers.settings import ServeConfig
 from streamlstm.errors import BrokerError
 from streamlstm.kernels import step_name
+from streamlstm.quality import QualityReport
 
 __all__ = ["Server"]
 
@@ -121,6 +122,8 @@ class Server:
         self._watch_task: asyncio.Task[None] | None = None
         #: Model reloads (SIGHUP, the admin API, --model-watch-s); set by start().
         self._reloader: Reloader | None = None
+        #: The shadow model (--shadow-model) while it runs; None: none, or promoted.
+        self._shadow: Resolved | None = None
         self._recurrent_step = ""
         self._started = False
         self._stopped = False
@@ -272,6 +275,7 @@ class Server:
         return PollLoop(
             self.config,
             model=Model.of(bundle),
+            shadow=Model.of(self._shadow.bundle) if self._shadow else None,
             consumer=consumer,
             outbox=outbox,
             engine=self._engine,
@@ -286,31 +290,58 @@ class Server:
 
     async def _start_model(self) -> tuple[Bundle, EngineClient]:
         """The model ``--model`` names now (its bundle.json alone: the engine child reads the
-        weights, this process never does), the engine serving it, and its reloads."""
+        weights, this process never does), the shadow's, the engine serving them, and
+        the reloads."""
         cfg = self.config
         source = ModelSource(cfg.model)
         serving = Resolved(self._bundle, "") if self._bundle else source.resolve()
         self._bundle = serving.bundle
-        self._engine = await self._start_engine(serving.bundle)
+        shadow = self._shadow_model(serving.bundle)
+        self._engine = await self._start_engine(serving.bundle, shadow)
         self._reloader = Reloader(
             source, serving, policy=cfg.swap_state, metrics=self.metrics, on_swapped=self._describe
         )
         self._describe(serving)
         return serving.bundle, self._engine
 
-    async def _start_engine(self, bundle: Bundle) -> EngineClient:
+    def _shadow_model(self, serving: Bundle) -> Resolved | None:
+        """What ``--shadow-model`` names now, checked to take the served model's inputs;
+        None without one, or where it is the served model (nothing to compare)."""
+        if self.config.shadow_model is None:
+            return None
+        shadow = ModelSource(self.config.shadow_model).resolve()
+        check_shadow(serving, shadow.bundle)
+        if shadow.bundle.model_id == serving.model_id:
+            logger.warning(
+                "shadow model %s is the served model (promoted?): no shadow runs",
+                serving.model_id,
+            )
+            return None
+        self._shadow = shadow
+        return shadow
+
+    async def _start_engine(self, bundle: Bundle, shadow: Resolved | None) -> EngineClient:
         """The engine, started, and the metrics that describe it."""
-        engine = self._engine_factory(bundle, self.config)
+        engine = self._engine_factory(bundle, self.config, shadow.bundle if shadow else None)
         started = await engine.start()
         self._recurrent_step = step_name(started.native)
         self.registry.register(EngineStatsCollector(self.engine_stats, self.reporter.lag))
-        self.registry.register(QualityCollector(lambda: self.engine_stats().quality))
+        self.registry.register(QualityCollector(self._quality_reports))
         if engine.pid is not None:  # its own process
             self.metrics.watch_engine_process(self.registry, lambda: self._engine_pid)
         return engine
 
+    def _quality_reports(self) -> dict[str, QualityReport | None]:
+        """The served model's live quality, and the shadow's where one runs."""
+        stats = self.engine_stats()
+        reports = {"serving": stats.quality}
+        if stats.shadow_model:
+            reports["shadow"] = stats.shadow_quality
+        return reports
+
     def _describe(self, serving: Resolved) -> None:
-        """``streamlstm_model_info``: the model served (again after each swap)."""
+        """``streamlstm_model_info``: the model served (again after each swap), and the
+        shadow's (``streamlstm_shadow_model_info``; cleared once it is promoted)."""
         bundle = serving.bundle
         self.metrics.model_info.info(
             {
@@ -321,11 +352,18 @@ class Server:
                 "recurrent_step": self._recurrent_step,
             }
         )
+        shadow = self._shadow
+        if shadow is not None and shadow.bundle.model_id == bundle.model_id:
+            self._shadow = shadow = None  # promoted
+        self.metrics.shadow_model_info.info(
+            {"model": shadow.bundle.model_id, "version": shadow.version} if shadow else {}
+        )
 
     async def _start_producer(self, producing: dict[str, Any]) -> AIOKafkaProducer:
         """The topics checked (or made), then the producer, and the partitions it sees."""
         cfg = self.config
         topics = [cfg.input_topic, cfg.output_topic, str(cfg.dlq_topic)]
+        topics += [cfg.shadow_topic] if cfg.shadow_topic else []
         await self._kafka.ensure_topics(
             [*topics, *([cfg.metrics_topic] if cfg.metrics_topic else [])],
             create=cfg.create_topics,

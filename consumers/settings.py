@@ -110,6 +110,13 @@ class ServeConfig:
     #: Look for a new model this often (seconds) and reload when --model resolves to
     #: another bundle; None: only on SIGHUP or POST /v1/model/reload.
     model_watch_s: float | None = None
+    #: A candidate model (a bundle or a directory of versions, as --model) run on the
+    #: same ticks in the same engine, with its own states (changelogged under their own
+    #: keys), its predictions to shadow_topic and its live quality under model="shadow";
+    #: a reload to its model promotes it (docs/model-reload.md). None: no shadow.
+    shadow_model: str | None = None
+    #: Where the shadow's predictions go (required with shadow_model; never the output).
+    shadow_topic: str | None = None
     #: A dead letter's key, value and headers are cut to fit this many bytes (the original
     #: size goes in a header); below the topic's max.message.bytes (Kafka: 1048588).
     dlq_max_record_bytes: int = 1_040_000
@@ -185,12 +192,18 @@ class ServeConfig:
             raise ConfigError("dlq_max_record_bytes: must be at most half of max_request_bytes")
         if self.compression_type not in (None, "gzip", "snappy", "lz4", "zstd"):
             raise ConfigError("compression_type: must be gzip, snappy, lz4 or zstd")
-        topics = {self.input_topic, self.output_topic, self.dlq_topic}
-        if self.state == "durable":
-            topics.add(self.changelog_topic)
-        if len(topics) != (4 if self.state == "durable" else 3):
+        self._check_topics()
+
+    def _check_topics(self) -> None:
+        if (self.shadow_model is None) != (self.shadow_topic is None):
+            raise ConfigError("shadow_topic: required with shadow_model, and only with it")
+        named = [self.input_topic, self.output_topic, self.dlq_topic]
+        named += [self.changelog_topic] if self.state == "durable" else []
+        named += [self.shadow_topic] if self.shadow_topic is not None else []
+        if len(set(named)) != len(named):
             raise ConfigError(
-                "output_topic/dlq_topic/changelog_topic: must differ from each other and the input"
+                "output_topic/dlq_topic/changelog_topic/shadow_topic: must differ from each "
+                "other and the input"
             )
 
     def _read_on_model_change(self) -> None:

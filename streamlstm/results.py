@@ -121,3 +121,8 @@ class EngineStats:
     #: The worst streams by recent error, where the holder ranks them (the daemon's
     #: engine child, now and then: ``Engine.worst_streams``); empty otherwise.
     worst_streams: tuple[StreamError, ...] = ()
+    #: A shadow model run beside the served one on the same ticks, where the holder
+    #: runs one (the daemon's engine child, ``--shadow-model``): its id ("" for none)
+    #: and its live quality figures.
+    shadow_model: str = ""
+    shadow_quality: QualityReport | None = None

@@ -224,6 +224,24 @@ class StateArrays:
             cell=cell,
         )
 
+    def take(self, rows: npt.NDArray[np.int64] | Sequence[int]) -> StateArrays:
+        """These rows' states (in the order given), tick histories included."""
+        index = np.asarray(rows, dtype=np.int64)
+        picked = index.tolist()
+        return replace(
+            self,
+            ids=[self.ids[i] for i in picked],
+            h=[h[index] for h in self.h],
+            c=[c[index] for c in self.c],
+            step=self.step[index],
+            offset=self.offset[index],
+            partition=self.partition[index],
+            last_seen=self.last_seen[index],
+            extra=self.extra[index],
+            models=[self.models[i] for i in picked],
+            history=None if self.history is None else self.history[index],
+        )
+
     @classmethod
     def from_states(cls, states: dict[str, StreamState]) -> StateArrays:
         """The states as columns; ``StateError`` where they are of more than one cell."""

@@ -406,6 +406,20 @@ def encode_outputs(
     return Encoded(produced, dead, event_times, acknowledged)
 
 
+def encode_shadow(
+    batch: Batch, result: StepResult, many: ManySink, *, topic: str, model_id: str, has_score: bool
+) -> int:
+    """The shadow model's predictions of the ticks it answered, to ``topic``; how many.
+    A tick it refused is left out, never a dead letter: the served model's answers
+    say what becomes of each record."""
+    from streamlstm.consumers.codec.predictions import predictions
+
+    refused: list[DeadLetter] = []
+    keys, values, stamps, rows = predictions(batch, result, model_id, has_score, refused)
+    many(topic, keys, values, stamps, batch.partitions[rows].tolist())
+    return len(values)
+
+
 def _acknowledge(batch: Batch, applied: Sequence[bool], sink: Sink, topic: str) -> int:
     """One acknowledgement per applied control, keyed by its stream; a control skipped
     by the skip rule was acknowledged when it was applied."""

@@ -47,7 +47,7 @@ class Passthrough:
     The daemon's loop, batching, encoding and producing stay the same.
     """
 
-    def __init__(self, bundle: Bundle, config: ServeConfig) -> None:
+    def __init__(self, bundle: Bundle, config: ServeConfig, shadow: Bundle | None = None) -> None:
         self._outputs = bundle.config.output_size
         self.stats: EngineStats | None = None
 
@@ -116,8 +116,8 @@ class Watched:
         self.factory = factory
         self.engine: Any = None
 
-    def __call__(self, bundle: Bundle, config: ServeConfig) -> Any:
-        self.engine = self.factory(bundle, config)
+    def __call__(self, bundle: Bundle, config: ServeConfig, shadow: Bundle | None = None) -> Any:
+        self.engine = self.factory(bundle, config, shadow)
         return self.engine
 
     def pids(self, others: dict[str, list[int]]) -> dict[str, list[int]]:

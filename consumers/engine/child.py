@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import math
 import mmap
 import os
@@ -36,6 +37,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -74,15 +76,18 @@ from streamlstm.consumers.engine.protocol import (
     frame,
     read_frame,
 )
+from streamlstm.consumers.engine.shadow import shadow_key, split_shadow, take_blobs
 from streamlstm.consumers.engine.spool import Spool
-from streamlstm.errors import BundleError, StateError, StreamLSTMError
+from streamlstm.errors import BundleError, ConfigError, StateError, StreamLSTMError
 from streamlstm.kernels import set_num_threads
 from streamlstm.quality import QualityConfig, StreamError
 from streamlstm.store import MAX_PAGE_SCAN
 from streamlstm.stream_state import StateArrays, StateBlobs, StreamState, decode_many
-from streamlstm.swap_policy import swap_mode
+from streamlstm.swap_policy import same_state_layout, swap_mode
 
 __all__ = ["EngineHost", "InProcessClient", "RestoreReport"]
+
+logger = logging.getLogger(__name__)
 
 
 #: How many of the worst streams by recent error the daemon logs with each summary.
@@ -106,6 +111,9 @@ class _Counts:
 #: states among them, and those to re-warm once loaded.
 _Sorted = tuple[StateArrays, _Counts, list[str], list[str]]
 
+#: A state's cell and layer sizes.
+_Layout = tuple[str, tuple[int, ...]]
+
 
 class EngineHost:
     """An ``Engine`` with the bookkeeping the daemon needs around it.
@@ -115,35 +123,59 @@ class EngineHost:
     goes (``StateStore.changes``), so the bookkeeping here is O(changes), not
     O(ticks). ``changelog=False`` (memory state: nothing is checkpointed)
     keeps no tombstones of removed streams.
+
+    ``shadow``: a second engine (``--shadow-model``) stepped on the same ticks
+    after the served one, with the same controls; its answers go back beside
+    the served model's (``StepReply.shadow``), its states to the changelog
+    under their own keys (``shadow.py``). A shadow that fails is stopped; the
+    served model goes on. A swap to the shadow's model promotes it
+    (``swap_model``).
     """
 
     def __init__(
         self,
         engine: Engine,
         *,
+        shadow: Engine | None = None,
         changelog: bool = True,
         worst_interval_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
-        self.model_id = engine.bundle.model_id
-        engine.store.changes.tombstones = changelog
+        self.shadow = shadow
+        for held in (engine, shadow):
+            if held is not None:
+                held.store.changes.tombstones = changelog
         self._worst_interval_s = worst_interval_s
         self._clock = clock
         self._worst: tuple[StreamError, ...] = ()
         self._worst_at = -math.inf
         #: Each input partition's offset after the last record of it stepped (``as_of``).
         self._as_of: dict[int, int] = {}
+        #: Changelog keys to tombstone at the next checkpoint (their partitions): shadow
+        #: states no shadow holds any more (after a promotion, or restored without one).
+        self._orphans: dict[str, int] = {}
+
+    @property
+    def model_id(self) -> str:
+        return self.engine.bundle.model_id
 
     @property
     def stats(self) -> EngineStats:
         """The engine's figures, with its worst streams by recent error as of at most
-        ``worst_interval_s`` ago (ranking every held stream is O(streams): not per step)."""
+        ``worst_interval_s`` ago (ranking every held stream is O(streams): not per step),
+        and the shadow's id and live quality where one runs."""
         now = self._clock()
         if now - self._worst_at >= self._worst_interval_s:
             self._worst = tuple(self.engine.worst_streams(WORST_STREAMS))
             self._worst_at = now
-        return replace(self.engine.stats, worst_streams=self._worst)
+        stats = replace(self.engine.stats, worst_streams=self._worst)
+        if self.shadow is not None:
+            shadow = self.shadow
+            stats = replace(
+                stats, shadow_model=shadow.bundle.model_id, shadow_quality=shadow.quality
+            )
+        return stats
 
     @property
     def partition_of(self) -> dict[str, int]:
@@ -153,68 +185,47 @@ class EngineHost:
         return {s: p for s, p in held.items() if p is not None}
 
     def step(self, request: StepRequest, *, with_evictions: bool = True) -> StepReply:
-        """``Engine.step``, with the request's controls applied among its ticks in order;
-        ``with_evictions=False`` leaves out the evicted states."""
+        """``Engine.step``, with the request's controls applied among its ticks in order
+        (then the shadow's, likewise); ``with_evictions=False`` leaves out the evicted
+        states (the shadow's are never sent)."""
         start = time.perf_counter()
         self._as_of.update(request.positions)
-        applied: tuple[bool, ...] = ()
-        if request.controls:
-            result, applied = self._with_controls(request)
-        else:
-            result = step_isolated(self._step, request, self.engine.bundle.config.output_size)
+        result, applied = _stepped(self.engine, request)
+        shadow = self._shadow_step(request)
         seconds = time.perf_counter() - start
         if not with_evictions and result.evictions:
             result = replace(result, evictions=[])
-        return StepReply(result, self.stats, seconds, applied)
+        return StepReply(result, self.stats, seconds, applied, shadow)
 
-    def _step(self, r: StepRequest) -> StepResult:
-        return self.engine.step(
-            r.stream_ids,
-            r.features,
-            resets=r.resets,
-            ends=r.ends,
-            timestamps=r.timestamps,
-            offsets=r.offsets,
-            partitions=r.partitions,
-            gaps=r.gaps,
-        )
-
-    def _with_controls(self, request: StepRequest) -> tuple[StepResult, tuple[bool, ...]]:
-        """The ticks stepped in slices between the controls, each control applied at its
-        place (``Control.before``): one stream's ticks and controls in offset order."""
-        outputs = self.engine.bundle.config.output_size
-        parts: list[tuple[int, StepResult]] = []
-        applied = []
-        done, n = 0, len(request.stream_ids)
-        for control in [*request.controls, None]:
-            until = n if control is None else min(max(control.before, done), n)
-            if until > done:
-                part = slice_request(request, done, until)
-                parts.append((until - done, step_isolated(self._step, part, outputs)))
-                done = until
-            if control is not None:
-                applied.append(
-                    self.engine.control(
-                        control.stream,
-                        control.op,
-                        offset=control.offset,
-                        partition=control.partition,
-                    )
-                )
-        if not parts:
-            parts.append((0, self._step(slice_request(request, 0, 0))))
-        return concat_results(parts), tuple(applied)
+    def _shadow_step(self, request: StepRequest) -> StepResult | None:
+        shadow = self.shadow
+        if shadow is None:
+            return None
+        try:
+            result, _ = _stepped(shadow, request)
+        except Exception:
+            # Whatever breaks the candidate must not touch the served model's answers.
+            logger.exception("shadow model %s failed: stopped", shadow.bundle.model_id)
+            self.shadow = None
+            return None
+        return replace(result, evictions=[]) if result.evictions else result
 
     def drop(self, partitions: set[int]) -> int:
         """Release the streams of revoked ``partitions``: their new owner restores them,
         so they leave no tombstone (nor does anything removed from them before)."""
-        store = self.engine.store
-        gone = store.streams_in(partitions)
-        store.release(gone)
-        store.changes.forget_partitions(partitions)
+        count = 0
+        for engine in (self.engine, self.shadow):
+            if engine is None:
+                continue
+            store = engine.store
+            gone = store.streams_in(partitions)
+            store.release(gone)
+            store.changes.forget_partitions(partitions)
+            count = count or len(gone)
+        self._orphans = {k: p for k, p in self._orphans.items() if p not in partitions}
         for partition in partitions:
             self._as_of.pop(partition, None)
-        return len(gone)
+        return count
 
     def read(self, query: Read) -> ReadReply:
         """A read of what is held, as of every step before it."""
@@ -231,15 +242,14 @@ class EngineHost:
                 return CountsReply(self.engine.store.partition_counts(), as_of)
 
     def checkpoint(self) -> list[Change]:
-        """Every change since the last checkpoint: a state, or None for a tombstone."""
-        store = self.engine.store
-        live, parts, removed = store.take_changes()
-        values = store.encode(live, parts, self.model_id) if live else []
-        records = [Change(*change) for change in zip(live, parts, values, strict=True)]
-        for stream, partition in removed.items():
-            # Held again in the same partition: its state (above, if changed) stands.
-            if store.partition_of(stream) != partition:
-                records.append(Change(stream, partition, None))
+        """Every change since the last checkpoint: a state, or None for a tombstone (the
+        shadow's under its keys; orphaned shadow keys' tombstones first, so a state
+        written again in the same checkpoint stands)."""
+        records = [Change(key, partition, None) for key, partition in self._orphans.items()]
+        self._orphans.clear()
+        records += _changes(self.engine, str)
+        if self.shadow is not None:
+            records += _changes(self.shadow, shadow_key)
         return records
 
     def reserve(self, streams: int) -> None:
@@ -251,35 +261,95 @@ class EngineHost:
         (the model served so far goes on) where it does not load or is not the one the
         daemon read. A carried state's changelog record still names the old model until
         its stream ticks again: a restore decides for it by the same rule
-        (``swap_policy``), so it is carried again."""
+        (``swap_policy``), so it is carried again. A swap to the shadow's model is its
+        promotion (``promote``)."""
         started = time.perf_counter()
-        bundle = load_checked(message.path, message.model_id)
-        streams = self.engine.swap_model(bundle, mode=message.mode)
-        self.model_id = bundle.model_id
-        return SwapReply(self.model_id, streams, time.perf_counter() - started, self.stats)
+        if self.shadow is not None and message.model_id == self.shadow.bundle.model_id:
+            streams, carried = self.promote(message.mode)
+        else:
+            bundle = load_checked(message.path, message.model_id)
+            streams, carried = self.engine.swap_model(bundle, mode=message.mode), 0
+        seconds = time.perf_counter() - started
+        return SwapReply(self.model_id, streams, seconds, self.stats, carried)
 
-    def _mode(self, policy: str, made_by: str, layout: tuple[str, tuple[int, ...]]) -> str:
+    def promote(self, mode: str) -> tuple[int, int]:
+        """Serve the shadow's engine: every stream it holds goes on from the shadow's own
+        state (warmed on the same ticks all along); a stream only the served model held
+        gets ``mode`` (carry, rewarm or reset, as a swap). Every state is written under
+        its served key at the next checkpoint, and its shadow key tombstoned. Returns
+        the streams held and how many came from the shadow."""
+        old, new = self.engine, self.shadow
+        assert new is not None
+        if mode == "carry" and not same_state_layout(old.bundle.config, new.bundle.config):
+            raise ConfigError("promote: cannot carry the served model's states into the shadow's")
+        slots, held = new.store.held()
+        for stream, slot in zip(held, slots.tolist(), strict=True):
+            self._orphans[shadow_key(stream)] = int(new.store.partitions[slot])
+        arrays = old.store.arrays()
+        rows = [i for i, stream in enumerate(arrays.ids) if stream not in new.store]
+        if rows:
+            _load(new, arrays.take(rows), mode)
+        new.store.changes.changed[new.store.held()[0]] = True
+        self.engine, self.shadow = new, None
+        return len(new.store), len(held)
+
+    def _mode(self, engine: Engine, policy: str, made_by: str, layout: _Layout) -> str:
         """What becomes of a state ``made_by`` a model, of ``layout`` (cell, layer sizes)."""
-        store = self.engine.store
+        store = engine.store
         compatible = layout == (store.cell, store.hidden_sizes)
-        mode = swap_mode(policy, made_by=made_by, model_id=self.model_id, compatible=compatible)
-        return "reset" if mode == "rewarm" and not self.engine.history_ticks else mode
+        model_id = engine.bundle.model_id
+        mode = swap_mode(policy, made_by=made_by, model_id=model_id, compatible=compatible)
+        return "reset" if mode == "rewarm" and not engine.history_ticks else mode
 
     def restore(
         self, partition: int, blobs: Mapping[str, bytes] | StateBlobs, policy: str
     ) -> RestoreReport:
         """Load one changelog partition's states; see ``RestoreReport`` for what is counted.
         A state another model made goes on, is re-warmed or reset as ``policy`` says
-        (``swap_policy.swap_mode``: the rule a live swap follows)."""
-        store = self.engine.store
+        (``swap_policy.swap_mode``: the rule a live swap follows). Shadow keys restore
+        the shadow (``shadow.py``)."""
+        if not isinstance(blobs, StateBlobs):
+            blobs = StateBlobs.from_dict(blobs)
+        served, shadowed = split_shadow(blobs)
+        report = self._restore_into(self.engine, partition, served, policy)
+        if len(shadowed):
+            self._restore_shadowed(partition, shadowed, policy)
+        return report
+
+    def _restore_shadowed(self, partition: int, blobs: StateBlobs, policy: str) -> None:
+        """Shadow states: the shadow's (if one runs), or, made by the served model, that
+        model's (a promotion not checkpointed before a restart: they win over its own
+        records); the rest orphaned. Every one the shadow does not take is tombstoned."""
+        serving = self.model_id
+        try:
+            models = decode_many(blobs).models
+        except StateError:
+            models = [""] * len(blobs)  # corrupt ones among them: sorted one by one below
+        promoted = [i for i, model in enumerate(models) if model == serving]
+        rest = [i for i, model in enumerate(models) if model != serving]
+        if promoted:
+            self._restore_into(self.engine, partition, take_blobs(blobs, promoted), "carry")
+            store = self.engine.store
+            slots = store.lookup([blobs.ids[i] for i in promoted])
+            store.changes.changed[slots[slots >= 0]] = True
+        if self.shadow is not None and rest:
+            self._restore_into(self.shadow, partition, take_blobs(blobs, rest), policy)
+            rest = []
+        for i in [*promoted, *rest]:
+            self._orphans[shadow_key(blobs.ids[i])] = partition
+
+    def _restore_into(
+        self, engine: Engine, partition: int, blobs: StateBlobs, policy: str
+    ) -> RestoreReport:
+        store = engine.store
         try:  # the common case: one model wrote them all, one layout: decoded as a table
             arrays: StateArrays | None = decode_many(blobs)
         except StateError:
             arrays = None
         if arrays is not None and len(set(arrays.models)) <= 1:
-            sorted_ = self._sort_table(arrays, policy)
+            sorted_ = self._sort_table(engine, arrays, policy)
         else:  # several models (a swap's old and new records), or corrupt: one by one
-            sorted_ = self._sort_one_by_one(blobs, policy)
+            sorted_ = self._sort_one_by_one(engine, blobs, policy)
         arrays, counts, foreign, rewarm = sorted_
         if not arrays.ids:
             return RestoreReport(0, *counts)
@@ -288,29 +358,29 @@ class EngineHost:
         arrays.partition[:] = partition
         store.restore_arrays(arrays)
         if foreign:  # another model's forecasts are not this one's to be judged by
-            self.engine.restart_quality(foreign)
+            engine.restart_quality(foreign)
         if rewarm:
-            self.engine.rewarm(rewarm)
+            engine.rewarm(rewarm)
         return RestoreReport(len(arrays.ids), counts.reset, counts.kept, over, counts.corrupt,
                              counts.rewarmed)  # fmt: skip
 
-    def _sort_table(self, arrays: StateArrays, policy: str) -> _Sorted:
+    def _sort_table(self, engine: Engine, arrays: StateArrays, policy: str) -> _Sorted:
         """States one model wrote, in one layout: kept, re-warmed or reset together."""
-        store = self.engine.store
+        store = engine.store
         model = arrays.models[0] if arrays.ids else ""
         layout = (arrays.cell, tuple(h.shape[1] for h in arrays.h))
-        mode = self._mode(policy, model, layout)
+        mode = self._mode(engine, policy, model, layout)
         n = len(arrays.ids)
         if mode == "carry":
-            foreign = list(arrays.ids) if model and model != self.model_id else []
+            foreign = list(arrays.ids) if model and model != engine.bundle.model_id else []
             return arrays, _Counts(kept=len(foreign)), foreign, []
         if mode == "reset":
             return StateArrays.from_states({}), _Counts(reset=n), [], []
         zeroed = arrays.zeroed(store.hidden_sizes, store.cell)
         return zeroed, _Counts(rewarmed=n), list(arrays.ids), list(arrays.ids)
 
-    def _sort_one_by_one(self, blobs: Mapping[str, bytes] | StateBlobs, policy: str) -> _Sorted:
-        store = self.engine.store
+    def _sort_one_by_one(self, engine: Engine, blobs: StateBlobs, policy: str) -> _Sorted:
+        store, model_id = engine.store, engine.bundle.model_id
         states: dict[str, StreamState] = {}
         counts, foreign, rewarm = _Counts(), [], []
         for stream, blob in blobs.items():
@@ -320,7 +390,7 @@ class EngineHost:
                 counts.corrupt += 1
                 continue
             layout = (state.cell, tuple(h.size for h in state.h))
-            mode = self._mode(policy, state.model, layout)
+            mode = self._mode(engine, policy, state.model, layout)
             if mode == "reset":
                 counts.reset += 1
                 continue
@@ -328,12 +398,84 @@ class EngineHost:
                 state = state.zeroed(store.hidden_sizes, store.cell)
                 counts.rewarmed += 1
                 rewarm.append(stream)
-            elif state.model and state.model != self.model_id:
+            elif state.model and state.model != model_id:
                 counts.kept += 1
-            if state.model and state.model != self.model_id:
+            if state.model and state.model != model_id:
                 foreign.append(stream)
             states[stream] = state
         return StateArrays.from_states(states), counts, foreign, rewarm
+
+
+def _stepped(engine: Engine, request: StepRequest) -> tuple[StepResult, tuple[bool, ...]]:
+    """``engine``'s answers to ``request``, and which of its controls it applied."""
+    if request.controls:
+        return _with_controls(engine, request)
+    return step_isolated(partial(_step, engine), request, engine.bundle.config.output_size), ()
+
+
+def _step(engine: Engine, r: StepRequest) -> StepResult:
+    return engine.step(
+        r.stream_ids,
+        r.features,
+        resets=r.resets,
+        ends=r.ends,
+        timestamps=r.timestamps,
+        offsets=r.offsets,
+        partitions=r.partitions,
+        gaps=r.gaps,
+    )
+
+
+def _with_controls(engine: Engine, request: StepRequest) -> tuple[StepResult, tuple[bool, ...]]:
+    """The ticks stepped in slices between the controls, each control applied at its
+    place (``Control.before``): one stream's ticks and controls in offset order."""
+    outputs = engine.bundle.config.output_size
+    step = partial(_step, engine)
+    parts: list[tuple[int, StepResult]] = []
+    applied = []
+    done, n = 0, len(request.stream_ids)
+    for control in [*request.controls, None]:
+        until = n if control is None else min(max(control.before, done), n)
+        if until > done:
+            part = slice_request(request, done, until)
+            parts.append((until - done, step_isolated(step, part, outputs)))
+            done = until
+        if control is not None:
+            applied.append(
+                engine.control(
+                    control.stream, control.op, offset=control.offset, partition=control.partition
+                )
+            )
+    if not parts:
+        parts.append((0, step(slice_request(request, 0, 0))))
+    return concat_results(parts), tuple(applied)
+
+
+def _changes(engine: Engine, key: Callable[[str], str]) -> list[Change]:
+    """``engine``'s changed states and tombstones since the last checkpoint, keyed by
+    ``key(stream)``."""
+    store = engine.store
+    live, parts, removed = store.take_changes()
+    values = store.encode(live, parts, engine.bundle.model_id) if live else []
+    records = [Change(key(s), p, v) for s, p, v in zip(live, parts, values, strict=True)]
+    for stream, partition in removed.items():
+        # Held again in the same partition: its state (above, if changed) stands.
+        if store.partition_of(stream) != partition:
+            records.append(Change(key(stream), partition, None))
+    return records
+
+
+def _load(engine: Engine, arrays: StateArrays, mode: str) -> None:
+    """Another model's states into ``engine``: carried, re-warmed or reset (a swap's rule)."""
+    if mode == "rewarm" and not engine.history_ticks:
+        mode = "reset"
+    if mode != "carry":
+        store = engine.store
+        arrays = arrays.zeroed(store.hidden_sizes, store.cell, keep_steps=mode == "rewarm")
+    engine.store.restore_arrays(arrays)
+    engine.restart_quality(arrays.ids)
+    if mode == "rewarm":
+        engine.rewarm(arrays.ids)
 
 
 class InProcessClient:
@@ -410,18 +552,7 @@ def _most_recent(arrays: StateArrays, room: int) -> StateArrays:
     if len(arrays.ids) <= room:
         return arrays
     keep = np.sort(np.argsort(-np.nan_to_num(arrays.last_seen, nan=-np.inf))[: max(room, 0)])
-    return StateArrays(
-        ids=[arrays.ids[i] for i in keep.tolist()],
-        h=[h[keep] for h in arrays.h],
-        c=[c[keep] for c in arrays.c],
-        step=arrays.step[keep],
-        offset=arrays.offset[keep],
-        partition=arrays.partition[keep],
-        last_seen=arrays.last_seen[keep],
-        extra=arrays.extra[keep],
-        models=[arrays.models[i] for i in keep.tolist()],
-        cell=arrays.cell,
-    )
+    return arrays.take(keep)
 
 
 # -- the process -------------------------------------------------------------
@@ -433,21 +564,7 @@ def serve(sock: socket.socket, options: dict[str, Any]) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     set_num_threads(int(options["threads"]))
     try:
-        bundle = load_checked(options["model"], options.get("model_id"))
-        child = EngineHost(
-            Engine(
-                bundle,
-                max_streams=options["max_streams"],
-                idle_ttl_s=options["idle_ttl_s"],
-                history_ticks=int(options.get("history_ticks", 0)),
-                quality=QualityConfig(
-                    enabled=bool(options["quality"]),
-                    drift_window_ticks=int(options["drift_window_ticks"]),
-                ),
-            ),
-            changelog=bool(options.get("changelog", True)),
-            worst_interval_s=float(options["worst_interval_s"]),
-        )
+        child = _host(options)
     except Exception as exc:
         _send_error(sock, exc)
         return
@@ -463,6 +580,30 @@ def serve(sock: socket.socket, options: dict[str, Any]) -> None:
             _send_error(sock, exc)
             continue
         sock.sendall(frame(reply))
+
+
+def _host(options: dict[str, Any]) -> EngineHost:
+    """The engine (and the shadow's, where ``options`` name one) as the options say."""
+
+    def engine(path: str, model_id: str | None) -> Engine:
+        return Engine(
+            load_checked(path, model_id),
+            max_streams=options["max_streams"],
+            idle_ttl_s=options["idle_ttl_s"],
+            history_ticks=int(options.get("history_ticks", 0)),
+            quality=QualityConfig(
+                enabled=bool(options["quality"]),
+                drift_window_ticks=int(options["drift_window_ticks"]),
+            ),
+        )
+
+    shadow = options.get("shadow_model")
+    return EngineHost(
+        engine(options["model"], options.get("model_id")),
+        shadow=engine(shadow, options.get("shadow_model_id")) if shadow else None,
+        changelog=bool(options.get("changelog", True)),
+        worst_interval_s=float(options["worst_interval_s"]),
+    )
 
 
 def load_checked(path: str, expected: str | None) -> Bundle:

@@ -29,7 +29,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -154,8 +154,10 @@ class ProcessClient:
         quality: bool = True,
         worst_interval_s: float = 10.0,
         history_ticks: int = 0,
+        shadow: Bundle | None = None,
     ) -> None:
         self._bundle = bundle
+        self._shadow = shadow
         self._options = {
             "max_streams": max_streams,
             "idle_ttl_s": idle_ttl_s,
@@ -217,14 +219,14 @@ class ProcessClient:
         return started.stats
 
     def _model_options(self, cleanup: contextlib.ExitStack) -> dict[str, str]:
-        """Where the child loads the model: the bundle's own directory, checked there
-        against this bundle's id (the files may change after they were read), or a copy
-        in a temporary directory (``cleanup`` removes it) for a bundle made in memory."""
-        bundle = self._bundle
-        if bundle.source is not None:
-            return {"model": str(bundle.source), "model_id": bundle.model_id}
-        tmp = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="streamlstm-engine-"))
-        return {"model": str(bundle.save(Path(tmp) / "model"))}
+        """Where the child loads the model (and the shadow's): the bundle's own directory,
+        checked there against this bundle's id (the files may change after they were
+        read), or a copy in a temporary directory (``cleanup`` removes it) for a bundle
+        made in memory."""
+        options = _where(self._bundle, "model", cleanup)
+        if self._shadow is not None:
+            options |= _where(self._shadow, "shadow_model", cleanup)
+        return options
 
     async def step(self, request: StepRequest) -> StepReply:
         """``Engine.step`` in the child; it also remembers each stream's partition."""
@@ -379,11 +381,25 @@ async def _exited(proc: subprocess.Popen[bytes], timeout_s: float, poll_s: float
     return True
 
 
-#: ``factory(bundle, config)``: the engine client the server starts and closes.
-EngineFactory = Callable[[Bundle, ServeConfig], EngineClient]
+def _where(bundle: Bundle, name: str, cleanup: contextlib.ExitStack) -> dict[str, str]:
+    if bundle.source is not None:
+        return {name: str(bundle.source), f"{name}_id": bundle.model_id}
+    tmp = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="streamlstm-engine-"))
+    return {name: str(bundle.save(Path(tmp) / name))}
 
 
-def default_engine(bundle: Bundle, config: ServeConfig) -> EngineClient:
+class EngineFactory(Protocol):
+    """``factory(bundle, config, shadow)``: the engine client the server starts and closes,
+    serving ``bundle`` (and running ``shadow`` beside it, where given)."""
+
+    def __call__(
+        self, bundle: Bundle, config: ServeConfig, shadow: Bundle | None = None
+    ) -> EngineClient: ...
+
+
+def default_engine(
+    bundle: Bundle, config: ServeConfig, shadow: Bundle | None = None
+) -> EngineClient:
     """The engine in a child process of its own."""
     return ProcessClient(
         bundle,
@@ -395,4 +411,5 @@ def default_engine(bundle: Bundle, config: ServeConfig) -> EngineClient:
         quality=config.quality_metrics == "on",
         worst_interval_s=config.metrics_interval_s,
         history_ticks=config.history_ticks,
+        shadow=shadow,
     )

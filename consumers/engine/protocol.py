@@ -255,6 +255,8 @@ class StepReply:
     stats: EngineStats
     seconds: float
     controls_applied: tuple[bool, ...] = ()
+    #: The shadow model's answers to the same ticks (``--shadow-model``; None: none runs).
+    shadow: StepResult | None = None
 
 
 class Change(NamedTuple):
@@ -328,12 +330,15 @@ class CountsReply:
 @dataclass(frozen=True)
 class SwapReply:
     """``SwapModel`` done: the streams held, each now under the new model, and how long
-    loading the bundle and moving the states took (seconds)."""
+    loading the bundle and moving the states took (seconds). A swap to the shadow's
+    model promotes the shadow: its states serve (``from_shadow`` of them)."""
 
     model_id: str
     streams: int
     seconds: float
     stats: EngineStats
+    #: A promotion of the shadow: the streams whose state came from the shadow's.
+    from_shadow: int = 0
 
 
 ReadReply = StreamReply | PageReply | CountsReply

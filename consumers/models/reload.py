@@ -11,7 +11,10 @@ are the new model's. So per partition every tick before the swap was answered
 by the old model and every tick after it by the new one; nothing is read again
 or skipped. A bundle that does not load (its ``bundle.json`` here, its weights
 in the engine) is refused with a log line and ``streamlstm_model_reloads_total
-{outcome="refused"}``, and the old model goes on serving.
+{outcome="refused"}``, and the old model goes on serving. A reload to the
+shadow model's bundle (``--shadow-model``) promotes it: every stream it holds
+goes on from the shadow's own state, warmed on the same ticks (``SwapReply
+.from_shadow``); only streams the shadow never saw follow ``--swap-state``.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class ReloadOutcome:
     mode: str | None = None  # swapped: carry, rewarm or reset (swap_policy.SWAP_MODES)
     streams: int = 0  # swapped: the streams held, now under the new model
     seconds: float = 0.0  # swapped: the engine's time to load and swap
+    from_shadow: int = 0  # swapped to the shadow's model: the streams that kept its state
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -103,6 +107,11 @@ class Reloader:
                 {"carry": "carried", "rewarm": "re-warmed", "reset": "reset"}[outcome.mode or ""],
                 outcome.seconds,
             )
+            if outcome.from_shadow:
+                logger.info(
+                    "shadow model promoted: %d streams go on from its own states",
+                    outcome.from_shadow,
+                )
         for future in waiting:
             if not future.done():
                 future.set_result(outcome)
@@ -153,4 +162,5 @@ class Reloader:
             mode=mode,
             streams=reply.streams,
             seconds=reply.seconds,
+            from_shadow=reply.from_shadow,
         )

@@ -20,7 +20,7 @@ from pathlib import Path
 from streamlstm import Bundle
 from streamlstm.errors import ConfigError, StreamLSTMError
 
-__all__ = ["ModelSource", "Resolved"]
+__all__ = ["ModelSource", "Resolved", "check_shadow"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,3 +68,22 @@ class ModelSource:
             f"model: {self.path} holds no bundle (no bundle.json in it or in a subdirectory "
             "that loads)"
         )
+
+
+def check_shadow(serving: Bundle, shadow: Bundle) -> None:
+    """``ConfigError`` unless ``shadow`` can run on the served model's ticks: the same
+    number of inputs, and the same feature names where both name them."""
+    if shadow.config.input_size != serving.config.input_size:
+        raise ConfigError(
+            f"shadow_model: takes {shadow.config.input_size} inputs, the served model "
+            f"{serving.config.input_size}; a shadow runs on the same ticks"
+        )
+    ours, theirs = _named(serving), _named(shadow)
+    if ours and theirs and ours != theirs:
+        raise ConfigError(f"shadow_model: features {theirs} are not the served model's {ours}")
+
+
+def _named(bundle: Bundle) -> list[str]:
+    """The bundle's feature names; none where they are the defaults (x0, x1, ...)."""
+    names = list(bundle.feature_names)
+    return [] if names == [f"x{i}" for i in range(len(names))] else names

@@ -198,6 +198,16 @@ class ServeMetrics:
     def _models(self, registry: CollectorRegistry) -> None:
         """The model served, and its reloads (docs/model-reload.md)."""
         self.model_info = Info("streamlstm_model", "The model being served", registry=registry)
+        self.shadow_model_info = Info(
+            "streamlstm_shadow_model",
+            "The shadow model run beside it (--shadow-model; no labels: none)",
+            registry=registry,
+        )
+        self.shadow_predictions = Counter(
+            "streamlstm_shadow_predictions",
+            "Predictions of the shadow model sent to --shadow-topic",
+            registry=registry,
+        )
         self.model_reloads = Counter(
             "streamlstm_model_reloads",
             "Model reloads by outcome: swapped, unchanged (already served), refused (the "

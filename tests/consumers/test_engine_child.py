@@ -9,23 +9,8 @@ import pytest
 
 from streamlstm import Bundle, Engine, StreamState
 from streamlstm.consumers.engine.child import EngineHost
-from streamlstm.consumers.engine.process import StepRequest
 from tests.conftest import BundleFactory
-
-
-def _request(
-    ids: list[str], x: np.ndarray, offsets: list[int], part: int, **flags: list[bool]
-) -> StepRequest:
-    n = len(ids)
-    return StepRequest(
-        stream_ids=ids,
-        features=x,
-        resets=flags.get("resets", [False] * n),
-        ends=flags.get("ends", [False] * n),
-        timestamps=np.full(n, np.nan),
-        offsets=offsets,
-        partitions=[part] * n,
-    )
+from tests.helpers.engine_requests import step_request as _request
 
 
 def test_a_checkpoint_holds_the_changed_streams_and_tombstones_once(

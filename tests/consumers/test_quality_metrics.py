@@ -12,10 +12,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from streamlstm import Affine, Bundle, Engine, ModelConfig, OutputSpec
 from streamlstm.consumers.observability.quality import QualityCollector
 
+SERVING = ("model", "serving")
 
-def _samples(engine: Engine) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+
+def _samples(
+    engine: Engine, shadow: Engine | None = None
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     registry = CollectorRegistry()
-    registry.register(QualityCollector(lambda: engine.quality))
+    reports = {"serving": engine.quality} | ({"shadow": shadow.quality} if shadow else {})
+    registry.register(QualityCollector(lambda: reports))
     text = generate_latest(registry).decode()
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -43,7 +48,7 @@ def test_every_figure_is_exported_with_bounded_labels() -> None:
     report = engine.quality
     assert report is not None and report.scores is not None
     got = _samples(engine)
-    h = (("horizon", "2"), ("target", "temp"))
+    h = (("horizon", "2"), ("model", "serving"), ("target", "temp"))
     q = report.horizons[0]
     assert got[("streamlstm_forecast_abs_error_count", h)] == q.model.count == 3 * 98
     assert got[("streamlstm_forecast_abs_error_sum", h)] == pytest.approx(q.model.total)
@@ -51,7 +56,7 @@ def test_every_figure_is_exported_with_bounded_labels() -> None:
         got[
             (
                 "streamlstm_forecast_abs_error_bucket",
-                (("horizon", "2"), ("le", "+Inf"), ("target", "temp")),
+                (("horizon", "2"), ("le", "+Inf"), ("model", "serving"), ("target", "temp")),
             )
         ]
         == q.model.count
@@ -63,15 +68,40 @@ def test_every_figure_is_exported_with_bounded_labels() -> None:
     assert got[("streamlstm_model_training_mae", h)] == 0.5
     persistence = tuple(sorted((*h, ("baseline", "persistence"))))
     assert got[("streamlstm_model_training_baseline_mae", persistence)] == 0.7
-    assert got[("streamlstm_input_drift_z", (("feature", "temp"),))] == pytest.approx(
+    assert got[("streamlstm_input_drift_z", (("feature", "temp"), SERVING))] == pytest.approx(
         report.drift_z[1]
     )
-    assert ("streamlstm_input_std_ratio", (("feature", "load"),)) in got
-    assert got[("streamlstm_anomaly_score_count", ())] == report.scores.count > 0
-    assert got[("streamlstm_anomalies_total", ())] == report.anomalies
-    assert got[("streamlstm_anomaly_false_alarm_rate", ())] == 0.05
+    assert ("streamlstm_input_std_ratio", (("feature", "load"), SERVING)) in got
+    assert got[("streamlstm_anomaly_score_count", (SERVING,))] == report.scores.count > 0
+    assert got[("streamlstm_anomalies_total", (SERVING,))] == report.anomalies
+    assert got[("streamlstm_anomaly_false_alarm_rate", (SERVING,))] == 0.05
     labels = {k for _, pairs in got for k, _ in pairs}
-    assert labels <= {"horizon", "target", "baseline", "feature", "le"}  # never a stream
+    assert labels <= {"model", "horizon", "target", "baseline", "feature", "le"}  # never a stream
+
+
+def test_a_shadow_model_is_exported_beside_the_served_one_on_the_same_ticks() -> None:
+    config = ModelConfig(input_size=1, hidden_sizes=(6,), output_size=1)
+    spec = OutputSpec(target_feature=0, horizon=1)
+    served, shadow = (
+        Engine(Bundle.random(config, seed=seed, outputs=spec, feature_names=["v"]))
+        for seed in (4, 5)
+    )
+    x = np.sin(np.arange(200, dtype=np.float32) / 7)[:, None]
+    ids = [f"s{i % 4}" for i in range(200)]
+    served.step(ids, x)
+    shadow.step(ids, x)
+    got = _samples(served, shadow)
+    for engine, role in ((served, "serving"), (shadow, "shadow")):
+        report = engine.quality
+        assert report is not None
+        q = report.horizons[0]
+        labels = (("horizon", "1"), ("model", role), ("target", "v"))
+        assert got[("streamlstm_forecast_abs_error_count", labels)] == q.model.count == 4 * 49
+        assert got[("streamlstm_forecast_abs_error_sum", labels)] == pytest.approx(q.model.total)
+    sums = [got[("streamlstm_forecast_abs_error_sum", (("horizon", "1"), ("model", role),
+                                                       ("target", "v")))]
+            for role in ("serving", "shadow")]  # fmt: skip
+    assert sums[0] != sums[1]  # two models' errors, not one's twice
 
 
 def test_a_model_that_cannot_be_judged_exports_nothing() -> None:

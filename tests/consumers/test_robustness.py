@@ -335,7 +335,7 @@ def test_an_instance_without_partitions_is_ready(
     asyncio.run(scenario())
 
 
-def _fragile(bundle: Bundle, config: ServeConfig) -> InProcessClient:
+def _fragile(bundle: Bundle, config: ServeConfig, shadow: Bundle | None = None) -> InProcessClient:
     # The child's own code (EngineHost), in process: a failed step is taken again
     # tick by tick before the answer, as in the engine's child process.
     return InProcessClient(EngineHost(FragileEngine(bundle, max_streams=config.max_streams)))
