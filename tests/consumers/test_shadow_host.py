@@ -39,9 +39,12 @@ def _oracle(bundle: Bundle, ids: list[str], x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _run(host: EngineHost, ids: list[str], x: np.ndarray, first: int = 0, chunk: int = 7):
+def _run(
+    host: EngineHost, ids: list[str], x: np.ndarray, first: int = 0, chunk: int = 7
+) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
     """Step the ticks in polls of ``chunk``; the served and the shadow answers."""
-    served, shadow = [], []
+    served: list[np.ndarray] = []
+    shadow: list[np.ndarray | None] = []
     for start in range(0, len(ids), chunk):
         stop = min(start + chunk, len(ids))
         offsets = range(first + start, first + stop)
@@ -49,6 +52,11 @@ def _run(host: EngineHost, ids: list[str], x: np.ndarray, first: int = 0, chunk:
         served.append(reply.result.predictions)
         shadow.append(reply.shadow.predictions if reply.shadow is not None else None)
     return served, shadow
+
+
+def _joined(parts: list[np.ndarray | None]) -> np.ndarray:
+    assert all(p is not None for p in parts), "a poll without the shadow's answers"
+    return np.concatenate([p for p in parts if p is not None])
 
 
 def test_the_shadow_answers_the_same_ticks_from_its_own_states(
@@ -59,7 +67,7 @@ def test_the_shadow_answers_the_same_ticks_from_its_own_states(
     ids, x = _ticks(60)
     got, shadow = _run(host, ids, x)
     np.testing.assert_allclose(np.concatenate(got), _oracle(served, ids, x), atol=1e-5)
-    np.testing.assert_allclose(np.concatenate(shadow), _oracle(candidate, ids, x), atol=1e-5)
+    np.testing.assert_allclose(_joined(shadow), _oracle(candidate, ids, x), atol=1e-5)
     assert host.stats.shadow_model == candidate.model_id
 
 
@@ -99,7 +107,7 @@ def test_the_shadow_states_are_checkpointed_under_their_own_keys_and_restored_th
     assert (report.loaded, report.reset_model_changed) == (3, 0)
     got, shadow = _run(second, ids[40:], x[40:], first=40)
     np.testing.assert_allclose(np.concatenate(got), _oracle(served, ids, x)[40:], atol=1e-5)
-    np.testing.assert_allclose(np.concatenate(shadow), _oracle(candidate, ids, x)[40:], atol=1e-5)
+    np.testing.assert_allclose(_joined(shadow), _oracle(candidate, ids, x)[40:], atol=1e-5)
 
 
 def test_shadow_states_without_a_shadow_are_tombstoned_and_the_served_ones_go_on(
