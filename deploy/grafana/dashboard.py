@@ -111,10 +111,12 @@ def mean(metric: str, by: str) -> str:
     )
 
 
-#: The model-quality series are per (job, horizon, target): one model per job.
-FORECAST = "job, horizon, target"
-BASELINE = "job, horizon, target, baseline"
-FORECAST_LEGEND = "{{target}} h={{horizon}}"
+#: The model-quality series are per (job, model, horizon, target): one served model per
+#: job (model="serving"), and a shadow model beside it (model="shadow") while one runs,
+#: on the same ticks: side by side on every quality panel.
+FORECAST = "job, model, horizon, target"
+BASELINE = "job, model, horizon, target, baseline"
+FORECAST_LEGEND = "{{model}} {{target}} h={{horizon}}"
 #: Thresholds of the model-quality alerts (deploy/prometheus/rules), drawn on the panels.
 DEGRADED_K = 1.5
 ANOMALY_M = 5
@@ -126,7 +128,7 @@ def build() -> dash_m.Dashboard:
     baseline_mae = mean("streamlstm_forecast_baseline_abs_error", BASELINE)
     training_mae = f"max by ({FORECAST}) (streamlstm_model_training_mae{{{SEL}}})"
     training_baseline_mae = f"max by ({BASELINE}) (streamlstm_model_training_baseline_mae{{{SEL}}})"
-    false_alarm_rate = f"max by (job) (streamlstm_anomaly_false_alarm_rate{{{SEL}}})"
+    false_alarm_rate = f"max by (job, model) (streamlstm_anomaly_false_alarm_rate{{{SEL}}})"
     builder = (
         dash_b.Dashboard("streamlstm")
         .uid(UID)
@@ -320,7 +322,7 @@ def build() -> dash_m.Dashboard:
                 "none",
                 "(Recent mean of each input feature over the served streams - training mean) "
                 "/ training sd, per instance; StreamlstmInputDrift alerts past +-2 for 15m.",
-                query(f"streamlstm_input_drift_z{{{SEL}}}", "{{feature}} {{instance}}"),
+                query(f"streamlstm_input_drift_z{{{SEL}}}", "{{model}} {{feature}} {{instance}}"),
                 minimum=None,
             )
             .thresholds(threshold_lines((None, "red"), (-2, "green"), (2, "red")))
@@ -334,7 +336,7 @@ def build() -> dash_m.Dashboard:
                 "none",
                 "Recent standard deviation of each input feature over the served streams / its "
                 "training sd, per instance: 1 is as in training.",
-                query(f"streamlstm_input_std_ratio{{{SEL}}}", "{{feature}} {{instance}}"),
+                query(f"streamlstm_input_std_ratio{{{SEL}}}", "{{model}} {{feature}} {{instance}}"),
             )
         )
         .with_panel(
@@ -344,12 +346,12 @@ def build() -> dash_m.Dashboard:
                 "Scored ticks flagged as anomalous; the flag's configured false-alarm rate; and "
                 f"the level StreamlstmAnomalyRateHigh alerts at ({ANOMALY_M}x, over 15m for 15m).",
                 query(
-                    f"sum by (job) (rate(streamlstm_anomalies_total{rate}))"
-                    f" / sum by (job) (rate(streamlstm_anomaly_score_count{rate}))",
-                    "{{job}} flagged",
+                    f"sum by (job, model) (rate(streamlstm_anomalies_total{rate}))"
+                    f" / sum by (job, model) (rate(streamlstm_anomaly_score_count{rate}))",
+                    "{{job}} {{model}} flagged",
                 ),
-                query(false_alarm_rate, "{{job}} configured"),
-                query(f"{ANOMALY_M} * {false_alarm_rate}", "{{job}} alert level"),
+                query(false_alarm_rate, "{{job}} {{model}} configured"),
+                query(f"{ANOMALY_M} * {false_alarm_rate}", "{{job}} {{model}} alert level"),
             )
         )
         .with_panel(
@@ -357,7 +359,7 @@ def build() -> dash_m.Dashboard:
                 "Anomaly score quantiles",
                 "none",
                 "Quantiles of the anomaly scores of scored ticks, from the histogram.",
-                *quantiles("streamlstm_anomaly_score"),
+                *quantiles("streamlstm_anomaly_score", "model"),
             )
         )
         .with_row(dash_b.Row("Kafka"))

@@ -101,7 +101,7 @@ def test_live_error_while_the_test_part_is_served_equals_the_training_report(
 
     before, after = asyncio.run(scenario())
     metrics = bundle.metrics
-    labels = {"horizon": "1", "target": "SUNACTIVITY"}
+    labels = {"horizon": "1", "model": "serving", "target": "SUNACTIVITY"}
     mae, count = _mean_over(before, after, "streamlstm_forecast_abs_error", labels)
     assert count == metrics["test_ticks"] == len(values) - first
     assert mae == pytest.approx(metrics["mae"], rel=1e-5)
@@ -119,7 +119,7 @@ def test_live_error_while_the_test_part_is_served_equals_the_training_report(
     squares -= before[("streamlstm_forecast_squared_error_sum_total", key)]
     assert np.sqrt(squares / count) == pytest.approx(metrics["rmse"], rel=1e-5)
     # Drift against the training part's statistics: sunspots' test part runs high.
-    assert ("streamlstm_input_drift_z", (("feature", "SUNACTIVITY"),)) in after
+    assert ("streamlstm_input_drift_z", (("feature", "SUNACTIVITY"), ("model", "serving"))) in after
 
 
 def test_a_refused_record_leaves_a_hole_no_forecast_is_paired_across(
@@ -158,7 +158,10 @@ def test_a_refused_record_leaves_a_hole_no_forecast_is_paired_across(
     pairs = [t for t in range(len(values) - 1) if t != 19]  # 19 -> 20 straddles the hole
     want = [abs(forecasts[t] - values[t + 1]) for t in pairs]
     mae, count = _mean_over(
-        {}, samples, "streamlstm_forecast_abs_error", {"horizon": "1", "target": "x0"}
+        {},
+        samples,
+        "streamlstm_forecast_abs_error",
+        {"horizon": "1", "model": "serving", "target": "x0"},
     )
     assert count == len(pairs)
     assert mae == pytest.approx(float(np.mean(want)), rel=1e-5)

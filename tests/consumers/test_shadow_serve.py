@@ -1,0 +1,177 @@
+"""A shadow model over Apache Kafka: it answers the same ticks to its own topic, both
+models' live errors are in /metrics side by side, and a reload to its bundle promotes it
+with every stream going on from the shadow's own state (no warm-up), each answer on the
+oracle (``predict_sequence``) over the stream's whole history."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from streamlstm import Affine, Bundle, ModelConfig, OutputSpec
+from streamlstm.consumers.server import Server
+from tests.consumers.conftest import read_all, send_raw
+from tests.helpers.serving import Tick, metric_total, serve_config, tick_messages
+
+pytestmark = pytest.mark.apache_kafka
+
+STREAMS = [f"meter-{i}" for i in range(5)]
+WARMUP = 6  # ticks a stream is "not ready" after a reset
+STRONG = {"acks": "all", "enable_idempotence": True}
+
+
+def _bundle(seed: int, name: str) -> Bundle:
+    cfg = ModelConfig(input_size=2, hidden_sizes=(12,), head_sizes=(6,), output_size=1)
+    return Bundle.random(
+        cfg,
+        seed=seed,
+        name=name,
+        warmup_steps=WARMUP,
+        input_scaler=Affine.from_min_max([0.0, -10.0], [100.0, 10.0]),
+        target_scaler=Affine.from_min_max([0.0], [100.0]),
+        outputs=OutputSpec(target_feature=0, horizon=1),
+        feature_names=["load", "temp"],
+    )
+
+
+def _ticks(rng: np.random.Generator, n: int) -> list[Tick]:
+    return [
+        (str(rng.choice(STREAMS)), [float(rng.uniform(0, 100)), float(rng.normal() * 5)], False)
+        for _ in range(n)
+    ]
+
+
+async def _reload(port: int, token: str) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"http://127.0.0.1:{port}/v1/model/reload", headers=headers) as response,
+    ):
+        return response.status, await response.json()
+
+
+def _errors(text: str) -> dict[str, tuple[float, float]]:
+    """Each model's (count, sum) of realized absolute errors, from /metrics."""
+    got: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("streamlstm_forecast_abs_error_"):
+                column = {"_count": 0, "_sum": 1}.get(s.name.removeprefix(family.name))
+                if column is not None:
+                    got[s.labels["model"]][column] += s.value
+    return {model: (count, total) for model, (count, total) in got.items()}
+
+
+def _oracle_errors(bundle: Bundle, ticks: list[Tick]) -> tuple[float, float]:
+    """The model's horizon-1 errors over the ticks: each stream's forecast at t against
+    its load at t + 1 (count, sum), from the oracle's forecasts."""
+    count, total = 0.0, 0.0
+    for stream in STREAMS:
+        x = np.array([v for s, v, _ in ticks if s == stream], np.float32)
+        forecasts = bundle.predict_sequence(x)[:-1, 0]
+        count += forecasts.size
+        total += float(np.abs(forecasts - x[1:, 0]).sum())
+    return count, total
+
+
+def test_a_shadow_is_measured_beside_the_served_model_and_promoted_with_no_warm_up(
+    bootstrap: str, make_topics: Any, tmp_path: Path
+) -> None:
+    root = tmp_path / "models"
+    served, candidate = _bundle(3, "serving"), _bundle(8, "candidate")
+    served.save(root / "1")
+    candidate.save(tmp_path / "candidate")
+    src, out, dlq, shadow = make_topics("ticks", "preds", "dlq", "shadow", partitions=2)
+    (tmp_path / "token").write_text(token := secrets.token_hex(24))
+    config = serve_config(
+        root, bootstrap, src, out, dlq, state="durable", guarantee="exactly-once",
+        commit_interval_ms=200, max_records=16, admin_port=0,
+        admin_token_file=str(tmp_path / "token"), swap_state="reset",
+        shadow_model=str(tmp_path / "candidate"), shadow_topic=shadow,
+    )  # fmt: skip
+    ticks = _ticks(np.random.default_rng(5), 600)
+    half = len(ticks) // 2
+
+    async def scenario() -> tuple[list[Any], list[Any], list[Any], Any, str, str]:
+        async with Server(config) as server:
+            port = server.admin_port or 0
+            metas = await send_raw(bootstrap, src, tick_messages(ticks[:half], 0), STRONG)
+            await read_all(bootstrap, out, half, 60, "read_committed")
+            await read_all(bootstrap, shadow, half, 60, "read_committed")
+            before = generate_latest(server.registry).decode()
+            candidate.save(root / "2")
+            promoted = await _reload(port, token)
+            more = await send_raw(bootstrap, src, tick_messages(ticks[half:], half), STRONG)
+            answers = await read_all(bootstrap, out, len(ticks), 60, "read_committed")
+            # Read past what is due: nothing more may come after the promotion.
+            shadows = await read_all(bootstrap, shadow, half + 1, 5, "read_committed")
+            after = generate_latest(server.registry).decode()
+        return metas + more, answers, shadows, promoted, before, after
+
+    metas, answers, shadows, promoted, before, after = asyncio.run(scenario())
+    assert promoted[0] == 200 and promoted[1]["outcome"] == "swapped", promoted
+    assert promoted[1]["from_shadow"] == len(STREAMS), promoted
+    # Both models' live errors, over the same ticks, each the oracle's.
+    errors = _errors(before)
+    for model, bundle in (("serving", served), ("shadow", candidate)):
+        count, total = _oracle_errors(bundle, ticks[:half])
+        assert errors[model][0] == count, model
+        assert errors[model][1] == pytest.approx(total, rel=1e-4), model
+    assert errors["serving"][1] != pytest.approx(errors["shadow"][1])
+    assert "shadow" not in _errors(after)  # promoted: no shadow is measured any more
+    assert metric_total(after, "streamlstm_shadow_predictions") == half
+    _check(served, candidate, ticks, metas, answers, shadows, half)
+
+
+def _by_tick(records: list[Any]) -> dict[tuple[int, int], Any]:
+    out = {}
+    for message in records:
+        body = json.loads(message.value)
+        key = (body["partition"], body["offset"])
+        assert key not in out, f"{key} answered twice"
+        out[key] = body
+    return out
+
+
+def _check(
+    served: Bundle,
+    candidate: Bundle,
+    ticks: list[Tick],
+    metas: list[Any],
+    answers: list[Any],
+    shadows: list[Any],
+    half: int,
+) -> None:
+    """Each tick answered once; the shadow's answers of the first half (and none after)
+    are the candidate's oracle; the served answers are the served model's oracle before
+    the promotion and the candidate's over the whole history after it, all ready."""
+    index = {(m.partition, m.offset): i for i, m in enumerate(metas)}
+    served_by, shadow_by = _by_tick(answers), _by_tick(shadows)
+    assert set(served_by) == set(index), "a tick without an answer, or an answer for none"
+    assert set(shadow_by) == {k for k, i in index.items() if i < half}
+    for stream in STREAMS:
+        mine = [k for k in sorted(index, key=index.__getitem__) if ticks[index[k]][0] == stream]
+        x = np.array([ticks[index[k]][1] for k in mine], np.float32)
+        cut = sum(1 for k in mine if index[k] < half)
+        want = np.concatenate(
+            [served.predict_sequence(x[:cut]), candidate.predict_sequence(x)[cut:]]
+        )
+        got = np.array([served_by[k]["prediction"] for k in mine], np.float32)
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=stream)
+        models = [served_by[k]["model"] for k in mine]
+        assert models == [served.model_id] * cut + [candidate.model_id] * (len(mine) - cut)
+        assert all(served_by[k]["ready"] for k in mine[cut:]), f"{stream}: warming up again"
+        assert [served_by[k]["step"] for k in mine] == list(range(1, len(mine) + 1))
+        mirrored = np.array([shadow_by[k]["prediction"] for k in mine[:cut]], np.float32)
+        np.testing.assert_allclose(mirrored, candidate.predict_sequence(x[:cut]), atol=1e-5)
+        assert {shadow_by[k]["model"] for k in mine[:cut]} == {candidate.model_id}
