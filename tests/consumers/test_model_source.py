@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from streamlstm import Bundle, BundleError, ConfigError, ModelConfig
-from streamlstm.consumers.models.source import ModelSource
+from streamlstm.consumers.models.source import ModelSource, check_shadow
 
 CONFIG = ModelConfig(input_size=2, hidden_sizes=(4,), head_sizes=(), output_size=1)
 
@@ -46,3 +46,14 @@ def test_one_bundle_is_itself_and_a_missing_path_says_so(tmp_path: Path) -> None
     assert (found.version, found.bundle.model_id) == ("", bundle.model_id)
     with pytest.raises(BundleError, match="does not exist"):
         ModelSource(tmp_path / "nope").resolve()
+
+
+def test_a_shadow_must_take_the_served_models_inputs() -> None:
+    served = Bundle.random(CONFIG, feature_names=["load", "temp"])
+    check_shadow(served, Bundle.random(CONFIG, seed=1, feature_names=["load", "temp"]))
+    check_shadow(served, Bundle.random(CONFIG, seed=1))  # unnamed (x0, x1): by position
+    with pytest.raises(ConfigError, match="shadow_model: takes 3 inputs, the served model 2"):
+        wider = ModelConfig(input_size=3, hidden_sizes=(4,), head_sizes=(), output_size=1)
+        check_shadow(served, Bundle.random(wider))
+    with pytest.raises(ConfigError, match=r"features \['temp', 'load'\] are not"):
+        check_shadow(served, Bundle.random(CONFIG, feature_names=["temp", "load"]))

@@ -73,3 +73,14 @@ def test_latency_target_from_flag_env_or_toml_and_off_by_default(tmp_path: Path)
             parse_serve_args([*REQUIRED, "--latency-target-ms", bad], {})
     with pytest.raises(ConfigError, match="latency_target_ms: 'soon' is not a valid float"):
         parse_serve_args([*REQUIRED, "--latency-target-ms", "soon"], {})
+
+
+def test_a_shadow_model_needs_its_own_topic() -> None:
+    with pytest.raises(ConfigError, match="shadow_topic: required with shadow_model"):
+        parse_serve_args([*REQUIRED, "--shadow-model", "candidate"], {})
+    with pytest.raises(ConfigError, match="shadow_topic: required with shadow_model"):
+        parse_serve_args([*REQUIRED, "--shadow-topic", "cmp"], {})
+    with pytest.raises(ConfigError, match="must differ"):
+        parse_serve_args([*REQUIRED, "--shadow-model", "c", "--shadow-topic", "out"], {})
+    cfg = parse_serve_args([*REQUIRED, "--shadow-model", "c", "--shadow-topic", "cmp"], {})
+    assert (cfg.shadow_model, cfg.shadow_topic) == ("c", "cmp")
