@@ -346,6 +346,7 @@ class Changelog:
             metrics.restore_bytes.inc(restored.bytes)
             metrics.restore_seconds.observe(seconds)
             metrics.restore_kept_model_changed.inc(report.kept_model_changed)
+            metrics.restore_rewarmed_model_changed.inc(report.rewarmed_model_changed)
             for reason, count in (
                 ("model_changed", report.reset_model_changed),
                 ("over_capacity", report.over_capacity),

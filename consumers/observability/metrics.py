@@ -224,7 +224,7 @@ class ServeMetrics:
         )
 
     def _durability(self, registry: CollectorRegistry) -> None:
-        """Checkpoints, restores and transactions (durable state; 0 in memory mode)."""
+        """Checkpoints, transactions and restores (durable state; 0 in memory mode)."""
         self.checkpoints = Counter(
             "streamlstm_checkpoints",
             "Checkpoints completed (changelog, then offsets)",
@@ -247,6 +247,20 @@ class ServeMetrics:
             "Bytes of state written to the changelog",
             registry=registry,
         )
+        for kind in ("state", "tombstone"):  # at 0 from the start: in every mode
+            self.checkpoint_records.labels(kind)
+        self.transactions = Counter(
+            "streamlstm_transactions",
+            "Exactly-once transactions (one per input partition and commit interval) by outcome",
+            ["outcome"],
+            registry=registry,
+        )
+        for outcome in ("committed", "aborted"):
+            self.transactions.labels(outcome)
+        self._restores(registry)
+
+    def _restores(self, registry: CollectorRegistry) -> None:
+        """Restores from the changelog (durable state; 0 in memory mode)."""
         self.restored_streams = Counter(
             "streamlstm_restored_streams", "Streams loaded from the changelog", registry=registry
         )
@@ -257,13 +271,17 @@ class ServeMetrics:
             registry=registry,
         )
         # Every label value at 0 from the start, so that the series exist in every mode.
-        for kind in ("state", "tombstone"):
-            self.checkpoint_records.labels(kind)
         for reason in ("model_changed", "over_capacity", "corrupt"):
             self.restore_left_out.labels(reason)
         self.restore_kept_model_changed = Counter(
             "streamlstm_restore_kept_model_changed_streams",
             "States from another, compatible model kept (--swap-state carry; auto: a retrain)",
+            registry=registry,
+        )
+        self.restore_rewarmed_model_changed = Counter(
+            "streamlstm_restore_rewarmed_model_changed_streams",
+            "States from another model re-warmed: the served model run over their held ticks "
+            "(--swap-state rewarm; auto: another model)",
             registry=registry,
         )
         self.restore_seconds = Histogram(
@@ -275,14 +293,6 @@ class ServeMetrics:
         self.restore_bytes = Counter(
             "streamlstm_restore_bytes", "Bytes of state read from the changelog", registry=registry
         )
-        self.transactions = Counter(
-            "streamlstm_transactions",
-            "Exactly-once transactions (one per input partition and commit interval) by outcome",
-            ["outcome"],
-            registry=registry,
-        )
-        for outcome in ("committed", "aborted"):
-            self.transactions.labels(outcome)
 
     @staticmethod
     def watch_engine_process(registry: CollectorRegistry, pid: Callable[[], int]) -> None:
