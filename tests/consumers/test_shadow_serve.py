@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
+import signal
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from streamlstm import Affine, Bundle, ModelConfig, OutputSpec
 from streamlstm.consumers.server import Server
-from tests.consumers.conftest import read_all, send_raw
-from tests.helpers.serving import Tick, metric_total, serve_config, tick_messages
+from tests.consumers.conftest import read_all, send_raw, start_serve
+from tests.helpers.serving import (
+    Tick,
+    metric_total,
+    read_answers,
+    serve_cmd,
+    serve_config,
+    tick_messages,
+    wait_checkpointed,
+)
 
 pytestmark = pytest.mark.apache_kafka
 
@@ -175,3 +185,62 @@ def _check(
         mirrored = np.array([shadow_by[k]["prediction"] for k in mine[:cut]], np.float32)
         np.testing.assert_allclose(mirrored, candidate.predict_sequence(x[:cut]), atol=1e-5)
         assert {shadow_by[k]["model"] for k in mine[:cut]} == {candidate.model_id}
+
+
+def test_a_kill_9_restores_the_served_and_the_shadow_states_each_on_its_oracle(
+    bootstrap: str, make_topics: Any, tmp_path: Path
+) -> None:
+    """Exactly-once, a shadow beside the served model, a kill -9 with ticks in flight and
+    a restart: each tick answered once in each topic, the served answers on the served
+    model's oracle and the shadow's on the candidate's, over each stream's whole
+    history (both states restored from their own changelog keys)."""
+    served, candidate = _bundle(3, "serving"), _bundle(8, "candidate")
+    served.save(tmp_path / "served")
+    candidate.save(tmp_path / "candidate")
+    src, out, dlq, shadow = make_topics("ticks", "preds", "dlq", "shadow", partitions=2)
+    group = f"g-{secrets.token_hex(4)}"
+    cmd = [
+        *serve_cmd(tmp_path / "served", bootstrap, src, out, dlq, group),
+        "--state", "durable", "--guarantee", "exactly-once", "--commit-interval-ms", "200",
+        "--group-instance-id", "shadow", "--shadow-model", str(tmp_path / "candidate"),
+        "--shadow-topic", shadow,
+    ]  # fmt: skip
+    ticks = _ticks(np.random.default_rng(6), 900)
+    proc, port = start_serve(cmd, tmp_path / "serve-1.log")
+    try:
+        metas = asyncio.run(send_raw(bootstrap, src, tick_messages(ticks[:300], 0), STRONG))
+        wait_checkpointed(port, 3)
+        metas += asyncio.run(send_raw(bootstrap, src, tick_messages(ticks[300:600], 300), STRONG))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    proc = start_serve(cmd, tmp_path / "serve-2.log")[0]
+    try:
+        metas += asyncio.run(send_raw(bootstrap, src, tick_messages(ticks[600:], 600), STRONG))
+        answers = read_answers(bootstrap, out, metas, "exactly-once", group, src)
+        shadows = asyncio.run(read_all(bootstrap, shadow, 10**9, 5, "read_committed"))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    for bundle, records in ((served, answers), (candidate, shadows)):
+        by_tick = _by_tick(records)
+        assert set(by_tick) == {(m.partition, m.offset) for m in metas}, bundle.model_id
+        for stream, keys, x in _histories(ticks, metas):
+            got = np.array([by_tick[k]["prediction"] for k in keys], np.float32)
+            np.testing.assert_allclose(got, bundle.predict_sequence(x), atol=1e-5, err_msg=stream)
+            assert {by_tick[k]["model"] for k in keys} == {bundle.model_id}
+
+
+def _histories(
+    ticks: list[Tick], metas: list[Any]
+) -> list[tuple[str, list[tuple[int, int]], np.ndarray]]:
+    """Each stream's ticks in the order sent: their (partition, offset) and inputs."""
+    out = []
+    for stream in STREAMS:
+        rows = [i for i, (s, _, _) in enumerate(ticks) if s == stream]
+        keys = [(metas[i].partition, metas[i].offset) for i in rows]
+        out.append((stream, keys, np.array([ticks[i][1] for i in rows], np.float32)))
+    return out
