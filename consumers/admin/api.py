@@ -13,7 +13,8 @@ else, and no header is ever logged. The routes (docs/admin-api.md):
   record, then 202 once it was applied, 504 where it was not within the
   wait (it stays in the topic and will be);
 - ``GET /v1/partitions``: the input partitions held here;
-- ``GET /v1/model``: the model served; ``POST /v1/model/reload``: resolve
+- ``GET /v1/model``: the model served (and the shadow's id: ``shadow``, null
+  for none); ``POST /v1/model/reload``: resolve
   ``--model`` again and swap to the bundle it names at the next checkpoint
   boundary (``models/reload.py``): 200 once swapped (or unchanged), 409 where
   it was refused (the old model serves on), 504 where it was not done within
@@ -160,7 +161,11 @@ class AdminApi:
     async def model(self, request: web.Request) -> web.Response:
         assert self._reloader is not None
         serving = self._reloader.serving
-        return web.json_response({"model": serving.bundle.model_id, "version": serving.version})
+        stats = self._engine.stats
+        shadow = stats.shadow_model if stats is not None and stats.shadow_model else None
+        return web.json_response(
+            {"model": serving.bundle.model_id, "version": serving.version, "shadow": shadow}
+        )
 
     async def reload(self, request: web.Request) -> web.Response:
         assert self._reloader is not None

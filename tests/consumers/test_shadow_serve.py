@@ -61,11 +61,12 @@ def _ticks(rng: np.random.Generator, n: int) -> list[Tick]:
     ]
 
 
-async def _reload(port: int, token: str) -> tuple[int, Any]:
+async def _admin(port: int, token: str, method: str, path: str) -> tuple[int, Any]:
     headers = {"Authorization": f"Bearer {token}"}
+    url = f"http://127.0.0.1:{port}/v1{path}"
     async with (
         aiohttp.ClientSession() as session,
-        session.post(f"http://127.0.0.1:{port}/v1/model/reload", headers=headers) as response,
+        session.request(method, url, headers=headers) as response,
     ):
         return response.status, await response.json()
 
@@ -112,23 +113,26 @@ def test_a_shadow_is_measured_beside_the_served_model_and_promoted_with_no_warm_
     ticks = _ticks(np.random.default_rng(5), 600)
     half = len(ticks) // 2
 
-    async def scenario() -> tuple[list[Any], list[Any], list[Any], Any, str, str]:
+    async def scenario() -> tuple[list[Any], list[Any], list[Any], Any, Any, str, str]:
         async with Server(config) as server:
             port = server.admin_port or 0
             metas = await send_raw(bootstrap, src, tick_messages(ticks[:half], 0), STRONG)
             await read_all(bootstrap, out, half, 60, "read_committed")
             await read_all(bootstrap, shadow, half, 60, "read_committed")
             before = generate_latest(server.registry).decode()
+            shadowing = await _admin(port, token, "GET", "/model")
             candidate.save(root / "2")
-            promoted = await _reload(port, token)
+            promoted = await _admin(port, token, "POST", "/model/reload")
+            assert (await _admin(port, token, "GET", "/model"))[1]["shadow"] is None
             more = await send_raw(bootstrap, src, tick_messages(ticks[half:], half), STRONG)
             answers = await read_all(bootstrap, out, len(ticks), 60, "read_committed")
             # Read past what is due: nothing more may come after the promotion.
             shadows = await read_all(bootstrap, shadow, half + 1, 5, "read_committed")
             after = generate_latest(server.registry).decode()
-        return metas + more, answers, shadows, promoted, before, after
+        return metas + more, answers, shadows, shadowing, promoted, before, after
 
-    metas, answers, shadows, promoted, before, after = asyncio.run(scenario())
+    metas, answers, shadows, shadowing, promoted, before, after = asyncio.run(scenario())
+    assert shadowing[1] == {"model": served.model_id, "version": "1", "shadow": candidate.model_id}
     assert promoted[0] == 200 and promoted[1]["outcome"] == "swapped", promoted
     assert promoted[1]["from_shadow"] == len(STREAMS), promoted
     # Both models' live errors, over the same ticks, each the oracle's.
