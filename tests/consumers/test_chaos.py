@@ -2,7 +2,10 @@
 
 Every stream's every prediction (repeats included) must equal ``predict_sequence``
 over the stream's whole history, with step counts that continue: a tick lost
-from state, or applied twice, shows up there and nowhere else.
+from state, or applied twice, shows up there and nowhere else. The kill test also
+serves a GRU that ``streamlstm train --cell gru`` fitted to a real series (yearly
+sunspots), fed streams replaying it: its scalers, its forecast of an input and its
+anomaly score's state (on an uninterrupted engine's scores) go through every kill.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +26,15 @@ import numpy as np
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from streamlstm import Bundle
 from streamlstm.consumers.devtools.apache_kafka import KafkaCluster
 from tests.consumers.conftest import send_raw, start_serve
 from tests.helpers.polling import wait_for
+from tests.helpers.real_series import sunspot_replays, train_on_sunspots
 from tests.helpers.serving import (
+    Tick,
     check_against_oracle,
+    check_scores_against_replay,
     committed_offsets,
     engine_child_pid,
     random_ticks,
@@ -78,17 +86,48 @@ def _check_repeats(guarantee: str, by_tick: dict[Any, list[Any]], ticks: int) ->
         assert repeats < ticks  # some ticks are answered again after a kill, never all
 
 
+KILLS = ("daemon", "engine", "daemon", "daemon", "engine")
+#: A GRU that ``streamlstm train --cell gru`` fitted to yearly sunspots, fed streams
+#: replaying that series (the others: random weights, random ticks).
+TRAINED_GRU = "gru-trained-on-sunspots"
+
+
+def _model_and_waves(
+    tmp_path: Path, model: str, rng: np.random.Generator
+) -> tuple[Path, Iterator[list[Tick]], float]:
+    """The bundle to serve, one wave of ticks per kill (drawn when asked for), and the
+    oracle's tolerance (predictions in the hundreds: float32 summed in another order)."""
+    if model != TRAINED_GRU:
+        waves = (random_ticks(rng, streams=120, n=1500) for _ in KILLS)
+        return saved_bundle(tmp_path, model), waves, 1e-5
+    model_dir = train_on_sunspots(tmp_path, "gru")
+    bundle = Bundle.load(model_dir)
+    assert bundle.config.cell == "gru" and bundle.outputs.target_feature == 0
+    # Trained, not a dummy: well below persistence's error on the test part.
+    assert bundle.metrics["rmse_over_persistence"] < 0.7, bundle.metrics
+    # Twelve streams replaying the series twice (7416 ticks): five waves of ~1500.
+    ticks = sunspot_replays(rng, streams=12, replays=2)
+    size = -(-len(ticks) // len(KILLS))
+    return model_dir, (ticks[lo : lo + size] for lo in range(0, len(ticks), size)), 1e-3
+
+
 @pytest.mark.parametrize(
-    ("guarantee", "cell"),
-    [("at-least-once", "lstm"), ("exactly-once", "lstm"), ("exactly-once", "gru")],
+    ("guarantee", "model"),
+    [
+        ("at-least-once", "lstm"),
+        ("exactly-once", "lstm"),
+        ("exactly-once", "gru"),
+        ("exactly-once", TRAINED_GRU),
+    ],
 )
 def test_kill_9_of_the_daemon_and_of_its_engine_loses_no_tick_and_doubles_none(
-    bootstrap: str, make_topics: Any, tmp_path: Path, guarantee: str, cell: str
+    bootstrap: str, make_topics: Any, tmp_path: Path, guarantee: str, model: str
 ) -> None:
     """Five kill -9s of the daemon or its engine child mid-stream, restarts, every answer
-    on the oracle (torch's own LSTM or GRU) over each stream's whole history."""
+    on the oracle (torch's own LSTM or GRU) over each stream's whole history; a trained
+    GRU's anomaly scores on an uninterrupted engine's."""
     rng = np.random.default_rng(77)
-    model_dir = saved_bundle(tmp_path, cell)
+    model_dir, waves, atol = _model_and_waves(tmp_path, model, rng)
     src, out, dlq = make_topics("ticks", "preds", "dlq", partitions=4)
     group = f"g-{uuid.uuid4().hex[:8]}"
     cmd = serve_cmd(model_dir, bootstrap, src, out, dlq, group)
@@ -97,9 +136,7 @@ def test_kill_9_of_the_daemon_and_of_its_engine_loses_no_tick_and_doubles_none(
     cmd += ["--guarantee", guarantee]
     ticks: list[tuple[str, list[float], bool]] = []
     metas: list[Any] = []
-    kills = ["daemon", "engine", "daemon", "daemon", "engine"]
-    for round_, victim in enumerate(kills):
-        wave = random_ticks(rng, streams=120, n=1500)
+    for round_, (victim, wave) in enumerate(zip(KILLS, waves, strict=True)):
         proc, port = start_serve(cmd, tmp_path / f"serve-{round_}.log")
         try:
             # The producer keeps sending while the kill comes (mid-stream, mid-checkpoint).
@@ -136,8 +173,10 @@ def test_kill_9_of_the_daemon_and_of_its_engine_loses_no_tick_and_doubles_none(
         final.send_signal(signal.SIGTERM)
         final.wait(timeout=60)
     assert final.returncode == 0
-    by_tick = check_against_oracle(model_dir, ticks, metas, outputs)
+    by_tick = check_against_oracle(model_dir, ticks, metas, outputs, atol)
     _check_repeats(guarantee, by_tick, len(ticks))
+    if model == TRAINED_GRU:
+        assert check_scores_against_replay(model_dir, ticks, metas, by_tick) > len(ticks) // 2
     ends: dict[int, int] = {}
     for meta in metas:
         ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,18 +27,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from streamlstm.consumers.server import Server
 from streamlstm.training.train import TrainOptions, prepare, train
 from tests.consumers.conftest import read_all, send_raw
+from tests.helpers.real_series import sunspots_frame
 from tests.helpers.serving import EPOCH_MS, serve_config
 
 SEASON = 11  # the sunspot cycle, in years
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def _sunspots() -> pd.DataFrame:
-    from statsmodels.datasets import sunspots
-
-    frame: pd.DataFrame = sunspots.load_pandas().data
-    return frame
 
 
 def _scrape(server: Server) -> Samples:
@@ -63,7 +56,7 @@ def _mean_over(
 def test_live_error_while_the_test_part_is_served_equals_the_training_report(
     bootstrap: str, make_topics: Any, tmp_path: Path
 ) -> None:
-    frame = _sunspots()
+    frame = sunspots_frame()
     opts = TrainOptions(
         features=("SUNACTIVITY",),
         time_column="YEAR",

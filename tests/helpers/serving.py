@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import subprocess
 import sys
 import uuid
@@ -16,7 +17,7 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from streamlstm import Affine, Bundle, ModelConfig
+from streamlstm import Affine, Bundle, Engine, ModelConfig
 from streamlstm.consumers.settings import ServeConfig
 from tests.conftest import default_state
 from tests.consumers.conftest import await_answers, read_all
@@ -197,9 +198,11 @@ def check_against_oracle(
     ticks: list[Tick],
     metas: list[Any],
     outputs: list[Any],
+    atol: float = 1e-5,
 ) -> dict[tuple[int, int], list[dict[str, Any]]]:
     """Every tick answered; every answer (repeats included) equals the oracle over the whole
-    history of its stream; returns the answers by (partition, offset)."""
+    history of its stream, to ``atol`` (float32 steps summed in another order: pass a
+    larger one for predictions in the hundreds); returns the answers by (partition, offset)."""
     bundle = Bundle.load(model_dir)
     want, steps = expected_outputs(
         bundle,
@@ -216,9 +219,39 @@ def check_against_oracle(
     for key, answers in by_tick.items():
         i = index[key]
         for body in answers:
-            assert abs(body["prediction"][0] - float(want[i, 0])) <= 1e-5, (key, body, want[i])
+            assert abs(body["prediction"][0] - float(want[i, 0])) <= atol, (key, body, want[i])
             assert body["step"] == int(steps[i]), (key, body["step"], steps[i])
     return by_tick
+
+
+def check_scores_against_replay(
+    model_dir: Path,
+    ticks: list[Tick],
+    metas: list[Any],
+    by_tick: dict[tuple[int, int], list[dict[str, Any]]],
+) -> int:
+    """Every answer's anomaly score (repeats included) equals that of one uninterrupted
+    in-process ``Engine`` fed the same ticks in order: the score's own state (each
+    stream's residual mean and variance) went through every restart with the stream's
+    ``h``. Returns how many scores were compared (``None`` where the replay has none)."""
+    replay = Engine(Bundle.load(model_dir)).step(
+        [t[0] for t in ticks],
+        np.array([t[1] for t in ticks], np.float32),
+        resets=[t[2] for t in ticks],
+    )
+    index = {(m.partition, m.offset): i for i, m in enumerate(metas)}
+    compared = 0
+    for key, answers in by_tick.items():
+        want = float(replay.scores[index[key]])
+        for body in answers:
+            if math.isnan(want):
+                assert body["score"] is None, (key, body)
+                continue
+            got = body["score"]
+            close = got is not None and math.isclose(got, want, rel_tol=1e-4, abs_tol=1e-4)
+            assert close, (key, body, want)
+            compared += 1
+    return compared
 
 
 def wait_checkpointed(port: int, checkpoints: float = 1, timeout_s: float = 60) -> None:
