@@ -301,9 +301,10 @@ class Bundle:
     def predict_sequence(self, x: npt.ArrayLike) -> npt.NDArray[np.float32]:
         """One stream from zero state: ``x [T, F]`` original units -> ``[T, outputs]``.
 
-        Steps one tick at a time through torch's own cell module (``nn.LSTM``, ``nn.GRU`` or ``nn.RNN``) and head
-        (``Bundle.model``), never through the engine's code, so it is the
-        reference the engine is tested against. Needs torch (the ``train`` extra).
+        Steps one tick at a time through torch's own cell module (``nn.LSTM``,
+        ``nn.GRU`` or ``nn.RNN``) and head (``Bundle.model``), never through the
+        engine's code, so it is the reference the engine is tested against. Needs
+        torch (the ``train`` extra).
         """
         torch = require_torch("predict_sequence (the offline oracle)")
         arr = np.asarray(x, dtype=np.float32)

@@ -59,7 +59,8 @@ def expected_state(
     bundle: Bundle, x: npt.NDArray[np.float32]
 ) -> tuple[list[npt.NDArray[np.float32]], list[npt.NDArray[np.float32]]]:
     """One stream's ``h`` and ``c`` per layer after its ticks ``x [T, F]`` from zero
-    state, stepped through torch's own cell module (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) (``StreamLSTM.recurrent_step``)."""
+    state, stepped through torch's own cell module (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``:
+    ``StreamLSTM.recurrent_step``)."""
     import torch
 
     scaled = torch.from_numpy(bundle.scale_inputs(np.asarray(x, dtype=np.float32)))
