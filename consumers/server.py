@@ -122,7 +122,7 @@ class Server:
         self._watch_task: asyncio.Task[None] | None = None
         #: Model reloads (SIGHUP, the admin API, --model-watch-s); set by start().
         self._reloader: Reloader | None = None
-        #: The shadow model (--shadow-model) while it runs; None: none, or promoted.
+        #: The shadow model (--shadow-model) as resolved at start; None: none.
         self._shadow: Resolved | None = None
         self._recurrent_step = ""
         self._started = False
@@ -340,8 +340,7 @@ class Server:
         return reports
 
     def _describe(self, serving: Resolved) -> None:
-        """``streamlstm_model_info``: the model served (again after each swap), and the
-        shadow's (``streamlstm_shadow_model_info``; cleared once it is promoted)."""
+        """``streamlstm_model_info``: the model served (again after each swap)."""
         bundle = serving.bundle
         self.metrics.model_info.info(
             {
@@ -351,12 +350,6 @@ class Server:
                 "outputs": str(bundle.config.output_size),
                 "recurrent_step": self._recurrent_step,
             }
-        )
-        shadow = self._shadow
-        if shadow is not None and shadow.bundle.model_id == bundle.model_id:
-            self._shadow = shadow = None  # promoted
-        self.metrics.shadow_model_info.info(
-            {"model": shadow.bundle.model_id, "version": shadow.version} if shadow else {}
         )
 
     async def _start_producer(self, producing: dict[str, Any]) -> AIOKafkaProducer:

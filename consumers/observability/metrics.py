@@ -121,6 +121,15 @@ class EngineStatsCollector(Collector):
         for (topic, partition), value in sorted(self._lag().items()):
             lag.add_metric([topic, str(partition)], value)
         yield lag
+        shadow = GaugeMetricFamily(
+            "streamlstm_shadow_model_info",
+            "The shadow model run beside the served one (--shadow-model): 1 while it runs, "
+            "no series when none does (never started, promoted or stopped)",
+            labels=["model"],
+        )
+        if stats.shadow_model:
+            shadow.add_metric([stats.shadow_model], 1)
+        yield shadow
 
 
 class ServeMetrics:
@@ -198,11 +207,6 @@ class ServeMetrics:
     def _models(self, registry: CollectorRegistry) -> None:
         """The model served, and its reloads (docs/model-reload.md)."""
         self.model_info = Info("streamlstm_model", "The model being served", registry=registry)
-        self.shadow_model_info = Info(
-            "streamlstm_shadow_model",
-            "The shadow model run beside it (--shadow-model; no labels: none)",
-            registry=registry,
-        )
         self.shadow_predictions = Counter(
             "streamlstm_shadow_predictions",
             "Predictions of the shadow model sent to --shadow-topic",

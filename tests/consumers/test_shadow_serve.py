@@ -143,6 +143,8 @@ def test_a_shadow_is_measured_beside_the_served_model_and_promoted_with_no_warm_
         assert errors[model][1] == pytest.approx(total, rel=1e-4), model
     assert errors["serving"][1] != pytest.approx(errors["shadow"][1])
     assert "shadow" not in _errors(after)  # promoted: no shadow is measured any more
+    info = f'streamlstm_shadow_model_info{{model="{candidate.model_id}"}} 1.0'
+    assert info in before and "streamlstm_shadow_model_info{" not in after
     assert metric_total(after, "streamlstm_shadow_predictions") == half
     _check(served, candidate, ticks, metas, answers, shadows, half)
 
