@@ -125,7 +125,7 @@ def _imported(args: argparse.Namespace, scaler: ScalerSource) -> Bundle:
         return import_torch(
             args.state_dict,
             scaler=scaler,
-            lstm_prefix=args.lstm_prefix,
+            rnn_prefix=args.rnn_prefix,
             head_prefix=args.head_prefix,
             head_activation=args.head_activation,
             name=args.name,
@@ -188,7 +188,9 @@ def _torch_import_arguments(
     )
     torch_p.add_argument("--state-dict", required=True, help=".pth file (read weights_only)")
     torch_p.add_argument(
-        "--lstm-prefix",
+        "--rnn-prefix",
+        "--lstm-prefix",  # its older name
+        dest="rnn_prefix",
         help="name of the nn.LSTM, nn.GRU or nn.RNN (default: the first of lstm, gru, rnn)",
     )
     torch_p.add_argument(

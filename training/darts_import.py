@@ -69,7 +69,7 @@ def import_darts(
     bundle = import_torch(
         tensors,
         scaler=scaler,
-        lstm_prefix="rnn",
+        rnn_prefix="rnn",
         head_prefix="V",
         head_activation="linear",
         cell=cell,

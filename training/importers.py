@@ -120,17 +120,19 @@ def import_torch(
     source: str | Path | Mapping[str, torch.Tensor] | nn.Module,
     *,
     scaler: ScalerSource | None = None,
-    lstm_prefix: str | None = None,
+    rnn_prefix: str | None = None,
     head_prefix: str = "fc",
     head_activation: str = "relu",
     name: str | None = None,
     cell: str = "auto",
+    lstm_prefix: str | None = None,
 ) -> Bundle:
     """A bundle from a tutorial model's ``state_dict`` (a recurrent layer + ``fc`` head).
 
     ``source`` is a ``.pth`` file of the state dict, the dict itself, or the
-    module. The recurrent layer is the one named ``lstm_prefix`` (default: the
-    first of ``lstm``, ``gru``, ``rnn`` present). Its cell (``auto``: read
+    module. The recurrent layer is the one named ``rnn_prefix`` (default: the
+    first of ``lstm``, ``gru``, ``rnn`` present; ``lstm_prefix`` is its older
+    name, still read). Its cell (``auto``: read
     from the shapes; or ``lstm``, ``gru``, ``rnn``, checked against them),
     layer count and sizes and the head's widths are read from the tensors;
     the head's hidden activation cannot be (a state dict holds no
@@ -144,14 +146,18 @@ def import_torch(
             f"head_activation: must be one of {', '.join(sorted(HEAD_ACTIVATIONS))}, "
             f"got {head_activation!r}"
         )
-    prefix = lstm_prefix or next(
-        (p for p in RECURRENT_PREFIXES if any(k.startswith(f"{p}.") for k in tensors)), "lstm"
+    prefix = (
+        rnn_prefix
+        or lstm_prefix
+        or next(
+            (p for p in RECURRENT_PREFIXES if any(k.startswith(f"{p}.") for k in tensors)), "lstm"
+        )
     )
     rnn_keys = {k for k in tensors if k.startswith(f"{prefix}.")}
     if not rnn_keys:
         raise BundleError(
             f"{label}: no tensors named {prefix}.* (it has {', '.join(sorted(tensors))}); "
-            "pass --lstm-prefix with the name of the model's nn.LSTM (nn.GRU, nn.RNN)"
+            "pass --rnn-prefix with the name of the model's nn.LSTM (nn.GRU, nn.RNN)"
         )
     if any(k.endswith("_reverse") for k in rnn_keys):
         ModelConfig(bidirectional=True)  # raises the error that says why it cannot stream
