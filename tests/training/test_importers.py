@@ -182,10 +182,10 @@ def test_torch_gru_and_rnn_state_dicts_and_modules_import_and_match(
         import_torch(path, cell="lstm")
     # The layer named outright (--rnn-prefix; --lstm-prefix, its older name, alike).
     for flag in ("--rnn-prefix", "--lstm-prefix"):
-        out = tmp_path / flag.strip("-")
-        args = ["import", "torch", "--state-dict", str(path), flag, cell, "--out", str(out),
+        named = tmp_path / flag.strip("-")
+        args = ["import", "torch", "--state-dict", str(path), flag, cell, "--out", str(named),
                 "--head-activation", "tanh"]  # fmt: skip
-        assert cli_main(args) == 0 and Bundle.load(out).config == bundle.config
+        assert cli_main(args) == 0 and Bundle.load(named).config == bundle.config
     with pytest.raises(BundleError, match=r"no tensors named fc1.*pass --rnn-prefix"):
         import_torch(path, rnn_prefix="fc1")
 
