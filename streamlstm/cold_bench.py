@@ -41,6 +41,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from streamlstm.cold_store import disk_bytes, rocks_options
 from streamlstm.errors import DependencyError
 from streamlstm.stream_state import encode_many
 
@@ -60,14 +61,13 @@ class _Kv(Protocol):
 
 
 class _Rocks:
-    """rocksdict in raw mode (bytes in, bytes out: no pickling), no write-ahead log."""
+    """rocksdict with the cold store's options (``rocks_options``: raw mode, bytes in and
+    out, no pickling; bloom filters; no compression), no write-ahead log."""
 
     def __init__(self, path: Path) -> None:
         rocksdict: Any = importlib.import_module("rocksdict")
         self._mod = rocksdict
-        options = rocksdict.Options(raw_mode=True)
-        options.create_if_missing(True)
-        self._db = rocksdict.Rdict(str(path), options)
+        self._db = rocksdict.Rdict(str(path), rocks_options(rocksdict))
         self._write = rocksdict.WriteOptions()
         self._write.disable_wal = True
 
@@ -143,11 +143,6 @@ def _values(count: int, rng: np.random.Generator) -> list[bytes]:
 
 def _key(i: int) -> bytes:
     return b"sensor-%09d" % i
-
-
-def disk_bytes(path: Path) -> int:
-    """Bytes allocated on disk under ``path`` (blocks, not apparent sizes: sparse files)."""
-    return sum(p.stat().st_blocks * 512 for p in path.rglob("*") if p.is_file())
 
 
 def _bench_one(

@@ -12,6 +12,7 @@ import numpy.typing as npt
 from streamlstm.store import Eviction
 
 if TYPE_CHECKING:  # the quality package builds on this module's types
+    from streamlstm.cold_tier import ColdStats
     from streamlstm.quality.report import QualityReport, StreamError
 
 __all__ = [
@@ -121,3 +122,5 @@ class EngineStats:
     #: The worst streams by recent error, where the holder ranks them (the daemon's
     #: engine child, now and then: ``Engine.worst_streams``); empty otherwise.
     worst_streams: tuple[StreamError, ...] = ()
+    #: The cold tier's figures (None: no cold tier).
+    cold: ColdStats | None = None
