@@ -669,7 +669,8 @@ class StateStore:
                 evictions.append(Eviction(stream, reason, StreamState.from_bytes(state)))
             except StateError:
                 logger.warning("cold tier: dropped stream %r, whose state is corrupt", stream)
-        self.eviction_counts[reason] += len(frozen)
+        if frozen:  # a Counter keeps a key added with 0
+            self.eviction_counts[reason] += len(frozen)
         return evictions
 
     def _capture(self, slots: I64, reason: EvictionReason) -> list[Eviction]:
