@@ -10,11 +10,14 @@ the order they came:
 - ``checkpoint``: the states of the streams changed since the last one, as
   of every step asked for before it (the order of requests makes "as of
   batch k" exact), and a tombstone for each stream that ended or was
-  evicted; then forgets the changes.
+  evicted; a stream moved to the cold tier leaves none, and its state is
+  written where the changelog lacks it; then forgets the changes.
 - ``restore``: bulk-loads states read from the changelog (never marked as
-  changed), following the model-change policy and ``max_streams``.
+  changed), following the model-change policy and ``max_streams``; with a
+  cold tier, those beyond ``max_streams`` go to disk.
 - ``drop``: forgets the streams of partitions that moved away (no
-  tombstones: their state lives on in the changelog for the new owner).
+  tombstones: their state lives on in the changelog for the new owner), and
+  their cold tier's stores.
 - reads (``InspectStream``, ``ListStreams``, ``CountStreams``): what is
   held, as of the steps asked for before (``as_of``); each is O(1) or looks
   at a bounded number of slots, so it delays the next step by little.
@@ -39,8 +42,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from streamlstm import Bundle, Engine, EngineStats, StepResult
+from streamlstm.cold_tier import ColdConfig
 from streamlstm.consumers.engine.isolation import concat_results, slice_request, step_isolated
 from streamlstm.consumers.engine.protocol import (
     Change,
@@ -79,7 +84,13 @@ from streamlstm.errors import BundleError, StateError, StreamLSTMError
 from streamlstm.kernels import set_num_threads
 from streamlstm.quality import QualityConfig, StreamError
 from streamlstm.store import MAX_PAGE_SCAN
-from streamlstm.stream_state import StateArrays, StateBlobs, StreamState, decode_many
+from streamlstm.stream_state import (
+    StateArrays,
+    StateBlobs,
+    StreamState,
+    decode_many,
+    encode_many,
+)
 from streamlstm.swap_policy import swap_mode
 
 __all__ = ["EngineHost", "InProcessClient", "RestoreReport"]
@@ -134,6 +145,8 @@ class EngineHost:
         self._worst_at = -math.inf
         #: Each input partition's offset after the last record of it stepped (``as_of``).
         self._as_of: dict[int, int] = {}
+        #: The last restore's states written straight to the cold tier.
+        self._spilled = 0
 
     @property
     def stats(self) -> EngineStats:
@@ -212,6 +225,8 @@ class EngineHost:
         gone = store.streams_in(partitions)
         store.release(gone)
         store.changes.forget_partitions(partitions)
+        if store.cold is not None:  # their states on disk are the new owner's too
+            store.cold.drop(sorted(partitions))
         for partition in partitions:
             self._as_of.pop(partition, None)
         return len(gone)
@@ -240,6 +255,9 @@ class EngineHost:
             # Held again in the same partition: its state (above, if changed) stands.
             if store.partition_of(stream) != partition:
                 records.append(Change(stream, partition, None))
+        # Moved to the cold tier before the changelog had their state: written as a held
+        # stream's is (never a tombstone: the state lives on, on disk).
+        records += [Change(s, p, value) for s, (p, value) in store.changes.take_moved().items()]
         return records
 
     def reserve(self, streams: int) -> None:
@@ -283,9 +301,11 @@ class EngineHost:
         arrays, counts, foreign, rewarm = sorted_
         if not arrays.ids:
             return RestoreReport(0, *counts)
-        arrays = _most_recent(arrays, store.max_streams - len(store))
-        over = len(blobs) - counts.corrupt - counts.reset - len(arrays.ids)
         arrays.partition[:] = partition
+        whole, arrays = arrays, _most_recent(arrays, store.max_streams - len(store))
+        if store.cold is not None and not rewarm:
+            self._spill(whole, arrays)
+        over = len(blobs) - counts.corrupt - counts.reset - len(arrays.ids) - self._spilled
         store.restore_arrays(arrays)
         if foreign:  # another model's forecasts are not this one's to be judged by
             self.engine.restart_quality(foreign)
@@ -293,6 +313,28 @@ class EngineHost:
             self.engine.rewarm(rewarm)
         return RestoreReport(len(arrays.ids), counts.reset, counts.kept, over, counts.corrupt,
                              counts.rewarmed)  # fmt: skip
+
+    def _spill(self, whole: StateArrays, loaded: StateArrays) -> None:
+        """A restore's states beyond memory's room (``whole`` less ``loaded``, the least
+        recently seen) straight to the cold tier, written by this model as a live carry
+        leaves them; ``_spilled`` counts them, less those the disk bound pushed out."""
+        store, cold = self.engine.store, self.engine.store.cold
+        assert cold is not None
+        held = set(loaded.ids)
+        rows = np.array([i for i, s in enumerate(whole.ids) if s not in held], dtype=np.int64)
+        self._spilled = 0
+        if not rows.size:
+            return
+        rest = _rows(whole, rows)
+        values = encode_many(
+            h=rest.h, c=rest.c, step=rest.step, offset=rest.offset, last_seen=rest.last_seen,
+            extra=rest.extra, partition=rest.partition, model=self.model_id, cell=rest.cell,
+            history=rest.history if rest.history is not None and rest.history.size else None,
+        )  # fmt: skip
+        pushed = cold.put(rest.ids, rest.partition.tolist(), values, rest.last_seen.tolist())
+        for stream, part, _ in pushed:  # beyond the disk bound too: their records go
+            store.changes.dropped(stream, part)
+        self._spilled = rows.size - len(pushed)
 
     def _sort_table(self, arrays: StateArrays, policy: str) -> _Sorted:
         """States one model wrote, in one layout: kept, re-warmed or reset together."""
@@ -410,6 +452,11 @@ def _most_recent(arrays: StateArrays, room: int) -> StateArrays:
     if len(arrays.ids) <= room:
         return arrays
     keep = np.sort(np.argsort(-np.nan_to_num(arrays.last_seen, nan=-np.inf))[: max(room, 0)])
+    return _rows(arrays, keep)
+
+
+def _rows(arrays: StateArrays, keep: npt.NDArray[np.int64]) -> StateArrays:
+    """The states at rows ``keep``, in that order."""
     return StateArrays(
         ids=[arrays.ids[i] for i in keep.tolist()],
         h=[h[keep] for h in arrays.h],
@@ -421,6 +468,7 @@ def _most_recent(arrays: StateArrays, room: int) -> StateArrays:
         extra=arrays.extra[keep],
         models=[arrays.models[i] for i in keep.tolist()],
         cell=arrays.cell,
+        history=None if arrays.history is None else arrays.history[keep],
     )
 
 
@@ -440,6 +488,7 @@ def serve(sock: socket.socket, options: dict[str, Any]) -> None:
                 max_streams=options["max_streams"],
                 idle_ttl_s=options["idle_ttl_s"],
                 history_ticks=int(options.get("history_ticks", 0)),
+                cold=_cold_config(options),
                 quality=QualityConfig(
                     enabled=bool(options["quality"]),
                     drift_window_ticks=int(options["drift_window_ticks"]),
@@ -463,6 +512,14 @@ def serve(sock: socket.socket, options: dict[str, Any]) -> None:
             _send_error(sock, exc)
             continue
         sock.sendall(frame(reply))
+
+
+def _cold_config(options: dict[str, Any]) -> ColdConfig | None:
+    """The cold tier the options ask for (``state_dir``), None without one."""
+    directory = options.get("state_dir")
+    if not directory:
+        return None
+    return ColdConfig(directory=directory, max_disk_streams=int(options["max_disk_streams"]))
 
 
 def load_checked(path: str, expected: str | None) -> Bundle:

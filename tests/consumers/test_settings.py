@@ -1,9 +1,11 @@
+import sys
 from pathlib import Path
 
 import pytest
 
 from streamlstm import ConfigError
 from streamlstm.consumers.settings import parse_serve_args
+from streamlstm.errors import DependencyError
 
 REQUIRED = [
     "--model",
@@ -73,3 +75,13 @@ def test_latency_target_from_flag_env_or_toml_and_off_by_default(tmp_path: Path)
             parse_serve_args([*REQUIRED, "--latency-target-ms", bad], {})
     with pytest.raises(ConfigError, match="latency_target_ms: 'soon' is not a valid float"):
         parse_serve_args([*REQUIRED, "--latency-target-ms", "soon"], {})
+
+
+def test_a_state_dir_needs_the_cold_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("rocksdict")
+    cfg = parse_serve_args([*REQUIRED, "--state-dir", "/tmp/x", "--max-disk-streams", "5"], {})
+    assert (cfg.state_dir, cfg.max_disk_streams) == ("/tmp/x", 5)
+    assert parse_serve_args(REQUIRED, {}).state_dir is None
+    monkeypatch.setitem(sys.modules, "rocksdict", None)  # as if not installed
+    with pytest.raises(DependencyError, match=r"--state-dir .*pip install 'streamlstm\[cold\]'"):
+        parse_serve_args([*REQUIRED, "--state-dir", "/tmp/x"], {})

@@ -83,7 +83,7 @@ def test_config_is_checked() -> None:
     with pytest.raises(ConfigError, match="max_disk_streams"):
         ColdConfig(directory="x", max_disk_streams=0)
     with pytest.raises(TypeError):
-        ColdConfig("x")  # type: ignore[misc]  # keyword-only
+        ColdConfig("x")  # type: ignore[call-arg]  # keyword-only
 
 
 def test_without_the_extra_the_error_names_it(

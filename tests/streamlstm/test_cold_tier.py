@@ -118,9 +118,9 @@ def test_idle_expiry_forgets_streams_on_disk(make_bundle: BundleFactory, tmp_pat
     engine = Engine(bundle, max_streams=2, idle_ttl_s=10, cold=ColdConfig(directory=tmp_path))
     engine.store.changes.tombstones = True  # as a checkpointing daemon's
     x = _x(6)
-    at = {"offsets": [0, 1], "partitions": [0, 0]}
-    engine.step(["a", "b"], x[:2], timestamps=[0, 0], **at)
-    engine.step(["c", "d"], x[2:4], timestamps=[5_000, 5_000], **at)  # a, b to disk
+    engine.step(["a", "b"], x[:2], timestamps=[0, 0], offsets=[0, 1], partitions=[0, 0])
+    # a and b to disk:
+    engine.step(["c", "d"], x[2:4], timestamps=[5_000, 5_000], offsets=[2, 3], partitions=[0, 0])
     assert engine.stats.cold is not None and engine.stats.cold.streams == 2
     out = engine.step(["c", "d"], x[4:6], timestamps=[15_000, 15_000])  # a, b idle 15 s
     assert sorted((e.stream_id, e.reason) for e in out.evictions) == [("a", "ttl"), ("b", "ttl")]
