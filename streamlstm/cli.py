@@ -117,11 +117,27 @@ def _cold_parser(sub: Any) -> None:
     cold.add_argument("--repeats", type=int, default=2, help="alternate runs of each backend")
     cold.add_argument("--dir", help="where the stores go (default: the temporary directory)")
     cold.add_argument("--json", action="store_true", help="print one JSON object")
+    cold.add_argument(
+        "--engine",
+        action="store_true",
+        help="instead: the engine with 10%% of its ticks from streams on disk, against all hot",
+    )
+    cold.add_argument("--hot", type=int, default=50_000, help="--engine: streams memory holds")
+    cold.add_argument("--pool", type=int, default=200_000, help="--engine: streams beyond it")
 
 
 def _bench_cold(args: argparse.Namespace) -> int:
-    from streamlstm.cold_bench import format_cold_bench, run_cold_bench
+    from streamlstm.cold_bench import (
+        format_cold_bench,
+        format_engine_cold,
+        run_cold_bench,
+        run_engine_cold,
+    )
 
+    if args.engine:
+        figures = run_engine_cold(hot=args.hot, pool=args.pool, directory=args.dir)
+        print(json.dumps(figures) if args.json else format_engine_cold(figures))
+        return 0
     result = run_cold_bench(
         keys=args.keys,
         write_batch=args.write_batch,

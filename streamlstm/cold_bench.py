@@ -18,6 +18,10 @@ backend, in a fresh directory:
 * delete: a tenth of the keys, in batches of ``write_batch``;
 * disk: the bytes the directory takes on disk (allocated blocks, after a flush).
 
+``run_engine_cold`` (``bench cold --engine``) times the engine itself with a
+cold tier, a share of its ticks from streams on disk, against one stepping
+only streams in memory.
+
 The backends run ``repeats`` times, alternately (the machine is shared and
 rates drift): each figure is the best of its repeats.
 
@@ -45,7 +49,13 @@ from streamlstm.cold_store import disk_bytes, rocks_options
 from streamlstm.errors import DependencyError
 from streamlstm.stream_state import encode_many
 
-__all__ = ["BACKENDS", "format_cold_bench", "run_cold_bench"]
+__all__ = [
+    "BACKENDS",
+    "format_cold_bench",
+    "format_engine_cold",
+    "run_cold_bench",
+    "run_engine_cold",
+]
 
 #: Both backends' packages (the bench needs at least one).
 BACKENDS = ("rocksdict", "lmdb")
@@ -266,6 +276,17 @@ def _version(name: str) -> str:
     return version(name)
 
 
+def format_engine_cold(r: dict[str, float]) -> str:
+    ratio = r["with_cold_ticks_per_s"] / r["all_hot_ticks_per_s"]
+    return (
+        f"engine, 2 x 128 LSTM, room for {r['hot']:,.0f} streams, {r['cold_share']:.0%} of "
+        f"ticks from {r['pool']:,.0f} more: {r['with_cold_ticks_per_s']:,.0f} ticks/s against "
+        f"{r['all_hot_ticks_per_s']:,.0f} all hot ({ratio:.2f}x); "
+        f"{r['ticks_read_from_disk']:.1%} of ticks read back from disk; "
+        f"{r['streams_on_disk']:,.0f} streams on disk in {r['disk_bytes'] / 1e6:,.0f} MB"
+    )
+
+
 def format_cold_bench(result: dict[str, Any]) -> str:
     lines = [
         f"cold tier: {result['keys']:,} keys of {result['value_bytes']} B, writes in batches "
@@ -286,3 +307,82 @@ def format_cold_bench(result: dict[str, Any]) -> str:
     if result["missing"]:
         lines.append(f"not installed: {', '.join(result['missing'])}")
     return "\n".join(lines)
+
+
+def run_engine_cold(
+    *,
+    hot: int = 50_000,
+    pool: int = 200_000,
+    cold_share: float = 0.1,
+    batch: int = 1024,
+    seconds: float = 3.0,
+    directory: str | None = None,
+) -> dict[str, float]:
+    """The engine with a cold tier, ``cold_share`` of its ticks from a ``pool`` of
+    streams that memory (room for ``hot``) cannot hold, against an engine without one
+    stepping only its ``hot`` streams: ticks/s of each, timed alternately, and the
+    share of ticks whose stream was read back from disk."""
+    from streamlstm.bundle import Bundle
+    from streamlstm.cold_tier import ColdConfig
+    from streamlstm.config import ModelConfig
+    from streamlstm.engine import Engine
+
+    bundle = Bundle.random(ModelConfig(input_size=1), seed=0)  # 2 x 128 LSTM
+    root = Path(tempfile.mkdtemp(prefix="cold-engine-", dir=directory))
+    try:
+        plain = Engine(bundle, max_streams=hot)
+        tiered = Engine(bundle, max_streams=hot, cold=ColdConfig(directory=root))
+        rng = np.random.default_rng(0)
+        hot_ids = [f"h{i}" for i in range(hot)]
+        pool_ids = [f"p{i}" for i in range(pool)]
+        for lo in range(0, pool, batch):  # the pool on disk first, then the hot set in memory
+            tiered.step(pool_ids[lo : lo + batch], np.ones((len(pool_ids[lo : lo + batch]), 1)))
+        for lo in range(0, hot, batch):
+            ids = hot_ids[lo : lo + batch]
+            plain.step(ids, np.ones((len(ids), 1)))
+            tiered.step(ids, np.ones((len(ids), 1)))
+        cold_n = int(batch * cold_share)
+        # Shuffled passes over each set (every stream once a pass, no repeat in a batch).
+        order = {"hot": rng.permutation(hot), "pool": rng.permutation(pool)}
+        at = {"hot": 0, "pool": 0}
+
+        def take(name: str, count: int, ids: list[str]) -> list[str]:
+            if at[name] + count > order[name].size:
+                at[name] = 0
+            picked = order[name][at[name] : at[name] + count].tolist()
+            at[name] += count
+            return [ids[i] for i in picked]
+
+        def batch_of(mixed: bool) -> list[str]:
+            if not mixed:
+                return take("hot", batch, hot_ids)
+            return take("hot", batch - cold_n, hot_ids) + take("pool", cold_n, pool_ids)
+
+        x = np.ones((batch, 1), np.float32)
+        rates: dict[str, list[float]] = {"all_hot": [], "with_cold": []}
+        hits = ticks = 0
+        for _ in range(3):
+            for name, engine, mixed in (("all_hot", plain, False), ("with_cold", tiered, True)):
+                before = tiered.stats.cold.hits if tiered.stats.cold else 0
+                done, start = 0, time.perf_counter()
+                while time.perf_counter() - start < seconds / 3:
+                    engine.step(batch_of(mixed), x)
+                    done += batch
+                rates[name].append(done / (time.perf_counter() - start))
+                if mixed:
+                    hits += (tiered.stats.cold.hits if tiered.stats.cold else 0) - before
+                    ticks += done
+        on_disk = tiered.stats.cold.streams if tiered.stats.cold else 0
+        tiered.close()  # flushes: the bytes below are all on disk
+        return {
+            "hot": hot,
+            "pool": pool,
+            "cold_share": cold_share,
+            "all_hot_ticks_per_s": max(rates["all_hot"]),
+            "with_cold_ticks_per_s": max(rates["with_cold"]),
+            "ticks_read_from_disk": hits / max(ticks, 1),
+            "disk_bytes": float(disk_bytes(root)),
+            "streams_on_disk": float(on_disk),
+        }
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

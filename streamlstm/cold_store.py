@@ -177,15 +177,22 @@ class ColdStore:
     # -- writes -------------------------------------------------------------
 
     def put_many(
-        self, ids: Sequence[str], states: Sequence[bytes], last_seen: Sequence[float]
+        self,
+        ids: Sequence[str],
+        states: Sequence[bytes],
+        last_seen: Sequence[float],
+        *,
+        absent: bool = False,
     ) -> dict[str, bytes]:
         """Hold ``states[i]`` (state bytes) for ``ids[i]`` (distinct), replacing any held,
         seen last at ``last_seen[i]`` (seconds); returns the states pushed out to stay
         within ``max_disk_streams``, oldest first (a just-written one among them where
-        the bound is smaller than the batch)."""
+        the bound is smaller than the batch). ``absent``: the caller knows none of
+        ``ids`` is held (the engine: a stream in memory is not on disk), which saves
+        the read that finds what a write replaces."""
         if not ids:
             return {}
-        held = self._lookup(ids, counted=False)
+        held = {} if absent else self._lookup(ids, counted=False)
         batch = self._rocks.WriteBatch(raw_mode=True)
         for value in held.values():  # a replaced state's place in the order goes
             batch.delete(_ORDER + value[: _SEQ.size])
@@ -231,29 +238,38 @@ class ColdStore:
     def _oldest(self, limit: int, *, before: float | None) -> dict[str, bytes]:
         """Remove up to ``limit`` states in written order (stopping at the first seen
         at or after ``before``, if given); returns them."""
-        names: list[str] = []
+        order: list[tuple[bytes, str]] = []
         scan = self._db.iter()
         scan.seek(_ORDER)
-        while len(names) < limit and scan.valid():
+        while len(order) < limit and scan.valid():
             key, value = scan.key(), scan.value()
             if not key.startswith(_ORDER):
                 break
             if before is not None and _SEEN.unpack_from(value)[0] >= before:
                 break
-            names.append(value[_SEEN.size :].decode())
+            order.append((key, value[_SEEN.size :].decode()))
             scan.next()
         del scan
-        held = self._lookup(names, counted=False)
-        self._delete(held)
-        return {s: v[_SEQ.size :] for s, v in held.items()}
+        held = self._lookup([name for _, name in order], counted=False)
+        scanned = {key for key, _ in order}
+        gone = {n: v for n, v in held.items() if _ORDER + v[: _SEQ.size] in scanned}
+        # An entry whose state was written again since (by a put wrongly told it was
+        # absent, so counted twice) goes alone: the newer state keeps its own place.
+        stale = [key for key, name in order if name not in gone]
+        self._count -= len(stale)
+        self._delete(gone, stale)
+        return {s: v[_SEQ.size :] for s, v in gone.items()}
 
-    def _delete(self, held: dict[str, bytes]) -> None:
-        if not held:
+    def _delete(self, held: dict[str, bytes], order: Sequence[bytes] = ()) -> None:
+        """Delete the ``held`` states (id -> stored value) and these ``order`` keys."""
+        if not held and not order:
             return
         batch = self._rocks.WriteBatch(raw_mode=True)
         for stream, value in held.items():
             batch.delete(_VALUE + stream.encode())
             batch.delete(_ORDER + value[: _SEQ.size])
+        for key in order:
+            batch.delete(key)
         self._count -= len(held)
         self._commit(batch)
 

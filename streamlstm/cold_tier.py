@@ -118,15 +118,18 @@ class ColdTier:
         partitions: Sequence[int],
         states: Sequence[bytes],
         last_seen: Sequence[float],
+        *,
+        absent: bool = False,
     ) -> list[Frozen]:
         """Move these states to their partitions' stores (one write batch each); the
-        states the disk bound pushed out."""
+        states the disk bound pushed out. ``absent``: as ``ColdStore.put_many``'s."""
         pushed: list[Frozen] = []
         for partition, rows in _by_partition(partitions).items():
             out = self.store(partition).put_many(
                 [ids[i] for i in rows],
                 [states[i] for i in rows],
                 [_finite(last_seen[i]) for i in rows],
+                absent=absent,
             )
             pushed += [(s, partition, v) for s, v in out.items()]
         return pushed

@@ -588,7 +588,10 @@ class StateStore:
         parts = self.partitions[slots].tolist()
         states = self.encode(ids, parts, self.model)
         changed = self.changes.changed[slots].tolist()
-        pushed = self.cold.put(ids, parts, states, self.last_seen[slots].tolist())
+        # A stream held in memory is not on disk in its partition's store (a return takes
+        # it from there), so the write needs no read of what it replaces.
+        last_seen = self.last_seen[slots].tolist()
+        pushed = self.cold.put(ids, parts, states, last_seen, absent=True)
         self._remove(slots, tombstone=False)
         for stream, part, state, was in zip(ids, parts, states, changed, strict=True):
             self.changes.move(stream, part, state, changed=was)

@@ -92,3 +92,14 @@ def test_without_the_extra_the_error_names_it(
     monkeypatch.setitem(sys.modules, "rocksdict", None)  # import fails as if not installed
     with pytest.raises(DependencyError, match=r"streamlstm\[cold\]"):
         ColdTier(ColdConfig(directory=tmp_path))
+
+
+def test_a_write_told_absent_that_was_not_keeps_the_newer_state(tmp_path: Path) -> None:
+    """The engine's writes skip the read of what they replace: where that was wrong, the
+    disk bound still pushes out states oldest first and never the newer copy."""
+    store = ColdStore.open(tmp_path, 0, max_disk_streams=2)
+    store.put_many(["a", "b"], [_state(1), _state(2)], [1, 2], absent=True)
+    store.put_many(["a"], [_state(3)], [3], absent=True)  # wrongly told absent
+    pushed = store.put_many(["c"], [_state(4)], [4], absent=True)
+    assert pushed == {"b": _state(2)}  # a's first entry goes alone, its newer state stays
+    assert store.get_many(["a", "b", "c"]) == {"a": _state(3), "c": _state(4)}
