@@ -610,7 +610,15 @@ class StateStore:
         if not frozen:
             return []
         states = self._accepted(frozen)
-        evictions = self.restore_arrays(states, protect=protect) if states.ids else []
+        try:
+            evictions = self.restore_arrays(states, protect=protect) if states.ids else []
+        except ConfigError:  # no room for them (a call of more streams than max_streams)
+            # Back to disk as they were: the call fails, the states must not go with it.
+            by_id = {stream: (partition, state) for stream, partition, state in frozen}
+            ids = list(states.ids)
+            parts, blobs = [by_id[i][0] for i in ids], [by_id[i][1] for i in ids]
+            self.cold.put(ids, parts, blobs, states.last_seen.tolist(), absent=True)
+            raise
         back = [i for i, s in enumerate(states.ids) if self.changes.returned(s)]
         if back:
             self.changes.changed[self.lookup([states.ids[i] for i in back])] = True

@@ -217,3 +217,20 @@ def test_a_control_reaches_a_stream_on_disk(make_bundle: BundleFactory, tmp_path
     _, _, removed = engine.store.take_changes()
     assert removed == {"a": 0}
     assert engine.step(["a"], _x(1), offsets=[3], partitions=[0]).steps.tolist() == [1]
+
+
+def test_a_call_refused_for_room_leaves_its_streams_on_disk(
+    make_bundle: BundleFactory, tmp_path: Path
+) -> None:
+    bundle = make_bundle()
+    engine = Engine(bundle, max_streams=2, cold=ColdConfig(directory=tmp_path))
+    x = _x(6)
+    engine.step(["a", "b"], x[:2])
+    engine.step(["c", "d"], x[2:4])  # a, b to disk
+    with pytest.raises(Exception, match="max_streams"):
+        engine.step(["c", "d", "a", "b"], _x(4, 1))  # four streams, room for two
+    assert engine.stats.cold is not None and engine.stats.cold.streams == 2
+    out = engine.step(["a"], x[4:5])
+    want, _ = expected_outputs(bundle, ["a", "a"], x[[0, 4]])
+    assert out.steps.tolist() == [2]
+    np.testing.assert_allclose(out.predictions, want[1:], atol=1e-5, rtol=0)
