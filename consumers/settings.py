@@ -182,10 +182,7 @@ class ServeConfig:
         # Written so that NaN fails too.
         if self.latency_target_ms is not None and not self.latency_target_ms > 0:
             raise ConfigError("latency_target_ms: must be positive")
-        if not 0 <= self.history_ticks <= 65535:
-            raise ConfigError("history_ticks: must be 0..65535")
-        if self.state_dir is not None:  # here, not in the engine child: a clear start-up error
-            require_cold("--state-dir (the cold tier)")
+        self._check_state_options()
         if self.model_watch_s is not None and not 0 < self.model_watch_s <= 86400:
             raise ConfigError("model_watch_s: must be in (0, 86400] seconds")
         if not 0 <= self.metrics_port < 65536:
@@ -211,6 +208,12 @@ class ServeConfig:
         if meant is None:
             raise ConfigError("on_model_change: must be reset or keep-if-compatible")
         object.__setattr__(self, "swap_state", meant)
+
+    def _check_state_options(self) -> None:
+        if not 0 <= self.history_ticks <= 65535:
+            raise ConfigError("history_ticks: must be 0..65535")
+        if self.state_dir is not None:  # here, not in the engine child: a clear start-up error
+            require_cold("--state-dir (the cold tier)")
 
     def _check_admin(self) -> None:
         if self.admin_port is None:

@@ -309,6 +309,22 @@ def format_cold_bench(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+class _Passes:
+    """Shuffled passes over a set of streams: each once a pass, none twice in a take."""
+
+    def __init__(self, ids: list[str], rng: np.random.Generator) -> None:
+        self._ids = ids
+        self._order = rng.permutation(len(ids))
+        self._at = 0
+
+    def take(self, count: int) -> list[str]:
+        if self._at + count > self._order.size:
+            self._at = 0
+        picked = self._order[self._at : self._at + count].tolist()
+        self._at += count
+        return [self._ids[i] for i in picked]
+
+
 def run_engine_cold(
     *,
     hot: int = 50_000,
@@ -342,21 +358,13 @@ def run_engine_cold(
             plain.step(ids, np.ones((len(ids), 1)))
             tiered.step(ids, np.ones((len(ids), 1)))
         cold_n = int(batch * cold_share)
-        # Shuffled passes over each set (every stream once a pass, no repeat in a batch).
-        order = {"hot": rng.permutation(hot), "pool": rng.permutation(pool)}
-        at = {"hot": 0, "pool": 0}
-
-        def take(name: str, count: int, ids: list[str]) -> list[str]:
-            if at[name] + count > order[name].size:
-                at[name] = 0
-            picked = order[name][at[name] : at[name] + count].tolist()
-            at[name] += count
-            return [ids[i] for i in picked]
+        hot_passes = _Passes(hot_ids, rng)
+        pool_passes = _Passes(pool_ids, rng)
 
         def batch_of(mixed: bool) -> list[str]:
             if not mixed:
-                return take("hot", batch, hot_ids)
-            return take("hot", batch - cold_n, hot_ids) + take("pool", cold_n, pool_ids)
+                return hot_passes.take(batch)
+            return hot_passes.take(batch - cold_n) + pool_passes.take(cold_n)
 
         x = np.ones((batch, 1), np.float32)
         rates: dict[str, list[float]] = {"all_hot": [], "with_cold": []}
