@@ -145,8 +145,6 @@ class EngineHost:
         self._worst_at = -math.inf
         #: Each input partition's offset after the last record of it stepped (``as_of``).
         self._as_of: dict[int, int] = {}
-        #: The last restore's states written straight to the cold tier.
-        self._spilled = 0
 
     @property
     def stats(self) -> EngineStats:
@@ -303,9 +301,8 @@ class EngineHost:
             return RestoreReport(0, *counts)
         arrays.partition[:] = partition
         whole, arrays = arrays, _most_recent(arrays, store.max_streams - len(store))
-        if store.cold is not None and not rewarm:
-            self._spill(whole, arrays)
-        over = len(blobs) - counts.corrupt - counts.reset - len(arrays.ids) - self._spilled
+        spilled = self._spill(whole, arrays) if store.cold is not None and not rewarm else 0
+        over = len(blobs) - counts.corrupt - counts.reset - len(arrays.ids) - spilled
         store.restore_arrays(arrays)
         if foreign:  # another model's forecasts are not this one's to be judged by
             self.engine.restart_quality(foreign)
@@ -314,17 +311,16 @@ class EngineHost:
         return RestoreReport(len(arrays.ids), counts.reset, counts.kept, over, counts.corrupt,
                              counts.rewarmed)  # fmt: skip
 
-    def _spill(self, whole: StateArrays, loaded: StateArrays) -> None:
+    def _spill(self, whole: StateArrays, loaded: StateArrays) -> int:
         """A restore's states beyond memory's room (``whole`` less ``loaded``, the least
         recently seen) straight to the cold tier, written by this model as a live carry
-        leaves them; ``_spilled`` counts them, less those the disk bound pushed out."""
+        leaves them; how many it keeps (the disk bound may push some out: tombstoned)."""
         store, cold = self.engine.store, self.engine.store.cold
         assert cold is not None
         held = set(loaded.ids)
         rows = np.array([i for i, s in enumerate(whole.ids) if s not in held], dtype=np.int64)
-        self._spilled = 0
         if not rows.size:
-            return
+            return 0
         rest = _rows(whole, rows)
         values = encode_many(
             h=rest.h, c=rest.c, step=rest.step, offset=rest.offset, last_seen=rest.last_seen,
@@ -334,7 +330,7 @@ class EngineHost:
         pushed = cold.put(rest.ids, rest.partition.tolist(), values, rest.last_seen.tolist())
         for stream, part, _ in pushed:  # beyond the disk bound too: their records go
             store.changes.dropped(stream, part)
-        self._spilled = rows.size - len(pushed)
+        return int(rows.size) - len(pushed)
 
     def _sort_table(self, arrays: StateArrays, policy: str) -> _Sorted:
         """States one model wrote, in one layout: kept, re-warmed or reset together."""
