@@ -15,6 +15,7 @@ from streamlstm import Bundle, Engine
 from streamlstm.cold_tier import ColdConfig
 from streamlstm.consumers.engine.child import EngineHost
 from streamlstm.consumers.engine.process import StepRequest
+from streamlstm.consumers.observability.metrics import EngineStatsCollector
 from tests.conftest import BundleFactory
 from tests.streamlstm.oracle import expected_outputs
 
@@ -94,3 +95,23 @@ def test_a_dropped_partition_takes_its_cold_store_with_it(
     cold = host.engine.stats.cold
     assert cold is not None and cold.streams == 0
     assert host.checkpoint() == []  # another owner's streams now: no tombstones
+
+
+def test_the_cold_figures_are_metrics(make_bundle: BundleFactory, tmp_path: Path) -> None:
+    host = _host(make_bundle(input_size=2, output_size=1), tmp_path, max_streams=2)
+    x = np.ones((3, 2), np.float32)
+    host.step(_request(["a", "b"], x[:2], 0, 1))
+    host.step(_request(["c"], x[2:], 2, 1))  # a to disk
+    host.step(_request(["a"], x[:1], 3, 1))  # a back, b to disk
+    samples = {
+        s.name + str(sorted(s.labels.items())): s.value
+        for family in EngineStatsCollector(lambda: host.stats).collect()
+        for s in family.samples
+    }
+    assert samples["streamlstm_cold_streams[]"] == 1
+    assert samples["streamlstm_cold_writes_total[]"] == 2
+    assert samples["streamlstm_cold_hits_total[]"] == 1
+    # a back: one read (before the first move the partition had no store: none to read)
+    assert samples["streamlstm_cold_reads_total[]"] == 1
+    assert samples["streamlstm_cold_dropped_total[('reason', 'bound')]"] == 0
+    assert samples["streamlstm_evictions_total[('reason', 'lru')]"] == 0
