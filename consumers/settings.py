@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from streamlstm.errors import ConfigError
+from streamlstm.optional import require_cold
 from streamlstm.swap_policy import SWAP_POLICIES
 
 __all__ = ["ServeConfig", "parse_serve_args"]
@@ -66,6 +67,12 @@ class ServeConfig:
     max_unacked_batches: int = 8
     engine_threads: int = 1
     max_streams: int = 1_000_000
+    #: The cold tier (docs/cold-tier.md): a stream evicted for room (max_streams) is kept
+    #: on local disk here, one RocksDB store per input partition, instead of dropped, and
+    #: read back when it ticks again. None: no cold tier. Needs the cold extra.
+    state_dir: str | None = None
+    #: Each input partition's cold store holds at most this many streams (oldest out).
+    max_disk_streams: int = 10_000_000
     idle_ttl_s: float | None = None
     #: Input drift (streamlstm_input_drift_z): the span, in ticks of all streams, of the
     #: exponentially weighted mean and variance compared with the training data.
@@ -170,6 +177,7 @@ class ServeConfig:
             "changelog_replication_factor",
             "commit_interval_ms",
             "drift_window_ticks",
+            "max_disk_streams",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1")
@@ -181,8 +189,7 @@ class ServeConfig:
         # Written so that NaN fails too.
         if self.latency_target_ms is not None and not self.latency_target_ms > 0:
             raise ConfigError("latency_target_ms: must be positive")
-        if not 0 <= self.history_ticks <= 65535:
-            raise ConfigError("history_ticks: must be 0..65535")
+        self._check_state_options()
         if self.model_watch_s is not None and not 0 < self.model_watch_s <= 86400:
             raise ConfigError("model_watch_s: must be in (0, 86400] seconds")
         if not 0 <= self.metrics_port < 65536:
@@ -214,6 +221,12 @@ class ServeConfig:
         if meant is None:
             raise ConfigError("on_model_change: must be reset or keep-if-compatible")
         object.__setattr__(self, "swap_state", meant)
+
+    def _check_state_options(self) -> None:
+        if not 0 <= self.history_ticks <= 65535:
+            raise ConfigError("history_ticks: must be 0..65535")
+        if self.state_dir is not None:  # here, not in the engine child: a clear start-up error
+            require_cold("--state-dir (the cold tier)")
 
     def _check_admin(self) -> None:
         if self.admin_port is None:

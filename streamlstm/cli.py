@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from streamlstm.errors import StreamLSTMError
 
@@ -37,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tail": (f"{_DEVTOOLS}.replay", "print messages from a topic as they arrive"),
     "broker": (f"{_DEVTOOLS}.brokers", "a local broker (Apache Kafka or Tansu) until Ctrl-C"),
     "demo": (f"{_DEVTOOLS}.demo", "broker, training, serving and replay, locally, in one command"),
-    "bench": ("streamlstm.cli", "benchmarks: engine | kafka"),
+    "bench": ("streamlstm.cli", "benchmarks: engine | kafka | cold"),
 }
 
 
@@ -84,9 +85,12 @@ def bench_main(argv: Sequence[str]) -> int:
         help="also time a model swap that re-warms every stream over its last K ticks",
     )
     sub.add_parser("kafka", help="end-to-end through a broker (see streamlstm bench kafka -h)")
+    _cold_parser(sub)
     if argv and argv[0] == "kafka":
         return _run_module("streamlstm.consumers.devtools.bench", list(argv[1:]))
     args = parser.parse_args(argv)
+    if args.target == "cold":
+        return _bench_cold(args)
     from streamlstm.bench import format_engine_bench, run_engine_bench
 
     counts = tuple(int(s) for s in args.streams.split(",") if s.strip())
@@ -101,6 +105,48 @@ def bench_main(argv: Sequence[str]) -> int:
         rewarm_ticks=args.rewarm_ticks,
     )
     print(json.dumps(result) if args.json else format_engine_bench(result))
+    return 0
+
+
+def _cold_parser(sub: Any) -> None:
+    cold = sub.add_parser("cold", help="the cold tier's store: rocksdict against lmdb")
+    cold.add_argument("--keys", type=int, default=1_000_000, help="states written")
+    cold.add_argument("--write-batch", type=int, default=5000, help="states per write batch")
+    cold.add_argument("--read-batch", type=int, default=1000, help="keys per multi-get")
+    cold.add_argument("--polls", type=int, default=200, help="multi-gets (and cycles) timed")
+    cold.add_argument("--repeats", type=int, default=2, help="alternate runs of each backend")
+    cold.add_argument("--dir", help="where the stores go (default: the temporary directory)")
+    cold.add_argument("--json", action="store_true", help="print one JSON object")
+    cold.add_argument(
+        "--engine",
+        action="store_true",
+        help="instead: the engine with 10%% of its ticks from streams on disk, against all hot",
+    )
+    cold.add_argument("--hot", type=int, default=50_000, help="--engine: streams memory holds")
+    cold.add_argument("--pool", type=int, default=200_000, help="--engine: streams beyond it")
+
+
+def _bench_cold(args: argparse.Namespace) -> int:
+    from streamlstm.cold_bench import (
+        format_cold_bench,
+        format_engine_cold,
+        run_cold_bench,
+        run_engine_cold,
+    )
+
+    if args.engine:
+        figures = run_engine_cold(hot=args.hot, pool=args.pool, directory=args.dir)
+        print(json.dumps(figures) if args.json else format_engine_cold(figures))
+        return 0
+    result = run_cold_bench(
+        keys=args.keys,
+        write_batch=args.write_batch,
+        read_batch=args.read_batch,
+        polls=args.polls,
+        directory=args.dir,
+        repeats=args.repeats,
+    )
+    print(json.dumps(result) if args.json else format_cold_bench(result))
     return 0
 
 

@@ -26,6 +26,7 @@ import numpy.typing as npt
 
 from streamlstm.batching import Rounds, each_round
 from streamlstm.bundle import Bundle
+from streamlstm.cold_tier import ColdConfig, ColdTier
 from streamlstm.control import apply_control
 from streamlstm.errors import ConfigError
 from streamlstm.event_clock import EventClock
@@ -67,7 +68,11 @@ class Engine:
     ``max_streams`` bounds memory (LRU eviction beyond it); ``idle_ttl_s``
     forgets streams idle for longer. ``native`` picks the C code (recurrent
     step and id -> slot map, ``True``), NumPy and a dict (``False``), or the
-    C code where it is built (``None``).
+    C code where it is built (``None``). ``cold`` adds a cold tier
+    (``cold_tier.ColdConfig``; the ``cold`` extra): a stream evicted for room
+    is moved to local disk instead of dropped, and read back, with every
+    other stream of the step that returns, in one batched read per input
+    partition before the step; it continues exactly (``close`` closes it).
 
     **Clocks.** Idle expiry runs on the engine's clock (``clock_s``), which is
     event time as the streams agree on it, so that one bad timestamp cannot
@@ -105,6 +110,7 @@ class Engine:
         max_clock_skew_s: float = 60.0,
         quality: QualityConfig | None = None,
         history_ticks: int = 0,
+        cold: ColdConfig | None = None,
     ) -> None:
         if not (
             isinstance(max_clock_skew_s, int | float)
@@ -137,6 +143,10 @@ class Engine:
             history=(history_ticks, bundle.config.input_size),
             native=use_native,
         )
+        self.store.model = bundle.model_id
+        self.store.accepted_models = frozenset({bundle.model_id})
+        if cold is not None:
+            self.store.cold = ColdTier(cold)
         self._clock = clock
         self._quality_config = quality or QualityConfig()
         self.max_clock_skew_s = float(max_clock_skew_s)
@@ -174,6 +184,9 @@ class Engine:
         zeroes it, ``delete`` frees it (see ``control``). ``offset`` and ``partition``
         are the control's input position, for the skip rule: False where the state
         already reflects it (nothing changed)."""
+        if self.store.cold is not None and stream not in self.store:  # in the cold tier?
+            part = partition if offset >= 0 else -1
+            self.store.thaw([stream], [part], np.zeros(0, dtype=np.int64))
         applied = apply_control(self.store, stream, op, offset=offset, partition=partition)
         self._counts[f"control_{op}"] += applied
         return applied
@@ -213,6 +226,9 @@ class Engine:
             history_ticks=self.history_ticks,
         )
         fresh.store.take_over(self.store, arrays)
+        fresh.store.cold = self.store.cold
+        if mode == "carry":  # the cold tier's states go on too: they are as carried
+            fresh.store.accepted_models |= self.store.accepted_models
         fresh.restart_quality(arrays.ids)
         if mode == "rewarm":
             fresh.rewarm(arrays.ids)
@@ -314,6 +330,7 @@ class Engine:
             native=self.native,
             skipped=self._counts["skipped"],
             quality=self.quality,
+            cold=None if self.store.cold is None else self.store.cold.stats(),
         )
 
     def step(
@@ -354,11 +371,12 @@ class Engine:
         ts = column("timestamps", timestamps, n, np.float64)
         offs = column("offsets", offsets, n, np.int64)
         parts = column("partitions", partitions, n, np.int64)
+        thawed = self._thaw(stream_ids, offs, parts) if self.store.cold is not None else []
         admitted = self._admit(stream_ids, features, ts, offs, parts)
         rows = admitted.rows
         if not rows.size:
             self._gaps_without_ticks(gaps, admitted.rejections, stream_ids)
-            return self._answer(n, rows, None, admitted.rejections, [], admitted.skipped)
+            return self._answer(n, rows, None, admitted.rejections, thawed, admitted.skipped)
         self._counts["ticks"] += int(rows.size)
         order = Rounds(admitted.ids, admitted.held, admitted.distinct)
         times, now = self._event_time.times(ts, rows, order)
@@ -366,6 +384,7 @@ class Engine:
         held_u = admitted.held[order.first]
         seen_before = (held_u >= 0, self.store.last_seen[held_u])
         slots_u, evictions = self.store.acquire(order.unique, times[order.first], held_u)
+        evictions = thawed + evictions
         r_resets, r_ends = resets_a[rows], ends_a[rows]
         self._counts["resets"] += int(r_resets.sum())
         self._counts["ends"] += int(r_ends.sum())
@@ -397,6 +416,31 @@ class Engine:
             n, rows, (finished, step_out, scores, flagged), admitted.rejections, evictions,
             admitted.skipped,
         )  # fmt: skip
+
+    def _thaw(
+        self, stream_ids: Sequence[str], offs: I64 | None, parts: I64 | None
+    ) -> list[Eviction]:
+        """Read this call's streams that memory does not hold back from the cold tier,
+        before anything looks at their state (the skip rule needs their offsets): one
+        batched read per input partition. A stream's partition is its ticks' where the
+        store records it (offsets given), else -1, as ``record_step`` keeps it. The
+        call's held streams are safe from the evictions that make room."""
+        held = self.store.lookup(stream_ids)
+        absent = held < 0
+        if not absent.any():
+            return []
+        known = parts if offs is not None and parts is not None else None
+        ids: dict[str, int] = {}
+        for i in np.flatnonzero(absent).tolist():
+            stream = stream_ids[i]
+            if isinstance(stream, str) and stream not in ids:
+                ids[stream] = -1 if known is None else int(known[i])
+        return self.store.thaw(list(ids), list(ids.values()), held[~absent])
+
+    def close(self) -> None:
+        """Close the cold tier's stores (a no-op without one); the engine is not used after."""
+        if self.store.cold is not None:
+            self.store.cold.close()
 
     def _admit(
         self,
@@ -629,4 +673,4 @@ class Engine:
         # Sweeping is O(capacity); a few times per TTL keeps memory bounded.
         self._swept_at = now
         self._next_sweep = now + ttl / 4
-        return self.store.expire(now)
+        return self.store.expire(now) + self.store.expire_cold(now - ttl)

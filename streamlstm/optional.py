@@ -7,9 +7,10 @@ from types import ModuleType
 
 from streamlstm.errors import DependencyError
 
-__all__ = ["require_torch"]
+__all__ = ["require_cold", "require_torch"]
 
 TRAIN_EXTRA = "pip install 'streamlstm[train]'"
+COLD_EXTRA = "pip install 'streamlstm[cold]'"
 
 
 def require_torch(what: str) -> ModuleType:
@@ -23,4 +24,15 @@ def require_torch(what: str) -> ModuleType:
     except ImportError as exc:
         raise DependencyError(
             f"{what} needs PyTorch, which a serving install leaves out: {TRAIN_EXTRA}"
+        ) from exc
+
+
+def require_cold(what: str) -> ModuleType:
+    """rocksdict (RocksDB), or ``DependencyError`` saying that ``what`` needs it and how
+    to install it: the cold tier's store (``cold_store``) is an extra."""
+    try:
+        return importlib.import_module("rocksdict")
+    except ImportError as exc:
+        raise DependencyError(
+            f"{what} needs rocksdict (RocksDB), which a base install leaves out: {COLD_EXTRA}"
         ) from exc

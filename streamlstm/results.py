@@ -12,6 +12,7 @@ import numpy.typing as npt
 from streamlstm.store import Eviction
 
 if TYPE_CHECKING:  # the quality package builds on this module's types
+    from streamlstm.cold_tier import ColdStats
     from streamlstm.quality.report import QualityReport, StreamError
 
 __all__ = [
@@ -126,3 +127,5 @@ class EngineStats:
     #: and its live quality figures.
     shadow_model: str = ""
     shadow_quality: QualityReport | None = None
+    #: The cold tier's figures (None: no cold tier).
+    cold: ColdStats | None = None

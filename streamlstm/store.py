@@ -16,12 +16,13 @@ is returned to the caller with the evicted state, and counted by reason.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -30,13 +31,18 @@ from streamlstm.changes import Changes
 from streamlstm.config import CELLS
 from streamlstm.errors import ConfigError, StateError
 from streamlstm.kernels import native_available, slot_map
-from streamlstm.stream_state import StateArrays, StreamState, encode_many
+from streamlstm.stream_state import StateArrays, StreamState, decode_many, encode_many
+
+if TYPE_CHECKING:
+    from streamlstm.cold_tier import ColdTier, Frozen
 
 __all__ = ["Eviction", "EvictionReason", "StateStore", "StreamState"]
 
 EvictionReason = Literal["lru", "ttl"]
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
+
+logger = logging.getLogger(__name__)
 
 _NEVER = np.iinfo(np.int64).max
 #: A free slot's partition.
@@ -133,6 +139,13 @@ class StateStore:
         self._free: list[int] = list(range(cap - 1, -1, -1))
         self._clock = 0
         self.eviction_counts: Counter[str] = Counter()
+        #: The cold tier (None: none): where LRU victims go instead of being dropped.
+        self.cold: ColdTier | None = None
+        #: The fingerprint the states moved to the cold tier are written with, and the
+        #: ones a state read back may carry (the engine's model, and those it carried
+        #: states over from); a state of another is refused.
+        self.model = ""
+        self.accepted_models: frozenset[str] = frozenset({""})
 
     # -- inspection ---------------------------------------------------------
 
@@ -261,7 +274,13 @@ class StateStore:
         return out, distinct
 
     def acquire(
-        self, ids: Sequence[str], times: F64, held: I64 | None = None, *, fill: bool = True
+        self,
+        ids: Sequence[str],
+        times: F64,
+        held: I64 | None = None,
+        *,
+        fill: bool = True,
+        protect: I64 | None = None,
     ) -> tuple[I64, list[Eviction]]:
         """Slots for distinct ``ids`` (in order), creating zeroed ones as needed.
 
@@ -271,7 +290,8 @@ class StateStore:
         until the next call. ``held`` is ``lookup(ids)`` where the caller has
         it already; it is filled in and returned. ``fill=False`` leaves new
         slots' ``h``, ``c``, steps and extra columns as they are, for a caller
-        that writes every one of them (a restore).
+        that writes every one of them (a restore). ``protect``: more slots to keep safe
+        from eviction in this call (a step's held streams, while its cold ones load).
         """
         n = len(ids)
         slots = self.lookup(ids) if held is None else held
@@ -289,6 +309,8 @@ class StateStore:
                 self._zero(stale)
         self._clock += n
         self._last_used[known] = self._clock
+        if protect is not None:
+            self._last_used[protect] = self._clock
         if fresh.size:
             new_slots = self._allocate(int(fresh.size), evictions, fill=fill)
             for i, slot in zip(fresh.tolist(), new_slots.tolist(), strict=True):
@@ -379,6 +401,7 @@ class StateStore:
         changed = np.flatnonzero(old.changes.changed[slots]).tolist()
         self.changes.changed[self.lookup([states.ids[i] for i in changed])] = True
         self.changes.removed = dict(old.changes.removed)
+        self.changes.moved = dict(old.changes.moved)
         self.changes.tombstones = old.changes.tombstones
         self.eviction_counts = old.eviction_counts.copy()
 
@@ -388,8 +411,9 @@ class StateStore:
             return []
         return self.restore_arrays(StateArrays.from_states(dict(states)))
 
-    def restore_arrays(self, states: StateArrays) -> list[Eviction]:
-        """``restore`` for states as columns (a changelog restore: no object per stream)."""
+    def restore_arrays(self, states: StateArrays, *, protect: I64 | None = None) -> list[Eviction]:
+        """``restore`` for states as columns (a changelog restore: no object per stream);
+        ``protect`` as ``acquire``'s."""
         ids = states.ids
         if not ids:
             return []
@@ -408,7 +432,7 @@ class StateStore:
         saved_ttl, self.idle_ttl_s = self.idle_ttl_s, None  # restoring is not a TTL check
         try:
             # Every column of every slot is written below: no zeros first.
-            slots, evictions = self.acquire(ids, times, fill=False)
+            slots, evictions = self.acquire(ids, times, fill=False, protect=protect)
         finally:
             self.idle_ttl_s = saved_ttl
         # The columns may be strided, unaligned views of a restore's buffer (decode_many).
@@ -484,8 +508,11 @@ class StateStore:
                     f"max_streams (now {self.max_streams}) or send smaller batches"
                 )
             victims = np.argpartition(self._last_used, shortfall - 1)[:shortfall]
-            evictions += self._capture(victims, "lru")
-            self._remove(victims)
+            if self.cold is not None:
+                evictions += self._freeze(victims)
+            else:
+                evictions += self._capture(victims, "lru")
+                self._remove(victims)
         # The last ``count`` free slots, in the order ``pop()`` would give them.
         slots = np.array(self._free[len(self._free) - count :][::-1], dtype=np.int64)
         del self._free[len(self._free) - count :]
@@ -535,16 +562,127 @@ class StateStore:
             self.extra[slots] = 0.0
             self.last_answer[slots] = np.nan
 
-    def _remove(self, slots: I64) -> None:
+    def _remove(self, slots: I64, *, tombstone: bool = True) -> None:
+        """Free ``slots``; ``tombstone=False``: their streams live on (in the cold tier),
+        their records must stay."""
         for slot in slots.tolist():
             owner = self._owner[slot]
             if owner is not None:
                 del self._slot[owner]
                 self._owner[slot] = None
                 self._free.append(slot)
-                self.changes.remove(slot, owner, int(self.partitions[slot]))
+                if tombstone:
+                    self.changes.remove(slot, owner, int(self.partitions[slot]))
+                else:
+                    self.changes.changed[slot] = False
         self._last_used[slots] = _NEVER
         self.partitions[slots] = _FREE
+
+    # -- the cold tier ---------------------------------------------------------
+
+    def _freeze(self, slots: I64) -> list[Eviction]:
+        """Move the streams at ``slots`` (LRU victims) to the cold tier, in one write batch
+        per partition; the states its disk bound pushed out, dropped (reason ``lru``)."""
+        assert self.cold is not None
+        ids = self._owners(slots.tolist())  # victims are held: one owner each
+        parts = self.partitions[slots].tolist()
+        states = self.encode(ids, parts, self.model)
+        changed = self.changes.changed[slots].tolist()
+        # A stream held in memory is not on disk in its partition's store (a return takes
+        # it from there), so the write needs no read of what it replaces.
+        last_seen = self.last_seen[slots].tolist()
+        pushed = self.cold.put(ids, parts, states, last_seen, absent=True)
+        self._remove(slots, tombstone=False)
+        for stream, part, state, was in zip(ids, parts, states, changed, strict=True):
+            self.changes.move(stream, part, state, changed=was)
+        return self._dropped(pushed, "lru")
+
+    def thaw(self, ids: Sequence[str], partitions: Sequence[int], protect: I64) -> list[Eviction]:
+        """Read back the states of those of ``ids`` (distinct, not held) that the cold tier
+        holds, each from its partition's store (``partitions[i]``), in one batched read
+        per partition, into slots; the streams at ``protect`` (held ones of the step in
+        progress) stay. A state that is corrupt, of another cell or layout or of a model
+        not in ``accepted_models`` is refused: logged, counted, its stream starts from
+        zero. Returns what was dropped on the way (the disk bound, as room was made)."""
+        if self.cold is None or not ids:
+            return []
+        frozen = self.cold.take(ids, partitions)
+        if not frozen:
+            return []
+        states = self._accepted(frozen)
+        try:
+            evictions = self.restore_arrays(states, protect=protect) if states.ids else []
+        except ConfigError:  # no room for them (a call of more streams than max_streams)
+            # Back to disk as they were: the call fails, the states must not go with it.
+            by_id = {stream: (partition, state) for stream, partition, state in frozen}
+            ids = list(states.ids)
+            parts, blobs = [by_id[i][0] for i in ids], [by_id[i][1] for i in ids]
+            self.cold.put(ids, parts, blobs, states.last_seen.tolist(), absent=True)
+            raise
+        back = [i for i, s in enumerate(states.ids) if self.changes.returned(s)]
+        if back:
+            self.changes.changed[self.lookup([states.ids[i] for i in back])] = True
+        return evictions
+
+    def _accepted(self, frozen: list[Frozen]) -> StateArrays:
+        """The states read back that this store takes, as columns; the rest refused."""
+        blobs = {stream: state for stream, _, state in frozen}
+        try:  # the common case: one model wrote them all, one layout: a table
+            states: StateArrays | None = decode_many(blobs)
+        except StateError:
+            states = None
+        if states is not None and self._refusal(states, 0) is None and len(set(states.models)) < 2:
+            return states
+        kept: dict[str, StreamState] = {}
+        for stream, partition, state in frozen:
+            try:
+                one = StateArrays.from_states({stream: StreamState.from_bytes(state)})
+                reason = self._refusal(one, 0)
+            except StateError as exc:
+                reason = str(exc)
+            if reason is None:
+                kept[stream] = StreamState.from_bytes(state)
+                continue
+            assert self.cold is not None
+            self.cold.refused += 1
+            self.changes.returned(stream)
+            logger.warning(
+                "cold tier: refused the state of stream %r (partition %s): %s; it starts "
+                "again from zero",
+                stream,
+                partition,
+                reason,
+            )
+        return StateArrays.from_states(kept)
+
+    def _refusal(self, states: StateArrays, row: int) -> str | None:
+        """Why row ``row`` of ``states`` is not this store's to load (None: it is)."""
+        model = states.models[row]
+        if model not in self.accepted_models:
+            return f"made by model {model!r}, this engine serves {self.model!r}"
+        if states.cell != self.cell:
+            return f"a {states.cell.upper()} state, this model is an {self.cell.upper()}"
+        sizes = tuple(h.shape[1] for h in states.h)
+        if sizes != self.hidden_sizes:
+            return f"layer sizes {list(sizes)}, this model's are {list(self.hidden_sizes)}"
+        return None
+
+    def expire_cold(self, before: float) -> list[Eviction]:
+        """Drop the cold tier's states last seen before ``before`` (seconds; reason ``ttl``)."""
+        return [] if self.cold is None else self._dropped(self.cold.expire(before), "ttl")
+
+    def _dropped(self, frozen: list[Frozen], reason: EvictionReason) -> list[Eviction]:
+        """States that left the cold tier for good: counted, tombstoned, returned."""
+        evictions = []
+        for stream, partition, state in frozen:
+            self.changes.dropped(stream, partition)
+            try:
+                evictions.append(Eviction(stream, reason, StreamState.from_bytes(state)))
+            except StateError:
+                logger.warning("cold tier: dropped stream %r, whose state is corrupt", stream)
+        if frozen:  # a Counter keeps a key added with 0
+            self.eviction_counts[reason] += len(frozen)
+        return evictions
 
     def _capture(self, slots: I64, reason: EvictionReason) -> list[Eviction]:
         self.eviction_counts[reason] += int(slots.size)

@@ -10,11 +10,14 @@ the order they came:
 - ``checkpoint``: the states of the streams changed since the last one, as
   of every step asked for before it (the order of requests makes "as of
   batch k" exact), and a tombstone for each stream that ended or was
-  evicted; then forgets the changes.
+  evicted; a stream moved to the cold tier leaves none, and its state is
+  written where the changelog lacks it; then forgets the changes.
 - ``restore``: bulk-loads states read from the changelog (never marked as
-  changed), following the model-change policy and ``max_streams``.
+  changed), following the model-change policy and ``max_streams``; with a
+  cold tier, those beyond ``max_streams`` go to disk.
 - ``drop``: forgets the streams of partitions that moved away (no
-  tombstones: their state lives on in the changelog for the new owner).
+  tombstones: their state lives on in the changelog for the new owner), and
+  their cold tier's stores.
 - reads (``InspectStream``, ``ListStreams``, ``CountStreams``): what is
   held, as of the steps asked for before (``as_of``); each is O(1) or looks
   at a bounded number of slots, so it delays the next step by little.
@@ -43,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from streamlstm import Bundle, Engine, EngineStats, StepResult
+from streamlstm.cold_tier import ColdConfig
 from streamlstm.consumers.engine.isolation import concat_results, slice_request, step_isolated
 from streamlstm.consumers.engine.protocol import (
     Change,
@@ -82,7 +86,13 @@ from streamlstm.errors import BundleError, ConfigError, StateError, StreamLSTMEr
 from streamlstm.kernels import set_num_threads
 from streamlstm.quality import QualityConfig, StreamError
 from streamlstm.store import MAX_PAGE_SCAN
-from streamlstm.stream_state import StateArrays, StateBlobs, StreamState, decode_many
+from streamlstm.stream_state import (
+    StateArrays,
+    StateBlobs,
+    StreamState,
+    decode_many,
+    encode_many,
+)
 from streamlstm.swap_policy import same_state_layout, swap_mode
 
 __all__ = ["EngineHost", "InProcessClient", "RestoreReport"]
@@ -221,6 +231,8 @@ class EngineHost:
             gone = store.streams_in(partitions)
             store.release(gone)
             store.changes.forget_partitions(partitions)
+            if store.cold is not None:  # their states on disk are the new owner's too
+                store.cold.drop(sorted(partitions))
             count = count or len(gone)
         self._orphans = {k: p for k, p in self._orphans.items() if p not in partitions}
         for partition in partitions:
@@ -285,6 +297,10 @@ class EngineHost:
         slots, held = new.store.held()
         for stream, slot in zip(held, slots.tolist(), strict=True):
             self._orphans[shadow_key(stream)] = int(new.store.partitions[slot])
+        if old.store.cold is not None:  # the streams on disk: the promoted engine's now
+            new.store.cold = old.store.cold
+            if mode == "carry":
+                new.store.accepted_models |= old.store.accepted_models
         arrays = old.store.arrays()
         rows = [i for i, stream in enumerate(arrays.ids) if stream not in new.store]
         if rows:
@@ -353,9 +369,10 @@ class EngineHost:
         arrays, counts, foreign, rewarm = sorted_
         if not arrays.ids:
             return RestoreReport(0, *counts)
-        arrays = _most_recent(arrays, store.max_streams - len(store))
-        over = len(blobs) - counts.corrupt - counts.reset - len(arrays.ids)
         arrays.partition[:] = partition
+        whole, arrays = arrays, _most_recent(arrays, store.max_streams - len(store))
+        spilled = self._spill(engine, whole, arrays) if store.cold is not None and not rewarm else 0
+        over = len(blobs) - counts.corrupt - counts.reset - len(arrays.ids) - spilled
         store.restore_arrays(arrays)
         if foreign:  # another model's forecasts are not this one's to be judged by
             engine.restart_quality(foreign)
@@ -363,6 +380,28 @@ class EngineHost:
             engine.rewarm(rewarm)
         return RestoreReport(len(arrays.ids), counts.reset, counts.kept, over, counts.corrupt,
                              counts.rewarmed)  # fmt: skip
+
+    def _spill(self, engine: Engine, whole: StateArrays, loaded: StateArrays) -> int:
+        """A restore's states beyond memory's room (``whole`` less ``loaded``, the least
+        recently seen) straight to the cold tier, written by this model as a live carry
+        leaves them; how many it keeps (the disk bound may push some out: tombstoned)."""
+        store, cold = engine.store, engine.store.cold
+        assert cold is not None
+        held = set(loaded.ids)
+        rows = np.array([i for i, s in enumerate(whole.ids) if s not in held], dtype=np.int64)
+        if not rows.size:
+            return 0
+        rest = whole.take(rows)
+        values = encode_many(
+            h=rest.h, c=rest.c, step=rest.step, offset=rest.offset, last_seen=rest.last_seen,
+            extra=rest.extra, partition=rest.partition, model=engine.bundle.model_id,
+            cell=rest.cell,
+            history=rest.history if rest.history is not None and rest.history.size else None,
+        )  # fmt: skip
+        pushed = cold.put(rest.ids, rest.partition.tolist(), values, rest.last_seen.tolist())
+        for stream, part, _ in pushed:  # beyond the disk bound too: their records go
+            store.changes.dropped(stream, part)
+        return int(rows.size) - len(pushed)
 
     def _sort_table(self, engine: Engine, arrays: StateArrays, policy: str) -> _Sorted:
         """States one model wrote, in one layout: kept, re-warmed or reset together."""
@@ -462,6 +501,10 @@ def _changes(engine: Engine, key: Callable[[str], str]) -> list[Change]:
         # Held again in the same partition: its state (above, if changed) stands.
         if store.partition_of(stream) != partition:
             records.append(Change(key(stream), partition, None))
+    # Moved to the cold tier before the changelog had their state: written as a held
+    # stream's is (never a tombstone: the state lives on, on disk).
+    moved = store.changes.take_moved().items()
+    records += [Change(key(s), p, value) for s, (p, value) in moved]
     return records
 
 
@@ -585,12 +628,13 @@ def serve(sock: socket.socket, options: dict[str, Any]) -> None:
 def _host(options: dict[str, Any]) -> EngineHost:
     """The engine (and the shadow's, where ``options`` name one) as the options say."""
 
-    def engine(path: str, model_id: str | None) -> Engine:
+    def engine(path: str, model_id: str | None, cold: ColdConfig | None) -> Engine:
         return Engine(
             load_checked(path, model_id),
             max_streams=options["max_streams"],
             idle_ttl_s=options["idle_ttl_s"],
             history_ticks=int(options.get("history_ticks", 0)),
+            cold=cold,
             quality=QualityConfig(
                 enabled=bool(options["quality"]),
                 drift_window_ticks=int(options["drift_window_ticks"]),
@@ -599,11 +643,20 @@ def _host(options: dict[str, Any]) -> EngineHost:
 
     shadow = options.get("shadow_model")
     return EngineHost(
-        engine(options["model"], options.get("model_id")),
-        shadow=engine(shadow, options.get("shadow_model_id")) if shadow else None,
+        engine(options["model"], options.get("model_id"), _cold_config(options)),
+        # The shadow keeps no cold tier: its states beyond max_streams are evicted.
+        shadow=engine(shadow, options.get("shadow_model_id"), None) if shadow else None,
         changelog=bool(options.get("changelog", True)),
         worst_interval_s=float(options["worst_interval_s"]),
     )
+
+
+def _cold_config(options: dict[str, Any]) -> ColdConfig | None:
+    """The cold tier the options ask for (``state_dir``), None without one."""
+    directory = options.get("state_dir")
+    if not directory:
+        return None
+    return ColdConfig(directory=directory, max_disk_streams=int(options["max_disk_streams"]))
 
 
 def load_checked(path: str, expected: str | None) -> Bundle:

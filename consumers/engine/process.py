@@ -139,6 +139,8 @@ class ProcessClient:
     them in order. ``close`` is safe to call twice. If the child dies, every
     waiting and later request raises ``StreamLSTMError``. ``changelog=False``
     (memory state) keeps no tombstones of ended streams for checkpoints.
+    ``state_dir`` gives the engine a cold tier there (``ColdConfig``), each input
+    partition's store bounded by ``max_disk_streams``.
     """
 
     def __init__(
@@ -155,6 +157,8 @@ class ProcessClient:
         worst_interval_s: float = 10.0,
         history_ticks: int = 0,
         shadow: Bundle | None = None,
+        state_dir: str | None = None,
+        max_disk_streams: int = 10_000_000,
     ) -> None:
         self._bundle = bundle
         self._shadow = shadow
@@ -167,6 +171,8 @@ class ProcessClient:
             "quality": quality,
             "worst_interval_s": worst_interval_s,
             "history_ticks": history_ticks,
+            "state_dir": state_dir,
+            "max_disk_streams": max_disk_streams,
         }
         self._start_timeout_s = start_timeout_s
         self._proc: subprocess.Popen[bytes] | None = None
@@ -412,4 +418,6 @@ def default_engine(
         worst_interval_s=config.metrics_interval_s,
         history_ticks=config.history_ticks,
         shadow=shadow,
+        state_dir=config.state_dir,
+        max_disk_streams=config.max_disk_streams,
     )

@@ -28,6 +28,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from streamlstm.cold_tier import ColdStats
 from streamlstm.engine import EngineStats
 
 __all__ = ["BulkHistogram", "EngineStatsCollector", "ServeMetrics"]
@@ -111,6 +112,8 @@ class EngineStatsCollector(Collector):
         for reason in ("lru", "ttl"):
             evictions.add_metric([reason], stats.evictions.get(reason, 0))
         yield evictions
+        if stats.cold is not None:
+            yield from _cold_metrics(stats.cold)
         yield CounterMetricFamily("streamlstm_resets", "Ticks with reset set", value=stats.resets)
         yield CounterMetricFamily("streamlstm_ends", "Ticks with end set", value=stats.ends)
         lag = GaugeMetricFamily(
@@ -130,6 +133,46 @@ class EngineStatsCollector(Collector):
         if stats.shadow_model:
             shadow.add_metric([stats.shadow_model], 1)
         yield shadow
+
+
+def _cold_metrics(cold: ColdStats) -> Iterator[Metric]:
+    """The cold tier's figures (docs/cold-tier.md); only where there is one."""
+    yield GaugeMetricFamily(
+        "streamlstm_cold_streams", "Streams with state in the cold tier (local disk)", cold.streams
+    )
+    yield GaugeMetricFamily(
+        "streamlstm_cold_disk_bytes", "Bytes of the cold tier's table files", cold.disk_bytes
+    )
+    yield CounterMetricFamily(
+        "streamlstm_cold_reads",
+        "Batched reads of the cold tier (one per partition a step)",
+        value=cold.reads,
+    )
+    yield CounterMetricFamily(
+        "streamlstm_cold_lookups",
+        "Streams not in memory looked for in the cold tier",
+        value=cold.looked_up,
+    )
+    yield CounterMetricFamily(
+        "streamlstm_cold_hits",
+        "Streams found in the cold tier and read back (returning)",
+        value=cold.hits,
+    )
+    yield CounterMetricFamily(
+        "streamlstm_cold_writes", "States moved from memory to the cold tier", value=cold.writes
+    )
+    dropped = CounterMetricFamily(
+        "streamlstm_cold_dropped",
+        "States that left the cold tier for good: its bound, idle expiry, refused on return",
+        labels=["reason"],
+    )
+    for reason, value in (
+        ("bound", cold.pushed_out),
+        ("ttl", cold.expired),
+        ("refused", cold.refused),
+    ):
+        dropped.add_metric([reason], value)
+    yield dropped
 
 
 class ServeMetrics:

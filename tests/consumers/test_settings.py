@@ -1,9 +1,11 @@
+import sys
 from pathlib import Path
 
 import pytest
 
 from streamlstm import ConfigError
 from streamlstm.consumers.settings import parse_serve_args
+from streamlstm.errors import DependencyError
 
 REQUIRED = [
     "--model",
@@ -84,3 +86,12 @@ def test_a_shadow_model_needs_its_own_topic() -> None:
         parse_serve_args([*REQUIRED, "--shadow-model", "c", "--shadow-topic", "out"], {})
     cfg = parse_serve_args([*REQUIRED, "--shadow-model", "c", "--shadow-topic", "cmp"], {})
     assert (cfg.shadow_model, cfg.shadow_topic) == ("c", "cmp")
+
+
+def test_a_state_dir_needs_the_cold_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = parse_serve_args([*REQUIRED, "--state-dir", "/tmp/x", "--max-disk-streams", "5"], {})
+    assert (cfg.state_dir, cfg.max_disk_streams) == ("/tmp/x", 5)
+    assert parse_serve_args(REQUIRED, {}).state_dir is None
+    monkeypatch.setitem(sys.modules, "rocksdict", None)  # as if not installed
+    with pytest.raises(DependencyError, match=r"--state-dir .*pip install 'streamlstm\[cold\]'"):
+        parse_serve_args([*REQUIRED, "--state-dir", "/tmp/x"], {})
