@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from streamlstm import Bundle, Engine
 from streamlstm.cold_tier import ColdConfig
@@ -18,8 +17,6 @@ from streamlstm.consumers.engine.process import StepRequest
 from streamlstm.consumers.observability.metrics import EngineStatsCollector
 from tests.conftest import BundleFactory
 from tests.streamlstm.oracle import expected_outputs
-
-pytest.importorskip("rocksdict")
 
 
 def _request(ids: list[str], x: np.ndarray, first: int, part: int) -> StepRequest:

@@ -9,8 +9,6 @@ import pytest
 from streamlstm.cli import main
 from streamlstm.cold_bench import format_cold_bench, run_cold_bench, run_engine_cold
 
-pytest.importorskip("rocksdict")
-
 
 def test_the_stores_bench_reports_each_installed_backend(tmp_path: Path) -> None:
     result = run_cold_bench(

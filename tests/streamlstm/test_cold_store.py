@@ -13,8 +13,6 @@ from streamlstm.cold_store import ColdStore
 from streamlstm.cold_tier import ColdConfig, ColdTier
 from streamlstm.errors import ConfigError, DependencyError
 
-pytest.importorskip("rocksdict")
-
 
 def _state(step: int) -> bytes:
     return StreamState(

@@ -18,8 +18,6 @@ from streamlstm.kernels import native_available
 from tests.conftest import BundleFactory
 from tests.streamlstm.oracle import expected_outputs
 
-pytest.importorskip("rocksdict")
-
 NATIVE = [False, True] if native_available() else [False]
 
 
