@@ -124,6 +124,18 @@ def _cold_parser(sub: Any) -> None:
     )
     cold.add_argument("--hot", type=int, default=50_000, help="--engine: streams memory holds")
     cold.add_argument("--pool", type=int, default=200_000, help="--engine: streams beyond it")
+    cold.add_argument(
+        "--streams", type=int, help="--engine: streams in all (the pool: all but the hot set)"
+    )
+    cold.add_argument(
+        "--max-streams", type=int, help="--engine: memory's room (the hot set: what it holds)"
+    )
+    cold.add_argument(
+        "--sample", type=int, default=20, help="--engine: streams checked against the oracle"
+    )
+    cold.add_argument("--hidden", type=int, default=128, help="--engine: the LSTM's width")
+    cold.add_argument("--layers", type=int, default=2, help="--engine: the LSTM's layers")
+    cold.add_argument("--seconds", type=float, default=3.0, help="--engine: timed, per engine")
 
 
 def _bench_cold(args: argparse.Namespace) -> int:
@@ -135,7 +147,17 @@ def _bench_cold(args: argparse.Namespace) -> int:
     )
 
     if args.engine:
-        figures = run_engine_cold(hot=args.hot, pool=args.pool, directory=args.dir)
+        figures = run_engine_cold(
+            hot=args.hot,
+            pool=args.pool,
+            directory=args.dir,
+            streams=args.streams,
+            max_streams=args.max_streams,
+            sample=args.sample,
+            hidden=args.hidden,
+            layers=args.layers,
+            seconds=args.seconds,
+        )
         print(json.dumps(figures) if args.json else format_engine_cold(figures))
         return 0
     result = run_cold_bench(

@@ -36,6 +36,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -278,14 +279,24 @@ def _version(name: str) -> str:
 
 def format_engine_cold(r: dict[str, float]) -> str:
     ratio = r["with_cold_ticks_per_s"] / r["all_hot_ticks_per_s"]
-    return (
-        f"engine, 2 x 128 LSTM, {r['hot']:,.0f} hot streams in room for {r['room']:,.0f}, "
-        f"{r['cold_share']:.0%} of ticks from {r['pool']:,.0f} more: "
-        f"{r['with_cold_ticks_per_s']:,.0f} ticks/s against "
-        f"{r['all_hot_ticks_per_s']:,.0f} all hot ({ratio:.2f}x); "
-        f"{r['ticks_read_from_disk']:.1%} of ticks read back from disk; "
-        f"{r['streams_on_disk']:,.0f} streams on disk in {r['disk_bytes'] / 1e6:,.0f} MB"
-    )
+    lines = [
+        f"engine, {r['layers']:.0f} x {r['hidden']:.0f} LSTM "
+        f"({r['state_bytes']:,.0f} B a state), {r['streams']:,.0f} streams in room for "
+        f"{r['room']:,.0f}: {r['hot']:,.0f} hot, {r['cold_share']:.0%} of ticks from "
+        f"{r['pool']:,.0f} more",
+        f"filled in {r['fill_s']:,.0f} s ({r['fill_streams_per_s']:,.0f} new streams/s)",
+        f"{r['with_cold_ticks_per_s']:,.0f} ticks/s against {r['all_hot_ticks_per_s']:,.0f} "
+        f"all hot ({ratio:.2f}x); {r['ticks_read_from_disk']:.1%} of ticks read back from disk",
+        f"{r['streams_on_disk']:,.0f} streams on disk in {r['disk_bytes'] / 1e9:,.2f} GB "
+        f"({r['disk_bytes'] / max(r['streams_on_disk'], 1):,.0f} B a stream); "
+        f"peak RSS {r['peak_rss_bytes'] / 2**30:,.1f} GiB",
+    ]
+    if r["sample"]:
+        lines.append(
+            f"oracle: {r['sample']:.0f} streams evicted and back from disk, "
+            f"{r['sample_ticks']:.0f} ticks each, max |error| {r['sample_max_error']:.2e}"
+        )
+    return "\n".join(lines)
 
 
 def format_cold_bench(result: dict[str, Any]) -> str:
@@ -311,9 +322,10 @@ def format_cold_bench(result: dict[str, Any]) -> str:
 
 
 def _fill(engine: Any, ids: list[str], batch: int) -> None:
+    x = np.ones((batch, 1), np.float32)
     for lo in range(0, len(ids), batch):
         part = ids[lo : lo + batch]
-        engine.step(part, np.ones((len(part), 1), np.float32))
+        engine.step(part, x[: len(part)])
 
 
 class _Passes:
@@ -332,6 +344,80 @@ class _Passes:
         return [self._ids[i] for i in picked]
 
 
+class _Sample:
+    """Streams checked against the oracle (``Bundle.predict_sequence``, torch's own cell):
+    ``ticks`` ticks each before they are evicted to disk (``before``, first of all) and
+    as many after they return (``after``, last of all)."""
+
+    def __init__(self, count: int, ticks: int, rng: np.random.Generator) -> None:
+        self.ids = [f"sample-{i}" for i in range(count)]
+        self.ticks = ticks
+        self._x = rng.normal(size=(2 * ticks, count, 1)).astype(np.float32)
+        self._got: list[np.ndarray] = []
+
+    def _step(self, engine: Any, rows: range) -> None:
+        for t in rows:
+            self._got.append(engine.step(self.ids, self._x[t]).predictions)
+
+    def before(self, engine: Any) -> None:
+        self._step(engine, range(self.ticks))
+
+    def after(self, engine: Any) -> float:
+        """The ticks after the return, checked: the largest error against the oracle.
+        Raises if a sample stream was not read back from disk on its return."""
+        hits = engine.stats.cold.hits
+        self._step(engine, range(self.ticks, 2 * self.ticks))
+        if engine.stats.cold.hits - hits != len(self.ids):
+            raise AssertionError("a sample stream was not read back from disk")
+        got = np.stack(self._got)  # [2 * ticks, count, outputs]
+        error = 0.0
+        for i in range(len(self.ids)):
+            want = engine.bundle.predict_sequence(self._x[:, i])
+            error = max(error, float(np.abs(got[:, i] - want).max()))
+        return error
+
+
+def _hot_for_room(room: int, batch: int, cold_n: int) -> int:
+    """The largest hot set that ``room`` holds with the pool streams of two passes over it
+    (``_room``'s inverse)."""
+    hot = int(room / (1 + 2 * cold_n / (batch - cold_n)))
+    while _room(hot, batch, cold_n) > room:
+        hot -= 1
+    return hot
+
+
+def _room(hot: int, batch: int, cold_n: int) -> int:
+    # Room for the hot set and for the pool streams of two passes over it: a pool stream
+    # read back then goes out before any hot one. With less, LRU meets its cyclic worst
+    # case (the hot streams not yet ticked this pass are the least recently used, and
+    # are evicted just before their tick) and nearly every tick is read from disk.
+    return hot + 2 * cold_n * -(-hot // (batch - cold_n))
+
+
+def _timed(
+    engines: dict[str, Any], batch_of: Callable[[bool], list[str]], batch: int, seconds: float
+) -> tuple[dict[str, float], float]:
+    """Ticks/s of each engine (``all_hot``, ``with_cold``), timed alternately, best of 3;
+    and the share of ``with_cold``'s ticks read back from disk."""
+    x = np.ones((batch, 1), np.float32)
+    rates: dict[str, list[float]] = {name: [] for name in engines}
+    cold = engines["with_cold"]
+    hits = ticks = 0
+    for _ in range(3):
+        for name, engine in engines.items():
+            mixed = name == "with_cold"
+            before = cold.stats.cold.hits
+            done, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / 3:
+                engine.step(batch_of(mixed), x)
+                done += batch
+            rates[name].append(done / (time.perf_counter() - start))
+            if mixed:
+                hits += cold.stats.cold.hits - before
+                ticks += done
+    return {name: max(r) for name, r in rates.items()}, hits / max(ticks, 1)
+
+
 def run_engine_cold(
     *,
     hot: int = 50_000,
@@ -340,67 +426,96 @@ def run_engine_cold(
     batch: int = 1024,
     seconds: float = 3.0,
     directory: str | None = None,
+    streams: int | None = None,
+    max_streams: int | None = None,
+    sample: int = 20,
+    sample_ticks: int = 3,
+    hidden: int = 128,
+    layers: int = 2,
 ) -> dict[str, float]:
     """The engine with a cold tier, ``cold_share`` of its ticks from a ``pool`` of
     streams that memory (room for ``hot``) cannot hold, against an engine without one
     stepping only its ``hot`` streams: ticks/s of each, timed alternately, and the
-    share of ticks whose stream was read back from disk."""
+    share of ticks whose stream was read back from disk. ``streams`` and
+    ``max_streams`` instead: that many streams in all, in that room (the hot set the
+    largest it holds, the rest the pool). ``sample`` streams are checked against the
+    oracle (torch), with ticks before their eviction and after their return."""
     from streamlstm.bundle import Bundle
-    from streamlstm.cold_tier import ColdConfig
     from streamlstm.config import ModelConfig
-    from streamlstm.engine import Engine
 
-    bundle = Bundle.random(ModelConfig(input_size=1), seed=0)  # 2 x 128 LSTM
-    root = Path(tempfile.mkdtemp(prefix="cold-engine-", dir=directory))
     cold_n = int(batch * cold_share)
-    # Room for the hot set and for the pool streams of two passes over it: a pool stream
-    # read back then goes out before any hot one. With less, LRU meets its cyclic worst
-    # case (the hot streams not yet ticked this pass are the least recently used, and
-    # are evicted just before their tick) and nearly every tick is read from disk.
-    room = hot + 2 * cold_n * -(-hot // (batch - cold_n))
+    if max_streams is not None:
+        hot = _hot_for_room(max_streams, batch, cold_n)
+    if streams is not None:
+        pool = streams - hot - sample
+    config = ModelConfig(input_size=1, hidden_sizes=(hidden,) * layers)
+    bundle = Bundle.random(config, seed=0)
+    room = _room(hot, batch, cold_n) if max_streams is None else max_streams
+    if pool < room:
+        raise ValueError(f"the pool ({pool:,}) must not fit in memory (room {room:,})")
+    root = Path(tempfile.mkdtemp(prefix="cold-engine-", dir=directory))
     try:
-        plain = Engine(bundle, max_streams=room)
-        tiered = Engine(bundle, max_streams=room, cold=ColdConfig(directory=root))
-        rng = np.random.default_rng(0)
-        hot_ids = [f"h{i}" for i in range(hot)]
-        pool_ids = [f"p{i}" for i in range(pool)]
-        _fill(tiered, pool_ids, batch)  # the pool on disk first, then the hot set in memory
-        _fill(tiered, hot_ids, batch)
-        _fill(plain, hot_ids, batch)
-        hot_passes = _Passes(hot_ids, rng)
-        pool_passes = _Passes(pool_ids, rng)
-
-        def batch_of(mixed: bool) -> list[str]:
-            if not mixed:
-                return hot_passes.take(batch)
-            return hot_passes.take(batch - cold_n) + pool_passes.take(cold_n)
-
-        x = np.ones((batch, 1), np.float32)
-        rates: dict[str, list[float]] = {"all_hot": [], "with_cold": []}
-        hits = ticks = 0
-        for _ in range(3):
-            for name, engine, mixed in (("all_hot", plain, False), ("with_cold", tiered, True)):
-                before = tiered.stats.cold.hits if tiered.stats.cold else 0
-                done, start = 0, time.perf_counter()
-                while time.perf_counter() - start < seconds / 3:
-                    engine.step(batch_of(mixed), x)
-                    done += batch
-                rates[name].append(done / (time.perf_counter() - start))
-                if mixed:
-                    hits += (tiered.stats.cold.hits if tiered.stats.cold else 0) - before
-                    ticks += done
-        on_disk = tiered.stats.cold.streams if tiered.stats.cold else 0
-        tiered.close()  # flushes: the bytes below are all on disk
-        return {
-            "hot": hot,
-            "room": room,
-            "pool": pool,
-            "cold_share": cold_share,
-            "all_hot_ticks_per_s": max(rates["all_hot"]),
-            "with_cold_ticks_per_s": max(rates["with_cold"]),
-            "ticks_read_from_disk": hits / max(ticks, 1),
-            "disk_bytes": float(disk_bytes(root)),
-            "streams_on_disk": float(on_disk),
-        }
+        figures = _engine_run(bundle, root, hot, pool, room, cold_n, batch, seconds, sample)
+        figures.update(hidden=hidden, layers=layers, cold_share=cold_share)
+        figures.update(sample=sample, sample_ticks=sample_ticks if sample else 0)
+        return figures
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _engine_run(
+    bundle: Any,
+    root: Path,
+    hot: int,
+    pool: int,
+    room: int,
+    cold_n: int,
+    batch: int,
+    seconds: float,
+    sample: int,
+) -> dict[str, float]:
+    from streamlstm.cold_tier import ColdConfig
+    from streamlstm.engine import Engine
+
+    cold = ColdConfig(directory=root, max_disk_streams=max(pool + hot, 1))
+    plain = Engine(bundle, max_streams=room)
+    tiered = Engine(bundle, max_streams=room, cold=cold)
+    rng = np.random.default_rng(0)
+    checked = _Sample(sample, 3, rng)
+    hot_ids = [f"h{i}" for i in range(hot)]
+    pool_ids = [f"p{i}" for i in range(pool)]
+    checked.before(tiered)  # first: the pool's fill moves them to disk
+    start = time.perf_counter()
+    _fill(tiered, pool_ids, batch)  # the pool on disk first, then the hot set in memory
+    _fill(tiered, hot_ids, batch)
+    fill_s = time.perf_counter() - start
+    _fill(plain, hot_ids, batch)
+    hot_passes = _Passes(hot_ids, rng)
+    pool_passes = _Passes(pool_ids, rng)
+
+    def batch_of(mixed: bool) -> list[str]:
+        if not mixed:
+            return hot_passes.take(batch)
+        return hot_passes.take(batch - cold_n) + pool_passes.take(cold_n)
+
+    rates, share = _timed({"all_hot": plain, "with_cold": tiered}, batch_of, batch, seconds)
+    error = checked.after(tiered) if sample else 0.0
+    on_disk = tiered.stats.cold.streams if tiered.stats.cold else 0
+    state_bytes = len(tiered.store.snapshot(hot_ids[:1])[hot_ids[0]].to_bytes())
+    tiered.close()  # flushes: the bytes below are all on disk
+    return {
+        "hot": hot,
+        "room": room,
+        "pool": pool,
+        "streams": hot + pool + sample,
+        "fill_s": fill_s,
+        "fill_streams_per_s": (hot + pool) / fill_s,
+        "all_hot_ticks_per_s": rates["all_hot"],
+        "with_cold_ticks_per_s": rates["with_cold"],
+        "ticks_read_from_disk": share,
+        "disk_bytes": float(disk_bytes(root)),
+        "streams_on_disk": float(on_disk),
+        "sample_max_error": error,
+        "state_bytes": float(state_bytes),
+        "peak_rss_bytes": float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+    }
