@@ -286,7 +286,8 @@ def format_engine_cold(r: dict[str, float]) -> str:
         f"{r['pool']:,.0f} more",
         f"filled in {r['fill_s']:,.0f} s ({r['fill_streams_per_s']:,.0f} new streams/s)",
         f"{r['with_cold_ticks_per_s']:,.0f} ticks/s against {r['all_hot_ticks_per_s']:,.0f} "
-        f"all hot ({ratio:.2f}x); {r['ticks_read_from_disk']:.1%} of ticks read back from disk",
+        f"all hot ({ratio:.2f}x); {r['ticks_read_from_disk']:.1%} of ticks read back from disk "
+        f"({r['device_read_bytes_per_tick']:,.0f} B a tick from the device)",
         f"{r['streams_on_disk']:,.0f} streams on disk in {r['disk_bytes'] / 1e9:,.2f} GB "
         f"({r['disk_bytes'] / max(r['streams_on_disk'], 1):,.0f} B a stream); "
         f"peak RSS {r['peak_rss_bytes'] / 2**30:,.1f} GiB",
@@ -396,17 +397,19 @@ def _room(hot: int, batch: int, cold_n: int) -> int:
 
 def _timed(
     engines: dict[str, Any], batch_of: Callable[[bool], list[str]], batch: int, seconds: float
-) -> tuple[dict[str, float], float]:
+) -> tuple[dict[str, float], float, float]:
     """Ticks/s of each engine (``all_hot``, ``with_cold``), timed alternately, best of 3;
-    and the share of ``with_cold``'s ticks read back from disk."""
+    the share of ``with_cold``'s ticks read back from disk; and the bytes the process
+    read from the device (not the page cache) a tick while ``with_cold`` ran (its reads
+    and RocksDB's compactions)."""
     x = np.ones((batch, 1), np.float32)
     rates: dict[str, list[float]] = {name: [] for name in engines}
     cold = engines["with_cold"]
-    hits = ticks = 0
+    hits = ticks = blocks = 0
     for _ in range(3):
         for name, engine in engines.items():
             mixed = name == "with_cold"
-            before = cold.stats.cold.hits
+            before, inblock = cold.stats.cold.hits, _inblock()
             done, start = 0, time.perf_counter()
             while time.perf_counter() - start < seconds / 3:
                 engine.step(batch_of(mixed), x)
@@ -414,8 +417,15 @@ def _timed(
             rates[name].append(done / (time.perf_counter() - start))
             if mixed:
                 hits += cold.stats.cold.hits - before
+                blocks += _inblock() - inblock
                 ticks += done
-    return {name: max(r) for name, r in rates.items()}, hits / max(ticks, 1)
+    rate = {name: max(r) for name, r in rates.items()}
+    return rate, hits / max(ticks, 1), blocks * 512 / max(ticks, 1)
+
+
+def _inblock() -> int:
+    """Blocks of 512 B this process read from its devices so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_inblock
 
 
 def run_engine_cold(
@@ -498,7 +508,8 @@ def _engine_run(
             return hot_passes.take(batch)
         return hot_passes.take(batch - cold_n) + pool_passes.take(cold_n)
 
-    rates, share = _timed({"all_hot": plain, "with_cold": tiered}, batch_of, batch, seconds)
+    engines = {"all_hot": plain, "with_cold": tiered}
+    rates, share, device_read = _timed(engines, batch_of, batch, seconds)
     error = checked.after(tiered) if sample else 0.0
     on_disk = tiered.stats.cold.streams if tiered.stats.cold else 0
     state_bytes = len(tiered.store.snapshot(hot_ids[:1])[hot_ids[0]].to_bytes())
@@ -513,6 +524,7 @@ def _engine_run(
         "all_hot_ticks_per_s": rates["all_hot"],
         "with_cold_ticks_per_s": rates["with_cold"],
         "ticks_read_from_disk": share,
+        "device_read_bytes_per_tick": device_read,
         "disk_bytes": float(disk_bytes(root)),
         "streams_on_disk": float(on_disk),
         "sample_max_error": error,
