@@ -3,8 +3,8 @@
  *
  * Why: stepping through nn.LSTM needs the streams' h and c rows gathered into
  * a batch and the new rows scattered back, four extra passes over the state
- * in memory. Here the cell (LSTM, GRU or plain RNN; one product per layer
- * either way) reads c and writes c and h straight at the streams' slots in
+ * in memory. Here the cell (LSTM, GRU or plain RNN; one product per layer,
+ * a GRU's two or three, see sl_gates) reads c and writes c and h straight at the streams' slots in
  * the store (a GRU's or RNN's state is h alone), and writes the new h where
  * the next matrix product reads it; only the h rows are gathered, into the
  * product's input.
@@ -130,9 +130,9 @@ sl_cell_row(const float *g, const float *bias, int64_t hidden, float *c, float *
 }
 
 /*
- * The GRU cell for one row: g [4H] holds, as LayerWeights.fused lays them out,
- * r and z (over [x, h]), then the n gate's input part W_in x and hidden part
- * W_hn h apart; bias [4H] is b_ir + b_hr, b_iz + b_hz, b_in, b_hn. As torch's
+ * The GRU cell for one row: g [4H] holds, as sl_gates writes them, r and z (over
+ * [x, h]), then the n gate's hidden part W_hn h and input part W_in x apart; bias
+ * [4H] is b_ir + b_hr, b_iz + b_hz, b_hn, b_in (LayerWeights.fused's). As torch's
  * nn.GRU: n = tanh(W_in x + b_in + r * (W_hn h + b_hn)), h' = (1 - z) n + z h,
  * written to h (the store's row, read before it is written) and to o.
  */
@@ -142,8 +142,8 @@ sl_gru_row(const float *g, const float *bias, int64_t hidden, float *h, float *o
     for (int64_t j = 0; j < hidden; j++) {
         float reset = sl_sigmoid(g[j] + bias[j]);
         float update = sl_sigmoid(g[hidden + j] + bias[hidden + j]);
-        float n_h = g[3 * hidden + j] + bias[3 * hidden + j];
-        float pre = g[2 * hidden + j] + bias[2 * hidden + j] + reset * n_h;
+        float n_h = g[2 * hidden + j] + bias[2 * hidden + j];
+        float pre = g[3 * hidden + j] + bias[3 * hidden + j] + reset * n_h;
         float cand = 2.0f * sl_sigmoid(2.0f * pre) - 1.0f;
         float hid = (1.0f - update) * cand + update * h[j];
         h[j] = hid;
@@ -166,7 +166,7 @@ sl_rnn_row(const float *g, const float *bias, int64_t hidden, float *h, float *o
 /* The cells a model's layers are made of (sl_model.cell, kernels._CELLS). */
 enum { SL_CELL_LSTM = 0, SL_CELL_GRU = 1, SL_CELL_RNN = 2 };
 
-/* Columns of a layer's gates: 4H for an LSTM and a GRU (r, z, n_x, n_h), H for an RNN. */
+/* Columns of a layer's gates: 4H for an LSTM and a GRU (r, z, n_h, n_x), H for an RNN. */
 static inline int64_t sl_gate_width(int64_t cell, int64_t hidden) {
     return cell == SL_CELL_RNN ? hidden : 4 * hidden;
 }
@@ -209,7 +209,8 @@ typedef struct {
     int64_t layers;
     const int64_t *hidden;         /* H_l */
     const int64_t *widths;         /* F_l + H_l */
-    const float *const *weights;   /* [F_l + H_l, sl_gate_width] row-major */
+    const float *const *weights;   /* [F_l + H_l, K_l] row-major, LayerWeights.fused's: K_l
+                                      is sl_gate_width but a GRU's (sl_gates) */
     const float *const *bias;      /* [sl_gate_width], LayerWeights.fused's */
     int64_t head_layers;           /* 0: no head here, the caller runs it */
     const int64_t *head_widths;    /* each head linear's outputs */
@@ -218,6 +219,10 @@ typedef struct {
     const int64_t *head_act;       /* SL_ACT_* after each linear */
     int64_t per_row;               /* floats of scratch per row of a chunk */
     int64_t cell;                  /* SL_CELL_*: every layer's */
+    /* A GRU's (NULL for another cell), LayerWeights.gru_apart's: W_hn^T [H_l, H_l] (NULL
+     * where the n_h block is columns of weights[l]) and W_in^T [F_l, H_l]. */
+    const float *const *n_h_weights;
+    const float *const *n_x_weights;
 } sl_model;
 
 enum { SL_ACT_NONE = 0, SL_ACT_RELU = 1, SL_ACT_TANH = 2, SL_ACT_SIGMOID = 3 };
@@ -227,6 +232,34 @@ static inline void sl_mm(int m, int n, int k, const float *in, int ldi, const fl
                          int ldo) {
     scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, k, 1.0f, in, ldi, w, n,
                       0.0f, out, ldo);
+}
+
+/*
+ * A layer's gate sums for m rows of xh ([x, h], F + H wide) into gates (rows
+ * sl_gate_width apart), bias not added. An LSTM's and an RNN's: one product.
+ * A GRU's blocks r, z, n_h, n_x: r and z over [x, h]; n_x over x alone, a
+ * product of its own (F columns of the input; F = 1 for the default model,
+ * where that product is a column times a row); n_h over h alone, either H
+ * more columns of the [x, h] product with zero rows for x or, where x is wide
+ * (LayerWeights.n_h_apart says when), a product of its own. So a GRU layer
+ * multiplies what nn.GRU's two products do but for the F H zeros of a joined
+ * n_h; a single product of 4H columns over [x, h] (zero blocks for both n
+ * parts) cost the default model a third more (0.65 -> 0.50 ms a chunk of 256
+ * rows for its two layers, one thread). Each product sums a row's terms in an
+ * order set by its k alone, as the one product did (see sl_step).
+ */
+static inline void sl_gates(const sl_model *md, int64_t l, int m, const float *xh,
+                            float *gates) {
+    int hid = (int)md->hidden[l], width = (int)md->widths[l], xw = width - hid;
+    int gw = (int)sl_gate_width(md->cell, hid);
+    if (md->cell != SL_CELL_GRU) {
+        sl_mm(m, gw, width, xh, width, md->weights[l], gates, gw);
+        return;
+    }
+    const float *n_h = md->n_h_weights[l];
+    sl_mm(m, (n_h != NULL ? 2 : 3) * hid, width, xh, width, md->weights[l], gates, gw);
+    if (n_h != NULL) sl_mm(m, hid, hid, xh + xw, width, n_h, gates + 2 * hid, gw);
+    sl_mm(m, hid, xw, xh, width, md->n_x_weights[l], gates + 3 * hid, gw);
 }
 
 /*
@@ -300,7 +333,7 @@ sl_chunk(const sl_model *md, float *const *hs, float *const *cs, const int64_t *
                 if (i + SL_AHEAD < m) sl_prefetch_read(hl + ks[i + SL_AHEAD] * hid, hid);
                 memcpy(xh + i * width + width - hid, hl + ks[i] * hid, (size_t)hid * sizeof(float));
             }
-        sl_mm(gm, (int)gw, (int)width, xh, (int)width, md->weights[l], gates, (int)gw);
+        sl_gates(md, l, gm, xh, gates);
         int last = l + 1 == layers;
         float *next = last ? top + start * hid : xh + rows * width;
         int64_t ld = last ? hid : md->widths[l + 1];

@@ -95,8 +95,8 @@ def _ceiling(config: ModelConfig, batch: int) -> Callable[[], object] | None:
 
 def flops_per_tick(config: ModelConfig) -> int:
     """Multiply-add FLOPs (2 per MAC) of one tick: every layer's ``[GH, I + H]`` gate
-    product (``G`` gates: 4 for an LSTM, 3 for a GRU, 1 for an RNN; a GRU's fused
-    product also multiplies zero blocks, not counted), then the head's linears."""
+    product (``G`` gates: 4 for an LSTM, 3 for a GRU, 1 for an RNN; a GRU's products
+    may also multiply a few zero rows, not counted), then the head's linears."""
     flops, width = 0, config.input_size
     gates = gate_count(config.cell)
     for hidden in config.hidden_sizes:

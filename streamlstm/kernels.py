@@ -5,9 +5,10 @@ every stream's ``h`` and ``c`` rows into a batch and a scatter of the new rows
 back: four passes over state that, at 10k streams, no longer sits in cache.
 Here the whole step and the head are one C call (``sl_step``) that runs every
 layer and the head chunk by chunk of rows: only ``h`` is gathered, straight
-into the input of the layer's one matrix product (``[x, h] @ W``, W from
-``LayerWeights.fused``: ``[W_ih, W_hh]^T`` for an LSTM or RNN, a GRU's four
-blocks ``r, z, n_x, n_h``; OpenBLAS's ``cblas_sgemm`` from the
+into the input of the layer's matrix product (``[x, h] @ W``, W from
+``LayerWeights.fused``: ``[W_ih, W_hh]^T`` for an LSTM or RNN; a GRU's
+``r, z`` and perhaps ``n_h`` blocks, its ``n_x`` and perhaps ``n_h`` blocks from
+products of their own, ``LayerWeights.gru_apart``; OpenBLAS's ``cblas_sgemm`` from the
 ``scipy-openblas32`` wheel, linked through its public C API); the C cell
 (LSTM, GRU or RNN) then reads an LSTM's ``c`` and writes ``c`` and ``h`` in
 place at the streams' slots (a GRU's or RNN's state is ``h`` alone), and the
@@ -199,6 +200,8 @@ class _Model(ctypes.Structure):
         ("head_act", _P),
         ("per_row", _N),
         ("cell", _N),
+        ("n_h_weights", _P),
+        ("n_x_weights", _P),
     ]
 
 
@@ -215,16 +218,17 @@ def _int64s(values: Sequence[int]) -> ctypes.Array[ctypes.c_int64]:
     return (ctypes.c_int64 * len(values))(*values)
 
 
-def _pointers(arrays: Sequence[F32]) -> ctypes.Array[ctypes.c_void_p]:
-    return (_P * len(arrays))(*(a.ctypes.data for a in arrays))
+def _pointers(arrays: Sequence[F32 | None]) -> ctypes.Array[ctypes.c_void_p]:
+    return (_P * len(arrays))(*(None if a is None else a.ctypes.data for a in arrays))
 
 
 class NativeStep:
     """One recurrent step and the head of a model for distinct slots, state updated
     in place: one C call over chunks of rows (``sl_step``, see there why).
 
-    Holds per layer the fused weights ``[F + H, K]`` and bias ``[K]``
-    (``LayerWeights.fused``: ``K`` is ``4H`` for an LSTM or GRU, ``H`` for an RNN),
+    Holds per layer the fused weights ``[F + H, K]`` and bias (``LayerWeights.fused``:
+    ``K`` is ``4H`` for an LSTM, ``H`` for an RNN, ``3H`` or ``2H`` for a GRU, whose
+    ``LayerWeights.gru_apart`` weights it holds too),
     and each head linear's weight ``[in, out]`` (contiguous copies made once).
     ``chunk``: rows per chunk (0: the whole batch as one chunk, on one thread).
     """
@@ -241,6 +245,7 @@ class NativeStep:
         gate_widths = [layer.fused_width for layer in weights.layers]
         self._weights = [w for w, _ in fused]
         self._bias = [b for _, b in fused]
+        apart = [layer.gru_apart() for layer in weights.layers if layer.cell == "gru"]
         self._hidden = [layer.hidden_size for layer in weights.layers]
         widths = [weights.config.input_size, *self._hidden[:-1]]
         self._widths = [w + h for w, h in zip(widths, self._hidden, strict=True)]
@@ -264,13 +269,17 @@ class NativeStep:
             _pointers(self._head_w),
             _pointers(self._head_b),
             _int64s(acts),
+            _pointers([n_h for n_h, _ in apart]),
+            _pointers([n_x for _, n_x in apart]),
         ]
+        self._apart = apart
         k = [ctypes.cast(a, _P) for a in self._keep]
         # Scratch per row: [x, h] of every layer, then the gates or two head activations.
         per_row = sum(self._widths) + max([max(gate_widths)] + [2 * w for w in head_widths])
         self._model = _Model(
             len(self._hidden), k[0], k[1], k[2], k[3],
             len(self._head_w), k[4], k[5], k[6], k[7], per_row, _CELLS[self._cell],
+            k[8] if apart else None, k[9] if apart else None,
         )  # fmt: skip
 
     def _grow(self, rows: int) -> None:

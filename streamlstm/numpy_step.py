@@ -1,10 +1,11 @@
 """The recurrent step and the head in NumPy, for where the C kernels are not built.
 
-Same arithmetic as the C step (``kernels.NativeStep``): per layer one product
+Same arithmetic as the C step (``kernels.NativeStep``): per layer the product
 ``[x, h] @ W`` plus the bias (``LayerWeights.fused``: ``[W_ih, W_hh]^T`` and
-``b_ih + b_hh`` for an LSTM or RNN; a GRU's ``r``, ``z``, ``n_x``, ``n_h``
-blocks), the cell in float32, the new ``h`` (and an LSTM's ``c``) written
-back at the streams' slots; then the head. The answers agree with the C step
+``b_ih + b_hh`` for an LSTM or RNN; a GRU's ``r``, ``z``, ``n_h``, ``n_x``
+blocks, ``n_x`` and perhaps ``n_h`` from products of their own,
+``LayerWeights.gru_apart``), the cell in float32, the new ``h`` (and an
+LSTM's ``c``) written back at the streams' slots; then the head. The answers agree with the C step
 and with torch's ``nn.LSTM``/``nn.GRU``/``nn.RNN`` to float32 rounding (the
 parity tests run every path against the torch oracle). Slower: NumPy gathers
 the state into a batch and scatters it back, and each gate is a separate
@@ -59,6 +60,9 @@ class NumpyStep:
 
     def __init__(self, weights: ModelWeights) -> None:
         self._layers = [layer.fused() for layer in weights.layers]
+        self._apart = [
+            layer.gru_apart() if layer.cell == "gru" else None for layer in weights.layers
+        ]
         self._head = weights.head
         self._cell = weights.config.cell
 
@@ -71,6 +75,11 @@ class NumpyStep:
             h_l = h[layer]
             h_old = h_l[slots]
             gates = np.concatenate([inp, h_old], axis=1) @ weight
+            apart = self._apart[layer]
+            if apart is not None:  # a GRU's n_h (unless in W) and n_x
+                n_h, n_x = apart
+                parts = [gates] if n_h is None else [gates, h_old @ n_h]
+                gates = np.concatenate([*parts, inp @ n_x], axis=1)
             gates += bias
             if self._cell == "lstm":
                 h_new = _lstm_cell(gates, c[layer], slots)
@@ -93,9 +102,9 @@ def _lstm_cell(gates: F32, c_l: F32, slots: I64) -> F32:
 
 
 def _gru_cell(gates: F32, h_old: F32) -> F32:
-    """Blocks (r, z, n_x, n_h) with their bias, as torch's ``nn.GRU``:
+    """Blocks (r, z, n_h, n_x) with their bias, as torch's ``nn.GRU``:
     ``n = tanh(n_x + r * n_h)``, ``h' = (1 - z) * n + z * h``."""
-    r, z, n_x, n_h = np.split(gates, 4, axis=1)
+    r, z, n_h, n_x = np.split(gates, 4, axis=1)
     z = _sigmoid(z)
     n = np.tanh(n_x + _sigmoid(r) * n_h)
     h_new: F32 = (np.float32(1.0) - z) * n + z * h_old

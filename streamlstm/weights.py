@@ -26,7 +26,14 @@ import numpy.typing as npt
 from streamlstm.config import ModelConfig, gate_count
 from streamlstm.errors import ConfigError
 
-__all__ = ["HeadLinear", "LayerGroup", "LayerWeights", "ModelWeights", "layer_groups"]
+__all__ = [
+    "HeadLinear",
+    "LayerGroup",
+    "LayerWeights",
+    "ModelWeights",
+    "gru_n_h_apart",
+    "layer_groups",
+]
 
 F32 = npt.NDArray[np.float32]
 
@@ -68,34 +75,64 @@ class LayerWeights:
 
     @property
     def fused_width(self) -> int:
-        """Columns of ``fused()``'s weight: ``4H`` for an LSTM and a GRU, ``H`` for an RNN."""
+        """Columns of a step's gate sums: ``4H`` for an LSTM and a GRU, ``H`` for an RNN."""
         return (1 if self.cell == "rnn" else 4) * self.hidden_size
 
-    def fused(self) -> tuple[F32, F32]:
-        """``(W [F + H, K], bias [K])``, contiguous: one product ``[x, h] @ W`` plus
-        ``bias`` gives a step's gate sums, ``K = fused_width`` columns.
+    @property
+    def n_h_apart(self) -> bool:
+        """A GRU's: whether ``W_hn h`` is a product of its own (``gru_apart``), not columns
+        of the ``[x, h]`` product (see ``gru_n_h_apart``)."""
+        return gru_n_h_apart(int(self.w_ih.shape[1]), self.hidden_size)
 
-        LSTM and RNN: ``W = [W_ih, W_hh]^T``, ``bias = b_ih + b_hh`` (gates i, f, g,
-        o; the RNN's one block). GRU: four blocks of ``H`` columns, ``r``, ``z``,
-        ``n_x``, ``n_h``: ``r`` and ``z`` over ``[x, h]`` with ``b_i* + b_h*``, then
-        the ``n`` gate's input part ``W_in x + b_in`` (zero rows for ``h``) and its
-        hidden part ``W_hn h + b_hn`` (zero rows for ``x``) apart, because ``r``
-        multiplies the hidden part alone: ``n = tanh(n_x + r * n_h)``. The zero
-        blocks cost the product ``H (F + H)`` multiply-adds of its ``4H (F + H)``;
-        in return a GRU layer is one product, as an LSTM's is.
+    def fused(self) -> tuple[F32, F32]:
+        """``(W [F + H, K], bias [fused_width])``, contiguous: the product ``[x, h] @ W``
+        plus ``bias`` gives a step's gate sums (a GRU's with ``gru_apart``'s products).
+
+        LSTM and RNN: ``W = [W_ih, W_hh]^T`` (``K = fused_width``), ``bias = b_ih + b_hh``
+        (gates i, f, g, o; the RNN's one block). GRU: the gate sums are four blocks of
+        ``H`` columns, ``r``, ``z``, ``n_h``, ``n_x``, with biases ``b_i* + b_h*``,
+        ``b_hn``, ``b_in``: the ``n`` gate's hidden part ``W_hn h`` and input part
+        ``W_in x`` apart, because ``r`` multiplies the hidden part alone:
+        ``n = tanh(n_x + r * n_h)``. ``W`` holds ``r`` and ``z`` over ``[x, h]`` and,
+        unless ``n_h_apart``, ``n_h`` (zero rows for ``x``): ``K`` is ``3H`` or ``2H``.
+        ``n_x`` (and ``n_h`` where apart) come from ``gru_apart``'s products, so a GRU
+        layer multiplies no more than ``nn.GRU``'s ``3H (F + H)`` a row but for those
+        ``F H`` zeros.
         """
-        hidden, inputs = self.hidden_size, int(self.w_ih.shape[1])
+        hidden = self.hidden_size
         stacked = np.concatenate([self.w_ih, self.w_hh], axis=1)
         if self.cell != "gru":
             return np.ascontiguousarray(stacked.T), np.ascontiguousarray(self.b_ih + self.b_hh)
-        rz = slice(0, 2 * hidden)
-        n = slice(2 * hidden, 3 * hidden)
-        weight = np.zeros((4 * hidden, inputs + hidden), dtype=np.float32)
-        weight[rz] = stacked[rz]
-        weight[n, :inputs] = self.w_ih[n]
-        weight[3 * hidden :, inputs:] = self.w_hh[n]
-        bias = np.concatenate([self.b_ih[rz] + self.b_hh[rz], self.b_ih[n], self.b_hh[n]])
+        rz, n = slice(0, 2 * hidden), slice(2 * hidden, 3 * hidden)
+        weight = stacked[rz]
+        if not self.n_h_apart:
+            n_h = np.concatenate([np.zeros_like(self.w_ih[n]), self.w_hh[n]], axis=1)
+            weight = np.concatenate([weight, n_h])
+        bias = np.concatenate([self.b_ih[rz] + self.b_hh[rz], self.b_hh[n], self.b_ih[n]])
         return np.ascontiguousarray(weight.T), np.ascontiguousarray(bias, dtype=np.float32)
+
+    def gru_apart(self) -> tuple[F32 | None, F32]:
+        """A GRU's products beside ``fused()``'s: ``(W_hn^T [H, H] or None, W_in^T [F, H])``,
+        contiguous: ``h @ W_hn^T`` is the ``n_h`` block where ``n_h_apart`` (None where it
+        is ``fused()``'s), ``x @ W_in^T`` the ``n_x`` block."""
+        n = slice(2 * self.hidden_size, 3 * self.hidden_size)
+        n_h = np.ascontiguousarray(self.w_hh[n].T) if self.n_h_apart else None
+        return n_h, np.ascontiguousarray(self.w_ih[n].T)
+
+
+def gru_n_h_apart(inputs: int, hidden: int) -> bool:
+    """Whether a GRU layer of ``inputs`` and ``hidden`` computes ``W_hn h`` as a product of
+    its own rather than as ``H`` more columns of the ``[x, h]`` product.
+
+    Those columns multiply ``F`` zero rows (``x``'s) each: ``F H`` wasted multiply-adds a
+    row. A product of its own wastes none but is narrow (``H`` columns, which OpenBLAS
+    runs at a lower rate) and packs ``h`` again. Measured (OpenBLAS, one thread, a chunk
+    of 256 rows, ``H`` 128; 64 alike): joined is faster for a narrow input (F 1: 175
+    against 183 us; the default model's first layer), the two even about ``F = H / 8``
+    (F 16: 195 and 197), apart faster from ``H / 4`` on (F 32: 215 against 223; F 128,
+    the default model's second layer: 337 against 380).
+    """
+    return 8 * inputs > hidden
 
 
 @dataclass(frozen=True, eq=False)

@@ -122,3 +122,29 @@ def test_random_weights_are_drawn_within_torchs_init_bounds(cell: str) -> None:
     for layer, hidden in zip(weights.layers, (16, 4), strict=True):
         for array in (layer.w_ih, layer.w_hh, layer.b_ih, layer.b_hh):
             assert np.abs(array).max() <= 1 / np.sqrt(hidden)
+
+
+def test_a_gru_layers_products_give_torchs_gate_sums_joined_or_apart() -> None:
+    """The default model's first layer (one input) has W_hn h as columns of the [x, h]
+    product, its second (128 inputs) as a product of its own (gru_n_h_apart); either
+    way the blocks r, z, n_h, n_x are torch's W_ih x + b_ih and W_hh h + b_hh."""
+    weights = ModelWeights.random(ModelConfig(input_size=1, cell="gru"), seed=1)
+    assert [layer.n_h_apart for layer in weights.layers] == [False, True]
+    rng = np.random.default_rng(0)
+    for layer in weights.layers:
+        hidden, inputs = layer.hidden_size, int(layer.w_ih.shape[1])
+        x = rng.standard_normal((5, inputs)).astype(np.float32)
+        h = rng.uniform(-1, 1, (5, hidden)).astype(np.float32)
+        w, bias = layer.fused()
+        n_h, n_x = layer.gru_apart()
+        assert w.shape == (inputs + hidden, (2 if layer.n_h_apart else 3) * hidden)
+        assert (n_h is not None) == layer.n_h_apart
+        parts = [np.concatenate([x, h], axis=1) @ w]
+        parts += [] if n_h is None else [h @ n_h]
+        got = np.concatenate([*parts, x @ n_x], axis=1) + bias
+        gi = x @ layer.w_ih.T + layer.b_ih
+        gh = h @ layer.w_hh.T + layer.b_hh
+        r, z = slice(0, hidden), slice(hidden, 2 * hidden)
+        n = slice(2 * hidden, 3 * hidden)
+        want = np.concatenate([gi[:, r] + gh[:, r], gi[:, z] + gh[:, z], gh[:, n], gi[:, n]], 1)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
