@@ -347,6 +347,7 @@ class Changelog:
             metrics.restore_seconds.observe(seconds)
             metrics.restore_kept_model_changed.inc(report.kept_model_changed)
             metrics.restore_rewarmed_model_changed.inc(report.rewarmed_model_changed)
+            metrics.restore_to_disk.inc(report.to_disk)
             for reason, count in (
                 ("model_changed", report.reset_model_changed),
                 ("over_capacity", report.over_capacity),
@@ -372,6 +373,7 @@ def _left_out(report: Any) -> str:
         if report.rewarmed_model_changed
         else "",
         f"{report.over_capacity} left out (max_streams)" if report.over_capacity else "",
+        f"{report.to_disk} to the cold tier (past max_streams)" if report.to_disk else "",
         f"{report.corrupt} corrupt" if report.corrupt else "",
     ]
     text = ", ".join(p for p in parts if p)

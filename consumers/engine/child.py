@@ -38,7 +38,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -112,9 +112,6 @@ class _Counts:
     kept: int = 0
     corrupt: int = 0
     rewarmed: int = 0
-
-    def __iter__(self) -> Iterator[int]:
-        return iter((self.reset, self.kept, 0, self.corrupt, self.rewarmed))
 
 
 #: A restore's states sorted: those to load, the counts, the ids of another model's
@@ -368,7 +365,7 @@ class EngineHost:
             sorted_ = self._sort_one_by_one(engine, blobs, policy)
         arrays, counts, foreign, rewarm = sorted_
         if not arrays.ids:
-            return RestoreReport(0, *counts)
+            return RestoreReport(0, counts.reset, counts.kept, 0, counts.corrupt, counts.rewarmed)
         arrays.partition[:] = partition
         whole, arrays = arrays, _most_recent(arrays, store.max_streams - len(store))
         spilled = self._spill(engine, whole, arrays) if store.cold is not None and not rewarm else 0
@@ -379,7 +376,7 @@ class EngineHost:
         if rewarm:
             engine.rewarm(rewarm)
         return RestoreReport(len(arrays.ids), counts.reset, counts.kept, over, counts.corrupt,
-                             counts.rewarmed)  # fmt: skip
+                             counts.rewarmed, spilled)  # fmt: skip
 
     def _spill(self, engine: Engine, whole: StateArrays, loaded: StateArrays) -> int:
         """A restore's states beyond memory's room (``whole`` less ``loaded``, the least

@@ -283,6 +283,8 @@ class RestoreReport:
     corrupt: int
     #: Made by another model, loaded from zero state and re-warmed over its ticks.
     rewarmed_model_changed: int = 0
+    #: Past max_streams, written to the cold tier (``--state-dir``) instead of left out.
+    to_disk: int = 0
 
 
 @dataclass(frozen=True)

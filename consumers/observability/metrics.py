@@ -331,6 +331,11 @@ class ServeMetrics:
             "(--swap-state rewarm; auto: another model)",
             registry=registry,
         )
+        self.restore_to_disk = Counter(
+            "streamlstm_restore_to_disk_streams",
+            "States past max_streams a restore wrote to the cold tier (--state-dir)",
+            registry=registry,
+        )
         self.restore_seconds = Histogram(
             "streamlstm_restore_seconds",
             "Time to restore one changelog partition",

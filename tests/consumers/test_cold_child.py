@@ -67,7 +67,7 @@ def test_streams_on_disk_survive_a_restart_through_the_changelog(
     first.engine.close()
     second = _host(bundle, tmp_path / "b", max_streams=4)
     report = second.restore(0, changelog, "reset")
-    assert (report.loaded, report.over_capacity) == (4, 0)
+    assert (report.loaded, report.over_capacity, report.to_disk) == (4, 0, len(changelog) - 4)
     cold = second.engine.stats.cold
     assert cold is not None and cold.streams == len(changelog) - 4
     for lo in range(120, 240, 3):
