@@ -173,3 +173,17 @@ def test_runbook_links_name_sections_of_the_runbook() -> None:
     links = re.findall(r"runbook_url: deploy/RUNBOOK\.md#(\S+)", text)
     assert len(links) == text.count("- alert:")
     assert set(links) <= anchors, sorted(set(links) - anchors)
+
+
+def test_a_state_dir_gets_a_volume_claim_per_pod_and_the_daemon_its_path() -> None:
+    assert "volumeClaimTemplates" not in one(render(), "StatefulSet", "streamlstm")["spec"]
+    docs = render("--set", "stateDir.enabled=true", "--set", "stateDir.size=50Gi")
+    spec = one(docs, "StatefulSet", "streamlstm")["spec"]
+    (claim,) = spec["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "state"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "50Gi"
+    assert "storageClassName" not in claim["spec"]  # the cluster's default
+    mounts = {m["name"]: m["mountPath"] for m in container(docs)["volumeMounts"]}
+    assert mounts["state"] == "/var/lib/streamlstm"
+    toml = one(docs, "ConfigMap", "streamlstm")["data"]["serve.toml"]
+    assert 'state_dir = "/var/lib/streamlstm"' in toml

@@ -73,6 +73,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $_ := set $s "ssl_keyfile" (printf "/etc/streamlstm/tls/%s" $k.ssl.keyKey) -}}
 {{- end -}}
 {{- end -}}
+{{- if .Values.stateDir.enabled -}}
+{{- $_ := set $s "state_dir" .Values.stateDir.mountPath -}}
+{{- end -}}
 {{- if .Values.admin.enabled -}}
 {{- if eq (int .Values.admin.port) (int .Values.metrics.port) -}}
 {{- fail (printf "admin.port (%d) must differ from metrics.port" (int .Values.admin.port)) -}}
