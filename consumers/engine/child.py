@@ -85,7 +85,7 @@ from streamlstm.consumers.engine.spool import Spool
 from streamlstm.errors import BundleError, ConfigError, StateError, StreamLSTMError
 from streamlstm.kernels import set_num_threads
 from streamlstm.quality import QualityConfig, StreamError
-from streamlstm.store import MAX_PAGE_SCAN
+from streamlstm.store import MAX_PAGE_SCAN, StateStore
 from streamlstm.stream_state import (
     StateArrays,
     StateBlobs,
@@ -218,23 +218,15 @@ class EngineHost:
         return replace(result, evictions=[]) if result.evictions else result
 
     def drop(self, partitions: set[int]) -> int:
-        """Release the streams of revoked ``partitions``: their new owner restores them,
-        so they leave no tombstone (nor does anything removed from them before)."""
-        count = 0
-        for engine in (self.engine, self.shadow):
-            if engine is None:
-                continue
-            store = engine.store
-            gone = store.streams_in(partitions)
-            store.release(gone)
-            store.changes.forget_partitions(partitions)
-            if store.cold is not None:  # their states on disk are the new owner's too
-                store.cold.drop(sorted(partitions))
-            count = count or len(gone)
+        """Release the streams of revoked ``partitions`` (the served model's and the
+        shadow's): their new owner restores them, so they leave no tombstone (nor does
+        anything removed from them before). Returns how many the served model held."""
+        if self.shadow is not None:
+            _release(self.shadow.store, partitions)
         self._orphans = {k: p for k, p in self._orphans.items() if p not in partitions}
         for partition in partitions:
             self._as_of.pop(partition, None)
-        return count
+        return _release(self.engine.store, partitions)
 
     def read(self, query: Read) -> ReadReply:
         """A read of what is held, as of every step before it."""
@@ -485,6 +477,16 @@ def _with_controls(engine: Engine, request: StepRequest) -> tuple[StepResult, tu
     if not parts:
         parts.append((0, step(slice_request(request, 0, 0))))
     return concat_results(parts), tuple(applied)
+
+
+def _release(store: StateStore, partitions: set[int]) -> int:
+    """Forget the store's streams of ``partitions`` (memory and disk); how many it held."""
+    gone = store.streams_in(partitions)
+    store.release(gone)
+    store.changes.forget_partitions(partitions)
+    if store.cold is not None:  # their states on disk are the new owner's too
+        store.cold.drop(sorted(partitions))
+    return len(gone)
 
 
 def _changes(engine: Engine, key: Callable[[str], str]) -> list[Change]:

@@ -196,3 +196,15 @@ def test_a_failing_shadow_is_stopped_and_the_served_model_goes_on(
     got, shadow = _run(host, ids, x)
     assert host.shadow is None and shadow == [None] * len(shadow)
     np.testing.assert_allclose(np.concatenate(got), _oracle(served, ids, x), atol=1e-5)
+
+
+def test_a_revoked_partition_leaves_both_models_without_tombstones(
+    make_bundle: BundleFactory,
+) -> None:
+    served, candidate = _models(make_bundle)
+    host = EngineHost(Engine(served), shadow=Engine(candidate))
+    ids, x = _ticks(30, seed=7)
+    _run(host, ids, x)
+    assert host.drop({2}) == len(STREAMS)
+    assert host.shadow is not None and len(host.shadow.store) == len(host.engine.store) == 0
+    assert host.checkpoint() == []  # the new owner restores both from the changelog
