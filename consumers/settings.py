@@ -73,6 +73,11 @@ class ServeConfig:
     state_dir: str | None = None
     #: Each input partition's cold store holds at most this many streams (oldest out).
     max_disk_streams: int = 10_000_000
+    #: With a state dir and durable state, each input partition also keeps a local
+    #: checkpoint there (a restart reads only the changelog after it); one of a partition
+    #: that moved away is kept this long in case it comes back, then deleted (Kafka
+    #: Streams' state.cleanup.delay.ms, also 10 minutes).
+    state_cleanup_delay_s: float = 600.0
     idle_ttl_s: float | None = None
     #: Input drift (streamlstm_input_drift_z): the span, in ticks of all streams, of the
     #: exponentially weighted mean and variance compared with the training data.
@@ -227,6 +232,9 @@ class ServeConfig:
             raise ConfigError("history_ticks: must be 0..65535")
         if self.state_dir is not None:  # here, not in the engine child: a clear start-up error
             require_cold("--state-dir (the cold tier)")
+        # Written so that NaN fails too.
+        if not self.state_cleanup_delay_s >= 0:
+            raise ConfigError("state_cleanup_delay_s: must be zero or more seconds")
 
     def _check_admin(self) -> None:
         if self.admin_port is None:

@@ -14,9 +14,12 @@ from streamlstm import Bundle, EngineStats, StepResult
 from streamlstm.consumers.engine.process import EngineFactory
 from streamlstm.consumers.engine.protocol import (
     Change,
+    CheckpointedReply,
     CountsReply,
     InspectStream,
     ListStreams,
+    LocalReply,
+    LocalRestore,
     PageReply,
     Read,
     ReadReply,
@@ -91,16 +94,33 @@ class Passthrough:
     async def reserve(self, streams: int) -> None:
         return None
 
-    async def restore(self, partition: int, states: dict[str, bytes], policy: str) -> RestoreReport:
+    async def restore(
+        self,
+        partition: int,
+        states: dict[str, bytes],
+        policy: str,
+        local: LocalRestore | None = None,
+    ) -> RestoreReport:
         return RestoreReport(0, 0, 0, 0, 0)  # holds no state: --state memory only
 
     def spool(self, expected_records: int) -> Spool:
         return Spool(expected_records)
 
     async def restore_spooled(
-        self, partition: int, spool: Spool, rows: dict[str, int], policy: str
+        self,
+        partition: int,
+        spool: Spool,
+        rows: dict[str, int],
+        policy: str,
+        local: LocalRestore | None = None,
     ) -> RestoreReport:
         return RestoreReport(0, 0, 0, 0, 0)
+
+    async def open_local(self, partitions: Sequence[int]) -> LocalReply:
+        return LocalReply({}, {p: "off" for p in partitions})
+
+    async def checkpointed(self, offsets: dict[int, int]) -> CheckpointedReply:
+        return CheckpointedReply(0, 0.0)
 
     def kill(self) -> None:
         return None

@@ -19,7 +19,7 @@ import asyncio
 import gc
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError
 
 from streamlstm.consumers.engine.process import EngineClient
-from streamlstm.consumers.engine.protocol import Change
+from streamlstm.consumers.engine.protocol import Change, LocalRestore, RestoreReport
 from streamlstm.consumers.engine.spool import Spool
 from streamlstm.consumers.kafka.outbox import Box
 from streamlstm.consumers.observability.metrics import ServeMetrics
@@ -121,6 +121,13 @@ class Restored:
     spool: Spool | None = None
     values: list[Blob] = field(default_factory=list)
     rows: dict[str, int] = field(default_factory=dict)
+    #: Local checkpoints: the read began at the local checkpoint's offset (``tail``), and
+    #: the keys whose last record read is a tombstone go from it (``deleted``); ``end``:
+    #: the offset the read stopped at; ``refused``: why a local offset was not used.
+    tail: bool = False
+    end: int = -1
+    deleted: set[str] = field(default_factory=set)
+    refused: str = ""
 
     @property
     def streams(self) -> int:
@@ -141,9 +148,15 @@ async def read_partitions(
     max_partition_fetch_bytes: int = 8 << 20,
     on_streams: Callable[[int], None] | None = None,
     spool: Callable[[int], Spool] | None = None,
+    from_offsets: Mapping[int, int] | None = None,
 ) -> list[Restored]:
     """Every stream's last state in each changelog partition, from its start to its end
     offset as the read begins; one consumer (one connection) for them all.
+
+    ``from_offsets`` (local checkpoints): a partition's read begins there instead (its
+    ``tail``), where that offset lies between the partition's start and end; one
+    outside (records it needed deleted, or another incarnation of the topic) is
+    ``refused`` and the partition read whole.
 
     ``on_streams(count)``, if given, hears after each fetch how many streams have a
     state so far (all partitions together). ``spool(records)``, if given, makes
@@ -171,13 +184,14 @@ async def read_partitions(
         await consumer.start()
         consumer.assign(tps)
         ends = await consumer.end_offsets(tps)
-        starts = await consumer.beginning_offsets(tps)
+        begins = _begins(read, await consumer.beginning_offsets(tps), ends, from_offsets or {})
         # Explicit seeks: seek_to_beginning with read_committed was seen to land at the end.
-        for tp, offset in starts.items():
+        for tp, offset in begins.items():
             consumer.seek(tp, offset)
-        most = sum(max(ends[tp] - starts[tp], 0) for tp in tps)
+        most = sum(max(ends[tp] - begins[tp], 0) for tp in tps)
         for tp in tps:
-            read[tp].spool = None if spool is None else spool(max(ends[tp] - starts[tp], 0))
+            records = max(ends[tp] - begins[tp], 0)
+            read[tp].spool = None if spool is None else spool(records)
         pending = [tp for tp in tps if await consumer.position(tp) < ends[tp]]
         progress = started
         while pending:
@@ -207,6 +221,28 @@ async def read_partitions(
     return list(read.values())
 
 
+def _begins(
+    read: dict[Any, Restored],
+    starts: dict[Any, int],
+    ends: dict[Any, int],
+    local: Mapping[int, int],
+) -> dict[Any, int]:
+    """Where each partition's read begins: its start, or its local checkpoint's offset."""
+    begins = dict(starts)
+    for tp, restored in read.items():
+        restored.end = ends[tp]
+        offset = local.get(tp.partition)
+        if offset is None:
+            continue
+        if starts[tp] <= offset <= ends[tp]:
+            begins[tp], restored.tail = offset, True
+        else:
+            restored.refused = (
+                f"its offset {offset} is outside the changelog's {starts[tp]}..{ends[tp]}"
+            )
+    return begins
+
+
 #: A large restore says how far it got this often (seconds).
 _PROGRESS_S = 5.0
 
@@ -228,7 +264,7 @@ def _apply(restored: Restored, messages: list[Any], end: int) -> None:
         messages = [msg for msg in messages if msg.offset < end]
     spool = restored.spool
     first = spool.records if spool is not None else len(restored.values)
-    values = _last_per_stream(restored.rows, messages, first)
+    values = _last_per_stream(restored.rows, messages, first, restored.deleted)
     if spool is not None:
         spool.add(values)
     else:
@@ -237,21 +273,28 @@ def _apply(restored: Restored, messages: list[Any], end: int) -> None:
     restored.bytes += sum(map(len, values))
 
 
-def _last_per_stream(rows: dict[str, int], messages: list[Any], first: int) -> list[bytes]:
+def _last_per_stream(
+    rows: dict[str, int], messages: list[Any], first: int, deleted: set[str]
+) -> list[bytes]:
     """The records' states to keep, in order (the i-th is number ``first + i``); ``rows``
-    then names each stream's last one, a tombstone dropping its stream."""
+    then names each stream's last one, a tombstone dropping its stream (and naming it in
+    ``deleted`` until a later state)."""
     values: list[bytes | None] = [msg.value for msg in messages]
     names = [msg.key.decode("utf-8", "surrogateescape") if msg.key else "" for msg in messages]
     if None not in values:  # no tombstone (a compacted changelog's usual batch): no loop
         rows.update(zip(names, range(first, first + len(values)), strict=True))
+        if deleted:
+            deleted.difference_update(names)
         return values  # type: ignore[return-value]
     kept: list[bytes] = []
     for name, value in zip(names, values, strict=True):
         if value is None:
             rows.pop(name, None)
+            deleted.add(name)
         else:
             rows[name] = first + len(kept)
             kept.append(value)
+            deleted.discard(name)
     return kept
 
 
@@ -267,6 +310,7 @@ class Changelog:
         metrics: ServeMetrics,
         swap_state: str,
         isolation_level: str,
+        local: bool = False,
     ) -> None:
         self.options = options
         self.topic = topic
@@ -275,6 +319,13 @@ class Changelog:
         self._policy = swap_state
         self._isolation = isolation_level
         self._outbox: Callable[[], Box] | None = None
+        #: Local checkpoints (``engine/local_checkpoints.py``): restores read the tail of
+        #: each partition after its local checkpoint, and each durable checkpoint is
+        #: written there.
+        self.local = local
+        #: The outbox of the checkpoint being committed (its batches' offsets, once
+        #: acknowledged, are where its records end).
+        self._written: Box | None = None
 
     def attach(self, outbox: Callable[[], Box]) -> None:
         """Where checkpoints go: a new outbox each (the daemon's producer, or in
@@ -294,11 +345,20 @@ class Changelog:
         self._metrics.checkpoint_records.labels("state").inc(states)
         self._metrics.checkpoint_records.labels("tombstone").inc(len(records) - states)
         self._metrics.checkpoint_bytes.inc(size)
+        self._written = outbox
         return await outbox.send()
 
-    def checkpointed(self, checkpoint: Any, seconds: float) -> None:
+    async def checkpointed(self, checkpoint: Any, seconds: float) -> None:
+        """A checkpoint is durable (its records acknowledged, its offsets committed): counted,
+        and with local checkpoints, written there with the offsets its records end at."""
         self._metrics.checkpoints.inc()
         self._metrics.checkpoint_seconds.observe(seconds)
+        written, self._written = self._written, None
+        if not self.local:
+            return
+        reply = await self._engine.checkpointed(_record_ends(written))
+        self._metrics.local_checkpoint_records.inc(reply.written)
+        self._metrics.local_checkpoint_seconds.observe(reply.seconds)
 
     async def restore(self, partitions: list[int]) -> None:
         """Read the partitions' states to their ends and load them into the engine."""
@@ -311,6 +371,12 @@ class Changelog:
             # by the records ahead, which an uncompacted changelog has many more of.
             reserving.append(asyncio.ensure_future(engine.reserve(count)))
 
+        local: dict[int, int] = {}
+        if self.local:
+            opened = await engine.open_local(partitions)
+            local = opened.offsets
+            for reason in opened.refused.values():
+                self._metrics.local_checkpoint_discarded.labels(reason).inc()
         try:
             every = await read_partitions(
                 self.options,
@@ -319,6 +385,7 @@ class Changelog:
                 isolation_level=self._isolation,
                 on_streams=on_streams,
                 spool=engine.spool,
+                from_offsets=local,
             )
         finally:
             for future in reserving:
@@ -334,35 +401,64 @@ class Changelog:
         for restored in every:
             partition = restored.partition
             started = time.perf_counter()
+            local = self._local_restore(restored)
             if restored.spool is not None:
                 report = await self._engine.restore_spooled(
-                    partition, restored.spool, restored.rows, self._policy
+                    partition, restored.spool, restored.rows, self._policy, local
                 )
             else:
-                report = await self._engine.restore(partition, restored.states, self._policy)
+                report = await self._engine.restore(partition, restored.states, self._policy, local)
             seconds = restored.seconds + time.perf_counter() - started
-            metrics = self._metrics
-            metrics.restored_streams.inc(report.loaded)
-            metrics.restore_bytes.inc(restored.bytes)
-            metrics.restore_seconds.observe(seconds)
-            metrics.restore_kept_model_changed.inc(report.kept_model_changed)
-            metrics.restore_rewarmed_model_changed.inc(report.rewarmed_model_changed)
-            metrics.restore_to_disk.inc(report.to_disk)
-            for reason, count in (
-                ("model_changed", report.reset_model_changed),
-                ("over_capacity", report.over_capacity),
-                ("corrupt", report.corrupt),
-            ):
-                metrics.restore_left_out.labels(reason).inc(count)
-            logger.info(
-                "partition %d: restored %d streams (%d records, %.1f MB) in %.2f s%s",
-                partition,
-                report.loaded,
-                restored.records,
-                restored.bytes / 1e6,
-                seconds,
-                _left_out(report),
+            self._count_restore(restored, report, seconds)
+
+    def _local_restore(self, restored: Restored) -> LocalRestore | None:
+        """What the engine is to do with the partition's local checkpoint (None: none)."""
+        if not self.local:
+            return None
+        if restored.refused:
+            logger.warning(
+                "partition %d: local checkpoint not used: %s", restored.partition, restored.refused
             )
+            self._metrics.local_checkpoint_discarded.labels("outside_changelog").inc()
+        return LocalRestore(restored.tail, restored.end, tuple(restored.deleted))
+
+    def _count_restore(self, restored: Restored, report: RestoreReport, seconds: float) -> None:
+        metrics = self._metrics
+        metrics.restored_streams.inc(report.loaded)
+        metrics.restore_bytes.inc(restored.bytes)
+        metrics.restore_seconds.observe(seconds)
+        source = "local" if restored.tail else "changelog"
+        metrics.restore_partition_seconds.labels(source).observe(seconds)
+        metrics.restore_local_streams.inc(report.from_local)
+        metrics.restore_kept_model_changed.inc(report.kept_model_changed)
+        metrics.restore_rewarmed_model_changed.inc(report.rewarmed_model_changed)
+        metrics.restore_to_disk.inc(report.to_disk)
+        for reason, count in (
+            ("model_changed", report.reset_model_changed),
+            ("over_capacity", report.over_capacity),
+            ("corrupt", report.corrupt),
+        ):
+            metrics.restore_left_out.labels(reason).inc(count)
+        logger.info(
+            "partition %d: restored %d streams (%s%d records, %.1f MB) in %.2f s%s",
+            restored.partition,
+            report.loaded,
+            f"{report.from_local} states from the local checkpoint and " if restored.tail else "",
+            restored.records,
+            restored.bytes / 1e6,
+            seconds,
+            _left_out(report),
+        )
+
+
+def _record_ends(outbox: Box | None) -> dict[int, int]:
+    """Each changelog partition's offset after the last record of ``outbox``'s batches, all
+    acknowledged by now (a batch's acknowledgement gives its first record's offset)."""
+    ends: dict[int, int] = {}
+    for future, records in [] if outbox is None else outbox.batches:
+        meta = future.result()
+        ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + len(records))
+    return ends
 
 
 def _left_out(report: Any) -> str:

@@ -57,8 +57,9 @@ CommitFn = Callable[[dict[Any, int]], Awaitable[bool]]
 CommittedHook = Callable[[dict[Any, int]], None]
 #: ``write(records)``: queue changelog records, return their acknowledgement futures.
 WriteFn = Callable[[list[Change]], Awaitable[list[asyncio.Future[Any]]]]
-#: ``on_checkpoint(checkpoint, seconds)``: a durable checkpoint is committed.
-CheckpointHook = Callable[["Checkpoint", float], None]
+#: ``on_checkpoint(checkpoint, seconds)``: a durable checkpoint is committed (awaited
+#: before the next checkpoint commits: local checkpoints are written there, in order).
+CheckpointHook = Callable[["Checkpoint", float], Awaitable[None]]
 
 
 class Strategy(Protocol):
@@ -196,7 +197,7 @@ class AtLeastOnce(_Offsets):
                     f"changelog not acknowledged, offsets not committed: {exc!r}"
                 ) from exc
         await self._commit_offsets(checkpoint.offsets)
-        self._on_checkpoint(checkpoint, time.perf_counter() - checkpoint.started)
+        await self._on_checkpoint(checkpoint, time.perf_counter() - checkpoint.started)
 
 
 class ExactlyOnce(AtLeastOnce):

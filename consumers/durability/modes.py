@@ -78,6 +78,7 @@ class Durability:
                 metrics=metrics,
                 swap_state=config.swap_state,
                 isolation_level="read_committed",
+                local=config.state_dir is not None,
             )
         if config.guarantee == "exactly-once":
             self.transactions = Transactions(

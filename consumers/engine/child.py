@@ -17,7 +17,10 @@ the order they came:
   cold tier, those beyond ``max_streams`` go to disk.
 - ``drop``: forgets the streams of partitions that moved away (no
   tombstones: their state lives on in the changelog for the new owner), and
-  their cold tier's stores.
+  their cold tier's stores; their local checkpoints are closed and kept.
+- ``open_local``, ``checkpointed`` (with a state dir and durable state):
+  each partition's local checkpoint opened for its restore, and written once
+  a checkpoint is durable (``local_checkpoints.py``).
 - reads (``InspectStream``, ``ListStreams``, ``CountStreams``): what is
   held, as of the steps asked for before (``as_of``); each is O(1) or looks
   at a bounded number of slots, so it delays the next step by little.
@@ -48,9 +51,12 @@ import numpy as np
 from streamlstm import Bundle, Engine, EngineStats, StepResult
 from streamlstm.cold_tier import ColdConfig
 from streamlstm.consumers.engine.isolation import concat_results, slice_request, step_isolated
+from streamlstm.consumers.engine.local_checkpoints import LocalCheckpoints
 from streamlstm.consumers.engine.protocol import (
     Change,
     ChangesReply,
+    Checkpointed,
+    CheckpointedReply,
     Close,
     CountsReply,
     CountStreams,
@@ -59,6 +65,9 @@ from streamlstm.consumers.engine.protocol import (
     ErrorReply,
     InspectStream,
     ListStreams,
+    LocalReply,
+    LocalRestore,
+    OpenLocal,
     PageReply,
     Read,
     ReadReply,
@@ -137,6 +146,9 @@ class EngineHost:
     under their own keys (``shadow.py``). A shadow that fails is stopped; the
     served model goes on. A swap to the shadow's model promotes it
     (``swap_model``).
+
+    ``local``: the local checkpoints (``--state-dir`` with durable state): each
+    checkpoint's records are kept there until the parent says they are durable.
     """
 
     def __init__(
@@ -144,12 +156,14 @@ class EngineHost:
         engine: Engine,
         *,
         shadow: Engine | None = None,
+        local: LocalCheckpoints | None = None,
         changelog: bool = True,
         worst_interval_s: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.engine = engine
         self.shadow = shadow
+        self.local = local
         for held in (engine, shadow):
             if held is not None:
                 held.store.changes.tombstones = changelog
@@ -226,6 +240,8 @@ class EngineHost:
         self._orphans = {k: p for k, p in self._orphans.items() if p not in partitions}
         for partition in partitions:
             self._as_of.pop(partition, None)
+        if self.local is not None:
+            self.local.release(partitions)
         return _release(self.engine.store, partitions)
 
     def read(self, query: Read) -> ReadReply:
@@ -251,7 +267,32 @@ class EngineHost:
         records += _changes(self.engine, str)
         if self.shadow is not None:
             records += _changes(self.shadow, shadow_key)
+        if self.local is not None:
+            self.local.taken(records)
         return records
+
+    def open_local(self, partitions: Sequence[int]) -> LocalReply:
+        """Open these partitions' local checkpoints for their restores (``LocalReply``)."""
+        local = self.local
+        if local is None:
+            return LocalReply({}, {p: "off" for p in partitions})
+        offsets: dict[int, int] = {}
+        refused: dict[int, str] = {}
+        for partition in partitions:
+            offset, why = local.open(partition, self.model_id)
+            if offset is None:
+                refused[partition] = why
+            else:
+                offsets[partition] = offset
+        return LocalReply(offsets, refused)
+
+    def checkpointed(self, offsets: dict[int, int]) -> CheckpointedReply:
+        """The oldest checkpoint taken is durable: written to the local checkpoints."""
+        if self.local is None:
+            return CheckpointedReply(0, 0.0)
+        started = time.perf_counter()
+        written = self.local.checkpointed(offsets, self.model_id)
+        return CheckpointedReply(written, time.perf_counter() - started)
 
     def reserve(self, streams: int) -> None:
         """Room for ``streams`` more streams, made now (ahead of a restore)."""
@@ -307,18 +348,32 @@ class EngineHost:
         return "reset" if mode == "rewarm" and not engine.history_ticks else mode
 
     def restore(
-        self, partition: int, blobs: Mapping[str, bytes] | StateBlobs, policy: str
+        self,
+        partition: int,
+        blobs: Mapping[str, bytes] | StateBlobs,
+        policy: str,
+        local: LocalRestore | None = None,
     ) -> RestoreReport:
         """Load one changelog partition's states; see ``RestoreReport`` for what is counted.
         A state another model made goes on, is re-warmed or reset as ``policy`` says
         (``swap_policy.swap_mode``: the rule a live swap follows). Shadow keys restore
-        the shadow (``shadow.py``)."""
+        the shadow (``shadow.py``). ``local``: the read is the changelog's tail over the
+        partition's local checkpoint (merged here first), or the whole partition (which
+        replaces the local checkpoint), and both bring the local checkpoint up to it."""
         if not isinstance(blobs, StateBlobs):
             blobs = StateBlobs.from_dict(blobs)
+        read = blobs
+        if self.local is not None and local is not None and local.tail:
+            blobs = self.local.merged(partition, read, local.deleted)
         served, shadowed = split_shadow(blobs)
         report = self._restore_into(self.engine, partition, served, policy)
         if len(shadowed):
             self._restore_shadowed(partition, shadowed, policy)
+        if self.local is not None and local is not None:
+            self.local.restored(
+                partition, read, local.deleted, tail=local.tail, end=local.end, model=self.model_id
+            )
+            report = replace(report, from_local=len(blobs) - len(read))
         return report
 
     def _restore_shadowed(self, partition: int, blobs: StateBlobs, policy: str) -> None:
@@ -567,8 +622,14 @@ class InProcessClient:
     async def reserve(self, streams: int) -> None:
         self.child.reserve(streams)
 
-    async def restore(self, partition: int, states: dict[str, bytes], policy: str) -> RestoreReport:
-        report = self.child.restore(partition, states, policy)
+    async def restore(
+        self,
+        partition: int,
+        states: dict[str, bytes],
+        policy: str,
+        local: LocalRestore | None = None,
+    ) -> RestoreReport:
+        report = self.child.restore(partition, states, policy, local)
         self.stats = self.child.stats
         return report
 
@@ -576,11 +637,22 @@ class InProcessClient:
         return Spool(expected_records)
 
     async def restore_spooled(
-        self, partition: int, spool: Spool, rows: dict[str, int], policy: str
+        self,
+        partition: int,
+        spool: Spool,
+        rows: dict[str, int],
+        policy: str,
+        local: LocalRestore | None = None,
     ) -> RestoreReport:
-        report = restore_spooled(self.child, await spool.restore(partition, rows, policy))
+        report = restore_spooled(self.child, await spool.restore(partition, rows, policy, local))
         self.stats = self.child.stats
         return report
+
+    async def open_local(self, partitions: Sequence[int]) -> LocalReply:
+        return self.child.open_local(partitions)
+
+    async def checkpointed(self, offsets: dict[int, int]) -> CheckpointedReply:
+        return self.child.checkpointed(offsets)
 
     def kill(self) -> None:
         return None  # nothing of its own to kill
@@ -645,6 +717,7 @@ def _host(options: dict[str, Any]) -> EngineHost:
         engine(options["model"], options.get("model_id"), _cold_config(options)),
         # The shadow keeps no cold tier: its states beyond max_streams are evicted.
         shadow=engine(shadow, options.get("shadow_model_id"), None) if shadow else None,
+        local=_local_checkpoints(options),
         changelog=bool(options.get("changelog", True)),
         worst_interval_s=float(options["worst_interval_s"]),
     )
@@ -656,6 +729,14 @@ def _cold_config(options: dict[str, Any]) -> ColdConfig | None:
     if not directory:
         return None
     return ColdConfig(directory=directory, max_disk_streams=int(options["max_disk_streams"]))
+
+
+def _local_checkpoints(options: dict[str, Any]) -> LocalCheckpoints | None:
+    """The local checkpoints the options ask for (a state dir, and a changelog topic)."""
+    directory, topic = options.get("state_dir"), options.get("local_checkpoint_topic")
+    if not directory or not topic:
+        return None
+    return LocalCheckpoints(directory, topic, grace_s=float(options["state_cleanup_delay_s"]))
 
 
 def load_checked(path: str, expected: str | None) -> Bundle:
@@ -688,6 +769,10 @@ def answer(child: EngineHost, message: Request | Reply) -> Reply:
             return DropReply(count, child.stats)
         case SwapModel():
             return child.swap_model(message)
+        case OpenLocal(partitions=partitions):
+            return child.open_local(partitions)
+        case Checkpointed(offsets=offsets):
+            return child.checkpointed(offsets)
         case InspectStream() | ListStreams() | CountStreams():
             return child.read(message)
     raise StreamLSTMError(f"engine process: {type(message).__name__} is not a request")
@@ -713,7 +798,7 @@ def restore_spooled(child: EngineHost, message: Restore) -> RestoreReport:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     blobs = StateBlobs(ids, data, (ends - sizes)[index], ends[index])
-    return child.restore(message.partition, blobs, message.policy)
+    return child.restore(message.partition, blobs, message.policy, message.local)
 
 
 #: Fault the mapping in at once (one call, not a page fault per 4 KiB read).

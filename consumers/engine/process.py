@@ -39,10 +39,15 @@ from streamlstm.consumers.engine.protocol import (
     READ_REPLIES,
     Change,
     ChangesReply,
+    Checkpointed,
+    CheckpointedReply,
     Close,
     Drop,
     DropReply,
     ErrorReply,
+    LocalReply,
+    LocalRestore,
+    OpenLocal,
     Read,
     ReadReply,
     Reply,
@@ -115,15 +120,30 @@ class EngineClient(Protocol):
         faulted in) while the changelog is read, not after."""
 
     async def restore(
-        self, partition: int, states: dict[str, bytes], policy: str
+        self,
+        partition: int,
+        states: dict[str, bytes],
+        policy: str,
+        local: LocalRestore | None = None,
     ) -> RestoreReport: ...
     def spool(self, expected_records: int) -> Spool:
         """Somewhere to put a restore's states as they are read (``restore_spooled``)."""
 
     async def restore_spooled(
-        self, partition: int, spool: Spool, rows: dict[str, int], policy: str
+        self,
+        partition: int,
+        spool: Spool,
+        rows: dict[str, int],
+        policy: str,
+        local: LocalRestore | None = None,
     ) -> RestoreReport:
         """``restore`` of the states in ``spool``: stream s's is record ``rows[s]``."""
+
+    async def open_local(self, partitions: Sequence[int]) -> LocalReply:
+        """Open these partitions' local checkpoints ahead of their restores."""
+
+    async def checkpointed(self, offsets: dict[int, int]) -> CheckpointedReply:
+        """The oldest checkpoint taken is durable (changelog offsets after its records)."""
 
     def kill(self) -> None:
         """Stop the engine at once (an exit that skips ``close``)."""
@@ -140,7 +160,9 @@ class ProcessClient:
     waiting and later request raises ``StreamLSTMError``. ``changelog=False``
     (memory state) keeps no tombstones of ended streams for checkpoints.
     ``state_dir`` gives the engine a cold tier there (``ColdConfig``), each input
-    partition's store bounded by ``max_disk_streams``.
+    partition's store bounded by ``max_disk_streams``; with ``local_checkpoint_topic``
+    (the changelog topic) also local checkpoints of that changelog
+    (``local_checkpoints.py``), a released partition's kept ``state_cleanup_delay_s``.
     """
 
     def __init__(
@@ -159,6 +181,8 @@ class ProcessClient:
         shadow: Bundle | None = None,
         state_dir: str | None = None,
         max_disk_streams: int = 10_000_000,
+        local_checkpoint_topic: str | None = None,
+        state_cleanup_delay_s: float = 600.0,
     ) -> None:
         self._bundle = bundle
         self._shadow = shadow
@@ -173,6 +197,8 @@ class ProcessClient:
             "history_ticks": history_ticks,
             "state_dir": state_dir,
             "max_disk_streams": max_disk_streams,
+            "local_checkpoint_topic": local_checkpoint_topic,
+            "state_cleanup_delay_s": state_cleanup_delay_s,
         }
         self._start_timeout_s = start_timeout_s
         self._proc: subprocess.Popen[bytes] | None = None
@@ -265,13 +291,19 @@ class ProcessClient:
         """Make room for ``streams`` more streams now."""
         self.stats = (await self._request(Reserve(streams), ReserveReply)).stats
 
-    async def restore(self, partition: int, states: dict[str, bytes], policy: str) -> RestoreReport:
+    async def restore(
+        self,
+        partition: int,
+        states: dict[str, bytes],
+        policy: str,
+        local: LocalRestore | None = None,
+    ) -> RestoreReport:
         """Load one changelog partition's states."""
         spool = Spool(len(states))
         try:
             spool.add(list(states.values()))
             rows = dict(zip(states, range(len(states)), strict=True))
-            return await self.restore_spooled(partition, spool, rows, policy)
+            return await self.restore_spooled(partition, spool, rows, policy, local)
         finally:
             await spool.close()
 
@@ -280,16 +312,29 @@ class ProcessClient:
         return Spool(expected_records)
 
     async def restore_spooled(
-        self, partition: int, spool: Spool, rows: dict[str, int], policy: str
+        self,
+        partition: int,
+        spool: Spool,
+        rows: dict[str, int],
+        policy: str,
+        local: LocalRestore | None = None,
     ) -> RestoreReport:
         """``restore`` of the states in ``spool``: stream s's is record ``rows[s]``.
 
         The child maps the file: the states cross no socket and no pickle.
         """
-        message = await spool.restore(partition, rows, policy)
+        message = await spool.restore(partition, rows, policy, local)
         reply = await self._request(message, RestoreReply)
         self.stats = reply.stats
         return reply.report
+
+    async def open_local(self, partitions: Sequence[int]) -> LocalReply:
+        """``OpenLocal`` in the child (``LocalReply``)."""
+        return await self._request(OpenLocal(tuple(partitions)), LocalReply)
+
+    async def checkpointed(self, offsets: dict[int, int]) -> CheckpointedReply:
+        """``Checkpointed`` in the child: the oldest pending checkpoint to local disk."""
+        return await self._request(Checkpointed(offsets), CheckpointedReply)
 
     def kill(self) -> None:
         """SIGKILL the child at once (a daemon exiting without its shutdown: a stopped or
@@ -420,4 +465,6 @@ def default_engine(
         shadow=shadow,
         state_dir=config.state_dir,
         max_disk_streams=config.max_disk_streams,
+        local_checkpoint_topic=config.changelog_topic if config.state == "durable" else None,
+        state_cleanup_delay_s=config.state_cleanup_delay_s,
     )

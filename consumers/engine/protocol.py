@@ -1,10 +1,11 @@
 """The messages between the daemon and its engine process, imported by both sides.
 
 One frozen dataclass per request (``Step``, ``TakeChanges``, ``Restore``,
-``Reserve``, ``Drop``, ``SwapModel``, the reads ``InspectStream``,
-``ListStreams`` and ``CountStreams``, ``Close``) and one per reply
-(``StartReply``, ``StepReply``, ``ChangesReply``, ``RestoreReply``,
-``ReserveReply``, ``DropReply``, ``SwapReply``, ``StreamReply``,
+``Reserve``, ``Drop``, ``SwapModel``, ``OpenLocal``, ``Checkpointed``, the
+reads ``InspectStream``, ``ListStreams`` and ``CountStreams``, ``Close``)
+and one per reply (``StartReply``, ``StepReply``, ``ChangesReply``,
+``RestoreReply``, ``ReserveReply``, ``DropReply``, ``SwapReply``,
+``LocalReply``, ``CheckpointedReply``, ``StreamReply``,
 ``PageReply``, ``CountsReply``, ``ErrorReply``). A read is
 answered in its turn like any request, so it reflects every step sent before
 it, and says which: ``as_of``, each input partition's offset after the last
@@ -41,6 +42,8 @@ __all__ = [
     "READ_REPLIES",
     "Change",
     "ChangesReply",
+    "Checkpointed",
+    "CheckpointedReply",
     "Close",
     "CountStreams",
     "CountsReply",
@@ -49,6 +52,9 @@ __all__ = [
     "ErrorReply",
     "InspectStream",
     "ListStreams",
+    "LocalReply",
+    "LocalRestore",
+    "OpenLocal",
     "PageReply",
     "Read",
     "ReadReply",
@@ -162,10 +168,23 @@ class TakeChanges:
 
 
 @dataclass(frozen=True)
+class LocalRestore:
+    """How a restore's read relates to the partition's local checkpoint (``--state-dir``):
+    ``tail``: the read began at the offset ``OpenLocal`` gave, so its states go over the
+    store's, and ``deleted`` are the keys whose last record read is a tombstone;
+    otherwise the read is the whole partition, which replaces the store. ``end``: the
+    changelog offset the read stopped at (the store's new offset)."""
+
+    tail: bool
+    end: int
+    deleted: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Restore:
     """Load one changelog partition's states from the daemon's spool file (``Spool``):
     stream ``ids[i]``'s state is record ``rows[i]``; ``lengths`` are the records' byte
-    lengths, in file order (both int64, as bytes)."""
+    lengths, in file order (both int64, as bytes). ``local``: with local checkpoints."""
 
     partition: int
     ids: list[str]
@@ -173,6 +192,22 @@ class Restore:
     lengths: bytes
     rows: bytes
     policy: str
+    local: LocalRestore | None = None
+
+
+@dataclass(frozen=True)
+class OpenLocal:
+    """Open these partitions' local checkpoints ahead of their restore (``LocalReply``)."""
+
+    partitions: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Checkpointed:
+    """The oldest checkpoint taken and not yet confirmed is durable: each partition's
+    records are in the changelog before ``offsets[p]``. Written to the local checkpoints."""
+
+    offsets: dict[int, int]
 
 
 @dataclass(frozen=True)
@@ -232,7 +267,10 @@ class Close:
     """Exit after answering everything before."""
 
 
-Request = Step | TakeChanges | Restore | Reserve | Drop | SwapModel | Read | Close
+Request = (
+    Step | TakeChanges | Restore | Reserve | Drop | SwapModel | OpenLocal | Checkpointed | Read
+    | Close
+)  # fmt: skip
 
 
 # -- replies -----------------------------------------------------------------
@@ -285,6 +323,8 @@ class RestoreReport:
     rewarmed_model_changed: int = 0
     #: Past max_streams, written to the cold tier (``--state-dir``) instead of left out.
     to_disk: int = 0
+    #: States that came from the local checkpoint, not from the changelog's tail.
+    from_local: int = 0
 
 
 @dataclass(frozen=True)
@@ -343,6 +383,24 @@ class SwapReply:
     from_shadow: int = 0
 
 
+@dataclass(frozen=True)
+class LocalReply:
+    """``OpenLocal``'s answer: each partition's local checkpoint offset (the restore reads
+    the changelog from there), or why there is none to use (``refused``: a kind, as
+    ``LocalCounts.discarded`` counts them; that partition's read is whole)."""
+
+    offsets: dict[int, int]
+    refused: dict[int, str]
+
+
+@dataclass(frozen=True)
+class CheckpointedReply:
+    """``Checkpointed`` done: records written to the local checkpoints, and the seconds."""
+
+    written: int
+    seconds: float
+
+
 ReadReply = StreamReply | PageReply | CountsReply
 
 #: Each read's reply.
@@ -362,7 +420,7 @@ class ErrorReply:
 
 Reply = (
     StartReply | StepReply | ChangesReply | RestoreReply | ReserveReply | DropReply | SwapReply
-    | ReadReply | ErrorReply
+    | LocalReply | CheckpointedReply | ReadReply | ErrorReply
 )  # fmt: skip
 
 

@@ -17,7 +17,7 @@ import tempfile
 import numpy as np
 import numpy.typing as npt
 
-from streamlstm.consumers.engine.protocol import Restore
+from streamlstm.consumers.engine.protocol import LocalRestore, Restore
 
 __all__ = ["Spool"]
 
@@ -54,12 +54,14 @@ class Spool:
             await self._writing
         return np.array(self._lengths, dtype=np.int64)
 
-    async def restore(self, partition: int, rows: dict[str, int], policy: str) -> Restore:
+    async def restore(
+        self, partition: int, rows: dict[str, int], policy: str, local: LocalRestore | None = None
+    ) -> Restore:
         """The ``Restore`` of these states (once all are written): stream s's is record
         ``rows[s]``."""
         lengths = await self.written()
         index = np.fromiter(rows.values(), np.int64, len(rows)).tobytes()
-        return Restore(partition, list(rows), self.path, lengths.tobytes(), index, policy)
+        return Restore(partition, list(rows), self.path, lengths.tobytes(), index, policy, local)
 
     async def close(self) -> None:
         """Remove the file (after its last write: the thread still holds the descriptor)."""

@@ -175,6 +175,12 @@ def _cold_metrics(cold: ColdStats) -> Iterator[Metric]:
     yield dropped
 
 
+#: Why a local checkpoint is not used at a restore (``LocalReply.refused``).
+LOCAL_DISCARD_REASONS = (
+    "missing", "corrupt", "other_changelog", "other_model", "outside_changelog"
+)  # fmt: skip
+
+
 class ServeMetrics:
     """The daemon's metrics, all on ``registry``."""
 
@@ -345,6 +351,45 @@ class ServeMetrics:
         self.restore_bytes = Counter(
             "streamlstm_restore_bytes", "Bytes of state read from the changelog", registry=registry
         )
+        self._local_checkpoints(registry)
+
+    def _local_checkpoints(self, registry: CollectorRegistry) -> None:
+        """Local checkpoints (a state dir with durable state; 0 otherwise)."""
+        self.restore_partition_seconds = Histogram(
+            "streamlstm_restore_partition_seconds",
+            "Time to restore one changelog partition, by source: local (a local checkpoint "
+            "and the changelog after it) or changelog (the whole partition)",
+            ["source"],
+            buckets=(0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0),
+            registry=registry,
+        )
+        for source in ("local", "changelog"):
+            self.restore_partition_seconds.labels(source)
+        self.restore_local_streams = Counter(
+            "streamlstm_restore_local_streams",
+            "States a restore took from a local checkpoint rather than the changelog",
+            registry=registry,
+        )
+        self.local_checkpoint_records = Counter(
+            "streamlstm_local_checkpoint_records",
+            "Records (states and deletions) written to local checkpoints",
+            registry=registry,
+        )
+        self.local_checkpoint_seconds = Histogram(
+            "streamlstm_local_checkpoint_seconds",
+            "Time to write one durable checkpoint to the local checkpoints",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.local_checkpoint_discarded = Counter(
+            "streamlstm_local_checkpoint_discarded",
+            "Local checkpoints not used at a restore, by reason (missing, corrupt, "
+            "other_changelog, other_model, outside_changelog)",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in LOCAL_DISCARD_REASONS:
+            self.local_checkpoint_discarded.labels(reason)
 
     @staticmethod
     def watch_engine_process(registry: CollectorRegistry, pid: Callable[[], int]) -> None:

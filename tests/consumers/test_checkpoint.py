@@ -43,7 +43,7 @@ class Broker:
         self.log.append(("commit", dict(offsets)))
         return True
 
-    def checkpointed(self, checkpoint: Checkpoint, seconds: float) -> None:
+    async def checkpointed(self, checkpoint: Checkpoint, seconds: float) -> None:
         self.log.append(("checkpointed", seconds >= 0))
 
 
