@@ -85,9 +85,16 @@ def bench_main(argv: Sequence[str]) -> int:
         help="also time a model swap that re-warms every stream over its last K ticks",
     )
     sub.add_parser("kafka", help="end-to-end through a broker (see streamlstm bench kafka -h)")
+    sub.add_parser(
+        "restart",
+        help="a restart's restore: local checkpoint against changelog (streamlstm bench "
+        "restart -h)",
+    )
     _cold_parser(sub)
     if argv and argv[0] == "kafka":
         return _run_module("streamlstm.consumers.devtools.bench", list(argv[1:]))
+    if argv and argv[0] == "restart":
+        return _run_module("streamlstm.consumers.devtools.bench_restart", list(argv[1:]))
     args = parser.parse_args(argv)
     if args.target == "cold":
         return _bench_cold(args)

@@ -30,12 +30,15 @@ from streamlstm.consumers.kafka.clients import client_options, start_client
 from streamlstm.consumers.kafka.outbox import Outbox
 from streamlstm.consumers.observability.metrics import ServeMetrics
 
-__all__ = ["run_restore_bench"]
+__all__ = ["fill_changelog", "restore_once", "run_restore_bench"]
 
 
-async def _fill(bootstrap: str, topic: str, bundle: Bundle, streams: int) -> int:
-    """``streams`` states of ``bundle``'s shape in partition 0; returns the bytes written."""
-    rng = np.random.default_rng(0)
+async def fill_changelog(
+    bootstrap: str, topic: str, bundle: Bundle, streams: int, *, seed: int = 0
+) -> int:
+    """``streams`` states of ``bundle``'s shape in partition 0 (streams ``stream-0`` on);
+    returns the bytes written."""
+    rng = np.random.default_rng(seed)
     sizes = bundle.config.hidden_sizes
     producer = AIOKafkaProducer(**client_options(bootstrap), acks="all", linger_ms=5)
     await start_client(producer, bootstrap)
@@ -69,8 +72,16 @@ async def _fill(bootstrap: str, topic: str, bundle: Bundle, streams: int) -> int
     return written
 
 
-async def _restore(bootstrap: str, topic: str, bundle: Bundle, streams: int) -> dict[str, Any]:
-    engine = ProcessClient(bundle, max_streams=max(streams, 1024), idle_ttl_s=None)
+async def restore_once(
+    bootstrap: str, topic: str, bundle: Bundle, streams: int, state_dir: str | None = None
+) -> dict[str, Any]:
+    engine = ProcessClient(
+        bundle,
+        max_streams=max(streams, 1024),
+        idle_ttl_s=None,
+        state_dir=state_dir,
+        local_checkpoint_topic=topic if state_dir else None,
+    )
     await engine.start()
     try:
         metrics = ServeMetrics(CollectorRegistry())
@@ -81,6 +92,7 @@ async def _restore(bootstrap: str, topic: str, bundle: Bundle, streams: int) -> 
             metrics=metrics,
             swap_state="reset",
             isolation_level="read_committed",
+            local=state_dir is not None,
         )
         started = time.perf_counter()
         await changelog.restore([0])
@@ -101,8 +113,8 @@ def run_restore_bench(
     asyncio.run(
         ensure_changelog(client_options(bootstrap), topic, partitions=1, replication_factor=1)
     )
-    size = asyncio.run(_fill(bootstrap, topic, bundle, streams))
-    runs = [asyncio.run(_restore(bootstrap, topic, bundle, streams)) for _ in range(repeat)]
+    size = asyncio.run(fill_changelog(bootstrap, topic, bundle, streams))
+    runs = [asyncio.run(restore_once(bootstrap, topic, bundle, streams)) for _ in range(repeat)]
     result = min(runs, key=lambda run: float(run["restore_seconds"]))
     result["restore_runs_seconds"] = [run["restore_seconds"] for run in runs]
     result["restore_bytes"] = size

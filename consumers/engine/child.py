@@ -271,6 +271,13 @@ class EngineHost:
             self.local.taken(records)
         return records
 
+    def close(self) -> None:
+        """At exit: the local checkpoints closed (flushed: a restart finds them as of
+        their last write) and the cold tier's stores."""
+        if self.local is not None:
+            self.local.close()
+        self.engine.close()
+
     def open_local(self, partitions: Sequence[int]) -> LocalReply:
         """Open these partitions' local checkpoints for their restores (``LocalReply``)."""
         local = self.local
@@ -684,6 +691,13 @@ def serve(sock: socket.socket, options: dict[str, Any]) -> None:
         return
     gc.freeze()  # the model lives as long as the process: no full-collection pauses
     sock.sendall(frame(StartReply(child.stats)))
+    try:
+        _answer_all(sock, child)
+    finally:
+        child.close()
+
+
+def _answer_all(sock: socket.socket, child: EngineHost) -> None:
     while True:
         message = read_frame(sock)
         if message is None or isinstance(message, Close):

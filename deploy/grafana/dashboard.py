@@ -518,6 +518,64 @@ def build() -> dash_m.Dashboard:
                 ),
             )
         )
+        .with_row(dash_b.Row("Cold tier and local checkpoints (--state-dir)"))
+        .with_panel(
+            timeseries(
+                "Streams on disk",
+                "short",
+                "Streams the cold tier holds on local disk (memory had no room for them), "
+                "per instance. Empty without --state-dir.",
+                query(f"sum by (instance) (streamlstm_cold_streams{{{SEL}}})", "{{instance}}"),
+            )
+        )
+        .with_panel(
+            timeseries(
+                "Cold tier reads, writes and hit rate",
+                "ops",
+                "Batched reads of returning streams and states moved to disk, per second; "
+                "the hit rate (found over looked up, 0 to 1) of the streams not in "
+                "memory: low means most are new streams, not returning ones.",
+                query(f"sum(rate(streamlstm_cold_reads_total{rate}))", "reads"),
+                query(f"sum(rate(streamlstm_cold_writes_total{rate}))", "writes"),
+                query(
+                    f"sum(rate(streamlstm_cold_hits_total{rate}))"
+                    f" / sum(rate(streamlstm_cold_lookups_total{rate}))",
+                    "hit rate",
+                ),
+            )
+        )
+        .with_panel(
+            timeseries(
+                "Restore time by source (since start)",
+                "s",
+                "Mean time to restore one partition from its local checkpoint and the "
+                "changelog after it (local), against from the whole changelog (changelog).",
+                query(
+                    "sum by (source) (streamlstm_restore_partition_seconds_sum"
+                    f"{{{SEL}}}) / sum by (source) (streamlstm_restore_partition_seconds_count"
+                    f"{{{SEL}}})",
+                    "{{source}}",
+                ),
+            )
+        )
+        .with_panel(
+            timeseries(
+                "Local checkpoint writes",
+                "ops",
+                "Records written to the local checkpoints once each checkpoint is durable, "
+                "per second, and local checkpoints not used at a restore, by reason (since "
+                "start).",
+                query(
+                    f"sum by (instance) (rate(streamlstm_local_checkpoint_records_total{rate}))",
+                    "{{instance}} records",
+                ),
+                query(
+                    "sum by (reason) (streamlstm_local_checkpoint_discarded_total"
+                    f"{{{SEL}}})",
+                    "not used: {{reason}}",
+                ),
+            )
+        )
         .with_row(dash_b.Row("Exactly-once: transactions"))
         .with_panel(
             timeseries(

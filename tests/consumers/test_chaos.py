@@ -129,10 +129,20 @@ def _tier_args(tier: str, tmp_path: Path) -> tuple[tuple[str, ...], list[str]]:
     return COLD_KILLS, ["--state-dir", state_dir, "--max-streams", room, "--max-records", room]
 
 
+#: What a daemon with a state dir counts, summed over its lives (``_scrape_cold``).
+COLD_FIGURES = (
+    "streamlstm_ticks_consumed",
+    "streamlstm_cold_hits",
+    "streamlstm_restore_local_streams",
+    "streamlstm_local_checkpoint_records",
+)
+
+
 def _scrape_cold(port: int, used: dict[str, float]) -> None:
-    """Add the daemon's figures so far (before its kill) to ``used``: ticks consumed and
-    streams read back from the cold tier."""
-    for name in ("streamlstm_ticks_consumed", "streamlstm_cold_hits"):
+    """Add the daemon's figures so far (before its kill) to ``used``: ticks consumed,
+    streams read back from the cold tier, states restored from local checkpoints and
+    records written to them."""
+    for name in COLD_FIGURES:
         used[name] = used.get(name, 0.0) + scraped_total(port, name)
 
 
@@ -216,6 +226,10 @@ def test_kill_9_of_the_daemon_and_of_its_engine_loses_no_tick_and_doubles_none(
     if tier == "cold":  # the cold tier served: many ticks' streams were read back from disk
         consumed, hits = used["streamlstm_ticks_consumed"], used["streamlstm_cold_hits"]
         assert hits > consumed / 4, used
+        # ... and the restarts after the first restored from their local checkpoints (as
+        # of their last flush: a kill -9 loses the rest, which the changelog's tail has).
+        assert used["streamlstm_local_checkpoint_records"] > 0, used
+        assert used["streamlstm_restore_local_streams"] > 0, used
 
 
 @GUARANTEES
