@@ -570,8 +570,7 @@ def build() -> dash_m.Dashboard:
                     "{{instance}} records",
                 ),
                 query(
-                    "sum by (reason) (streamlstm_local_checkpoint_discarded_total"
-                    f"{{{SEL}}})",
+                    f"sum by (reason) (streamlstm_local_checkpoint_discarded_total{{{SEL}}})",
                     "not used: {{reason}}",
                 ),
             )
