@@ -13,13 +13,15 @@ Layout:
 - ``b"s" + key`` -> the key's last record value (a stream's state bytes,
   versioned; the changelog's own key, shadow keys included);
 - ``b"h"`` -> the header, JSON: the format, the changelog topic, the model
-  that wrote the last checkpoint, and ``offset``. It is written in the same
-  write batch as the states it describes, so a store and its offset agree
-  after any stop: the writes skip RocksDB's write-ahead log (the changelog is
-  the durable copy), so a kill -9 loses the batches still in the memtable,
-  all of them, header included, and the store reopens as of an older
-  offset; the tail is then longer, never wrong. A store being rebuilt has no
-  header until its last batch: a crash mid-way leaves one a reader refuses.
+  that wrote the last checkpoint, and ``offset``. A writer puts it in the
+  batch of the last records it describes (earlier batches of the same
+  checkpoint leave the previous header: their records are in the changelog
+  after it, so a reader's tail holds them again). The writes skip RocksDB's
+  write-ahead log (the changelog is the durable copy), so a kill -9 loses
+  the batches still in the memtable, headers with them, and the store
+  reopens as of an older offset; the tail is then longer, never wrong. A
+  store being rebuilt has no header until its last batch: a crash mid-way
+  leaves one a reader refuses.
 """
 
 from __future__ import annotations
@@ -127,9 +129,9 @@ class CheckpointStore:
             raise StateError(f"local checkpoint {self.path}: cannot read: {exc}") from exc
         return found
 
-    def write(self, records: Iterable[tuple[str, bytes | None]], header: Header) -> int:
-        """Apply one checkpoint's records (a state, or None: delete the key) and the new
-        header, in one write batch; returns the records written."""
+    def write(self, records: Iterable[tuple[str, bytes | None]], header: Header | None) -> int:
+        """Apply records (a state, or None: delete the key) and the new header (None:
+        the header stays), in one write batch; returns the records written."""
         batch = self._rocks.WriteBatch(raw_mode=True)
         count = 0
         for key, value in records:
@@ -139,7 +141,8 @@ class CheckpointStore:
             else:
                 batch.put(name, value)
             count += 1
-        batch.put(_HEADER, header.to_bytes())
+        if header is not None:
+            batch.put(_HEADER, header.to_bytes())
         self._commit(batch)
         return count
 

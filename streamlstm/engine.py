@@ -186,7 +186,7 @@ class Engine:
         already reflects it (nothing changed)."""
         if self.store.cold is not None and stream not in self.store:  # in the cold tier?
             part = partition if offset >= 0 else -1
-            self.store.thaw([stream], [part], np.zeros(0, dtype=np.int64))
+            self._thawed(*self.store.thaw([stream], [part], np.zeros(0, dtype=np.int64)))
         applied = apply_control(self.store, stream, op, offset=offset, partition=partition)
         self._counts[f"control_{op}"] += applied
         return applied
@@ -226,9 +226,7 @@ class Engine:
             history_ticks=self.history_ticks,
         )
         fresh.store.take_over(self.store, arrays)
-        fresh.store.cold = self.store.cold
-        if mode == "carry":  # the cold tier's states go on too: they are as carried
-            fresh.store.accepted_models |= self.store.accepted_models
+        fresh.store.adopt_cold(self.store, mode)
         fresh.restart_quality(arrays.ids)
         if mode == "rewarm":
             fresh.rewarm(arrays.ids)
@@ -435,7 +433,15 @@ class Engine:
             stream = stream_ids[i]
             if isinstance(stream, str) and stream not in ids:
                 ids[stream] = -1 if known is None else int(known[i])
-        return self.store.thaw(list(ids), list(ids.values()), held[~absent])
+        return self._thawed(*self.store.thaw(list(ids), list(ids.values()), held[~absent]))
+
+    def _thawed(self, evictions: list[Eviction], rewarm: list[str]) -> list[Eviction]:
+        """After a read back from the cold tier: the states a ``rewarm`` swap left there
+        re-warmed now, before their ticks (as the swap re-warmed those in memory)."""
+        if rewarm:
+            self.restart_quality(rewarm)
+            self.rewarm(rewarm)
+        return evictions
 
     def close(self) -> None:
         """Close the cold tier's stores (a no-op without one); the engine is not used after."""

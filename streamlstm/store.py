@@ -146,6 +146,10 @@ class StateStore:
         #: states over from); a state of another is refused.
         self.model = ""
         self.accepted_models: frozenset[str] = frozenset({""})
+        #: Models whose states read back are re-warmed (a live swap with ``rewarm`` left
+        #: them on disk): loaded from zero with their steps and ticks, for the engine to
+        #: run this model over (``thaw`` names them), whatever their layout.
+        self.rewarm_models: frozenset[str] = frozenset()
 
     # -- inspection ---------------------------------------------------------
 
@@ -597,19 +601,32 @@ class StateStore:
             self.changes.move(stream, part, state, changed=was)
         return self._dropped(pushed, "lru")
 
-    def thaw(self, ids: Sequence[str], partitions: Sequence[int], protect: I64) -> list[Eviction]:
+    def adopt_cold(self, old: StateStore, mode: str) -> None:
+        """Take over ``old``'s cold tier after a live swap: its states go on as carried
+        (``carry``), are re-warmed when they return (``rewarm``, where ticks are kept) or
+        are refused then, so start from zero (``reset``), as the swap did in memory."""
+        self.cold = old.cold
+        if mode == "carry":
+            self.accepted_models |= old.accepted_models
+        elif mode == "rewarm" and self.history.shape[1]:
+            self.rewarm_models = (old.accepted_models | old.rewarm_models) - self.accepted_models
+
+    def thaw(
+        self, ids: Sequence[str], partitions: Sequence[int], protect: I64
+    ) -> tuple[list[Eviction], list[str]]:
         """Read back the states of those of ``ids`` (distinct, not held) that the cold tier
         holds, each from its partition's store (``partitions[i]``), in one batched read
         per partition, into slots; the streams at ``protect`` (held ones of the step in
         progress) stay. A state that is corrupt, of another cell or layout or of a model
         not in ``accepted_models`` is refused: logged, counted, its stream starts from
-        zero. Returns what was dropped on the way (the disk bound, as room was made)."""
+        zero; one of ``rewarm_models`` is loaded zeroed. Returns what was dropped on
+        the way (the disk bound, as room was made) and the streams to re-warm."""
         if self.cold is None or not ids:
-            return []
+            return [], []
         frozen = self.cold.take(ids, partitions)
         if not frozen:
-            return []
-        states = self._accepted(frozen)
+            return [], []
+        states, rewarm = self._accepted(frozen)
         try:
             evictions = self.restore_arrays(states, protect=protect) if states.ids else []
         except ConfigError:  # no room for them (a call of more streams than max_streams)
@@ -622,18 +639,25 @@ class StateStore:
         back = [i for i, s in enumerate(states.ids) if self.changes.returned(s)]
         if back:
             self.changes.changed[self.lookup([states.ids[i] for i in back])] = True
-        return evictions
+        if rewarm:  # no longer the changelog's state once re-warmed
+            self.changes.changed[self.lookup(rewarm)] = True
+        return evictions, rewarm
 
-    def _accepted(self, frozen: list[Frozen]) -> StateArrays:
-        """The states read back that this store takes, as columns; the rest refused."""
+    def _accepted(self, frozen: list[Frozen]) -> tuple[StateArrays, list[str]]:
+        """The states read back that this store takes, as columns (those to re-warm
+        zeroed), and the ids to re-warm; the rest refused."""
         blobs = {stream: state for stream, _, state in frozen}
         try:  # the common case: one model wrote them all, one layout: a table
             states: StateArrays | None = decode_many(blobs)
         except StateError:
             states = None
         if states is not None and self._refusal(states, 0) is None and len(set(states.models)) < 2:
-            return states
+            if states.models[0] not in self.rewarm_models:
+                return states, []
+            zeroed = states.zeroed(self.hidden_sizes, self.cell, keep_steps=True)
+            return zeroed, list(states.ids)
         kept: dict[str, StreamState] = {}
+        rewarm: list[str] = []
         for stream, partition, state in frozen:
             try:
                 one = StateArrays.from_states({stream: StreamState.from_bytes(state)})
@@ -642,6 +666,9 @@ class StateStore:
                 reason = str(exc)
             if reason is None:
                 kept[stream] = StreamState.from_bytes(state)
+                if kept[stream].model in self.rewarm_models:
+                    kept[stream] = kept[stream].zeroed(self.hidden_sizes, self.cell)
+                    rewarm.append(stream)
                 continue
             assert self.cold is not None
             self.cold.refused += 1
@@ -653,11 +680,13 @@ class StateStore:
                 partition,
                 reason,
             )
-        return StateArrays.from_states(kept)
+        return StateArrays.from_states(kept), rewarm
 
     def _refusal(self, states: StateArrays, row: int) -> str | None:
         """Why row ``row`` of ``states`` is not this store's to load (None: it is)."""
         model = states.models[row]
+        if model in self.rewarm_models:
+            return None  # any layout: the state is zeroed, only its ticks are used
         if model not in self.accepted_models:
             return f"made by model {model!r}, this engine serves {self.model!r}"
         if states.cell != self.cell:

@@ -318,7 +318,9 @@ def decode_many(blobs: Mapping[str, bytes] | StateBlobs) -> StateArrays:
     their length and layout: the buffer is read as a table, and the columns
     are views of it (no copy, no Python object per stream; ``restore_arrays``
     copies them once, into the store). Anything else is decoded one by one. A
-    state that does not decode raises ``StateError`` with its stream id.
+    state that does not decode raises ``StateError`` with its stream id, and so
+    do states of several layouts (cells, layer sizes: columns cannot hold them;
+    the caller sorts them one by one).
     """
     if not isinstance(blobs, StateBlobs):
         blobs = StateBlobs.from_dict(blobs)
@@ -333,6 +335,9 @@ def decode_many(blobs: Mapping[str, bytes] | StateBlobs) -> StateArrays:
                 states[stream] = StreamState.from_bytes(blob)
             except StateError as exc:
                 raise StateError(f"stream {stream!r}: {exc}") from exc
+        sizes = {tuple(h.size for h in v.h) for v in states.values()}
+        if len(sizes) > 1 and len({v.cell for v in states.values()}) == 1:  # cells: below
+            raise StateError(f"states of more than one layout: layer sizes {sorted(sizes)}")
         return StateArrays.from_states(states)
     first = blobs.blob(0)
     template = StreamState.from_bytes(first)

@@ -120,7 +120,7 @@ class Passthrough:
         return LocalReply({}, {p: "off" for p in partitions})
 
     async def checkpointed(self, offsets: dict[int, int]) -> CheckpointedReply:
-        return CheckpointedReply(0, 0.0)
+        return CheckpointedReply(0, 0, 0, 0.0)
 
     def kill(self) -> None:
         return None

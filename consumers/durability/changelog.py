@@ -326,6 +326,8 @@ class Changelog:
         #: The outbox of the checkpoint being committed (its batches' offsets, once
         #: acknowledged, are where its records end).
         self._written: Box | None = None
+        #: The engine's totals of local checkpoint writes as of its last reply.
+        self._local_written: tuple[int, float] = (0, 0.0)
 
     def attach(self, outbox: Callable[[], Box]) -> None:
         """Where checkpoints go: a new outbox each (the daemon's producer, or in
@@ -357,8 +359,11 @@ class Changelog:
         if not self.local:
             return
         reply = await self._engine.checkpointed(_record_ends(written))
-        self._metrics.local_checkpoint_records.inc(reply.written)
-        self._metrics.local_checkpoint_seconds.observe(reply.seconds)
+        metrics, (records, seconds) = self._metrics, self._local_written
+        metrics.local_checkpoint_records.inc(reply.written_total - records)
+        metrics.local_checkpoint_write_seconds.inc(reply.write_seconds_total - seconds)
+        metrics.local_checkpoint_unwritten.set(reply.unwritten)
+        self._local_written = (reply.written_total, reply.write_seconds_total)
 
     async def restore(self, partitions: list[int]) -> None:
         """Read the partitions' states to their ends and load them into the engine."""
@@ -372,11 +377,13 @@ class Changelog:
             reserving.append(asyncio.ensure_future(engine.reserve(count)))
 
         local: dict[int, int] = {}
+        opening = time.perf_counter()
         if self.local:
             opened = await engine.open_local(partitions)
             local = opened.offsets
             for reason in opened.refused.values():
                 self._metrics.local_checkpoint_discarded.labels(reason).inc()
+        opening = time.perf_counter() - opening  # the local checkpoints read: restore time
         try:
             every = await read_partitions(
                 self.options,
@@ -390,6 +397,8 @@ class Changelog:
         finally:
             for future in reserving:
                 await future
+        for restored in every:
+            restored.seconds += opening / len(every)
         try:
             await self._load(every)
         finally:

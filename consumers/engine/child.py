@@ -294,12 +294,19 @@ class EngineHost:
         return LocalReply(offsets, refused)
 
     def checkpointed(self, offsets: dict[int, int]) -> CheckpointedReply:
-        """The oldest checkpoint taken is durable: written to the local checkpoints."""
-        if self.local is None:
-            return CheckpointedReply(0, 0.0)
-        started = time.perf_counter()
-        written = self.local.checkpointed(offsets, self.model_id)
-        return CheckpointedReply(written, time.perf_counter() - started)
+        """The oldest checkpoint taken is durable: queued for the local checkpoints
+        (``write_local`` writes it)."""
+        local = self.local
+        if local is None:
+            return CheckpointedReply(0, 0, 0, 0.0)
+        queued = local.checkpointed(offsets, self.model_id)
+        counts = local.counts
+        return CheckpointedReply(queued, local.unwritten, counts.written, counts.write_seconds)
+
+    def write_local(self) -> None:
+        """Some of what the local checkpoints still have to write (between requests)."""
+        if self.local is not None:
+            self.local.write_some()
 
     def reserve(self, streams: int) -> None:
         """Room for ``streams`` more streams, made now (ahead of a restore)."""
@@ -335,9 +342,7 @@ class EngineHost:
         for stream, slot in zip(held, slots.tolist(), strict=True):
             self._orphans[shadow_key(stream)] = int(new.store.partitions[slot])
         if old.store.cold is not None:  # the streams on disk: the promoted engine's now
-            new.store.cold = old.store.cold
-            if mode == "carry":
-                new.store.accepted_models |= old.store.accepted_models
+            new.store.adopt_cold(old.store, mode)
         arrays = old.store.arrays()
         rows = [i for i, stream in enumerate(arrays.ids) if stream not in new.store]
         if rows:
@@ -659,7 +664,9 @@ class InProcessClient:
         return self.child.open_local(partitions)
 
     async def checkpointed(self, offsets: dict[int, int]) -> CheckpointedReply:
-        return self.child.checkpointed(offsets)
+        reply = self.child.checkpointed(offsets)
+        self.child.write_local()
+        return reply
 
     def kill(self) -> None:
         return None  # nothing of its own to kill
@@ -708,6 +715,7 @@ def _answer_all(sock: socket.socket, child: EngineHost) -> None:
             _send_error(sock, exc)
             continue
         sock.sendall(frame(reply))
+        child.write_local()  # after the reply: the parent goes on meanwhile
 
 
 def _host(options: dict[str, Any]) -> EngineHost:

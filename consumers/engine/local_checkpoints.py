@@ -11,13 +11,20 @@ copy of the changelog partition's last record per key as of changelog offset
 2. **Durable.** Once the parent has the changelog's acknowledgements for
    them and has committed the input offsets (at-least-once) or the
    partitions' transactions (exactly-once), it says so (``Checkpointed``,
-   with the changelog offset after each partition's records). Only then is
-   the oldest pending checkpoint written, per partition, in one write batch
-   with the new offset: a store never holds a state the changelog might not
-   (an aborted transaction's), so a restore that reads the store and the
-   changelog after its offset restores what the changelog alone would.
-   Checkpoints commit in order (the committer's rule), so the oldest
-   pending one is the one confirmed.
+   with the changelog offset after each partition's records). Only then do
+   the oldest pending checkpoint's records join what is still to write (a
+   key's later record replacing an earlier one): a store never holds a state
+   the changelog might not (an aborted transaction's), so a restore that
+   reads the store and the changelog after its offset restores what the
+   changelog alone would. Checkpoints commit in order (the committer's
+   rule), so the oldest pending one is the one confirmed.
+   ``write_some`` then writes them in batches of at most ``WRITE_CHUNK``
+   records, between requests, each partition's new offset in the batch of
+   its last record (rocksdict holds the GIL while it writes, so one batch of
+   a whole checkpoint, 10,000 states, would hold the next step up some
+   70-130 ms here; chunks bound that to a few ms). Until that last batch the
+   store's offset is the previous one, whose tail holds every record of the
+   chunks written: a restore from it still equals the changelog's.
 3. **Restored.** A newly held partition's store is opened and checked
    (``open``): a store that does not open or read, has no header (never
    completed), or names another changelog topic or another model is
@@ -58,6 +65,9 @@ __all__ = ["LocalCheckpoints", "LocalCounts"]
 logger = logging.getLogger(__name__)
 
 _DIRECTORY = re.compile(r"checkpoint-(-?\d+)")
+#: Records one ``write_some`` writes at most: about 4 ms of the engine child's time on
+#: this machine (rocksdict holds the GIL while it writes, so a thread would not help).
+WRITE_CHUNK = 512
 
 
 @dataclass
@@ -94,6 +104,10 @@ class LocalCheckpoints:
         self._stores: dict[int, CheckpointStore] = {}
         #: Records of the checkpoints taken and not yet durable, oldest first.
         self._pending: deque[dict[int, list[Change]]] = deque()
+        #: Durable records not yet written, per partition (key -> its latest record), and
+        #: the header to write with the last of them.
+        self._unwritten: dict[int, dict[str, bytes | None]] = {}
+        self._target: dict[int, Header] = {}
         #: What ``open`` read of each store, until its partition's restore merges it.
         self._opened: dict[int, dict[str, bytes]] = {}
         #: Stores on disk but closed: when they were released (or found, at start).
@@ -200,12 +214,14 @@ class LocalCheckpoints:
 
     def checkpointed(self, offsets: dict[int, int], model: str) -> int:
         """The oldest pending checkpoint is durable, each partition's records in the
-        changelog before ``offsets[p]``: write them there. Returns the records written."""
+        changelog before ``offsets[p]``: they join what is still to write (a later
+        record of a key replacing an earlier one), written by ``write_some``, the new
+        offset with the last of them. Returns the records queued."""
         if not self._pending:
             logger.warning("a checkpoint confirmed that was not taken: nothing written")
             return 0
         grouped = self._pending.popleft()
-        written = 0
+        queued = 0
         for partition, records in grouped.items():
             store = self._stores.get(partition)
             if store is None or not records:
@@ -214,14 +230,41 @@ class LocalCheckpoints:
                 # Its records are not said to be in the changelog: the store can no longer
                 # be a copy of it (never seen; a guard, refused at its next open).
                 logger.warning("partition %d: checkpoint without offsets", partition)
+                self._unwritten.pop(partition, None)
                 store.invalidate()
                 continue
-            header = Header(self.topic, model, offsets[partition])
-            written += self._timed(store.write, [(r.stream, r.state) for r in records], header)
+            self._unwritten.setdefault(partition, {}).update((r.stream, r.state) for r in records)
+            self._target[partition] = Header(self.topic, model, offsets[partition])
+            queued += len(records)
         self.sweep()
+        return queued
+
+    @property
+    def unwritten(self) -> int:
+        """Records durable in the changelog, not yet in the local checkpoints."""
+        return sum(map(len, self._unwritten.values()))
+
+    def write_some(self, limit: int = WRITE_CHUNK) -> int:
+        """Write up to ``limit`` of the records still to write, one batch per partition;
+        a partition's new offset goes in the batch with its last record. Between
+        batches a store holds some of a checkpoint's states under the offset before
+        it: a restore from there reads those states' records again in the tail (they
+        are in the changelog after that offset), so the result is the changelog's.
+        Returns the records written."""
+        written = 0
+        for partition in list(self._unwritten):
+            if written >= limit:
+                break
+            records = self._unwritten[partition]
+            chunk = [records.popitem() for _ in range(min(len(records), limit - written))]
+            header = None
+            if not records:
+                del self._unwritten[partition]
+                header = self._target.pop(partition)
+            written += self._timed(self._stores[partition].write, chunk, header)
         return written
 
-    def _timed(self, write: Callable[[Any, Header], int], records: Any, header: Header) -> int:
+    def _timed(self, write: Callable[..., int], records: Any, header: Header | None) -> int:
         started = time.perf_counter()
         count = write(records, header)
         self.counts.write_seconds += time.perf_counter() - started
@@ -244,6 +287,8 @@ class LocalCheckpoints:
         for grouped in self._pending:
             grouped.pop(partition, None)
         self._opened.pop(partition, None)
+        self._unwritten.pop(partition, None)  # its store stays as of its last offset
+        self._target.pop(partition, None)
         store = self._stores.pop(partition, None)
         if store is None:
             return False
@@ -266,7 +311,11 @@ class LocalCheckpoints:
         """The partitions whose stores are open."""
         return sorted(self._stores)
 
-    def close(self) -> None:
+    def close(self, *, drain: bool = True) -> None:
+        """Write what is still to write (unless not ``drain``: as a process that dies
+        leaves them), then close every store (flushed)."""
+        while drain and self._unwritten:
+            self.write_some(1 << 30)
         for partition in list(self._stores):
             self._close(partition)
 

@@ -395,10 +395,14 @@ class LocalReply:
 
 @dataclass(frozen=True)
 class CheckpointedReply:
-    """``Checkpointed`` done: records written to the local checkpoints, and the seconds."""
+    """``Checkpointed`` done: the records it queued for the local checkpoints, those
+    still to write, and the records written and seconds spent writing since the
+    engine started (totals: written between requests, not in this one)."""
 
-    written: int
-    seconds: float
+    queued: int
+    unwritten: int
+    written_total: int
+    write_seconds_total: float
 
 
 ReadReply = StreamReply | PageReply | CountsReply

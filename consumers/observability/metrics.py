@@ -375,10 +375,14 @@ class ServeMetrics:
             "Records (states and deletions) written to local checkpoints",
             registry=registry,
         )
-        self.local_checkpoint_seconds = Histogram(
-            "streamlstm_local_checkpoint_seconds",
-            "Time to write one durable checkpoint to the local checkpoints",
-            buckets=LATENCY_BUCKETS,
+        self.local_checkpoint_write_seconds = Counter(
+            "streamlstm_local_checkpoint_write_seconds",
+            "Time the engine process spent writing local checkpoints",
+            registry=registry,
+        )
+        self.local_checkpoint_unwritten = Gauge(
+            "streamlstm_local_checkpoint_unwritten_records",
+            "Records durable in the changelog and not yet in the local checkpoints",
             registry=registry,
         )
         self.local_checkpoint_discarded = Counter(

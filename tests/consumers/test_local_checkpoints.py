@@ -47,6 +47,9 @@ def _checkpoint(host: EngineHost, log: Log, *, durable: bool = True) -> None:
     log += [(c.stream, c.state) for c in host.checkpoint()]
     if durable:
         host.checkpointed({0: len(log)})
+        assert host.local is not None
+        while host.local.unwritten:  # as the child does between requests
+            host.write_local()
 
 
 def _restore(host: EngineHost, log: Log, *, use_local: bool = True) -> int:
@@ -277,3 +280,36 @@ def test_a_store_found_at_start_and_never_held_is_deleted_after_the_grace_period
     clock.now = 60.0
     assert local.sweep() == 1
     assert not (tmp_path / "checkpoint-7").exists()
+
+
+def test_a_restore_between_the_chunks_of_a_checkpoint_equals_the_changelog(
+    make_bundle: BundleFactory, tmp_path: Path
+) -> None:
+    """A durable checkpoint written in part (3 of its 10 states, without its offset) when
+    the process dies: the store's offset is the previous checkpoint's, the tail from
+    there holds all ten again, and every stream continues on the oracle."""
+    bundle = make_bundle(input_size=2, output_size=1)
+    ids, x = _series(120, 10, seed=6)
+    ids[:10] = [f"s{i}" for i in range(10)]  # each stream ticks in both halves
+    ids[60:70] = ids[:10]
+    log: Log = []
+    first = _host(bundle, tmp_path)
+    first.open_local([0])
+    first.restore(0, {}, "reset", LocalRestore(False, 0))
+    got = _run(first, ids, x, 0, 60)
+    _checkpoint(first, log)
+    before = len(log)
+    got += _run(first, ids, x, 60, 80)
+    log += [(c.stream, c.state) for c in first.checkpoint()]
+    first.checkpointed({0: len(log)})
+    assert first.local is not None and first.local.write_some(3) == 3
+    assert first.local.unwritten == 7
+    first.local.close(drain=False)
+    store = CheckpointStore.open(tmp_path, 0)
+    header = store.header()
+    store.close()
+    assert header is not None and header.offset == before
+    second = _host(bundle, tmp_path)
+    assert _restore(second, log) == before
+    got += _run(second, ids, x, 80, 120)
+    _assert_on_oracle(bundle, ids, x, got)

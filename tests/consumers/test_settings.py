@@ -90,8 +90,11 @@ def test_a_shadow_model_needs_its_own_topic() -> None:
 
 def test_a_state_dir_needs_the_cold_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = parse_serve_args([*REQUIRED, "--state-dir", "/tmp/x", "--max-disk-streams", "5"], {})
-    assert (cfg.state_dir, cfg.max_disk_streams) == ("/tmp/x", 5)
+    assert (cfg.state_dir, cfg.max_disk_streams, cfg.state_cleanup_delay_s) == ("/tmp/x", 5, 600)
     assert parse_serve_args(REQUIRED, {}).state_dir is None
+    for bad in ("-1", "nan"):
+        with pytest.raises(ConfigError, match="state_cleanup_delay_s: must be zero or more"):
+            parse_serve_args([*REQUIRED, "--state-cleanup-delay-s", bad], {})
     monkeypatch.setitem(sys.modules, "rocksdict", None)  # as if not installed
     with pytest.raises(DependencyError, match=r"--state-dir .*pip install 'streamlstm\[cold\]'"):
         parse_serve_args([*REQUIRED, "--state-dir", "/tmp/x"], {})

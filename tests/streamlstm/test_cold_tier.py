@@ -232,3 +232,35 @@ def test_a_call_refused_for_room_leaves_its_streams_on_disk(
     want, _ = expected_outputs(bundle, ["a", "a"], x[[0, 4]])
     assert out.steps.tolist() == [2]
     np.testing.assert_allclose(out.predictions, want[1:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_a_rewarm_swap_rewarms_the_streams_on_disk_when_they_return(
+    make_bundle: BundleFactory, tmp_path: Path, cell: str
+) -> None:
+    """After a live swap with ``rewarm``, a stream that was on disk answers, when it
+    returns, as the new model run from zero state over its last K ticks before the swap,
+    then its ticks since (torch's own module): as the swap re-warmed those in memory."""
+    old = make_bundle(scaled=True, seed=1)
+    new = make_bundle(scaled=True, seed=2, cell=cell, hidden_sizes=(8, 4))
+    ticks, rng = 5, np.random.default_rng(12)
+    engine = Engine(old, max_streams=6, history_ticks=ticks, cold=ColdConfig(directory=tmp_path))
+    ids1 = [f"s{i}" for i in rng.integers(0, 12, 60)]
+    ids2 = [f"s{i}" for i in rng.integers(0, 12, 60)]
+    x1, x2 = _x(60, seed=3), _x(60, seed=4)
+    for lo in range(0, 60, 3):
+        engine.step(ids1[lo : lo + 3], x1[lo : lo + 3])
+    on_disk = engine.stats.cold
+    assert on_disk is not None and on_disk.streams == len(set(ids1)) - len(engine.store)
+    engine.swap_model(new, mode="rewarm")
+    got = np.concatenate(
+        [engine.step(ids2[lo : lo + 3], x2[lo : lo + 3]).predictions for lo in range(0, 60, 3)]
+    )
+    for stream in sorted(set(ids2)):
+        before = x1[[i for i, s in enumerate(ids1) if s == stream]][-ticks:]
+        mine = [i for i, s in enumerate(ids2) if s == stream]
+        want = new.predict_sequence(np.concatenate([before, x2[mine]]))[len(before) :]
+        np.testing.assert_allclose(got[mine], want, atol=1e-5, err_msg=stream)
+    cold = engine.stats.cold
+    assert cold is not None and cold.hits > on_disk.hits and cold.refused == 0
+    engine.close()

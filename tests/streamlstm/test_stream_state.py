@@ -210,6 +210,11 @@ def test_a_state_of_one_cell_is_refused_by_a_store_of_another() -> None:
         assert len(store) == 0
     with pytest.raises(StateError, match="more than one cell"):
         decode_many({"a": lstm.to_bytes(), "b": gru.to_bytes()})
+    wider = replace(
+        lstm, h=(np.zeros(4, np.float32), lstm.h[1]), c=(np.zeros(4, np.float32), lstm.c[1])
+    )
+    with pytest.raises(StateError, match="more than one layout"):  # a rewarm swap's two models
+        decode_many({"a": lstm.to_bytes(), "b": wider.to_bytes()})
     with pytest.raises(StateError, match="2 h and 2 c layers for a GRU"):
         replace(lstm, cell="gru")
     with pytest.raises(StateError, match="cell must be one of"):
