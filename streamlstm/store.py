@@ -139,6 +139,9 @@ class StateStore:
         self._free: list[int] = list(range(cap - 1, -1, -1))
         self._clock = 0
         self.eviction_counts: Counter[str] = Counter()
+        self._init_cold()
+
+    def _init_cold(self) -> None:
         #: The cold tier (None: none): where LRU victims go instead of being dropped.
         self.cold: ColdTier | None = None
         #: The fingerprint the states moved to the cold tier are written with, and the
