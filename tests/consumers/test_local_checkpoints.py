@@ -41,6 +41,12 @@ def _host(bundle: Bundle, directory: Path, clock: Clock | None = None) -> Engine
     return EngineHost(Engine(bundle, max_streams=64), local=local)
 
 
+def _first_start(host: EngineHost) -> None:
+    """Partition 0 assigned for the first time: no local checkpoint, an empty changelog."""
+    assert host.open_local([0]).refused == {0: "missing"}
+    host.restore(0, {}, "reset", LocalRestore(False, 0))
+
+
 def _checkpoint(host: EngineHost, log: Log, *, durable: bool = True) -> None:
     """The parent's checkpoint: the records to the changelog, then (once durable) the
     offset after them to the child."""
@@ -102,8 +108,7 @@ def test_a_restart_reads_the_local_checkpoint_and_only_the_changelog_after_it(
     ids, x = _series(200, 10, seed=4)
     log: Log = []
     first = _host(bundle, tmp_path)
-    assert first.open_local([0]).refused == {0: "missing"}
-    first.restore(0, {}, "reset", LocalRestore(False, 0))
+    _first_start(first)
     got = []
     for lo in range(0, 120, 40):
         got += _run(first, ids, x, lo, lo + 40)
@@ -127,8 +132,7 @@ def test_a_stream_ended_after_the_local_checkpoint_is_deleted_by_the_tail(
     bundle = make_bundle(input_size=2, output_size=1)
     log: Log = []
     host = _host(bundle, tmp_path)
-    host.open_local([0])
-    host.restore(0, {}, "reset", LocalRestore(False, 0))
+    _first_start(host)
     x = np.ones((3, 2), np.float32)
     host.step(step_request(["a", "b", "c"], x, [0, 1, 2], 0))
     _checkpoint(host, log)
@@ -148,8 +152,7 @@ def test_a_checkpoint_reaches_local_disk_only_once_it_is_durable(
     bundle = make_bundle(input_size=2, output_size=1)
     log: Log = []
     host = _host(bundle, tmp_path)
-    host.open_local([0])
-    host.restore(0, {}, "reset", LocalRestore(False, 0))
+    _first_start(host)
     host.step(step_request(["a"], np.ones((1, 2), np.float32), [0], 0))
     _checkpoint(host, log, durable=False)
     assert host.local is not None
@@ -191,8 +194,7 @@ def test_a_local_checkpoint_that_cannot_serve_is_discarded_and_rebuilt(
     ids, x = _series(160, 8, seed=5)
     log: Log = []
     first = _host(bundle, tmp_path)
-    first.open_local([0])
-    first.restore(0, {}, "reset", LocalRestore(False, 0))
+    _first_start(first)
     got = _run(first, ids, x, 0, 80)
     _checkpoint(first, log)
     assert first.local is not None
@@ -233,8 +235,7 @@ def test_an_offset_outside_the_changelog_is_refused_and_the_store_rebuilt(
     bundle = make_bundle(input_size=2, output_size=1)
     log: Log = []
     host = _host(bundle, tmp_path)
-    host.open_local([0])
-    host.restore(0, {}, "reset", LocalRestore(False, 0))
+    _first_start(host)
     host.step(step_request(["a", "b"], np.ones((2, 2), np.float32), [0, 1], 0))
     _checkpoint(host, log)
     assert host.local is not None
@@ -253,8 +254,7 @@ def test_a_released_partition_keeps_its_local_checkpoint_for_the_grace_period(
     clock = Clock()
     log: Log = []
     host = _host(bundle, tmp_path, clock)
-    host.open_local([0])
-    host.restore(0, {}, "reset", LocalRestore(False, 0))
+    _first_start(host)
     host.step(step_request(["a"], np.ones((1, 2), np.float32), [0], 0))
     _checkpoint(host, log)
     host.drop({0})  # moved away: kept
@@ -294,8 +294,7 @@ def test_a_restore_between_the_chunks_of_a_checkpoint_equals_the_changelog(
     ids[60:70] = ids[:10]
     log: Log = []
     first = _host(bundle, tmp_path)
-    first.open_local([0])
-    first.restore(0, {}, "reset", LocalRestore(False, 0))
+    _first_start(first)
     got = _run(first, ids, x, 0, 60)
     _checkpoint(first, log)
     before = len(log)
