@@ -48,6 +48,10 @@ _HEADER = b"h"
 FORMAT = 1
 #: States per write batch when a store is rebuilt from a whole partition.
 _REBUILD_BATCH = 20_000
+#: Table blocks of 64 KiB, not RocksDB's 4 KiB: a store is read whole, in key order, at
+#: a restore (1M states of 2 KiB: 623k records/s against 255k with 4 KiB blocks, on a
+#: compacted store here); it is never read by point lookups.
+_BLOCK_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,7 @@ class CheckpointStore:
         path = Path(directory) / f"checkpoint-{partition}"
         try:
             path.mkdir(parents=True, exist_ok=True)
-            db = rocksdict.Rdict(str(path), rocks_options(rocksdict))
+            db = rocksdict.Rdict(str(path), rocks_options(rocksdict, block_bytes=_BLOCK_BYTES))
         except Exception as exc:  # rocksdict raises plain exceptions
             raise StateError(f"local checkpoint {path}: cannot open: {exc}") from exc
         return cls(path, db, rocksdict)
@@ -114,20 +118,30 @@ class CheckpointStore:
         surrogate escapes). Raises ``StateError`` where a block does not read (RocksDB
         checks each block's checksum)."""
         found: dict[str, bytes] = {}
+        last = None
         try:
-            scan = self._db.iter()
-            scan.seek(_STATE)
-            while scan.valid():
-                key = scan.key()
-                if not key.startswith(_STATE):
-                    break
-                found[key[1:].decode("utf-8", "surrogateescape")] = scan.value()
-                scan.next()
-            scan.status()  # raises where the scan stopped at an error, not at the end
-            del scan  # before the store can close: an open iterator pins it
+            # Every key from b"s" on is a state (the header, b"h", sorts before them); one
+            # bulk scan, not an iterator's three calls a record (1.5-2.5x slower here).
+            for key, value in self._db.items(from_key=_STATE):
+                found[key[1:].decode("utf-8", "surrogateescape")] = value
+                last = key
+            end = self._last_key()
         except Exception as exc:
             raise StateError(f"local checkpoint {self.path}: cannot read: {exc}") from exc
+        # The bulk scan ends quietly at a block that fails its checksum: a scan that did
+        # not reach the store's last key stopped at one.
+        if end is not None and end.startswith(_STATE) and end != last:
+            raise StateError(f"local checkpoint {self.path}: cannot read: the scan stopped early")
         return found
+
+    def _last_key(self) -> bytes | None:
+        """The store's last key (None: empty); raises where its block does not read."""
+        scan = self._db.iter()
+        scan.seek_to_last()
+        end: bytes | None = scan.key() if scan.valid() else None
+        scan.status()  # raises where the seek stopped at an error
+        del scan  # before the store can close: an open iterator pins it
+        return end
 
     def write(self, records: Iterable[tuple[str, bytes | None]], header: Header | None) -> int:
         """Apply records (a state, or None: delete the key) and the new header (None:
