@@ -71,7 +71,8 @@ class ServeConfig:
     #: on local disk here, one RocksDB store per input partition, instead of dropped, and
     #: read back when it ticks again. None: no cold tier. Needs the cold extra.
     state_dir: str | None = None
-    #: Each input partition's cold store holds at most this many streams (oldest out).
+    #: The cold tier holds at most this many streams on disk, all input partitions' stores
+    #: together (oldest out).
     max_disk_streams: int = 10_000_000
     #: With a state dir and durable state, each input partition also keeps a local
     #: checkpoint there (a restart reads only the changelog after it); one of a partition

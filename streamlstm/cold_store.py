@@ -209,9 +209,24 @@ class ColdStore:
         self._commit(batch)
         self.counts.written += len(ids)
         over = self._count - self.max_disk_streams
-        pushed = self._oldest(over, before=None) if over > 0 else {}
+        return self.push_out(over) if over > 0 else {}
+
+    def push_out(self, count: int, *, before: float | None = None) -> dict[str, bytes]:
+        """Drop the ``count`` states written longest ago (a disk bound), stopping at the
+        first seen at or after ``before`` where given; returns them."""
+        pushed = self._oldest(count, before=before)
         self.counts.pushed_out += len(pushed)
         return pushed
+
+    def oldest_seen(self) -> float | None:
+        """When the state written longest ago was last seen (None: none held)."""
+        scan = self._db.iter()
+        scan.seek(_ORDER)
+        seen = None
+        if scan.valid() and scan.key().startswith(_ORDER):
+            seen = float(_SEEN.unpack_from(scan.value())[0])
+        del scan
+        return seen
 
     def take_many(self, ids: Sequence[str]) -> dict[str, bytes]:
         """``get_many`` and ``delete_many`` at once: one read, one write batch (what a

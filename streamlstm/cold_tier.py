@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 #: A state in the cold tier: its stream, input partition and state bytes.
 Frozen = tuple[str, int, bytes]
+#: States one store gives up at a time for the instance's disk bound (between chunks
+#: the store whose oldest state was seen longest ago is chosen again).
+PUSH_CHUNK = 256
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,9 +40,11 @@ class ColdConfig:
     """Where and how much of the cold tier.
 
     ``directory`` holds one store per input partition (``partition-<p>``; -1 for
-    ticks without a partition). ``max_disk_streams`` bounds each partition's
-    store: beyond it the states written longest ago are dropped (a drop like an
-    eviction without a cold tier: counted, returned, tombstoned). ``keep``:
+    ticks without a partition). ``max_disk_streams`` bounds the states on disk,
+    all partitions' stores together: beyond it the states written longest ago are
+    dropped (a drop like an eviction without a cold tier: counted, returned,
+    tombstoned), taken in chunks from the store whose oldest state was seen
+    longest ago. ``keep``:
     open the stores with what they hold (False: start them empty, the
     default, since without local checkpoints the changelog restores those
     streams). ``expire_limit`` caps the states one idle sweep removes per store.
@@ -132,6 +137,30 @@ class ColdTier:
                 absent=absent,
             )
             pushed += [(s, partition, v) for s, v in out.items()]
+        over = sum(store.count for store in self._stores.values()) - self.config.max_disk_streams
+        return pushed + self._push_out(over) if over > 0 else pushed
+
+    def _push_out(self, over: int) -> list[Frozen]:
+        """The instance's bound: ``over`` states out, oldest first across the stores: from
+        the store whose oldest was seen longest ago, those seen before the next store's
+        oldest (at least one, at most ``PUSH_CHUNK`` at a time)."""
+        pushed: list[Frozen] = []
+        while over > 0:
+            heads = sorted(
+                (seen, p)
+                for p, store in self._stores.items()
+                if (seen := store.oldest_seen()) is not None
+            )
+            if not heads:
+                break
+            store = self._stores[heads[0][1]]
+            limit = min(over, PUSH_CHUNK)
+            out = store.push_out(limit, before=heads[1][0] if len(heads) > 1 else None)
+            out = out or store.push_out(1)
+            pushed += [(s, heads[0][1], v) for s, v in out.items()]
+            over -= len(out)
+            if not out:
+                break
         return pushed
 
     def take(self, ids: Sequence[str], partitions: Sequence[int]) -> list[Frozen]:

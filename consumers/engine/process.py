@@ -159,8 +159,8 @@ class ProcessClient:
     them in order. ``close`` is safe to call twice. If the child dies, every
     waiting and later request raises ``StreamLSTMError``. ``changelog=False``
     (memory state) keeps no tombstones of ended streams for checkpoints.
-    ``state_dir`` gives the engine a cold tier there (``ColdConfig``), each input
-    partition's store bounded by ``max_disk_streams``; with ``local_checkpoint_topic``
+    ``state_dir`` gives the engine a cold tier there (``ColdConfig``), its stores
+    bounded by ``max_disk_streams`` together; with ``local_checkpoint_topic``
     (the changelog topic) also local checkpoints of that changelog
     (``local_checkpoints.py``), a released partition's kept ``state_cleanup_delay_s``.
     """

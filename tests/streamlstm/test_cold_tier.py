@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from streamlstm import Engine, StreamState
-from streamlstm.cold_tier import ColdConfig
+from streamlstm.cold_tier import ColdConfig, ColdTier
 from streamlstm.kernels import native_available
 from tests.conftest import BundleFactory
 from tests.streamlstm.oracle import expected_outputs
@@ -264,3 +264,20 @@ def test_a_rewarm_swap_rewarms_the_streams_on_disk_when_they_return(
     cold = engine.stats.cold
     assert cold is not None and cold.hits > on_disk.hits and cold.refused == 0
     engine.close()
+
+
+def test_the_disk_bound_holds_for_all_partitions_together_oldest_out_first(
+    tmp_path: Path,
+) -> None:
+    """``max_disk_streams`` bounds the instance's states on disk, whatever their
+    partitions: the one seen longest ago goes, from whichever partition holds it."""
+    tier = ColdTier(ColdConfig(directory=tmp_path, max_disk_streams=3))
+    assert tier.put(["a", "b", "c"], [0, 1, 0], [b"A", b"B", b"C"], [1.0, 2.0, 3.0]) == []
+    assert tier.put(["d"], [1], [b"D"], [4.0]) == [("a", 0, b"A")]
+    assert tier.put(["e", "f"], [0, 0], [b"E", b"F"], [5.0, 6.0]) == [
+        ("b", 1, b"B"),
+        ("c", 0, b"C"),
+    ]
+    stats = tier.stats()
+    assert (stats.streams, stats.pushed_out, stats.partitions) == (3, 3, {0: 2, 1: 1})
+    tier.close()
