@@ -52,15 +52,12 @@ _T = TypeVar("_T")
 
 #: Container objects allocated (net of those freed) between two young-generation collections.
 GC_YOUNG_THRESHOLD = 20_000
-#: Event-loop turns after a poll's step is submitted: one runs the step's task far enough
-#: to write its request to the engine (``ProcessClient._request``), so the engine starts
-#: it now rather than after the previous poll's encoding.
-STEP_HOPS = 1
 #: Event-loop turns after a poll's output is queued with the producer: aiokafka's sender
-#: takes three (the accumulator's waiter wakes its ``asyncio.wait``, that wakes the sender
-#: task, whose produce-request task writes the request; 0.14.0, measured). Without them
-#: the request waited for the loop's next idle moment, after the next poll's decoding:
-#: about 1.5 ms of every poll's acknowledgement at 85k ticks/s on two cores.
+#: takes three to write the produce request (the accumulator's waiter wakes its
+#: ``asyncio.wait``, that wakes the sender task, whose produce-request task writes it;
+#: 0.14.0, checked by a broker test). Without them the request waited for the loop's next
+#: idle moment, after the next poll's decoding: 0.9-1.4 ms (median) of each poll's wait
+#: for its acknowledgement at 60k ticks/s on two cores, 0.1 ms with them (docs/benchmarks.md).
 PRODUCE_HOPS = 3
 
 
@@ -185,7 +182,6 @@ class PollLoop:
                     batch = self._decode(records) if records else None
                     if batch is not None:
                         self._pending.append(self._begin(batch))
-                        await _turns(STEP_HOPS)
                     # Keep one batch stepping while the previous one is produced.
                     while len(self._pending) > (1 if batch is not None else 0):
                         await self._send(self._pending.popleft())
