@@ -84,3 +84,45 @@ class _Aborted:
 
     async def __aexit__(self, *exc: object) -> None:
         await self._producer.abort_transaction()
+
+
+def test_a_queued_poll_is_written_to_the_broker_within_the_loops_produce_turns(
+    bootstrap: str, monkeypatch: Any
+) -> None:
+    # The poll loop gives aiokafka's sender PRODUCE_HOPS turns of the event loop after
+    # queueing a poll's output, so that the produce request is written before the next
+    # poll's decoding: that many must suffice on the aiokafka installed.
+    from aiokafka.conn import AIOKafkaConnection
+
+    from streamlstm.consumers import loop
+    from streamlstm.consumers.kafka.outbox import Outbox
+
+    written: list[str] = []
+    send = AIOKafkaConnection.send
+
+    def recorded(self: Any, request: Any, expect_response: bool = True) -> Any:
+        written.append(type(request).__name__)
+        return send(self, request, expect_response)
+
+    topic = f"turns-{uuid.uuid4().hex[:8]}"
+
+    async def scenario() -> list[str]:
+        options = client_options(bootstrap)
+        await ensure_topics(options, [topic], create=True, partitions=2)
+        producer = AIOKafkaProducer(**options, acks="all")
+        await start_client(producer, bootstrap)
+        try:
+            await producer.send_and_wait(topic, b"warm", key=b"k")  # metadata, connection
+            monkeypatch.setattr(AIOKafkaConnection, "send", recorded)
+            outbox = Outbox(producer, {topic: [0, 1]})
+            outbox.add_many(topic, [b"a", b"b", b"c"], [b"1", b"2", b"3"], [None] * 3, [0] * 3)
+            sends = await outbox.send()
+            await loop._turns(loop.PRODUCE_HOPS)
+            seen = list(written)
+            await asyncio.gather(*sends)
+        finally:
+            await producer.stop()
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert any(name.startswith("ProduceRequest") for name in seen), seen
