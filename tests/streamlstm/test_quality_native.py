@@ -138,3 +138,33 @@ def test_a_build_asked_for_by_path_must_be_there(
     monkeypatch.setenv(QUALITY_PATH_ENV, str(tmp_path / "_quality.so"))
     with pytest.raises(ConfigError, match="no extension module"):
         quality_lib()
+
+
+def test_an_error_equal_to_a_bound_counts_in_its_bucket() -> None:
+    spec = OutputSpec(target_feature=0)
+    pair = [
+        RealizedErrors(
+            spec,
+            outputs=1,
+            target="y",
+            first_column=0,
+            season=None,
+            metrics={"train_mae": 1.0},
+            native=native_,
+        )
+        for native_ in (True, False)
+    ]
+    # With a training MAE of 1 the bounds include the powers of two 1/8 .. 16, exact
+    # in float32: each forecast below misses its truth (0) by exactly a bound.
+    misses = np.array([0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, -16.0, 100.0], np.float32)
+    slots = np.arange(misses.size)
+    for errors in pair:
+        extra = np.zeros((misses.size, errors.width))
+        zeros = np.zeros(misses.size, np.float32)
+        errors.update(extra, slots, np.full(misses.size, 1), zeros, misses[:, None])
+        errors.update(extra, slots, np.full(misses.size, 2), zeros, zeros[:, None])
+    fast, slow = (errors.report()[0].model for errors in pair)
+    assert fast.counts == slow.counts and fast.total == slow.total == 147.875
+    le = dict(zip(fast.bounds, np.cumsum(fast.counts[:-1]).tolist(), strict=True))
+    assert [le[b] for b in (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)] == [1, 2, 3, 4, 5, 6, 7, 9]
+    assert fast.counts[-1] == 1  # 100: above every bound
