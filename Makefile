@@ -39,7 +39,9 @@ test: lint typecheck deploy-tools pytest test-sanitize
 
 # The codec (consumers/codec/_codec.c) parses untrusted Kafka bytes: its tests run again
 # against a build with AddressSanitizer and UBSan, in its own folder (the installed
-# build is left alone), loaded through STREAMLSTM_CODEC_PATH. The interpreter is not
+# build is left alone), loaded through STREAMLSTM_CODEC_PATH; so do the tests of live
+# quality's C update (streamlstm/_quality.c, which writes the store's rows at the slots
+# it is given), loaded through STREAMLSTM_QUALITY_PATH. The interpreter is not
 # instrumented, so the ASan runtime is preloaded; PYTHONMALLOC=malloc lets ASan see the
 # codec's PyMem buffers. Any report aborts the run (abort_on_error, halt_on_error) and
 # is written to $(SAN_DIR)/report.* (pytest's capture would swallow it from stderr):
@@ -49,15 +51,20 @@ SAN_DIR := build/sanitize
 SAN_FLAGS := -O1 -g -fsanitize=address,undefined,float-cast-overflow \
 	-fno-omit-frame-pointer -fno-sanitize-recover=undefined,float-cast-overflow
 SAN_TESTS := tests/consumers/test_codec_native.py tests/consumers/test_codec.py \
-	tests/consumers/test_fuzz_codec.py tests/consumers/test_wire_hostile.py
+	tests/consumers/test_fuzz_codec.py tests/consumers/test_wire_hostile.py \
+	tests/streamlstm/test_quality_native.py tests/streamlstm/test_quality.py
 
 test-sanitize: $(STAMP)
 	rm -rf $(SAN_DIR) && mkdir -p $(SAN_DIR)
 	$(SAN_CC) $(SAN_FLAGS) -Wall -fPIC -shared \
 		-I"$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
 		consumers/codec/_codec.c -lm -o $(SAN_DIR)/_codec.so
+	$(SAN_CC) $(SAN_FLAGS) -ffp-contract=off -Wall -fPIC -shared \
+		-I"$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+		streamlstm/_quality.c -lm -o $(SAN_DIR)/_quality.so
 	so="$(CURDIR)/$(SAN_DIR)/_codec.so"; report="$(CURDIR)/$(SAN_DIR)/report"; \
-	export STREAMLSTM_CODEC_PATH="$$so" PYTHONMALLOC=malloc \
+	qso="$(CURDIR)/$(SAN_DIR)/_quality.so"; \
+	export STREAMLSTM_CODEC_PATH="$$so" STREAMLSTM_QUALITY_PATH="$$qso" PYTHONMALLOC=malloc \
 		PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" \
 		LD_PRELOAD="$$($(SAN_CC) -print-file-name=libasan.so) $$($(SAN_CC) -print-file-name=libubsan.so)" \
 		ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:log_path=$$report" \
@@ -65,6 +72,9 @@ test-sanitize: $(STAMP)
 	loaded=$$($(BIN)/python -c 'from streamlstm.consumers.codec.native import codec_module; print(codec_module().__file__)'); \
 	echo "codec under test: $$loaded"; \
 	test "$$loaded" = "$$so" || { echo "test-sanitize: not the sanitized build"; exit 1; }; \
+	loaded=$$($(BIN)/python -c 'from streamlstm.quality.native import quality_lib, loaded_path; quality_lib(); print(loaded_path())'); \
+	echo "quality update under test: $$loaded"; \
+	test "$$loaded" = "$$qso" || { echo "test-sanitize: not the sanitized quality build"; exit 1; }; \
 	$(BIN)/python -m pytest -p no:cacheprovider $(SAN_TESTS); status=$$?; \
 	if ls "$$report".* >/dev/null 2>&1; then \
 		cat "$$report".*; echo "test-sanitize: a sanitizer report (above)"; exit 1; fi; \

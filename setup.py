@@ -1,8 +1,9 @@
 """Builds the optional C extensions; everything else is in pyproject.toml.
 
-Both are optional: where one cannot be compiled (no C compiler, no OpenMP),
+All are optional: where one cannot be compiled (no C compiler, no OpenMP),
 the install goes on and the engine steps through NumPy alone (``_kernels``),
-the daemon decodes and encodes through wire.py (``consumers/codec/_codec.c``).
+the daemon decodes and encodes through wire.py (``consumers/codec/_codec.c``),
+live quality updates its realized errors in NumPy (``_quality``).
 
 The kernels link OpenBLAS from the ``scipy-openblas32`` wheel, a build
 requirement and a dependency: its ``get_include_dir`` / ``get_lib_dir`` /
@@ -46,6 +47,16 @@ setup(
             extra_compile_args=compile_args,
             optional=True,
             **blas,
+        ),
+        # Live quality's realized-error update: NaN marks an error not judged, and it
+        # must round as NumPy does (the NumPy path gives the same figures, bit for
+        # bit), so neither -ffast-math nor fused multiply-adds. `make test-sanitize`
+        # builds it again with ASan and UBSan.
+        Extension(
+            "streamlstm._quality",
+            sources=["streamlstm/_quality.c"],
+            extra_compile_args=["-O2", "-ffp-contract=off"],
+            optional=True,
         ),
         # The codec parses untrusted Kafka bytes: a module of its own, without the
         # kernels' -ffast-math (which lets the compiler assume away the NaN and range

@@ -129,8 +129,10 @@ class Engine:
         spec = bundle.outputs
         self._scoring = Scoring.of(spec)
         scoring_width = self._scoring.width if self._scoring else 0
-        self._quality = Quality.of(bundle, quality or QualityConfig(), scoring_width)
         use_native = native_available() if native is None else native
+        self._quality = Quality.of(
+            bundle, quality or QualityConfig(), scoring_width, native=use_native
+        )
         self.store = StateStore(
             bundle.config.hidden_sizes,
             cell=bundle.config.cell,

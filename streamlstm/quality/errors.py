@@ -40,6 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from streamlstm.outputs import OutputSpec
+from streamlstm.quality.native import NativeUpdate, quality_lib
 from streamlstm.quality.report import HorizonQuality, TallyGroup
 
 __all__ = ["RealizedErrors", "error_buckets"]
@@ -79,7 +80,9 @@ class RealizedErrors:
 
     ``first_column`` is where its columns start in the store's ``extra``;
     ``season`` (ticks) adds seasonal persistence; ``metrics`` is the bundle's
-    training report (bucket scale and training figures).
+    training report (bucket scale and training figures). ``native``: update
+    through the C kernel (``native.NativeUpdate``, the same figures bit for bit)
+    where it is built; False: NumPy alone.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class RealizedErrors:
         first_column: int,
         season: int | None,
         metrics: Mapping[str, Any],
+        native: bool = True,
     ) -> None:
         assert spec.target_feature is not None and not spec.is_classifier
         self.target_feature = spec.target_feature
@@ -120,10 +124,35 @@ class RealizedErrors:
         self._recent = column  # the recent errors' two columns
         self.width = column + 2
         self._metrics = metrics
+        self._native = self._native_update() if native else None
+
+    def _native_update(self) -> NativeUpdate | None:
+        lib = quality_lib()
+        if lib is None:
+            return None
+        tracked = [
+            (t.output, t.horizon, t.ring, t.lags, *_arrays(t.tallies)) for t in self._tracked
+        ]
+        return NativeUpdate(
+            lib,
+            base=self.base,
+            width=self.width,
+            levels=self._levels,
+            recent=self._recent,
+            alpha=_RECENT_ALPHA,
+            tracked=tracked,
+        )
+
+    @property
+    def native(self) -> bool:
+        """Whether updates go through the C kernel."""
+        return self._native is not None
 
     def update(self, extra: F64, slots: I64, steps: I64, values: F32, forecasts: F32) -> None:
         """One round of distinct streams: their ``slots``, step counts after this tick,
         target values ``[n]`` (the truth) and forecasts ``[n, O]`` in target units."""
+        if self._native is not None and self._native(extra, slots, steps, values, forecasts):
+            return
         # Whole rows: numpy gathers and scatters them far faster than a block of columns.
         rows_of = extra.take(slots, axis=0)
         cols = rows_of[:, self.base : self.base + self.width]
@@ -211,6 +240,10 @@ class RealizedErrors:
                 )
             )
         return tuple(out)
+
+
+def _arrays(tallies: TallyGroup) -> tuple[F64, I64, F64]:
+    return tallies.bounds, tallies.counts, tallies.sums
 
 
 def put_rows(dst: F64, slots: I64, rows: F64) -> None:

@@ -60,29 +60,36 @@ class TallyGroup:
 
     Each row is sorted once (NaN last) and the bounds are looked up in it: the
     cumulative counts (Prometheus' ``le``) come straight out, faster than
-    placing each value among the bounds.
+    placing each value among the bounds. A call's values are summed in row
+    order (``np.cumsum``, which adds one after another) and the call's sum
+    added to the total: exactly what the C update of the realized errors
+    (``_quality.c``) does with ``counts`` and ``sums``, so both give the same
+    totals bit for bit.
     """
 
     def __init__(self, bounds: Sequence[float], k: int = 1) -> None:
         self.bounds = np.asarray([*sorted(bounds), math.inf], dtype=np.float64)
         self.k = k
-        self._cumulative = np.zeros((k, self.bounds.size), dtype=np.int64)
-        self._sums = np.zeros((k, 2))  # sum, sum of squares
+        #: Values per bucket (``bounds[i-1] < v <= bounds[i]``), and their sum and
+        #: sum of squares; the C update adds to both in place.
+        self.counts = np.zeros((k, self.bounds.size), dtype=np.int64)
+        self.sums = np.zeros((k, 2))
 
     def add(self, values: F64) -> None:
+        if not values.shape[1]:
+            return
         ordered = np.sort(values, axis=1)
         for i in range(self.k):
-            row = ordered[i]
             # side="right": a value equal to a bound counts in it (le); NaN is above inf.
-            cumulative = np.searchsorted(row, self.bounds, side="right")
-            present = row[: cumulative[-1]]
-            self._cumulative[i] += cumulative
-            self._sums[i, 0] += float(present.sum())
-            self._sums[i, 1] += float(np.dot(present, present))
+            cumulative = np.searchsorted(ordered[i], self.bounds, side="right")
+            self.counts[i] += np.diff(cumulative, prepend=0)
+        present = np.where(np.isnan(values), 0.0, values)  # + 0.0 leaves a sum as it is
+        self.sums[:, 0] += np.cumsum(present, axis=1)[:, -1]
+        self.sums[:, 1] += np.cumsum(present * present, axis=1)[:, -1]
 
     def totals(self, i: int = 0) -> ErrorTotals:
-        counts = np.diff(self._cumulative[i], prepend=0).tolist()
-        total, squares = self._sums[i].tolist()
+        counts = self.counts[i].tolist()
+        total, squares = self.sums[i].tolist()
         return ErrorTotals(
             tuple(self.bounds[:-1].tolist()), tuple(counts), sum(counts), total, squares
         )

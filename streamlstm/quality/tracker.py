@@ -59,9 +59,12 @@ class QualityConfig:
 
 
 class Quality:
-    """A bundle's quality figures; its per-stream columns start at ``first_column``."""
+    """A bundle's quality figures; its per-stream columns start at ``first_column``.
+    ``native``: the realized errors may update through C (``RealizedErrors``)."""
 
-    def __init__(self, bundle: Bundle, config: QualityConfig, first_column: int) -> None:
+    def __init__(
+        self, bundle: Bundle, config: QualityConfig, first_column: int, *, native: bool = True
+    ) -> None:
         spec = bundle.outputs
         season = config.season
         if season is None:
@@ -75,6 +78,7 @@ class Quality:
                 first_column=first_column,
                 season=season if season and season >= spec.horizon else None,
                 metrics=bundle.metrics,
+                native=native,
             )
         self.width = self.errors.width if self.errors is not None else 0
         self.features = bundle.feature_names
@@ -91,8 +95,10 @@ class Quality:
         self.anomalies = 0
 
     @classmethod
-    def of(cls, bundle: Bundle, config: QualityConfig, first_column: int) -> Quality | None:
-        return cls(bundle, config, first_column) if config.enabled else None
+    def of(
+        cls, bundle: Bundle, config: QualityConfig, first_column: int, *, native: bool = True
+    ) -> Quality | None:
+        return cls(bundle, config, first_column, native=native) if config.enabled else None
 
     def rounds(
         self,
