@@ -245,6 +245,9 @@ def daemon(
         guarantee,
         "--drift-window-ticks",
         str(DRIFT_WINDOW),
+        # A state dir: the cold tier's and the local checkpoints' series and panels.
+        "--state-dir",
+        str(tmp_path / "state"),
     ]
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
