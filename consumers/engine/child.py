@@ -303,9 +303,12 @@ class EngineHost:
         counts = local.counts
         return CheckpointedReply(queued, local.unwritten, counts.written, counts.write_seconds)
 
-    def write_local(self) -> None:
-        """Some of what the local checkpoints still have to write (between requests)."""
-        if self.local is not None:
+    def write_local(self, *, everything: bool = False) -> None:
+        """Some of what the local checkpoints still have to write (the child, between
+        requests), or ``everything`` (in process: each request runs to its end)."""
+        if self.local is not None and everything:
+            self.local.write_all()
+        elif self.local is not None:
             self.local.write_some()
 
     def reserve(self, streams: int) -> None:
@@ -665,7 +668,7 @@ class InProcessClient:
 
     async def checkpointed(self, offsets: dict[int, int]) -> CheckpointedReply:
         reply = self.child.checkpointed(offsets)
-        self.child.write_local()
+        self.child.write_local(everything=True)
         return reply
 
     def kill(self) -> None:

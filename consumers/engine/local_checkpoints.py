@@ -74,12 +74,10 @@ WRITE_CHUNK = 512
 class LocalCounts:
     """What the local checkpoints did since the process started (running totals)."""
 
-    #: Records written to the stores (states and deletions), write batches, seconds.
+    #: Records written to the stores (states and deletions), and the seconds it took.
     written: int = 0
-    batches: int = 0
     write_seconds: float = 0.0
-    #: Stores opened with a valid offset, and discarded (with why, by reason).
-    reused: int = 0
+    #: Stores not used at a restore, by why (``open``'s kinds).
     discarded: dict[str, int] = field(default_factory=dict)
     #: Stores deleted after their grace period.
     expired: int = 0
@@ -137,7 +135,6 @@ class LocalCheckpoints:
                 kind, why = _mismatch(header, self.topic, model)
             if not kind and header is not None:
                 self._opened[partition] = store.records()
-                self.counts.reused += 1
                 return header.offset, ""
         except StateError as exc:
             kind, why = "corrupt", str(exc)
@@ -269,7 +266,6 @@ class LocalCheckpoints:
         count = write(records, header)
         self.counts.write_seconds += time.perf_counter() - started
         self.counts.written += count
-        self.counts.batches += 1
         return count
 
     # -- lifecycle ----------------------------------------------------------
@@ -306,16 +302,15 @@ class LocalCheckpoints:
         self.counts.expired += len(old)
         return len(old)
 
-    @property
-    def partitions(self) -> list[int]:
-        """The partitions whose stores are open."""
-        return sorted(self._stores)
+    def write_all(self) -> int:
+        """Write everything still to write; the records written."""
+        return self.write_some(self.unwritten)
 
     def close(self, *, drain: bool = True) -> None:
         """Write what is still to write (unless not ``drain``: as a process that dies
         leaves them), then close every store (flushed)."""
-        while drain and self._unwritten:
-            self.write_some(1 << 30)
+        if drain:
+            self.write_all()
         for partition in list(self._stores):
             self._close(partition)
 

@@ -53,9 +53,7 @@ def _checkpoint(host: EngineHost, log: Log, *, durable: bool = True) -> None:
     log += [(c.stream, c.state) for c in host.checkpoint()]
     if durable:
         host.checkpointed({0: len(log)})
-        assert host.local is not None
-        while host.local.unwritten:  # as the child does between requests
-            host.write_local()
+        host.write_local(everything=True)  # as the child does between requests
 
 
 def _restore(host: EngineHost, log: Log, *, use_local: bool = True) -> int:
