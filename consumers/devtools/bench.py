@@ -160,7 +160,10 @@ async def _latency(
     measured = figures(rate, pairs)
     daemon = figures(rate, added)
     measured.update(daemon_p50_ms=daemon["p50_ms"], daemon_p99_ms=daemon["p99_ms"])
-    return {**measured, "mean_step_ticks": steps, "cpu_us_per_tick": cpu}
+    # How full the machine was: paced ticks cost each process more than drained ones
+    # (a poll's fixed costs over fewer ticks), so half the maximum is not half the load.
+    busy = round(sum(cpu.values()) * rate / 1e6, 2)
+    return {**measured, "mean_step_ticks": steps, "cpu_us_per_tick": cpu, "cores_busy": busy}
 
 
 def _targeted(latency_target_ms: float | None) -> list[tuple[str, EngineFactory, dict[str, Any]]]:

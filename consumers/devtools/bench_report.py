@@ -271,7 +271,10 @@ def report(result: dict[str, Any], drains: int) -> str:
                 f"p50 {r['daemon_p50_ms']} ms, p99 {r['daemon_p99_ms']} ms over {r['ticks']:,} "
                 f"ticks, {r['mean_step_ticks']:g} a step"
             )
-            lines.append(f"    CPU: {_cpu_line(r['cpu_us_per_tick'])}")
+            lines.append(
+                f"    CPU: {_cpu_line(r['cpu_us_per_tick'])}; "
+                f"{r['cores_busy']:.2f} of {result['cpu_cores']} cores busy"
+            )
         wire = result[f"{label}transport_latency"]
         lines.append(
             f"  transport (generator -> broker -> consumer, no daemon): p50 {wire['p50_ms']} ms, "

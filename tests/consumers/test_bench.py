@@ -85,6 +85,8 @@ def test_bench_kafka_json_has_every_figure(bootstrap: str) -> None:
         )
         # /proc counts in clock ticks (10 ms): a short run may read 0 for one process.
         assert all(us >= 0 for us in cpu.values()) and sum(cpu.values()) > 0, cpu
+        # The cores the run kept busy: every process's CPU a tick at the paced rate.
+        assert lat["cores_busy"] == round(sum(cpu.values()) * 300 / 1e6, 2)
     # CPU per tick of each process in the drains (no generator: the topic is filled).
     assert set(result["drain_cpu_us_per_tick"]["engine"]) == {
         "daemon_parent",
@@ -103,5 +105,7 @@ def test_bench_kafka_json_has_every_figure(bootstrap: str) -> None:
         assert 0 < lat["daemon_p50_ms"] <= lat["daemon_p99_ms"] <= lat["p99_ms"] + 1
         assert 1 <= lat["mean_step_ticks"] <= 64 and 1 <= fixed["mean_step_ticks"] <= 64
     text = report({**result, "broker": "test"}, 2)
+    busy = result["engine_latency"]["cores_busy"]
+    assert f"; {busy:.2f} of {result['cpu_cores']} cores busy" in text
     assert "--latency-target-ms 20 against fixed polls of 64 (targeted / fixed):" in text
     assert f"maximum: {result['engine_target_ticks_per_s']:,} / " in text
