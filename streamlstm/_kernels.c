@@ -201,8 +201,14 @@ SL_CLONES void sl_cell(int64_t cell, const float *gates, const float *bias, cons
     }
 }
 
-/* Matrix products run over at least this many rows (kernels.MIN_ROWS says why). */
-#define SL_MIN_ROWS 16
+/* Matrix products run over whole blocks of this many rows (kernels.ROW_BLOCK says why). */
+#define SL_ROW_BLOCK 24
+
+/* rows rounded up to whole blocks of SL_ROW_BLOCK (at least one). */
+static inline int64_t sl_whole_blocks(int64_t rows) {
+    if (rows < 1) rows = 1;
+    return (rows + SL_ROW_BLOCK - 1) / SL_ROW_BLOCK * SL_ROW_BLOCK;
+}
 
 /* The model as sl_step takes it; kernels.py fills it in once (ctypes). */
 typedef struct {
@@ -313,7 +319,7 @@ static inline __attribute__((always_inline)) void
 sl_chunk(const sl_model *md, float *const *hs, float *const *cs, const int64_t *slots,
          const float *x, float *top, float *y, float *xh, int64_t rows, int64_t start, int64_t m,
          int inner) {
-    int gm = (int)(m < SL_MIN_ROWS ? SL_MIN_ROWS : m);
+    int gm = (int)sl_whole_blocks(m); /* the products' rows: m, padded to whole blocks */
     int64_t xw = md->widths[0] - md->hidden[0];
     int64_t layers = md->layers, top_h = md->hidden[layers - 1];
     const int64_t *ks = slots + start;
@@ -385,25 +391,37 @@ sl_chunk(const sl_model *md, float *const *hs, float *const *cs, const int64_t *
  * step than layer by layer, and far less when another process takes a core).
  *
  * x [n, F] is the first layer's input; the top layer's new h goes to top
- * [n, H_top] and, with a head, its outputs to y [n, O]; both hold at least
- * SL_MIN_ROWS rows. work holds `threads` scratch areas of rows * md->per_row
- * floats, rows = max(chunk, 2 SL_MIN_ROWS): per layer [rows, F_l + H_l] for
- * [x, h], then the gates [rows, max gate width], where the head's hidden linears
- * take turns in two halves. Rows past the end of a chunk of fewer than
- * SL_MIN_ROWS (n < SL_MIN_ROWS, one chunk) are padding: finite leftovers,
- * computed and ignored. A row's result does not depend on its chunk: OpenBLAS's sgemm
- * sums a row's products in an order that depends on k alone, not on the number of rows
- * (tests/streamlstm/test_chunked_step.py checks it for 1 to 1600 rows).
+ * [n, H_top] and, with a head, its outputs to y [n, O]; both hold n rounded
+ * up to whole blocks of SL_ROW_BLOCK rows. work holds `threads` scratch areas
+ * of chunk * md->per_row floats (chunk: at least SL_ROW_BLOCK): per layer
+ * [chunk, F_l + H_l] for [x, h], then the gates [chunk, max gate width], where
+ * the head's hidden linears take turns in two halves.
+ *
+ * Every product runs over whole blocks of SL_ROW_BLOCK rows, so that a row's
+ * result does not depend on its chunk or on how many rows share its batch. A
+ * BLAS's sgemm takes the rows in groups and the rows of a last, partial group
+ * through other code, which may sum a row's terms in another order: OpenBLAS's
+ * Haswell kernel (AVX2 machines, Zen included) groups them by 12, and a stream
+ * that moved between a whole group and a partial one differed in the last bit.
+ * So each chunk but the last holds whole blocks (the rows are split into
+ * chunks of equal whole blocks), and the last is padded to whole blocks: its
+ * padding rows are finite leftovers of the scratch, top and y (whose rows past
+ * n are there for it), computed and ignored. 24 is a multiple of the Haswell
+ * kernel's 12 and of 8; the SkylakeX kernel (AVX-512) gave the same bits for
+ * any number of rows. tests/streamlstm/test_chunked_step.py checks a stream's
+ * bits for 1 to 1600 rows on the machine it runs on.
  */
 SL_CLONES void sl_step(const sl_model *md, float *const *hs, float *const *cs,
                        const int64_t *slots, int64_t n, const float *x, float *top, float *y,
                        float *work, int64_t threads, int64_t chunk) {
     if (n <= 0) return;
-    /* Chunk k is rows k n / chunks .. (k + 1) n / chunks - 1: with chunk >= 2
-     * SL_MIN_ROWS, each has more than chunk / 2 rows, so only a lone chunk
-     * (n < SL_MIN_ROWS) is ever padded; a padded one would spill into the next. */
-    if (chunk < 2 * SL_MIN_ROWS) chunk = 2 * SL_MIN_ROWS;
-    int64_t chunks = (n + chunk - 1) / chunk, rows = chunk;
+    /* Chunk k is rows k per .. (k + 1) per - 1, per a whole number of blocks no more
+     * than the scratch's rows; only the last chunk can end short of whole blocks. */
+    if (chunk < SL_ROW_BLOCK) chunk = SL_ROW_BLOCK; /* the caller allocates at least this */
+    int64_t rows = chunk, most = chunk - chunk % SL_ROW_BLOCK;
+    int64_t chunks = (n + most - 1) / most;
+    int64_t per = sl_whole_blocks((n + chunks - 1) / chunks);
+    chunks = (n + per - 1) / per;
     int team = threads > 1 ? (int)threads : 1; /* the gather's and the cell's, below */
     if (threads > chunks) threads = chunks;
     if (threads <= 1) {
@@ -412,8 +430,8 @@ SL_CLONES void sl_step(const sl_model *md, float *const *hs, float *const *cs,
          * region nested in another (the gather's and the cell's), on every call.
          */
         for (int64_t k = 0; k < chunks; k++)
-            sl_chunk(md, hs, cs, slots, x, top, y, work, rows, k * n / chunks,
-                     (k + 1) * n / chunks - k * n / chunks, team);
+            sl_chunk(md, hs, cs, slots, x, top, y, work, rows, k * per,
+                     k + 1 < chunks ? per : n - k * per, team);
         return;
     }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
@@ -423,8 +441,8 @@ SL_CLONES void sl_step(const sl_model *md, float *const *hs, float *const *cs,
 #else
         float *xh = work;
 #endif
-        sl_chunk(md, hs, cs, slots, x, top, y, xh, rows, k * n / chunks,
-                 (k + 1) * n / chunks - k * n / chunks, 0);
+        sl_chunk(md, hs, cs, slots, x, top, y, xh, rows, k * per, k + 1 < chunks ? per : n - k * per,
+                 0);
     }
 }
 

@@ -50,12 +50,22 @@ logger = logging.getLogger(__name__)
 
 I64 = npt.NDArray[np.int64]
 
-#: Matrix products run over at least this many rows. MKL computes a row the
-#: same way whatever the batch size from 12 rows up, but not below (checked
-#: for 1..1600 rows); with the padding a stream's results do not depend on
-#: how many other streams share its batch, which keeps a snapshot-restored
-#: stream bit-identical to one never interrupted.
-MIN_ROWS = 16
+#: Matrix products run over whole blocks of this many rows (``sl_step``). A
+#: BLAS's sgemm takes a product's rows in groups, and may sum the terms of the
+#: rows of a last, partial group in another order: OpenBLAS's Haswell kernel
+#: (AVX2 machines, Zen included) groups them by 12, and there a stream's
+#: results differed in the last bit with the number of streams in its batch.
+#: In whole blocks of 24 (a multiple of 12 and of 8; the AVX-512 kernel gave the
+#: same bits for any number of rows) they do not, which keeps a
+#: snapshot-restored stream bit-identical to one never interrupted
+#: (tests/streamlstm/test_chunked_step.py, 1 to 1600 rows).
+ROW_BLOCK = 24
+
+
+def _whole_blocks(rows: int) -> int:
+    """``rows`` rounded up to whole blocks of ``ROW_BLOCK`` (at least one)."""
+    return -(-max(rows, 1) // ROW_BLOCK) * ROW_BLOCK
+
 
 #: Set to 0 to use no C code even where it is built: the engine steps
 #: through NumPy and the store maps ids to slots with a dict.
@@ -296,13 +306,13 @@ class NativeStep:
         next call overwrites.
         """
         n = int(slots.size)
-        rows = max(n, MIN_ROWS)
+        rows = _whole_blocks(n)  # the last chunk is padded to whole blocks, here
         if rows > self._rows:
             self._grow(max(rows, 2 * self._rows))
         slots = np.ascontiguousarray(slots, dtype=np.int64)
         x = np.ascontiguousarray(x, dtype=np.float32)
-        # As sl_step takes them: a chunk of at least 2 * MIN_ROWS rows, a lone one on one thread.
-        chunk = max(self._chunk or rows, 2 * MIN_ROWS)
+        # As sl_step takes them: chunks of whole blocks, a lone one on one thread.
+        chunk = _whole_blocks(self._chunk or rows)
         threads = get_num_threads() if self._chunk else 1
         need = threads * chunk * self._model.per_row
         if self._work.size < need:

@@ -255,34 +255,39 @@ def report(result: dict[str, Any], drains: int) -> str:
         )
     asked = "half max" if result["latency_rate_is_half_max"] else "--latency-rate"
     for label, what in (("", asked), ("half_max_", "half max")):
-        if f"{label}engine_latency" not in result:
-            continue
-        lat = result[f"{label}engine_latency"]
-        lines.append(
-            f"latency at {lat['rate_ticks_per_s']:,.0f} ticks/s ({what}, after a "
-            f"{lat['warmup_s']:.0f} s warm-up): event time to ack / daemon-added (receipt to ack)"
-        )
-        for name in ("engine", "engine_target", "passthrough"):
-            if f"{label}{name}_latency" not in result:
-                continue
-            r = result[f"{label}{name}_latency"]
-            lines.append(
-                f"  {name.replace('_', ', ')}: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms / daemon "
-                f"p50 {r['daemon_p50_ms']} ms, p99 {r['daemon_p99_ms']} ms over {r['ticks']:,} "
-                f"ticks, {r['mean_step_ticks']:g} a step"
-            )
-            lines.append(
-                f"    CPU: {_cpu_line(r['cpu_us_per_tick'])}; "
-                f"{r['cores_busy']:.2f} of {result['cpu_cores']} cores busy"
-            )
-        wire = result[f"{label}transport_latency"]
-        lines.append(
-            f"  transport (generator -> broker -> consumer, no daemon): p50 {wire['p50_ms']} ms, "
-            f"p99 {wire['p99_ms']} ms over {wire['ticks']:,} ticks"
-        )
+        if f"{label}engine_latency" in result:
+            lines += _latency_lines(result, label, what)
     if target:
         lines += _target_lines(result, target)
     return "\n".join(lines)
+
+
+def _latency_lines(result: dict[str, Any], label: str, what: str) -> list[str]:
+    """The latency runs of one rate (keys prefixed ``label``), each kind's and the transport's."""
+    lat = result[f"{label}engine_latency"]
+    lines = [
+        f"latency at {lat['rate_ticks_per_s']:,.0f} ticks/s ({what}, after a "
+        f"{lat['warmup_s']:.0f} s warm-up): event time to ack / daemon-added (receipt to ack)"
+    ]
+    for name in ("engine", "engine_target", "passthrough"):
+        if f"{label}{name}_latency" not in result:
+            continue
+        r = result[f"{label}{name}_latency"]
+        lines.append(
+            f"  {name.replace('_', ', ')}: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms / daemon "
+            f"p50 {r['daemon_p50_ms']} ms, p99 {r['daemon_p99_ms']} ms over {r['ticks']:,} "
+            f"ticks, {r['mean_step_ticks']:g} a step"
+        )
+        lines.append(
+            f"    CPU: {_cpu_line(r['cpu_us_per_tick'])}; "
+            f"{r['cores_busy']:.2f} of {result['cpu_cores']} cores busy"
+        )
+    wire = result[f"{label}transport_latency"]
+    lines.append(
+        f"  transport (generator -> broker -> consumer, no daemon): p50 {wire['p50_ms']} ms, "
+        f"p99 {wire['p99_ms']} ms over {wire['ticks']:,} ticks"
+    )
+    return lines
 
 
 def _ratio(new: float, old: float) -> str:

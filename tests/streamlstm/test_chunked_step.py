@@ -108,9 +108,10 @@ def test_chunked_engine_evicts_as_numpy_does(chunk: int, cell: str) -> None:
 def test_a_stream_gets_the_same_bits_whatever_shares_its_batch(
     chunk: int, threads: int, cell: str
 ) -> None:
-    # OpenBLAS sums a row's products in an order set by k alone (padded to MIN_ROWS
-    # rows all the same), so a stream's results do not depend on how many streams
-    # share its batch or its chunk: a restored stream continues bit for bit.
+    # Every product runs over whole blocks of kernels.ROW_BLOCK rows, so a stream's
+    # results do not depend on how many streams share its batch or its chunk (OpenBLAS's
+    # AVX2 kernel sums the rows of a partial group of 12 in another order): a restored
+    # stream continues bit for bit.
     bundle = Bundle.random(replace(CONFIGS[0], cell=cell), seed=0)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(12, 1)).astype(np.float32)
